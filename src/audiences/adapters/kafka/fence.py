@@ -1,0 +1,81 @@
+"""Reading a partition to its real end, on any Kafka-compatible broker.
+
+The embedded Tansu broker reports a high watermark of (base offset of the last
+record batch + 1): after a multi-record batch, trusting it would silently skip
+the rest of that batch. So readers that must see everything (changelog
+recovery, definitions) first append a *fence* record — key `FENCE_KEY`, null
+value — and read until they pass its offset, known from the delivery report.
+Readers of these topics skip fence records; compaction keeps at most one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from audiences.errors import BrokerError
+
+FENCE_KEY = b"__fence__"
+
+
+def write_fences(
+    producer: Producer, topic: str, partitions: list[int], timeout_s: float = 30.0
+) -> dict[int, int]:
+    """Append a fence to each partition; returns partition -> fence offset."""
+    offsets: dict[int, int] = {}
+    errors: list[str] = []
+
+    def delivered(err: Any, msg: Message) -> None:
+        if err is not None:
+            errors.append(str(err))
+        else:
+            offsets[msg.partition()] = msg.offset()
+
+    for partition in partitions:
+        producer.produce(
+            topic, key=FENCE_KEY, value=None, partition=partition, on_delivery=delivered
+        )
+    remaining = producer.flush(timeout_s)
+    if errors or remaining or len(offsets) != len(partitions):
+        raise BrokerError(
+            f"cannot write fences to {topic}: {errors or 'timed out'}", retriable=True
+        )
+    return offsets
+
+
+def read_to_fence(
+    consumer: Consumer,
+    topic: str,
+    fences: dict[int, int],
+    start: dict[int, int],
+    timeout_s: float = 120.0,
+) -> Iterator[Message]:
+    """Yield every non-fence record of `topic` from `start` offsets up to each fence.
+
+    `consumer` must not be subscribed (it is assigned here and unassigned after).
+    """
+    pending = {p for p, fence in fences.items() if start.get(p, 0) <= fence}
+    consumer.assign([TopicPartition(topic, p, start.get(p, 0)) for p in sorted(pending)])
+    deadline = time.monotonic() + timeout_s
+    try:
+        while pending:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"timed out reading {topic} to its end", retriable=True)
+            for msg in consumer.consume(1000, 0.2):
+                error = msg.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise BrokerError(f"reading {topic}: {error}", retriable=error.retriable())
+                partition, offset = msg.partition(), msg.offset()
+                if partition not in pending or offset > fences[partition]:
+                    continue
+                if offset == fences[partition]:
+                    pending.discard(partition)
+                if msg.key() != FENCE_KEY:
+                    yield msg
+    finally:
+        consumer.unassign()

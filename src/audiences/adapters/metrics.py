@@ -1,0 +1,41 @@
+"""Every Prometheus metric of the engine, declared once (DESIGN conventions).
+
+Labels are bounded: event type, invalid reason, audience key, direction,
+partition, destination — never user ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from audiences import __version__
+
+EVENTS_IN = Counter(
+    "audiences_events_in", "Valid input events evaluated, by Segment type", ["type"]
+)
+EVENTS_INVALID = Counter(
+    "audiences_events_invalid", "Input records sent to the DLQ, by reason", ["reason"]
+)
+EVENTS_DUPLICATE = Counter(
+    "audiences_events_duplicate", "Events dropped as duplicate messageIds within 24 h"
+)
+TRANSITIONS = Counter(
+    "audiences_transitions", "Membership transitions emitted", ["audience", "direction"]
+)
+AUDIENCE_SIZE = Gauge(
+    "audiences_audience_size", "Current members per audience on this worker", ["audience"]
+)
+BATCH_DURATION = Histogram(
+    "audiences_batch_duration_seconds",
+    "Time to evaluate and durably commit one batch",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+DEADLINE_LATENESS = Histogram(
+    "audiences_deadline_lateness_seconds",
+    "Wall-clock delay between a deadline and its evaluation",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0),
+)
+CONSUMER_LAG = Gauge("audiences_consumer_lag", "Records behind the end of `events`", ["partition"])
+STATE_USERS = Gauge("audiences_state_users", "Profiles held in the state store", ["partition"])
+BUILD_INFO = Gauge("audiences_build_info", "Build information", ["version"])
+BUILD_INFO.labels(version=__version__).set(1)

@@ -1,0 +1,108 @@
+"""Typed settings from `AUDIENCES_*` environment variables (SPEC §10).
+
+Each field documents its variable; `audiences config` prints the effective
+values with secrets redacted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIX = "AUDIENCES_"
+SECRET_FIELDS = frozenset({"sasl_password", "write_keys"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap: str = field(
+        default="",
+        metadata={"doc": "Kafka bootstrap servers; empty = start the embedded broker (up/demo)"},
+    )
+    app_id: str = field(
+        default="audiences",
+        metadata={"doc": "Faust app id: consumer groups and internal topic prefix"},
+    )
+    events_topic: str = field(default="events", metadata={"doc": "input Segment events"})
+    audience_events_topic: str = field(
+        default="audience-events", metadata={"doc": "output transitions (SPEC §5)"}
+    )
+    definitions_topic: str = field(
+        default="audience-definitions", metadata={"doc": "compacted audience definitions"}
+    )
+    events_dlq_topic: str = field(
+        default="events-dlq", metadata={"doc": "invalid input events with the reason"}
+    )
+    audience_events_dlq_topic: str = field(
+        default="audience-events-dlq", metadata={"doc": "undeliverable sink messages"}
+    )
+    partitions: int = field(default=4, metadata={"doc": "partitions of topics the worker creates"})
+    data_dir: str = field(default="./data", metadata={"doc": "RocksDB state directory"})
+    destinations: str = field(default="", metadata={"doc": "destinations file (YAML/JSON)"})
+    write_keys: str = field(default="", metadata={"doc": "collector write keys, comma-separated"})
+    web_port: int = field(default=6066, metadata={"doc": "worker web port: API, health, metrics"})
+    web_host: str = field(default="127.0.0.1", metadata={"doc": "worker web bind address"})
+    collector_port: int = field(default=8088, metadata={"doc": "collector port"})
+    log_format: str = field(default="text", metadata={"doc": "json | text"})
+    log_level: str = field(default="INFO", metadata={"doc": "logging level"})
+    session_timeout_ms: int = field(
+        default=6000,
+        metadata={"doc": "consumer group session timeout (6 s suits the embedded broker)"},
+    )
+    batch_size: int = field(
+        default=1000, metadata={"doc": "max records consumed per evaluator batch"}
+    )
+    tick_interval_ms: int = field(default=50, metadata={"doc": "deadline sweep interval when idle"})
+    state_cache_size: int = field(
+        default=200_000, metadata={"doc": "decoded profiles kept in memory per worker"}
+    )
+    security_protocol: str = field(
+        default="", metadata={"doc": "Kafka security.protocol (SASL_SSL, SSL, ...)"}
+    )
+    sasl_mechanism: str = field(
+        default="", metadata={"doc": "Kafka sasl.mechanism (PLAIN, SCRAM-SHA-512, ...)"}
+    )
+    sasl_username: str = field(default="", metadata={"doc": "Kafka SASL user"})
+    sasl_password: str = field(default="", metadata={"doc": "Kafka SASL password (secret)"})
+    ssl_ca_location: str = field(default="", metadata={"doc": "CA bundle for TLS"})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            values[f.name] = int(raw) if f.type in ("int", int) else raw
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def kafka_config(self) -> dict[str, Any]:
+        """librdkafka settings shared by every client."""
+        config: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap}
+        if self.security_protocol:
+            config["security.protocol"] = self.security_protocol
+        if self.sasl_mechanism:
+            config["sasl.mechanism"] = self.sasl_mechanism
+            config["sasl.username"] = self.sasl_username
+            config["sasl.password"] = self.sasl_password
+        if self.ssl_ca_location:
+            config["ssl.ca.location"] = self.ssl_ca_location
+        return config
+
+    def redacted(self) -> dict[str, Any]:
+        """Effective values, secrets replaced, with each variable's documentation."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS and value:
+                value = "***"
+            out[PREFIX + f.name.upper()] = {"value": value, "doc": f.metadata.get("doc", "")}
+        return out

@@ -1,0 +1,79 @@
+"""Per-partition RocksDB stores of profile state (rocksdict, raw bytes).
+
+Key layout of one partition's store:
+  b"u" + profile key                  -> encoded UserState
+  b"d" + be64(wake_ms) + profile key  -> b""   (due-index: time-ordered deadlines)
+  b"m" + name                         -> meta  (checkpoints: input and changelog offsets)
+A batch writes states, due-index changes and checkpoints in one WriteBatch, so
+the store is always consistent with one input offset.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from rocksdict import Options, Rdict, WriteBatch
+
+USER = b"u"
+DUE = b"d"
+META = b"m"
+INPUT_OFFSET = META + b"input_offset"  # next `events` offset to consume
+CHANGELOG_OFFSET = META + b"changelog_offset"  # next changelog offset to read on recovery
+
+
+def due_key(wake_ms: int, profile_key: bytes) -> bytes:
+    return DUE + wake_ms.to_bytes(8, "big") + profile_key
+
+
+class PartitionStore:
+    """State of one `events` partition."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        self._db = Rdict(str(path), options)
+
+    def get_states(self, keys: list[bytes]) -> list[bytes | None]:
+        result: list[bytes | None] = self._db.get([USER + key for key in keys])
+        return result
+
+    def get_meta(self, key: bytes, default: int) -> int:
+        value = self._db.get(key)
+        return int(value) if value is not None else default
+
+    def due(self, until_ms: int) -> Iterator[tuple[int, bytes]]:
+        """(wake_ms, profile key) of deadlines <= until_ms, oldest first."""
+        it = self._db.iter()
+        it.seek(DUE)
+        while it.valid():
+            key: bytes = it.key()
+            if not key.startswith(DUE):
+                return
+            wake = int.from_bytes(key[1:9], "big")
+            if wake > until_ms:
+                return
+            yield wake, key[9:]
+            it.next()
+
+    def count_users(self) -> int:
+        count = 0
+        for _ in self._db.keys(from_key=USER):
+            count += 1
+        return count
+
+    def new_batch(self) -> WriteBatch:
+        return WriteBatch(raw_mode=True)
+
+    def write(self, batch: WriteBatch) -> None:
+        self._db.write(batch)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def destroy(self) -> None:
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,168 @@
+"""A catalog: every live definition compiled, indexed for the hot path."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from audiences.core.definitions.conditions import (
+    AllNode,
+    AnyNode,
+    InAudienceNode,
+    Node,
+    NotNode,
+    PerformedNode,
+    PerformedTracker,
+    SequenceNode,
+    SequenceTracker,
+    Tracker,
+    TraitNode,
+)
+from audiences.core.definitions.validate import audience_references, find_cycle
+
+
+@dataclass(slots=True)
+class CompiledAudience:
+    key: str
+    version: int
+    name: str
+    include_anonymous: bool
+    root: Node
+    definition: Mapping[str, Any]
+    tracker_ids: frozenset[str] = frozenset()
+    uses_traits: bool = False
+    references: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class Catalog:
+    """Audiences in dependency order, with indexes from inputs to audiences."""
+
+    audiences: list[CompiledAudience] = field(default_factory=list)
+    trackers: dict[str, Tracker] = field(default_factory=dict)
+    trackers_by_event: dict[str, list[Tracker]] = field(default_factory=dict)
+    audiences_by_tracker: dict[str, frozenset[str]] = field(default_factory=dict)
+    trait_audiences: frozenset[str] = frozenset()
+    dependents: dict[str, frozenset[str]] = field(default_factory=dict)
+    fingerprint: str = ""
+    skipped: dict[str, str] = field(default_factory=dict)  # key -> why it is not evaluated
+
+    def audience(self, key: str) -> CompiledAudience | None:
+        for audience in self.audiences:
+            if audience.key == key:
+                return audience
+        return None
+
+
+class _Compiler:
+    def __init__(self) -> None:
+        self.trackers: dict[str, Tracker] = {}
+
+    def _share(self, tracker: Tracker) -> Tracker:
+        return self.trackers.setdefault(tracker.id, tracker)
+
+    def compile(self, condition: Mapping[str, Any], used: set[str], flags: dict[str, bool]) -> Node:
+        ((name, body),) = condition.items()
+        if name == "all":
+            return AllNode([self.compile(c, used, flags) for c in body])
+        if name == "any":
+            return AnyNode([self.compile(c, used, flags) for c in body])
+        if name == "not":
+            return NotNode(self.compile(body, used, flags))
+        if name == "performed":
+            ((op, count),) = (body.get("times") or {"gte": 1}).items()
+            tracker = self._share(PerformedTracker(body, keep=count + 1))
+            used.add(tracker.id)
+            assert isinstance(tracker, PerformedTracker)
+            return PerformedNode(tracker, op, count)
+        if name == "sequence":
+            seq = self._share(SequenceTracker(body))
+            used.add(seq.id)
+            assert isinstance(seq, SequenceTracker)
+            return SequenceNode(seq)
+        if name == "trait":
+            flags["traits"] = True
+            return TraitNode(body)
+        if name == "in_audience":
+            return InAudienceNode(body)
+        raise ValueError(f"condition {name!r} cannot be compiled")
+
+
+def build_catalog(definitions: Mapping[str, tuple[Mapping[str, Any], int]]) -> Catalog:
+    """Compile validated definitions (key -> (document, version)).
+
+    Definitions are validated when applied, so this never raises on a single
+    bad one: an audience in a reference cycle or referring to a missing audience
+    is skipped and reported in `skipped` instead of stopping the worker.
+    """
+    graph = {key: audience_references(doc["condition"]) for key, (doc, _) in definitions.items()}
+    skipped: dict[str, str] = {}
+    while (cycle := find_cycle(graph)) is not None:
+        for key in cycle:
+            skipped[key] = "reference cycle: " + " -> ".join(cycle)
+            graph.pop(key, None)
+    changed = True
+    while changed:
+        changed = False
+        for key, refs in list(graph.items()):
+            missing = sorted(ref for ref in refs if ref not in graph)
+            if missing:
+                skipped[key] = f"refers to missing audience {missing[0]!r}"
+                del graph[key]
+                changed = True
+
+    order: list[str] = []
+    placed: set[str] = set()
+
+    def place(key: str) -> None:
+        if key in placed:
+            return
+        placed.add(key)
+        for ref in sorted(graph[key]):
+            place(ref)
+        order.append(key)
+
+    for key in sorted(graph):
+        place(key)
+
+    compiler = _Compiler()
+    catalog = Catalog(skipped=skipped)
+    by_tracker: dict[str, set[str]] = {}
+    trait_keys: set[str] = set()
+    dependents: dict[str, set[str]] = {}
+    for key in order:
+        doc, version = definitions[key]
+        used: set[str] = set()
+        flags: dict[str, bool] = {}
+        root = compiler.compile(doc["condition"], used, flags)
+        audience = CompiledAudience(
+            key=key,
+            version=version,
+            name=str(doc.get("name") or key),
+            include_anonymous=bool(doc.get("include_anonymous", False)),
+            root=root,
+            definition=doc,
+            tracker_ids=frozenset(used),
+            uses_traits=bool(flags.get("traits")),
+            references=frozenset(graph[key]),
+        )
+        catalog.audiences.append(audience)
+        for tracker_id in used:
+            by_tracker.setdefault(tracker_id, set()).add(key)
+        if audience.uses_traits:
+            trait_keys.add(key)
+        for ref in graph[key]:
+            dependents.setdefault(ref, set()).add(key)
+    catalog.trackers = compiler.trackers
+    for tracker in compiler.trackers.values():
+        for event_name in tracker.events:
+            catalog.trackers_by_event.setdefault(event_name, []).append(tracker)
+    catalog.audiences_by_tracker = {k: frozenset(v) for k, v in by_tracker.items()}
+    catalog.trait_audiences = frozenset(trait_keys)
+    catalog.dependents = {k: frozenset(v) for k, v in dependents.items()}
+    catalog.fingerprint = hashlib.sha1(
+        "|".join(f"{a.key}:{a.version}" for a in catalog.audiences).encode()
+    ).hexdigest()[:16]
+    return catalog

@@ -1,0 +1,358 @@
+"""Compiled conditions: trackers (what a profile remembers) and nodes (how it is judged).
+
+A tracker turns events into compact state (`update`), a node reads that state
+at a time `now` and answers `(value, change_ms)`: whether the condition holds
+and the earliest later time its value may change with no new input (NEVER if
+it cannot). Composite nodes combine their children's answers, so one call on
+the root gives both membership and the audience's next deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_right, insort
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from audiences.core.durations import parse_duration_ms
+from audiences.core.events import Event, compile_path
+from audiences.core.operators import compile_predicate, predicate_change_ms
+from audiences.core.state import NEVER, UserState
+
+EventFilter = Callable[[Event], bool]
+MAX_SEQUENCE_INSTANCES = 64
+
+_COUNT_COMPARE: dict[str, Callable[[int, int], bool]] = {
+    "eq": lambda c, n: c == n,
+    "gte": lambda c, n: c >= n,
+    "gt": lambda c, n: c > n,
+    "lte": lambda c, n: c <= n,
+    "lt": lambda c, n: c < n,
+}
+
+
+def tracker_id(kind: str, spec: Any) -> str:
+    """Stable id of a tracker: same spec, same id, across processes and versions."""
+    digest = hashlib.sha1(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"{kind}{digest[:11]}"
+
+
+def compile_where(filters: list[Mapping[str, Any]] | None) -> EventFilter | None:
+    """All filters must hold; relative-time operators are judged at the event's time."""
+    if not filters:
+        return None
+    compiled = [
+        (compile_path(f["property"]), compile_predicate(f["op"], f.get("value"))) for f in filters
+    ]
+
+    def where(event: Event) -> bool:
+        at = event.timestamp_ms
+        return all(predicate(event.get(path), at) for path, predicate in compiled)
+
+    return where
+
+
+class EventMatcher:
+    """An event filter of the language: `{"event": E, "where": F?, "within": D?}`."""
+
+    __slots__ = ("event", "where", "within_ms")
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        self.event: str = spec["event"]
+        self.where = compile_where(spec.get("where"))
+        within = spec.get("within")
+        self.within_ms = parse_duration_ms(within) if within else None
+
+    def matches(self, event: Event) -> bool:
+        return (
+            event.name == self.event
+            and event.type == "track"
+            and (self.where is None or self.where(event))
+        )
+
+
+class Tracker:
+    """Remembers, per profile, what one event leaf needs."""
+
+    id: str
+    events: frozenset[str]
+
+    def update(self, state: UserState, event: Event, now: int) -> bool:
+        """Fold an event in; True when the stored state changed."""
+        raise NotImplementedError
+
+
+class PerformedTracker(Tracker):
+    """Matching events of one name: a count, or the timestamps a window needs.
+
+    Without a window a count suffices. For "within D" compared with N, only the
+    N+1 most recent timestamps matter (if all are inside the window the count
+    exceeds N whatever came before). For "between [D1, D2]" every timestamp
+    younger than D2 is kept.
+    """
+
+    def __init__(self, spec: Mapping[str, Any], keep: int) -> None:
+        self.matcher = EventMatcher({"event": spec["event"], "where": spec.get("where")})
+        self.events = frozenset({spec["event"]})
+        self.window_ms = parse_duration_ms(spec["within"]) if "within" in spec else None
+        between = spec.get("between")
+        self.near_ms = parse_duration_ms(between[0]) if between else None
+        self.far_ms = parse_duration_ms(between[1]) if between else None
+        self.keep = keep
+        self.mode = "between" if between else ("window" if self.window_ms else "count")
+        self.id = tracker_id(
+            "p",
+            {
+                "e": spec["event"],
+                "w": spec.get("where"),
+                "d": spec.get("within"),
+                "b": between,
+                "k": keep if self.mode == "window" else None,
+            },
+        )
+
+    def update(self, state: UserState, event: Event, now: int) -> bool:
+        if not self.matcher.matches(event):
+            return False
+        trackers = state.trackers
+        if self.mode == "count":
+            trackers[self.id] = trackers.get(self.id, 0) + 1
+            return True
+        horizon = self.window_ms if self.mode == "window" else self.far_ms
+        assert horizon is not None
+        cutoff = now - horizon
+        ts = event.timestamp_ms
+        if ts <= cutoff:
+            return False  # late and already outside every window it could count in
+        times: list[int] = trackers.get(self.id) or []
+        insort(times, ts)
+        start = bisect_right(times, cutoff)
+        if self.mode == "window":
+            start = max(start, len(times) - self.keep)
+        trackers[self.id] = times[start:]
+        return True
+
+
+class SequenceTracker(Tracker):
+    """Funnel instances, one per `match_on` value: `[steps_done, last_ms, t0_ms, follow_ms]`.
+
+    `t0_ms` is the time the last step completed (-1 before), `follow_ms` the time
+    of the `then`/`then_not` event after t0 (-1 if none yet).
+    """
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        self.steps = [EventMatcher(step) for step in spec["steps"]]
+        follow = spec.get("then_not") or spec.get("then")
+        self.follow = EventMatcher(follow) if follow else None
+        self.negative = "then_not" in spec
+        self.match_path = compile_path(spec["match_on"]) if spec.get("match_on") else None
+        self.active_ms = parse_duration_ms(spec["active_for"]) if spec.get("active_for") else None
+        names = {m.event for m in self.steps}
+        if self.follow:
+            names.add(self.follow.event)
+        self.events = frozenset(names)
+        self.id = tracker_id("s", dict(spec))
+
+    def update(self, state: UserState, event: Event, now: int) -> bool:
+        if self.match_path is not None:
+            value = event.get(self.match_path)
+            if value is None or isinstance(value, dict | list):
+                return False
+            match_key = str(value)
+        else:
+            match_key = ""
+        instances: dict[str, list[int]] = state.trackers.get(self.id) or {}
+        changed = self._advance(instances, match_key, event)
+        if changed or instances:
+            changed = self._collect(instances, now) or changed
+        if changed:
+            state.trackers[self.id] = instances
+        return changed
+
+    def _advance(self, instances: dict[str, list[int]], match_key: str, event: Event) -> bool:
+        ts = event.timestamp_ms
+        steps = self.steps
+        total = len(steps)
+        inst = instances.get(match_key)
+        if inst is not None and inst[0] == total and inst[3] < 0 and self.follow is not None:
+            follow = self.follow
+            if ts > inst[2] and follow.matches(event):
+                assert follow.within_ms is not None
+                if self.negative or ts - inst[2] <= follow.within_ms:
+                    inst[3] = ts
+                    return True
+        if inst is not None and inst[0] < total:
+            step = steps[inst[0]]
+            if (
+                ts >= inst[1]
+                and step.matches(event)
+                and (step.within_ms is None or ts - inst[1] <= step.within_ms)
+            ):
+                inst[0] += 1
+                inst[1] = ts
+                if inst[0] == total:
+                    inst[2] = ts
+                    inst[3] = -1
+                return True
+        if steps[0].matches(event):
+            instances[match_key] = [1, ts, ts if total == 1 else -1, -1]
+            return True
+        return False
+
+    def _collect(self, instances: dict[str, list[int]], now: int) -> bool:
+        """Drop instances that can never be true again; keep the most recent ones."""
+        dead = [key for key, inst in instances.items() if self._is_dead(inst, now)]
+        for key in dead:
+            del instances[key]
+        if len(instances) > MAX_SEQUENCE_INSTANCES:
+            for key in sorted(instances, key=lambda k: instances[k][1])[:-MAX_SEQUENCE_INSTANCES]:
+                del instances[key]
+            return True
+        return bool(dead)
+
+    def _is_dead(self, inst: list[int], now: int) -> bool:
+        steps_done, last, t0, follow_ms = inst
+        if steps_done < len(self.steps):
+            within = self.steps[steps_done].within_ms
+            return within is not None and now - last > within
+        if self.active_ms is not None and now >= t0 + self.active_ms:
+            return True
+        if self.follow is None:
+            return False
+        if self.negative:
+            return follow_ms >= 0
+        assert self.follow.within_ms is not None
+        return follow_ms < 0 and now - t0 > self.follow.within_ms
+
+
+class Node:
+    """A compiled condition."""
+
+    def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
+        raise NotImplementedError
+
+
+class AllNode(Node):
+    def __init__(self, children: list[Node]) -> None:
+        self.children = children
+
+    def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
+        value, change = True, NEVER
+        for child in self.children:
+            child_value, child_change = child.evaluate(state, now)
+            value = value and child_value
+            change = min(change, child_change)
+        return value, change
+
+
+class AnyNode(AllNode):
+    def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
+        value, change = False, NEVER
+        for child in self.children:
+            child_value, child_change = child.evaluate(state, now)
+            value = value or child_value
+            change = min(change, child_change)
+        return value, change
+
+
+class NotNode(Node):
+    def __init__(self, child: Node) -> None:
+        self.child = child
+
+    def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
+        value, change = self.child.evaluate(state, now)
+        return not value, change
+
+
+class PerformedNode(Node):
+    def __init__(self, tracker: PerformedTracker, op: str, count: int) -> None:
+        self.tracker = tracker
+        self.compare = _COUNT_COMPARE[op]
+        self.count = count
+
+    def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
+        tracker = self.tracker
+        data = state.trackers.get(tracker.id)
+        if tracker.mode == "count":
+            return self.compare(data or 0, self.count), NEVER
+        times: list[int] = data or []
+        if tracker.mode == "window":
+            assert tracker.window_ms is not None
+            start = bisect_right(times, now - tracker.window_ms)
+            change = times[start] + tracker.window_ms if start < len(times) else NEVER
+            return self.compare(len(times) - start, self.count), change
+        assert tracker.near_ms is not None and tracker.far_ms is not None
+        # window (now - far, now - near]: a time enters at ts + near, leaves at ts + far
+        inside, change = 0, NEVER
+        for ts in times:
+            enter, leave = ts + tracker.near_ms, ts + tracker.far_ms
+            if enter <= now < leave:
+                inside += 1
+            for edge in (enter, leave):
+                if now < edge < change:
+                    change = edge
+        return self.compare(inside, self.count), change
+
+
+class TraitNode(Node):
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        self.path = tuple(spec["name"].split("."))
+        self.op = spec["op"]
+        self.expected = spec.get("value")
+        self.predicate = compile_predicate(self.op, self.expected)
+
+    def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
+        node: Any = state.traits
+        for part in self.path:
+            node = node.get(part) if isinstance(node, dict) else None
+        change = predicate_change_ms(self.op, self.expected, node, now)
+        return self.predicate(node, now), NEVER if change is None else change
+
+
+class InAudienceNode(Node):
+    """Current membership of another audience (evaluated earlier: catalogs are topo-sorted)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
+        membership = state.members.get(self.key)
+        if membership is None:
+            return False, NEVER
+        return membership.member, membership.wake_ms
+
+
+class SequenceNode(Node):
+    def __init__(self, tracker: SequenceTracker) -> None:
+        self.tracker = tracker
+
+    def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
+        tracker = self.tracker
+        instances: dict[str, list[int]] = state.trackers.get(tracker.id) or {}
+        total = len(tracker.steps)
+        active = tracker.active_ms
+        value, change = False, NEVER
+        for steps_done, _last, t0, follow_ms in instances.values():
+            if steps_done < total:
+                continue
+            end = t0 + active if active is not None else NEVER
+            if now >= end:
+                continue
+            if tracker.follow is None:
+                holds, next_change = True, end
+            elif tracker.negative:
+                assert tracker.follow.within_ms is not None
+                due = t0 + tracker.follow.within_ms
+                if follow_ms >= 0:
+                    holds, next_change = False, NEVER
+                elif now < due:
+                    holds, next_change = False, due
+                else:
+                    holds, next_change = True, end
+            else:
+                holds, next_change = follow_ms >= 0, end if follow_ms >= 0 else NEVER
+            value = value or holds
+            change = min(change, next_change)
+        return value, change

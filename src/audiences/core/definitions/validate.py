@@ -1,0 +1,325 @@
+"""Validation of definition documents with JSON-path errors and suggestions.
+
+`validate_definition` checks one document's shape; `check_references`
+checks it against the other definitions (unknown audiences, cycles). Both raise
+`DefinitionError` whose message names the JSON path, what was expected and,
+for a misspelled key, the closest known one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from audiences.core.durations import parse_duration_ms
+from audiences.core.events import parse_iso_ms
+from audiences.core.operators import DURATION_OPERATORS, OPERATORS, UNARY_OPERATORS
+from audiences.errors import DefinitionError
+
+KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+AUDIENCE_FIELDS = (
+    "key",
+    "name",
+    "description",
+    "condition",
+    "include_anonymous",
+    "backfill",
+    "version",
+)
+CONDITIONS = (
+    "all",
+    "any",
+    "not",
+    "performed",
+    "trait",
+    "in_audience",
+    "sequence",
+    "page_viewed",
+    "screen_viewed",
+    "device",
+    "computed",
+)
+NOT_YET = ("page_viewed", "screen_viewed", "device", "computed")
+COUNT_OPS = ("eq", "gte", "gt", "lte", "lt")
+PERFORMED_FIELDS = ("event", "where", "times", "within", "between")
+STEP_FIELDS = ("event", "where", "within")
+SEQUENCE_FIELDS = ("steps", "then", "then_not", "match_on", "active_for")
+FILTER_FIELDS = ("property", "op", "value")
+TRAIT_FIELDS = ("name", "op", "value")
+
+
+def _suggest(word: str, options: Iterable[str]) -> str | None:
+    matches = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _check_fields(obj: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> None:
+    for name in obj:
+        if name not in allowed:
+            raise DefinitionError(
+                f"{path}.{name}",
+                f"unknown field; expected one of {', '.join(allowed)}",
+                _suggest(name, allowed),
+            )
+
+
+def _object(value: Any, path: str, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise DefinitionError(path, f"expected {what} (a JSON object), got {_type(value)}")
+    return value
+
+
+def _type(value: Any) -> str:
+    return {
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def _duration(value: Any, path: str) -> int:
+    ms = parse_duration_ms(value)
+    if ms is None or ms <= 0:
+        raise DefinitionError(
+            path, f"expected a duration like '2h' (<int><s|m|h|d|w>), got {value!r}"
+        )
+    return ms
+
+
+def _string(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise DefinitionError(path, f"expected a non-empty string, got {_type(value)}")
+    return value
+
+
+def validate_filters(value: Any, path: str) -> None:
+    if not isinstance(value, list):
+        raise DefinitionError(path, f"expected a list of filters, got {_type(value)}")
+    for index, item in enumerate(value):
+        item_path = f"{path}[{index}]"
+        obj = _object(item, item_path, "a filter {property, op, value}")
+        _check_fields(obj, FILTER_FIELDS, item_path)
+        _string(obj.get("property"), f"{item_path}.property")
+        validate_operator(obj, item_path)
+
+
+def validate_operator(obj: Mapping[str, Any], path: str) -> None:
+    op = obj.get("op")
+    if op not in OPERATORS:
+        raise DefinitionError(
+            f"{path}.op",
+            f"expected an operator ({', '.join(OPERATORS)}), got {op!r}",
+            _suggest(str(op), OPERATORS),
+        )
+    value = obj.get("value")
+    if op in UNARY_OPERATORS:
+        return
+    if "value" not in obj:
+        raise DefinitionError(f"{path}.value", f"operator {op!r} needs a value")
+    if op in ("gt", "gte", "lt", "lte") and (
+        isinstance(value, bool) or not isinstance(value, int | float | str)
+    ):
+        raise DefinitionError(f"{path}.value", f"operator {op!r} needs a number or a string")
+    if op in ("in", "not_in") and not isinstance(value, list):
+        raise DefinitionError(f"{path}.value", f"operator {op!r} needs an array")
+    if op in ("contains", "not_contains", "starts_with", "ends_with", "matches") and not isinstance(
+        value, str
+    ):
+        raise DefinitionError(f"{path}.value", f"operator {op!r} needs a string")
+    if op == "matches":
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise DefinitionError(f"{path}.value", f"invalid regular expression: {exc}") from None
+    if op in ("before", "after") and parse_iso_ms(value) is None:
+        raise DefinitionError(f"{path}.value", f"operator {op!r} needs an ISO-8601 date")
+    if op in DURATION_OPERATORS:
+        _duration(value, f"{path}.value")
+
+
+def _times(value: Any, path: str) -> None:
+    obj = _object(value, path, 'a count comparison like {"gte": 3}')
+    if len(obj) != 1:
+        raise DefinitionError(path, "expected exactly one of eq, gte, gt, lte, lt")
+    ((op, number),) = obj.items()
+    if op not in COUNT_OPS:
+        raise DefinitionError(
+            f"{path}.{op}", "expected one of eq, gte, gt, lte, lt", _suggest(op, COUNT_OPS)
+        )
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise DefinitionError(f"{path}.{op}", f"expected a non-negative integer, got {number!r}")
+
+
+def _event_filter(value: Any, path: str, fields: tuple[str, ...]) -> Mapping[str, Any]:
+    obj = _object(value, path, "an event filter {event, where?, within?}")
+    _check_fields(obj, fields, path)
+    _string(obj.get("event"), f"{path}.event")
+    if "where" in obj:
+        validate_filters(obj["where"], f"{path}.where")
+    if "within" in obj:
+        _duration(obj["within"], f"{path}.within")
+    return obj
+
+
+def validate_condition(value: Any, path: str) -> None:
+    obj = _object(value, path, "a condition")
+    if len(obj) != 1:
+        raise DefinitionError(
+            path,
+            f"a condition object has exactly one key (one of {', '.join(CONDITIONS)}), "
+            f"got {len(obj)}: {', '.join(obj) or 'none'}",
+        )
+    ((name, body),) = obj.items()
+    here = f"{path}.{name}"
+    if name not in CONDITIONS:
+        raise DefinitionError(
+            here,
+            f"unknown condition; expected one of {', '.join(CONDITIONS)}",
+            _suggest(name, CONDITIONS),
+        )
+    if name in NOT_YET:
+        raise DefinitionError(here, f"the {name!r} condition is not supported by this release yet")
+    if name in ("all", "any"):
+        if not isinstance(body, list) or not body:
+            raise DefinitionError(
+                here, f"expected a non-empty list of conditions, got {_type(body)}"
+            )
+        for index, child in enumerate(body):
+            validate_condition(child, f"{here}[{index}]")
+    elif name == "not":
+        validate_condition(body, here)
+    elif name == "performed":
+        perf = _event_filter(body, here, PERFORMED_FIELDS)
+        if "times" in perf:
+            _times(perf["times"], f"{here}.times")
+        if "between" in perf:
+            between = perf["between"]
+            if "within" in perf:
+                raise DefinitionError(f"{here}.between", "use either within or between, not both")
+            if not isinstance(between, list) or len(between) != 2:
+                raise DefinitionError(f"{here}.between", 'expected [D1, D2], e.g. ["7d", "30d"]')
+            near = _duration(between[0], f"{here}.between[0]")
+            far = _duration(between[1], f"{here}.between[1]")
+            if near >= far:
+                raise DefinitionError(f"{here}.between", "expected D1 < D2")
+    elif name == "trait":
+        trait = _object(body, here, "a trait condition {name, op, value}")
+        _check_fields(trait, TRAIT_FIELDS, here)
+        _string(trait.get("name"), f"{here}.name")
+        validate_operator(trait, here)
+    elif name == "in_audience":
+        if not isinstance(body, str) or not KEY_PATTERN.match(body):
+            raise DefinitionError(here, f"expected an audience key, got {body!r}")
+    elif name == "sequence":
+        seq = _object(body, here, "a sequence {steps, then?, then_not?, match_on?, active_for?}")
+        _check_fields(seq, SEQUENCE_FIELDS, here)
+        steps = seq.get("steps")
+        if not isinstance(steps, list) or not steps:
+            raise DefinitionError(f"{here}.steps", "expected a non-empty list of event filters")
+        for index, step in enumerate(steps):
+            _event_filter(step, f"{here}.steps[{index}]", STEP_FIELDS)
+        if "then" in seq and "then_not" in seq:
+            raise DefinitionError(f"{here}.then_not", "use either then or then_not, not both")
+        for follow in ("then", "then_not"):
+            if follow in seq:
+                follow_up = _event_filter(seq[follow], f"{here}.{follow}", STEP_FIELDS)
+                if "within" not in follow_up:
+                    raise DefinitionError(f"{here}.{follow}.within", "a follow-up needs a within")
+        if "match_on" in seq:
+            _string(seq["match_on"], f"{here}.match_on")
+        if "active_for" in seq:
+            _duration(seq["active_for"], f"{here}.active_for")
+
+
+def validate_definition(doc: Any) -> dict[str, Any]:
+    """Check a definition document; returns it (as a dict) or raises DefinitionError."""
+    obj = _object(doc, "$", "a definition")
+    if "kind" in obj:
+        raise DefinitionError("$.kind", "computed traits are not supported by this release yet")
+    _check_fields(obj, AUDIENCE_FIELDS, "$")
+    key = obj.get("key")
+    if not isinstance(key, str) or not KEY_PATTERN.match(key):
+        raise DefinitionError(
+            "$.key", f"expected a key matching {KEY_PATTERN.pattern}, got {key!r}"
+        )
+    for field in ("name", "description"):
+        if field in obj and not isinstance(obj[field], str):
+            raise DefinitionError(f"$.{field}", f"expected a string, got {_type(obj[field])}")
+    for field in ("include_anonymous", "backfill"):
+        if field in obj and not isinstance(obj[field], bool):
+            raise DefinitionError(f"$.{field}", f"expected true or false, got {_type(obj[field])}")
+    if "version" in obj and (
+        isinstance(obj["version"], bool) or not isinstance(obj["version"], int)
+    ):
+        raise DefinitionError("$.version", f"expected an integer, got {_type(obj['version'])}")
+    if "condition" not in obj:
+        raise DefinitionError("$.condition", "a definition needs a condition")
+    validate_condition(obj["condition"], "$.condition")
+    return dict(obj)
+
+
+def audience_references(condition: Any) -> set[str]:
+    """Keys of the audiences a (valid) condition refers to with in_audience."""
+    found: set[str] = set()
+    stack = [condition]
+    while stack:
+        node = stack.pop()
+        ((name, body),) = node.items()
+        if name in ("all", "any"):
+            stack.extend(body)
+        elif name == "not":
+            stack.append(body)
+        elif name == "in_audience":
+            found.add(body)
+    return found
+
+
+def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
+    """A cycle of audience keys in `graph` (key -> referenced keys), or None."""
+    state: dict[str, int] = {}
+    trail: list[str] = []
+
+    def visit(key: str) -> list[str] | None:
+        state[key] = 1
+        trail.append(key)
+        for ref in sorted(graph.get(key, ())):
+            if state.get(ref) == 1:
+                return [*trail[trail.index(ref) :], ref]
+            if state.get(ref) is None and ref in graph:
+                cycle = visit(ref)
+                if cycle:
+                    return cycle
+        trail.pop()
+        state[key] = 2
+        return None
+
+    for key in sorted(graph):
+        if key not in state:
+            cycle = visit(key)
+            if cycle:
+                return cycle
+    return None
+
+
+def check_references(doc: Mapping[str, Any], existing: Mapping[str, Mapping[str, Any]]) -> None:
+    """Reject unknown in_audience keys and reference cycles, given the other definitions."""
+    refs = audience_references(doc["condition"])
+    known = set(existing) | {doc["key"]}
+    for ref in sorted(refs):
+        if ref not in known:
+            raise DefinitionError(
+                "$.condition",
+                f"in_audience refers to unknown audience {ref!r}",
+                _suggest(ref, known),
+            )
+    graph = {key: audience_references(other["condition"]) for key, other in existing.items()}
+    graph[doc["key"]] = refs
+    cycle = find_cycle(graph)
+    if cycle:
+        raise DefinitionError("$.condition", "in_audience forms a cycle: " + " -> ".join(cycle))

@@ -1,0 +1,207 @@
+"""`step`: the pure per-user state machine every runtime path goes through.
+
+`step(state, input, catalog)` folds one input — an `Event`, or a `Tick` when a
+deadline is reached — into a profile and returns the new state, the membership
+transitions and the next time the profile wants to be woken. Live processing,
+deadline sweeps, replays and the oracle tests all call it.
+
+Time: a profile has its own clock, the latest event time or deadline applied
+to it. The wall clock only decides *when* a Tick is delivered, never what it
+computes, so a replay of the same log gives the same transitions. Before an
+event at time T is applied, every deadline <= T of the profile fires first
+(at its own time), whether or not a sweeper already delivered it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from audiences.core.definitions.catalog import Catalog
+from audiences.core.events import Event
+from audiences.core.state import DEDUP_MAX_IDS, DEDUP_WINDOW_MS, NEVER, Membership, UserState
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """A profile's deadline has been reached."""
+
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A membership change of one profile in one audience."""
+
+    audience_key: str
+    audience_version: int
+    audience_name: str
+    profile_key: str
+    entered: bool
+    at_ms: int
+    seq: int
+    effective_at_ms: int
+    trigger: str  # "event" or "deadline"
+    trigger_message_id: str | None
+
+    @property
+    def message_id(self) -> str:
+        """Deterministic: sha256(key|version|user|seq|direction)."""
+        direction = "entered" if self.entered else "exited"
+        text = (
+            f"{self.audience_key}|{self.audience_version}|{self.profile_key}|{self.seq}|{direction}"
+        )
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+class StepResult(NamedTuple):
+    state: UserState
+    transitions: list[Transition]
+    next_wake_ms: int
+    duplicate: bool
+
+
+def _message_hash(message_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(message_id.encode(), digest_size=8).digest(), "big")
+
+
+def _is_duplicate(state: UserState, event: Event, now: int) -> bool:
+    """Same messageId for the same profile within 24 h (the last 32 ids are kept)."""
+    if event.message_id is None:
+        return False
+    digest = _message_hash(event.message_id)
+    recent = [entry for entry in state.recent_ids if entry[1] > now - DEDUP_WINDOW_MS]
+    if any(entry[0] == digest for entry in recent):
+        return True
+    recent.append([digest, event.timestamp_ms])
+    state.recent_ids = recent[-DEDUP_MAX_IDS:]
+    return False
+
+
+def _fold_traits(state: UserState, event: Event) -> bool:
+    """Latest value per trait; an identify older than the last one only fills gaps."""
+    incoming: Any = event.traits if event.type == "identify" else None
+    context_traits = event.context.get("traits")
+    changed = False
+    newer = event.timestamp_ms >= state.traits_at_ms
+    for source in (context_traits, incoming):
+        if not isinstance(source, dict):
+            continue
+        for name, value in source.items():
+            if (newer or name not in state.traits) and state.traits.get(name, ...) != value:
+                state.traits[name] = value
+                changed = True
+    if changed and newer:
+        state.traits_at_ms = event.timestamp_ms
+    return changed
+
+
+def _evaluate(
+    state: UserState,
+    catalog: Catalog,
+    profile_key: str,
+    now: int,
+    touched: set[str] | None,
+    out: list[Transition],
+    trigger: str,
+    trigger_id: str | None,
+    effective_at: int,
+) -> None:
+    """Re-judge `touched` audiences (None = all), those due by `now`, and their dependents."""
+    for audience in catalog.audiences:
+        key = audience.key
+        membership = state.members.get(key)
+        if not (
+            touched is None
+            or key in touched
+            or (membership is not None and membership.wake_ms <= now)
+            or (audience.references and not touched.isdisjoint(audience.references))
+        ):
+            continue
+        value, change = audience.root.evaluate(state, now)
+        if state.anonymous and not audience.include_anonymous:
+            value = False
+        wake = change if change > now else NEVER
+        if membership is None:
+            if not value and wake == NEVER:
+                continue  # nothing to remember: keeps state small for non-members
+            membership = state.members[key] = Membership()
+        membership.wake_ms = wake
+        if value != membership.member:
+            membership.member = value
+            membership.since_ms = now
+            membership.seq += 1
+            out.append(
+                Transition(
+                    audience_key=key,
+                    audience_version=audience.version,
+                    audience_name=audience.name,
+                    profile_key=profile_key,
+                    entered=value,
+                    at_ms=now,
+                    seq=membership.seq,
+                    effective_at_ms=effective_at,
+                    trigger=trigger,
+                    trigger_message_id=trigger_id,
+                )
+            )
+            if touched is not None:
+                touched.add(key)
+
+
+def _fire_due(
+    state: UserState, catalog: Catalog, profile_key: str, until: int, out: list[Transition]
+) -> None:
+    """Deliver every deadline <= `until`, each at its own time."""
+    while (wake := state.wake_ms) <= until:
+        now = max(state.clock_ms, wake)
+        state.clock_ms = now
+        _evaluate(state, catalog, profile_key, now, set(), out, "deadline", None, now)
+        if state.wake_ms <= now:  # cannot happen for catalog audiences; never spin on data
+            break
+
+
+def step(
+    state: UserState | None, item: Event | Tick, catalog: Catalog, profile_key: str
+) -> StepResult:
+    """Fold one input into a profile. Never raises on data."""
+    transitions: list[Transition] = []
+    fresh = state is None
+    if state is None:
+        anonymous = isinstance(item, Event) and item.user_id is None
+        state = UserState(anonymous=anonymous)
+        state.catalog_fingerprint = catalog.fingerprint
+    elif state.catalog_fingerprint != catalog.fingerprint:
+        for key, membership in state.members.items():
+            if catalog.audience(key) is None:
+                membership.wake_ms = NEVER  # a removed audience has no deadlines
+        # New or edited definitions: judge every audience once for this profile.
+        state.catalog_fingerprint = catalog.fingerprint
+        now = state.clock_ms
+        _evaluate(state, catalog, profile_key, now, None, transitions, "definition", None, now)
+    if isinstance(item, Tick):
+        _fire_due(state, catalog, profile_key, item.at_ms, transitions)
+        return StepResult(state, transitions, state.wake_ms, False)
+
+    event = item
+    ts = event.timestamp_ms
+    _fire_due(state, catalog, profile_key, ts, transitions)
+    now = max(state.clock_ms, ts)
+    if _is_duplicate(state, event, now):
+        return StepResult(state, transitions, state.wake_ms, True)
+    state.clock_ms = now
+    # A new profile, or one that just became a known user, is judged on every
+    # audience ("did not perform X" holds at once; include_anonymous changes).
+    touched: set[str] | None = None if fresh else set()
+    if state.anonymous and event.user_id is not None:
+        state.anonymous = False
+        touched = None
+    if event.name is not None:
+        for tracker in catalog.trackers_by_event.get(event.name, ()):
+            if tracker.update(state, event, now) and touched is not None:
+                touched |= catalog.audiences_by_tracker.get(tracker.id, frozenset())
+    if _fold_traits(state, event) and touched is not None:
+        touched |= catalog.trait_audiences
+    _evaluate(state, catalog, profile_key, now, touched, transitions, "event", event.message_id, ts)
+    return StepResult(state, transitions, state.wake_ms, False)

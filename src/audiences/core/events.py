@@ -1,0 +1,207 @@
+"""Segment-Spec events: parsing, validation and skew-corrected event time.
+
+`parse_event` is on the hot path (once per consumed record): it does the
+checks that decide whether an event can be evaluated and nothing more. Full
+schema documentation lives in `schemas/events/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from audiences.errors import InvalidEventError
+
+MAX_EVENT_BYTES = 32 * 1024
+EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
+CONTROL_TYPES = frozenset({"delete"})
+
+_EMPTY: dict[str, Any] = {}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated input event. Times are UTC epoch milliseconds."""
+
+    type: str
+    user_id: str | None
+    anonymous_id: str | None
+    name: str | None  # `event` of a track, `name` of a page/screen
+    message_id: str | None
+    timestamp_ms: int
+    properties: dict[str, Any]
+    traits: dict[str, Any]
+    context: dict[str, Any]
+    raw: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        """The profile key: userId, else anonymousId (the Kafka record key too)."""
+        return self.user_id or self.anonymous_id or ""
+
+    def get(self, path: tuple[str, ...]) -> Any:
+        """Value at a path compiled by `compile_path`; None when absent."""
+        node: Any = self.raw
+        for part in path:
+            if not isinstance(node, dict):
+                return None
+            node = node.get(part)
+            if node is None:
+                return None
+        return node
+
+
+def compile_path(path: str) -> tuple[str, ...]:
+    """Split a dotted path. Paths start at the event root (`properties.x`,
+    `context.os.name`, `traits.plan`); a path whose first segment is not a
+    Segment top-level field is read from `properties` as a convenience."""
+    parts = tuple(path.split("."))
+    if parts[0] not in _TOP_LEVEL:
+        return ("properties", *parts)
+    return parts
+
+
+_TOP_LEVEL = frozenset(
+    {
+        "type",
+        "event",
+        "name",
+        "userId",
+        "anonymousId",
+        "messageId",
+        "timestamp",
+        "properties",
+        "traits",
+        "context",
+        "integrations",
+        "groupId",
+        "previousId",
+        "sentAt",
+        "receivedAt",
+        "originalTimestamp",
+    }
+)
+
+
+def parse_iso_ms(value: Any) -> int | None:
+    """Epoch ms of an ISO-8601 string (or a number of epoch ms); None if unreadable."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return int(value)
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return (parsed - _EPOCH) // _ONE_MS  # integer arithmetic: floats lose a millisecond
+
+
+def format_iso(ms: int) -> str:
+    """ISO-8601 UTC with milliseconds, as Segment writes it."""
+    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def event_time_ms(raw: dict[str, Any], received_at_ms: int) -> int:
+    """Event time with Segment's clock-skew correction.
+
+    When the client sent `sentAt`, its clock's offset is removed:
+    `timestamp = receivedAt - (sentAt - (originalTimestamp or timestamp))`, with
+    the Kafka record time standing in for a missing `receivedAt`. Otherwise
+    `timestamp`, else `originalTimestamp`, else `receivedAt`, else the record time.
+    """
+    received = raw.get("receivedAt")
+    sent = raw.get("sentAt")
+    client = raw.get("originalTimestamp")
+    if client is None:
+        client = raw.get("timestamp")
+    if sent is not None and client is not None:
+        received_ms = parse_iso_ms(received) if received is not None else received_at_ms
+        sent_ms = parse_iso_ms(sent)
+        client_ms = parse_iso_ms(client)
+        if received_ms is None or sent_ms is None or client_ms is None:
+            raise InvalidEventError("bad_timestamp", "receivedAt/sentAt/timestamp unreadable")
+        return received_ms - (sent_ms - client_ms)
+    for field in ("timestamp", "originalTimestamp", "receivedAt"):
+        value = raw.get(field)
+        if value is not None:
+            ms = parse_iso_ms(value)
+            if ms is None:
+                raise InvalidEventError("bad_timestamp", f"{field} is not an ISO-8601 time")
+            return ms
+    return received_at_ms
+
+
+def _optional_id(raw: dict[str, Any], field: str) -> str | None:
+    value = raw.get(field)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise InvalidEventError("bad_field", f"{field} must be a string")
+
+
+def _optional_object(raw: dict[str, Any], field: str) -> dict[str, Any]:
+    value = raw.get(field)
+    if value is None:
+        return _EMPTY
+    if not isinstance(value, dict):
+        raise InvalidEventError("bad_field", f"{field} must be an object")
+    return value
+
+
+def parse_event(data: bytes | dict[str, Any], received_at_ms: int) -> Event:
+    """Decode and validate one record; raises InvalidEventError with a reason."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        if len(data) > MAX_EVENT_BYTES:
+            raise InvalidEventError("oversized", f"{len(data)} bytes > {MAX_EVENT_BYTES}")
+        try:
+            raw = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidEventError("undecodable", f"invalid JSON: {exc}") from None
+    else:
+        raw = data
+    if not isinstance(raw, dict):
+        raise InvalidEventError("not_an_object", "an event must be a JSON object")
+    kind = raw.get("type")
+    if kind not in EVENT_TYPES and kind not in CONTROL_TYPES:
+        raise InvalidEventError("unknown_type", f"type {kind!r} is not a Segment event type")
+    user_id = _optional_id(raw, "userId")
+    anonymous_id = _optional_id(raw, "anonymousId")
+    if user_id is None and anonymous_id is None:
+        raise InvalidEventError("missing_user", "userId or anonymousId is required")
+    name: Any = None
+    if kind == "track":
+        name = raw.get("event")
+        if not isinstance(name, str) or not name:
+            raise InvalidEventError("missing_event", "track events need a non-empty `event`")
+    elif kind in ("page", "screen"):
+        name = raw.get("name")
+        if name is not None and not isinstance(name, str):
+            raise InvalidEventError("bad_field", "name must be a string")
+    message_id = raw.get("messageId")
+    if message_id is not None and not isinstance(message_id, str):
+        message_id = str(message_id)
+    return Event(
+        type=kind,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        name=name,
+        message_id=message_id,
+        timestamp_ms=event_time_ms(raw, received_at_ms),
+        properties=_optional_object(raw, "properties"),
+        traits=_optional_object(raw, "traits"),
+        context=_optional_object(raw, "context"),
+        raw=raw,
+    )

@@ -1,0 +1,106 @@
+"""Per-user state and its compact, versioned codec.
+
+A profile keeps only what the conditions need (Unomi-style): a tracker per
+distinct event leaf (a count, the last N timestamps of a window, or funnel
+instances), the latest identify traits, memberships and the next wake-up.
+Trackers are keyed by a hash of what they track, so audiences sharing a leaf
+share its state and an edit that keeps a leaf keeps its history.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+CODEC_VERSION = 1
+NEVER = 1 << 62  # "no deadline": larger than any epoch-ms time
+DEDUP_WINDOW_MS = 24 * 3_600_000
+DEDUP_MAX_IDS = 32
+
+
+class Membership:
+    """One audience's membership of one user."""
+
+    __slots__ = ("member", "seq", "since_ms", "wake_ms")
+
+    def __init__(
+        self, member: bool = False, since_ms: int = 0, seq: int = 0, wake_ms: int = NEVER
+    ) -> None:
+        self.member = member
+        self.since_ms = since_ms
+        self.seq = seq  # transitions emitted so far: part of the deterministic messageId
+        self.wake_ms = wake_ms  # next time this audience may change with no input
+
+    def encode(self) -> list[int]:
+        return [int(self.member), self.since_ms, self.seq, self.wake_ms]
+
+    @classmethod
+    def decode(cls, data: list[int]) -> Membership:
+        return cls(bool(data[0]), data[1], data[2], data[3])
+
+
+class UserState:
+    """Everything the evaluator keeps about one profile."""
+
+    __slots__ = (
+        "anonymous",
+        "catalog_fingerprint",
+        "clock_ms",
+        "members",
+        "recent_ids",
+        "trackers",
+        "traits",
+        "traits_at_ms",
+    )
+
+    def __init__(self, anonymous: bool = False) -> None:
+        self.anonymous = anonymous
+        self.clock_ms = 0  # the profile's own clock: latest event or deadline applied
+        self.traits: dict[str, Any] = {}
+        self.traits_at_ms = 0
+        self.trackers: dict[str, Any] = {}
+        self.members: dict[str, Membership] = {}
+        self.recent_ids: list[list[int]] = []  # [messageId hash, event ms] for dedup
+        self.catalog_fingerprint = ""
+
+    @property
+    def wake_ms(self) -> int:
+        """The earliest time any audience of this profile may change without input."""
+        return min((m.wake_ms for m in self.members.values()), default=NEVER)
+
+    def membership(self, key: str) -> Membership:
+        found = self.members.get(key)
+        if found is None:
+            found = self.members[key] = Membership()
+        return found
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            [
+                CODEC_VERSION,
+                int(self.anonymous),
+                self.clock_ms,
+                self.traits,
+                self.traits_at_ms,
+                self.trackers,
+                {k: m.encode() for k, m in self.members.items()},
+                self.recent_ids,
+                self.catalog_fingerprint,
+            ]
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> UserState:
+        fields = orjson.loads(data)
+        if fields[0] != CODEC_VERSION:
+            raise ValueError(f"unknown state codec version {fields[0]}")
+        state = cls(bool(fields[1]))
+        state.clock_ms = fields[2]
+        state.traits = fields[3]
+        state.traits_at_ms = fields[4]
+        state.trackers = fields[5]
+        state.members = {k: Membership.decode(v) for k, v in fields[6].items()}
+        state.recent_ids = fields[7]
+        state.catalog_fingerprint = fields[8]
+        return state

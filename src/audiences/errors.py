@@ -1,0 +1,48 @@
+"""The exception tree of `audiences`.
+
+AudiencesError
+├── InvalidEventError        an input event cannot be used (reason goes to the DLQ header)
+├── DefinitionError          a definition is invalid: carries the JSON path and a suggestion
+└── AdapterError             an I/O adapter failed; `retriable` says whether trying again may help
+    └── BrokerError          the Kafka broker (embedded or external) is unusable
+"""
+
+from __future__ import annotations
+
+
+class AudiencesError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class InvalidEventError(AudiencesError):
+    """An event that cannot be evaluated. `reason` is a short, bounded label for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class DefinitionError(AudiencesError):
+    """An invalid audience or computed-trait definition."""
+
+    def __init__(self, path: str, message: str, suggestion: str | None = None) -> None:
+        text = f"{path}: {message}"
+        if suggestion:
+            text += f" (did you mean {suggestion!r}?)"
+        super().__init__(text)
+        self.path = path
+        self.message = message
+        self.suggestion = suggestion
+
+
+class AdapterError(AudiencesError):
+    """An I/O failure; `retriable` tells the caller whether a retry can succeed."""
+
+    def __init__(self, message: str, *, retriable: bool) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class BrokerError(AdapterError):
+    """The Kafka broker cannot be reached or refused an operation."""

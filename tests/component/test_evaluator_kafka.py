@@ -1,0 +1,183 @@
+"""The evaluator through the real Kafka protocol, with an injected wall clock."""
+
+from __future__ import annotations
+
+import shutil
+
+import orjson
+import pytest
+from harness import T0, Engine, H, M, S, by_user, track
+
+from audiences.core.events import format_iso
+
+pytestmark = pytest.mark.kafka
+
+CART_ABANDONERS = {
+    "key": "cart_abandoners",
+    "name": "Cart abandoners",
+    "condition": {
+        "sequence": {
+            "steps": [{"event": "Checkout Started"}],
+            "then_not": {"event": "Order Completed", "within": "2h"},
+            "match_on": "properties.cart_id",
+            "active_for": "7d",
+        }
+    },
+}
+FREQUENT = {
+    "key": "frequent_viewers",
+    "condition": {"performed": {"event": "Product Viewed", "times": {"gte": 3}, "within": "1h"}},
+}
+ENGAGED = {
+    "key": "engaged",
+    "condition": {"any": [{"in_audience": "cart_abandoners"}, {"in_audience": "frequent_viewers"}]},
+}
+
+
+def test_abandoner_enters_at_deadline_while_idle_and_exits_on_late_order(engine: Engine) -> None:
+    engine.apply(CART_ABANDONERS)
+    engine.start()
+    engine.send(
+        track("idle", "Checkout Started", T0, cart_id="c1"),
+        track("buyer", "Checkout Started", T0, cart_id="c2"),
+        track("buyer", "Order Completed", T0 + 30 * M, cart_id="c2"),
+    )
+    engine.clock.advance_to(T0 + 2 * H + 5 * S)  # nobody sends anything: the deadline fires
+    outputs = engine.outputs(1)
+    assert len(outputs) == 1
+    entered = outputs[0]
+    assert entered["userId"] == "idle" and entered["event"] == "Audience Entered"
+    assert entered["timestamp"] == format_iso(T0 + 2 * H)  # exact to the deadline, not the sweep
+    assert entered["properties"]["cart_abandoners"] is True
+    assert entered["properties"]["audience_version"] == 1
+    assert entered["context"]["audiences"]["computation_key"] == "cart_abandoners"
+
+    engine.send(track("idle", "Order Completed", T0 + 3 * H, cart_id="c1"))
+    outputs = engine.outputs(2)
+    assert len(outputs) == 2
+    assert outputs[1]["event"] == "Audience Exited"
+    assert outputs[1]["timestamp"] == format_iso(T0 + 3 * H)
+    assert outputs[1]["properties"]["cart_abandoners"] is False
+
+
+def test_match_on_keeps_two_carts_apart(engine: Engine) -> None:
+    engine.apply(CART_ABANDONERS)
+    engine.start()
+    engine.send(
+        track("u", "Checkout Started", T0, cart_id="a"),
+        track("u", "Checkout Started", T0 + 10 * M, cart_id="b"),
+        track("u", "Order Completed", T0 + 20 * M, cart_id="a"),  # pays cart a only
+    )
+    engine.clock.advance_to(T0 + 3 * H)
+    outputs = engine.outputs(1)
+    assert [(o["event"], o["timestamp"]) for o in outputs] == [
+        ("Audience Entered", format_iso(T0 + 10 * M + 2 * H))  # cart b's deadline
+    ]
+
+
+def test_times_within_enters_and_exits_by_time_alone(engine: Engine) -> None:
+    engine.apply(FREQUENT)
+    engine.start()
+    engine.send(*(track("v", "Product Viewed", T0 + i * 10 * M) for i in range(3)))
+    outputs = engine.outputs(1)
+    assert outputs[0]["event"] == "Audience Entered"
+    assert outputs[0]["timestamp"] == format_iso(T0 + 20 * M)
+    engine.clock.advance_to(T0 + 2 * H)  # the first view leaves the 1h window at T0 + 1h
+    outputs = engine.outputs(2)
+    assert len(outputs) == 2
+    assert (outputs[1]["event"], outputs[1]["timestamp"]) == ("Audience Exited", format_iso(T0 + H))
+
+
+def test_in_audience_composes(engine: Engine) -> None:
+    engine.apply(CART_ABANDONERS, FREQUENT, ENGAGED)
+    engine.start()
+    engine.send(
+        *(track("w", "Product Viewed", T0 + i * M) for i in range(3)),
+        track("w", "Checkout Started", T0 + 5 * M, cart_id="c"),
+    )
+    engine.clock.advance_to(T0 + 2 * H + 5 * M)
+    outputs = engine.outputs(6)
+    assert len(outputs) == 6
+    # engaged follows its parts, including their time-caused changes
+    assert [(a, e, t) for a, e, t in by_user(outputs)["w"] if a == "engaged"] == [
+        ("engaged", "Audience Entered", format_iso(T0 + 2 * M)),
+        ("engaged", "Audience Exited", format_iso(T0 + H)),
+        ("engaged", "Audience Entered", format_iso(T0 + 2 * H + 5 * M)),
+    ]
+    assert sorted(o["properties"]["audience_key"] for o in outputs) == [
+        "cart_abandoners",
+        "engaged",
+        "engaged",
+        "engaged",
+        "frequent_viewers",
+        "frequent_viewers",
+    ]
+
+
+def test_invalid_events_go_to_the_dlq_and_processing_continues(engine: Engine) -> None:
+    engine.apply(FREQUENT)
+    engine.start()
+    engine.send(b"{not json", key=b"x")
+    engine.send(orjson.dumps({"type": "track", "userId": "x"}), key=b"x")  # no event name
+    engine.send(orjson.dumps({"type": "track", "event": "E"}), key=b"x")  # no user
+    engine.send(b"{" + b'"a":' * 0 + b'"big": "' + b"x" * 40_000 + b'"}', key=b"x")
+    engine.send(*(track("ok", "Product Viewed", T0 + i * S) for i in range(3)))
+    letters = engine.dead_letters(4)
+    assert len(letters) == 4
+    reasons = [dict(m.headers())["error_reason"].decode() for m in letters]
+    assert sorted(reasons) == ["missing_event", "missing_user", "oversized", "undecodable"]
+    first = dict(letters[0].headers())
+    assert first["source_topic"].decode() == engine.topics.events
+    assert first["source_offset"].decode().isdigit() and "source_partition" in first
+    assert letters[0].value() == b"{not json"  # original bytes kept
+    outputs = engine.outputs(1)
+    assert outputs[0]["userId"] == "ok" and outputs[0]["event"] == "Audience Entered"
+
+
+def test_replay_into_a_fresh_app_gives_identical_transitions(engine: Engine) -> None:
+    engine.apply(CART_ABANDONERS, FREQUENT)
+    engine.start()
+    for user in ("r1", "r2", "r3"):
+        engine.send(
+            track(user, "Checkout Started", T0, cart_id="c"),
+            *(track(user, "Product Viewed", T0 + i * M) for i in range(4)),
+        )
+    engine.send(track("r2", "Order Completed", T0 + 3 * H, cart_id="c"))
+    engine.clock.advance_to(T0 + 4 * H)
+    first = engine.outputs(3 * 3 + 1)  # 3 viewers in+out, 3 abandoners in, r2 out
+    assert len(first) == 10
+    engine.stop()
+    engine.start(app_id=engine.settings.app_id + "-replay")  # new group, changelog, state
+    replayed = engine.outputs(20)[10:]
+    assert len(replayed) == 10
+
+    assert by_user_ids(replayed) == by_user_ids(first)  # same order per user, same ids
+
+
+def by_user_ids(outputs: list[dict]) -> dict[str, list[tuple[str, str]]]:
+    found: dict[str, list[tuple[str, str]]] = {}
+    for out in outputs:
+        found.setdefault(out["userId"], []).append((out["messageId"], out["event"]))
+    return found
+
+
+@pytest.mark.parametrize("wipe", [False, True], ids=["same-data-dir", "wiped-data-dir"])
+def test_restart_continues_without_loss_or_duplicates(engine: Engine, wipe: bool) -> None:
+    engine.apply(CART_ABANDONERS)
+    engine.start()
+    engine.send(track("k", "Checkout Started", T0, cart_id="c"))
+    engine.send(track("probe", "Checkout Started", T0, cart_id="p"))
+    engine.clock.advance_to(T0 + 2 * H)
+    assert len(engine.outputs(2)) == 2
+    engine.stop()
+    if wipe:
+        shutil.rmtree(engine.settings.data_dir)
+    engine.start()
+    # state survived: the order exits the member; nothing before is re-emitted
+    engine.send(track("k", "Order Completed", T0 + 3 * H, cart_id="c"))
+    outputs = engine.outputs(3)
+    assert len(outputs) == 3
+    assert by_user(outputs)["k"] == [
+        ("cart_abandoners", "Audience Entered", format_iso(T0 + 2 * H)),
+        ("cart_abandoners", "Audience Exited", format_iso(T0 + 3 * H)),
+    ]

@@ -1,0 +1,88 @@
+"""Shared fixtures.
+
+Kafka for tests, in order (SPEC §9): ``AUDIENCES_TEST_KAFKA_BOOTSTRAP`` if set;
+else a testcontainers Kafka (KRaft) if a Docker daemon answers; else the
+embedded Tansu broker. ``kafka_flavor`` says which one is in use
+("external" | "testcontainers" | "embedded") so a test can assert a known
+broker quirk only where it exists.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from urllib.parse import urlparse
+
+import pytest
+
+_FLAVOR = pytest.StashKey[str]()
+
+
+def _docker_available(timeout: float = 2.0) -> bool:
+    """True if a Docker daemon answers a ping; fast and silent when there is none."""
+    try:
+        from testcontainers.core.docker_client import get_docker_host
+
+        host = get_docker_host()
+    except Exception:
+        return False
+    url = host or "unix:///var/run/docker.sock"
+    parsed = urlparse(url)
+    if parsed.scheme in ("unix", "") and not os.path.exists(parsed.path or url):
+        return False  # no socket: no daemon, and no connection attempt at all
+    try:
+        import docker
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            client = docker.DockerClient(base_url=url, timeout=int(max(timeout, 1)))
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(request: pytest.FixtureRequest) -> Iterator[str]:
+    """``bootstrap.servers`` of a Kafka-compatible broker for the whole session."""
+    external = os.environ.get("AUDIENCES_TEST_KAFKA_BOOTSTRAP")
+    if external:
+        request.config.stash[_FLAVOR] = "external"
+        yield external
+        return
+
+    if _docker_available():
+        from testcontainers.community.kafka import KafkaContainer
+
+        with KafkaContainer().with_kraft() as container:
+            request.config.stash[_FLAVOR] = "testcontainers"
+            yield container.get_bootstrap_server()
+        return
+
+    from audiences.adapters.kafka.embedded import EmbeddedBroker
+
+    with EmbeddedBroker() as broker:
+        request.config.stash[_FLAVOR] = "embedded"
+        yield broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def kafka_flavor(request: pytest.FixtureRequest, kafka_bootstrap: str) -> str:
+    """Which broker `kafka_bootstrap` is: "external", "testcontainers" or "embedded"."""
+    return request.config.stash[_FLAVOR]
+
+
+@pytest.fixture
+def unique_name(request: pytest.FixtureRequest) -> Callable[..., str]:
+    """Make unique topic/group names: ``unique_name()`` -> ``t-<testname>-<uuid8>``."""
+    test = re.sub(r"[^A-Za-z0-9._-]+", "_", request.node.name).strip("_")[:80]
+
+    def make(prefix: str = "t") -> str:
+        return f"{prefix}-{test}-{uuid.uuid4().hex[:8]}"
+
+    return make

@@ -1,0 +1,108 @@
+"""Factory helpers for unit tests of the pure core.
+
+ev = make_event(ts=T0 + 5 * M, properties={"cart_id": "A"})
+catalog = catalog_of({"key": "buyers", "condition": {...}})
+transitions = run(catalog, [ev, Tick(T0 + H)])
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from audiences.core.definitions import build_catalog, validate_definition
+from audiences.core.definitions.catalog import Catalog
+from audiences.core.evaluator import Tick, Transition, step
+from audiences.core.events import Event, format_iso, parse_event
+from audiences.core.state import UserState
+
+S = 1_000
+M = 60 * S
+H = 60 * M
+D = 24 * H
+T0 = 1_700_000_000_000  # 2023-11-14T22:13:20.000Z: a fixed "now" for every test
+
+_ids = itertools.count(1)
+
+
+def iso(ms: int) -> str:
+    """ISO-8601 UTC with milliseconds (as the core formats times)."""
+    return format_iso(ms)
+
+
+def event_dict(*, ts: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """A valid Segment track event as a dict.
+
+    `ts` sets `timestamp` from epoch ms; any Segment field can be overridden by
+    its wire name (`userId=...`, `event=...`); an override of None removes it.
+    """
+    raw: dict[str, Any] = {
+        "type": "track",
+        "userId": "u1",
+        "event": "Checkout Started",
+        "messageId": f"m-{next(_ids)}",
+        "timestamp": iso(T0 if ts is None else ts),
+        "properties": {},
+    }
+    raw.update(overrides)
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+def make_event(
+    *, ts: int | None = None, received_at_ms: int | None = None, **overrides: Any
+) -> Event:
+    """A parsed `Event` built from `event_dict(**overrides)`."""
+    raw = event_dict(ts=ts, **overrides)
+    return parse_event(raw, T0 if received_at_ms is None else received_at_ms)
+
+
+def identify(ts: int, user: str = "u1", **traits: Any) -> Event:
+    """A parsed identify event carrying `traits`."""
+    return make_event(ts=ts, type="identify", event=None, userId=user, traits=traits)
+
+
+def catalog_of(*definitions: Mapping[str, Any], version: int = 1) -> Catalog:
+    """Validate and compile audience definitions, all at `version`."""
+    docs = {}
+    for definition in definitions:
+        doc = validate_definition(dict(definition))
+        docs[doc["key"]] = (doc, version)
+    return build_catalog(docs)
+
+
+def audience(key: str, condition: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
+    """A definition document."""
+    return {"key": key, "condition": condition, **fields}
+
+
+def feed(
+    catalog: Catalog,
+    items: Iterable[Event | Tick | dict[str, Any]],
+    user: str = "u1",
+    state: UserState | None = None,
+) -> tuple[UserState | None, list[Transition]]:
+    """Feed events (dicts are parsed) and ticks to `step`; returns (state, transitions)."""
+    transitions: list[Transition] = []
+    for item in items:
+        if isinstance(item, dict):
+            item = parse_event(item, T0)
+        result = step(state, item, catalog, user)
+        state = result.state
+        transitions.extend(result.transitions)
+    return state, transitions
+
+
+def run(
+    catalog: Catalog,
+    items: Iterable[Event | Tick | dict[str, Any]],
+    user: str = "u1",
+    state: UserState | None = None,
+) -> list[Transition]:
+    """The transitions of feeding `items` to `step` for one profile."""
+    return feed(catalog, items, user, state)[1]
+
+
+def summary(transitions: Iterable[Transition]) -> list[tuple[str, str, int]]:
+    """`(audience, "entered"|"exited", at_ms)` per transition: compact to assert on."""
+    return [(t.audience_key, "entered" if t.entered else "exited", t.at_ms) for t in transitions]

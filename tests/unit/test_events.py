@@ -1,0 +1,228 @@
+"""Parsing and validation of Segment events (SPEC §2)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from factories import T0, event_dict, iso, make_event
+
+from audiences.core.events import (
+    MAX_EVENT_BYTES,
+    compile_path,
+    event_time_ms,
+    parse_event,
+    parse_iso_ms,
+)
+from audiences.errors import InvalidEventError
+
+
+def reason_of(data: bytes | dict) -> str:
+    with pytest.raises(InvalidEventError) as info:
+        parse_event(data, T0)
+    return info.value.reason
+
+
+# -- accepted ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"type": "track"},
+        {"type": "identify", "event": None, "traits": {"email": "a@example.com"}},
+        {"type": "page", "event": None, "name": "Home"},
+        {"type": "screen", "event": None, "name": "Cart"},
+        {"type": "group", "event": None, "groupId": "g1"},
+        {"type": "alias", "event": None, "previousId": "anon-1"},
+        {"type": "delete", "event": None},
+    ],
+    ids=lambda o: o["type"],
+)
+def test_every_segment_type_and_the_delete_control_are_accepted(overrides: dict) -> None:
+    raw = event_dict(**overrides)
+    event = parse_event(orjson.dumps(raw), T0)
+    assert event.type == overrides["type"]
+    assert event.user_id == "u1"
+    assert event.key == "u1"
+    assert event.raw == raw
+
+
+def test_track_fields_are_exposed() -> None:
+    event = make_event(
+        ts=T0 + 5,
+        messageId="m-1",
+        properties={"cart_id": "A"},
+        context={"os": {"name": "iOS"}},
+    )
+    assert (event.name, event.message_id, event.timestamp_ms) == ("Checkout Started", "m-1", T0 + 5)
+    assert event.properties == {"cart_id": "A"}
+    assert event.context == {"os": {"name": "iOS"}}
+    assert event.traits == {}
+
+
+def test_page_and_screen_name_is_the_event_name() -> None:
+    assert make_event(type="page", event=None, name="Home").name == "Home"
+    assert make_event(type="screen", event=None).name is None
+
+
+def test_anonymous_profile_key() -> None:
+    event = make_event(userId=None, anonymousId="anon-1")
+    assert (event.user_id, event.anonymous_id, event.key) == (None, "anon-1", "anon-1")
+
+
+def test_numeric_ids_become_strings() -> None:
+    event = make_event(userId=42, messageId=7)
+    assert event.user_id == "42"
+    assert event.message_id == "7"
+
+
+def test_event_of_exactly_32_kb_is_accepted() -> None:
+    raw = event_dict(properties={"pad": ""})
+    filler = MAX_EVENT_BYTES - len(orjson.dumps(raw))
+    raw["properties"]["pad"] = "x" * filler
+    data = orjson.dumps(raw)
+    assert len(data) == MAX_EVENT_BYTES
+    assert parse_event(data, T0).properties["pad"] == "x" * filler
+
+
+# -- rejected, with a reason ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"{not json", "undecodable"),
+        (b"\xff\xfe", "undecodable"),
+        (b"[1, 2]", "not_an_object"),
+        (b'"track"', "not_an_object"),
+        (orjson.dumps(event_dict(type="trak")), "unknown_type"),
+        (orjson.dumps(event_dict(type=None)), "unknown_type"),
+        (orjson.dumps(event_dict(userId=None)), "missing_user"),
+        (orjson.dumps(event_dict(userId="", anonymousId="")), "missing_user"),
+        (orjson.dumps(event_dict(event=None)), "missing_event"),
+        (orjson.dumps(event_dict(event="")), "missing_event"),
+        (orjson.dumps(event_dict(event=3)), "missing_event"),
+        (orjson.dumps(event_dict(userId=1.5)), "bad_field"),
+        (orjson.dumps(event_dict(userId=True)), "bad_field"),
+        (orjson.dumps(event_dict(anonymousId=["a"])), "bad_field"),
+        (orjson.dumps(event_dict(properties="cart")), "bad_field"),
+        (orjson.dumps(event_dict(context=[1])), "bad_field"),
+        (orjson.dumps(event_dict(type="page", event=None, name=5)), "bad_field"),
+        (orjson.dumps(event_dict(timestamp="yesterday")), "bad_timestamp"),
+        (orjson.dumps(event_dict(timestamp=None, receivedAt="soon")), "bad_timestamp"),
+        (
+            orjson.dumps(event_dict(sentAt="later", originalTimestamp=iso(T0))),
+            "bad_timestamp",
+        ),
+    ],
+)
+def test_rejection_reasons(data: bytes, reason: str) -> None:
+    assert reason_of(data) == reason
+
+
+def test_dicts_are_validated_like_bytes() -> None:
+    assert reason_of(event_dict(userId=None)) == "missing_user"
+    assert reason_of([1]) == "not_an_object"  # type: ignore[arg-type]
+
+
+def test_oversized_is_checked_before_decoding() -> None:
+    data = b"x" * (MAX_EVENT_BYTES + 1)  # not even JSON: size decides first
+    assert reason_of(data) == "oversized"
+    raw = event_dict(properties={"pad": ""})
+    raw["properties"]["pad"] = "x" * (MAX_EVENT_BYTES + 1 - len(orjson.dumps(raw)))
+    assert reason_of(orjson.dumps(raw)) == "oversized"
+
+
+def test_error_message_carries_reason_and_detail() -> None:
+    with pytest.raises(InvalidEventError) as info:
+        parse_event(b"[]", T0)
+    assert str(info.value).startswith("not_an_object: ")
+    assert info.value.detail
+
+
+# -- event time ----------------------------------------------------------------------
+
+
+def test_skew_correction_uses_server_receipt_and_client_delay() -> None:
+    # the client clock is 1 h fast: it stamped the call at T0+1h and sent it 5 s later;
+    # the server received it at T0+2.5s, so the call really happened at T0-2.5s
+    original = T0 + 1 * 3_600_000
+    sent = original + 5_000
+    received = T0 + 2_500
+    raw = event_dict(
+        timestamp=iso(original),
+        originalTimestamp=iso(original),
+        sentAt=iso(sent),
+        receivedAt=iso(received),
+    )
+    assert event_time_ms(raw, received_at_ms=0) == received - (sent - original)
+    assert parse_event(raw, 0).timestamp_ms == T0 - 2_500
+
+
+def test_skew_correction_without_received_at_uses_the_receipt_time_given() -> None:
+    raw = event_dict(timestamp=None, originalTimestamp=iso(T0), sentAt=iso(T0 + 700))
+    assert event_time_ms(raw, received_at_ms=T0 + 10_000) == T0 + 9_300
+
+
+def test_skew_correction_with_client_timestamp_and_no_original_timestamp() -> None:
+    raw = event_dict(timestamp=iso(T0), sentAt=iso(T0 + 700), receivedAt=iso(T0 + 10_000))
+    assert event_time_ms(raw, received_at_ms=0) == T0 + 9_300
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"timestamp": iso(T0 + 1), "originalTimestamp": iso(T0 + 2)}, T0 + 1),
+        ({"originalTimestamp": iso(T0 + 2), "receivedAt": iso(T0 + 3)}, T0 + 2),
+        ({"receivedAt": iso(T0 + 3)}, T0 + 3),
+        ({}, T0 + 4),  # the receipt time passed in (the Kafka record time)
+        ({"timestamp": T0 + 5}, T0 + 5),  # epoch ms numbers are read too
+    ],
+    ids=["timestamp", "originalTimestamp", "receivedAt", "argument", "epoch-ms"],
+)
+def test_event_time_fallback_order(fields: dict, expected: int) -> None:
+    raw = event_dict(**{"timestamp": None, **fields})
+    assert parse_event(raw, T0 + 4).timestamp_ms == expected
+
+
+def test_iso_parsing_accepts_offsets_and_naive_times_as_utc() -> None:
+    assert parse_iso_ms("2023-11-14T22:13:20.000Z") == T0
+    assert parse_iso_ms("2023-11-14T23:13:20+01:00") == T0
+    assert parse_iso_ms("2023-11-14T22:13:20") == T0
+    assert parse_iso_ms("2023-11-14T22:13:20.123456Z") == T0 + 123
+    assert parse_iso_ms(True) is None
+    assert parse_iso_ms("not a date") is None
+    assert iso(T0 + 7) == "2023-11-14T22:13:20.007Z"
+
+
+def test_iso_parsing_is_exact_to_the_millisecond() -> None:
+    for ms in (1_079_337_347_472, 2_183_226_373_411):
+        assert parse_iso_ms(iso(ms)) == ms
+
+
+# -- paths ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "compiled"),
+    [
+        ("cart_id", ("properties", "cart_id")),
+        ("items.sku", ("properties", "items", "sku")),
+        ("properties.cart_id", ("properties", "cart_id")),
+        ("context.os.name", ("context", "os", "name")),
+        ("traits.plan", ("traits", "plan")),
+        ("event", ("event",)),
+    ],
+)
+def test_compile_path(path: str, compiled: tuple[str, ...]) -> None:
+    assert compile_path(path) == compiled
+
+
+def test_get_follows_compiled_paths() -> None:
+    event = make_event(properties={"cart_id": "A", "n": 0, "ok": False}, context={"os": "iOS"})
+    assert event.get(compile_path("cart_id")) == "A"
+    assert event.get(compile_path("n")) == 0
+    assert event.get(compile_path("ok")) is False
+    assert event.get(compile_path("missing")) is None
+    assert event.get(compile_path("context.os.name")) is None  # os is not an object
+    assert event.get(compile_path("event")) == "Checkout Started"
