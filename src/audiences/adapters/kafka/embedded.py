@@ -18,20 +18,37 @@ Tansu quirks (v0.6.0-510f3e2) that code running against it must handle
 - **Wrong high watermark after multi-record batches.** ListOffsets (and thus
   confluent-kafka's ``get_watermark_offsets`` / aiokafka ``end_offsets``)
   reports the high watermark as the base offset of the *last record batch*
-  plus one, not the offset after the last record. After a producer batch of
-  N records the reported end is N - 1 records short. Never treat the high
-  watermark as "the end" when the loss of records matters (changelog
-  recovery!): read until no more records arrive, or produce one-record
-  batches. `tests/component/test_embedded_broker.py` asserts the quirk so we
-  notice when Tansu fixes it.
+  plus one, not the offset after the last record: if the last batch held N
+  records, the reported end is N - 1 short. Fetch still returns every record.
+  Never treat the high watermark as "the end" when losing records matters:
+  read until a fetch returns nothing more, or produce one-record batches.
+  Faust's table recovery trusts it and silently loses the tail of changelogs
+  (or, with a RocksDB store, crashes with ``ConsistencyError`` on restart);
+  Faust's ``producer_max_batch_size=1`` avoids that for Faust-produced topics.
+  `tests/component/test_embedded_broker.py` asserts the quirk so we notice
+  when Tansu fixes it.
 - **DescribeConfigs returns only explicitly set configs**, not broker
   defaults. Do not infer e.g. ``cleanup.policy`` from a missing entry.
+- **A bind failure does not end the process**: a worker thread panics
+  (``AddrInUse``) and the process lingers without a listener. `start` checks
+  the port first and treats a panic in the log as a failed start.
+- **SIGTERM waits ~5 s** when clients are connected; `stop` sends SIGINT,
+  which exits at once.
+- **aiokafka's LeaveGroup is not honoured**: a restarted aiokafka (hence
+  Faust) member waits for the old member's session to expire, ~2x the session
+  timeout before it is assigned (11 s with 6 s sessions; 110 s for a Faust
+  worker on its 60 s default). librdkafka members rejoin at once.
+- **Topics are auto-created with 4 partitions** by any metadata request that
+  names them (even ``AdminClient.list_topics(topic=...)`` or a Faust worker
+  subscribing). Create every topic explicitly, with its partition count,
+  before anything refers to it.
 
 Process hygiene: the broker runs in its own process group (a Ctrl-C at the
-terminal does not reach it; `stop` does). It is stopped by `stop`, by leaving
-the ``with`` block, at interpreter exit (``atexit``), and on Linux also when
-the starting thread's process dies abruptly (``PR_SET_PDEATHSIG``, set only when
-started from the main thread, because Linux ties that signal to the thread).
+terminal does not reach it; `stop` does). Its log goes to `log_path` (ANSI
+colours off), or to a temporary file that `stop` deletes. It is stopped by
+`stop`, by leaving the ``with`` block, at interpreter exit (``atexit``), and
+on Linux also when the Python process is killed (``PR_SET_PDEATHSIG``; set
+only when started from the main thread, as Linux ties it to the thread).
 """
 
 from __future__ import annotations
@@ -92,7 +109,7 @@ def _port_open(host: str, port: int, timeout: float = 0.2) -> bool:
 
 
 def _die_with_parent() -> Callable[[], None] | None:
-    """A `preexec_fn` that makes the child get SIGTERM when its parent dies (Linux only).
+    """A `preexec_fn` that makes the child get SIGINT when its parent dies (Linux only).
 
     Linux delivers the parent-death signal when the *thread* that forked exits,
     so this is only used when starting from the main thread.
@@ -108,7 +125,7 @@ def _die_with_parent() -> Callable[[], None] | None:
         return None
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        prctl(_PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
 
     return preexec
 
@@ -188,7 +205,7 @@ class EmbeddedBroker:
             raise AssertionError("unreachable")  # pragma: no cover
 
     def stop(self) -> None:
-        """Terminate the broker (SIGTERM, then SIGKILL after `stop_timeout`). Idempotent."""
+        """Stop the broker (SIGINT, then SIGKILL after `stop_timeout`). Idempotent."""
         with self._lock:
             self._stop_locked()
 
@@ -340,11 +357,14 @@ class EmbeddedBroker:
         if proc is not None:
             atexit.unregister(self.stop)
             if proc.poll() is None:
-                self._signal(proc, signal.SIGTERM)
+                # SIGINT, not SIGTERM: on SIGTERM Tansu waits ~5 s for open
+                # client connections; SIGINT exits at once (memory storage:
+                # nothing to flush).
+                self._signal(proc, signal.SIGINT)
                 try:
                     proc.wait(timeout=self._stop_timeout)
                 except subprocess.TimeoutExpired:
-                    logger.warning("embedded broker pid %d ignored SIGTERM; killing", proc.pid)
+                    logger.warning("embedded broker pid %d ignored SIGINT; killing", proc.pid)
                     self._signal(proc, signal.SIGKILL)
                     proc.wait(timeout=self._stop_timeout)
             logger.info("embedded broker pid %d stopped (code %s)", proc.pid, proc.returncode)

@@ -21,6 +21,7 @@ DUE = b"d"
 META = b"m"
 INPUT_OFFSET = META + b"input_offset"  # next `events` offset to consume
 CHANGELOG_OFFSET = META + b"changelog_offset"  # next changelog offset to read on recovery
+STREAM_TIME = META + b"stream_time"  # latest event time evaluated in this partition
 
 
 def due_key(wake_ms: int, profile_key: bytes) -> bytes:

@@ -36,6 +36,7 @@ from audiences.adapters.settings import Settings
 from audiences.adapters.state.store import (
     CHANGELOG_OFFSET,
     INPUT_OFFSET,
+    STREAM_TIME,
     USER,
     PartitionStore,
     due_key,
@@ -65,6 +66,7 @@ class Partition:
     position: int  # next input offset to evaluate
     session: str  # id of this ownership: changelog records name the batch they belong to
     batch_seq: int = 0
+    stream_time_ms: int = 0  # latest event time evaluated: the clock while catching up
     cache: dict[bytes, UserState] = field(default_factory=dict)
 
 
@@ -91,6 +93,7 @@ class Evaluator:
         self._stop = threading.Event()
         self._delivery_errors: list[str] = []
         self._changelog_ends: dict[int, int] = {}
+        self._drained = False
         base = settings.kafka_config()
         self._producer = Producer(
             {**base, "enable.idempotence": True, "linger.ms": 2, "compression.type": "lz4"}
@@ -139,6 +142,7 @@ class Evaluator:
         last_sweep = 0.0
         while not self._stop.is_set():
             messages = self._consumer.consume(self.settings.batch_size, tick_s)
+            self._drained = len(messages) < self.settings.batch_size
             self.definitions.poll()
             if messages:
                 self._process(messages)
@@ -161,8 +165,11 @@ class Evaluator:
     def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
         self.ready.clear()
         start = []
+        fences = write_fences(
+            self._producer, self.topics.changelog, [tp.partition for tp in assigned]
+        )
         for tp in assigned:
-            partition = self._recover(tp.partition)
+            partition = self._recover(tp.partition, fences[tp.partition])
             self.partitions[tp.partition] = partition
             start.append(TopicPartition(tp.topic, tp.partition, partition.position))
         consumer.incremental_assign(start)
@@ -191,17 +198,19 @@ class Evaluator:
                 log.warning("commit on release of partition %d failed", number, exc_info=True)
         partition.store.close()
 
-    def _recover(self, number: int) -> Partition:
-        """Open the partition's store and bring it up to date from the changelog."""
+    def _recover(self, number: int, fence: int) -> Partition:
+        """Open the partition's store and bring it up to date from the changelog
+        (up to `fence`, a record this worker appended: the real end, see fence.py)."""
         started = time.monotonic()
         store = PartitionStore(self.data_dir / f"p{number}")
         checkpoint = store.get_meta(INPUT_OFFSET, -1)
         changelog_from = store.get_meta(CHANGELOG_OFFSET, 0)
-        fences = write_fences(self._producer, self.topics.changelog, [number])
+        fences = {number: fence}
         # Pass 1: read; a batch counts only if its marker was written (see module doc).
         records: list[tuple[str, int, int, bytes, bytes | None, int]] = []
         complete: dict[str, int] = {}
         position = checkpoint
+        stream_time = store.get_meta(STREAM_TIME, 0)
         for msg in read_to_fence(
             self._recovery_consumer, self.topics.changelog, fences, {number: changelog_from}
         ):
@@ -213,6 +222,7 @@ class Evaluator:
             if key.startswith(MARKER_PREFIX):
                 complete[session] = max(complete.get(session, -1), seq)
                 position = max(position, offset)
+                stream_time = max(stream_time, int(msg.value() or 0))
             elif offset > checkpoint:
                 records.append((session, seq, offset, key, msg.value(), wake))
         # Pass 2: apply complete batches in log order (last write wins).
@@ -242,7 +252,9 @@ class Evaluator:
             time.monotonic() - started,
             position,
         )
-        return Partition(number, store, position, session=os.urandom(6).hex())
+        return Partition(
+            number, store, position, session=os.urandom(6).hex(), stream_time_ms=stream_time
+        )
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -276,6 +288,8 @@ class Evaluator:
                     continue
                 events.append((event.key.encode(), event))
                 types[event.type] = types.get(event.type, 0) + 1
+                if event.timestamp_ms > partition.stream_time_ms:
+                    partition.stream_time_ms = event.timestamp_ms
             stage = staged[number] = _Staged()
             states = self._load(partition, {key for key, _ in events}, stage)
             for key, event in events:
@@ -300,11 +314,18 @@ class Evaluator:
         metrics.BATCH_DURATION.observe(time.perf_counter() - started)
 
     def _sweep(self) -> None:
-        """Fire due deadlines of every assigned partition (idle users included)."""
-        now = self.clock()
+        """Fire due deadlines of every assigned partition (idle users included).
+
+        A caught-up partition runs on the wall clock. A partition that is still
+        catching up runs on its stream time (the latest event time evaluated):
+        firing a deadline before the events that precede it would be processed
+        would change the result, and replays must give the same transitions.
+        """
+        wall = self.clock()
         catalog = self.definitions.catalog
         staged: dict[int, _Staged] = {}
         for number, partition in self.partitions.items():
+            now = wall if self._caught_up(partition) else min(wall, partition.stream_time_ms)
             due = list(partition.store.due(now))
             if not due:
                 continue
@@ -312,7 +333,7 @@ class Evaluator:
             states = self._load(partition, {key for _, key in due}, stage)
             for wake, key in due:
                 stage.stale_due.append(due_key(wake, key))
-                metrics.DEADLINE_LATENESS.observe(max(0, now - wake) / 1000)
+                metrics.DEADLINE_LATENESS.observe(max(0, wall - wake) / 1000)
             for key in {key for _, key in due}:
                 state = states.get(key)
                 if state is None:
@@ -322,6 +343,16 @@ class Evaluator:
                 self._emit(result.transitions, result.state)
         if staged:
             self._make_durable(staged)
+
+    def _caught_up(self, partition: Partition) -> bool:
+        """No records waiting: the last consume drained the queue and the position is at
+        the high watermark librdkafka last saw (on Tansu that can be the start of the
+        last record batch, whose records the drained consume already returned)."""
+        if not self._drained:
+            return False
+        tp = TopicPartition(self.topics.events, partition.number)
+        _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+        return high is not None and high >= 0 and partition.position >= high
 
     def _load(
         self, partition: Partition, keys: set[bytes], stage: _Staged
@@ -387,7 +418,8 @@ class Evaluator:
             )
 
     def _make_durable(self, staged: dict[int, _Staged]) -> None:
-        """Changelog + marker -> flush (outputs too) -> one WriteBatch per partition."""
+        """Changelog records -> flush (outputs too) -> batch markers -> flush -> one
+        WriteBatch per partition. Input offsets are committed by the caller after this."""
         encoded: dict[int, list[tuple[bytes, bytes, int]]] = {}
         changelog = self.topics.changelog
         for number, stage in staged.items():
@@ -407,20 +439,25 @@ class Evaluator:
                     headers=[("cl", f"{tag} {wake}".encode())],
                     on_delivery=self._changelog_delivered,
                 )
+        # Markers go out only once outputs and changelog records are acknowledged:
+        # Kafka orders records within a partition, not across topics.
+        self._flush()
+        for number in staged:
+            partition = self.partitions[number]
             self._producer.produce(
                 changelog,
                 key=MARKER_PREFIX + partition.session.encode(),
-                value=b"",
+                value=str(partition.stream_time_ms).encode(),
                 partition=number,
-                headers=[("cl", f"{tag} {NEVER}".encode())],
+                headers=[
+                    (
+                        "cl",
+                        f"{partition.position} {partition.session} {partition.batch_seq} {NEVER}".encode(),
+                    )
+                ],
                 on_delivery=self._changelog_delivered,
             )
-        remaining = self._producer.flush(60)
-        if remaining or self._delivery_errors:
-            errors, self._delivery_errors = self._delivery_errors[:5], []
-            raise BrokerError(
-                f"outputs not acknowledged by Kafka: {errors or 'timed out'}", retriable=True
-            )
+        self._flush()
         for number, stage in staged.items():
             partition = self.partitions[number]
             batch = partition.store.new_batch()
@@ -435,9 +472,18 @@ class Evaluator:
                     if wake != NEVER:
                         batch.put(due_key(wake, key), b"")
             batch.put(INPUT_OFFSET, str(partition.position).encode())
+            batch.put(STREAM_TIME, str(partition.stream_time_ms).encode())
             batch.put(CHANGELOG_OFFSET, str(self._changelog_ends.get(number, -1) + 1).encode())
             partition.store.write(batch)
             self._cache(partition, stage.states)
+
+    def _flush(self) -> None:
+        remaining = self._producer.flush(60)
+        if remaining or self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors[:5], []
+            raise BrokerError(
+                f"outputs not acknowledged by Kafka: {errors or 'timed out'}", retriable=True
+            )
 
     def _cache(self, partition: Partition, states: dict[bytes, UserState]) -> None:
         cache = partition.cache

@@ -1,0 +1,5 @@
+import sys
+
+from audiences.cli import main
+
+sys.exit(main())

@@ -1,0 +1,269 @@
+"""The `audiences` command (SPEC §8). `audiences COMMAND --help` documents each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from audiences import __version__, logs
+from audiences.adapters.settings import Settings
+from audiences.errors import AudiencesError, DefinitionError
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _require_bootstrap(settings: Settings) -> Settings:
+    if not settings.kafka_bootstrap:
+        raise SystemExit(
+            "error: AUDIENCES_KAFKA_BOOTSTRAP is not set (use `audiences up` for an embedded broker)"
+        )
+    return settings
+
+
+def load_documents(path: Path) -> list[tuple[str, Any]]:
+    """(source, document) for a JSON/YAML file or every such file of a directory."""
+    import yaml
+
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix in (".json", ".yaml", ".yml"))
+        if path.is_dir()
+        else [path]
+    )
+    documents: list[tuple[str, Any]] = []
+    for file in files:
+        text = file.read_text()
+        try:
+            data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise SystemExit(f"error: {file}: cannot parse: {exc}") from None
+        for doc in data if isinstance(data, list) else [data]:
+            documents.append((str(file), doc))
+    return documents
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from audiences.adapters.kafka.embedded import EmbeddedBroker
+
+    with EmbeddedBroker(port=args.port) as broker:
+        print(broker.bootstrap, flush=True)
+        print(f"export AUDIENCES_KAFKA_BOOTSTRAP={broker.bootstrap}", file=sys.stderr, flush=True)
+        _wait_for_signal()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from audiences.adapters.stream.app import run_worker
+
+    settings = _require_bootstrap(_settings())
+    run_worker(settings, loglevel=args.loglevel)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from audiences.adapters.stream.app import run_worker
+    from audiences.bootstrap import broker_for
+
+    with broker_for(_settings()) as settings:
+        print(f"Kafka bootstrap: {settings.kafka_bootstrap}", flush=True)
+        os.environ["AUDIENCES_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
+        run_worker(settings, loglevel=args.loglevel)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from audiences.demo.runner import run_demo
+
+    return run_demo(users=args.users, duration_s=args.duration, hour_ms=args.hour_ms)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from audiences.adapters.stream.definitions import apply_definitions
+    from audiences.bootstrap import prepared
+
+    settings = _require_bootstrap(_settings())
+    documents = load_documents(Path(args.file))
+    topics = prepared(settings)
+    try:
+        results = apply_definitions(settings, topics, [doc for _, doc in documents])
+    except DefinitionError as exc:
+        source = documents[0][0] if len(documents) == 1 else args.file
+        print(f"error: {source}: {exc}", file=sys.stderr)
+        return 2
+    for key, version in results:
+        print(f"{key}: " + (f"applied as version {version}" if version else "unchanged"))
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from audiences.adapters.stream.definitions import read_definitions
+    from audiences.bootstrap import prepared
+
+    settings = _require_bootstrap(_settings())
+    definitions = read_definitions(settings, prepared(settings))
+    if args.key:
+        if args.key not in definitions:
+            print(f"error: no audience {args.key!r}", file=sys.stderr)
+            return 1
+        doc, _version = definitions[args.key]
+        print(json.dumps(doc, indent=2))
+    else:
+        for key, (doc, version) in sorted(definitions.items()):
+            print(f"{key}\tv{version}\t{doc.get('name', '')}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from audiences.adapters.stream.definitions import delete_definition
+    from audiences.bootstrap import prepared
+
+    settings = _require_bootstrap(_settings())
+    if not delete_definition(settings, prepared(settings), args.key):
+        print(f"error: no audience {args.key!r}", file=sys.stderr)
+        return 1
+    print(f"{args.key}: deleted")
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from audiences.tail import tail
+
+    settings = _require_bootstrap(_settings())
+    tail(settings, from_beginning=args.from_beginning, limit=args.limit, as_json=args.json)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    for name, entry in _settings().redacted().items():
+        print(f"{name}={entry['value']}\t# {entry['doc']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from audiences.bench import run_bench
+
+    return run_bench(
+        events=args.events,
+        users=args.users,
+        audiences=args.audiences,
+        partitions=args.partitions,
+        as_json=args.json,
+        skip_faust=args.skip_faust,
+    )
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="audiences",
+        description="Real-time audience engine: Segment events in, live audiences out. "
+        "Settings come from AUDIENCES_* environment variables (`audiences config`).",
+    )
+    parser.add_argument("--version", action="version", version=f"audiences {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "broker", help="start the embedded Kafka-compatible broker and print its address"
+    )
+    p.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")
+    p.set_defaults(func=cmd_broker)
+
+    for name, func, text in (
+        ("worker", cmd_worker, "run an evaluator worker against AUDIENCES_KAFKA_BOOTSTRAP"),
+        (
+            "up",
+            cmd_up,
+            "run a worker, with an embedded broker unless AUDIENCES_KAFKA_BOOTSTRAP is set",
+        ),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--loglevel", default="info", help="log level (default: info)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser(
+        "demo", help="run everything and play a generated shop, printing live audiences"
+    )
+    p.add_argument("--users", type=int, default=40, help="shoppers to simulate (default 40)")
+    p.add_argument(
+        "--duration", type=float, default=None, help="stop after N seconds (default: Ctrl-C)"
+    )
+    p.add_argument(
+        "--hour-ms",
+        type=int,
+        default=5_000,
+        help="how long one shop 'hour' lasts in ms (default 5000)",
+    )
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("apply", help="validate and publish audience definitions")
+    p.add_argument(
+        "-f",
+        "--file",
+        required=True,
+        help="a JSON/YAML file (one definition or a list) or a directory",
+    )
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("get", help="list audiences, or print one definition")
+    p.add_argument("key", nargs="?", help="audience key")
+    p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser("delete", help="delete an audience definition")
+    p.add_argument("key", help="audience key")
+    p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("tail", help="print live transitions from the audience-events topic")
+    p.add_argument("--from-beginning", action="store_true", help="start at the oldest transition")
+    p.add_argument("--limit", type=int, default=None, help="stop after N transitions")
+    p.add_argument("--json", action="store_true", help="print the raw output events")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("config", help="print the effective settings (secrets redacted)")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
+        "bench", help="measure events/s of this engine and of a Faust agent + Table, in one run"
+    )
+    p.add_argument("--events", type=int, default=200_000, help="events to process (default 200000)")
+    p.add_argument("--users", type=int, default=20_000, help="distinct users (default 20000)")
+    p.add_argument("--audiences", type=int, default=20, help="audience definitions (default 20)")
+    p.add_argument(
+        "--partitions", type=int, default=4, help="partitions of the input topic (default 4)"
+    )
+    p.add_argument("--skip-faust", action="store_true", help="measure only this engine")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env()
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except AudiencesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

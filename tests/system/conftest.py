@@ -1,0 +1,129 @@
+"""Whole worker processes (`audiences worker`) against the test broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from audiences.adapters.kafka.topics import Topics, ensure_topics
+from audiences.adapters.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class WorkerProcess:
+    """One `audiences worker` subprocess with its own web port and log file."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        return {
+            **os.environ,
+            "AUDIENCES_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+            "AUDIENCES_APP_ID": s.app_id,
+            "AUDIENCES_EVENTS_TOPIC": s.events_topic,
+            "AUDIENCES_AUDIENCE_EVENTS_TOPIC": s.audience_events_topic,
+            "AUDIENCES_DEFINITIONS_TOPIC": s.definitions_topic,
+            "AUDIENCES_EVENTS_DLQ_TOPIC": s.events_dlq_topic,
+            "AUDIENCES_AUDIENCE_EVENTS_DLQ_TOPIC": s.audience_events_dlq_topic,
+            "AUDIENCES_PARTITIONS": str(s.partitions),
+            "AUDIENCES_DATA_DIR": s.data_dir,
+            "AUDIENCES_WEB_PORT": str(self.port),
+            "AUDIENCES_TICK_INTERVAL_MS": "20",
+        }
+
+    def start(self) -> WorkerProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "audiences", "worker"],
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"worker not ready after {timeout}s: {self.log_tail()}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.fixture
+def system_settings(
+    kafka_bootstrap: str, unique_name: Callable[..., str], tmp_path: Path
+) -> Settings:
+    name = unique_name("s")
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        app_id=f"{name}-app",
+        events_topic=f"{name}-events",
+        audience_events_topic=f"{name}-ae",
+        definitions_topic=f"{name}-defs",
+        events_dlq_topic=f"{name}-dlq",
+        audience_events_dlq_topic=f"{name}-ae-dlq",
+        partitions=3,
+        data_dir=str(tmp_path / "data"),
+    )
+    ensure_topics(settings, Topics.from_settings(settings))
+    return settings
+
+
+@pytest.fixture
+def workers(system_settings: Settings, tmp_path: Path) -> Iterator[Callable[[], WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def make() -> WorkerProcess:
+        worker = WorkerProcess(system_settings, tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        return worker
+
+    yield make
+    for worker in started:
+        worker.stop()
