@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -76,7 +75,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     with broker_for(_settings()) as settings:
         print(f"Kafka bootstrap: {settings.kafka_bootstrap}", flush=True)
-        os.environ["AUDIENCES_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
         run_worker(settings, loglevel=args.loglevel)
     return 0
 

@@ -87,7 +87,7 @@ def compile_predicate(op: str, expected: Any) -> Predicate:
         kind = _kind(expected)
         if kind not in ("number", "string"):
             return lambda _a, _now: False
-        compare = {
+        compare: Callable[[Any, Any], bool] = {
             "gt": lambda a, e: a > e,
             "gte": lambda a, e: a >= e,
             "lt": lambda a, e: a < e,

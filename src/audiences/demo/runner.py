@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from importlib import resources
@@ -82,11 +81,7 @@ def _play_shop(
 
 
 def run_demo(users: int = 40, duration_s: float | None = None, hour_ms: int = 5_000) -> int:
-    base = Settings.from_env()
-    if not base.kafka_bootstrap and "AUDIENCES_DATA_DIR" not in os.environ:
-        # the embedded broker keeps topics in memory: state must not outlive it
-        base = base.replace(data_dir=tempfile.mkdtemp(prefix="audiences-demo-"))
-    with broker_for(base) as settings:
+    with broker_for(Settings.from_env()) as settings:
         topics = prepared(settings)
         definitions = demo_definitions(hour_ms)
         apply_definitions(settings, topics, definitions)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 from rocksdict import Options, Rdict, WriteBatch
 
@@ -39,8 +40,7 @@ class PartitionStore:
         self._db = Rdict(str(path), options)
 
     def get_states(self, keys: list[bytes]) -> list[bytes | None]:
-        result: list[bytes | None] = self._db.get([USER + key for key in keys])
-        return result
+        return cast(list[bytes | None], self._db.get([USER + key for key in keys]))
 
     def get_meta(self, key: bytes, default: int) -> int:
         value = self._db.get(key)

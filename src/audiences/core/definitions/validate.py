@@ -134,7 +134,7 @@ def validate_operator(obj: Mapping[str, Any], path: str) -> None:
         raise DefinitionError(f"{path}.value", f"operator {op!r} needs a string")
     if op == "matches":
         try:
-            re.compile(value)
+            re.compile(str(value))
         except re.error as exc:
             raise DefinitionError(f"{path}.value", f"invalid regular expression: {exc}") from None
     if op in ("before", "after") and parse_iso_ms(value) is None:
