@@ -13,10 +13,10 @@ from typing import Any
 
 import orjson
 
-CODEC_VERSION = 1
+CODEC_VERSION = 2
 NEVER = 1 << 62  # "no deadline": larger than any epoch-ms time
 DEDUP_WINDOW_MS = 24 * 3_600_000
-DEDUP_MAX_IDS = 32
+DEDUP_MAX_IDS = 16
 
 
 class Membership:
@@ -33,11 +33,16 @@ class Membership:
         self.wake_ms = wake_ms  # next time this audience may change with no input
 
     def encode(self) -> list[int]:
-        return [int(self.member), self.since_ms, self.seq, self.wake_ms]
+        return [
+            int(self.member),
+            self.since_ms,
+            self.seq,
+            0 if self.wake_ms == NEVER else self.wake_ms,
+        ]
 
     @classmethod
     def decode(cls, data: list[int]) -> Membership:
-        return cls(bool(data[0]), data[1], data[2], data[3])
+        return cls(bool(data[0]), data[1], data[2], data[3] or NEVER)
 
 
 class UserState:
@@ -52,6 +57,7 @@ class UserState:
         "trackers",
         "traits",
         "traits_at_ms",
+        "wake_ms",
     )
 
     def __init__(self, anonymous: bool = False) -> None:
@@ -61,13 +67,12 @@ class UserState:
         self.traits_at_ms = 0
         self.trackers: dict[str, Any] = {}
         self.members: dict[str, Membership] = {}
-        self.recent_ids: list[list[int]] = []  # [messageId hash, event ms] for dedup
+        self.recent_ids: list[int] = []  # flat [messageId hash, event seconds, ...] for dedup
         self.catalog_fingerprint = ""
+        self.wake_ms = NEVER  # earliest time any audience may change without input
 
-    @property
-    def wake_ms(self) -> int:
-        """The earliest time any audience of this profile may change without input."""
-        return min((m.wake_ms for m in self.members.values()), default=NEVER)
+    def refresh_wake(self) -> None:
+        self.wake_ms = min((m.wake_ms for m in self.members.values()), default=NEVER)
 
     def membership(self, key: str) -> Membership:
         found = self.members.get(key)
@@ -103,4 +108,5 @@ class UserState:
         state.members = {k: Membership.decode(v) for k, v in fields[6].items()}
         state.recent_ids = fields[7]
         state.catalog_fingerprint = fields[8]
+        state.refresh_wake()
         return state

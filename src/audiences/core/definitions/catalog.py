@@ -21,6 +21,7 @@ from audiences.core.definitions.conditions import (
     TraitNode,
 )
 from audiences.core.definitions.validate import audience_references, find_cycle
+from audiences.core.durations import parse_duration_ms
 
 
 @dataclass(slots=True)
@@ -46,6 +47,7 @@ class Catalog:
     audiences_by_tracker: dict[str, frozenset[str]] = field(default_factory=dict)
     trait_audiences: frozenset[str] = frozenset()
     dependents: dict[str, frozenset[str]] = field(default_factory=dict)
+    index: dict[str, int] = field(default_factory=dict)  # key -> position in `audiences`
     fingerprint: str = ""
     skipped: dict[str, str] = field(default_factory=dict)  # key -> why it is not evaluated
 
@@ -73,10 +75,17 @@ class _Compiler:
             return NotNode(self.compile(body, used, flags))
         if name == "performed":
             ((op, count),) = (body.get("times") or {"gte": 1}).items()
-            tracker = self._share(PerformedTracker(body, keep=count + 1))
-            used.add(tracker.id)
+            if "within" in body:
+                mode, horizon = "window", parse_duration_ms(body["within"]) or 0
+            elif "between" in body:
+                mode, horizon = "between", parse_duration_ms(body["between"][1]) or 0
+            else:
+                mode, horizon = "count", 0
+            tracker = self._share(PerformedTracker(body, mode))
             assert isinstance(tracker, PerformedTracker)
-            return PerformedNode(tracker, op, count)
+            tracker.serve(horizon, count + 1)
+            used.add(tracker.id)
+            return PerformedNode(tracker, body, op, count)
         if name == "sequence":
             seq = self._share(SequenceTracker(body))
             used.add(seq.id)
@@ -155,6 +164,7 @@ def build_catalog(definitions: Mapping[str, tuple[Mapping[str, Any], int]]) -> C
             trait_keys.add(key)
         for ref in graph[key]:
             dependents.setdefault(ref, set()).add(key)
+    catalog.index = {audience.key: i for i, audience in enumerate(catalog.audiences)}
     catalog.trackers = compiler.trackers
     for tracker in compiler.trackers.values():
         for event_name in tracker.events:

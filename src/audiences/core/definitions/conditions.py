@@ -85,33 +85,28 @@ class Tracker:
 
 
 class PerformedTracker(Tracker):
-    """Matching events of one name: a count, or the timestamps a window needs.
+    """Matching events of one name and filter: a count, or the timestamps windows need.
 
-    Without a window a count suffices. For "within D" compared with N, only the
-    N+1 most recent timestamps matter (if all are inside the window the count
-    exceeds N whatever came before). For "between [D1, D2]" every timestamp
-    younger than D2 is kept.
+    One tracker serves every `performed` leaf with the same event and filter:
+    - no window: a count;
+    - "within D" compared with N: only the N+1 most recent timestamps matter (if
+      all are inside the window the count exceeds N whatever came before), so it
+      keeps the largest N+1 of its leaves, younger than the largest D;
+    - "between [D1, D2]": every timestamp younger than the largest D2.
     """
 
-    def __init__(self, spec: Mapping[str, Any], keep: int) -> None:
+    def __init__(self, spec: Mapping[str, Any], mode: str) -> None:
         self.matcher = EventMatcher({"event": spec["event"], "where": spec.get("where")})
         self.events = frozenset({spec["event"]})
-        self.window_ms = parse_duration_ms(spec["within"]) if "within" in spec else None
-        between = spec.get("between")
-        self.near_ms = parse_duration_ms(between[0]) if between else None
-        self.far_ms = parse_duration_ms(between[1]) if between else None
-        self.keep = keep
-        self.mode = "between" if between else ("window" if self.window_ms else "count")
-        self.id = tracker_id(
-            "p",
-            {
-                "e": spec["event"],
-                "w": spec.get("where"),
-                "d": spec.get("within"),
-                "b": between,
-                "k": keep if self.mode == "window" else None,
-            },
-        )
+        self.mode = mode
+        self.horizon_ms = 0
+        self.keep = 0
+        self.id = tracker_id("p", {"e": spec["event"], "w": spec.get("where"), "m": mode})
+
+    def serve(self, horizon_ms: int, keep: int) -> None:
+        """Widen what is kept so one more leaf can be answered."""
+        self.horizon_ms = max(self.horizon_ms, horizon_ms)
+        self.keep = max(self.keep, keep)
 
     def update(self, state: UserState, event: Event, now: int) -> bool:
         if not self.matcher.matches(event):
@@ -120,9 +115,7 @@ class PerformedTracker(Tracker):
         if self.mode == "count":
             trackers[self.id] = trackers.get(self.id, 0) + 1
             return True
-        horizon = self.window_ms if self.mode == "window" else self.far_ms
-        assert horizon is not None
-        cutoff = now - horizon
+        cutoff = now - self.horizon_ms
         ts = event.timestamp_ms
         if ts <= cutoff:
             return False  # late and already outside every window it could count in
@@ -131,7 +124,7 @@ class PerformedTracker(Tracker):
         start = bisect_right(times, cutoff)
         if self.mode == "window":
             start = max(start, len(times) - self.keep)
-        trackers[self.id] = times[start:]
+        trackers[self.id] = times[start:] if start else times
         return True
 
 
@@ -267,32 +260,38 @@ class NotNode(Node):
 
 
 class PerformedNode(Node):
-    def __init__(self, tracker: PerformedTracker, op: str, count: int) -> None:
+    def __init__(
+        self, tracker: PerformedTracker, spec: Mapping[str, Any], op: str, count: int
+    ) -> None:
         self.tracker = tracker
         self.compare = _COUNT_COMPARE[op]
         self.count = count
+        self.window_ms = parse_duration_ms(spec["within"]) if "within" in spec else None
+        between = spec.get("between")
+        self.near_ms = parse_duration_ms(between[0]) if between else None
+        self.far_ms = parse_duration_ms(between[1]) if between else None
 
     def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
-        tracker = self.tracker
-        data = state.trackers.get(tracker.id)
-        if tracker.mode == "count":
-            return self.compare(data or 0, self.count), NEVER
-        times: list[int] = data or []
-        if tracker.mode == "window":
-            assert tracker.window_ms is not None
-            start = bisect_right(times, now - tracker.window_ms)
-            change = times[start] + tracker.window_ms if start < len(times) else NEVER
+        data = state.trackers.get(self.tracker.id)
+        window = self.window_ms
+        if window is not None:
+            times: list[int] = data or []
+            start = bisect_right(times, now - window)
+            change = times[start] + window if start < len(times) else NEVER
             return self.compare(len(times) - start, self.count), change
-        assert tracker.near_ms is not None and tracker.far_ms is not None
+        near, far = self.near_ms, self.far_ms
+        if near is None or far is None:
+            return self.compare(data or 0, self.count), NEVER
         # window (now - far, now - near]: a time enters at ts + near, leaves at ts + far
         inside, change = 0, NEVER
-        for ts in times:
-            enter, leave = ts + tracker.near_ms, ts + tracker.far_ms
+        for ts in data or ():
+            enter, leave = ts + near, ts + far
             if enter <= now < leave:
                 inside += 1
-            for edge in (enter, leave):
-                if now < edge < change:
-                    change = edge
+            if now < enter < change:
+                change = enter
+            if now < leave < change:
+                change = leave
         return self.compare(inside, self.count), change
 
 
