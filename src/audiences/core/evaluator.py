@@ -32,9 +32,9 @@ class Tick:
     at_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Transition:
-    """A membership change of one profile in one audience."""
+    """A membership change of one profile in one audience (treat as immutable)."""
 
     audience_key: str
     audience_version: int

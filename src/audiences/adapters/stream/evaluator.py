@@ -18,6 +18,7 @@ and a batch marker -> flush -> one WriteBatch (states, due-index, checkpoints)
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -94,6 +95,7 @@ class Evaluator:
         self._delivery_errors: list[str] = []
         self._changelog_ends: dict[int, int] = {}
         self._drained = False
+        self._transition_counts: dict[tuple[str, bool], int] = {}  # flushed to metrics per batch
         base = settings.kafka_config()
         self._producer = Producer(
             {**base, "enable.idempotence": True, "linger.ms": 2, "compression.type": "lz4"}
@@ -173,6 +175,8 @@ class Evaluator:
             self.partitions[tp.partition] = partition
             start.append(TopicPartition(tp.topic, tp.partition, partition.position))
         consumer.incremental_assign(start)
+        gc.collect()
+        gc.freeze()  # recovered state and catalog are long-lived: keep them out of GC scans
         log.info("assigned partitions %s", sorted(self.partitions))
         self.ready.set()
 
@@ -384,9 +388,8 @@ class Evaluator:
                 value=orjson.dumps(output),
                 on_delivery=self._delivered,
             )
-            metrics.TRANSITIONS.labels(
-                transition.audience_key, "entered" if transition.entered else "exited"
-            ).inc()
+            counted = (transition.audience_key, transition.entered)
+            self._transition_counts[counted] = self._transition_counts.get(counted, 0) + 1
 
     def _dead_letter(self, msg: Message, exc: InvalidEventError) -> None:
         self._producer.produce(
@@ -478,6 +481,9 @@ class Evaluator:
             self._cache(partition, stage.states)
 
     def _flush(self) -> None:
+        for (audience, entered), count in self._transition_counts.items():
+            metrics.TRANSITIONS.labels(audience, "entered" if entered else "exited").inc(count)
+        self._transition_counts.clear()
         remaining = self._producer.flush(60)
         if remaining or self._delivery_errors:
             errors, self._delivery_errors = self._delivery_errors[:5], []

@@ -18,7 +18,7 @@ import orjson
 
 from audiences.core.durations import parse_duration_ms
 from audiences.core.events import Event, compile_path
-from audiences.core.operators import compile_predicate, predicate_change_ms
+from audiences.core.operators import DURATION_OPERATORS, compile_predicate, predicate_change_ms
 from audiences.core.state import NEVER, UserState
 
 EventFilter = Callable[[Event], bool]
@@ -301,11 +301,14 @@ class TraitNode(Node):
         self.op = spec["op"]
         self.expected = spec.get("value")
         self.predicate = compile_predicate(self.op, self.expected)
+        self.relative = self.op in DURATION_OPERATORS  # value changes as time passes
 
     def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
         node: Any = state.traits
         for part in self.path:
             node = node.get(part) if isinstance(node, dict) else None
+        if not self.relative:
+            return self.predicate(node, now), NEVER
         change = predicate_change_ms(self.op, self.expected, node, now)
         return self.predicate(node, now), NEVER if change is None else change
 
