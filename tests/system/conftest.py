@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 
@@ -116,11 +118,14 @@ def system_settings(
 
 
 @pytest.fixture
-def workers(system_settings: Settings, tmp_path: Path) -> Iterator[Callable[[], WorkerProcess]]:
+def workers(system_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def make() -> WorkerProcess:
-        worker = WorkerProcess(system_settings, tmp_path / f"worker-{len(started)}.log")
+    def make(data_dir: str | None = None) -> WorkerProcess:
+        settings = (
+            system_settings if data_dir is None else system_settings.replace(data_dir=data_dir)
+        )
+        worker = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log")
         started.append(worker)
         return worker
 

@@ -94,12 +94,22 @@ def compile_predicate(op: str, expected: Any) -> Predicate:
             "lte": lambda a, e: a <= e,
         }[op]
         return lambda a, _now: _kind(a) == kind and compare(a, expected)
-    if op == "in":
+    if op in ("in", "not_in"):
         options = list(expected)
-        return lambda a, _now: any(_equal(a, o) for o in options)
-    if op == "not_in":
-        options = list(expected)
-        return lambda a, _now: not any(_equal(a, o) for o in options)
+        if all(isinstance(o, str) for o in options):
+            strings = frozenset(options)  # the common case: one hash lookup
+
+            def member(a: Any, _now: int) -> bool:
+                return isinstance(a, str) and a in strings
+
+        else:
+
+            def member(a: Any, _now: int) -> bool:
+                return any(_equal(a, o) for o in options)
+
+        if op == "in":
+            return member
+        return lambda a, now: not member(a, now)
     if op in ("contains", "not_contains"):
         regex = wildcard_regex(str(expected), anchored=False)
 

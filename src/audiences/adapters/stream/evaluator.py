@@ -352,11 +352,12 @@ class Evaluator:
         """No records waiting: the last consume drained the queue and the position is at
         the high watermark librdkafka last saw (on Tansu that can be the start of the
         last record batch, whose records the drained consume already returned)."""
-        if not self._drained:
-            return False
         tp = TopicPartition(self.topics.events, partition.number)
         _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
-        return high is not None and high >= 0 and partition.position >= high
+        if high is None or high < 0:
+            return False
+        metrics.CONSUMER_LAG.labels(str(partition.number)).set(max(0, high - partition.position))
+        return self._drained and partition.position >= high
 
     def _load(
         self, partition: Partition, keys: set[bytes], stage: _Staged

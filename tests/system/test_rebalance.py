@@ -1,0 +1,49 @@
+"""A second worker joins mid-stream: partitions move, state follows via the changelog."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import Producer
+from test_worker_crash import DEFINITIONS, expected_outputs, history, read_all
+
+from audiences.adapters.kafka.topics import Topics
+from audiences.adapters.settings import Settings
+from audiences.adapters.stream.definitions import apply_definitions
+
+pytestmark = [pytest.mark.kafka, pytest.mark.system]
+H = 3_600_000
+
+
+def test_second_worker_takes_over_partitions_without_loss_or_strangers(
+    system_settings: Settings, workers: Callable[..., Any], tmp_path: Path
+) -> None:
+    settings = system_settings
+    topics = Topics.from_settings(settings)
+    apply_definitions(settings, topics, DEFINITIONS)
+    events = history(2500, int(time.time() * 1000) - 12 * H)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20})
+    for raw in events:
+        producer.produce(topics.events, key=raw["userId"].encode(), value=orjson.dumps(raw))
+        producer.poll(0)
+    producer.flush(60)
+    expected = expected_outputs(events, int(time.time() * 1000))
+
+    first = workers().start()
+    first.wait_ready()
+    early = read_all(settings, topics.audience_events, set(), timeout=0.05, min_count=1)
+    assert 0 < len(early) < len(expected)
+    second = workers(data_dir=str(tmp_path / "second-worker-data")).start()
+    second.wait_ready(90)
+
+    seen = read_all(settings, topics.audience_events, set(expected), timeout=90)
+    by_id: dict[str, dict[str, Any]] = {}
+    for out in seen:
+        assert out == by_id.setdefault(out["messageId"], out)
+    assert set(by_id) == set(expected)
+    assert "assigned partitions" in second.log_tail(400)
