@@ -7,17 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
-from confluent_kafka import Producer
-from test_worker_crash import DEFINITIONS, expected_outputs, history, read_all
+from backlog import DEFINITIONS, H, expected_outputs, history, produce_backlog, read_all
 
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.stream.definitions import apply_definitions
 
 pytestmark = [pytest.mark.kafka, pytest.mark.system]
-H = 3_600_000
 
 
 def test_second_worker_takes_over_partitions_without_loss_or_strangers(
@@ -27,11 +24,7 @@ def test_second_worker_takes_over_partitions_without_loss_or_strangers(
     topics = Topics.from_settings(settings)
     apply_definitions(settings, topics, DEFINITIONS)
     events = history(2500, int(time.time() * 1000) - 12 * H)
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20})
-    for raw in events:
-        producer.produce(topics.events, key=raw["userId"].encode(), value=orjson.dumps(raw))
-        producer.poll(0)
-    producer.flush(60)
+    produce_backlog(settings, topics, events)
     expected = expected_outputs(events, int(time.time() * 1000))
 
     first = workers().start()

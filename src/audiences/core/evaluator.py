@@ -123,13 +123,15 @@ def _evaluate(
     else:
         index = catalog.index
         queue = [index[key] for key in touched if key in index]
-        queue.extend(
-            index[key]
-            for key, membership in state.members.items()
-            if membership.wake_ms <= now and key in index and key not in touched
-        )
+        if state.wake_ms <= now:
+            queue.extend(
+                index[key]
+                for key, membership in state.members.items()
+                if membership.wake_ms <= now and key in index and key not in touched
+            )
         heapq.heapify(queue)
     queued = set(queue)
+    stale_wake = False
     while queue:
         audience = audiences[heapq.heappop(queue) if touched is not None else queue.pop(0)]
         key = audience.key
@@ -142,7 +144,12 @@ def _evaluate(
             if not value and wake == NEVER:
                 continue  # nothing to remember: keeps state small for non-members
             membership = state.members[key] = Membership()
-        membership.wake_ms = wake
+        if wake != membership.wake_ms:
+            if wake < state.wake_ms:
+                state.wake_ms = wake
+            elif membership.wake_ms <= state.wake_ms:
+                stale_wake = True  # the earliest wake moved later: recompute below
+            membership.wake_ms = wake
         if value == membership.member:
             continue
         membership.member = value
@@ -168,7 +175,8 @@ def _evaluate(
                 if position not in queued:
                     queued.add(position)
                     heapq.heappush(queue, position)
-    state.refresh_wake()
+    if stale_wake:
+        state.refresh_wake()
 
 
 def _fire_due(

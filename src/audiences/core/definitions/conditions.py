@@ -236,7 +236,8 @@ class AllNode(Node):
         for child in self.children:
             child_value, child_change = child.evaluate(state, now)
             value = value and child_value
-            change = min(change, child_change)
+            if child_change < change:
+                change = child_change
         return value, change
 
 
@@ -246,7 +247,8 @@ class AnyNode(AllNode):
         for child in self.children:
             child_value, child_change = child.evaluate(state, now)
             value = value or child_value
-            change = min(change, child_change)
+            if child_change < change:
+                change = child_change
         return value, change
 
 
