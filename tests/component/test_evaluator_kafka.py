@@ -181,3 +181,28 @@ def test_restart_continues_without_loss_or_duplicates(engine: Engine, wipe: bool
         ("cart_abandoners", "Audience Entered", format_iso(T0 + 2 * H)),
         ("cart_abandoners", "Audience Exited", format_iso(T0 + 3 * H)),
     ]
+
+
+def test_an_evaluation_failure_parks_the_event_and_the_worker_goes_on(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from audiences.adapters.stream import evaluator as runtime
+
+    real_step = runtime.step
+
+    def flaky_step(state, item, catalog, key):  # type: ignore[no-untyped-def]
+        if getattr(item, "name", None) == "Boom":
+            raise RuntimeError("simulated bug")
+        return real_step(state, item, catalog, key)
+
+    monkeypatch.setattr(runtime, "step", flaky_step)
+    engine.apply(FREQUENT)
+    engine.start()
+    engine.send(
+        track("x", "Boom", T0), *(track("x", "Product Viewed", T0 + i * S) for i in range(3))
+    )
+    (letter,) = engine.dead_letters(1)
+    assert dict(letter.headers())["error_reason"] == b"evaluation_error"
+    assert b"simulated bug" in dict(letter.headers())["error"]
+    outputs = engine.outputs(1)
+    assert outputs[0]["userId"] == "x" and outputs[0]["event"] == "Audience Entered"

@@ -110,13 +110,14 @@ def parse_iso_ms(value: Any) -> int | None:
 
 def format_iso(ms: int) -> str:
     """ISO-8601 UTC with milliseconds, as Segment writes it."""
-    seconds, millis = divmod(ms, 1000)
-    return f"{_iso_second(seconds)}.{millis:03d}Z"
+    minutes, millis_in_minute = divmod(ms, 60_000)
+    seconds, millis = divmod(millis_in_minute, 1000)
+    return f"{_iso_minute(minutes)}{seconds:02d}.{millis:03d}Z"
 
 
 @lru_cache(maxsize=4096)
-def _iso_second(seconds: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+def _iso_minute(minutes: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:", time.gmtime(minutes * 60))
 
 
 def event_time_ms(raw: dict[str, Any], received_at_ms: int) -> int:

@@ -17,6 +17,7 @@ def render_transition(
 
     Anonymous profiles (audiences with `include_anonymous`) carry `anonymousId`."""
     key = transition.audience_key
+    timestamp = format_iso(transition.at_ms)
     context_traits = {name: traits[name] for name in CONTACT_TRAITS if traits.get(name)}
     reason: dict[str, Any] = {"trigger": transition.trigger}
     if transition.trigger_message_id:
@@ -26,13 +27,15 @@ def render_transition(
         "event": "Audience Entered" if transition.entered else "Audience Exited",
         ("anonymousId" if anonymous else "userId"): transition.profile_key,
         "messageId": transition.message_id,
-        "timestamp": format_iso(transition.at_ms),
+        "timestamp": timestamp,
         "properties": {
             "audience_key": key,
             key: transition.entered,
             "audience_name": transition.audience_name,
             "audience_version": transition.audience_version,
-            "effective_at": format_iso(transition.effective_at_ms),
+            "effective_at": timestamp
+            if transition.effective_at_ms == transition.at_ms
+            else format_iso(transition.effective_at_ms),
             "reason": reason,
         },
         "context": {

@@ -281,7 +281,7 @@ class Evaluator:
             partition = self.partitions.get(number)
             if partition is None:
                 continue
-            events: list[tuple[bytes, Event]] = []
+            events: list[tuple[bytes, Event, Message]] = []
             for msg in batch:
                 if msg.offset() < partition.position:
                     continue  # already applied before a restart
@@ -290,14 +290,21 @@ class Evaluator:
                 except InvalidEventError as exc:
                     self._dead_letter(msg, exc)
                     continue
-                events.append((event.key.encode(), event))
+                events.append((event.key.encode(), event, msg))
                 types[event.type] = types.get(event.type, 0) + 1
                 if event.timestamp_ms > partition.stream_time_ms:
                     partition.stream_time_ms = event.timestamp_ms
             stage = staged[number] = _Staged()
-            states = self._load(partition, {key for key, _ in events}, stage)
-            for key, event in events:
-                result = step(states.get(key), event, catalog, key.decode())
+            states = self._load(partition, {key for key, _, _ in events}, stage)
+            for key, event, msg in events:
+                try:
+                    result = step(states.get(key), event, catalog, key.decode())
+                except Exception as exc:  # a bug must not stop the worker: park the event
+                    log.exception(
+                        "evaluation failed at %s[%d]@%d", msg.topic(), number, msg.offset()
+                    )
+                    self._dead_letter(msg, InvalidEventError("evaluation_error", repr(exc)))
+                    continue
                 states[key] = stage.states[key] = result.state
                 duplicates += result.duplicate
                 self._emit(result.transitions, result.state)
