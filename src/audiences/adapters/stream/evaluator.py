@@ -133,6 +133,9 @@ class Evaluator:
             self._close()
 
     def _run(self) -> None:
+        # Batches allocate many short-lived objects; the default gen-0 threshold (700)
+        # makes the collector run every few events. Long-lived state is frozen on assign.
+        gc.set_threshold(50_000, 50, 100)
         self.definitions.load(self._producer)
         self._consumer.subscribe(
             [self.topics.events],
