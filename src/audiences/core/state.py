@@ -74,12 +74,6 @@ class UserState:
     def refresh_wake(self) -> None:
         self.wake_ms = min((m.wake_ms for m in self.members.values()), default=NEVER)
 
-    def membership(self, key: str) -> Membership:
-        found = self.members.get(key)
-        if found is None:
-            found = self.members[key] = Membership()
-        return found
-
     def encode(self) -> bytes:
         return orjson.dumps(
             [

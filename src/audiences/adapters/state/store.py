@@ -60,12 +60,6 @@ class PartitionStore:
             yield wake, key[9:]
             it.next()
 
-    def count_users(self) -> int:
-        count = 0
-        for _ in self._db.keys(from_key=USER):
-            count += 1
-        return count
-
     def new_batch(self) -> WriteBatch:
         return WriteBatch(raw_mode=True)
 
