@@ -73,6 +73,24 @@ DEFINITIONS: list[dict[str, Any]] = [
         },
     },
     {
+        "key": "few_views",
+        "condition": {
+            "performed": {"event": "Product Viewed", "times": {"lte": 1}, "within": "25s"}
+        },
+    },
+    {
+        "key": "not_many_views",
+        "condition": {
+            "performed": {"event": "Product Viewed", "times": {"lt": 3}, "within": "35s"}
+        },
+    },
+    {
+        "key": "more_than_one_order",
+        "condition": {
+            "performed": {"event": "Order Completed", "times": {"gt": 1}, "within": "45s"}
+        },
+    },
+    {
         "key": "vip",
         "condition": {
             "all": [

@@ -279,8 +279,17 @@ class PerformedNode(Node):
         if window is not None:
             times: list[int] = data or []
             start = bisect_right(times, now - window)
-            change = times[start] + window if start < len(times) else NEVER
-            return self.compare(len(times) - start, self.count), change
+            inside = len(times) - start
+            compare, count = self.compare, self.count
+            value = compare(inside, count)
+            # Times leave the window oldest first; the value changes at the first
+            # departure after which the comparison flips (e.g. for `gte 3` with 5
+            # inside, when the 3rd oldest leaves). Older timestamps the tracker no
+            # longer keeps would leave even earlier, so the index is the same.
+            for left in range(inside):
+                if compare(inside - left - 1, count) != value:
+                    return value, times[start + left] + window
+            return value, NEVER
         near, far = self.near_ms, self.far_ms
         if near is None or far is None:
             return self.compare(data or 0, self.count), NEVER
