@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/shared.py
 
 _FLAVOR = pytest.StashKey[str]()
 

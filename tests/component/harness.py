@@ -13,10 +13,10 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from audiences.adapters.kafka.topics import Topics, ensure_topics
-from audiences.adapters.settings import Settings
 from audiences.adapters.stream.definitions import apply_definitions
 from audiences.adapters.stream.evaluator import Evaluator
 from audiences.core.events import format_iso
+from shared import isolated_settings
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 S, M, H = 1_000, 60_000, 3_600_000
@@ -50,17 +50,8 @@ class Engine:
     """Topics + definitions + one evaluator thread (restartable on the same data dir)."""
 
     def __init__(self, bootstrap: str, name: str, data_dir: Path, partitions: int = 2) -> None:
-        self.settings = Settings(
-            kafka_bootstrap=bootstrap,
-            app_id=f"{name}-app",
-            events_topic=f"{name}-events",
-            audience_events_topic=f"{name}-audience-events",
-            definitions_topic=f"{name}-defs",
-            events_dlq_topic=f"{name}-events-dlq",
-            audience_events_dlq_topic=f"{name}-ae-dlq",
-            partitions=partitions,
-            data_dir=str(data_dir),
-            tick_interval_ms=20,
+        self.settings = isolated_settings(
+            bootstrap, name, str(data_dir), partitions=partitions, tick_interval_ms=20
         )
         self.topics = Topics.from_settings(self.settings)
         ensure_topics(self.settings, self.topics)

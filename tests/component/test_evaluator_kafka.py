@@ -9,21 +9,11 @@ import pytest
 from harness import T0, Engine, H, M, S, by_user, track
 
 from audiences.core.events import format_iso
+from shared import SPEC_CART_ABANDONERS
 
 pytestmark = pytest.mark.kafka
 
-CART_ABANDONERS = {
-    "key": "cart_abandoners",
-    "name": "Cart abandoners",
-    "condition": {
-        "sequence": {
-            "steps": [{"event": "Checkout Started"}],
-            "then_not": {"event": "Order Completed", "within": "2h"},
-            "match_on": "properties.cart_id",
-            "active_for": "7d",
-        }
-    },
-}
+CART_ABANDONERS = SPEC_CART_ABANDONERS
 FREQUENT = {
     "key": "frequent_viewers",
     "condition": {"performed": {"event": "Product Viewed", "times": {"gte": 3}, "within": "1h"}},

@@ -15,20 +15,11 @@ from audiences.core.definitions import build_catalog, validate_definition
 from audiences.core.evaluator import Tick, step
 from audiences.core.events import format_iso, parse_event
 from audiences.core.outputs import render_transition
+from shared import SPEC_CART_ABANDONERS
 
 S, M, H = 1_000, 60_000, 3_600_000
 DEFINITIONS = [
-    {
-        "key": "cart_abandoners",
-        "condition": {
-            "sequence": {
-                "steps": [{"event": "Checkout Started"}],
-                "then_not": {"event": "Order Completed", "within": "2h"},
-                "match_on": "properties.cart_id",
-                "active_for": "7d",
-            }
-        },
-    },
+    SPEC_CART_ABANDONERS,
     {
         "key": "frequent_viewers",
         "condition": {

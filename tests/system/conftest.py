@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from shared import isolated_settings
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from audiences.adapters.kafka.topics import Topics, ensure_topics
@@ -102,17 +104,7 @@ def system_settings(
     kafka_bootstrap: str, unique_name: Callable[..., str], tmp_path: Path
 ) -> Settings:
     name = unique_name("s")
-    settings = Settings(
-        kafka_bootstrap=kafka_bootstrap,
-        app_id=f"{name}-app",
-        events_topic=f"{name}-events",
-        audience_events_topic=f"{name}-ae",
-        definitions_topic=f"{name}-defs",
-        events_dlq_topic=f"{name}-dlq",
-        audience_events_dlq_topic=f"{name}-ae-dlq",
-        partitions=3,
-        data_dir=str(tmp_path / "data"),
-    )
+    settings = isolated_settings(kafka_bootstrap, name, str(tmp_path / "data"), partitions=3)
     ensure_topics(settings, Topics.from_settings(settings))
     return settings
 

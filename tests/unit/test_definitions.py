@@ -9,22 +9,9 @@ from factories import audience, catalog_of
 
 from audiences.core.definitions import build_catalog, check_references, validate_definition
 from audiences.errors import AudiencesError, DefinitionError
+from shared import SPEC_CART_ABANDONERS
 
-CART_ABANDONERS: dict[str, Any] = {
-    "key": "cart_abandoners",
-    "name": "Cart abandoners",
-    "description": "Started checkout, no order within 2 hours",
-    "condition": {
-        "sequence": {
-            "steps": [{"event": "Checkout Started"}],
-            "then_not": {"event": "Order Completed", "within": "2h"},
-            "match_on": "properties.cart_id",
-            "active_for": "7d",
-        }
-    },
-    "include_anonymous": False,
-    "backfill": True,
-}
+CART_ABANDONERS: dict[str, Any] = SPEC_CART_ABANDONERS
 
 
 def error_of(doc: Any) -> DefinitionError:

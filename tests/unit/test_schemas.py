@@ -13,6 +13,8 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from shared import SPEC_CART_ABANDONERS
+
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 BASE_URI = "https://audiences.dev/schemas/"
 SCHEMA_FILES = sorted(p.relative_to(SCHEMAS).as_posix() for p in SCHEMAS.rglob("*.json"))
@@ -170,21 +172,7 @@ def test_event_type_schemas_pin_their_type() -> None:
 
 # --------------------------------------------------------------------------- definitions
 
-CART_ABANDONERS = {
-    "key": "cart_abandoners",
-    "name": "Cart abandoners",
-    "description": "Started checkout, no order within 2 hours",
-    "condition": {
-        "sequence": {
-            "steps": [{"event": "Checkout Started"}],
-            "then_not": {"event": "Order Completed", "within": "2h"},
-            "match_on": "properties.cart_id",
-            "active_for": "7d",
-        }
-    },
-    "include_anonymous": False,
-    "backfill": True,
-}
+CART_ABANDONERS = SPEC_CART_ABANDONERS
 PUSH_REENGAGE = {
     "key": "push_reengage",
     "name": "Dormant shoppers reachable by push",

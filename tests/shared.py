@@ -1,0 +1,40 @@
+"""Test data and helpers used across unit, component and system tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from audiences.adapters.settings import Settings
+
+# The definition example of SPEC §3, verbatim.
+SPEC_CART_ABANDONERS: dict[str, Any] = {
+    "key": "cart_abandoners",
+    "name": "Cart abandoners",
+    "description": "Started checkout, no order within 2 hours",
+    "condition": {
+        "sequence": {
+            "steps": [{"event": "Checkout Started"}],
+            "then_not": {"event": "Order Completed", "within": "2h"},
+            "match_on": "properties.cart_id",
+            "active_for": "7d",
+        }
+    },
+    "include_anonymous": False,
+    "backfill": True,
+}
+
+
+def isolated_settings(bootstrap: str, name: str, data_dir: str, **overrides: Any) -> Settings:
+    """Settings whose topics, groups and state belong to one test only."""
+    values: dict[str, Any] = {
+        "kafka_bootstrap": bootstrap,
+        "app_id": f"{name}-app",
+        "events_topic": f"{name}-events",
+        "audience_events_topic": f"{name}-audience-events",
+        "definitions_topic": f"{name}-defs",
+        "events_dlq_topic": f"{name}-events-dlq",
+        "audience_events_dlq_topic": f"{name}-ae-dlq",
+        "data_dir": data_dir,
+    }
+    values.update(overrides)
+    return Settings(**values)
