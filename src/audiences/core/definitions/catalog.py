@@ -52,10 +52,8 @@ class Catalog:
     skipped: dict[str, str] = field(default_factory=dict)  # key -> why it is not evaluated
 
     def audience(self, key: str) -> CompiledAudience | None:
-        for audience in self.audiences:
-            if audience.key == key:
-                return audience
-        return None
+        position = self.index.get(key)
+        return None if position is None else self.audiences[position]
 
 
 class _Compiler:
