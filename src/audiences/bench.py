@@ -53,7 +53,7 @@ from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.stream.evaluator import Evaluator
 from audiences.core.definitions import build_catalog, check_references, validate_definition
-from audiences.core.evaluator import Transition
+from audiences.core.evaluator import Output
 from audiences.core.events import format_iso
 from audiences.core.state import UserState
 from audiences.errors import AudiencesError, BrokerError
@@ -396,7 +396,7 @@ class _TimedEvaluator(Evaluator):
             self.done_s = time.perf_counter()
             self.done.set()
 
-    def _emit(self, transitions: list[Transition], state: UserState) -> None:
+    def _emit(self, transitions: list[Output], state: UserState) -> None:
         self.transitions += len(transitions)
         super()._emit(transitions, state)
 

@@ -53,7 +53,7 @@ def create_app(config: dict[str, Any]) -> Any:
     from audiences.core.definitions import build_catalog, validate_definition
     from audiences.core.evaluator import step
     from audiences.core.events import parse_event
-    from audiences.core.outputs import render_transition
+    from audiences.core.outputs import render_output
     from audiences.core.state import UserState
     from audiences.errors import InvalidEventError
 
@@ -134,7 +134,7 @@ def create_app(config: dict[str, Any]) -> Any:
                 result = step(state, parsed, catalog, parsed.key)
                 profiles[key] = result.state.encode()
                 for transition in result.transitions:
-                    output = render_transition(
+                    output = render_output(
                         transition, result.state.traits, anonymous=result.state.anonymous
                     )
                     await outputs.send(

@@ -13,7 +13,7 @@ from typing import Any
 
 from audiences.core.definitions import build_catalog, validate_definition
 from audiences.core.definitions.catalog import Catalog
-from audiences.core.evaluator import Tick, Transition, step
+from audiences.core.evaluator import Output, Tick, TraitChange, Transition, step
 from audiences.core.events import Event, format_iso, parse_event
 from audiences.core.state import UserState
 
@@ -81,9 +81,9 @@ def feed(
     items: Iterable[Event | Tick | dict[str, Any]],
     user: str = "u1",
     state: UserState | None = None,
-) -> tuple[UserState | None, list[Transition]]:
-    """Feed events (dicts are parsed) and ticks to `step`; returns (state, transitions)."""
-    transitions: list[Transition] = []
+) -> tuple[UserState | None, list[Output]]:
+    """Feed events (dicts are parsed) and ticks to `step`; returns (state, outputs)."""
+    transitions: list[Output] = []
     for item in items:
         if isinstance(item, dict):
             item = parse_event(item, T0)
@@ -98,11 +98,20 @@ def run(
     items: Iterable[Event | Tick | dict[str, Any]],
     user: str = "u1",
     state: UserState | None = None,
-) -> list[Transition]:
-    """The transitions of feeding `items` to `step` for one profile."""
+) -> list[Output]:
+    """The outputs (transitions and trait changes) of feeding `items` to `step` for one profile."""
     return feed(catalog, items, user, state)[1]
 
 
-def summary(transitions: Iterable[Transition]) -> list[tuple[str, str, int]]:
+def summary(transitions: Iterable[Output]) -> list[tuple[str, str, int]]:
     """`(audience, "entered"|"exited", at_ms)` per transition: compact to assert on."""
-    return [(t.audience_key, "entered" if t.entered else "exited", t.at_ms) for t in transitions]
+    return [
+        (t.audience_key, "entered" if t.entered else "exited", t.at_ms)
+        for t in transitions
+        if isinstance(t, Transition)
+    ]
+
+
+def trait_values(outputs: Iterable[Output]) -> list[tuple[str, Any, int]]:
+    """`(trait, value, at_ms)` per `Trait Computed`."""
+    return [(t.trait_key, t.value, t.at_ms) for t in outputs if isinstance(t, TraitChange)]

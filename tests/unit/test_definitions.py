@@ -155,19 +155,6 @@ def test_document_errors_name_the_path(doc: Any, path: str) -> None:
     assert error_of(doc).path == path
 
 
-@pytest.mark.parametrize("name", ["page_viewed", "screen_viewed", "device", "computed"])
-def test_unsupported_conditions_are_rejected_clearly(name: str) -> None:
-    error = error_of(with_condition({name: {}}))
-    assert error.path == f"$.condition.{name}"
-    assert "not supported" in error.message
-
-
-def test_computed_traits_are_rejected_clearly() -> None:
-    error = error_of({"key": "orders_90d", "kind": "count", "event": "Order Completed"})
-    assert error.path == "$.kind"
-    assert "not supported" in error.message
-
-
 # -- references and cycles -----------------------------------------------------------
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from audiences.core.definitions.catalog import Catalog
+from audiences.core.definitions.conditions import ALL_EVENTS, route_of
+from audiences.core.definitions.traits import is_empty_value
 from audiences.core.events import Event
 from audiences.core.state import DEDUP_MAX_IDS, DEDUP_WINDOW_MS, NEVER, Membership, UserState
 
@@ -57,9 +59,34 @@ class Transition:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+@dataclass(slots=True)
+class TraitChange:
+    """A new value of one computed trait of one profile (treat as immutable)."""
+
+    trait_key: str
+    trait_version: int
+    trait_name: str
+    profile_key: str
+    value: Any
+    at_ms: int
+    seq: int
+    effective_at_ms: int
+    trigger: str
+    trigger_message_id: str | None
+
+    @property
+    def message_id(self) -> str:
+        """Deterministic: sha256(key|version|user|seq|computed)."""
+        text = f"{self.trait_key}|{self.trait_version}|{self.profile_key}|{self.seq}|computed"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+Output = Transition | TraitChange
+
+
 class StepResult(NamedTuple):
     state: UserState
-    transitions: list[Transition]
+    transitions: list[Output]
     next_wake_ms: int
     duplicate: bool
 
@@ -110,13 +137,32 @@ def _evaluate(
     profile_key: str,
     now: int,
     touched: set[str] | None,
-    out: list[Transition],
+    out: list[Output],
     trigger: str,
     trigger_id: str | None,
     effective_at: int,
+    touched_traits: set[str] | frozenset[str] = frozenset(),
 ) -> None:
     """Re-judge `touched` audiences (None = all), those due by `now`, and the
-    dependents of those that changed, in dependency order."""
+    dependents of those that changed, in dependency order. Computed traits
+    (`touched_traits`, None = all, and those due) are judged first: audiences
+    comparing a trait that changed are re-judged too."""
+    if catalog.traits:
+        affected, stale_traits = _judge_traits(
+            state,
+            catalog,
+            profile_key,
+            now,
+            None if touched is None else touched_traits,
+            out,
+            trigger,
+            trigger_id,
+            effective_at,
+        )
+        if touched is not None:
+            touched |= affected
+    else:
+        stale_traits = False
     audiences = catalog.audiences
     if touched is None:
         queue = list(range(len(audiences)))
@@ -175,12 +221,76 @@ def _evaluate(
                 if position not in queued:
                     queued.add(position)
                     heapq.heappush(queue, position)
-    if stale_wake:
+    if stale_wake or stale_traits:
         state.refresh_wake()
 
 
+def _judge_traits(
+    state: UserState,
+    catalog: Catalog,
+    profile_key: str,
+    now: int,
+    keys: set[str] | frozenset[str] | None,
+    out: list[Output],
+    trigger: str,
+    trigger_id: str | None,
+    effective_at: int,
+) -> tuple[set[str], bool]:
+    """Recompute traits `keys` (None = all) and those due; announce changed values.
+    Returns the audiences comparing a changed trait, and whether the earliest wake
+    may have moved later."""
+    traits = catalog.traits
+    if keys is None:
+        names: list[str] = sorted(traits)
+    else:
+        due = {k for k, entry in state.computed.items() if entry[2] and entry[2] <= now}
+        names = sorted(keys | due) if due else sorted(keys)
+    affected: set[str] = set()
+    stale = False
+    for key in names:
+        trait = traits.get(key)
+        if trait is None:
+            continue
+        value, change = trait.value(state, now)
+        wake = change if change > now else 0
+        entry = state.computed.get(key)
+        if entry is None:
+            if wake == 0 and is_empty_value(trait.kind, value):
+                continue  # nothing to announce or remember
+            entry = state.computed[key] = [None, 0, 0]
+            changed = not is_empty_value(trait.kind, value)
+        else:
+            changed = entry[0] != value or type(entry[0]) is not type(value)
+        if wake != entry[2]:
+            if wake and wake < state.wake_ms:
+                state.wake_ms = wake
+            elif entry[2] and entry[2] <= state.wake_ms:
+                stale = True
+            entry[2] = wake
+        if not changed:
+            continue
+        entry[0] = value
+        entry[1] += 1
+        out.append(
+            TraitChange(
+                trait_key=key,
+                trait_version=trait.version,
+                trait_name=trait.name,
+                profile_key=profile_key,
+                value=value,
+                at_ms=now,
+                seq=entry[1],
+                effective_at_ms=effective_at,
+                trigger=trigger,
+                trigger_message_id=trigger_id,
+            )
+        )
+        affected |= catalog.trait_dependents.get(key, frozenset())
+    return affected, stale
+
+
 def _fire_due(
-    state: UserState, catalog: Catalog, profile_key: str, until: int, out: list[Transition]
+    state: UserState, catalog: Catalog, profile_key: str, until: int, out: list[Output]
 ) -> None:
     """Deliver every deadline <= `until`, each at its own time."""
     while (wake := state.wake_ms) <= until:
@@ -195,7 +305,7 @@ def step(
     state: UserState | None, item: Event | Tick, catalog: Catalog, profile_key: str
 ) -> StepResult:
     """Fold one input into a profile. Never raises on data."""
-    transitions: list[Transition] = []
+    transitions: list[Output] = []
     fresh = state is None
     if state is None:
         anonymous = isinstance(item, Event) and item.user_id is None
@@ -224,14 +334,32 @@ def step(
     # A new profile, or one that just became a known user, is judged on every
     # audience ("did not perform X" holds at once; include_anonymous changes).
     touched: set[str] | None = None if fresh else set()
+    touched_traits: set[str] = set()
     if state.anonymous and event.user_id is not None:
         state.anonymous = False
         touched = None
-    if event.name is not None:
-        for tracker in catalog.trackers_by_event.get(event.name, ()):
+    route = route_of(event.type, event.name)
+    trackers = catalog.trackers_by_event
+    for group in (trackers.get(route) if route is not None else None, trackers.get(ALL_EVENTS)):
+        for tracker in group or ():
             if tracker.update(state, event, now) and touched is not None:
-                touched |= catalog.audiences_by_tracker.get(tracker.id, frozenset())
+                trait_keys = catalog.traits_by_tracker.get(tracker.id)
+                if trait_keys is not None:
+                    touched_traits |= trait_keys
+                else:
+                    touched |= catalog.audiences_by_tracker.get(tracker.id, frozenset())
     if _fold_traits(state, event) and touched is not None:
         touched |= catalog.trait_audiences
-    _evaluate(state, catalog, profile_key, now, touched, transitions, "event", event.message_id, ts)
+    _evaluate(
+        state,
+        catalog,
+        profile_key,
+        now,
+        touched,
+        transitions,
+        "event",
+        event.message_id,
+        ts,
+        touched_traits,
+    )
     return StepResult(state, transitions, state.wake_ms, False)

@@ -4,10 +4,59 @@ from __future__ import annotations
 
 from typing import Any
 
-from audiences.core.evaluator import Transition
+from audiences.core.evaluator import Output, TraitChange, Transition
 from audiences.core.events import format_iso
 
 CONTACT_TRAITS = ("email", "phone")
+
+
+def render_output(
+    output: Output, traits: dict[str, Any], *, anonymous: bool = False
+) -> dict[str, Any]:
+    """The output message of a membership change or of a computed-trait change."""
+    if isinstance(output, TraitChange):
+        return render_trait_change(output, traits, anonymous=anonymous)
+    return render_transition(output, traits, anonymous=anonymous)
+
+
+def render_trait_change(
+    change: TraitChange, traits: dict[str, Any], *, anonymous: bool = False
+) -> dict[str, Any]:
+    """`Trait Computed` (SPEC §5): `properties: {"trait_key": K, K: value}`."""
+    key = change.trait_key
+    timestamp = format_iso(change.at_ms)
+    reason: dict[str, Any] = {"trigger": change.trigger}
+    if change.trigger_message_id:
+        reason["messageId"] = change.trigger_message_id
+    return {
+        "type": "track",
+        "event": "Trait Computed",
+        ("anonymousId" if anonymous else "userId"): change.profile_key,
+        "messageId": change.message_id,
+        "timestamp": timestamp,
+        "properties": {
+            "trait_key": key,
+            key: change.value,
+            "trait_name": change.trait_name,
+            "trait_version": change.trait_version,
+            "effective_at": timestamp
+            if change.effective_at_ms == change.at_ms
+            else format_iso(change.effective_at_ms),
+            "reason": reason,
+        },
+        "context": {
+            "traits": _contact_traits(traits),
+            "audiences": {
+                "computation_class": "computed_trait",
+                "computation_key": key,
+                "version": change.trait_version,
+            },
+        },
+    }
+
+
+def _contact_traits(traits: dict[str, Any]) -> dict[str, Any]:
+    return {name: traits[name] for name in CONTACT_TRAITS if traits.get(name)}
 
 
 def render_transition(
@@ -18,7 +67,7 @@ def render_transition(
     Anonymous profiles (audiences with `include_anonymous`) carry `anonymousId`."""
     key = transition.audience_key
     timestamp = format_iso(transition.at_ms)
-    context_traits = {name: traits[name] for name in CONTACT_TRAITS if traits.get(name)}
+    context_traits = _contact_traits(traits)
     reason: dict[str, Any] = {"trigger": transition.trigger}
     if transition.trigger_message_id:
         reason["messageId"] = transition.trigger_message_id

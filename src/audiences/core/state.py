@@ -13,7 +13,8 @@ from typing import Any
 
 import orjson
 
-CODEC_VERSION = 2
+CODEC_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 NEVER = 1 << 62  # "no deadline": larger than any epoch-ms time
 DEDUP_WINDOW_MS = 24 * 3_600_000
 DEDUP_MAX_IDS = 16
@@ -49,10 +50,13 @@ class UserState:
     """Everything the evaluator keeps about one profile."""
 
     __slots__ = (
+        "aliases",
         "anonymous",
         "catalog_fingerprint",
         "clock_ms",
+        "computed",
         "members",
+        "merged_into",
         "recent_ids",
         "trackers",
         "traits",
@@ -69,10 +73,19 @@ class UserState:
         self.members: dict[str, Membership] = {}
         self.recent_ids: list[int] = []  # flat [messageId hash, event seconds, ...] for dedup
         self.catalog_fingerprint = ""
-        self.wake_ms = NEVER  # earliest time any audience may change without input
+        self.wake_ms = NEVER  # earliest time any audience or trait may change without input
+        self.computed: dict[str, list[Any]] = {}  # trait key -> [value, seq, wake_ms (0=never)]
+        # Identity: anonymous ids linked to this user (0 = merge requested, 1 = merged);
+        # on an anonymous profile that was merged, the user it now forwards to.
+        self.aliases: dict[str, int] = {}
+        self.merged_into: str | None = None
 
     def refresh_wake(self) -> None:
-        self.wake_ms = min((m.wake_ms for m in self.members.values()), default=NEVER)
+        wake = min((m.wake_ms for m in self.members.values()), default=NEVER)
+        for _value, _seq, trait_wake in self.computed.values():
+            if trait_wake and trait_wake < wake:
+                wake = trait_wake
+        self.wake_ms = wake
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -86,13 +99,16 @@ class UserState:
                 {k: m.encode() for k, m in self.members.items()},
                 self.recent_ids,
                 self.catalog_fingerprint,
+                self.computed,
+                self.aliases,
+                self.merged_into,
             ]
         )
 
     @classmethod
     def decode(cls, data: bytes) -> UserState:
         fields = orjson.loads(data)
-        if fields[0] != CODEC_VERSION:
+        if fields[0] not in READABLE_VERSIONS:
             raise ValueError(f"unknown state codec version {fields[0]}")
         state = cls(bool(fields[1]))
         state.clock_ms = fields[2]
@@ -102,5 +118,9 @@ class UserState:
         state.members = {k: Membership.decode(v) for k, v in fields[6].items()}
         state.recent_ids = fields[7]
         state.catalog_fingerprint = fields[8]
+        if fields[0] >= 3:
+            state.computed = fields[9]
+            state.aliases = fields[10]
+            state.merged_into = fields[11]
         state.refresh_wake()
         return state

@@ -43,9 +43,9 @@ from audiences.adapters.state.store import (
     due_key,
 )
 from audiences.adapters.stream.definitions import DefinitionsLog
-from audiences.core.evaluator import Tick, Transition, step
+from audiences.core.evaluator import Output, Tick, Transition, step
 from audiences.core.events import Event, parse_event
-from audiences.core.outputs import render_transition
+from audiences.core.outputs import render_output
 from audiences.core.state import NEVER, UserState
 from audiences.errors import BrokerError, InvalidEventError
 
@@ -390,17 +390,18 @@ class Evaluator:
             stage.old_wakes[key] = state.wake_ms if state is not None else NEVER
         return states
 
-    def _emit(self, transitions: list[Transition], state: UserState) -> None:
+    def _emit(self, transitions: list[Output], state: UserState) -> None:
         for transition in transitions:
-            output = render_transition(transition, state.traits, anonymous=state.anonymous)
+            output = render_output(transition, state.traits, anonymous=state.anonymous)
             self._producer.produce(
                 self.topics.audience_events,
                 key=transition.profile_key.encode(),
                 value=orjson.dumps(output),
                 on_delivery=self._delivered,
             )
-            counted = (transition.audience_key, transition.entered)
-            self._transition_counts[counted] = self._transition_counts.get(counted, 0) + 1
+            if isinstance(transition, Transition):
+                counted = (transition.audience_key, transition.entered)
+                self._transition_counts[counted] = self._transition_counts.get(counted, 0) + 1
 
     def _dead_letter(self, msg: Message, exc: InvalidEventError) -> None:
         self._producer.produce(

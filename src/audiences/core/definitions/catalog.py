@@ -10,6 +10,9 @@ from typing import Any
 from audiences.core.definitions.conditions import (
     AllNode,
     AnyNode,
+    ComputedNode,
+    DeviceNode,
+    DeviceTracker,
     InAudienceNode,
     Node,
     NotNode,
@@ -20,7 +23,12 @@ from audiences.core.definitions.conditions import (
     Tracker,
     TraitNode,
 )
-from audiences.core.definitions.validate import audience_references, find_cycle
+from audiences.core.definitions.traits import ComputedTrait, counts_from_ms, trait_references
+from audiences.core.definitions.validate import (
+    audience_references,
+    find_cycle,
+    is_trait_definition,
+)
 from audiences.core.durations import parse_duration_ms
 
 
@@ -35,6 +43,7 @@ class CompiledAudience:
     tracker_ids: frozenset[str] = frozenset()
     uses_traits: bool = False
     references: frozenset[str] = frozenset()
+    backfill: bool = True
 
 
 @dataclass(slots=True)
@@ -50,6 +59,10 @@ class Catalog:
     index: dict[str, int] = field(default_factory=dict)  # key -> position in `audiences`
     fingerprint: str = ""
     skipped: dict[str, str] = field(default_factory=dict)  # key -> why it is not evaluated
+    # Computed traits, judged before audiences on every step that touches them.
+    traits: dict[str, ComputedTrait] = field(default_factory=dict)
+    traits_by_tracker: dict[str, frozenset[str]] = field(default_factory=dict)  # id -> keys
+    trait_dependents: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def audience(self, key: str) -> CompiledAudience | None:
         position = self.index.get(key)
@@ -59,6 +72,7 @@ class Catalog:
 class _Compiler:
     def __init__(self) -> None:
         self.trackers: dict[str, Tracker] = {}
+        self.from_ms = 0  # of the audience being compiled (backfill: false)
 
     def _share(self, tracker: Tracker) -> Tracker:
         return self.trackers.setdefault(tracker.id, tracker)
@@ -71,7 +85,8 @@ class _Compiler:
             return AnyNode([self.compile(c, used, flags) for c in body])
         if name == "not":
             return NotNode(self.compile(body, used, flags))
-        if name == "performed":
+        if name in ("performed", "page_viewed", "screen_viewed"):
+            event_type = "track" if name == "performed" else name.split("_")[0]
             ((op, count),) = (body.get("times") or {"gte": 1}).items()
             if "within" in body:
                 mode, horizon = "window", parse_duration_ms(body["within"]) or 0
@@ -79,13 +94,13 @@ class _Compiler:
                 mode, horizon = "between", parse_duration_ms(body["between"][1]) or 0
             else:
                 mode, horizon = "count", 0
-            tracker = self._share(PerformedTracker(body, mode))
+            tracker = self._share(PerformedTracker(body, mode, event_type, self.from_ms))
             assert isinstance(tracker, PerformedTracker)
             tracker.serve(horizon, count + 1)
             used.add(tracker.id)
             return PerformedNode(tracker, body, op, count)
         if name == "sequence":
-            seq = self._share(SequenceTracker(body))
+            seq = self._share(SequenceTracker(body, self.from_ms))
             used.add(seq.id)
             assert isinstance(seq, SequenceTracker)
             return SequenceNode(seq)
@@ -94,6 +109,11 @@ class _Compiler:
             return TraitNode(body)
         if name == "in_audience":
             return InAudienceNode(body)
+        if name == "device":
+            used.add(self._share(DeviceTracker()).id)
+            return DeviceNode(body)
+        if name == "computed":
+            return ComputedNode(body)
         raise ValueError(f"condition {name!r} cannot be compiled")
 
 
@@ -104,8 +124,15 @@ def build_catalog(definitions: Mapping[str, tuple[Mapping[str, Any], int]]) -> C
     bad one: an audience in a reference cycle or referring to a missing audience
     is skipped and reported in `skipped` instead of stopping the worker.
     """
+    trait_docs = {k: v for k, v in definitions.items() if is_trait_definition(v[0])}
+    definitions = {k: v for k, v in definitions.items() if k not in trait_docs}
     graph = {key: audience_references(doc["condition"]) for key, (doc, _) in definitions.items()}
     skipped: dict[str, str] = {}
+    for key, (doc, _) in definitions.items():
+        missing_traits = sorted(trait_references(doc["condition"]) - set(trait_docs))
+        if missing_traits:
+            skipped[key] = f"refers to missing computed trait {missing_traits[0]!r}"
+            graph.pop(key)
     while (cycle := find_cycle(graph)) is not None:
         for key in cycle:
             skipped[key] = "reference cycle: " + " -> ".join(cycle)
@@ -136,6 +163,14 @@ def build_catalog(definitions: Mapping[str, tuple[Mapping[str, Any], int]]) -> C
 
     compiler = _Compiler()
     catalog = Catalog(skipped=skipped)
+    for key in sorted(trait_docs):
+        trait = ComputedTrait(*trait_docs[key])
+        catalog.traits[key] = trait
+        compiler.trackers[trait.id] = trait
+        catalog.traits_by_tracker[trait.id] = catalog.traits_by_tracker.get(
+            trait.id, frozenset()
+        ) | {key}
+    trait_dependents: dict[str, set[str]] = {}
     by_tracker: dict[str, set[str]] = {}
     trait_keys: set[str] = set()
     dependents: dict[str, set[str]] = {}
@@ -143,6 +178,7 @@ def build_catalog(definitions: Mapping[str, tuple[Mapping[str, Any], int]]) -> C
         doc, version = definitions[key]
         used: set[str] = set()
         flags: dict[str, bool] = {}
+        compiler.from_ms = counts_from_ms(doc)
         root = compiler.compile(doc["condition"], used, flags)
         audience = CompiledAudience(
             key=key,
@@ -154,7 +190,10 @@ def build_catalog(definitions: Mapping[str, tuple[Mapping[str, Any], int]]) -> C
             tracker_ids=frozenset(used),
             uses_traits=bool(flags.get("traits")),
             references=frozenset(graph[key]),
+            backfill=bool(doc.get("backfill", True)),
         )
+        for trait_key in trait_references(doc["condition"]):
+            trait_dependents.setdefault(trait_key, set()).add(key)
         catalog.audiences.append(audience)
         for tracker_id in used:
             by_tracker.setdefault(tracker_id, set()).add(key)
@@ -170,7 +209,8 @@ def build_catalog(definitions: Mapping[str, tuple[Mapping[str, Any], int]]) -> C
     catalog.audiences_by_tracker = {k: frozenset(v) for k, v in by_tracker.items()}
     catalog.trait_audiences = frozenset(trait_keys)
     catalog.dependents = {k: frozenset(v) for k, v in dependents.items()}
-    catalog.fingerprint = hashlib.sha1(
-        "|".join(f"{a.key}:{a.version}" for a in catalog.audiences).encode()
-    ).hexdigest()[:16]
+    catalog.trait_dependents = {k: frozenset(v) for k, v in trait_dependents.items()}
+    versions = [f"{a.key}:{a.version}" for a in catalog.audiences]
+    versions += [f"trait {t.key}:{t.version}" for t in catalog.traits.values()]
+    catalog.fingerprint = hashlib.sha1("|".join(versions).encode()).hexdigest()[:16]
     return catalog

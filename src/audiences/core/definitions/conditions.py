@@ -18,7 +18,12 @@ import orjson
 
 from audiences.core.durations import parse_duration_ms
 from audiences.core.events import Event, compile_path
-from audiences.core.operators import DURATION_OPERATORS, compile_predicate, predicate_change_ms
+from audiences.core.operators import (
+    DURATION_OPERATORS,
+    compile_predicate,
+    predicate_change_ms,
+    wildcard_regex,
+)
 from audiences.core.state import NEVER, UserState
 
 EventFilter = Callable[[Event], bool]
@@ -54,23 +59,52 @@ def compile_where(filters: list[Mapping[str, Any]] | None) -> EventFilter | None
     return where
 
 
+PAGE_URL_PATHS = (("properties", "url"), ("context", "page", "url"))
+
+
+def route_of(event_type: str, name: str | None) -> str | None:
+    """The key trackers are indexed by: a track's event name; "\0page"/"\0screen"."""
+    if event_type == "track":
+        return name
+    if event_type in ("page", "screen"):
+        return "\0" + event_type
+    return None
+
+
 class EventMatcher:
-    """An event filter of the language: `{"event": E, "where": F?, "within": D?}`."""
+    """An event filter of the language: `{"event": E, "where": F?, "within": D?}` for
+    track events, or `{"url": P?, "name": S?, "where": F?}` for page/screen views."""
 
-    __slots__ = ("event", "where", "within_ms")
+    __slots__ = ("event", "event_type", "url", "where", "within_ms")
 
-    def __init__(self, spec: Mapping[str, Any]) -> None:
-        self.event: str = spec["event"]
+    def __init__(self, spec: Mapping[str, Any], event_type: str = "track") -> None:
+        self.event_type = event_type
+        self.event: str | None = spec.get("event") if event_type == "track" else spec.get("name")
+        url = spec.get("url")
+        self.url = wildcard_regex(url, anchored=True) if url else None
         self.where = compile_where(spec.get("where"))
         within = spec.get("within")
         self.within_ms = parse_duration_ms(within) if within else None
 
+    @property
+    def route(self) -> str | None:
+        """Page/screen trackers see every view (the name is only a filter)."""
+        return route_of(self.event_type, self.event if self.event_type == "track" else None)
+
     def matches(self, event: Event) -> bool:
-        return (
-            event.name == self.event
-            and event.type == "track"
-            and (self.where is None or self.where(event))
-        )
+        if event.type != self.event_type or (self.event is not None and event.name != self.event):
+            return False
+        if self.url is not None and not self._url_matches(event):
+            return False
+        return self.where is None or self.where(event)
+
+    def _url_matches(self, event: Event) -> bool:
+        assert self.url is not None
+        for path in PAGE_URL_PATHS:
+            value = event.get(path)
+            if isinstance(value, str) and self.url.match(value):
+                return True
+        return False
 
 
 class Tracker:
@@ -95,13 +129,21 @@ class PerformedTracker(Tracker):
     - "between [D1, D2]": every timestamp younger than the largest D2.
     """
 
-    def __init__(self, spec: Mapping[str, Any], mode: str) -> None:
-        self.matcher = EventMatcher({"event": spec["event"], "where": spec.get("where")})
-        self.events = frozenset({spec["event"]})
+    def __init__(
+        self, spec: Mapping[str, Any], mode: str, event_type: str = "track", from_ms: int = 0
+    ) -> None:
+        selector = {k: spec[k] for k in ("event", "url", "name", "where") if k in spec}
+        self.matcher = EventMatcher(selector, event_type)
+        route = self.matcher.route
+        self.events = frozenset({route} if route else ())
         self.mode = mode
         self.horizon_ms = 0
         self.keep = 0
-        self.id = tracker_id("p", {"e": spec["event"], "w": spec.get("where"), "m": mode})
+        self.from_ms = from_ms  # backfill: false ignores events before the audience existed
+        if event_type == "track" and not from_ms:  # the original ids: stored history stays valid
+            self.id = tracker_id("p", {"e": spec["event"], "w": spec.get("where"), "m": mode})
+        else:
+            self.id = tracker_id(event_type[0], {"s": selector, "m": mode, "f": from_ms})
 
     def serve(self, horizon_ms: int, keep: int) -> None:
         """Widen what is kept so one more leaf can be answered."""
@@ -109,7 +151,7 @@ class PerformedTracker(Tracker):
         self.keep = max(self.keep, keep)
 
     def update(self, state: UserState, event: Event, now: int) -> bool:
-        if not self.matcher.matches(event):
+        if not self.matcher.matches(event) or event.timestamp_ms < self.from_ms:
             return False
         trackers = state.trackers
         if self.mode == "count":
@@ -135,20 +177,21 @@ class SequenceTracker(Tracker):
     of the `then`/`then_not` event after t0 (-1 if none yet).
     """
 
-    def __init__(self, spec: Mapping[str, Any]) -> None:
+    def __init__(self, spec: Mapping[str, Any], from_ms: int = 0) -> None:
+        self.from_ms = from_ms
         self.steps = [EventMatcher(step) for step in spec["steps"]]
         follow = spec.get("then_not") or spec.get("then")
         self.follow = EventMatcher(follow) if follow else None
         self.negative = "then_not" in spec
         self.match_path = compile_path(spec["match_on"]) if spec.get("match_on") else None
         self.active_ms = parse_duration_ms(spec["active_for"]) if spec.get("active_for") else None
-        names = {m.event for m in self.steps}
-        if self.follow:
-            names.add(self.follow.event)
-        self.events = frozenset(names)
-        self.id = tracker_id("s", dict(spec))
+        matchers = [*self.steps, *([self.follow] if self.follow else [])]
+        self.events = frozenset(m.route for m in matchers if m.route is not None)
+        self.id = tracker_id("s", {**spec, "from_ms": from_ms} if from_ms else dict(spec))
 
     def update(self, state: UserState, event: Event, now: int) -> bool:
+        if event.timestamp_ms < self.from_ms:
+            return False
         if self.match_path is not None:
             value = event.get(self.match_path)
             if value is None or isinstance(value, dict | list):
@@ -369,3 +412,113 @@ class SequenceNode(Node):
             value = value or holds
             change = min(change, next_change)
         return value, change
+
+
+ALL_EVENTS = "\0*"  # route of trackers that look at every event
+DEVICE_TRACKER_ID = "dev"
+MAX_DEVICES = 16
+DISABLE_PUSH_EVENT = "Push Notifications Disabled"
+
+
+def device_type(device: Mapping[str, Any], os_info: Mapping[str, Any], context: Any) -> str | None:
+    """ios | android | web from Segment's `context.os.name` / `context.device.type`."""
+    for value in (os_info.get("name"), device.get("type")):
+        if isinstance(value, str):
+            lowered = value.lower()
+            if "android" in lowered:
+                return "android"
+            if "ios" in lowered or "iphone" in lowered or "ipad" in lowered:
+                return "ios"
+            if lowered in ("web", "browser"):
+                return "web"
+    if isinstance(context, dict) and isinstance(context.get("userAgent"), str):
+        return "web"
+    return None
+
+
+class DeviceTracker(Tracker):
+    """Devices a profile was seen on: `{device_id: [type, push 0|1, push_at_ms, seen_ms]}`.
+
+    A device is push-enabled once it reported a token (`context.device.token`)
+    and until a later event says otherwise (`context.device.push_enabled: false`
+    or a `Push Notifications Disabled` track event, which without device context
+    disables every device). Later-stamped facts win, so late events are safe.
+    The MAX_DEVICES most recently seen devices are kept.
+    """
+
+    id = DEVICE_TRACKER_ID
+    events = frozenset({ALL_EVENTS})
+
+    def update(self, state: UserState, event: Event, now: int) -> bool:
+        context = event.context
+        raw_device, raw_os = context.get("device"), context.get("os")
+        device = raw_device if isinstance(raw_device, dict) else {}
+        os_info = raw_os if isinstance(raw_os, dict) else {}
+        kind = device_type(device, os_info, context)
+        disables = event.type == "track" and event.name == DISABLE_PUSH_EVENT
+        if kind is None and not disables:
+            return False
+        devices: dict[str, list[Any]] = state.trackers.get(self.id) or {}
+        ts = event.timestamp_ms
+        changed = False
+        if kind is None:
+            targets = list(devices.values())
+        else:
+            device_id = device.get("id") or device.get("advertisingId") or kind
+            entry = devices.get(str(device_id))
+            if entry is None:
+                entry = devices[str(device_id)] = [kind, 0, 0, ts]
+                changed = True
+            elif ts > entry[3]:
+                entry[3] = ts
+            targets = [entry]
+        token = device.get("token")
+        push: int | None = None
+        if disables or device.get("push_enabled") is False:
+            push = 0
+        elif isinstance(token, str) and token:
+            push = 1
+        if push is not None:
+            for entry in targets:
+                if ts >= entry[2]:
+                    changed = changed or entry[1] != push
+                    entry[1], entry[2] = push, ts
+        if len(devices) > MAX_DEVICES:
+            for stale in sorted(devices, key=lambda k: devices[k][3])[: len(devices) - MAX_DEVICES]:
+                del devices[stale]
+        state.trackers[self.id] = devices
+        return changed
+
+
+class DeviceNode(Node):
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        self.type: str = spec.get("type", "any")
+        self.push_enabled: bool | None = spec.get("push_enabled")
+
+    def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
+        devices: dict[str, list[Any]] = state.trackers.get(DEVICE_TRACKER_ID) or {}
+        for kind, push, _push_at, _seen in devices.values():
+            if (self.type == "any" or kind == self.type) and (
+                self.push_enabled is None or bool(push) == self.push_enabled
+            ):
+                return True, NEVER
+        return False, NEVER
+
+
+class ComputedNode(Node):
+    """Compares the current value of a computed trait (evaluated before audiences)."""
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        self.name: str = spec["name"]
+        self.op = spec["op"]
+        self.expected = spec.get("value")
+        self.predicate = compile_predicate(self.op, self.expected)
+        self.relative = self.op in DURATION_OPERATORS
+
+    def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
+        entry = state.computed.get(self.name)
+        value = entry[0] if entry is not None else None
+        if not self.relative:
+            return self.predicate(value, now), NEVER
+        change = predicate_change_ms(self.op, self.expected, value, now)
+        return self.predicate(value, now), NEVER if change is None else change

@@ -27,6 +27,20 @@ AUDIENCE_FIELDS = (
     "include_anonymous",
     "backfill",
     "version",
+    "created_at",
+)
+TRAIT_DEFINITION_FIELDS = (
+    "key",
+    "name",
+    "description",
+    "kind",
+    "event",
+    "property",
+    "where",
+    "within",
+    "backfill",
+    "version",
+    "created_at",
 )
 CONDITIONS = (
     "all",
@@ -41,7 +55,9 @@ CONDITIONS = (
     "device",
     "computed",
 )
-NOT_YET = ("page_viewed", "screen_viewed", "device", "computed")
+DEVICE_FIELDS = ("type", "push_enabled")
+DEVICE_TYPES = ("ios", "android", "web", "any")
+VIEW_FIELDS = ("url", "name", "where", "times", "within", "between")
 COUNT_OPS = ("eq", "gte", "gt", "lte", "lt")
 PERFORMED_FIELDS = ("event", "where", "times", "within", "between")
 STEP_FIELDS = ("event", "where", "within")
@@ -183,8 +199,6 @@ def validate_condition(value: Any, path: str) -> None:
             f"unknown condition; expected one of {', '.join(CONDITIONS)}",
             _suggest(name, CONDITIONS),
         )
-    if name in NOT_YET:
-        raise DefinitionError(here, f"the {name!r} condition is not supported by this release yet")
     if name in ("all", "any"):
         if not isinstance(body, list) or not body:
             raise DefinitionError(
@@ -195,19 +209,38 @@ def validate_condition(value: Any, path: str) -> None:
     elif name == "not":
         validate_condition(body, here)
     elif name == "performed":
-        perf = _event_filter(body, here, PERFORMED_FIELDS)
-        if "times" in perf:
-            _times(perf["times"], f"{here}.times")
-        if "between" in perf:
-            between = perf["between"]
-            if "within" in perf:
-                raise DefinitionError(f"{here}.between", "use either within or between, not both")
-            if not isinstance(between, list) or len(between) != 2:
-                raise DefinitionError(f"{here}.between", 'expected [D1, D2], e.g. ["7d", "30d"]')
-            near = _duration(between[0], f"{here}.between[0]")
-            far = _duration(between[1], f"{here}.between[1]")
-            if near >= far:
-                raise DefinitionError(f"{here}.between", "expected D1 < D2")
+        _counted(_event_filter(body, here, PERFORMED_FIELDS), here)
+    elif name in ("page_viewed", "screen_viewed"):
+        view = _object(body, here, "a view filter {url?, name?, where?, times?, within?}")
+        _check_fields(view, VIEW_FIELDS, here)
+        for field in ("url", "name"):
+            if field in view:
+                _string(view[field], f"{here}.{field}")
+        if "where" in view:
+            validate_filters(view["where"], f"{here}.where")
+        if "within" in view:
+            _duration(view["within"], f"{here}.within")
+        _counted(view, here)
+    elif name == "device":
+        device = _object(body, here, "a device condition {type, push_enabled?}")
+        _check_fields(device, DEVICE_FIELDS, here)
+        if device.get("type", "any") not in DEVICE_TYPES:
+            raise DefinitionError(
+                f"{here}.type",
+                f"expected one of {', '.join(DEVICE_TYPES)}, got {device.get('type')!r}",
+                _suggest(str(device.get("type")), DEVICE_TYPES),
+            )
+        if "push_enabled" in device and not isinstance(device["push_enabled"], bool):
+            raise DefinitionError(f"{here}.push_enabled", "expected true or false")
+    elif name == "computed":
+        computed = _object(body, here, "a computed-trait comparison {name, op, value}")
+        _check_fields(computed, TRAIT_FIELDS, here)
+        name_value = computed.get("name")
+        if not isinstance(name_value, str) or not KEY_PATTERN.match(name_value):
+            raise DefinitionError(
+                f"{here}.name", f"expected a computed trait key, got {name_value!r}"
+            )
+        validate_operator(computed, here)
     elif name == "trait":
         trait = _object(body, here, "a trait condition {name, op, value}")
         _check_fields(trait, TRAIT_FIELDS, here)
@@ -237,17 +270,66 @@ def validate_condition(value: Any, path: str) -> None:
             _duration(seq["active_for"], f"{here}.active_for")
 
 
+def _counted(obj: Mapping[str, Any], here: str) -> None:
+    """`times` and `between` of performed/page_viewed/screen_viewed."""
+    if "times" in obj:
+        _times(obj["times"], f"{here}.times")
+    if "between" in obj:
+        between = obj["between"]
+        if "within" in obj:
+            raise DefinitionError(f"{here}.between", "use either within or between, not both")
+        if not isinstance(between, list) or len(between) != 2:
+            raise DefinitionError(f"{here}.between", 'expected [D1, D2], e.g. ["7d", "30d"]')
+        near = _duration(between[0], f"{here}.between[0]")
+        far = _duration(between[1], f"{here}.between[1]")
+        if near >= far:
+            raise DefinitionError(f"{here}.between", "expected D1 < D2")
+
+
+def is_trait_definition(doc: Mapping[str, Any]) -> bool:
+    """Computed traits share the definitions topic; they have `kind`, not `condition`."""
+    return "kind" in doc
+
+
+def _validate_trait(obj: Mapping[str, Any]) -> None:
+    from audiences.core.definitions.traits import KINDS
+
+    _check_fields(obj, TRAIT_DEFINITION_FIELDS, "$")
+    kind = obj.get("kind")
+    if kind not in KINDS:
+        raise DefinitionError(
+            "$.kind",
+            f"expected one of {', '.join(KINDS)}, got {kind!r}",
+            _suggest(str(kind), KINDS),
+        )
+    _string(obj.get("event"), "$.event")
+    if kind != "count":
+        if "property" not in obj:
+            raise DefinitionError("$.property", f"a {kind} trait needs a property path")
+        _string(obj["property"], "$.property")
+    elif "property" in obj:
+        _string(obj["property"], "$.property")
+    if "where" in obj:
+        validate_filters(obj["where"], "$.where")
+    if "within" in obj:
+        _duration(obj["within"], "$.within")
+
+
 def validate_definition(doc: Any) -> dict[str, Any]:
-    """Check a definition document; returns it (as a dict) or raises DefinitionError."""
+    """Check an audience or computed-trait document; returns it (as a dict) or raises
+    DefinitionError."""
     obj = _object(doc, "$", "a definition")
-    if "kind" in obj:
-        raise DefinitionError("$.kind", "computed traits are not supported by this release yet")
-    _check_fields(obj, AUDIENCE_FIELDS, "$")
     key = obj.get("key")
+    if is_trait_definition(obj):
+        _validate_trait(obj)
+    else:
+        _check_fields(obj, AUDIENCE_FIELDS, "$")
     if not isinstance(key, str) or not KEY_PATTERN.match(key):
         raise DefinitionError(
             "$.key", f"expected a key matching {KEY_PATTERN.pattern}, got {key!r}"
         )
+    if "created_at" in obj and parse_iso_ms(obj["created_at"]) is None:
+        raise DefinitionError("$.created_at", "expected an ISO-8601 time")
     for field in ("name", "description"):
         if field in obj and not isinstance(obj[field], str):
             raise DefinitionError(f"$.{field}", f"expected a string, got {_type(obj[field])}")
@@ -258,6 +340,8 @@ def validate_definition(doc: Any) -> dict[str, Any]:
         isinstance(obj["version"], bool) or not isinstance(obj["version"], int)
     ):
         raise DefinitionError("$.version", f"expected an integer, got {_type(obj['version'])}")
+    if is_trait_definition(obj):
+        return dict(obj)
     if "condition" not in obj:
         raise DefinitionError("$.condition", "a definition needs a condition")
     validate_condition(obj["condition"], "$.condition")
@@ -308,7 +392,25 @@ def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
 
 
 def check_references(doc: Mapping[str, Any], existing: Mapping[str, Mapping[str, Any]]) -> None:
-    """Reject unknown in_audience keys and reference cycles, given the other definitions."""
+    """Reject unknown in_audience / computed keys and reference cycles, given the other
+    definitions (audiences and computed traits share one key space)."""
+    from audiences.core.definitions.traits import trait_references
+
+    other = existing.get(doc["key"])
+    if other is not None and is_trait_definition(other) != is_trait_definition(doc):
+        kind = "a computed trait" if is_trait_definition(other) else "an audience"
+        raise DefinitionError("$.key", f"{doc['key']!r} is already {kind}")
+    if is_trait_definition(doc):
+        return
+    traits = {key for key, d in existing.items() if is_trait_definition(d)}
+    for ref in sorted(trait_references(doc["condition"])):
+        if ref not in traits:
+            raise DefinitionError(
+                "$.condition",
+                f"computed refers to unknown computed trait {ref!r}",
+                _suggest(ref, traits),
+            )
+    existing = {k: d for k, d in existing.items() if not is_trait_definition(d)}
     refs = audience_references(doc["condition"])
     known = set(existing) | {doc["key"]}
     for ref in sorted(refs):
