@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from audiences.core.definitions.catalog import Catalog
 from audiences.core.definitions.conditions import ALL_EVENTS, route_of
 from audiences.core.definitions.traits import is_empty_value
-from audiences.core.events import Event
+from audiences.core.events import CONTROL_TYPES, Event, format_iso
 from audiences.core.state import DEDUP_MAX_IDS, DEDUP_WINDOW_MS, NEVER, Membership, UserState
 
 
@@ -46,16 +46,19 @@ class Transition:
     at_ms: int
     seq: int
     effective_at_ms: int
-    trigger: str  # "event" or "deadline"
+    trigger: str  # event | deadline | definition | merge | deleted
     trigger_message_id: str | None
+    generation: int = 0  # non-zero for a profile recreated after deletion
 
     @property
     def message_id(self) -> str:
-        """Deterministic: sha256(key|version|user|seq|direction)."""
+        """Deterministic: sha256(key|version|user|seq|direction[|generation])."""
         direction = "entered" if self.entered else "exited"
         text = (
             f"{self.audience_key}|{self.audience_version}|{self.profile_key}|{self.seq}|{direction}"
         )
+        if self.generation:
+            text += f"|{self.generation}"
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -73,15 +76,21 @@ class TraitChange:
     effective_at_ms: int
     trigger: str
     trigger_message_id: str | None
+    generation: int = 0
 
     @property
     def message_id(self) -> str:
-        """Deterministic: sha256(key|version|user|seq|computed)."""
+        """Deterministic: sha256(key|version|user|seq|computed[|generation])."""
         text = f"{self.trait_key}|{self.trait_version}|{self.profile_key}|{self.seq}|computed"
+        if self.generation:
+            text += f"|{self.generation}"
         return hashlib.sha256(text.encode()).hexdigest()
 
 
 Output = Transition | TraitChange
+
+
+Control = tuple[str, dict[str, Any]]  # (Kafka key, record) to produce to the events topic
 
 
 class StepResult(NamedTuple):
@@ -89,6 +98,8 @@ class StepResult(NamedTuple):
     transitions: list[Output]
     next_wake_ms: int
     duplicate: bool
+    controls: tuple[Control, ...] = ()  # identity records to send (SPEC §4)
+    erase: bool = False  # the profile was deleted: remove its state
 
 
 def _message_hash(message_id: str) -> int:
@@ -213,6 +224,7 @@ def _evaluate(
                 effective_at_ms=effective_at,
                 trigger=trigger,
                 trigger_message_id=trigger_id,
+                generation=state.generation,
             )
         )
         if touched is not None:
@@ -283,6 +295,7 @@ def _judge_traits(
                 effective_at_ms=effective_at,
                 trigger=trigger,
                 trigger_message_id=trigger_id,
+                generation=state.generation,
             )
         )
         affected |= catalog.trait_dependents.get(key, frozenset())
@@ -305,21 +318,21 @@ def step(
     state: UserState | None, item: Event | Tick, catalog: Catalog, profile_key: str
 ) -> StepResult:
     """Fold one input into a profile. Never raises on data."""
+    if isinstance(item, Event) and item.type in CONTROL_TYPES:
+        return _control(state, item, catalog, profile_key)
+    if state is not None and state.merged_into is not None:
+        if isinstance(item, Tick):
+            return StepResult(state, [], NEVER, False)
+        return _forward(state, item)
     transitions: list[Output] = []
-    fresh = state is None
+    fresh = state is None or not state.catalog_fingerprint
     if state is None:
         anonymous = isinstance(item, Event) and item.user_id is None
         state = UserState(anonymous=anonymous)
+    if fresh:
         state.catalog_fingerprint = catalog.fingerprint
     elif state.catalog_fingerprint != catalog.fingerprint:
-        for key, membership in state.members.items():
-            if key not in catalog.index:
-                membership.wake_ms = NEVER  # a removed audience has no deadlines
-        state.refresh_wake()
-        # New or edited definitions: judge every audience once for this profile.
-        state.catalog_fingerprint = catalog.fingerprint
-        now = state.clock_ms
-        _evaluate(state, catalog, profile_key, now, None, transitions, "definition", None, now)
+        _adopt_catalog(state, catalog, profile_key, transitions)
     if isinstance(item, Tick):
         _fire_due(state, catalog, profile_key, item.at_ms, transitions)
         return StepResult(state, transitions, state.wake_ms, False)
@@ -362,4 +375,205 @@ def step(
         ts,
         touched_traits,
     )
-    return StepResult(state, transitions, state.wake_ms, False)
+    controls: tuple[Control, ...] = ()
+    link = event.link_id
+    if link is not None and link not in state.aliases:
+        state.aliases[link] = 0  # requested: the link's own worker answers with its state
+        controls = ((link, merge_request(link, profile_key, ts)),)
+    return StepResult(state, transitions, state.wake_ms, False, controls)
+
+
+def _adopt_catalog(state: UserState, catalog: Catalog, profile_key: str, out: list[Output]) -> None:
+    """New, edited or deleted definitions: judge every audience and trait once.
+
+    Members of a deleted audience are told so (`Audience Exited`, trigger
+    "deleted"); unchanged members of edited audiences hear nothing."""
+    now = state.clock_ms
+    for key, membership in list(state.members.items()):
+        if key in catalog.index:
+            continue
+        retired = catalog.retired.get(key)
+        if membership.member and retired is not None:
+            version, name = retired
+            membership.seq += 1
+            out.append(
+                Transition(
+                    key,
+                    version,
+                    name,
+                    profile_key,
+                    False,
+                    now,
+                    membership.seq,
+                    now,
+                    "deleted",
+                    None,
+                    state.generation,
+                )
+            )
+        del state.members[key]
+    for key in [k for k in state.computed if k not in catalog.traits]:
+        del state.computed[key]
+    for tracker_id in [t for t in state.trackers if t not in catalog.trackers]:
+        del state.trackers[tracker_id]  # nothing reads it any more
+    state.refresh_wake()
+    state.catalog_fingerprint = catalog.fingerprint
+    _evaluate(state, catalog, profile_key, now, None, out, "definition", None, now)
+
+
+# -- identity and control records (SPEC §4) -------------------------------------------------
+
+
+def merge_request(link: str, user_id: str, at_ms: int) -> dict[str, Any]:
+    """Asks the worker of profile `link` to hand its state over to `user_id`."""
+    return {
+        "type": "merge",
+        "stage": "request",
+        "anonymousId": link,
+        "messageId": f"merge-request:{link}:{user_id}",
+        "timestamp": format_iso(at_ms),
+        "properties": {"into": user_id},
+    }
+
+
+def _merge_state(link: str, user_id: str, snapshot: list[Any] | None, at_ms: int) -> dict[str, Any]:
+    return {
+        "type": "merge",
+        "stage": "state",
+        "userId": user_id,
+        "messageId": f"merge-state:{link}:{user_id}",
+        "timestamp": format_iso(at_ms),
+        "properties": {"from": link, "state": snapshot},
+    }
+
+
+def _exit_all(
+    state: UserState,
+    catalog: Catalog,
+    profile_key: str,
+    now: int,
+    trigger: str,
+    trigger_id: str | None,
+    out: list[Output],
+) -> None:
+    for key, membership in state.members.items():
+        if not membership.member:
+            continue
+        audience = catalog.audience(key)
+        version, name = (
+            (audience.version, audience.name) if audience else catalog.retired.get(key, (0, key))
+        )
+        membership.member = False
+        membership.seq += 1
+        out.append(
+            Transition(
+                key,
+                version,
+                name,
+                profile_key,
+                False,
+                now,
+                membership.seq,
+                now,
+                trigger,
+                trigger_id,
+                state.generation,
+            )
+        )
+
+
+def _forward(state: UserState, event: Event) -> StepResult:
+    """An event of a profile merged into a user: re-sent as the user's."""
+    assert state.merged_into is not None
+    raw = dict(event.raw)
+    raw["userId"] = state.merged_into
+    return StepResult(state, [], NEVER, False, ((state.merged_into, raw),))
+
+
+def _control(
+    state: UserState | None, event: Event, catalog: Catalog, profile_key: str
+) -> StepResult:
+    out: list[Output] = []
+    ts = event.timestamp_ms
+    now = max(state.clock_ms, ts) if state is not None else ts
+    if event.type == "delete":
+        if state is not None:
+            _exit_all(state, catalog, profile_key, now, "deleted", event.message_id, out)
+        return StepResult(UserState(), out, NEVER, False, erase=True)
+    if event.type == "unsuppress":
+        if state is not None:
+            return StepResult(state, out, state.wake_ms, False)
+        reborn = UserState(anonymous=event.user_id is None)
+        reborn.generation = ts
+        reborn.clock_ms = ts
+        return StepResult(reborn, out, NEVER, False)
+    stage = event.raw.get("stage")
+    properties = event.properties
+    if stage == "request":
+        into = properties.get("into")
+        if not isinstance(into, str) or not into or (state and state.merged_into is not None):
+            return _unchanged(state)
+        stub = UserState(anonymous=state.anonymous if state is not None else True)
+        stub.merged_into = into
+        stub.catalog_fingerprint = catalog.fingerprint
+        controls: tuple[Control, ...] = ()
+        if state is not None:
+            stub.clock_ms = now
+            _exit_all(state, catalog, profile_key, now, "merge", event.message_id, out)
+            snapshot = state.to_json()
+            controls = ((into, _merge_state(profile_key, into, snapshot, ts)),)
+        return StepResult(stub, out, NEVER, False, controls)
+    if stage == "state":
+        source = properties.get("from")
+        if not isinstance(source, str) or (state is not None and state.aliases.get(source) == 1):
+            return _unchanged(state)
+        other: UserState | None = None
+        carried = properties.get("state")
+        if isinstance(carried, list):
+            try:
+                other = UserState.from_json(carried)
+            except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+                other = None  # unreadable: the link is still recorded
+        if state is None:
+            state = UserState()
+            state.catalog_fingerprint = catalog.fingerprint
+        elif state.catalog_fingerprint != catalog.fingerprint:
+            _adopt_catalog(state, catalog, profile_key, out)
+        _fire_due(state, catalog, profile_key, ts, out)
+        now = max(state.clock_ms, ts)
+        state.clock_ms = now
+        state.aliases[source] = 1
+        state.anonymous = False
+        if other is not None:
+            _absorb(state, other, catalog, now)
+        _evaluate(state, catalog, profile_key, now, None, out, "merge", event.message_id, now)
+        return StepResult(state, out, state.wake_ms, False)
+    return _unchanged(state)
+
+
+def _unchanged(state: UserState | None) -> StepResult:
+    state = state if state is not None else UserState()
+    return StepResult(state, [], state.wake_ms, False)
+
+
+def _absorb(state: UserState, other: UserState, catalog: Catalog, now: int) -> None:
+    """Fold an anonymous profile's history into the user's (traits the user already
+    has win; counts add up; windows, funnels, devices and aggregates combine)."""
+    for name, value in other.traits.items():
+        state.traits.setdefault(name, value)
+    for tracker_id, data in other.trackers.items():
+        mine = state.trackers.get(tracker_id)
+        tracker = catalog.trackers.get(tracker_id)
+        if mine is None:
+            state.trackers[tracker_id] = data
+        elif tracker is not None:
+            state.trackers[tracker_id] = tracker.merge(mine, data, now)
+    recent = state.recent_ids
+    for index in range(0, len(other.recent_ids), 2):
+        digest = other.recent_ids[index]
+        if digest not in recent[0::2]:
+            recent.extend(other.recent_ids[index : index + 2])
+    if len(recent) > 2 * DEDUP_MAX_IDS:
+        del recent[: len(recent) - 2 * DEDUP_MAX_IDS]
+    for alias in other.aliases:
+        state.aliases[alias] = 1

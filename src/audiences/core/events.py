@@ -19,7 +19,11 @@ from audiences.errors import InvalidEventError
 
 MAX_EVENT_BYTES = 32 * 1024
 EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
-CONTROL_TYPES = frozenset({"delete"})
+# Control records on the events topic (SPEC §4): `delete` and `unsuppress` from
+# users and the API; `merge` written by workers to move anonymous profiles.
+CONTROL_TYPES = frozenset({"delete", "unsuppress", "merge"})
+MAX_CONTROL_BYTES = 1024 * 1024  # a merge record carries a whole profile
+MERGE_PREFIX = b'{"type":"merge",'  # how orjson writes the records of `merge_request` & co
 
 _EMPTY: dict[str, Any] = {}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -41,6 +45,17 @@ class Event:
     traits: dict[str, Any]
     context: dict[str, Any]
     raw: dict[str, Any]
+
+    @property
+    def link_id(self) -> str | None:
+        """The other id an event links to its userId: `previousId` of an alias, else the
+        `anonymousId` of an event carrying both (SPEC §4)."""
+        if self.user_id is None:
+            return None
+        other = self.raw.get("previousId") if self.type == "alias" else self.anonymous_id
+        if isinstance(other, str) and other and other != self.user_id:
+            return other
+        return None
 
     @property
     def key(self) -> str:
@@ -173,8 +188,11 @@ def _optional_object(raw: dict[str, Any], field: str) -> dict[str, Any]:
 def parse_event(data: bytes | dict[str, Any], received_at_ms: int) -> Event:
     """Decode and validate one record; raises InvalidEventError with a reason."""
     if isinstance(data, bytes | bytearray | memoryview):
-        if len(data) > MAX_EVENT_BYTES:
-            raise InvalidEventError("oversized", f"{len(data)} bytes > {MAX_EVENT_BYTES}")
+        size = len(data)
+        # Merge records (written by workers, `"type":"merge"` first) carry whole profiles.
+        limit = MAX_CONTROL_BYTES if bytes(data[:16]) == MERGE_PREFIX else MAX_EVENT_BYTES
+        if size > limit:
+            raise InvalidEventError("oversized", f"{size} bytes > {limit}")
         try:
             raw = orjson.loads(data)
         except orjson.JSONDecodeError as exc:

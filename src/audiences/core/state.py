@@ -55,6 +55,7 @@ class UserState:
         "catalog_fingerprint",
         "clock_ms",
         "computed",
+        "generation",
         "members",
         "merged_into",
         "recent_ids",
@@ -79,6 +80,9 @@ class UserState:
         # on an anonymous profile that was merged, the user it now forwards to.
         self.aliases: dict[str, int] = {}
         self.merged_into: str | None = None
+        # Set when a deleted profile is unsuppressed: part of the messageIds of the new
+        # life, so they never repeat those of the deleted one.
+        self.generation = 0
 
     def refresh_wake(self) -> None:
         wake = min((m.wake_ms for m in self.members.values()), default=NEVER)
@@ -88,26 +92,32 @@ class UserState:
         self.wake_ms = wake
 
     def encode(self) -> bytes:
-        return orjson.dumps(
-            [
-                CODEC_VERSION,
-                int(self.anonymous),
-                self.clock_ms,
-                self.traits,
-                self.traits_at_ms,
-                self.trackers,
-                {k: m.encode() for k, m in self.members.items()},
-                self.recent_ids,
-                self.catalog_fingerprint,
-                self.computed,
-                self.aliases,
-                self.merged_into,
-            ]
-        )
+        return orjson.dumps(self.to_json())
+
+    def to_json(self) -> list[Any]:
+        """The codec's JSON value (also carried by identity-merge records)."""
+        return [
+            CODEC_VERSION,
+            int(self.anonymous),
+            self.clock_ms,
+            self.traits,
+            self.traits_at_ms,
+            self.trackers,
+            {k: m.encode() for k, m in self.members.items()},
+            self.recent_ids,
+            self.catalog_fingerprint,
+            self.computed,
+            self.aliases,
+            self.merged_into,
+            self.generation,
+        ]
 
     @classmethod
     def decode(cls, data: bytes) -> UserState:
-        fields = orjson.loads(data)
+        return cls.from_json(orjson.loads(data))
+
+    @classmethod
+    def from_json(cls, fields: list[Any]) -> UserState:
         if fields[0] not in READABLE_VERSIONS:
             raise ValueError(f"unknown state codec version {fields[0]}")
         state = cls(bool(fields[1]))
@@ -122,5 +132,6 @@ class UserState:
             state.computed = fields[9]
             state.aliases = fields[10]
             state.merged_into = fields[11]
+            state.generation = fields[12]
         state.refresh_wake()
         return state

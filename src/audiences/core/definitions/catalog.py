@@ -63,6 +63,8 @@ class Catalog:
     traits: dict[str, ComputedTrait] = field(default_factory=dict)
     traits_by_tracker: dict[str, frozenset[str]] = field(default_factory=dict)  # id -> keys
     trait_dependents: dict[str, frozenset[str]] = field(default_factory=dict)
+    # Deleted audiences (key -> (last version, name)): their members are told they exit.
+    retired: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def audience(self, key: str) -> CompiledAudience | None:
         position = self.index.get(key)
@@ -117,7 +119,10 @@ class _Compiler:
         raise ValueError(f"condition {name!r} cannot be compiled")
 
 
-def build_catalog(definitions: Mapping[str, tuple[Mapping[str, Any], int]]) -> Catalog:
+def build_catalog(
+    definitions: Mapping[str, tuple[Mapping[str, Any], int]],
+    retired: Mapping[str, tuple[int, str]] | None = None,
+) -> Catalog:
     """Compile validated definitions (key -> (document, version)).
 
     Definitions are validated when applied, so this never raises on a single
@@ -162,7 +167,7 @@ def build_catalog(definitions: Mapping[str, tuple[Mapping[str, Any], int]]) -> C
         place(key)
 
     compiler = _Compiler()
-    catalog = Catalog(skipped=skipped)
+    catalog = Catalog(skipped=skipped, retired=dict(retired or {}))
     for key in sorted(trait_docs):
         trait = ComputedTrait(*trait_docs[key])
         catalog.traits[key] = trait

@@ -117,6 +117,10 @@ class Tracker:
         """Fold an event in; True when the stored state changed."""
         raise NotImplementedError
 
+    def merge(self, mine: Any, other: Any, now: int) -> Any:
+        """This tracker's data of two profiles as one (identity merges)."""
+        return mine
+
 
 class PerformedTracker(Tracker):
     """Matching events of one name and filter: a count, or the timestamps windows need.
@@ -169,6 +173,15 @@ class PerformedTracker(Tracker):
         trackers[self.id] = times[start:] if start else times
         return True
 
+    def merge(self, mine: Any, other: Any, now: int) -> Any:
+        if self.mode == "count":
+            return int(mine) + int(other)
+        times = sorted([*mine, *other])
+        start = bisect_right(times, now - self.horizon_ms)
+        if self.mode == "window":
+            start = max(start, len(times) - self.keep)
+        return times[start:]
+
 
 class SequenceTracker(Tracker):
     """Funnel instances, one per `match_on` value: `[steps_done, last_ms, t0_ms, follow_ms]`.
@@ -206,6 +219,16 @@ class SequenceTracker(Tracker):
         if changed:
             state.trackers[self.id] = instances
         return changed
+
+    def merge(self, mine: Any, other: Any, now: int) -> Any:
+        """Funnels of both profiles; for the same match value, the more recent one."""
+        instances = {key: list(inst) for key, inst in other.items()}
+        for key, inst in mine.items():
+            theirs = instances.get(key)
+            if theirs is None or inst[1] >= theirs[1]:
+                instances[key] = list(inst)
+        self._collect(instances, now)
+        return instances
 
     def _advance(self, instances: dict[str, list[int]], match_key: str, event: Event) -> bool:
         ts = event.timestamp_ms
@@ -488,6 +511,24 @@ class DeviceTracker(Tracker):
                 del devices[stale]
         state.trackers[self.id] = devices
         return changed
+
+    def merge(self, mine: Any, other: Any, now: int) -> Any:
+        devices = {key: list(entry) for key, entry in other.items()}
+        for key, entry in mine.items():
+            theirs = devices.get(key)
+            if theirs is None:
+                devices[key] = list(entry)
+                continue
+            merged = list(entry if entry[3] >= theirs[3] else theirs)
+            if theirs[2] > entry[2]:  # the later push fact wins
+                merged[1], merged[2] = theirs[1], theirs[2]
+            elif entry[2] > theirs[2]:
+                merged[1], merged[2] = entry[1], entry[2]
+            devices[key] = merged
+        if len(devices) > MAX_DEVICES:
+            for stale in sorted(devices, key=lambda k: devices[k][3])[: len(devices) - MAX_DEVICES]:
+                del devices[stale]
+        return devices
 
 
 class DeviceNode(Node):

@@ -236,12 +236,17 @@ class ComputedTrait(Tracker):
         change = buckets[0][0] + window if window is not None and buckets else NEVER
         return _finish(self.kind, agg), change
 
-    def merge_state(self, into: Any, other: Any) -> list[list[Any]]:
+    def merge(self, mine: Any, other: Any, now: int) -> Any:
         """Buckets of two profiles as one (identity merges)."""
         merged: dict[int, Any] = {}
-        for start, agg in [*(into or []), *(other or [])]:
+        for start, agg in [*(mine or []), *(other or [])]:
             merged[start] = _merge(self.kind, merged[start], agg) if start in merged else agg
-        return [[start, merged[start]] for start in sorted(merged)]
+        window = self.window_ms
+        return [
+            [start, merged[start]]
+            for start in sorted(merged)
+            if window is None or start + window > now
+        ]
 
 
 def is_empty_value(kind: str, value: Any) -> bool:

@@ -1,0 +1,264 @@
+"""Identity merges, deletion/suppression and definition lifecycle in the pure core.
+
+`Cluster` plays the part of Kafka: control records a step returns are delivered
+to the profile they are keyed by, in order, as the events topic would.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import orjson
+from factories import T0, H, M, S, audience, catalog_of, event_dict, feed, run, summary
+
+from audiences.core.definitions import build_catalog, validate_definition
+from audiences.core.definitions.catalog import Catalog
+from audiences.core.evaluator import Output, Tick, Transition, step
+from audiences.core.events import Event, parse_event
+from audiences.core.state import UserState
+
+WINDOW_SHOPPERS = audience(
+    "window_shoppers",
+    {"performed": {"event": "Product Viewed", "times": {"gte": 3}, "within": "1h"}},
+)
+VISITORS = audience("visitors", {"performed": {"event": "Product Viewed"}}, include_anonymous=True)
+
+
+class Cluster:
+    """Profiles by key; `send` evaluates a record and delivers the control records."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.states: dict[str, UserState] = {}
+        self.outputs: list[tuple[str, Output]] = []
+        self.erased: list[str] = []
+
+    def send(self, raw: dict[str, Any]) -> None:
+        queue: deque[dict[str, Any]] = deque([raw])
+        while queue:
+            # through the wire format, as Kafka would carry it
+            event = parse_event(orjson.dumps(queue.popleft()), T0)
+            key = event.key
+            result = step(self.states.get(key), event, self.catalog, key)
+            if result.erase:
+                self.states.pop(key, None)
+                self.erased.append(key)
+            else:
+                self.states[key] = result.state
+            self.outputs += [(key, t) for t in result.transitions]
+            for _target, record in result.controls:
+                queue.append(record)
+
+    def summary(self) -> list[tuple[str, str, str, int]]:
+        return [
+            (key, t.audience_key, "entered" if t.entered else "exited", t.at_ms)
+            for key, t in self.outputs
+            if isinstance(t, Transition)
+        ]
+
+
+def view(ts: int, **ids: Any) -> dict[str, Any]:
+    return event_dict(ts=ts, event="Product Viewed", **{"userId": None, **ids})
+
+
+def test_anonymous_browsing_then_identify_gives_one_profile_in_the_implied_audiences() -> None:
+    cluster = Cluster(catalog_of(WINDOW_SHOPPERS, VISITORS))
+    cluster.send(view(T0, anonymousId="a1"))
+    cluster.send(view(T0 + M, anonymousId="a1"))
+    cluster.send(
+        event_dict(
+            ts=T0 + 2 * M,
+            type="identify",
+            event=None,
+            userId="u1",
+            anonymousId="a1",
+            traits={"email": "u1@example.com"},
+        )
+    )
+    cluster.send(view(T0 + 3 * M, userId="u1"))  # the third view: only with the history
+    assert cluster.summary() == [
+        ("a1", "visitors", "entered", T0),  # include_anonymous
+        ("a1", "visitors", "exited", T0 + 2 * M),  # the anonymous profile is merged away
+        ("u1", "visitors", "entered", T0 + 2 * M),
+        ("u1", "window_shoppers", "entered", T0 + 3 * M),
+    ]
+    user = cluster.states["u1"]
+    assert user.aliases == {"a1": 1}
+    assert user.traits["email"] == "u1@example.com"
+    assert cluster.states["a1"].merged_into == "u1"
+
+
+def test_later_anonymous_events_resolve_to_the_user() -> None:
+    cluster = Cluster(catalog_of(WINDOW_SHOPPERS))
+    cluster.send(view(T0, anonymousId="a1"))
+    cluster.send(view(T0 + M, userId="u1", anonymousId="a1"))
+    cluster.send(view(T0 + 2 * M, anonymousId="a1"))  # forwarded to u1
+    assert cluster.summary() == [("u1", "window_shoppers", "entered", T0 + 2 * M)]
+    assert cluster.states["a1"].trackers == {}
+    # one Entered only, whatever arrives later
+    cluster.send(view(T0 + 3 * M, anonymousId="a1"))
+    cluster.send(view(T0 + 4 * M, userId="u1", anonymousId="a1"))
+    assert len(cluster.summary()) == 1
+
+
+def test_alias_merges_a_previous_id() -> None:
+    cluster = Cluster(catalog_of(WINDOW_SHOPPERS))
+    for minute in range(2):
+        cluster.send(view(T0 + minute * M, userId="old-id"))
+    cluster.send(
+        event_dict(ts=T0 + 2 * M, type="alias", event=None, userId="u1", previousId="old-id")
+    )
+    cluster.send(view(T0 + 3 * M, userId="u1"))
+    assert cluster.summary() == [("u1", "window_shoppers", "entered", T0 + 3 * M)]
+
+
+def test_replayed_merge_records_change_nothing() -> None:
+    catalog = catalog_of(WINDOW_SHOPPERS)
+    cluster = Cluster(catalog)
+    cluster.send(view(T0, anonymousId="a1"))
+    cluster.send(view(T0 + M, userId="u1", anonymousId="a1"))
+    before = cluster.states["u1"].encode()
+    state_record = {
+        "type": "merge",
+        "stage": "state",
+        "userId": "u1",
+        "timestamp": "2023-11-14T22:20:00.000Z",
+        "properties": {"from": "a1", "state": orjson.loads(UserState().encode())},
+    }
+    request = {
+        "type": "merge",
+        "stage": "request",
+        "anonymousId": "a1",
+        "timestamp": "2023-11-14T22:20:00.000Z",
+        "properties": {"into": "u2"},
+    }
+    cluster.send(state_record)  # a duplicate of an applied merge
+    cluster.send(request)  # a1 is merged already: first wins
+    assert cluster.states["u1"].encode() == before
+    assert cluster.states["a1"].merged_into == "u1"
+    assert "u2" not in cluster.states
+
+
+def test_merged_counts_windows_and_traits_combine() -> None:
+    catalog = catalog_of(
+        audience("two_orders", {"performed": {"event": "Order Completed", "times": {"gte": 2}}}),
+        audience("pro", {"trait": {"name": "plan", "op": "eq", "value": "pro"}}),
+    )
+    cluster = Cluster(catalog)
+    cluster.send(event_dict(ts=T0, userId=None, anonymousId="a1", event="Order Completed"))
+    cluster.send(
+        event_dict(
+            ts=T0 + S,
+            type="identify",
+            event=None,
+            userId=None,
+            anonymousId="a1",
+            traits={"plan": "pro", "email": "anon@example.com"},
+        )
+    )
+    cluster.send(event_dict(ts=T0 + 2 * S, userId="u1", event="Order Completed"))
+    cluster.send(
+        event_dict(
+            ts=T0 + 3 * S,
+            type="identify",
+            event=None,
+            userId="u1",
+            anonymousId="a1",
+            traits={"email": "u1@example.com"},
+        )
+    )
+    assert sorted(cluster.summary()) == [
+        ("u1", "pro", "entered", T0 + 3 * S),
+        ("u1", "two_orders", "entered", T0 + 3 * S),
+    ]
+    assert cluster.states["u1"].traits["email"] == "u1@example.com"  # the user's own wins
+
+
+# -- deletion and suppression ----------------------------------------------------------
+
+
+def test_delete_exits_current_memberships_and_erases_the_profile() -> None:
+    cluster = Cluster(catalog_of(WINDOW_SHOPPERS, VISITORS))
+    for minute in range(3):
+        cluster.send(view(T0 + minute * M, userId="u1"))
+    cluster.send({"type": "delete", "userId": "u1", "timestamp": "2023-11-14T23:00:00.000Z"})
+    exits = [t for _k, t in cluster.outputs if isinstance(t, Transition) and not t.entered]
+    assert {(t.audience_key, t.trigger) for t in exits} == {
+        ("visitors", "deleted"),
+        ("window_shoppers", "deleted"),
+    }
+    assert cluster.erased == ["u1"]
+    assert "u1" not in cluster.states
+
+
+def test_unsuppressed_profiles_start_a_new_life_with_new_message_ids() -> None:
+    catalog = catalog_of(VISITORS)
+    first = run(catalog, [parse_event(view(T0, userId="u1"), T0)])
+    cluster = Cluster(catalog)
+    cluster.send(view(T0, userId="u1"))
+    cluster.send({"type": "delete", "userId": "u1", "timestamp": "2023-11-14T23:00:00.000Z"})
+    cluster.send({"type": "unsuppress", "userId": "u1", "timestamp": "2023-11-14T23:30:00.000Z"})
+    cluster.send(view(T0 + 2 * H, userId="u1"))
+    entered = [t for _k, t in cluster.outputs if isinstance(t, Transition) and t.entered]
+    assert [t.seq for t in entered] == [1, 1]
+    assert entered[0].message_id == first[0].message_id
+    assert entered[1].message_id != entered[0].message_id
+
+
+# -- definition lifecycle ----------------------------------------------------------------
+
+
+def test_deleting_an_audience_tells_its_members_they_exited() -> None:
+    v1 = catalog_of(VISITORS, WINDOW_SHOPPERS)
+    state, _ = feed(v1, [parse_event(view(T0, userId="u1"), T0)])
+    docs = {"window_shoppers": (validate_definition(WINDOW_SHOPPERS), 1)}
+    without = build_catalog(docs, retired={"visitors": (4, "Visitors")})
+    outputs = run(without, [Tick(T0 + S)], state=state)
+    assert summary(outputs) == [("visitors", "exited", T0)]
+    exited = outputs[0]
+    assert isinstance(exited, Transition)
+    assert (exited.trigger, exited.audience_version) == ("deleted", 4)
+    assert state is not None and "visitors" not in state.members
+
+
+def test_editing_a_live_audience_with_10000_members_causes_no_storm() -> None:
+    buyers = {"performed": {"event": "Order Completed"}}
+    v1 = catalog_of(audience("buyers", buyers), VISITORS, version=1)
+    states: dict[str, UserState] = {}
+    for n in range(10_000):
+        user = f"u{n}"
+        country = "XX" if n % 100 == 0 else "FR"
+        items = _events(
+            event_dict(
+                ts=T0 + n, type="identify", event=None, userId=user, traits={"country": country}
+            ),
+            event_dict(ts=T0 + n, userId=user, event="Order Completed"),
+        )
+        state, outputs = feed(v1, items, user=user)
+        assert summary(outputs) == [("buyers", "entered", T0 + n)]
+        assert state is not None
+        states[user] = state
+    edited = audience(
+        "buyers",
+        {"all": [buyers, {"not": {"trait": {"name": "country", "op": "eq", "value": "XX"}}}]},
+        name="Buyers outside XX",
+    )
+    v2 = build_catalog(
+        {
+            "buyers": (validate_definition(edited), 2),
+            "visitors": (validate_definition(VISITORS), 1),
+        }
+    )
+    changed: list[Output] = []
+    for user, state in states.items():
+        changed += step(state, Tick(T0 + H), v2, user).transitions
+    # exactly the 100 members the edit excludes exit; 9,900 hear nothing
+    assert sorted(t.profile_key for t in changed) == sorted(f"u{n}" for n in range(0, 10_000, 100))
+    assert all(isinstance(t, Transition) and not t.entered for t in changed)
+    assert {t.trigger for t in changed} == {"definition"}
+    assert {t.audience_version for t in changed if isinstance(t, Transition)} == {2}
+
+
+def _events(*raws: dict[str, Any]) -> list[Event]:
+    return [parse_event(raw, T0) for raw in raws]
