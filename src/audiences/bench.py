@@ -319,7 +319,7 @@ def produce_events(
     """Produce `records` keyed by user; returns partition -> end offset (from delivery reports)."""
     producer = Producer(
         {
-            **settings.kafka_config(),
+            **settings.producer_config(),
             "linger.ms": 20,
             "batch.num.messages": 5_000,
             "queue.buffering.max.messages": 500_000,

@@ -13,6 +13,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from audiences.adapters.kafka.topics import Topics, ensure_topics
+from audiences.adapters.settings import EVENTS_PARTITIONER
 from audiences.adapters.stream.definitions import apply_definitions
 from audiences.adapters.stream.evaluator import Evaluator
 from audiences.core.events import format_iso
@@ -58,7 +59,9 @@ class Engine:
         self.clock = FakeClock()
         self.evaluator: Evaluator | None = None
         self._thread: threading.Thread | None = None
-        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+        self._producer = Producer(
+            {"bootstrap.servers": bootstrap, "linger.ms": 1, "partitioner": EVENTS_PARTITIONER}
+        )
         self._outputs = _TopicReader(bootstrap, self.topics.audience_events)
         self._dlq = _TopicReader(bootstrap, self.topics.events_dlq)
 

@@ -119,7 +119,7 @@ def read_all(
 def produce_backlog(settings: Settings, topics: Topics, events: list[dict[str, Any]]) -> None:
     """All events on `events` before any worker runs, as after an outage: the worker
     catches up on stream time, so the result is fully determined by the log."""
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20})
+    producer = Producer({**settings.producer_config(), "linger.ms": 20})
     for raw in events:
         producer.produce(topics.events, key=raw["userId"].encode(), value=orjson.dumps(raw))
         producer.poll(0)

@@ -352,7 +352,7 @@ def test_trait_computed_output_format() -> None:
     assert message["properties"]["trait_key"] == "lifetime_value"
     assert message["properties"]["lifetime_value"] == 42
     assert message["context"]["traits"] == {"email": "a@example.com"}
-    assert message["context"]["audiences"]["computation_class"] == "computed_trait"
+    assert message["context"]["audiences"]["computation_class"] == "trait"
     assert len(message["messageId"]) == 64
     # deterministic: the same history gives the same id
     again = run(catalog, [identify(T0, email="a@example.com"), *orders((T0 + S, 42))])
@@ -391,7 +391,10 @@ def test_backfill_false_counts_only_events_after_creation() -> None:
         (audience("a", {"page_viewed": {"url": ""}}), "$.condition.page_viewed.url"),
         (audience("a", {"screen_viewed": {"within": "soon"}}), "$.condition.screen_viewed.within"),
         (audience("a", {"device": {"type": "iphone"}}), "$.condition.device.type"),
-        (audience("a", {"device": {"push_enabled": "yes"}}), "$.condition.device.push_enabled"),
+        (
+            audience("a", {"device": {"type": "ios", "push_enabled": "yes"}}),
+            "$.condition.device.push_enabled",
+        ),
         (
             audience("a", {"computed": {"name": "X", "op": "eq", "value": 1}}),
             "$.condition.computed.name",

@@ -434,3 +434,21 @@ def entered_with(**changes: Any) -> dict[str, Any]:
 )
 def test_invalid_output(event: dict[str, Any], why: str) -> None:
     assert errors("output/audience-event.json", event), why
+
+
+def test_rendered_outputs_match_the_output_schema() -> None:
+    from factories import T0, audience, catalog_of, feed, identify, make_event
+
+    from audiences.core.outputs import render_output
+
+    catalog = catalog_of(
+        {"key": "ltv", "kind": "sum", "event": "Order Completed", "property": "revenue"},
+        audience("vip", {"computed": {"name": "ltv", "op": "gt", "value": 300}}),
+    )
+    order = make_event(ts=T0 + 1, event="Order Completed", properties={"revenue": 500})
+    state, outputs = feed(catalog, [identify(T0, email="a@example.com"), order])
+    assert state is not None and len(outputs) == 2
+    for output in outputs:
+        message = render_output(output, state.traits)
+        assert errors("output/audience-event.json", message) == []
+        assert errors("events/event.json", message) == []

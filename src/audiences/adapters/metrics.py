@@ -19,6 +19,9 @@ EVENTS_INVALID = Counter(
 EVENTS_DUPLICATE = Counter(
     "audiences_events_duplicate", "Events dropped as duplicate messageIds within 24 h"
 )
+EVENTS_SUPPRESSED = Counter(
+    "audiences_events_suppressed", "Events dropped because their user was deleted"
+)
 TRANSITIONS = Counter(
     "audiences_transitions", "Membership transitions emitted", ["audience", "direction"]
 )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PREFIX = "AUDIENCES_"
+EVENTS_PARTITIONER = "murmur2_random"  # = Java's default: same user, same partition
 SECRET_FIELDS = frozenset({"sasl_password", "write_keys"})
 
 
@@ -96,6 +97,12 @@ class Settings:
         if self.ssl_ca_location:
             config["ssl.ca.location"] = self.ssl_ca_location
         return config
+
+    def producer_config(self) -> dict[str, Any]:
+        """librdkafka producer settings. Records keyed by user must land where the
+        user's other events land: every producer of `events` (ours and yours) uses
+        the Java client's default partitioner, murmur2 of the key."""
+        return {**self.kafka_config(), "partitioner": EVENTS_PARTITIONER}
 
     def redacted(self) -> dict[str, Any]:
         """Effective values, secrets replaced, with each variable's documentation."""

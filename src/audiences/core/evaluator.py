@@ -279,8 +279,8 @@ def _judge_traits(
             elif entry[2] and entry[2] <= state.wake_ms:
                 stale = True
             entry[2] = wake
-        if not changed:
-            continue
+        if not changed or (state.anonymous and not trait.include_anonymous):
+            continue  # (anonymous: announced once the profile merges into a user)
         entry[0] = value
         entry[1] += 1
         out.append(
@@ -539,8 +539,11 @@ def _control(
             state.catalog_fingerprint = catalog.fingerprint
         elif state.catalog_fingerprint != catalog.fingerprint:
             _adopt_catalog(state, catalog, profile_key, out)
-        _fire_due(state, catalog, profile_key, ts, out)
-        now = max(state.clock_ms, ts)
+        # The merged profile's clock is the later of both: the same result whether the
+        # hand-over arrives before or after the anonymous profile's last events.
+        until = max(ts, other.clock_ms) if other is not None else ts
+        _fire_due(state, catalog, profile_key, until, out)
+        now = max(state.clock_ms, until)
         state.clock_ms = now
         state.aliases[source] = 1
         state.anonymous = False

@@ -47,7 +47,7 @@ def render_trait_change(
         "context": {
             "traits": _contact_traits(traits),
             "audiences": {
-                "computation_class": "computed_trait",
+                "computation_class": "trait",
                 "computation_key": key,
                 "version": change.trait_version,
             },

@@ -67,7 +67,7 @@ def _free_port() -> int:
 def _play_shop(
     settings: Settings, topic: str, users: int, hour_ms: int, stop: threading.Event
 ) -> None:
-    producer = Producer({**settings.kafka_config(), "linger.ms": 5})
+    producer = Producer({**settings.producer_config(), "linger.ms": 5})
     start = int(time.time() * 1000) + 1000
     config = ShopConfig(users=users, hour_ms=hour_ms, seed=int(time.time()))
     for at_ms, event in shop_traffic(config, start, spread_ms=users * hour_ms // 6):

@@ -23,6 +23,7 @@ META = b"m"
 INPUT_OFFSET = META + b"input_offset"  # next `events` offset to consume
 CHANGELOG_OFFSET = META + b"changelog_offset"  # next changelog offset to read on recovery
 STREAM_TIME = META + b"stream_time"  # latest event time evaluated in this partition
+JUDGED_CATALOG = META + b"judged_catalog"  # fingerprint every stored profile was judged on
 
 
 def due_key(wake_ms: int, profile_key: bytes) -> bytes:
@@ -46,6 +47,13 @@ class PartitionStore:
         value = self._db.get(key)
         return int(value) if value is not None else default
 
+    def get_text(self, key: bytes) -> str:
+        value = self._db.get(key)
+        return value.decode() if value is not None else ""
+
+    def put_text(self, key: bytes, value: str) -> None:
+        self._db.put(key, value.encode())
+
     def due(self, until_ms: int) -> Iterator[tuple[int, bytes]]:
         """(wake_ms, profile key) of deadlines <= until_ms, oldest first."""
         it = self._db.iter()
@@ -59,6 +67,25 @@ class PartitionStore:
                 return
             yield wake, key[9:]
             it.next()
+
+    def user_keys(self, prefix: bytes = b"") -> list[bytes]:
+        """Profile keys starting with `prefix` (a scan: for recovery-time indexes)."""
+        return [key for key, _ in self.states_from(prefix, None, prefix=prefix)]
+
+    def states_from(
+        self, start: bytes, limit: int | None, *, prefix: bytes = b""
+    ) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` (profile key, state) pairs in key order from `start` on."""
+        out: list[tuple[bytes, bytes]] = []
+        it = self._db.iter()
+        it.seek(USER + start)
+        while it.valid() and (limit is None or len(out) < limit):
+            key: bytes = it.key()
+            if not key.startswith(USER + prefix):
+                break
+            out.append((key[1:], it.value()))
+            it.next()
+        return out
 
     def new_batch(self) -> WriteBatch:
         return WriteBatch(raw_mode=True)

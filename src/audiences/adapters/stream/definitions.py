@@ -8,6 +8,7 @@ between batches. The CLI uses the same module to apply and delete definitions.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from audiences.adapters.kafka.fence import FENCE_KEY, read_to_fence, write_fence
 from audiences.adapters.kafka.topics import Topics, partition_count
 from audiences.adapters.settings import Settings
 from audiences.core.definitions import Catalog, build_catalog, check_references, validate_definition
+from audiences.core.events import format_iso
 from audiences.errors import AudiencesError, BrokerError
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class DefinitionsLog:
         self.settings = settings
         self.topic = topics.definitions
         self.definitions: Definitions = {}
+        self.retired: dict[str, tuple[int, str]] = {}  # deleted audiences: (version, name)
         self.catalog: Catalog = build_catalog({})
         self._consumer = Consumer(
             {
@@ -69,7 +72,7 @@ class DefinitionsLog:
         for msg in read_to_fence(self._consumer, self.topic, fences, {}):
             self._apply(msg)
         self._consumer.assign([TopicPartition(self.topic, p, fences[p] + 1) for p in fences])
-        self.catalog = build_catalog(self.definitions)
+        self.catalog = build_catalog(self.definitions, self.retired)
         self._report()
         return self.catalog
 
@@ -80,7 +83,7 @@ class DefinitionsLog:
             if msg.error() is None and self._apply(msg):
                 changed = True
         if changed:
-            self.catalog = build_catalog(self.definitions)
+            self.catalog = build_catalog(self.definitions, self.retired)
             self._report()
         return changed
 
@@ -90,7 +93,14 @@ class DefinitionsLog:
             return False
         key, entry = decoded
         if entry is None:
-            return self.definitions.pop(key, None) is not None
+            old = self.definitions.pop(key, None)
+            if old is None:
+                return False
+            doc, version = old
+            if "condition" in doc:
+                self.retired[key] = (version, str(doc.get("name") or key))
+            return True
+        self.retired.pop(key, None)
         self.definitions[key] = entry
         return True
 
@@ -122,8 +132,9 @@ def next_version(doc: Mapping[str, Any], current: tuple[dict[str, Any], int] | N
     if current is None:
         return 1
     old_doc, old_version = current
-    strip = {k: v for k, v in old_doc.items() if k != "version"}
-    if strip == {k: v for k, v in doc.items() if k != "version"}:
+    bookkeeping = ("version", "created_at")
+    strip = {k: v for k, v in old_doc.items() if k not in bookkeeping}
+    if strip == {k: v for k, v in doc.items() if k not in bookkeeping}:
         return None
     return old_version + 1
 
@@ -151,7 +162,16 @@ def apply_definitions(
         results.append((checked["key"], version))
         if version is None:
             continue
-        body = {**{k: v for k, v in checked.items() if k != "version"}, "version": version}
+        existing = current.get(checked["key"])
+        # created_at: the moment `backfill: false` counts from; kept across edits.
+        created_at = (existing[0].get("created_at") if existing else None) or format_iso(
+            int(time.time() * 1000)
+        )
+        body = {
+            **{k: v for k, v in checked.items() if k != "version"},
+            "version": version,
+            "created_at": checked.get("created_at") or created_at,
+        }
         producer.produce(topics.definitions, key=checked["key"].encode(), value=orjson.dumps(body))
     if producer.flush(30):
         raise BrokerError("definitions were not acknowledged by Kafka", retriable=True)

@@ -37,13 +37,14 @@ from audiences.adapters.settings import Settings
 from audiences.adapters.state.store import (
     CHANGELOG_OFFSET,
     INPUT_OFFSET,
+    JUDGED_CATALOG,
     STREAM_TIME,
     USER,
     PartitionStore,
     due_key,
 )
 from audiences.adapters.stream.definitions import DefinitionsLog
-from audiences.core.evaluator import Output, Tick, Transition, step
+from audiences.core.evaluator import Control, Output, Tick, Transition, step
 from audiences.core.events import Event, parse_event
 from audiences.core.outputs import render_output
 from audiences.core.state import NEVER, UserState
@@ -51,6 +52,8 @@ from audiences.errors import BrokerError, InvalidEventError
 
 log = logging.getLogger(__name__)
 MARKER_PREFIX = b"__batch__:"
+REJUDGE_CHUNK = 1000  # profiles re-judged per partition per loop turn after a change
+SUPPRESSED = b"\x00suppressed:"  # changelog/state key prefix of a deleted user's marker
 Clock = Callable[[], int]
 
 
@@ -69,15 +72,18 @@ class Partition:
     batch_seq: int = 0
     stream_time_ms: int = 0  # latest event time evaluated: the clock while catching up
     cache: dict[bytes, UserState] = field(default_factory=dict)
+    suppressed: set[bytes] = field(default_factory=set)  # deleted users: events dropped
+    rejudge_from: bytes | None = None  # definitions changed: next profile key to re-judge
 
 
 @dataclass
 class _Staged:
     """What one batch changes in one partition, before it is durable."""
 
-    states: dict[bytes, UserState] = field(default_factory=dict)
+    states: dict[bytes, UserState | None] = field(default_factory=dict)  # None = erased
     old_wakes: dict[bytes, int] = field(default_factory=dict)
     stale_due: list[bytes] = field(default_factory=list)
+    suppression: dict[bytes, bool] = field(default_factory=dict)  # user -> suppressed now?
 
 
 class Evaluator:
@@ -98,7 +104,12 @@ class Evaluator:
         self._transition_counts: dict[tuple[str, bool], int] = {}  # flushed to metrics per batch
         base = settings.kafka_config()
         self._producer = Producer(
-            {**base, "enable.idempotence": True, "linger.ms": 2, "compression.type": "lz4"}
+            {
+                **settings.producer_config(),
+                "enable.idempotence": True,
+                "linger.ms": 2,
+                "compression.type": "lz4",
+            }
         )
         self._consumer = Consumer(
             {
@@ -148,12 +159,15 @@ class Evaluator:
         while not self._stop.is_set():
             messages = self._consumer.consume(self.settings.batch_size, tick_s)
             self._drained = len(messages) < self.settings.batch_size
-            self.definitions.poll()
+            if self.definitions.poll():
+                for partition in self.partitions.values():
+                    partition.rejudge_from = b""
             if messages:
                 self._process(messages)
             if time.monotonic() - last_sweep >= tick_s:
                 self._sweep()
                 last_sweep = time.monotonic()
+            self._rejudge()
 
     def _close(self) -> None:
         try:
@@ -259,9 +273,13 @@ class Evaluator:
             time.monotonic() - started,
             position,
         )
-        return Partition(
+        partition = Partition(
             number, store, position, session=os.urandom(6).hex(), stream_time_ms=stream_time
         )
+        partition.suppressed = {key[len(SUPPRESSED) :] for key in store.user_keys(SUPPRESSED)}
+        if store.get_text(JUDGED_CATALOG) != self.definitions.catalog.fingerprint:
+            partition.rejudge_from = b""
+        return partition
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -278,7 +296,7 @@ class Evaluator:
             by_partition.setdefault(msg.partition(), []).append(msg)
         staged: dict[int, _Staged] = {}
         types: dict[str, int] = {}
-        duplicates = 0
+        duplicates = suppressed = 0
         catalog = self.definitions.catalog
         for number, batch in by_partition.items():
             partition = self.partitions.get(number)
@@ -300,6 +318,9 @@ class Evaluator:
             stage = staged[number] = _Staged()
             states = self._load(partition, {key for key, _, _ in events}, stage)
             for key, event, msg in events:
+                if key in partition.suppressed and event.type != "unsuppress":
+                    suppressed += 1
+                    continue
                 try:
                     result = step(states.get(key), event, catalog, key.decode())
                 except Exception as exc:  # a bug must not stop the worker: park the event
@@ -308,15 +329,26 @@ class Evaluator:
                     )
                     self._dead_letter(msg, InvalidEventError("evaluation_error", repr(exc)))
                     continue
+                self._emit(result.transitions, result.state)
+                if result.controls:
+                    self._send_controls(result.controls)
+                if result.erase:
+                    states.pop(key, None)
+                    stage.states[key] = None
+                    self._suppress(partition, stage, key, True)
+                    continue
+                if event.type == "unsuppress":
+                    self._suppress(partition, stage, key, False)
                 states[key] = stage.states[key] = result.state
                 duplicates += result.duplicate
-                self._emit(result.transitions, result.state)
             partition.position = max(partition.position, batch[-1].offset() + 1)
         self._make_durable(staged)
         for event_type, count in types.items():
             metrics.EVENTS_IN.labels(event_type).inc(count)
         if duplicates:
             metrics.EVENTS_DUPLICATE.inc(duplicates)
+        if suppressed:
+            metrics.EVENTS_SUPPRESSED.inc(suppressed)
         self._consumer.commit(
             offsets=[
                 TopicPartition(self.topics.events, n, self.partitions[n].position)
@@ -357,6 +389,40 @@ class Evaluator:
                 self._emit(result.transitions, result.state)
         if staged:
             self._make_durable(staged)
+
+    def _rejudge(self) -> None:
+        """After definitions change, judge every stored profile on the new catalog, a
+        chunk per loop turn: deleted audiences exit their members, edited ones emit
+        real differences, new ones take in the profiles (`backfill`), even for users
+        who send nothing more. Profiles met by events meanwhile adopt it on their own."""
+        catalog = self.definitions.catalog
+        staged: dict[int, _Staged] = {}
+        finished: list[Partition] = []
+        for number, partition in self.partitions.items():
+            start = partition.rejudge_from
+            if start is None:
+                continue
+            rows = partition.store.states_from(start, REJUDGE_CHUNK + 1)
+            chunk = rows[:REJUDGE_CHUNK]
+            partition.rejudge_from = rows[REJUDGE_CHUNK][0] if len(rows) > REJUDGE_CHUNK else None
+            if partition.rejudge_from is None:
+                finished.append(partition)
+            keys = {key for key, _ in chunk if not key.startswith(SUPPRESSED)}
+            stage = _Staged()
+            states = self._load(partition, keys, stage)
+            for key in sorted(keys):
+                state = states.get(key)
+                if state is None or state.catalog_fingerprint == catalog.fingerprint:
+                    continue
+                result = step(state, Tick(state.clock_ms), catalog, key.decode())
+                stage.states[key] = result.state
+                self._emit(result.transitions, result.state)
+            if stage.states:
+                staged[number] = stage
+        if staged:
+            self._make_durable(staged)
+        for partition in finished:
+            partition.store.put_text(JUDGED_CATALOG, catalog.fingerprint)
 
     def _caught_up(self, partition: Partition) -> bool:
         """No records waiting: the last consume drained the queue and the position is at
@@ -403,6 +469,24 @@ class Evaluator:
                 counted = (transition.audience_key, transition.entered)
                 self._transition_counts[counted] = self._transition_counts.get(counted, 0) + 1
 
+    def _send_controls(self, controls: tuple[Control, ...]) -> None:
+        """Identity records travel through the events topic, keyed by the profile they
+        are for (SPEC §4); they are flushed with the batch, before its offsets commit."""
+        for target, record in controls:
+            self._producer.produce(
+                self.topics.events,
+                key=target.encode(),
+                value=orjson.dumps(record),
+                on_delivery=self._delivered,
+            )
+
+    def _suppress(self, partition: Partition, stage: _Staged, key: bytes, on: bool) -> None:
+        if on:
+            partition.suppressed.add(key)
+        else:
+            partition.suppressed.discard(key)
+        stage.suppression[key] = on
+
     def _dead_letter(self, msg: Message, exc: InvalidEventError) -> None:
         self._producer.produce(
             self.topics.events_dlq,
@@ -435,16 +519,22 @@ class Evaluator:
     def _make_durable(self, staged: dict[int, _Staged]) -> None:
         """Changelog records -> flush (outputs too) -> batch markers -> flush -> one
         WriteBatch per partition. Input offsets are committed by the caller after this."""
-        encoded: dict[int, list[tuple[bytes, bytes, int]]] = {}
+        encoded: dict[int, list[tuple[bytes, bytes | None, int]]] = {}
         changelog = self.topics.changelog
         for number, stage in staged.items():
             partition = self.partitions[number]
             partition.batch_seq += 1
             tag = f"{partition.position} {partition.session} {partition.batch_seq}"
             rows = encoded[number] = []
-            for key, state in stage.states.items():
-                data = state.encode()
-                wake = state.wake_ms
+            suppression = [
+                (SUPPRESSED + key, b"1" if on else None) for key, on in stage.suppression.items()
+            ]
+            for key, state in [*stage.states.items(), *suppression]:
+                data: bytes | None
+                if isinstance(state, UserState):
+                    data, wake = state.encode(), state.wake_ms
+                else:  # a tombstone (erased profile, lifted suppression) or a marker
+                    data, wake = state, NEVER
                 rows.append((key, data, wake))
                 self._producer.produce(
                     changelog,
@@ -479,7 +569,10 @@ class Evaluator:
             for stale in stage.stale_due:
                 batch.delete(stale)
             for key, data, wake in encoded[number]:
-                batch.put(USER + key, data)
+                if data is None:
+                    batch.delete(USER + key)
+                else:
+                    batch.put(USER + key, data)
                 old_wake = stage.old_wakes.get(key, NEVER)
                 if old_wake != wake:
                     if old_wake != NEVER:
@@ -503,9 +596,13 @@ class Evaluator:
                 f"outputs not acknowledged by Kafka: {errors or 'timed out'}", retriable=True
             )
 
-    def _cache(self, partition: Partition, states: dict[bytes, UserState]) -> None:
+    def _cache(self, partition: Partition, states: dict[bytes, UserState | None]) -> None:
         cache = partition.cache
-        cache.update(states)
+        for key, state in states.items():
+            if state is None:
+                cache.pop(key, None)
+            else:
+                cache[key] = state
         limit = max(1, self.settings.state_cache_size // max(1, len(self.partitions)))
         if len(cache) > limit:
             for key in list(cache)[: len(cache) - limit + limit // 10]:

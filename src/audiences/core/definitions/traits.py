@@ -171,6 +171,7 @@ class ComputedTrait(Tracker):
         self.key: str = doc["key"]
         self.version = version
         self.name = str(doc.get("name") or self.key)
+        self.include_anonymous = bool(doc.get("include_anonymous", False))
         self.kind: str = doc["kind"]
         self.definition = doc
         self.matcher = EventMatcher({"event": doc["event"], "where": doc.get("where")})

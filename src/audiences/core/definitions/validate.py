@@ -41,6 +41,7 @@ TRAIT_DEFINITION_FIELDS = (
     "backfill",
     "version",
     "created_at",
+    "include_anonymous",
 )
 CONDITIONS = (
     "all",
@@ -57,7 +58,8 @@ CONDITIONS = (
 )
 DEVICE_FIELDS = ("type", "push_enabled")
 DEVICE_TYPES = ("ios", "android", "web", "any")
-VIEW_FIELDS = ("url", "name", "where", "times", "within", "between")
+PAGE_FIELDS = ("url", "name", "where", "times", "within")
+SCREEN_FIELDS = ("name", "where", "times", "within")
 COUNT_OPS = ("eq", "gte", "gt", "lte", "lt")
 PERFORMED_FIELDS = ("event", "where", "times", "within", "between")
 STEP_FIELDS = ("event", "where", "within")
@@ -212,7 +214,7 @@ def validate_condition(value: Any, path: str) -> None:
         _counted(_event_filter(body, here, PERFORMED_FIELDS), here)
     elif name in ("page_viewed", "screen_viewed"):
         view = _object(body, here, "a view filter {url?, name?, where?, times?, within?}")
-        _check_fields(view, VIEW_FIELDS, here)
+        _check_fields(view, PAGE_FIELDS if name == "page_viewed" else SCREEN_FIELDS, here)
         for field in ("url", "name"):
             if field in view:
                 _string(view[field], f"{here}.{field}")
@@ -224,7 +226,7 @@ def validate_condition(value: Any, path: str) -> None:
     elif name == "device":
         device = _object(body, here, "a device condition {type, push_enabled?}")
         _check_fields(device, DEVICE_FIELDS, here)
-        if device.get("type", "any") not in DEVICE_TYPES:
+        if device.get("type") not in DEVICE_TYPES:
             raise DefinitionError(
                 f"{here}.type",
                 f"expected one of {', '.join(DEVICE_TYPES)}, got {device.get('type')!r}",

@@ -1,0 +1,289 @@
+"""The seeds' audiences, identity, deletion and definition lifecycle through real Kafka.
+
+The wall clock is injected (FakeClock): exits caused only by time passing are
+triggered by moving it, never by sleeping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from harness import T0, Engine, H, M, S, track
+
+from audiences.core.events import format_iso
+
+pytestmark = pytest.mark.kafka
+D = 24 * H
+
+
+def transitions(outputs: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """(user, audience, Entered|Exited, timestamp) of membership outputs, in topic order."""
+    return [
+        (
+            o.get("userId") or o["anonymousId"],
+            o["properties"]["audience_key"],
+            o["event"].removeprefix("Audience "),
+            o["timestamp"],
+        )
+        for o in outputs
+        if o["event"] != "Trait Computed"
+    ]
+
+
+def of(user: str, rows: list[tuple[str, str, str, str]]) -> list[tuple[str, str, str]]:
+    return [(a, e, t) for u, a, e, t in rows if u == user]
+
+
+def event(kind: str, user: str, at_ms: int, **fields: Any) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "userId": user,
+        "timestamp": format_iso(at_ms),
+        "messageId": f"{user}-{kind}-{at_ms}",
+        **fields,
+    }
+
+
+SEED_AUDIENCES: list[dict[str, Any]] = [
+    {
+        "key": "push_not_opened",
+        "name": "Received a push, did not open it within 1 hour",
+        "condition": {
+            "sequence": {
+                "steps": [{"event": "Push Notification Received"}],
+                "then_not": {"event": "Push Notification Opened", "within": "1h"},
+                "match_on": "properties.campaign_id",
+                "active_for": "7d",
+            }
+        },
+    },
+    {
+        "key": "email_not_opened",
+        "name": "Email delivered, not opened within 1 day",
+        "condition": {
+            "sequence": {
+                "steps": [{"event": "Email Delivered"}],
+                "then_not": {"event": "Email Opened", "within": "1d"},
+                "match_on": "properties.email_id",
+                "active_for": "7d",
+            }
+        },
+    },
+    {
+        "key": "pricing_not_upgraded",
+        "condition": {
+            "all": [
+                {"page_viewed": {"url": "*/pricing*", "times": {"gte": 3}, "within": "7d"}},
+                {"not": {"performed": {"event": "Plan Upgraded"}}},
+            ]
+        },
+    },
+    {"key": "ios_push", "condition": {"device": {"type": "ios", "push_enabled": True}}},
+    {
+        "key": "lifetime_value",
+        "kind": "sum",
+        "event": "Order Completed",
+        "property": "properties.revenue",
+    },
+    {"key": "vip", "condition": {"computed": {"name": "lifetime_value", "op": "gt", "value": 300}}},
+    {
+        "key": "lapsed",
+        "condition": {
+            "all": [
+                {"performed": {"event": "Order Completed"}},
+                {"not": {"performed": {"event": "Order Completed", "within": "90d"}}},
+            ]
+        },
+    },
+]
+
+
+def test_the_seed_audiences_enter_and_exit_at_the_right_moments(engine: Engine) -> None:
+    engine.apply(*SEED_AUDIENCES)
+    engine.start()
+    iphone = {"os": {"name": "iOS"}, "device": {"id": "ip-1", "token": "apns-token"}}
+    engine.send(
+        # push: one ignores it, one opens it in time
+        track("ignorer", "Push Notification Received", T0, campaign_id="c1"),
+        track("opener", "Push Notification Received", T0, campaign_id="c1"),
+        track("opener", "Push Notification Opened", T0 + 10 * M, campaign_id="c1"),
+        # email: delivered, never opened
+        track("reader", "Email Delivered", T0, email_id="e1"),
+        # pricing page three times, no upgrade
+        *(
+            event("page", "shopper", T0 + i * H, properties={"url": "https://s.example/pricing"})
+            for i in range(3)
+        ),
+        # an iPhone with a push token
+        event("track", "mobile", T0, event="App Opened", context=iphone),
+        # lifetime revenue crosses 300 on the second order; the last order is in January
+        track("big", "Order Completed", T0, revenue=200),
+        track("big", "Order Completed", T0 + S, revenue=150),
+    )
+    outputs = engine.outputs(5)
+    rows = transitions(outputs)
+    assert sorted(rows) == sorted(
+        [
+            ("shopper", "pricing_not_upgraded", "Entered", format_iso(T0 + 2 * H)),
+            ("mobile", "ios_push", "Entered", format_iso(T0)),
+            ("big", "vip", "Entered", format_iso(T0 + S)),
+        ]
+    )
+    computed = [o for o in outputs if o["event"] == "Trait Computed"]
+    assert [(o["userId"], o["properties"]["lifetime_value"]) for o in computed] == [
+        ("big", 200),
+        ("big", 350),
+    ]
+    # time passes, nobody sends anything
+    engine.clock.advance_to(T0 + 2 * D)
+    rows = transitions(engine.outputs(7))
+    assert of("ignorer", rows) == [("push_not_opened", "Entered", format_iso(T0 + H))]
+    assert of("reader", rows) == [("email_not_opened", "Entered", format_iso(T0 + D))]
+    assert of("opener", rows) == []
+    # the pricing views leave their 7-day window; lapsed buyers appear after 90 days
+    engine.clock.advance_to(T0 + 91 * D)
+    rows = transitions(engine.outputs(11))
+    assert of("shopper", rows)[-1] == ("pricing_not_upgraded", "Exited", format_iso(T0 + 7 * D))
+    assert of("big", rows)[-1] == ("lapsed", "Entered", format_iso(T0 + S + 90 * D))
+    # the push campaign instance ends after active_for
+    assert of("ignorer", rows)[-1] == ("push_not_opened", "Exited", format_iso(T0 + 7 * D))
+    assert of("reader", rows)[-1] == ("email_not_opened", "Exited", format_iso(T0 + 7 * D))
+    # a push disabled later exits the device audience
+    engine.send(event("track", "mobile", T0 + 92 * D, event="Push Notifications Disabled"))
+    rows = transitions(engine.outputs(12))
+    assert of("mobile", rows)[-1] == ("ios_push", "Exited", format_iso(T0 + 92 * D))
+
+
+VIEWERS = {
+    "key": "window_shoppers",
+    "condition": {"performed": {"event": "Product Viewed", "times": {"gte": 3}, "within": "1h"}},
+}
+
+
+def test_an_anonymous_visitor_who_identifies_ends_up_with_one_profile(engine: Engine) -> None:
+    engine.apply(VIEWERS)
+    engine.start()
+
+    def anonymous_view(at_ms: int) -> dict[str, Any]:
+        return {
+            "type": "track",
+            "anonymousId": "anon-42",
+            "event": "Product Viewed",
+            "timestamp": format_iso(at_ms),
+            "messageId": f"anon-view-{at_ms}",
+        }
+
+    engine.send(anonymous_view(T0), anonymous_view(T0 + M))
+    engine.send(
+        {
+            "type": "identify",
+            "userId": "user-42",
+            "anonymousId": "anon-42",
+            "traits": {"email": "u42@example.com"},
+            "timestamp": format_iso(T0 + 2 * M),
+            "messageId": "identify-42",
+        }
+    )
+    # the merge travels through Kafka; then a later anonymous event resolves to the user
+    engine.send(anonymous_view(T0 + 3 * M))
+    outputs = engine.outputs(1)
+    assert transitions(outputs) == [
+        ("user-42", "window_shoppers", "Entered", format_iso(T0 + 3 * M))
+    ]
+    assert outputs[0]["context"]["traits"] == {"email": "u42@example.com"}
+    # more views (anonymous or not) never enter twice
+    engine.send(anonymous_view(T0 + 4 * M), track("user-42", "Product Viewed", T0 + 5 * M))
+    assert len(transitions(engine.outputs(1))) == 1
+
+
+def test_delete_exits_members_tombstones_state_and_drops_later_events(engine: Engine) -> None:
+    engine.apply(VIEWERS)
+    engine.start()
+    engine.send(*(track("gdpr", "Product Viewed", T0 + i * M) for i in range(3)))
+    assert transitions(engine.outputs(1)) == [
+        ("gdpr", "window_shoppers", "Entered", format_iso(T0 + 2 * M))
+    ]
+    engine.send(event("delete", "gdpr", T0 + 5 * M))
+    exited = engine.outputs(2)[1]
+    assert (exited["event"], exited["properties"]["reason"]["trigger"]) == (
+        "Audience Exited",
+        "deleted",
+    )
+    # later events are dropped: three more views enter nobody
+    engine.send(*(track("gdpr", "Product Viewed", T0 + 10 * M + i * S) for i in range(3)))
+    engine.settle()
+    assert len(engine.outputs(2)) == 2
+    assert _changelog_values(engine, b"gdpr")[-1] is None  # the profile is tombstoned
+    # unsuppressed, the user starts afresh with new messageIds
+    engine.send(event("unsuppress", "gdpr", T0 + 20 * M))
+    engine.send(*(track("gdpr", "Product Viewed", T0 + 30 * M + i * S) for i in range(3)))
+    outputs = engine.outputs(3)
+    assert outputs[2]["event"] == "Audience Entered"
+    assert outputs[2]["messageId"] != outputs[0]["messageId"]
+
+
+def test_deleting_an_audience_exits_its_idle_members(engine: Engine) -> None:
+    from audiences.adapters.stream.definitions import delete_definition
+
+    engine.apply(
+        VIEWERS, {"key": "everyone", "condition": {"performed": {"event": "Product Viewed"}}}
+    )
+    engine.start()
+    engine.send(*(track("idle", "Product Viewed", T0 + i * M) for i in range(3)))
+    assert len(engine.outputs(2)) == 2
+    assert delete_definition(engine.settings, engine.topics, "everyone")
+    outputs = engine.outputs(3)  # nobody sends anything: the re-judging pass tells them
+    last = outputs[2]
+    assert (last["event"], last["properties"]["audience_key"]) == ("Audience Exited", "everyone")
+    assert last["properties"]["reason"]["trigger"] == "deleted"
+
+
+def test_editing_a_live_audience_emits_only_real_differences(engine: Engine) -> None:
+    buyers = {"key": "buyers", "condition": {"performed": {"event": "Order Completed"}}}
+    engine.apply(buyers)
+    engine.start()
+    users = [f"b{n}" for n in range(40)]
+    engine.send(
+        *(
+            event("identify", user, T0, traits={"country": "XX" if n % 10 == 0 else "FR"})
+            for n, user in enumerate(users)
+        ),
+        *(track(user, "Order Completed", T0 + S) for user in users),
+    )
+    assert len(engine.outputs(40)) == 40
+    edited = {
+        "key": "buyers",
+        "condition": {
+            "all": [
+                {"performed": {"event": "Order Completed"}},
+                {"not": {"trait": {"name": "country", "op": "eq", "value": "XX"}}},
+            ]
+        },
+    }
+    engine.apply(edited)
+    outputs = engine.outputs(44)[40:]  # exactly 4 more: the XX members, by re-judging
+    assert sorted(o["userId"] for o in outputs) == ["b0", "b10", "b20", "b30"]
+    assert {(o["event"], o["properties"]["audience_version"]) for o in outputs} == {
+        ("Audience Exited", 2)
+    }
+
+
+def _changelog_values(engine: Engine, key: bytes) -> list[bytes | None]:
+    topic = engine.topics.changelog
+    consumer = Consumer(
+        {"bootstrap.servers": engine.settings.kafka_bootstrap, "group.id": "changelog-reader"}
+    )
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        values: list[bytes | None] = []
+        idle = 0
+        while idle < 3:
+            batch = consumer.consume(500, 0.3)
+            idle = 0 if batch else idle + 1
+            values += [m.value() for m in batch if m.error() is None and m.key() == key]
+        return values
+    finally:
+        consumer.close()
