@@ -115,3 +115,50 @@ def summary(transitions: Iterable[Output]) -> list[tuple[str, str, int]]:
 def trait_values(outputs: Iterable[Output]) -> list[tuple[str, Any, int]]:
     """`(trait, value, at_ms)` per `Trait Computed`."""
     return [(t.trait_key, t.value, t.at_ms) for t in outputs if isinstance(t, TraitChange)]
+
+
+class Cluster:
+    """Profiles by key, with Kafka's part played in memory: control records a step
+    returns are delivered at once to the profile they are keyed by (through the wire
+    format), deleted profiles' events are dropped, as the worker does."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.states: dict[str, UserState] = {}
+        self.suppressed: set[str] = set()
+        self.outputs: list[tuple[str, Output]] = []
+        self.erased: list[str] = []
+
+    def send(self, item: dict[str, Any]) -> None:
+        import orjson
+
+        queue = [item]
+        while queue:
+            event = parse_event(orjson.dumps(queue.pop(0)), T0)
+            key = event.key
+            if key in self.suppressed and event.type != "unsuppress":
+                continue
+            self.suppressed.discard(key)
+            result = step(self.states.get(key), event, self.catalog, key)
+            self._record(key, result.transitions)
+            if result.erase:
+                self.states.pop(key, None)
+                self.suppressed.add(key)
+                self.erased.append(key)
+            else:
+                self.states[key] = result.state
+            queue += [record for _target, record in result.controls]
+
+    def tick_until(self, until_ms: int) -> None:
+        """Deliver every wake before `until_ms`, earliest first (the sweeper's job)."""
+        while True:
+            due = [(s.wake_ms, k) for k, s in self.states.items() if s.wake_ms < until_ms]
+            if not due:
+                return
+            wake, key = min(due)
+            result = step(self.states[key], Tick(wake), self.catalog, key)
+            self.states[key] = result.state
+            self._record(key, result.transitions)
+
+    def _record(self, key: str, outputs: list[Output]) -> None:
+        self.outputs += [(key, output) for output in outputs]

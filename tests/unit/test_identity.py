@@ -6,14 +6,13 @@ to the profile they are keyed by, in order, as the events topic would.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
+import factories
 import orjson
 from factories import T0, H, M, S, audience, catalog_of, event_dict, feed, run, summary
 
 from audiences.core.definitions import build_catalog, validate_definition
-from audiences.core.definitions.catalog import Catalog
 from audiences.core.evaluator import Output, Tick, Transition, step
 from audiences.core.events import Event, parse_event
 from audiences.core.state import UserState
@@ -25,31 +24,7 @@ WINDOW_SHOPPERS = audience(
 VISITORS = audience("visitors", {"performed": {"event": "Product Viewed"}}, include_anonymous=True)
 
 
-class Cluster:
-    """Profiles by key; `send` evaluates a record and delivers the control records."""
-
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-        self.states: dict[str, UserState] = {}
-        self.outputs: list[tuple[str, Output]] = []
-        self.erased: list[str] = []
-
-    def send(self, raw: dict[str, Any]) -> None:
-        queue: deque[dict[str, Any]] = deque([raw])
-        while queue:
-            # through the wire format, as Kafka would carry it
-            event = parse_event(orjson.dumps(queue.popleft()), T0)
-            key = event.key
-            result = step(self.states.get(key), event, self.catalog, key)
-            if result.erase:
-                self.states.pop(key, None)
-                self.erased.append(key)
-            else:
-                self.states[key] = result.state
-            self.outputs += [(key, t) for t in result.transitions]
-            for _target, record in result.controls:
-                queue.append(record)
-
+class Cluster(factories.Cluster):
     def summary(self) -> list[tuple[str, str, str, int]]:
         return [
             (key, t.audience_key, "entered" if t.entered else "exited", t.at_ms)
@@ -172,7 +147,7 @@ def test_merged_counts_windows_and_traits_combine() -> None:
         ("u1", "pro", "entered", T0 + 3 * S),
         ("u1", "two_orders", "entered", T0 + 3 * S),
     ]
-    assert cluster.states["u1"].traits["email"] == "u1@example.com"  # the user's own wins
+    assert cluster.states["u1"].traits["email"] == "u1@example.com"  # the later value wins
 
 
 # -- deletion and suppression ----------------------------------------------------------

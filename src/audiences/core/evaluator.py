@@ -134,9 +134,12 @@ def _fold_traits(state: UserState, event: Event) -> bool:
         if not isinstance(source, dict):
             continue
         for name, value in source.items():
-            if (newer or name not in state.traits) and state.traits.get(name, ...) != value:
-                state.traits[name] = value
-                changed = True
+            if newer or name not in state.traits:
+                if state.traits.get(name, ...) != value:
+                    state.traits[name] = value
+                    changed = True
+                if state.trait_times.get(name, -1) < event.timestamp_ms:
+                    state.trait_times[name] = event.timestamp_ms  # merges: later value wins
     if changed and newer:
         state.traits_at_ms = event.timestamp_ms
     return changed
@@ -560,10 +563,14 @@ def _unchanged(state: UserState | None) -> StepResult:
 
 
 def _absorb(state: UserState, other: UserState, catalog: Catalog, now: int) -> None:
-    """Fold an anonymous profile's history into the user's (traits the user already
-    has win; counts add up; windows, funnels, devices and aggregates combine)."""
+    """Fold an anonymous profile's history into the user's (the later value of each
+    trait wins; counts add up; windows, funnels, devices and aggregates combine)."""
     for name, value in other.traits.items():
-        state.traits.setdefault(name, value)
+        theirs = other.trait_times.get(name, other.traits_at_ms)
+        if name not in state.traits or theirs > state.trait_times.get(name, state.traits_at_ms):
+            state.traits[name] = value  # the later value of each trait wins
+            state.trait_times[name] = theirs
+    state.traits_at_ms = max(state.traits_at_ms, other.traits_at_ms)
     for tracker_id, data in other.trackers.items():
         mine = state.trackers.get(tracker_id)
         tracker = catalog.trackers.get(tracker_id)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from audiences.core.definitions.conditions import EventMatcher, compile_where
+from audiences.core.definitions.conditions import EventMatcher, compile_where, device_type
 from audiences.core.durations import parse_duration_ms
 from audiences.core.events import Event, compile_path
-from audiences.core.operators import compile_predicate
+from audiences.core.operators import compile_predicate, wildcard_regex
 
 Definitions = Mapping[str, Mapping[str, Any]]
 
@@ -27,7 +27,8 @@ _COMPARE = {
 
 
 def is_member(definitions: Definitions, key: str, history: Sequence[Event], t: int) -> bool:
-    """Membership of the profile with `history` (arrival order) in audience `key` at `t`."""
+    """Membership of the profile with `history` (arrival order) in audience `key` at `t`.
+    `definitions` may hold computed traits too (documents with `kind`)."""
     seen = [e for e in history if e.timestamp_ms <= t]
     if not seen:
         return False  # a profile exists from its first event on
@@ -56,7 +57,140 @@ def _holds(
         return _trait(body, seen, t)
     if name == "sequence":
         return _sequence(body, seen, t)
+    if name in ("page_viewed", "screen_viewed"):
+        return _viewed(name.split("_")[0], body, seen, t)
+    if name == "device":
+        return _device(body, seen)
+    if name == "computed":
+        value = trait_value(definitions[body["name"]], seen, t)
+        return compile_predicate(body["op"], body.get("value"))(value, t)
     raise ValueError(f"oracle does not know {name!r}")
+
+
+def _count_matches(times: list[int], body: Mapping[str, Any], t: int) -> bool:
+    if "within" in body:
+        window = parse_duration_ms(body["within"])
+        assert window is not None
+        count = sum(1 for ts in times if t - window < ts <= t)
+    elif "between" in body:
+        near = parse_duration_ms(body["between"][0])
+        far = parse_duration_ms(body["between"][1])
+        assert near is not None and far is not None
+        count = sum(1 for ts in times if t - far < ts <= t - near)
+    else:
+        count = len(times)
+    ((op, n),) = (body.get("times") or {"gte": 1}).items()
+    return bool(_COMPARE[op](count, n))
+
+
+def _viewed(kind: str, body: Mapping[str, Any], seen: list[Event], t: int) -> bool:
+    where = compile_where(body.get("where"))
+    url = wildcard_regex(body["url"], anchored=True) if body.get("url") else None
+    times = []
+    for e in seen:
+        if e.type != kind or ("name" in body and e.name != body["name"]):
+            continue
+        if url is not None:
+            urls = [e.get(("properties", "url")), e.get(("context", "page", "url"))]
+            if not any(isinstance(u, str) and url.match(u) for u in urls):
+                continue
+        if where is None or where(e):
+            times.append(e.timestamp_ms)
+    return _count_matches(times, body, t)
+
+
+def _device(body: Mapping[str, Any], seen: list[Event]) -> bool:
+    """Replays device facts in event-time order (ties: arrival order)."""
+    devices: dict[str, list[Any]] = {}  # id -> [type, push]
+    for _ts, _index, e in sorted((e.timestamp_ms, i, e) for i, e in enumerate(seen)):
+        raw_device, raw_os = e.context.get("device"), e.context.get("os")
+        device: dict[str, Any] = raw_device if isinstance(raw_device, dict) else {}
+        os_info: dict[str, Any] = raw_os if isinstance(raw_os, dict) else {}
+        kind = device_type(device, os_info, e.context)
+        disables = e.type == "track" and e.name == "Push Notifications Disabled"
+        if kind is not None:
+            device_id = str(device.get("id") or device.get("advertisingId") or kind)
+            entry = devices.setdefault(device_id, [kind, False])
+            targets = [entry]
+        else:
+            targets = list(devices.values())
+        if disables or device.get("push_enabled") is False:
+            for entry in targets:
+                entry[1] = False
+        elif isinstance(device.get("token"), str) and device.get("token"):
+            for entry in targets:
+                entry[1] = True
+    wanted, push = body.get("type", "any"), body.get("push_enabled")
+    return any(
+        (wanted == "any" or kind == wanted) and (push is None or enabled == push)
+        for kind, enabled in devices.values()
+    )
+
+
+def trait_value(doc: Mapping[str, Any], seen: list[Event], t: int) -> Any:
+    """A computed trait's value at `t`, from every matching event (SPEC §3; windows
+    use the documented buckets of D/100: an event counts until its bucket start + D)."""
+    kind = doc["kind"]
+    where = compile_where(doc.get("where"))
+    path = compile_path(doc["property"]) if doc.get("property") else None
+    window = parse_duration_ms(doc["within"]) if doc.get("within") else None
+    rows: list[tuple[int, int, Any]] = []
+    for index, e in enumerate(seen):
+        ts = e.timestamp_ms
+        if e.type != "track" or e.name != doc["event"] or ts > t:
+            continue
+        if where is not None and not where(e):
+            continue
+        if window is not None:
+            bucket = max(1_000, window // 100)
+            if ts - ts % bucket + window <= t:
+                continue
+        value = e.get(path) if path is not None else None
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if kind in ("sum", "avg", "min", "max") and not numeric:
+            continue
+        if kind not in ("count", "sum", "avg", "min", "max") and not isinstance(
+            value, str | int | float | bool
+        ):
+            continue
+        rows.append((ts, index, value))
+    values = [v for _ts, _i, v in rows]
+    if kind == "count":
+        return len(rows)
+    if kind == "sum":
+        return sum(values)
+    if kind == "avg":
+        return sum(values) / len(values) if values else None
+    if kind in ("min", "max"):
+        return (min if kind == "min" else max)(values) if values else None
+    if kind in ("first", "last"):
+        if not rows:
+            return None
+        return (min if kind == "first" else max)(rows, key=lambda r: (r[0], r[1]))[2]
+    distinct: list[Any] = []
+    counts: list[int] = []
+    for value in values:
+        for i, known in enumerate(distinct):
+            if type(known) is type(value) and known == value:
+                counts[i] += 1
+                break
+        else:
+            distinct.append(value)
+            counts.append(1)
+
+    def order(v: Any) -> tuple[int, Any]:
+        if isinstance(v, bool):
+            return (2, v)
+        return (0, v) if isinstance(v, int | float) else (1, str(v))
+
+    if kind == "unique_count":
+        return len(distinct)
+    if kind == "unique_list":
+        return sorted(distinct, key=order)
+    if not distinct:
+        return None
+    best = min(range(len(distinct)), key=lambda i: (-counts[i], order(distinct[i])))
+    return distinct[best]
 
 
 def _performed(body: Mapping[str, Any], seen: list[Event], t: int) -> bool:
@@ -66,19 +200,7 @@ def _performed(body: Mapping[str, Any], seen: list[Event], t: int) -> bool:
         for e in seen
         if e.type == "track" and e.name == body["event"] and (where is None or where(e))
     ]
-    if "within" in body:
-        window = parse_duration_ms(body["within"])
-        assert window is not None
-        count = sum(1 for ts in matching if t - window < ts <= t)
-    elif "between" in body:
-        near = parse_duration_ms(body["between"][0])
-        far = parse_duration_ms(body["between"][1])
-        assert near is not None and far is not None
-        count = sum(1 for ts in matching if t - far < ts <= t - near)
-    else:
-        count = len(matching)
-    ((op, n),) = (body.get("times") or {"gte": 1}).items()
-    return bool(_COMPARE[op](count, n))
+    return _count_matches(matching, body, t)
 
 
 def _trait(body: Mapping[str, Any], seen: list[Event], t: int) -> bool:

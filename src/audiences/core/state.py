@@ -60,6 +60,7 @@ class UserState:
         "merged_into",
         "recent_ids",
         "trackers",
+        "trait_times",
         "traits",
         "traits_at_ms",
         "wake_ms",
@@ -70,6 +71,7 @@ class UserState:
         self.clock_ms = 0  # the profile's own clock: latest event or deadline applied
         self.traits: dict[str, Any] = {}
         self.traits_at_ms = 0
+        self.trait_times: dict[str, int] = {}  # per trait: time of the value (for merges)
         self.trackers: dict[str, Any] = {}
         self.members: dict[str, Membership] = {}
         self.recent_ids: list[int] = []  # flat [messageId hash, event seconds, ...] for dedup
@@ -110,6 +112,7 @@ class UserState:
             self.aliases,
             self.merged_into,
             self.generation,
+            self.trait_times,
         ]
 
     @classmethod
@@ -133,5 +136,6 @@ class UserState:
             state.aliases = fields[10]
             state.merged_into = fields[11]
             state.generation = fields[12]
+            state.trait_times = fields[13]
         state.refresh_wake()
         return state
