@@ -103,6 +103,41 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preview(args: argparse.Namespace) -> int:
+    from audiences.adapters.stream.definitions import read_definitions, read_profiles
+    from audiences.bootstrap import prepared
+    from audiences.core.definitions import check_references, validate_definition
+    from audiences.core.preview import preview
+
+    settings = _require_bootstrap(_settings())
+    documents = load_documents(Path(args.file))
+    topics = prepared(settings)
+    definitions = read_definitions(settings, topics)
+    profiles = read_profiles(settings, topics)
+    reports = []
+    for source, raw in documents:
+        try:
+            doc = validate_definition(raw)
+            others = {k: d for k, (d, _) in definitions.items() if k != doc["key"]}
+            check_references(doc, others)
+            reports.append(preview(doc, definitions, profiles.items(), args.sample))
+        except DefinitionError as exc:
+            print(f"error: {source}: {exc}", file=sys.stderr)
+            return 2
+    for report in reports:
+        if args.json:
+            print(json.dumps(report.as_json()))
+            continue
+        current = definitions.get(report.key)
+        change = f"v{current[1]} -> v{report.version}" if current else "new, v1"
+        print(f"{report.key} ({change}), judged on {report.profiles} stored profiles:")
+        print(f"  size after applying: {report.size}")
+        print(f"  would enter: {report.entering}  {' '.join(report.would_enter)}")
+        print(f"  would exit:  {report.exiting}  {' '.join(report.would_exit)}")
+        print(f"  sample: {json.dumps(report.sample)}")
+    return 0
+
+
 def cmd_get(args: argparse.Namespace) -> int:
     from audiences.adapters.stream.definitions import read_definitions
     from audiences.bootstrap import prepared
@@ -217,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="a JSON/YAML file (one definition or a list) or a directory",
     )
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser(
+        "preview",
+        help="what applying definitions would do: size, sample, would-enter, would-exit",
+        description="Judge every stored profile (read from the state changelog) on the "
+        "definitions in FILE as if they were applied, without applying them.",
+    )
+    p.add_argument("-f", "--file", required=True, help="JSON/YAML file or directory")
+    p.add_argument("--sample", type=int, default=10, help="profiles listed per group (10)")
+    p.add_argument("--json", action="store_true", help="one JSON object per definition")
+    p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("get", help="list audiences, or print one definition")
     p.add_argument("key", nargs="?", help="audience key")

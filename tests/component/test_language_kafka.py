@@ -287,3 +287,62 @@ def _changelog_values(engine: Engine, key: bytes) -> list[bytes | None]:
         return values
     finally:
         consumer.close()
+
+
+def test_preview_cli_reports_what_an_edit_would_do(engine: Engine, tmp_path: Any) -> None:
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+
+    buyers = {"key": "buyers", "condition": {"performed": {"event": "Order Completed"}}}
+    engine.apply(buyers)
+    engine.start()
+    users = [f"p{n}" for n in range(5)]
+    engine.send(
+        *(
+            event("identify", user, T0, traits={"country": "XX" if n < 2 else "FR"})
+            for n, user in enumerate(users)
+        ),
+        *(track(user, "Order Completed", T0 + S) for user in users[:4]),
+    )
+    assert len(engine.outputs(4)) == 4
+    engine.settle()
+    edited = {
+        "key": "buyers",
+        "condition": {
+            "any": [
+                {
+                    "all": [
+                        buyers["condition"],
+                        {"not": {"trait": {"name": "country", "op": "eq", "value": "XX"}}},
+                    ]
+                },
+                {"trait": {"name": "country", "op": "eq", "value": "FR"}},
+            ]
+        },
+    }
+    path = tmp_path / "buyers.json"
+    path.write_text(json.dumps(edited))
+    env = {
+        **os.environ,
+        **{
+            f"AUDIENCES_{f.name.upper()}": str(getattr(engine.settings, f.name))
+            for f in dataclasses.fields(engine.settings)
+        },
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "audiences", "preview", "-f", str(path), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["version"], report["profiles"], report["size"]) == (2, 5, 3)
+    assert sorted(report["would_exit"]) == ["p0", "p1"]
+    assert report["would_enter"] == ["p4"]
+    # nothing was applied: no new output, the definition is still version 1
+    assert len(engine.outputs(4)) == 4

@@ -237,3 +237,64 @@ def test_editing_a_live_audience_with_10000_members_causes_no_storm() -> None:
 
 def _events(*raws: dict[str, Any]) -> list[Event]:
     return [parse_event(raw, T0) for raw in raws]
+
+
+# -- preview -------------------------------------------------------------------------------
+
+
+def test_preview_reports_size_sample_and_differences_without_changing_anything() -> None:
+    from audiences.core.preview import preview
+
+    buyers = audience("buyers", {"performed": {"event": "Order Completed"}})
+    orders = {"key": "orders", "kind": "count", "event": "Order Completed"}
+    v1 = catalog_of(buyers, orders)
+    profiles: dict[str, UserState] = {}
+    for n in range(6):
+        user = f"u{n}"
+        items = _events(
+            event_dict(
+                ts=T0,
+                type="identify",
+                event=None,
+                userId=user,
+                traits={"country": "XX" if n < 2 else "FR"},
+            ),
+            *([event_dict(ts=T0 + S, userId=user, event="Order Completed")] if n < 4 else []),
+        )
+        state, _ = feed(v1, items, user=user)
+        assert state is not None
+        profiles[user] = state
+    stored = {user: state.encode() for user, state in profiles.items()}
+    edited = validate_definition(
+        audience(
+            "buyers",
+            {
+                "any": [
+                    {
+                        "all": [
+                            buyers["condition"],
+                            {"not": {"trait": {"name": "country", "op": "eq", "value": "XX"}}},
+                        ]
+                    },
+                    {"trait": {"name": "country", "op": "eq", "value": "FR"}},
+                ]
+            },
+        )
+    )
+    definitions = {
+        "buyers": (validate_definition(buyers), 1),
+        "orders": (validate_definition(orders), 1),
+    }
+    decoded = [(user, UserState.decode(data)) for user, data in stored.items()]
+    report = preview(edited, definitions, decoded, sample_size=3)
+    assert (report.key, report.version, report.profiles) == ("buyers", 2, 6)
+    assert (report.size, report.entering, report.exiting) == (4, 2, 2)
+    assert sorted(report.would_exit) == ["u0", "u1"]
+    assert sorted(report.would_enter) == ["u4", "u5"]
+    assert len(report.sample) == 3
+    # an edited computed trait: which profiles have a value, and which
+    trait = validate_definition({**orders, "name": "Orders (lifetime)"})
+    decoded = [(user, UserState.decode(data)) for user, data in stored.items()]
+    report = preview(trait, definitions, decoded)
+    assert (report.version, report.size) == (2, 4)
+    assert sorted(report.sample) == [["u0", 1], ["u1", 1], ["u2", 1], ["u3", 1]]

@@ -267,7 +267,7 @@ def _judge_traits(
         if trait is None:
             continue
         value, change = trait.value(state, now)
-        wake = change if change > now else 0
+        wake = change if now < change < NEVER else 0  # stored as 0 = never
         entry = state.computed.get(key)
         if entry is None:
             if wake == 0 and is_empty_value(trait.kind, value):

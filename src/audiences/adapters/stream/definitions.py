@@ -20,6 +20,7 @@ from audiences.adapters.kafka.topics import Topics, partition_count
 from audiences.adapters.settings import Settings
 from audiences.core.definitions import Catalog, build_catalog, check_references, validate_definition
 from audiences.core.events import format_iso
+from audiences.core.state import UserState
 from audiences.errors import AudiencesError, BrokerError
 
 log = logging.getLogger(__name__)
@@ -188,3 +189,43 @@ def delete_definition(settings: Settings, topics: Topics, key: str) -> bool:
     if producer.flush(30):
         raise BrokerError("the deletion was not acknowledged by Kafka", retriable=True)
     return True
+
+
+def read_profiles(settings: Settings, topics: Topics) -> dict[str, UserState]:
+    """Every stored profile, from the state changelog (last write wins, tombstones
+    delete). For previews: a batch a crashed worker never completed may be included."""
+    from audiences.adapters.stream.evaluator import MARKER_PREFIX, SUPPRESSED
+
+    consumer = Consumer(
+        {
+            **settings.kafka_config(),
+            "group.id": f"{settings.app_id}-preview",
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+        }
+    )
+    producer = Producer(settings.producer_config())
+    try:
+        from confluent_kafka.admin import AdminClient
+
+        partitions = partition_count(AdminClient(settings.kafka_config()), topics.changelog)
+        if partitions is None:
+            return {}
+        fences = write_fences(producer, topics.changelog, list(range(partitions)))
+        raw: dict[bytes, bytes | None] = {}
+        for msg in read_to_fence(consumer, topics.changelog, fences, {}):
+            key = msg.key() or b""
+            if key == FENCE_KEY or key.startswith((MARKER_PREFIX, SUPPRESSED)):
+                continue
+            raw[key] = msg.value()
+    finally:
+        consumer.close()
+    profiles: dict[str, UserState] = {}
+    for key, value in raw.items():
+        if value is None:
+            continue
+        try:
+            profiles[key.decode()] = UserState.decode(value)
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+            log.warning("skipping an unreadable profile %r", key)
+    return profiles

@@ -1,0 +1,79 @@
+"""What applying a definition would do, judged on stored profiles (`audiences preview`).
+
+Every profile is judged with `step` itself on a catalog where the proposed
+document replaces the current version, at the profile's own clock — exactly
+what the workers' re-judging pass does after the definition is applied — so a
+preview and the real change agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from audiences.core.definitions import build_catalog
+from audiences.core.definitions.validate import is_trait_definition
+from audiences.core.evaluator import Tick, TraitChange, Transition, step
+from audiences.core.state import UserState
+from audiences.errors import DefinitionError
+
+
+@dataclass
+class Preview:
+    key: str
+    version: int  # the version the document would get
+    profiles: int = 0  # profiles judged
+    size: int = 0  # members (or, for a computed trait, profiles with a value) afterwards
+    entering: int = 0
+    exiting: int = 0
+    sample: list[Any] = field(default_factory=list)  # members, or (profile, value)
+    would_enter: list[str] = field(default_factory=list)  # up to `sample_size` each
+    would_exit: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def preview(
+    doc: Mapping[str, Any],
+    definitions: Mapping[str, tuple[Mapping[str, Any], int]],
+    profiles: Iterable[tuple[str, UserState]],
+    sample_size: int = 10,
+) -> Preview:
+    """Judge `profiles` on `definitions` with `doc` applied (validated beforehand)."""
+    key = doc["key"]
+    current = definitions.get(key)
+    result = Preview(key, current[1] + 1 if current else 1)
+    catalog = build_catalog({**definitions, key: (doc, result.version)})
+    if key in catalog.skipped:
+        raise DefinitionError("$.condition", catalog.skipped[key])
+    trait = is_trait_definition(doc)
+    for profile, state in profiles:
+        if state.merged_into is not None:
+            continue
+        result.profiles += 1
+        outputs = step(state, Tick(state.clock_ms), catalog, profile).transitions
+        for output in outputs:
+            if isinstance(output, Transition) and output.audience_key == key:
+                target = result.would_enter if output.entered else result.would_exit
+                if output.entered:
+                    result.entering += 1
+                else:
+                    result.exiting += 1
+                if len(target) < sample_size:
+                    target.append(profile)
+        if trait:
+            entry = state.computed.get(key)
+            changed = any(isinstance(o, TraitChange) and o.trait_key == key for o in outputs)
+            if entry is not None and (changed or entry[1]):
+                result.size += 1
+                if len(result.sample) < sample_size:
+                    result.sample.append([profile, entry[0]])
+            continue
+        membership = state.members.get(key)
+        if membership is not None and membership.member:
+            result.size += 1
+            if len(result.sample) < sample_size:
+                result.sample.append(profile)
+    return result
