@@ -100,6 +100,34 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return 2
     for key, version in results:
         print(f"{key}: " + (f"applied as version {version}" if version else "unchanged"))
+    if args.wait:
+        return _wait_for_backfill(settings, topics, args.timeout)
+    return 0
+
+
+def _wait_for_backfill(settings: Settings, topics: Any, timeout_s: float) -> int:
+    """A progress bar of the workers' backfill (replay of retained events)."""
+    from audiences.adapters.stream.definitions import wait_for_backfill
+
+    def show(done: int, total: int, finished: int, partitions: int) -> None:
+        share = done / total if total else (1.0 if finished == partitions else 0.0)
+        bar = "#" * int(share * 30)
+        print(
+            f"\rbackfill [{bar:<30}] {share:4.0%}  {done}/{total} events, "
+            f"{finished}/{partitions} partitions done",
+            end="",
+            flush=True,
+        )
+
+    ok = wait_for_backfill(settings, topics, timeout_s, show)
+    print()
+    if not ok:
+        print(
+            f"error: backfill not finished after {timeout_s:.0f}s (are workers running?)",
+            file=sys.stderr,
+        )
+        return 1
+    print("backfill done: the audiences reflect the retained history")
     return 0
 
 
@@ -251,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a JSON/YAML file (one definition or a list) or a directory",
     )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="show the workers' backfill progress and wait until it is done",
+    )
+    p.add_argument("--timeout", type=float, default=600.0, help="for --wait, seconds (600)")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from harness import T0, Engine, H, M, S, track
@@ -346,3 +347,71 @@ def test_preview_cli_reports_what_an_edit_would_do(engine: Engine, tmp_path: Any
     assert report["would_enter"] == ["p4"]
     # nothing was applied: no new output, the definition is still version 1
     assert len(engine.outputs(4)) == 4
+
+
+def test_new_audiences_backfill_from_retained_events_without_a_storm(
+    engine: Engine, tmp_path: Any
+) -> None:
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+    import time
+
+    engine.apply({"key": "viewers", "condition": {"performed": {"event": "Product Viewed"}}})
+    engine.start()
+    engine.send(
+        *(track(user, "Product Viewed", T0 + n * S) for n, user in enumerate(["v1", "v2", "v3"])),
+        track("v2", "Order Completed", T0 + H, revenue=80),
+    )
+    assert len(engine.outputs(3)) == 3
+    engine.settle()
+    # A new audience over an event no audience tracked yet: its history must be replayed.
+    # Without it, v2 would enter at once and exit after the replay.
+    never_ordered = {
+        "key": "never_ordered",
+        "condition": {
+            "all": [
+                {"performed": {"event": "Product Viewed"}},
+                {"not": {"performed": {"event": "Order Completed"}}},
+            ]
+        },
+    }
+    # backfill: false counts only what comes after its creation
+    fresh_buyers = {
+        "key": "fresh_buyers",
+        "condition": {"performed": {"event": "Order Completed"}},
+        "backfill": False,
+    }
+    path = tmp_path / "new.json"
+    path.write_text(orjson.dumps([never_ordered, fresh_buyers]).decode())
+    env = {
+        **os.environ,
+        **{
+            f"AUDIENCES_{f.name.upper()}": str(getattr(engine.settings, f.name))
+            for f in dataclasses.fields(engine.settings)
+        },
+    }
+    applied = subprocess.run(
+        [sys.executable, "-m", "audiences", "apply", "-f", str(path), "--wait", "--timeout", "60"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert "backfill done" in applied.stdout
+    assert "partitions done" in applied.stdout  # the progress bar
+    rows = transitions(engine.outputs(5))
+    assert sorted(rows[3:]) == [
+        ("v1", "never_ordered", "Entered", format_iso(T0)),
+        ("v3", "never_ordered", "Entered", format_iso(T0 + 2 * S)),
+    ]
+    # live events flow again after the backfill; the new audience sees them
+    now = int(time.time() * 1000) + H  # after fresh_buyers was created
+    engine.send(track("v3", "Order Completed", now, revenue=10))
+    rows = transitions(engine.outputs(7))
+    assert sorted(rows[5:]) == [
+        ("v3", "fresh_buyers", "Entered", format_iso(now)),
+        ("v3", "never_ordered", "Exited", format_iso(now)),
+    ]

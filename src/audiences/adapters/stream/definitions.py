@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
 from audiences.adapters.kafka.fence import FENCE_KEY, read_to_fence, write_fences
 from audiences.adapters.kafka.topics import Topics, partition_count
@@ -229,3 +229,47 @@ def read_profiles(settings: Settings, topics: Topics) -> dict[str, UserState]:
         except (ValueError, TypeError, IndexError, KeyError, AttributeError):
             log.warning("skipping an unreadable profile %r", key)
     return profiles
+
+
+def wait_for_backfill(
+    settings: Settings,
+    topics: Topics,
+    timeout_s: float,
+    on_progress: Callable[[int, int, int, int], None],
+) -> bool:
+    """Wait until every `events` partition reports it finished backfilling the current
+    definitions (`on_progress(done, total, finished_partitions, partitions)` on each
+    report). False on timeout (e.g. no worker running)."""
+    from confluent_kafka.admin import AdminClient
+
+    definitions = read_definitions(settings, topics)
+    fingerprint = build_catalog(definitions).fingerprint
+    partitions = partition_count(AdminClient(settings.kafka_config()), topics.events) or 0
+    consumer = Consumer(
+        {
+            **settings.kafka_config(),
+            "group.id": f"{settings.app_id}-progress-reader",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    latest: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        consumer.assign([TopicPartition(topics.progress, 0, OFFSET_BEGINNING)])
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(100, 0.2):
+                if msg.error() is not None or msg.value() is None:
+                    continue
+                report = orjson.loads(msg.value())
+                if report.get("catalog") == fingerprint:
+                    latest[int(report["partition"])] = report
+            done = sum(r["done"] for r in latest.values())
+            total = sum(r["total"] for r in latest.values())
+            finished = sum(1 for r in latest.values() if r["finished"])
+            on_progress(done, total, finished, partitions)
+            if partitions and finished == partitions:
+                return True
+        return False
+    finally:
+        consumer.close()

@@ -44,8 +44,10 @@ from audiences.adapters.state.store import (
     due_key,
 )
 from audiences.adapters.stream.definitions import DefinitionsLog
+from audiences.core.definitions import Catalog
+from audiences.core.definitions.conditions import ALL_EVENTS, route_of
 from audiences.core.evaluator import Control, Output, Tick, Transition, step
-from audiences.core.events import Event, parse_event
+from audiences.core.events import CONTROL_TYPES, Event, parse_event
 from audiences.core.outputs import render_output
 from audiences.core.state import NEVER, UserState
 from audiences.errors import BrokerError, InvalidEventError
@@ -54,6 +56,9 @@ log = logging.getLogger(__name__)
 MARKER_PREFIX = b"__batch__:"
 REJUDGE_CHUNK = 1000  # profiles re-judged per partition per loop turn after a change
 SUPPRESSED = b"\x00suppressed:"  # changelog/state key prefix of a deleted user's marker
+META_PREFIX = b"\x00"  # keys that are not profiles (suppression markers, partition meta)
+COMPLETE_TRACKERS = b"\x00meta:trackers"  # tracker ids whose history this partition holds
+REPLAY_CHUNK = 5000  # events re-read per replaying partition per loop turn
 Clock = Callable[[], int]
 
 
@@ -74,6 +79,19 @@ class Partition:
     cache: dict[bytes, UserState] = field(default_factory=dict)
     suppressed: set[bytes] = field(default_factory=set)  # deleted users: events dropped
     rejudge_from: bytes | None = None  # definitions changed: next profile key to re-judge
+    complete_trackers: set[str] = field(default_factory=set)  # history replayed or live
+    trackers_recorded: bool = False  # COMPLETE_TRACKERS is in the changelog
+    replay: Replay | None = None  # backfill in progress (the partition is paused meanwhile)
+
+
+@dataclass
+class Replay:
+    """Re-reading `events` [start, end) of one partition for trackers new to it."""
+
+    trackers: frozenset[str]
+    start: int
+    end: int  # the partition's position when the replay began (exclusive)
+    next_offset: int
 
 
 @dataclass
@@ -83,7 +101,7 @@ class _Staged:
     states: dict[bytes, UserState | None] = field(default_factory=dict)  # None = erased
     old_wakes: dict[bytes, int] = field(default_factory=dict)
     stale_due: list[bytes] = field(default_factory=list)
-    suppression: dict[bytes, bool] = field(default_factory=dict)  # user -> suppressed now?
+    raw: dict[bytes, bytes | None] = field(default_factory=dict)  # markers, meta; None = delete
 
 
 class Evaluator:
@@ -126,6 +144,14 @@ class Evaluator:
         self._recovery_consumer = Consumer(
             {**base, "group.id": f"{settings.app_id}-recovery", "enable.auto.commit": False}
         )
+        self._replay_consumer = Consumer(
+            {
+                **base,
+                "group.id": f"{settings.app_id}-backfill",
+                "enable.auto.commit": False,
+                "enable.partition.eof": False,
+            }
+        )
         self.definitions = DefinitionsLog(settings, topics)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -162,11 +188,14 @@ class Evaluator:
             if self.definitions.poll():
                 for partition in self.partitions.values():
                     partition.rejudge_from = b""
+                    if partition.replay is None:
+                        self._plan_backfill(partition)
             if messages:
                 self._process(messages)
             if time.monotonic() - last_sweep >= tick_s:
                 self._sweep()
                 last_sweep = time.monotonic()
+            self._replay()
             self._rejudge()
 
     def _close(self) -> None:
@@ -177,6 +206,7 @@ class Evaluator:
         except Exception:  # the broker may be gone: closing must not hide the first error
             log.warning("closing the consumer failed", exc_info=True)
         self._recovery_consumer.close()
+        self._replay_consumer.close()
         self.definitions.close()
 
     # -- rebalance -------------------------------------------------------------------------
@@ -192,6 +222,8 @@ class Evaluator:
             self.partitions[tp.partition] = partition
             start.append(TopicPartition(tp.topic, tp.partition, partition.position))
         consumer.incremental_assign(start)
+        for tp in assigned:
+            self._plan_backfill(self.partitions[tp.partition])
         gc.collect()
         gc.freeze()  # recovered state and catalog are long-lived: keep them out of GC scans
         log.info("assigned partitions %s", sorted(self.partitions))
@@ -279,6 +311,14 @@ class Evaluator:
         partition.suppressed = {key[len(SUPPRESSED) :] for key in store.user_keys(SUPPRESSED)}
         if store.get_text(JUDGED_CATALOG) != self.definitions.catalog.fingerprint:
             partition.rejudge_from = b""
+        tracked = store.get_states([COMPLETE_TRACKERS])[0]
+        # A store from before backfills existed: what it tracks is taken as complete.
+        partition.complete_trackers = (
+            set(orjson.loads(tracked))
+            if tracked is not None
+            else _replayable(self.definitions.catalog)
+        )
+        partition.trackers_recorded = tracked is not None
         return partition
 
     # -- batches ---------------------------------------------------------------------------
@@ -300,8 +340,8 @@ class Evaluator:
         catalog = self.definitions.catalog
         for number, batch in by_partition.items():
             partition = self.partitions.get(number)
-            if partition is None:
-                continue
+            if partition is None or partition.replay is not None:
+                continue  # (a replaying partition is paused; it resumes at its position)
             events: list[tuple[bytes, Event, Message]] = []
             for msg in batch:
                 if msg.offset() < partition.position:
@@ -371,6 +411,8 @@ class Evaluator:
         catalog = self.definitions.catalog
         staged: dict[int, _Staged] = {}
         for number, partition in self.partitions.items():
+            if partition.replay is not None:
+                continue  # its clock stands still until the backfill is done
             now = wall if self._caught_up(partition) else min(wall, partition.stream_time_ms)
             due = list(partition.store.due(now))
             if not due:
@@ -400,14 +442,14 @@ class Evaluator:
         finished: list[Partition] = []
         for number, partition in self.partitions.items():
             start = partition.rejudge_from
-            if start is None:
+            if start is None or partition.replay is not None:
                 continue
             rows = partition.store.states_from(start, REJUDGE_CHUNK + 1)
             chunk = rows[:REJUDGE_CHUNK]
             partition.rejudge_from = rows[REJUDGE_CHUNK][0] if len(rows) > REJUDGE_CHUNK else None
             if partition.rejudge_from is None:
                 finished.append(partition)
-            keys = {key for key, _ in chunk if not key.startswith(SUPPRESSED)}
+            keys = {key for key, _ in chunk if not key.startswith(META_PREFIX)}
             stage = _Staged()
             states = self._load(partition, keys, stage)
             for key in sorted(keys):
@@ -423,6 +465,126 @@ class Evaluator:
             self._make_durable(staged)
         for partition in finished:
             partition.store.put_text(JUDGED_CATALOG, catalog.fingerprint)
+
+    # -- backfill ----------------------------------------------------------------------------
+
+    def _plan_backfill(self, partition: Partition) -> None:
+        """New trackers (a new audience or trait with `backfill: true`) have no history in
+        stored profiles: re-read the partition's retained events for them first.
+
+        The partition is paused meanwhile (its events, deadlines and re-judging wait), so
+        the replayed history and live events reach the new trackers in log order."""
+        missing = _replayable(self.definitions.catalog) - partition.complete_trackers
+        if not missing:
+            if partition.trackers_recorded:
+                self._report_progress(partition)
+            else:  # record it, so a worker taking the partition over knows it too
+                self._complete_trackers(partition, set())
+            return
+        tp = TopicPartition(self.topics.events, partition.number)
+        low, _high = self._consumer.get_watermark_offsets(tp, timeout=10)
+        start = max(0, low)
+        if partition.position <= start:
+            self._complete_trackers(partition, missing)  # nothing before: live is complete
+            return
+        partition.replay = Replay(frozenset(missing), start, partition.position, start)
+        self._consumer.pause([tp])
+        log.info(
+            "partition %d: backfilling %d new trackers over offsets %d..%d",
+            partition.number,
+            len(missing),
+            start,
+            partition.position,
+        )
+        self._report_progress(partition)
+
+    def _replay(self) -> None:
+        """One chunk of every running backfill (other partitions flow in between)."""
+        catalog = self.definitions.catalog
+        for number, partition in list(self.partitions.items()):
+            replay = partition.replay
+            if replay is None:
+                continue
+            self._replay_consumer.assign(
+                [TopicPartition(self.topics.events, number, replay.next_offset)]
+            )
+            messages = self._replay_consumer.consume(REPLAY_CHUNK, 0.5)
+            records = [
+                m for m in messages if m.error() is None and m.offset() >= replay.next_offset
+            ]
+            if not records:  # retention may have removed the rest
+                low, _ = self._replay_consumer.get_watermark_offsets(
+                    TopicPartition(self.topics.events, number), timeout=10
+                )
+                replay.next_offset = max(replay.next_offset, low)
+            stage = _Staged()
+            events: list[tuple[bytes, Event]] = []
+            for msg in records:
+                if msg.offset() >= replay.end:
+                    break
+                replay.next_offset = msg.offset() + 1
+                try:
+                    event = parse_event(msg.value() or b"", msg.timestamp()[1])
+                except InvalidEventError:
+                    continue
+                if event.type not in CONTROL_TYPES:
+                    events.append((event.key.encode(), event))
+            states = self._load(partition, {key for key, _ in events}, stage)
+            for key, event in events:
+                state = states.get(key)
+                if state is None or state.merged_into is not None or key in partition.suppressed:
+                    continue
+                if _replay_event(state, event, catalog, replay.trackers):
+                    stage.states[key] = state
+            if records and records[-1].offset() >= replay.end:
+                replay.next_offset = replay.end
+            if stage.states:
+                self._make_durable({number: stage})
+            if replay.next_offset >= replay.end:
+                self._finish_replay(partition, replay)
+            else:
+                self._report_progress(partition)
+
+    def _finish_replay(self, partition: Partition, replay: Replay) -> None:
+        partition.replay = None
+        self._complete_trackers(partition, set(replay.trackers))
+        partition.rejudge_from = b""  # now judge everyone on the whole history
+        tp = TopicPartition(self.topics.events, partition.number, partition.position)
+        self._consumer.resume([tp])
+        self._consumer.seek(tp)
+        log.info("partition %d: backfill done", partition.number)
+        if self._replayable_missing(partition):
+            self._plan_backfill(partition)  # definitions changed during the replay
+
+    def _replayable_missing(self, partition: Partition) -> bool:
+        return bool(_replayable(self.definitions.catalog) - partition.complete_trackers)
+
+    def _complete_trackers(self, partition: Partition, trackers: set[str]) -> None:
+        partition.complete_trackers |= trackers
+        partition.trackers_recorded = True
+        stage = _Staged()
+        stage.raw[COMPLETE_TRACKERS] = orjson.dumps(sorted(partition.complete_trackers))
+        self._make_durable({partition.number: stage})
+        self._report_progress(partition)
+
+    def _report_progress(self, partition: Partition) -> None:
+        """Per partition, for `audiences apply --wait`: the catalog it is for, and how
+        far the backfill is (finished = nothing left to replay for that catalog)."""
+        replay = partition.replay
+        record = {
+            "catalog": self.definitions.catalog.fingerprint,
+            "partition": partition.number,
+            "done": replay.next_offset - replay.start if replay else 0,
+            "total": replay.end - replay.start if replay else 0,
+            "finished": replay is None,
+        }
+        self._producer.produce(
+            self.topics.progress,
+            key=f"backfill:{partition.number}".encode(),
+            value=orjson.dumps(record),
+            on_delivery=self._delivered,
+        )
+        self._producer.poll(0)
 
     def _caught_up(self, partition: Partition) -> bool:
         """No records waiting: the last consume drained the queue and the position is at
@@ -485,7 +647,7 @@ class Evaluator:
             partition.suppressed.add(key)
         else:
             partition.suppressed.discard(key)
-        stage.suppression[key] = on
+        stage.raw[SUPPRESSED + key] = b"1" if on else None
 
     def _dead_letter(self, msg: Message, exc: InvalidEventError) -> None:
         self._producer.produce(
@@ -526,10 +688,7 @@ class Evaluator:
             partition.batch_seq += 1
             tag = f"{partition.position} {partition.session} {partition.batch_seq}"
             rows = encoded[number] = []
-            suppression = [
-                (SUPPRESSED + key, b"1" if on else None) for key, on in stage.suppression.items()
-            ]
-            for key, state in [*stage.states.items(), *suppression]:
+            for key, state in [*stage.states.items(), *stage.raw.items()]:
                 data: bytes | None
                 if isinstance(state, UserState):
                     data, wake = state.encode(), state.wake_ms
@@ -607,6 +766,27 @@ class Evaluator:
         if len(cache) > limit:
             for key in list(cache)[: len(cache) - limit + limit // 10]:
                 del cache[key]
+
+
+def _replayable(catalog: Catalog) -> set[str]:
+    """Trackers that count history (not `backfill: false` ones, which start at creation)."""
+    return {t.id for t in catalog.trackers.values() if not getattr(t, "from_ms", 0)}
+
+
+def _replay_event(
+    state: UserState, event: Event, catalog: Catalog, trackers: frozenset[str]
+) -> bool:
+    """Fold a past event into the trackers being backfilled only (no judging)."""
+    route = route_of(event.type, event.name)
+    changed = False
+    for group in (
+        catalog.trackers_by_event.get(route) if route is not None else None,
+        catalog.trackers_by_event.get(ALL_EVENTS),
+    ):
+        for tracker in group or ():
+            if tracker.id in trackers and tracker.update(state, event, state.clock_ms):
+                changed = True
+    return changed
 
 
 def _changelog_header(msg: Message) -> tuple[int, str, int, int] | None:
