@@ -452,3 +452,38 @@ def test_rendered_outputs_match_the_output_schema() -> None:
         message = render_output(output, state.traits)
         assert errors("output/audience-event.json", message) == []
         assert errors("events/event.json", message) == []
+
+
+def test_identity_control_records_match_their_schemas() -> None:
+    import orjson
+    from factories import T0
+
+    from audiences.core.definitions import build_catalog
+    from audiences.core.evaluator import step
+    from audiences.core.events import parse_event
+
+    catalog = build_catalog({})
+    anonymous = step(
+        None,
+        parse_event({"type": "track", "event": "E", "anonymousId": "a1", "timestamp": T0}, T0),
+        catalog,
+        "a1",
+    ).state
+    linked = step(
+        None,
+        parse_event(
+            {"type": "identify", "userId": "u1", "anonymousId": "a1", "timestamp": T0 + 1}, T0
+        ),
+        catalog,
+        "u1",
+    )
+    ((target, request),) = linked.controls
+    assert target == "a1"
+    assert errors("events/merge.json", request) == []
+    assert errors("events/event.json", request) == []
+    handed = step(anonymous, parse_event(orjson.dumps(request), T0), catalog, "a1")
+    ((target, state_record),) = handed.controls
+    assert target == "u1"
+    assert errors("events/merge.json", state_record) == []
+    assert errors("events/event.json", {"type": "unsuppress", "userId": "u1"}) == []
+    assert errors("events/merge.json", {**request, "properties": {}})  # `into` is required
