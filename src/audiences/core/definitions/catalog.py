@@ -80,6 +80,13 @@ class _Compiler:
         return self.trackers.setdefault(tracker.id, tracker)
 
     def compile(self, condition: Mapping[str, Any], used: set[str], flags: dict[str, bool]) -> Node:
+        node = self._compile(condition, used, flags)
+        node.condition = condition
+        return node
+
+    def _compile(
+        self, condition: Mapping[str, Any], used: set[str], flags: dict[str, bool]
+    ) -> Node:
         ((name, body),) = condition.items()
         if name == "all":
             return AllNode([self.compile(c, used, flags) for c in body])

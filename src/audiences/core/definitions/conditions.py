@@ -289,8 +289,26 @@ class SequenceTracker(Tracker):
 class Node:
     """A compiled condition."""
 
+    condition: Mapping[str, Any] = {}  # the source, set by the compiler (for explain)
+
     def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
         raise NotImplementedError
+
+    def explain(self, state: UserState, now: int) -> dict[str, Any]:
+        """The node's answer (from `evaluate` itself) and what decided it."""
+        value, change = self.evaluate(state, now)
+        ((name, _body),) = self.condition.items() if self.condition else (("?", None),)
+        return {
+            "condition": name,
+            "definition": self.condition,
+            "value": value,
+            "changes_at_ms": change if change < NEVER else None,
+            **self.evidence(state, now),
+        }
+
+    def evidence(self, state: UserState, now: int) -> dict[str, Any]:
+        """The inputs the answer rests on (events' times, trait values, children)."""
+        return {}
 
 
 class AllNode(Node):
@@ -305,6 +323,9 @@ class AllNode(Node):
             if child_change < change:
                 change = child_change
         return value, change
+
+    def evidence(self, state: UserState, now: int) -> dict[str, Any]:
+        return {"children": [child.explain(state, now) for child in self.children]}
 
 
 class AnyNode(AllNode):
@@ -325,6 +346,9 @@ class NotNode(Node):
     def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
         value, change = self.child.evaluate(state, now)
         return not value, change
+
+    def evidence(self, state: UserState, now: int) -> dict[str, Any]:
+        return {"children": [self.child.explain(state, now)]}
 
 
 class PerformedNode(Node):
@@ -371,6 +395,19 @@ class PerformedNode(Node):
                 change = leave
         return self.compare(inside, self.count), change
 
+    def evidence(self, state: UserState, now: int) -> dict[str, Any]:
+        data = state.trackers.get(self.tracker.id)
+        if self.tracker.mode == "count":
+            return {"count": data or 0}
+        times: list[int] = data or []
+        if self.window_ms is not None:
+            counted = [ts for ts in times if now - self.window_ms < ts <= now]
+        elif self.near_ms is not None and self.far_ms is not None:
+            counted = [ts for ts in times if now - self.far_ms < ts <= now - self.near_ms]
+        else:
+            counted = times
+        return {"count": len(counted), "event_times_ms": counted}
+
 
 class TraitNode(Node):
     def __init__(self, spec: Mapping[str, Any]) -> None:
@@ -389,6 +426,12 @@ class TraitNode(Node):
         change = predicate_change_ms(self.op, self.expected, node, now)
         return self.predicate(node, now), NEVER if change is None else change
 
+    def evidence(self, state: UserState, now: int) -> dict[str, Any]:
+        node: Any = state.traits
+        for part in self.path:
+            node = node.get(part) if isinstance(node, dict) else None
+        return {"actual": node, "set_at_ms": state.trait_times.get(self.path[0])}
+
 
 class InAudienceNode(Node):
     """Current membership of another audience (evaluated earlier: catalogs are topo-sorted)."""
@@ -401,6 +444,10 @@ class InAudienceNode(Node):
         if membership is None:
             return False, NEVER
         return membership.member, membership.wake_ms
+
+    def evidence(self, state: UserState, now: int) -> dict[str, Any]:
+        membership = state.members.get(self.key)
+        return {"since_ms": membership.since_ms if membership else None}
 
 
 class SequenceNode(Node):
@@ -435,6 +482,22 @@ class SequenceNode(Node):
             value = value or holds
             change = min(change, next_change)
         return value, change
+
+    def evidence(self, state: UserState, now: int) -> dict[str, Any]:
+        instances: dict[str, list[int]] = state.trackers.get(self.tracker.id) or {}
+        total = len(self.tracker.steps)
+        return {
+            "instances": [
+                {
+                    "match": key,
+                    "steps_done": f"{done}/{total}",
+                    "last_step_ms": last,
+                    "completed_ms": t0 if t0 >= 0 else None,
+                    "follow_up_ms": follow if follow >= 0 else None,
+                }
+                for key, (done, last, t0, follow) in sorted(instances.items())
+            ]
+        }
 
 
 ALL_EVENTS = "\0*"  # route of trackers that look at every event
@@ -545,6 +608,15 @@ class DeviceNode(Node):
                 return True, NEVER
         return False, NEVER
 
+    def evidence(self, state: UserState, now: int) -> dict[str, Any]:
+        devices: dict[str, list[Any]] = state.trackers.get(DEVICE_TRACKER_ID) or {}
+        return {
+            "devices": [
+                {"id": key, "type": kind, "push_enabled": bool(push), "last_seen_ms": seen}
+                for key, (kind, push, _at, seen) in sorted(devices.items())
+            ]
+        }
+
 
 class ComputedNode(Node):
     """Compares the current value of a computed trait (evaluated before audiences)."""
@@ -563,3 +635,7 @@ class ComputedNode(Node):
             return self.predicate(value, now), NEVER
         change = predicate_change_ms(self.op, self.expected, value, now)
         return self.predicate(value, now), NEVER if change is None else change
+
+    def evidence(self, state: UserState, now: int) -> dict[str, Any]:
+        entry = state.computed.get(self.name)
+        return {"actual": entry[0] if entry is not None else None}
