@@ -51,7 +51,7 @@ from confluent_kafka import Message, Producer
 
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
-from audiences.adapters.stream.evaluator import Evaluator
+from audiences.adapters.stream.evaluator import Evaluator, Partition
 from audiences.core.definitions import build_catalog, check_references, validate_definition
 from audiences.core.evaluator import Output
 from audiences.core.events import format_iso
@@ -396,9 +396,9 @@ class _TimedEvaluator(Evaluator):
             self.done_s = time.perf_counter()
             self.done.set()
 
-    def _emit(self, transitions: list[Output], state: UserState) -> None:
+    def _emit(self, transitions: list[Output], state: UserState, partition: Partition) -> None:
         self.transitions += len(transitions)
-        super()._emit(transitions, state)
+        super()._emit(transitions, state, partition)
 
     def position_total(self) -> int:
         return sum(p.position for p in list(self.partitions.values()))

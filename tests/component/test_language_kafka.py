@@ -415,3 +415,23 @@ def test_new_audiences_backfill_from_retained_events_without_a_storm(
         ("v3", "fresh_buyers", "Entered", format_iso(now)),
         ("v3", "never_ordered", "Exited", format_iso(now)),
     ]
+
+
+def test_audience_sizes_and_profile_counts_are_exported(engine: Engine) -> None:
+    from prometheus_client import REGISTRY
+
+    engine.apply({"key": "sized_buyers", "condition": {"performed": {"event": "Order Completed"}}})
+    engine.start()
+    engine.send(*(track(f"s{n}", "Order Completed", T0 + n * S) for n in range(3)))
+    engine.send(event("delete", "s0", T0 + H))
+    assert len(engine.outputs(4)) == 4
+    engine.settle()
+    assert REGISTRY.get_sample_value("audiences_audience_size", {"audience": "sized_buyers"}) == 2
+    assert engine.evaluator is not None
+    users = sum(p.users for p in engine.evaluator.partitions.values())
+    assert users == 2  # the deleted profile is gone
+    exported = sum(
+        REGISTRY.get_sample_value("audiences_state_users", {"partition": str(n)}) or 0
+        for n in engine.evaluator.partitions
+    )
+    assert exported == 2

@@ -18,6 +18,7 @@ and a batch marker -> flush -> one WriteBatch (states, due-index, checkpoints)
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -58,6 +59,7 @@ REJUDGE_CHUNK = 1000  # profiles re-judged per partition per loop turn after a c
 SUPPRESSED = b"\x00suppressed:"  # changelog/state key prefix of a deleted user's marker
 META_PREFIX = b"\x00"  # keys that are not profiles (suppression markers, partition meta)
 COMPLETE_TRACKERS = b"\x00meta:trackers"  # tracker ids whose history this partition holds
+COUNTS = b"\x00meta:counts"  # {"sizes": {audience: members}, "users": profiles}
 REPLAY_CHUNK = 5000  # events re-read per replaying partition per loop turn
 Clock = Callable[[], int]
 
@@ -81,6 +83,9 @@ class Partition:
     rejudge_from: bytes | None = None  # definitions changed: next profile key to re-judge
     complete_trackers: set[str] = field(default_factory=set)  # history replayed or live
     trackers_recorded: bool = False  # COMPLETE_TRACKERS is in the changelog
+    sizes: dict[str, int] = field(default_factory=dict)  # members per audience
+    users: int = 0  # profiles stored
+    counts_changed: bool = False
     replay: Replay | None = None  # backfill in progress (the partition is paused meanwhile)
 
 
@@ -250,6 +255,11 @@ class Evaluator:
             except Exception:  # the store checkpoint is the source of truth anyway
                 log.warning("commit on release of partition %d failed", number, exc_info=True)
         partition.store.close()
+        with contextlib.suppress(KeyError):  # never published
+            metrics.STATE_USERS.remove(str(number))
+        for audience in partition.sizes:
+            metrics.AUDIENCE_SIZE.labels(audience).set(0)
+        self._publish_counts()
 
     def _recover(self, number: int, fence: int) -> Partition:
         """Open the partition's store and bring it up to date from the changelog
@@ -319,6 +329,19 @@ class Evaluator:
             else _replayable(self.definitions.catalog)
         )
         partition.trackers_recorded = tracked is not None
+        counted = store.get_states([COUNTS])[0]
+        if counted is not None:
+            counts = orjson.loads(counted)
+            partition.sizes, partition.users = counts["sizes"], counts["users"]
+        else:  # a store from before counts were kept: count once
+            partition.counts_changed = True
+            for key, data in store.states_from(b"", None):
+                if key.startswith(META_PREFIX):
+                    continue
+                partition.users += 1
+                for audience, membership in orjson.loads(data)[6].items():
+                    if membership[0]:
+                        partition.sizes[audience] = partition.sizes.get(audience, 0) + 1
         return partition
 
     # -- batches ---------------------------------------------------------------------------
@@ -369,11 +392,16 @@ class Evaluator:
                     )
                     self._dead_letter(msg, InvalidEventError("evaluation_error", repr(exc)))
                     continue
-                self._emit(result.transitions, result.state)
+                self._emit(result.transitions, result.state, partition)
+                if key not in states and not result.erase:
+                    partition.users += 1
+                    partition.counts_changed = True
                 if result.controls:
                     self._send_controls(result.controls)
                 if result.erase:
-                    states.pop(key, None)
+                    if states.pop(key, None) is not None:
+                        partition.users -= 1
+                        partition.counts_changed = True
                     stage.states[key] = None
                     self._suppress(partition, stage, key, True)
                     continue
@@ -428,7 +456,7 @@ class Evaluator:
                     continue
                 result = step(state, Tick(now), catalog, key.decode())
                 stage.states[key] = result.state
-                self._emit(result.transitions, result.state)
+                self._emit(result.transitions, result.state, partition)
         if staged:
             self._make_durable(staged)
 
@@ -458,7 +486,7 @@ class Evaluator:
                     continue
                 result = step(state, Tick(state.clock_ms), catalog, key.decode())
                 stage.states[key] = result.state
-                self._emit(result.transitions, result.state)
+                self._emit(result.transitions, result.state, partition)
             if stage.states:
                 staged[number] = stage
         if staged:
@@ -618,7 +646,7 @@ class Evaluator:
             stage.old_wakes[key] = state.wake_ms if state is not None else NEVER
         return states
 
-    def _emit(self, transitions: list[Output], state: UserState) -> None:
+    def _emit(self, transitions: list[Output], state: UserState, partition: Partition) -> None:
         for transition in transitions:
             output = render_output(transition, state.traits, anonymous=state.anonymous)
             self._producer.produce(
@@ -630,6 +658,10 @@ class Evaluator:
             if isinstance(transition, Transition):
                 counted = (transition.audience_key, transition.entered)
                 self._transition_counts[counted] = self._transition_counts.get(counted, 0) + 1
+                sizes = partition.sizes
+                key = transition.audience_key
+                sizes[key] = sizes.get(key, 0) + (1 if transition.entered else -1)
+                partition.counts_changed = True
 
     def _send_controls(self, controls: tuple[Control, ...]) -> None:
         """Identity records travel through the events topic, keyed by the profile they
@@ -685,6 +717,10 @@ class Evaluator:
         changelog = self.topics.changelog
         for number, stage in staged.items():
             partition = self.partitions[number]
+            if partition.counts_changed:
+                counts = {"sizes": partition.sizes, "users": partition.users}
+                stage.raw[COUNTS] = orjson.dumps(counts)
+                partition.counts_changed = False
             partition.batch_seq += 1
             tag = f"{partition.position} {partition.session} {partition.batch_seq}"
             rows = encoded[number] = []
@@ -744,7 +780,17 @@ class Evaluator:
             partition.store.write(batch)
             self._cache(partition, stage.states)
 
+    def _publish_counts(self) -> None:
+        totals: dict[str, int] = {}
+        for partition in list(self.partitions.values()):
+            metrics.STATE_USERS.labels(str(partition.number)).set(partition.users)
+            for audience, size in partition.sizes.items():
+                totals[audience] = totals.get(audience, 0) + size
+        for audience, size in totals.items():
+            metrics.AUDIENCE_SIZE.labels(audience).set(size)
+
     def _flush(self) -> None:
+        self._publish_counts()
         for (audience, entered), count in self._transition_counts.items():
             metrics.TRANSITIONS.labels(audience, "entered" if entered else "exited").inc(count)
         self._transition_counts.clear()
