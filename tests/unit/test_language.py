@@ -436,3 +436,15 @@ def test_audiences_need_existing_computed_traits() -> None:
 def test_a_catalog_skips_audiences_on_missing_traits() -> None:
     catalog = catalog_of(audience("a", {"computed": {"name": "ltv", "op": "gt", "value": 1}}))
     assert "missing computed trait" in catalog.skipped["a"]
+
+
+@pytest.mark.parametrize(
+    ("times", "expected"),
+    [({"lt": 0}, False), ({"lte": 0}, True), ({"eq": 0}, True), ({"gte": 0}, True)],
+)
+def test_count_comparisons_on_a_profile_without_matching_events(
+    times: dict[str, int], expected: bool
+) -> None:
+    condition = {"performed": {"event": "Never Sent", "times": times, "within": "1h"}}
+    catalog = catalog_of(audience("a", condition))
+    assert bool(summary(run(catalog, [track(T0, "Other")]))) is expected

@@ -29,12 +29,13 @@ from audiences.core.state import NEVER, UserState
 EventFilter = Callable[[Event], bool]
 MAX_SEQUENCE_INSTANCES = 64
 
-_COUNT_COMPARE: dict[str, Callable[[int, int], bool]] = {
-    "eq": lambda c, n: c == n,
-    "gte": lambda c, n: c >= n,
-    "gt": lambda c, n: c > n,
-    "lte": lambda c, n: c <= n,
-    "lt": lambda c, n: c < n,
+_ANY_COUNT = 1 << 62
+_COUNT_RANGE: dict[str, Callable[[int], tuple[int, int]]] = {
+    "eq": lambda n: (n, n),
+    "gte": lambda n: (n, _ANY_COUNT),
+    "gt": lambda n: (n + 1, _ANY_COUNT),
+    "lte": lambda n: (0, n),
+    "lt": lambda n: (0, n - 1),  # lt 0: an empty range, never true
 }
 
 
@@ -356,33 +357,40 @@ class PerformedNode(Node):
         self, tracker: PerformedTracker, spec: Mapping[str, Any], op: str, count: int
     ) -> None:
         self.tracker = tracker
-        self.compare = _COUNT_COMPARE[op]
-        self.count = count
+        self.tracker_id = tracker.id
+        # The comparison as the range of counts that satisfy it: lo <= count <= hi.
+        self.lo, self.hi = _COUNT_RANGE[op](count)
         self.window_ms = parse_duration_ms(spec["within"]) if "within" in spec else None
         between = spec.get("between")
         self.near_ms = parse_duration_ms(between[0]) if between else None
         self.far_ms = parse_duration_ms(between[1]) if between else None
 
     def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
-        data = state.trackers.get(self.tracker.id)
+        data = state.trackers.get(self.tracker_id)
         window = self.window_ms
+        lo, hi = self.lo, self.hi
         if window is not None:
-            times: list[int] = data or []
+            if not data:
+                return lo <= 0 <= hi, NEVER
+            times: list[int] = data
             start = bisect_right(times, now - window)
             inside = len(times) - start
-            compare, count = self.compare, self.count
-            value = compare(inside, count)
-            # Times leave the window oldest first; the value changes at the first
-            # departure after which the comparison flips (e.g. for `gte 3` with 5
-            # inside, when the 3rd oldest leaves). Older timestamps the tracker no
-            # longer keeps would leave even earlier, so the index is the same.
-            for left in range(inside):
-                if compare(inside - left - 1, count) != value:
-                    return value, times[start + left] + window
-            return value, NEVER
+            # Times leave the window oldest first, so the count only falls, one by one.
+            # In range: it leaves the range once the count drops below lo, i.e. when
+            # the (inside - lo)-th oldest time leaves. Above the range: it enters when
+            # the count reaches hi. Older timestamps the tracker no longer keeps would
+            # leave even earlier, so the indexes are the same.
+            if lo <= inside <= hi:
+                if lo <= 0:
+                    return True, NEVER
+                return True, times[start + inside - lo] + window
+            if inside > hi >= lo:
+                return False, times[start + inside - hi - 1] + window
+            return False, NEVER
         near, far = self.near_ms, self.far_ms
         if near is None or far is None:
-            return self.compare(data or 0, self.count), NEVER
+            count = data or 0
+            return lo <= count <= hi, NEVER
         # window (now - far, now - near]: a time enters at ts + near, leaves at ts + far
         inside, change = 0, NEVER
         for ts in data or ():
@@ -393,7 +401,7 @@ class PerformedNode(Node):
                 change = enter
             if now < leave < change:
                 change = leave
-        return self.compare(inside, self.count), change
+        return lo <= inside <= hi, change
 
     def evidence(self, state: UserState, now: int) -> dict[str, Any]:
         data = state.trackers.get(self.tracker.id)
