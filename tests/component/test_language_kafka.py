@@ -435,3 +435,21 @@ def test_audience_sizes_and_profile_counts_are_exported(engine: Engine) -> None:
         for n in engine.evaluator.partitions
     )
     assert exported == 2
+
+
+def test_a_late_event_is_applied_with_its_own_time_as_effective_at(engine: Engine) -> None:
+    engine.apply(
+        {
+            "key": "two_orders",
+            "condition": {
+                "performed": {"event": "Order Completed", "times": {"gte": 2}, "within": "1d"}
+            },
+        }
+    )
+    engine.start()
+    engine.send(track("late", "Order Completed", T0 + 2 * H))
+    engine.send(track("late", "Order Completed", T0))  # arrives after, happened before
+    (entered,) = engine.outputs(1)
+    assert entered["event"] == "Audience Entered"
+    assert entered["timestamp"] == format_iso(T0 + 2 * H)  # the profile's time
+    assert entered["properties"]["effective_at"] == format_iso(T0)  # the late event's
