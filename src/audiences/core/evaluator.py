@@ -398,23 +398,7 @@ def _adopt_catalog(state: UserState, catalog: Catalog, profile_key: str, out: li
             continue
         retired = catalog.retired.get(key)
         if membership.member and retired is not None:
-            version, name = retired
-            membership.seq += 1
-            out.append(
-                Transition(
-                    key,
-                    version,
-                    name,
-                    profile_key,
-                    False,
-                    now,
-                    membership.seq,
-                    now,
-                    "deleted",
-                    None,
-                    state.generation,
-                )
-            )
+            _exit(state, membership, key, retired, profile_key, now, "deleted", None, out)
         del state.members[key]
     for key in [k for k in state.computed if k not in catalog.traits]:
         del state.computed[key]
@@ -464,26 +448,40 @@ def _exit_all(
         if not membership.member:
             continue
         audience = catalog.audience(key)
-        version, name = (
-            (audience.version, audience.name) if audience else catalog.retired.get(key, (0, key))
+        known = (audience.version, audience.name) if audience else catalog.retired.get(key)
+        _exit(state, membership, key, known or (0, key), profile_key, now, trigger, trigger_id, out)
+
+
+def _exit(
+    state: UserState,
+    membership: Membership,
+    key: str,
+    audience: tuple[int, str],
+    profile_key: str,
+    now: int,
+    trigger: str,
+    trigger_id: str | None,
+    out: list[Output],
+) -> None:
+    """`Audience Exited` for a member, outside of judging (deletions, merges)."""
+    version, name = audience
+    membership.member = False
+    membership.seq += 1
+    out.append(
+        Transition(
+            key,
+            version,
+            name,
+            profile_key,
+            False,
+            now,
+            membership.seq,
+            now,
+            trigger,
+            trigger_id,
+            state.generation,
         )
-        membership.member = False
-        membership.seq += 1
-        out.append(
-            Transition(
-                key,
-                version,
-                name,
-                profile_key,
-                False,
-                now,
-                membership.seq,
-                now,
-                trigger,
-                trigger_id,
-                state.generation,
-            )
-        )
+    )
 
 
 def _forward(state: UserState, event: Event) -> StepResult:

@@ -19,46 +19,6 @@ def render_output(
     return render_transition(output, traits, anonymous=anonymous)
 
 
-def render_trait_change(
-    change: TraitChange, traits: dict[str, Any], *, anonymous: bool = False
-) -> dict[str, Any]:
-    """`Trait Computed` (SPEC §5): `properties: {"trait_key": K, K: value}`."""
-    key = change.trait_key
-    timestamp = format_iso(change.at_ms)
-    reason: dict[str, Any] = {"trigger": change.trigger}
-    if change.trigger_message_id:
-        reason["messageId"] = change.trigger_message_id
-    return {
-        "type": "track",
-        "event": "Trait Computed",
-        ("anonymousId" if anonymous else "userId"): change.profile_key,
-        "messageId": change.message_id,
-        "timestamp": timestamp,
-        "properties": {
-            "trait_key": key,
-            key: change.value,
-            "trait_name": change.trait_name,
-            "trait_version": change.trait_version,
-            "effective_at": timestamp
-            if change.effective_at_ms == change.at_ms
-            else format_iso(change.effective_at_ms),
-            "reason": reason,
-        },
-        "context": {
-            "traits": _contact_traits(traits),
-            "audiences": {
-                "computation_class": "trait",
-                "computation_key": key,
-                "version": change.trait_version,
-            },
-        },
-    }
-
-
-def _contact_traits(traits: dict[str, Any]) -> dict[str, Any]:
-    return {name: traits[name] for name in CONTACT_TRAITS if traits.get(name)}
-
-
 def render_transition(
     transition: Transition, traits: dict[str, Any], *, anonymous: bool = False
 ) -> dict[str, Any]:
@@ -66,33 +26,71 @@ def render_transition(
 
     Anonymous profiles (audiences with `include_anonymous`) carry `anonymousId`."""
     key = transition.audience_key
-    timestamp = format_iso(transition.at_ms)
-    context_traits = _contact_traits(traits)
-    reason: dict[str, Any] = {"trigger": transition.trigger}
-    if transition.trigger_message_id:
-        reason["messageId"] = transition.trigger_message_id
-    return {
-        "type": "track",
-        "event": "Audience Entered" if transition.entered else "Audience Exited",
-        ("anonymousId" if anonymous else "userId"): transition.profile_key,
-        "messageId": transition.message_id,
-        "timestamp": timestamp,
-        "properties": {
+    return _message(
+        transition,
+        "Audience Entered" if transition.entered else "Audience Exited",
+        {
             "audience_key": key,
             key: transition.entered,
             "audience_name": transition.audience_name,
             "audience_version": transition.audience_version,
-            "effective_at": timestamp
-            if transition.effective_at_ms == transition.at_ms
-            else format_iso(transition.effective_at_ms),
-            "reason": reason,
         },
+        ("audience", key, transition.audience_version),
+        traits,
+        anonymous,
+    )
+
+
+def render_trait_change(
+    change: TraitChange, traits: dict[str, Any], *, anonymous: bool = False
+) -> dict[str, Any]:
+    """`Trait Computed` (SPEC §5): `properties: {"trait_key": K, K: value}`."""
+    key = change.trait_key
+    return _message(
+        change,
+        "Trait Computed",
+        {
+            "trait_key": key,
+            key: change.value,
+            "trait_name": change.trait_name,
+            "trait_version": change.trait_version,
+        },
+        ("trait", key, change.trait_version),
+        traits,
+        anonymous,
+    )
+
+
+def _message(
+    output: Output,
+    event: str,
+    properties: dict[str, Any],
+    computation: tuple[str, str, int],
+    traits: dict[str, Any],
+    anonymous: bool,
+) -> dict[str, Any]:
+    timestamp = format_iso(output.at_ms)
+    reason: dict[str, Any] = {"trigger": output.trigger}
+    if output.trigger_message_id:
+        reason["messageId"] = output.trigger_message_id
+    properties["effective_at"] = (
+        timestamp if output.effective_at_ms == output.at_ms else format_iso(output.effective_at_ms)
+    )
+    properties["reason"] = reason
+    computation_class, computation_key, version = computation
+    return {
+        "type": "track",
+        "event": event,
+        ("anonymousId" if anonymous else "userId"): output.profile_key,
+        "messageId": output.message_id,
+        "timestamp": timestamp,
+        "properties": properties,
         "context": {
-            "traits": context_traits,
+            "traits": {name: traits[name] for name in CONTACT_TRAITS if traits.get(name)},
             "audiences": {
-                "computation_class": "audience",
-                "computation_key": key,
-                "version": transition.audience_version,
+                "computation_class": computation_class,
+                "computation_key": computation_key,
+                "version": version,
             },
         },
     }

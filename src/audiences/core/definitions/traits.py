@@ -257,18 +257,9 @@ def is_empty_value(kind: str, value: Any) -> bool:
 
 def trait_references(condition: Any) -> set[str]:
     """Keys of the computed traits a (valid) audience condition compares."""
-    found: set[str] = set()
-    stack: list[Any] = [condition]
-    while stack:
-        node = stack.pop()
-        ((name, body),) = node.items()
-        if name in ("all", "any"):
-            stack.extend(body)
-        elif name == "not":
-            stack.append(body)
-        elif name == "computed":
-            found.add(body["name"])
-    return found
+    from audiences.core.definitions.validate import leaf_values
+
+    return leaf_values(condition, "computed", lambda body: str(body["name"]))
 
 
 def counts_from_ms(doc: Mapping[str, Any]) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from audiences.core.durations import parse_duration_ms
@@ -350,8 +350,8 @@ def validate_definition(doc: Any) -> dict[str, Any]:
     return dict(obj)
 
 
-def audience_references(condition: Any) -> set[str]:
-    """Keys of the audiences a (valid) condition refers to with in_audience."""
+def leaf_values(condition: Any, leaf: str, pick: Callable[[Any], str]) -> set[str]:
+    """`pick(body)` of every `leaf` condition in a (valid) condition tree."""
     found: set[str] = set()
     stack = [condition]
     while stack:
@@ -361,9 +361,14 @@ def audience_references(condition: Any) -> set[str]:
             stack.extend(body)
         elif name == "not":
             stack.append(body)
-        elif name == "in_audience":
-            found.add(body)
+        elif name == leaf:
+            found.add(pick(body))
     return found
+
+
+def audience_references(condition: Any) -> set[str]:
+    """Keys of the audiences a (valid) condition refers to with in_audience."""
+    return leaf_values(condition, "in_audience", str)
 
 
 def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
