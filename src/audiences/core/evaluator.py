@@ -151,19 +151,20 @@ def _evaluate(
     catalog: Catalog,
     profile_key: str,
     now: int,
-    touched: set[str] | None,
+    touched: set[int] | None,
     out: list[Output],
     trigger: str,
     trigger_id: str | None,
     effective_at: int,
     touched_traits: set[str] | frozenset[str] = frozenset(),
 ) -> None:
-    """Re-judge `touched` audiences (None = all), those due by `now`, and the
-    dependents of those that changed, in dependency order. Computed traits
-    (`touched_traits`, None = all, and those due) are judged first: audiences
-    comparing a trait that changed are re-judged too."""
+    """Re-judge the audiences at positions `touched` (None = all), those due by
+    `now`, and the dependents of those that changed, in dependency order. Computed
+    traits (`touched_traits`, and those due) are judged first: audiences comparing
+    a trait that changed are re-judged too."""
+    stale_wake = False
     if catalog.traits:
-        affected, stale_traits = _judge_traits(
+        affected, stale_wake = _judge_traits(
             state,
             catalog,
             profile_key,
@@ -176,35 +177,36 @@ def _evaluate(
         )
         if touched is not None:
             touched |= affected
-    else:
-        stale_traits = False
     audiences = catalog.audiences
+    members = state.members
     if touched is None:
-        queue = list(range(len(audiences)))
+        queue = list(range(len(audiences)))  # in dependency order already
     else:
-        index = catalog.index
-        queue = [index[key] for key in touched if key in index]
         if state.wake_ms <= now:
-            queue.extend(
-                index[key]
-                for key, membership in state.members.items()
-                if membership.wake_ms <= now and key in index and key not in touched
-            )
-        heapq.heapify(queue)
-    queued = set(queue)
-    stale_wake = False
+            index = catalog.index
+            for key, due in members.items():
+                if due.wake_ms <= now and key in index:
+                    touched.add(index[key])
+        if not touched:
+            if stale_wake:
+                state.refresh_wake()
+            return
+        queue = sorted(touched)
+    dependents = catalog.dependent_positions if touched is not None else None
+    anonymous = state.anonymous
     while queue:
-        audience = audiences[heapq.heappop(queue) if touched is not None else queue.pop(0)]
+        position = heapq.heappop(queue) if dependents else queue.pop(0)
+        audience = audiences[position]
         key = audience.key
-        membership = state.members.get(key)
+        membership = members.get(key)
         value, change = audience.root.evaluate(state, now)
-        if state.anonymous and not audience.include_anonymous:
+        if anonymous and not audience.include_anonymous:
             value = False
         wake = change if change > now else NEVER
         if membership is None:
             if not value and wake == NEVER:
                 continue  # nothing to remember: keeps state small for non-members
-            membership = state.members[key] = Membership()
+            membership = members[key] = Membership()
         if wake != membership.wake_ms:
             if wake < state.wake_ms:
                 state.wake_ms = wake
@@ -218,26 +220,26 @@ def _evaluate(
         membership.seq += 1
         out.append(
             Transition(
-                audience_key=key,
-                audience_version=audience.version,
-                audience_name=audience.name,
-                profile_key=profile_key,
-                entered=value,
-                at_ms=now,
-                seq=membership.seq,
-                effective_at_ms=effective_at,
-                trigger=trigger,
-                trigger_message_id=trigger_id,
-                generation=state.generation,
+                key,
+                audience.version,
+                audience.name,
+                profile_key,
+                value,
+                now,
+                membership.seq,
+                effective_at,
+                trigger,
+                trigger_id,
+                state.generation,
             )
         )
-        if touched is not None:
-            for dependent in catalog.dependents.get(key, ()):
-                position = catalog.index[dependent]
-                if position not in queued:
-                    queued.add(position)
-                    heapq.heappush(queue, position)
-    if stale_wake or stale_traits:
+        if dependents and position in dependents:
+            assert touched is not None
+            for dependent in dependents[position]:
+                if dependent not in touched:
+                    touched.add(dependent)
+                    heapq.heappush(queue, dependent)
+    if stale_wake:
         state.refresh_wake()
 
 
@@ -251,7 +253,7 @@ def _judge_traits(
     trigger: str,
     trigger_id: str | None,
     effective_at: int,
-) -> tuple[set[str], bool]:
+) -> tuple[set[int], bool]:
     """Recompute traits `keys` (None = all) and those due; announce changed values.
     Returns the audiences comparing a changed trait, and whether the earliest wake
     may have moved later."""
@@ -261,7 +263,7 @@ def _judge_traits(
     else:
         due = {k for k, entry in state.computed.items() if entry[2] and entry[2] <= now}
         names = sorted(keys | due) if due else sorted(keys)
-    affected: set[str] = set()
+    affected: set[int] = set()
     stale = False
     for key in names:
         trait = traits.get(key)
@@ -302,7 +304,7 @@ def _judge_traits(
                 generation=state.generation,
             )
         )
-        affected |= catalog.trait_dependents.get(key, frozenset())
+        affected |= catalog.trait_dependent_positions.get(key, frozenset())
     return affected, stale
 
 
@@ -350,7 +352,7 @@ def step(
     state.clock_ms = now
     # A new profile, or one that just became a known user, is judged on every
     # audience ("did not perform X" holds at once; include_anonymous changes).
-    touched: set[str] | None = None if fresh else set()
+    touched: set[int] | None = None if fresh else set()
     touched_traits: set[str] = set()
     if state.anonymous and event.user_id is not None:
         state.anonymous = False
@@ -364,9 +366,9 @@ def step(
                 if trait_keys is not None:
                     touched_traits |= trait_keys
                 else:
-                    touched |= catalog.audiences_by_tracker.get(tracker.id, frozenset())
+                    touched |= catalog.tracker_positions.get(tracker.id, frozenset())
     if _fold_traits(state, event) and touched is not None:
-        touched |= catalog.trait_audiences
+        touched |= catalog.trait_positions
     _evaluate(
         state,
         catalog,

@@ -130,7 +130,7 @@ def format_iso(ms: int) -> str:
     return f"{_iso_minute(minutes)}{seconds:02d}.{millis:03d}Z"
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=65_536)  # a minute each: 45 days
 def _iso_minute(minutes: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:", time.gmtime(minutes * 60))
 

@@ -63,6 +63,11 @@ class Catalog:
     traits: dict[str, ComputedTrait] = field(default_factory=dict)
     traits_by_tracker: dict[str, frozenset[str]] = field(default_factory=dict)  # id -> keys
     trait_dependents: dict[str, frozenset[str]] = field(default_factory=dict)
+    # The same indexes as positions in `audiences`, for the hot path.
+    tracker_positions: dict[str, frozenset[int]] = field(default_factory=dict)
+    trait_positions: frozenset[int] = frozenset()
+    dependent_positions: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    trait_dependent_positions: dict[str, frozenset[int]] = field(default_factory=dict)
     # Deleted audiences (key -> (last version, name)): their members are told they exit.
     retired: dict[str, tuple[int, str]] = field(default_factory=dict)
 
@@ -222,6 +227,17 @@ def build_catalog(
     catalog.trait_audiences = frozenset(trait_keys)
     catalog.dependents = {k: frozenset(v) for k, v in dependents.items()}
     catalog.trait_dependents = {k: frozenset(v) for k, v in trait_dependents.items()}
+    index = catalog.index
+    catalog.tracker_positions = {
+        k: frozenset(index[a] for a in v) for k, v in catalog.audiences_by_tracker.items()
+    }
+    catalog.trait_positions = frozenset(index[a] for a in catalog.trait_audiences)
+    catalog.dependent_positions = {
+        index[k]: tuple(sorted(index[a] for a in v)) for k, v in catalog.dependents.items()
+    }
+    catalog.trait_dependent_positions = {
+        k: frozenset(index[a] for a in v) for k, v in catalog.trait_dependents.items()
+    }
     versions = [f"{a.key}:{a.version}" for a in catalog.audiences]
     versions += [f"trait {t.key}:{t.version}" for t in catalog.traits.values()]
     catalog.fingerprint = hashlib.sha1("|".join(versions).encode()).hexdigest()[:16]
