@@ -3,8 +3,10 @@
 AudiencesError
 ├── InvalidEventError        an input event cannot be used (reason goes to the DLQ header)
 ├── DefinitionError          a definition is invalid: carries the JSON path and a suggestion
+├── RejectedRequest          the collector refuses an HTTP request: carries the status and a message
 └── AdapterError             an I/O adapter failed; `retriable` says whether trying again may help
     └── BrokerError          the Kafka broker (embedded or external) is unusable
+        └── DeliveryError    records were not acknowledged in time (or no room to queue them)
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ class DefinitionError(AudiencesError):
         self.suggestion = suggestion
 
 
+class RejectedRequest(AudiencesError):
+    """An HTTP request the collector refuses. `status` is the HTTP status, `code` a short
+    machine-readable label (Segment's error body carries both `code` and `message`)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
 class AdapterError(AudiencesError):
     """An I/O failure; `retriable` tells the caller whether a retry can succeed."""
 
@@ -46,3 +59,13 @@ class AdapterError(AudiencesError):
 
 class BrokerError(AdapterError):
     """The Kafka broker cannot be reached or refused an operation."""
+
+
+class DeliveryError(BrokerError):
+    """Records were not acknowledged by Kafka: no room in the in-flight budget or the
+    producer queue, an acknowledgement later than the deadline, or a delivery failure.
+    Always retriable; `retry_after_s` is a hint for the client."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, retriable=True)
+        self.retry_after_s = retry_after_s

@@ -1,0 +1,265 @@
+"""What the collector does with a request, without I/O (SPEC §7): endpoints, write-key
+check, body decoding and limits, and turning Segment calls into `events` records.
+
+Every refusal raises `RejectedRequest` with the HTTP status and a message naming the
+field (`batch[2].event: ...`). Choices, documented in the README:
+
+- **One invalid item rejects the whole batch** (400 naming `batch[i].field`), so a
+  client never has to work out which half of a batch was kept. Segment's own API
+  drops bad items silently; its client libraries never send such items anyway.
+- **Sizes** are of what goes to Kafka: a record over 32 KB would be dead-lettered by
+  the evaluator (`core.events.MAX_EVENT_BYTES`), so it is refused here, after
+  enrichment; a batch body over 500 KB (after gzip decoding) is refused whole.
+- **Time**: `receivedAt` is stamped once per request; `timestamp` becomes the
+  skew-corrected event time computed by `core.events.event_time_ms` (the evaluator's
+  own rule), and the client's clock value moves to `originalTimestamp`, as Segment
+  does. The written fields are chosen so the evaluator's `parse_event` computes the
+  same time again instead of correcting twice (see `stamp_times`).
+- `writeKey` never reaches Kafka; `delete` control records cannot be sent over HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from audiences.core.events import (
+    EVENT_TYPES,
+    MAX_EVENT_BYTES,
+    event_time_ms,
+    format_iso,
+    parse_event,
+    parse_iso_ms,
+)
+from audiences.errors import InvalidEventError, RejectedRequest
+
+MAX_BATCH_BYTES = 500 * 1024
+GZIP_SLACK_BYTES = 1024  # a gzip body of incompressible data is a little larger than its content
+
+# Path segment after /v1/ -> the call. analytics.js uses the one-letter forms.
+ENDPOINTS: dict[str, str] = {
+    **{kind: kind for kind in EVENT_TYPES},
+    **{kind[0]: kind for kind in EVENT_TYPES},
+    "batch": "batch",
+    "b": "batch",
+    "import": "batch",
+}
+# Fields the JSON Schemas (schemas/events/) require beyond what `parse_event` checks.
+_REQUIRED: dict[str, tuple[str, ...]] = {"group": ("groupId",), "alias": ("previousId",)}
+_SHARED_OBJECTS = ("context", "integrations")  # batch-level values apply to every item
+_TIME_FIELDS = ("timestamp", "originalTimestamp", "sentAt")
+_FIELD_OF_REASON = {
+    "missing_user": "userId",
+    "missing_event": "event",
+    "unknown_type": "type",
+    "bad_timestamp": "timestamp",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One event ready for the `events` topic."""
+
+    key: bytes
+    value: bytes
+    type: str
+
+
+def bad_request(message: str) -> RejectedRequest:
+    return RejectedRequest(400, "invalid_request", message)
+
+
+def unauthorized(message: str) -> RejectedRequest:
+    return RejectedRequest(401, "unauthorized", message)
+
+
+def body_limit(kind: str) -> int:
+    """Largest decoded body accepted for a call."""
+    return MAX_BATCH_BYTES if kind == "batch" else MAX_EVENT_BYTES
+
+
+def too_large(kind: str) -> RejectedRequest:
+    if kind == "batch":
+        return bad_request(f"batch is over the 500 KB limit ({MAX_BATCH_BYTES} bytes)")
+    return bad_request(f"event is over the 32 KB limit ({MAX_EVENT_BYTES} bytes)")
+
+
+# -- auth -------------------------------------------------------------------------------
+
+
+def key_from_authorization(header: str) -> str:
+    """The write key of an `Authorization: Basic base64(key:)` header (Segment's form)."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic" or not encoded.strip():
+        raise unauthorized("Authorization must be HTTP Basic with the write key as user name")
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise unauthorized("Authorization: malformed Basic credentials") from None
+    return decoded.partition(":")[0]
+
+
+def key_from_body(body: dict[str, Any]) -> str:
+    key = body.get("writeKey")
+    if not isinstance(key, str) or not key:
+        raise unauthorized("missing write key: use HTTP Basic auth or `writeKey` in the body")
+    return key
+
+
+def check_write_key(candidate: str, keys: Sequence[bytes]) -> None:
+    """Raise 401 unless `candidate` is one of `keys`. Every key is compared, each in
+    constant time, so timing reveals neither a key nor which key matched."""
+    given = candidate.encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key)
+    if not matched:
+        raise unauthorized("invalid write key")
+
+
+# -- body -------------------------------------------------------------------------------
+
+
+def decode_body(raw: bytes, content_encoding: str | None, kind: str) -> bytes:
+    """The request body, gunzipped when `Content-Encoding: gzip`, within the call's limit
+    (decompression stops past the limit: no gzip bomb inflates in memory)."""
+    limit = body_limit(kind)
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding in ("", "identity"):
+        data = raw
+    elif encoding in ("gzip", "x-gzip"):
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            data = inflater.decompress(raw, limit + 1)
+        except zlib.error as exc:
+            raise bad_request(f"body is not valid gzip: {exc}") from None
+        if len(data) <= limit and not inflater.eof:
+            raise bad_request("body is not valid gzip: truncated stream")
+    else:
+        raise bad_request(f"unsupported Content-Encoding {content_encoding!r} (use gzip)")
+    if len(data) > limit:
+        raise too_large(kind)
+    return data
+
+
+def parse_body(data: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"invalid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("body must be a JSON object")
+    return body
+
+
+# -- events -----------------------------------------------------------------------------
+
+
+def records(
+    kind: str, body: dict[str, Any], received_at_ms: int, new_id: Callable[[], str]
+) -> list[Record]:
+    """The records of one call: one for /v1/track etc., one per item for /v1/batch."""
+    if kind != "batch":
+        return [_record(body, kind, {}, received_at_ms, new_id, "")]
+    items = body.get("batch")
+    if not isinstance(items, list):
+        raise bad_request("batch: must be a list of events")
+    shared = {name: body[name] for name in (*_SHARED_OBJECTS, "sentAt") if name in body}
+    out = []
+    for index, item in enumerate(items):
+        path = f"batch[{index}]"
+        if not isinstance(item, dict):
+            raise bad_request(f"{path}: must be an object")
+        item_kind = item.get("type")
+        if item_kind not in EVENT_TYPES:
+            raise bad_request(
+                f"{path}.type: must be one of {', '.join(sorted(EVENT_TYPES))}, got {item_kind!r}"
+            )
+        out.append(_record(item, item_kind, shared, received_at_ms, new_id, path))
+    return out
+
+
+def _record(
+    item: dict[str, Any],
+    kind: str,
+    shared: dict[str, Any],
+    received_at_ms: int,
+    new_id: Callable[[], str],
+    path: str,
+) -> Record:
+    prefix = f"{path}." if path else ""
+    event = enrich(item, kind, shared, received_at_ms, new_id, prefix)
+    try:
+        parsed = parse_event(event, received_at_ms)
+    except InvalidEventError as exc:
+        field = _FIELD_OF_REASON.get(exc.reason) or exc.detail.split(" ", 1)[0]
+        raise bad_request(f"{prefix}{field}: {exc.detail}") from None
+    for field in _REQUIRED.get(kind, ()):
+        if event.get(field) in (None, ""):
+            raise bad_request(f"{prefix}{field}: required for {kind} calls")
+    value = orjson.dumps(event)
+    if len(value) > MAX_EVENT_BYTES:
+        where = path or "event"
+        raise bad_request(
+            f"{where}: {len(value)} bytes, over the 32 KB limit per event ({MAX_EVENT_BYTES} bytes)"
+        )
+    return Record(key=parsed.key.encode(), value=value, type=kind)
+
+
+def enrich(
+    item: dict[str, Any],
+    kind: str,
+    shared: dict[str, Any],
+    received_at_ms: int,
+    new_id: Callable[[], str],
+    prefix: str = "",
+) -> dict[str, Any]:
+    """A copy of `item` as it goes to Kafka: `type` from the endpoint, batch-level
+    `context`/`integrations`/`sentAt` under the item's own, `messageId` generated when
+    missing, `writeKey` removed, `receivedAt` stamped and times corrected."""
+    event = dict(item)
+    event.pop("writeKey", None)
+    event["type"] = kind
+    for name in _SHARED_OBJECTS:
+        common = shared.get(name)
+        own = event.get(name)
+        if isinstance(common, dict) and (own is None or isinstance(own, dict)):
+            event[name] = {**common, **(own or {})}  # the item's own keys win
+    if event.get("sentAt") is None and "sentAt" in shared:
+        event["sentAt"] = shared["sentAt"]
+    message_id = event.get("messageId")
+    if message_id is None or message_id == "":
+        event["messageId"] = new_id()
+    stamp_times(event, received_at_ms, prefix)
+    return event
+
+
+def stamp_times(event: dict[str, Any], received_at_ms: int, prefix: str = "") -> None:
+    """Stamp `receivedAt` and write the skew-corrected `timestamp` (in place).
+
+    The time is `event_time_ms` — the evaluator's rule — so it cannot drift from it:
+    `receivedAt - (sentAt - client time)` when the client sent `sentAt`. The fields are
+    then written so that `parse_event` computes the same time again: the client's time
+    is kept as `originalTimestamp` (which `parse_event` prefers over `timestamp`), and
+    an event without a client time gets its `sentAt` there (it happened when sent; the
+    correction is then zero). Without `sentAt` there is nothing to correct.
+    """
+    for name in _TIME_FIELDS:
+        value = event.get(name)
+        if value is not None and parse_iso_ms(value) is None:
+            raise bad_request(f"{prefix}{name}: not an ISO-8601 time: {value!r}")
+    event["receivedAt"] = format_iso(received_at_ms)
+    corrected_ms = event_time_ms(event, received_at_ms)
+    if event.get("sentAt") is not None:
+        client = event.get("originalTimestamp")
+        if client is None:
+            client = event.get("timestamp")
+        event["originalTimestamp"] = event["sentAt"] if client is None else client
+    event["timestamp"] = format_iso(corrected_ms)
