@@ -69,13 +69,35 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collector(args: argparse.Namespace) -> int:
+    from audiences.adapters.http.collector import run_collector
+    from audiences.bootstrap import prepared
+
+    settings = _require_bootstrap(_settings())
+    if not settings.write_key_list():
+        raise SystemExit("error: AUDIENCES_WRITE_KEYS is not set (comma-separated write keys)")
+    prepared(settings)
+    run_collector(settings)
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    import secrets
+
     from audiences.adapters.stream.app import run_worker
     from audiences.bootstrap import broker_for
 
-    with broker_for(_settings()) as settings:
+    settings = _settings()
+    if not settings.write_key_list():  # a key for this session only, shown once
+        settings = settings.replace(write_keys=secrets.token_urlsafe(16))
+    with broker_for(settings) as settings:
         print(f"Kafka bootstrap: {settings.kafka_bootstrap}", flush=True)
-        run_worker(settings, loglevel=args.loglevel)
+        print(
+            f"Collector: http://{settings.collector_host}:{settings.collector_port}"
+            f"  write key: {settings.write_key_list()[0]}",
+            flush=True,
+        )
+        run_worker(settings, loglevel=args.loglevel, with_collector=True)
     return 0
 
 
@@ -250,12 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "up",
             cmd_up,
-            "run a worker, with an embedded broker unless AUDIENCES_KAFKA_BOOTSTRAP is set",
+            "run a worker and the HTTP collector, with an embedded broker unless "
+            "AUDIENCES_KAFKA_BOOTSTRAP is set (a write key is generated unless "
+            "AUDIENCES_WRITE_KEYS is set)",
         ),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--loglevel", default="info", help="log level (default: info)")
         p.set_defaults(func=func)
+
+    text = (
+        "run the Segment-compatible HTTP collector (POST /v1/track, /v1/batch, ...) on "
+        "AUDIENCES_COLLECTOR_HOST:AUDIENCES_COLLECTOR_PORT, producing to AUDIENCES_EVENTS_TOPIC"
+    )
+    p = sub.add_parser(
+        "collector", help="run the Segment-compatible HTTP collector", description=text
+    )
+    p.set_defaults(func=cmd_collector)
 
     p = sub.add_parser(
         "demo", help="run everything and play a generated shop, printing live audiences"

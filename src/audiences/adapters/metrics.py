@@ -42,3 +42,27 @@ CONSUMER_LAG = Gauge("audiences_consumer_lag", "Records behind the end of `event
 STATE_USERS = Gauge("audiences_state_users", "Profiles held in the state store", ["partition"])
 BUILD_INFO = Gauge("audiences_build_info", "Build information", ["version"])
 BUILD_INFO.labels(version=__version__).set(1)
+
+# -- collector (SPEC §7) -----------------------------------------------------------------
+COLLECTOR_REQUESTS = Counter(
+    "audiences_collector_requests",
+    "Collector HTTP requests by endpoint (track, ..., batch, unknown) and status code",
+    ["endpoint", "status"],
+)
+COLLECTOR_EVENTS = Counter(
+    "audiences_collector_events",
+    "Events the collector got acknowledged by Kafka, by Segment type",
+    ["type"],
+)
+COLLECTOR_INFLIGHT_EVENTS = Gauge(
+    "audiences_collector_inflight_events", "Events produced and not yet acknowledged by Kafka"
+)
+COLLECTOR_INFLIGHT_BYTES = Gauge(
+    "audiences_collector_inflight_bytes", "Bytes of events produced and not yet acknowledged"
+)
+COLLECTOR_REQUEST_DURATION = Histogram(
+    "audiences_collector_request_duration_seconds",
+    "Time from a request's arrival to its answer (including Kafka's acknowledgement)",
+    ["endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+)

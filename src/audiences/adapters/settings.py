@@ -47,6 +47,21 @@ class Settings:
     web_port: int = field(default=6066, metadata={"doc": "worker web port: API, health, metrics"})
     web_host: str = field(default="127.0.0.1", metadata={"doc": "worker web bind address"})
     collector_port: int = field(default=8088, metadata={"doc": "collector port"})
+    collector_host: str = field(
+        default="127.0.0.1", metadata={"doc": "collector bind address (0.0.0.0 in containers)"}
+    )
+    collector_ack_timeout_ms: int = field(
+        default=10_000,
+        metadata={"doc": "collector: longest wait for Kafka's acknowledgement before a 503"},
+    )
+    collector_max_inflight_events: int = field(
+        default=50_000,
+        metadata={"doc": "collector: unacknowledged events held at most; beyond, 503"},
+    )
+    collector_max_inflight_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata={"doc": "collector: unacknowledged event bytes held at most; beyond, 503"},
+    )
     log_format: str = field(default="text", metadata={"doc": "json | text"})
     log_level: str = field(default="INFO", metadata={"doc": "logging level"})
     session_timeout_ms: int = field(
@@ -84,6 +99,10 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def write_key_list(self) -> list[str]:
+        """The collector's write keys (`write_keys`, comma-separated, blanks ignored)."""
+        return [key.strip() for key in self.write_keys.split(",") if key.strip()]
 
     def kafka_config(self) -> dict[str, Any]:
         """librdkafka settings shared by every client."""

@@ -19,6 +19,7 @@ import faust
 import mode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from audiences.adapters.http.collector import Collector
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.stream.evaluator import Clock, Evaluator, wall_clock_ms
@@ -66,8 +67,27 @@ class EvaluatorService(mode.Service):
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
 
 
-def create_app(settings: Settings, clock: Clock = wall_clock_ms) -> faust.App:
-    """The Faust app of one worker process."""
+class CollectorService(mode.Service):
+    """The HTTP collector on the worker's event loop (`audiences up`)."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.collector = Collector(settings)
+
+    async def on_start(self) -> None:
+        topics = Topics.from_settings(self.settings)
+        await asyncio.get_running_loop().run_in_executor(None, ensure_topics, self.settings, topics)
+        await self.collector.start()
+
+    async def on_stop(self) -> None:
+        await self.collector.stop()
+
+
+def create_app(
+    settings: Settings, clock: Clock = wall_clock_ms, *, with_collector: bool = False
+) -> faust.App:
+    """The Faust app of one worker process; `with_collector` adds the HTTP collector."""
     os.makedirs(settings.data_dir, exist_ok=True)
     app = faust.App(
         settings.app_id,
@@ -88,6 +108,8 @@ def create_app(settings: Settings, clock: Clock = wall_clock_ms) -> faust.App:
     service = EvaluatorService(settings, clock)
     app.service(service)  # type: ignore[arg-type]  # faust accepts instances too
     app.evaluator_service = service  # type: ignore[attr-defined]
+    if with_collector:
+        app.service(CollectorService(settings))  # type: ignore[arg-type]
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
@@ -105,8 +127,8 @@ def create_app(settings: Settings, clock: Clock = wall_clock_ms) -> faust.App:
     return app
 
 
-def run_worker(settings: Settings, loglevel: str = "info") -> None:
-    """Run one worker until SIGTERM/SIGINT (blocks)."""
-    app = create_app(settings)
+def run_worker(settings: Settings, loglevel: str = "info", *, with_collector: bool = False) -> None:
+    """Run one worker (and the collector if asked) until SIGTERM/SIGINT (blocks)."""
+    app = create_app(settings, with_collector=with_collector)
     worker = faust.Worker(app, loglevel=loglevel.upper(), quiet=True)
     worker.execute_from_commandline()

@@ -1,0 +1,232 @@
+"""The Segment-compatible HTTP collector (SPEC §7), on aiohttp.
+
+`POST /v1/{track,identify,page,screen,group,alias,batch}` and analytics.js's
+`/v1/{t,i,p,s,g,a,b}`: check the write key, decode, validate and enrich the events
+(`intake`), produce them to `events` keyed by user and answer 200
+`{"success": true}` only once Kafka acknowledged every one (`AckedProducer`).
+Refusals are JSON `{"success": false, "code", "message"}` (Segment's client
+libraries read `code` and `message`): 400 invalid, 401 bad or missing key, 404
+unknown path, 503 + `Retry-After` when Kafka is slow, down or the in-flight budget
+is full. `/healthz` and `/metrics` are served too. Browsers (analytics.js) get CORS
+headers.
+
+    collector = Collector(settings)
+    await collector.start()            # serves on settings.collector_host:collector_port
+    ...
+    await collector.stop()             # stops accepting, waits for Kafka's acks
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from audiences.adapters import metrics
+from audiences.adapters.http import intake
+from audiences.adapters.kafka.acked import AckedProducer
+from audiences.adapters.settings import Settings
+from audiences.errors import AudiencesError, DeliveryError, RejectedRequest
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding",
+    "Access-Control-Max-Age": "86400",
+}
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _new_message_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response(
+        {"success": False, "code": code, "message": message}, status=status, headers=headers
+    )
+
+
+class Collector:
+    """One collector: an aiohttp application and the producer behind it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        producer_config: Mapping[str, Any] | None = None,
+        clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        keys = settings.write_key_list()
+        if not keys:
+            raise AudiencesError(
+                "the collector needs write keys: set AUDIENCES_WRITE_KEYS (comma-separated)"
+            )
+        self.settings = settings
+        self._keys = [key.encode() for key in keys]
+        self._clock = clock
+        self._topic = settings.events_topic
+        self._ack_timeout_s = settings.collector_ack_timeout_ms / 1000
+        self._producer_config = {**settings.kafka_config(), **(producer_config or {})}
+        self.producer: AckedProducer | None = None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+        self.app = web.Application(middlewares=[self._middleware])
+        self.app.router.add_post("/v1/{endpoint}", self._ingest)
+        self.app.router.add_route("OPTIONS", "/v1/{endpoint}", self._preflight)
+        self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/metrics", self._metrics)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.collector_host}:{self.port}"
+
+    async def start(self, port: int | None = None) -> str:
+        """Start the producer and listen (port 0 = any free port); returns the URL."""
+        settings = self.settings
+        self.producer = AckedProducer(
+            self._producer_config,
+            max_inflight_records=settings.collector_max_inflight_events,
+            max_inflight_bytes=settings.collector_max_inflight_bytes,
+            delivery_timeout_ms=max(30_000, 2 * settings.collector_ack_timeout_ms),
+        )
+        # auto_decompress=False: `intake.decode_body` gunzips within the size limits
+        self._runner = web.AppRunner(self.app, auto_decompress=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner,
+            settings.collector_host,
+            settings.collector_port if port is None else port,
+        )
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else settings.collector_port
+        log.info("collector listening on %s, producing to %s", self.url, self._topic)
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop accepting requests, let running ones finish, then wait for Kafka's acks."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.producer is not None:
+            producer, self.producer = self.producer, None
+            await asyncio.get_running_loop().run_in_executor(None, producer.close)
+
+    # -- handlers -------------------------------------------------------------------------
+
+    async def _ingest(self, request: web.Request) -> web.Response:
+        kind = intake.ENDPOINTS.get(request.match_info["endpoint"])
+        if kind is None:
+            raise RejectedRequest(404, "not_found", f"no such endpoint: POST {request.path}")
+        authorization = request.headers.get("Authorization")
+        if authorization is not None:  # refuse a bad key before reading the body
+            intake.check_write_key(intake.key_from_authorization(authorization), self._keys)
+        raw = await self._read(request, kind)
+        body = intake.parse_body(
+            intake.decode_body(raw, request.headers.get("Content-Encoding"), kind)
+        )
+        if authorization is None:
+            intake.check_write_key(intake.key_from_body(body), self._keys)
+        records = intake.records(kind, body, self._clock(), _new_message_id)
+        if self.producer is None:
+            raise DeliveryError("the collector is stopping", retry_after_s=1)
+        await self.producer.send(
+            self._topic, [(r.key, r.value) for r in records], self._ack_timeout_s
+        )
+        for record in records:
+            metrics.COLLECTOR_EVENTS.labels(record.type).inc()
+        return web.json_response({"success": True})
+
+    @staticmethod
+    async def _read(request: web.Request, kind: str) -> bytes:
+        """The raw body, refused as soon as it is certainly over the call's limit."""
+        cap = intake.body_limit(kind) + intake.GZIP_SLACK_BYTES
+        if request.content_length is not None and request.content_length > cap:
+            raise intake.too_large(kind)
+        data = bytearray()
+        async for chunk in request.content.iter_any():
+            data += chunk
+            if len(data) > cap:
+                raise intake.too_large(kind)
+        return bytes(data)
+
+    async def _preflight(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        failure = self.producer.failure if self.producer is not None else "not started"
+        if failure is not None:
+            return web.json_response({"status": "failing", "reason": failure}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """JSON errors for every refusal, CORS headers, request metrics; an unexpected
+        error is logged and answered 500, never allowed to stop the server."""
+        started = time.perf_counter()
+        endpoint = "other"
+        if request.path.startswith("/v1/"):
+            endpoint = intake.ENDPOINTS.get(request.path[4:], "unknown")
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except RejectedRequest as exc:
+            response = _error(exc.status, exc.code, exc.message)
+        except DeliveryError as exc:
+            response = _error(
+                503, "unavailable", str(exc), **{"Retry-After": str(exc.retry_after_s)}
+            )
+        except web.HTTPException as exc:  # aiohttp's own 404/405
+            code = "not_found" if exc.status == 404 else "invalid_request"
+            response = _error(exc.status, code, f"{exc.reason}: {request.method} {request.path}")
+        except Exception:
+            log.exception("collector error on %s %s", request.method, request.path)
+            response = _error(500, "internal", "internal error")
+        response.headers.update(CORS_HEADERS)
+        if endpoint != "other":
+            metrics.COLLECTOR_REQUESTS.labels(endpoint, str(response.status)).inc()
+            metrics.COLLECTOR_REQUEST_DURATION.labels(endpoint).observe(
+                time.perf_counter() - started
+            )
+        return response
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run a collector until `stop` is set."""
+    collector = Collector(settings)
+    await collector.start()
+    try:
+        await stop.wait()
+    finally:
+        await collector.stop()
+
+
+def run_collector(settings: Settings) -> None:
+    """`audiences collector`: serve until SIGINT/SIGTERM (blocks)."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(main())

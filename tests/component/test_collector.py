@@ -1,0 +1,525 @@
+"""The Segment-compatible collector over HTTP and the real Kafka protocol (SPEC §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import pytest
+import requests
+from confluent_kafka import Producer
+from harness import T0, Engine, _TopicReader
+from prometheus_client.parser import text_string_to_metric_families
+
+from audiences.adapters.http.collector import Collector
+from audiences.adapters.kafka.topics import Topics, ensure_topics
+from audiences.adapters.settings import Settings
+from audiences.core.events import format_iso
+from shared import isolated_settings
+
+pytestmark = pytest.mark.kafka
+
+KEY = "write-key-1"
+OTHER_KEY = "write-key-2"
+T = TypeVar("T")
+
+
+class RunningCollector:
+    """A `Collector` serving on a free port from an event loop in a thread of its own."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.collector = Collector(settings, **kwargs)
+        self.url = self.call(self.collector.start(port=0))
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def post(self, path: str, body: Any = None, key: str | None = KEY, **kwargs: Any) -> Any:
+        headers = kwargs.pop("headers", {})
+        if key is not None:
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+        data = kwargs.pop("data", None)
+        if data is None:
+            data = orjson.dumps(body)
+        return requests.post(self.url + path, data=data, headers=headers, timeout=30, **kwargs)
+
+    def close(self) -> None:
+        self.call(self.collector.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, unique_name: Callable[..., str], tmp_path: Path) -> Settings:
+    made = isolated_settings(
+        kafka_bootstrap,
+        unique_name("c"),
+        str(tmp_path),
+        partitions=3,
+        write_keys=f"{KEY}, {OTHER_KEY}",
+    )
+    ensure_topics(made, Topics.from_settings(made))
+    return made
+
+
+@pytest.fixture
+def start(settings: Settings) -> Iterator[Callable[..., RunningCollector]]:
+    started: list[RunningCollector] = []
+
+    def make(settings: Settings = settings, **kwargs: Any) -> RunningCollector:
+        started.append(RunningCollector(settings, **kwargs))
+        return started[-1]
+
+    yield make
+    for running in started:
+        running.close()
+
+
+@pytest.fixture
+def events_topic(settings: Settings) -> Iterator[_TopicReader]:
+    reader = _TopicReader(settings.kafka_bootstrap, settings.events_topic)
+    yield reader
+    reader.close()
+
+
+def values(messages: list[Any]) -> list[dict[str, Any]]:
+    return [orjson.loads(m.value()) for m in messages]
+
+
+# -- unmodified Segment clients ---------------------------------------------------------
+
+
+def test_segment_python_client_with_gzip_and_batching_delivers_to_kafka(
+    start: Callable[..., RunningCollector], events_topic: _TopicReader
+) -> None:
+    from segment.analytics import Client
+
+    collector = start()
+    errors: list[Any] = []
+    client = Client(
+        KEY,
+        host=collector.url,
+        gzip=True,
+        sync_mode=False,
+        upload_size=4,  # several batches
+        max_retries=0,
+        on_error=lambda error, batch: errors.append(error),
+    )
+    client.identify("user-1", {"email": "u1@example.com", "plan": "pro"})
+    client.track("user-1", "Checkout Started", {"cart_id": "c1", "revenue": 9.5})
+    client.page("user-2", "Docs", "Install", {"url": "https://example.com/docs"})
+    client.screen("user-2", "App", "Home")
+    client.group("user-1", "group-7", {"name": "Acme"})
+    client.alias("anon-9", "user-1")
+    client.track(anonymous_id="anon-3", event="Product Viewed", properties={"sku": "s-1"})
+    client.flush()
+    client.shutdown()
+    assert errors == []
+
+    found = {
+        (e["type"], e.get("event") or e.get("name")): e for e in values(events_topic.read(7, 30))
+    }
+    assert set(found) == {
+        ("identify", None),
+        ("track", "Checkout Started"),
+        ("page", "Install"),
+        ("screen", "Home"),
+        ("group", None),
+        ("alias", None),
+        ("track", "Product Viewed"),
+    }
+    checkout = found[("track", "Checkout Started")]
+    assert checkout["userId"] == "user-1"
+    assert checkout["properties"] == {"cart_id": "c1", "revenue": 9.5}
+    assert checkout["context"]["library"]["name"] == "analytics-python"
+    assert found[("identify", None)]["traits"] == {"email": "u1@example.com", "plan": "pro"}
+    assert found[("page", "Install")]["properties"]["url"] == "https://example.com/docs"
+    assert found[("group", None)]["groupId"] == "group-7"
+    assert found[("alias", None)]["previousId"] == "anon-9"
+    for event in found.values():
+        assert len(event["messageId"]) == 36  # the client's uuid4, kept
+        assert event["sentAt"] and event["receivedAt"] and event["originalTimestamp"]
+        assert event["timestamp"].endswith("Z")
+        assert "writeKey" not in event
+    for msg in events_topic.seen:
+        event = orjson.loads(msg.value())
+        assert msg.key() == (event.get("userId") or event["anonymousId"]).encode()
+
+
+def test_analytics_js_short_forms_with_the_write_key_in_a_text_plain_body(
+    start: Callable[..., RunningCollector], events_topic: _TopicReader
+) -> None:
+    collector = start()
+    sent = format_iso(T0)
+    common = {
+        "writeKey": OTHER_KEY,
+        "sentAt": sent,
+        "context": {"library": {"name": "analytics.js"}},
+    }
+    calls = [
+        ("/v1/t", {"event": "Product Viewed", "userId": "js-1", "timestamp": sent, **common}),
+        ("/v1/i", {"anonymousId": "anon-js", "traits": {"plan": "free"}, **common}),
+        ("/v1/p", {"anonymousId": "anon-js", "name": "Home", **common}),
+        ("/v1/s", {"userId": "js-1", "name": "Cart", **common}),
+        ("/v1/g", {"userId": "js-1", "groupId": "g-1", **common}),
+        ("/v1/a", {"userId": "js-1", "previousId": "anon-js", **common}),
+        (
+            "/v1/b",
+            {"batch": [{"type": "track", "userId": "js-2", "event": "Signed Up"}], **common},
+        ),
+    ]
+    for path, body in calls:
+        response = collector.post(
+            path, body, key=None, headers={"Content-Type": "text/plain;charset=UTF-8"}
+        )
+        assert (response.status_code, response.json()) == (200, {"success": True}), path
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+    events = values(events_topic.read(len(calls), 30))
+    assert sorted(e["type"] for e in events if e.get("userId") == "js-1") == [
+        "alias",
+        "group",
+        "screen",
+        "track",
+    ]
+    by_type = {e["type"]: e for e in events if e.get("userId") != "js-2"}
+    assert by_type["identify"]["traits"] == {"plan": "free"}
+    assert by_type["page"]["name"] == "Home"
+    assert any(e.get("event") == "Signed Up" for e in events)
+    for event in events:
+        assert "writeKey" not in event
+        assert event["context"]["library"]["name"] == "analytics.js"
+
+    preflight = requests.options(
+        collector.url + "/v1/t",
+        headers={"Origin": "https://shop.example", "Access-Control-Request-Method": "POST"},
+        timeout=10,
+    )
+    assert preflight.status_code == 204
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+
+
+# -- keys, partitions and enrichment ----------------------------------------------------
+
+
+def test_events_are_keyed_by_user_on_the_partition_every_producer_picks(
+    start: Callable[..., RunningCollector],
+    events_topic: _TopicReader,
+    settings: Settings,
+    unique_name: Callable[..., str],
+) -> None:
+    collector = start(clock=lambda: T0)
+    batch = [
+        {"type": "identify", "userId": f"user-{i}"}
+        if i % 3
+        else {"type": "page", "anonymousId": f"anon-{i}"}
+        for i in range(24)
+    ]
+    response = collector.post("/v1/batch", {"batch": batch})
+    assert response.status_code == 200, response.text
+    records = events_topic.read(24, 30)
+
+    # the partition a plain producer of this project (demo, tests, the user's own
+    # confluent-kafka code) picks for the same key: the evaluator owns users by it
+    probe_settings = settings.replace(events_topic=unique_name("probe"))
+    ensure_topics(probe_settings, Topics.from_settings(probe_settings))
+    probe = Producer(probe_settings.kafka_config())
+    expected: dict[bytes, int] = {}
+    for msg in records:
+        probe.produce(
+            probe_settings.events_topic,
+            key=msg.key(),
+            value=b"x",
+            on_delivery=lambda err, m: expected.__setitem__(m.key(), m.partition()),
+        )
+    probe.flush(30)
+    ids = set()
+    for msg in records:
+        event = orjson.loads(msg.value())
+        assert msg.key() == (event.get("userId") or event.get("anonymousId")).encode()
+        assert msg.partition() == expected[msg.key()]
+        assert event["receivedAt"] == format_iso(T0)
+        assert event["timestamp"] == format_iso(T0)
+        ids.add(event["messageId"])
+    assert len(ids) == 24  # generated, one each
+    assert len({m.partition() for m in records}) > 1
+
+
+def test_collected_events_drive_the_evaluator(
+    engine: Engine, start: Callable[..., RunningCollector]
+) -> None:
+    engine.apply({"key": "signed_up", "condition": {"performed": {"event": "Signed Up"}}})
+    engine.start()
+    collector = start(engine.settings.replace(write_keys=KEY), clock=lambda: T0)
+    for user in ("eve", "bob"):
+        response = collector.post(
+            "/v1/track", {"userId": user, "event": "Signed Up", "timestamp": format_iso(T0)}
+        )
+        assert response.status_code == 200
+    entered = engine.outputs(2)
+    assert sorted(o["userId"] for o in entered) == ["bob", "eve"]
+    assert {o["event"] for o in entered} == {"Audience Entered"}
+
+
+# -- every rejection --------------------------------------------------------------------
+
+GOOD = {"userId": "u1", "event": "E"}
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "status", "message"),
+    [
+        ("/v1/track", {"body": GOOD, "key": "wrong"}, 401, "invalid write key"),
+        (
+            "/v1/track",
+            {"body": {**GOOD, "writeKey": "wrong"}, "key": None},
+            401,
+            "invalid write key",
+        ),
+        ("/v1/track", {"body": GOOD, "key": None}, 401, "missing write key"),
+        ("/v1/track", {"data": b'{"userId": "u1", ', "key": KEY}, 400, "invalid JSON"),
+        (
+            "/v1/batch",
+            {"data": b"\x1f\x8b garbage", "headers": {"Content-Encoding": "gzip"}},
+            400,
+            "body is not valid gzip",
+        ),
+        (
+            "/v1/track",
+            {"body": {**GOOD, "properties": {"x": "y" * 33_000}}},
+            400,
+            "event is over the 32 KB limit (32768 bytes)",
+        ),
+        (
+            "/v1/batch",
+            {
+                "body": {
+                    "batch": [{**GOOD, "type": "track", "properties": {"x": "y" * 20_000}}] * 30
+                }
+            },
+            400,
+            "batch is over the 500 KB limit (512000 bytes)",
+        ),
+        (
+            "/v1/batch",
+            {"data": gzip.compress(b'{"batch": [' + b"{}," * 300_000 + b"{}]}")},
+            400,
+            "batch is over the 500 KB limit",
+        ),
+        ("/v1/track", {"body": {"event": "E"}}, 400, "userId: userId or anonymousId is required"),
+        ("/v1/track", {"body": {"userId": "u1"}}, 400, "event: track events need a non-empty"),
+        (
+            "/v1/batch",
+            {"body": {"batch": [{**GOOD, "type": "track"}, {"type": "track", "userId": "u"}]}},
+            400,
+            "batch[1].event: track events need a non-empty",
+        ),
+        ("/v1/trak", {"body": GOOD}, 404, "no such endpoint: POST /v1/trak"),
+        ("/v2/track", {"body": GOOD}, 404, "Not Found: POST /v2/track"),
+    ],
+    ids=[
+        "bad-key",
+        "bad-body-key",
+        "missing-key",
+        "invalid-json",
+        "gzip-garbage",
+        "oversize-event",
+        "oversize-batch",
+        "oversize-gzipped-batch",
+        "missing-user",
+        "missing-event",
+        "invalid-batch-item",
+        "unknown-endpoint",
+        "unknown-path",
+    ],
+)
+def test_rejections_have_their_status_and_message_and_produce_nothing(
+    start: Callable[..., RunningCollector],
+    events_topic: _TopicReader,
+    path: str,
+    kwargs: dict[str, Any],
+    status: int,
+    message: str,
+) -> None:
+    collector = start()
+    kwargs = dict(kwargs)
+    if "gzip" in path or kwargs.get("data", b"")[:2] == b"\x1f\x8b":
+        kwargs.setdefault("headers", {})["Content-Encoding"] = "gzip"
+    response = collector.post(path, kwargs.pop("body", None), **kwargs)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["success"] is False and body["code"]
+    assert message in body["message"], body["message"]
+    assert collector.post("/v1/identify", {"userId": "after"}).status_code == 200
+    [only] = values(events_topic.read(1, 30))  # read() fails if anything more arrived
+    assert only["userId"] == "after"
+
+
+def test_a_get_on_an_endpoint_is_405_json(start: Callable[..., RunningCollector]) -> None:
+    response = requests.get(start().url + "/v1/track", timeout=10)
+    assert response.status_code == 405
+    assert response.json()["message"] == "Method Not Allowed: GET /v1/track"
+
+
+def test_no_write_keys_means_no_collector(settings: Settings) -> None:
+    with pytest.raises(Exception, match="AUDIENCES_WRITE_KEYS"):
+        Collector(settings.replace(write_keys=" , "))
+
+
+# -- backpressure -----------------------------------------------------------------------
+
+
+def _dead_bootstrap() -> str:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        {"collector_max_inflight_events": 4},  # the collector's own budget refuses
+        {"collector_max_inflight_events": 1_000, "queue.buffering.max.messages": 3},  # librdkafka's
+    ],
+    ids=["inflight-budget", "producer-queue"],
+)
+def test_a_flood_while_kafka_is_down_gets_503_with_retry_after_and_stays_bounded(
+    start: Callable[..., RunningCollector], settings: Settings, limit: dict[str, Any]
+) -> None:
+    producer_config = {"message.timeout.ms": 1_500, **{k: v for k, v in limit.items() if "." in k}}
+    down = settings.replace(
+        kafka_bootstrap=_dead_bootstrap(),
+        collector_ack_timeout_ms=300,
+        **{k: v for k, v in limit.items() if "." not in k},
+    )
+    collector = start(down, producer_config=producer_config)
+    producer = collector.collector.producer
+    assert producer is not None
+    peak = [0]
+
+    def post(i: int) -> requests.Response:
+        peak[0] = max(peak[0], producer.queued())
+        return collector.post(
+            "/v1/track", {"userId": f"u{i}", "event": "Flood", "properties": {"i": i}}
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(post, range(60)))
+    assert {r.status_code for r in responses} == {503}
+    assert all(r.json()["code"] == "unavailable" for r in responses)
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in responses)
+    messages = {r.json()["message"].split(" (")[0].split(" within")[0] for r in responses}
+    assert any(
+        m.startswith(("too many events waiting", "Kafka producer queue is full")) for m in messages
+    )
+    assert producer.queued() <= 4 and peak[0] <= 4  # never more than the budget/queue
+    assert producer.inflight[0] <= 4
+    assert requests.get(collector.url + "/healthz", timeout=5).json() == {"status": "ok"}
+
+    # the budget comes back when librdkafka gives up on the queued records
+    deadline = time.monotonic() + 10
+    while producer.inflight != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert producer.inflight == (0, 0)
+    assert producer.queued() == 0
+
+
+# -- producer and operations ------------------------------------------------------------
+
+
+def test_idempotent_producer_gets_a_producer_id_from_the_broker(
+    start: Callable[..., RunningCollector], events_topic: _TopicReader
+) -> None:
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger(f"test-librdkafka-{id(lines)}")
+    logger.addHandler(Capture())
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    collector = start(producer_config={"debug": "eos", "logger": logger})
+    assert collector.post("/v1/identify", {"userId": "u1"}).status_code == 200
+    events_topic.read(1, 30)
+    assert any("Acquired PID" in line for line in lines), lines[-20:]
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def test_metrics_count_requests_by_endpoint_and_status_and_events_by_type(
+    start: Callable[..., RunningCollector], events_topic: _TopicReader
+) -> None:
+    collector = start()
+
+    def scrape() -> str:
+        response = requests.get(collector.url + "/metrics", timeout=5)
+        assert response.status_code == 200
+        return response.text
+
+    before = scrape()
+    assert collector.post("/v1/t", {"userId": "u", "event": "E"}).status_code == 200
+    batch = {"batch": [{"type": "page", "userId": "u"}, {"type": "page", "userId": "v"}]}
+    assert collector.post("/v1/batch", batch).status_code == 200
+    assert collector.post("/v1/track", GOOD, key="nope").status_code == 401
+    assert collector.post("/v1/nope", GOOD).status_code == 404
+    events_topic.read(3, 30)
+    after = scrape()
+
+    def delta(name: str, **labels: str) -> float:
+        return _sample(after, name, **labels) - _sample(before, name, **labels)
+
+    requests_total = "audiences_collector_requests_total"
+    assert delta(requests_total, endpoint="track", status="200") == 1
+    assert delta(requests_total, endpoint="batch", status="200") == 1
+    assert delta(requests_total, endpoint="track", status="401") == 1
+    assert delta(requests_total, endpoint="unknown", status="404") == 1
+    assert delta("audiences_collector_events_total", type="page") == 2
+    assert delta("audiences_collector_events_total", type="track") == 1
+    assert _sample(after, "audiences_collector_inflight_events") == 0
+    assert delta("audiences_collector_request_duration_seconds_count", endpoint="batch") == 1
+    assert requests.get(collector.url + "/healthz", timeout=5).json() == {"status": "ok"}
+
+
+def test_a_fatal_producer_error_turns_health_red_and_requests_to_503(
+    start: Callable[..., RunningCollector],
+) -> None:
+    class Fatal:
+        def fatal(self) -> bool:
+            return True
+
+        def code(self) -> int:
+            return -150
+
+        def __str__(self) -> str:
+            return 'KafkaError{code=_FATAL,val=-150,str="fenced"}'
+
+    collector = start()
+    producer = collector.collector.producer
+    assert producer is not None
+    producer._errors(Fatal())  # what librdkafka's error_cb delivers
+    health = requests.get(collector.url + "/healthz", timeout=5)
+    assert health.status_code == 503 and "fenced" in health.json()["reason"]
+    response = collector.post("/v1/identify", {"userId": "u1"})
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert "Kafka producer failed" in response.json()["message"]
