@@ -95,6 +95,8 @@ def test_worker_and_collector(compose: dict[str, Any]) -> None:
     assert worker["environment"]["AUDIENCES_DATA_DIR"] == "/data"
     assert any(v.endswith(":/data") for v in worker["volumes"])
     assert "6066" in worker["expose"] and "8088" in collector["expose"]
+    assert "profiles" not in collector  # part of the default stack
+    assert collector["environment"]["AUDIENCES_COLLECTOR_HOST"] == "0.0.0.0"  # reachable
     assert worker["depends_on"]["kafka"]["condition"] == "service_healthy"
 
 
