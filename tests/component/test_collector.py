@@ -212,6 +212,23 @@ def test_analytics_js_short_forms_with_the_write_key_in_a_text_plain_body(
     assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
 
 
+def test_analytics_js_gets_source_settings_pointing_back_at_the_collector(
+    start: Callable[..., RunningCollector],
+) -> None:
+    collector = start()
+    response = requests.get(f"{collector.url}/v1/projects/{KEY}/settings", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    segmentio = response.json()["integrations"]["Segment.io"]
+    assert segmentio == {
+        "apiKey": KEY,
+        "apiHost": collector.url.removeprefix("http://") + "/v1",
+        "protocol": "http",
+    }
+    wrong = requests.get(f"{collector.url}/v1/projects/nope/settings", timeout=10)
+    assert wrong.status_code == 401 and wrong.json()["message"] == "invalid write key"
+
+
 # -- keys, partitions and enrichment ----------------------------------------------------
 
 

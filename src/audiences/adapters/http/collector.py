@@ -8,7 +8,8 @@ Refusals are JSON `{"success": false, "code", "message"}` (Segment's client
 libraries read `code` and `message`): 400 invalid, 401 bad or missing key, 404
 unknown path, 503 + `Retry-After` when Kafka is slow, down or the in-flight budget
 is full. `/healthz` and `/metrics` are served too. Browsers (analytics.js) get CORS
-headers.
+headers, and the source settings analytics.js would fetch from Segment's CDN
+(`GET /v1/projects/{writeKey}/settings`), pointing it back at this collector.
 
     collector = Collector(settings)
     await collector.start()            # serves on settings.collector_host:collector_port
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding",
     "Access-Control-Max-Age": "86400",
 }
@@ -87,6 +88,7 @@ class Collector:
         self.app = web.Application(middlewares=[self._middleware])
         self.app.router.add_post("/v1/{endpoint}", self._ingest)
         self.app.router.add_route("OPTIONS", "/v1/{endpoint}", self._preflight)
+        self.app.router.add_get("/v1/projects/{write_key}/settings", self._source_settings)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/metrics", self._metrics)
 
@@ -165,6 +167,25 @@ class Collector:
                 raise intake.too_large(kind)
         return bytes(data)
 
+    async def _source_settings(self, request: web.Request) -> web.Response:
+        """What analytics.js fetches from Segment's CDN before sending anything
+        (`{cdnURL}/v1/projects/{writeKey}/settings`): with `cdnURL` set to the collector,
+        its Segment.io integration sends every call here."""
+        intake.check_write_key(request.match_info["write_key"], self._keys)
+        scheme = request.headers.get("X-Forwarded-Proto", request.scheme)
+        return web.json_response(
+            {
+                "integrations": {
+                    "Segment.io": {
+                        "apiKey": request.match_info["write_key"],
+                        "apiHost": f"{request.host}/v1",
+                        "protocol": scheme,
+                    }
+                },
+                "plan": {"track": {"__default": {"enabled": True}}},
+            }
+        )
+
     async def _preflight(self, request: web.Request) -> web.Response:
         return web.Response(status=204)
 
@@ -183,7 +204,9 @@ class Collector:
         error is logged and answered 500, never allowed to stop the server."""
         started = time.perf_counter()
         endpoint = "other"
-        if request.path.startswith("/v1/"):
+        if request.path.startswith("/v1/projects/"):
+            endpoint = "settings"
+        elif request.path.startswith("/v1/"):
             endpoint = intake.ENDPOINTS.get(request.path[4:], "unknown")
         response: web.StreamResponse
         try:
