@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 import orjson
 import pytest
 import requests
-from confluent_kafka import Producer
 from harness import T0, Engine, _TopicReader
 from prometheus_client.parser import text_string_to_metric_families
 
 from audiences.adapters.http.collector import Collector
+from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.core.events import format_iso
@@ -232,11 +232,8 @@ def test_analytics_js_gets_source_settings_pointing_back_at_the_collector(
 # -- keys, partitions and enrichment ----------------------------------------------------
 
 
-def test_events_are_keyed_by_user_on_the_partition_every_producer_picks(
-    start: Callable[..., RunningCollector],
-    events_topic: _TopicReader,
-    settings: Settings,
-    unique_name: Callable[..., str],
+def test_events_are_keyed_by_user_on_the_murmur2_partition(
+    start: Callable[..., RunningCollector], events_topic: _TopicReader, settings: Settings
 ) -> None:
     collector = start(clock=lambda: T0)
     batch = [
@@ -248,26 +245,12 @@ def test_events_are_keyed_by_user_on_the_partition_every_producer_picks(
     response = collector.post("/v1/batch", {"batch": batch})
     assert response.status_code == 200, response.text
     records = events_topic.read(24, 30)
-
-    # the partition a plain producer of this project (demo, tests, the user's own
-    # confluent-kafka code) picks for the same key: the evaluator owns users by it
-    probe_settings = settings.replace(events_topic=unique_name("probe"))
-    ensure_topics(probe_settings, Topics.from_settings(probe_settings))
-    probe = Producer(probe_settings.kafka_config())
-    expected: dict[bytes, int] = {}
-    for msg in records:
-        probe.produce(
-            probe_settings.events_topic,
-            key=msg.key(),
-            value=b"x",
-            on_delivery=lambda err, m: expected.__setitem__(m.key(), m.partition()),
-        )
-    probe.flush(30)
     ids = set()
     for msg in records:
         event = orjson.loads(msg.value())
         assert msg.key() == (event.get("userId") or event.get("anonymousId")).encode()
-        assert msg.partition() == expected[msg.key()]
+        # Java's default partitioner, as every producer of `events` and the API routing
+        assert msg.partition() == partition_for(msg.key(), settings.partitions)
         assert event["receivedAt"] == format_iso(T0)
         assert event["timestamp"] == format_iso(T0)
         ids.add(event["messageId"])

@@ -81,7 +81,8 @@ class Collector:
         self._clock = clock
         self._topic = settings.events_topic
         self._ack_timeout_s = settings.collector_ack_timeout_ms / 1000
-        self._producer_config = {**settings.kafka_config(), **(producer_config or {})}
+        # producer_config(): murmur2 partitioner, so a user's events share one partition
+        self._producer_config = {**settings.producer_config(), **(producer_config or {})}
         self.producer: AckedProducer | None = None
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
