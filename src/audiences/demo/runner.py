@@ -85,12 +85,13 @@ def run_demo(users: int = 40, duration_s: float | None = None, hour_ms: int = 5_
         topics = prepared(settings)
         definitions = demo_definitions(hour_ms)
         apply_definitions(settings, topics, definitions)
-        names = {d["key"]: d.get("name", d["key"]) for d in definitions}
+        names = {d["key"]: d.get("name", d["key"]) for d in definitions if "condition" in d}
         print(
             f"Kafka: {settings.kafka_bootstrap}   one shop hour = {hour_ms / 1000:g} s", flush=True
         )
         for doc in definitions:
-            print(f"  audience {doc['key']:<16} {doc.get('description', '')}", flush=True)
+            kind = "audience" if "condition" in doc else "trait   "
+            print(f"  {kind} {doc['key']:<16} {doc.get('description', '')}", flush=True)
         env = {
             **os.environ,
             "AUDIENCES_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
@@ -154,8 +155,12 @@ def _show_transitions(
                     continue
                 out = orjson.loads(msg.value())
                 props = out["properties"]
-                key = props["audience_key"]
                 user = out.get("userId") or out.get("anonymousId")
+                if out["event"] == "Trait Computed":
+                    trait = props["trait_key"]
+                    print(f"{out['timestamp'][11:19]}  {trait} = {props[trait]!r:<9} {user}")
+                    continue
+                key = props["audience_key"]
                 group = members.setdefault(key, set())
                 (group.add if props.get(key) else group.discard)(user)
                 print(f"{out['timestamp'][11:19]}  {out['event']:<16} {key:<16} {user}", flush=True)
