@@ -3,6 +3,7 @@
 AudiencesError
 ├── InvalidEventError        an input event cannot be used (reason goes to the DLQ header)
 ├── DefinitionError          a definition is invalid: carries the JSON path and a suggestion
+├── DestinationConfigError   the destinations file is invalid: names the destination and the key
 └── AdapterError             an I/O adapter failed; `retriable` says whether trying again may help
     └── BrokerError          the Kafka broker (embedded or external) is unusable
 """
@@ -32,6 +33,23 @@ class DefinitionError(AudiencesError):
             text += f" (did you mean {suggestion!r}?)"
         super().__init__(text)
         self.path = path
+        self.message = message
+        self.suggestion = suggestion
+
+
+class DestinationConfigError(AudiencesError):
+    """An invalid destinations file (SPEC §6): names the destination and the key at fault."""
+
+    def __init__(
+        self, destination: str, key: str, message: str, suggestion: str | None = None
+    ) -> None:
+        where = f"destination {destination!r}" + (f", key {key!r}" if key else "")
+        text = f"{where}: {message}"
+        if suggestion:
+            text += f" (did you mean {suggestion!r}?)"
+        super().__init__(text)
+        self.destination = destination
+        self.key = key
         self.message = message
         self.suggestion = suggestion
 
