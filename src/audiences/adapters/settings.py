@@ -60,6 +60,13 @@ class Settings:
     state_cache_size: int = field(
         default=200_000, metadata={"doc": "decoded profiles kept in memory per worker"}
     )
+    sink_fetch_wait_ms: int = field(
+        default=50,
+        metadata={
+            "doc": "sink consumers' fetch.wait.max.ms: the embedded broker answers a fetch "
+            "only when it expires, so it bounds the sinks' added latency"
+        },
+    )
     security_protocol: str = field(
         default="", metadata={"doc": "Kafka security.protocol (SASL_SSL, SSL, ...)"}
     )

@@ -124,6 +124,7 @@ class ReplayReport:
     delivered: int = 0
     skipped: int = 0
     dead_lettered: int = 0
+    invalid: int = 0  # not JSON: can never be delivered, left where they are
 
 
 def replay_dead_letters(
@@ -200,13 +201,15 @@ async def _replay(
     try:
         for items in per_partition.values():
             for start in range(0, len(items), destination.batch_size):
-                chunk = items[start : start + destination.batch_size]
+                batch = items[start : start + destination.batch_size]
+                chunk = [item for item in batch if item.message is not None]
+                report.invalid += len(batch) - len(chunk)
                 outcomes = await deliver_items(deliverer, chunk, wall_clock_ms())
                 dead = [
                     (item, o) for item, o in zip(chunk, outcomes, strict=True) if o.kind == "dead"
                 ]
                 await write_dead_letters(producer, dlq_topic, destination.name, dead)
-                report.found += len(chunk)
+                report.found += len(batch)
                 report.delivered += sum(1 for o in outcomes if o.kind == "delivered")
                 report.skipped += sum(1 for o in outcomes if o.kind == "skipped")
                 report.dead_lettered += len(dead)

@@ -103,6 +103,8 @@ class SinkWorker:
         self._pause: set[int] = set()
         self._resume: set[int] = set()
         self._failure: BaseException | None = None
+        self.delivered = 0  # messages delivered / dead-lettered by this worker (tests, logs)
+        self.dead_lettered = 0
         self._depth = metrics.SINK_QUEUE_DEPTH.labels(destination=destination.name)
         base = settings.kafka_config()
         self._consumer = Consumer(
@@ -115,6 +117,7 @@ class SinkWorker:
                 "session.timeout.ms": settings.session_timeout_ms,
                 "heartbeat.interval.ms": max(500, settings.session_timeout_ms // 6),
                 "enable.partition.eof": False,
+                "fetch.wait.max.ms": settings.sink_fetch_wait_ms,
             }
         )
         self._producer = Producer({**base, "enable.idempotence": True, "linger.ms": 2})
@@ -298,11 +301,13 @@ class SinkWorker:
         first_seen = min(item.timestamp_ms for item in batch)
         outcomes = await deliver_items(self._deliverer, batch, first_seen)
         dead = [(item, o) for item, o in zip(batch, outcomes, strict=True) if o.kind == "dead"]
+        self.delivered += sum(1 for o in outcomes if o.kind == "delivered")
         while dead:
             try:
                 await write_dead_letters(
                     self._producer, self.topics.audience_events_dlq, self.destination.name, dead
                 )
+                self.dead_lettered += len(dead)
                 return
             except BrokerError as exc:  # never commit past a message the DLQ has not got
                 log.error("sink %s: %s; retrying", self.destination.name, exc)
