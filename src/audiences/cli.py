@@ -62,10 +62,22 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_destinations(settings: Settings, path: str | None) -> Settings:
+    """`--destinations FILE` overrides AUDIENCES_DESTINATIONS; the file is validated now."""
+    from audiences.adapters.sinks.config import load_destinations
+
+    if path or settings.destinations:
+        settings = settings.replace(destinations=os.path.abspath(path or settings.destinations))
+        for destination in load_destinations(settings.destinations, os.environ):
+            where = destination.topic if destination.type == "kafka" else destination.url
+            print(f"  destination {destination.name} ({destination.type}) -> {where}", flush=True)
+    return settings
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from audiences.adapters.stream.app import run_worker
 
-    settings = _require_bootstrap(_settings())
+    settings = _with_destinations(_require_bootstrap(_settings()), args.destinations)
     run_worker(settings, loglevel=args.loglevel)
     return 0
 
@@ -74,7 +86,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from audiences.adapters.stream.app import run_worker
     from audiences.bootstrap import broker_for
 
-    with broker_for(_settings()) as settings:
+    with broker_for(_with_destinations(_settings(), args.destinations)) as settings:
         print(f"Kafka bootstrap: {settings.kafka_bootstrap}", flush=True)
         run_worker(settings, loglevel=args.loglevel)
     return 0
@@ -83,7 +95,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from audiences.demo.runner import run_demo
 
-    return run_demo(users=args.users, duration_s=args.duration, hour_ms=args.hour_ms)
+    settings = _with_destinations(_settings(), args.destinations)
+    return run_demo(
+        users=args.users,
+        duration_s=args.duration,
+        hour_ms=args.hour_ms,
+        destinations=settings.destinations,
+    )
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -272,6 +290,16 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
+def _destinations_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--destinations",
+        metavar="FILE",
+        default=None,
+        help="destinations file (YAML/JSON, SPEC §6) to deliver transitions to; "
+        "overrides AUDIENCES_DESTINATIONS",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="audiences",
@@ -297,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--loglevel", default="info", help="log level (default: info)")
+        _destinations_option(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser(
@@ -312,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=5_000,
         help="how long one shop 'hour' lasts in ms (default 5000)",
     )
+    _destinations_option(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("apply", help="validate and publish audience definitions")
