@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from jsonschema import Draft202012Validator
 
 from audiences.adapters.sinks.config import (
     DEFAULT_MAX_RETRY_AGE_MS,
@@ -26,6 +28,20 @@ SPEC_EXAMPLE = """
   batch_size: 75
 """
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = Draft202012Validator(json.loads((ROOT / "schemas/destinations.json").read_text()))
+EXAMPLES = sorted((ROOT / "examples/destinations").glob("*.yaml"))
+EXAMPLE_ENV = {
+    name: SECRET
+    for name in (
+        "BRAZE_API_KEY",
+        "CIO_SITE_ID",
+        "CIO_API_KEY",
+        "SEGMENT_WRITE_KEY",
+        "ADS_WEBHOOK_SECRET",
+        "DEMO_WEBHOOK_SECRET",
+    )
+}
 
 
 def test_spec_example_loads_with_the_secret_from_the_environment(tmp_path: Path) -> None:
@@ -118,6 +134,8 @@ def error_for(raw: Any, env: dict[str, str] | None = None) -> DestinationConfigE
 def test_invalid_destination_names_destination_and_key(
     raw: dict[str, Any], key: str, fragment: str
 ) -> None:
+    if "${MISSING}" not in str(raw):  # the schema cannot see the environment
+        assert list(SCHEMA.iter_errors([{"name": "dest-1", **raw}])), "schema accepts it"
     error = error_for([{"name": "dest-1", **raw}])
     assert (error.destination, error.key) == ("dest-1", key)
     assert str(error).startswith(f"destination 'dest-1', key '{key}': ")
@@ -138,3 +156,14 @@ def test_unreadable_or_unparsable_file(tmp_path: Path) -> None:
     bad.write_text("- name: [unclosed")
     with pytest.raises(DestinationConfigError, match="cannot parse"):
         load_destinations(bad, {})
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_files_are_valid_for_the_parser_and_the_schema(path: Path) -> None:
+    assert load_destinations(path, EXAMPLE_ENV)
+    assert [e.message for e in SCHEMA.iter_errors(yaml.safe_load(path.read_text()))] == []
+
+
+def test_schema_accepts_the_spec_example() -> None:
+    assert [e.message for e in SCHEMA.iter_errors(yaml.safe_load(SPEC_EXAMPLE))] == []
+    assert len(EXAMPLES) >= 2

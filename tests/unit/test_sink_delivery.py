@@ -211,3 +211,29 @@ def test_skipped_messages_are_not_sent() -> None:
     )
     assert [o.kind for o in outcomes] == ["skipped", "delivered"]
     assert len(script.calls) == 1
+
+
+def test_metrics_per_destination() -> None:
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"destination": "metered", **labels}) or 0.0
+
+    deliverer, _script, time = make(
+        {**HOOK, "name": "metered", "audiences": ["cart_abandoners"]},
+        [Response(503), Response(200), Response(400, "no")],
+    )
+    outcomes = asyncio.run(
+        deliverer.deliver(
+            [output_message("u1"), output_message("u2"), output_message("u3", audience="x")],
+            time.wall_ms() - 2000,
+        )
+    )
+    assert [o.kind for o in outcomes] == ["delivered", "dead", "skipped"]
+    assert value("audiences_sink_deliveries_total", outcome="delivered") == 1
+    assert value("audiences_sink_deliveries_total", outcome="dead_lettered") == 1
+    assert value("audiences_sink_deliveries_total", outcome="skipped") == 1
+    assert value("audiences_sink_retries_total") == 1
+    assert value("audiences_sink_request_duration_seconds_count") == 3
+    assert value("audiences_sink_delivery_lag_seconds_count") == 1
+    assert value("audiences_sink_delivery_lag_seconds_sum") >= 2.0
