@@ -11,6 +11,10 @@ AudiencesError
 from __future__ import annotations
 
 
+def _suggesting(text: str, suggestion: str | None) -> str:
+    return f"{text} (did you mean {suggestion!r}?)" if suggestion else text
+
+
 class AudiencesError(Exception):
     """Root of every error this package raises on purpose."""
 
@@ -28,10 +32,7 @@ class DefinitionError(AudiencesError):
     """An invalid audience or computed-trait definition."""
 
     def __init__(self, path: str, message: str, suggestion: str | None = None) -> None:
-        text = f"{path}: {message}"
-        if suggestion:
-            text += f" (did you mean {suggestion!r}?)"
-        super().__init__(text)
+        super().__init__(_suggesting(f"{path}: {message}", suggestion))
         self.path = path
         self.message = message
         self.suggestion = suggestion
@@ -43,11 +44,9 @@ class DestinationConfigError(AudiencesError):
     def __init__(
         self, destination: str, key: str, message: str, suggestion: str | None = None
     ) -> None:
-        where = f"destination {destination!r}" + (f", key {key!r}" if key else "")
-        text = f"{where}: {message}"
-        if suggestion:
-            text += f" (did you mean {suggestion!r}?)"
-        super().__init__(text)
+        where = f"destination {destination!r}" if destination else "destinations file"
+        where += f", key {key!r}" if key else ""
+        super().__init__(_suggesting(f"{where}: {message}", suggestion))
         self.destination = destination
         self.key = key
         self.message = message

@@ -111,6 +111,20 @@ class Settings:
         the Java client's default partitioner, murmur2 of the key."""
         return {**self.kafka_config(), "partitioner": EVENTS_PARTITIONER}
 
+    def group_consumer_config(self, group_id: str) -> dict[str, Any]:
+        """A consumer in group `group_id` that commits explicitly, starts at the earliest
+        offset and rebalances incrementally (cooperative-sticky), with this session."""
+        return {
+            **self.kafka_config(),
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": self.session_timeout_ms,
+            "heartbeat.interval.ms": max(500, self.session_timeout_ms // 6),
+            "enable.partition.eof": False,
+        }
+
     def redacted(self) -> dict[str, Any]:
         """Effective values, secrets replaced, with each variable's documentation."""
         out: dict[str, Any] = {}

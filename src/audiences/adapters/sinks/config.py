@@ -104,11 +104,11 @@ def load_destinations(path: str | Path, env: Mapping[str, str]) -> list[Destinat
     try:
         text = file.read_text()
     except OSError as exc:
-        raise DestinationConfigError(str(file), "", f"cannot read the file: {exc}") from None
+        raise DestinationConfigError("", "", f"cannot read {file}: {exc}") from None
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise DestinationConfigError(str(file), "", f"cannot parse: {exc}") from None
+        raise DestinationConfigError("", "", f"cannot parse {file}: {exc}") from None
     return parse_destinations(data, env)
 
 
@@ -119,7 +119,7 @@ def parse_destinations(data: Any, env: Mapping[str, str]) -> list[Destination]:
         return []
     if not isinstance(data, list):
         raise DestinationConfigError(
-            "(file)", "", "expected a list of destinations (or {destinations: [...]})"
+            "", "", "expected a list of destinations (or {destinations: [...]})"
         )
     destinations: list[Destination] = []
     for index, raw in enumerate(data):

@@ -109,14 +109,7 @@ class SinkWorker:
         base = settings.kafka_config()
         self._consumer = Consumer(
             {
-                **base,
-                "group.id": self.group,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
-                "session.timeout.ms": settings.session_timeout_ms,
-                "heartbeat.interval.ms": max(500, settings.session_timeout_ms // 6),
-                "enable.partition.eof": False,
+                **settings.group_consumer_config(self.group),
                 "fetch.wait.max.ms": settings.sink_fetch_wait_ms,
             }
         )
