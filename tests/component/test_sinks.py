@@ -71,9 +71,11 @@ class Bench:
         self.producer.flush(10)
 
     @asynccontextmanager
-    async def running(self, *destinations: Destination) -> AsyncIterator[list[SinkWorker]]:
+    async def running(
+        self, *destinations: Destination, queue_limit: int | None = None
+    ) -> AsyncIterator[list[SinkWorker]]:
         await asyncio.to_thread(prepare_sink_topics, self.settings, list(destinations))
-        workers = [SinkWorker(self.settings, d) for d in destinations]
+        workers = [SinkWorker(self.settings, d, queue_limit=queue_limit) for d in destinations]
         tasks = [asyncio.ensure_future(w.run()) for w in workers]
         try:
             yield workers
@@ -501,5 +503,39 @@ def test_a_restarted_sink_resumes_from_committed_offsets(bench: Bench) -> None:
         await server.stop()
         ids = [c.body["messageId"] for c in server.accepted]
         assert sorted(ids) == sorted(m["messageId"] for m in first + second)
+
+    run(scenario())
+
+
+def test_a_full_lane_pauses_its_partition_and_loses_nothing(bench: Bench) -> None:
+    """Flow control: with room for 5 queued messages per partition, a throttled
+    destination (rate limit) pauses consumption and resumes as it drains."""
+
+    async def scenario() -> None:
+        server = await FakeDestination("webhook").start()
+        hook = destination(
+            name="hook",
+            type="webhook",
+            url=server.url,
+            secret=WEBHOOK_SECRET,
+            batch_size=2,
+            rate_limit_per_s=100,
+        )
+        messages = shop_messages(users=6, per_user=10)
+        bench.publish(*messages)
+        async with bench.running(hook, queue_limit=5) as [worker]:
+            depths: list[int] = []
+
+            def sample() -> bool:
+                depths.append(worker.queue_depth)
+                return sum(len(c.body) for c in server.accepted) >= 60
+
+            await until(sample, what="60 messages")
+        await server.stop()
+        # per partition: < 5 queued + one poll (<= 6) + a batch in flight (2); without
+        # flow control all 60 are queued at once
+        assert max(depths) <= 2 * (4 + 6 + 2)
+        received = [m for c in server.accepted for m in c.body]
+        assert by_user(received) == by_user(messages)
 
     run(scenario())
