@@ -50,7 +50,7 @@ class Bench:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
         ensure_topics(settings, self.topics)
-        self.producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0})
+        self.producer = Producer({**settings.producer_config(), "linger.ms": 0})
         self.sent: list[dict[str, Any]] = []
         self.sent_at: dict[str, float] = {}
 

@@ -140,7 +140,7 @@ def replay_dead_letters(
     topic = topics.audience_events_dlq
     group = f"{settings.app_id}-dlq-replay-{destination.name}"
     consumer = Consumer({**settings.kafka_config(), "group.id": group, "enable.auto.commit": False})
-    producer = Producer({**settings.kafka_config(), "enable.idempotence": True, "linger.ms": 2})
+    producer = Producer({**settings.producer_config(), "enable.idempotence": True, "linger.ms": 2})
     try:
         partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         fences = write_fences(producer, topic, partitions)

@@ -68,9 +68,9 @@ class HttpTransport:
 
 
 class KafkaTransport:
-    def __init__(self, destination: Destination, kafka_config: Mapping[str, Any]) -> None:
+    def __init__(self, destination: Destination, producer_config: Mapping[str, Any]) -> None:
         self.destination = destination
-        config = dict(kafka_config)
+        config = dict(producer_config)
         if destination.bootstrap:
             config["bootstrap.servers"] = destination.bootstrap
         self._producer = Producer(
@@ -112,6 +112,6 @@ class KafkaTransport:
 
 
 def make_transport(destination: Destination, settings: Settings) -> Transport:
-    if destination.type == "kafka":
-        return KafkaTransport(destination, settings.kafka_config())
+    if destination.type == "kafka":  # murmur2 keys: a user's records land where Java's would
+        return KafkaTransport(destination, settings.producer_config())
     return HttpTransport(destination)

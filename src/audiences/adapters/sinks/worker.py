@@ -106,14 +106,15 @@ class SinkWorker:
         self.delivered = 0  # messages delivered / dead-lettered by this worker (tests, logs)
         self.dead_lettered = 0
         self._depth = metrics.SINK_QUEUE_DEPTH.labels(destination=destination.name)
-        base = settings.kafka_config()
         self._consumer = Consumer(
             {
                 **settings.group_consumer_config(self.group),
                 "fetch.wait.max.ms": settings.sink_fetch_wait_ms,
             }
         )
-        self._producer = Producer({**base, "enable.idempotence": True, "linger.ms": 2})
+        self._producer = Producer(
+            {**settings.producer_config(), "enable.idempotence": True, "linger.ms": 2}
+        )
         self._deliverer = Deliverer(destination, self._transport, wall_ms=wall_ms)
 
     def stop(self) -> None:
