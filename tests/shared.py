@@ -38,3 +38,33 @@ def isolated_settings(bootstrap: str, name: str, data_dir: str, **overrides: Any
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def output_message(
+    user: str,
+    audience: str = "cart_abandoners",
+    *,
+    entered: bool = True,
+    seq: int = 1,
+    at_ms: int = 1_767_225_600_000,
+    email: str | None = None,
+    anonymous: bool = False,
+) -> dict[str, Any]:
+    """An `audience-events` message (SPEC §5) as the evaluator renders it."""
+    from audiences.core.evaluator import Transition
+    from audiences.core.outputs import render_transition
+
+    transition = Transition(
+        audience_key=audience,
+        audience_version=1,
+        audience_name=audience.replace("_", " ").capitalize(),
+        profile_key=user,
+        entered=entered,
+        at_ms=at_ms,
+        seq=seq,
+        effective_at_ms=at_ms,
+        trigger="event",
+        trigger_message_id=f"m-{user}-{seq}",
+    )
+    traits = {"email": email} if email else {}
+    return render_transition(transition, traits, anonymous=anonymous)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -61,10 +62,22 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_destinations(settings: Settings, path: str | None) -> Settings:
+    """`--destinations FILE` overrides AUDIENCES_DESTINATIONS; the file is validated now."""
+    from audiences.adapters.sinks.config import load_destinations
+
+    if path or settings.destinations:
+        settings = settings.replace(destinations=os.path.abspath(path or settings.destinations))
+        for destination in load_destinations(settings.destinations, os.environ):
+            where = destination.topic if destination.type == "kafka" else destination.url
+            print(f"  destination {destination.name} ({destination.type}) -> {where}", flush=True)
+    return settings
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from audiences.adapters.stream.app import run_worker
 
-    settings = _require_bootstrap(_settings())
+    settings = _with_destinations(_require_bootstrap(_settings()), args.destinations)
     run_worker(settings, loglevel=args.loglevel)
     return 0
 
@@ -87,7 +100,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from audiences.adapters.stream.app import run_worker
     from audiences.bootstrap import broker_for
 
-    settings = _settings()
+    settings = _with_destinations(_settings(), args.destinations)
     if not settings.write_key_list():  # a key for this session only, shown once
         settings = settings.replace(write_keys=secrets.token_urlsafe(16))
     with broker_for(settings) as settings:
@@ -104,7 +117,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from audiences.demo.runner import run_demo
 
-    return run_demo(users=args.users, duration_s=args.duration, hour_ms=args.hour_ms)
+    settings = _with_destinations(_settings(), args.destinations)
+    return run_demo(
+        users=args.users,
+        duration_s=args.duration,
+        hour_ms=args.hour_ms,
+        destinations=settings.destinations,
+    )
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -232,6 +251,47 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _destination(settings: Settings, name: str) -> Any:
+    from audiences.adapters.sinks.config import load_destinations
+
+    if not settings.destinations:
+        raise SystemExit("error: AUDIENCES_DESTINATIONS is not set (the destinations file)")
+    destinations = {d.name: d for d in load_destinations(settings.destinations, os.environ)}
+    if name not in destinations:
+        known = ", ".join(sorted(destinations)) or "none"
+        raise SystemExit(f"error: no destination {name!r} in {settings.destinations} ({known})")
+    return destinations[name]
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from audiences.adapters.sinks.dlq import replay_dead_letters
+    from audiences.adapters.sinks.transport import make_transport
+    from audiences.bootstrap import prepared
+    from audiences.core.durations import parse_duration_ms
+
+    settings = _require_bootstrap(_settings())
+    destination = _destination(settings, args.destination)
+    max_age_ms = parse_duration_ms(args.max_retry_age)
+    if not max_age_ms:
+        raise SystemExit(
+            f"error: --max-retry-age: expected a duration like '1m', got {args.max_retry_age!r}"
+        )
+    prepared(settings)
+    report = replay_dead_letters(
+        settings,
+        destination,
+        make_transport(destination, settings),
+        from_beginning=args.from_beginning,
+        max_retry_age_ms=max_age_ms,
+    )
+    print(
+        f"{destination.name}: {report.found} dead letters replayed: {report.delivered} delivered, "
+        f"{report.skipped} skipped, {report.dead_lettered} dead-lettered again"
+        + (f", {report.invalid} not JSON (left in the DLQ)" if report.invalid else "")
+    )
+    return 0 if report.dead_lettered == 0 else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from audiences.bench import run_bench
 
@@ -250,6 +310,16 @@ def _wait_for_signal() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+
+
+def _destinations_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--destinations",
+        metavar="FILE",
+        default=None,
+        help="destinations file (YAML/JSON, SPEC §6) to deliver transitions to; "
+        "overrides AUDIENCES_DESTINATIONS",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--loglevel", default="info", help="log level (default: info)")
+        _destinations_option(p)
         p.set_defaults(func=func)
 
     text = (
@@ -303,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=5_000,
         help="how long one shop 'hour' lasts in ms (default 5000)",
     )
+    _destinations_option(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("apply", help="validate and publish audience definitions")
@@ -344,6 +416,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="stop after N transitions")
     p.add_argument("--json", action="store_true", help="print the raw output events")
     p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("dlq", help="dead letters of the destination sinks")
+    dlq = p.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    text = (
+        "re-send the dead letters of one destination (from audience-events-dlq) that arrived "
+        "since its last replay; messages that fail again are dead-lettered again"
+    )
+    r = dlq.add_parser("replay", help=text, description=text)
+    r.add_argument(
+        "--destination", required=True, help="destination name (from AUDIENCES_DESTINATIONS)"
+    )
+    r.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="re-send every dead letter of the destination, not only those since the last replay",
+    )
+    r.add_argument(
+        "--max-retry-age",
+        default="1m",
+        help="keep retrying a failing message this long before giving up (default 1m)",
+    )
+    r.set_defaults(func=cmd_dlq_replay)
 
     p = sub.add_parser("config", help="print the effective settings (secrets redacted)")
     p.set_defaults(func=cmd_config)

@@ -4,12 +4,17 @@ AudiencesError
 ├── InvalidEventError        an input event cannot be used (reason goes to the DLQ header)
 ├── DefinitionError          a definition is invalid: carries the JSON path and a suggestion
 ├── RejectedRequest          the collector refuses an HTTP request: carries the status and a message
+├── DestinationConfigError   the destinations file is invalid: names the destination and the key
 └── AdapterError             an I/O adapter failed; `retriable` says whether trying again may help
     └── BrokerError          the Kafka broker (embedded or external) is unusable
         └── DeliveryError    records were not acknowledged in time (or no room to queue them)
 """
 
 from __future__ import annotations
+
+
+def _suggesting(text: str, suggestion: str | None) -> str:
+    return f"{text} (did you mean {suggestion!r}?)" if suggestion else text
 
 
 class AudiencesError(Exception):
@@ -29,10 +34,7 @@ class DefinitionError(AudiencesError):
     """An invalid audience or computed-trait definition."""
 
     def __init__(self, path: str, message: str, suggestion: str | None = None) -> None:
-        text = f"{path}: {message}"
-        if suggestion:
-            text += f" (did you mean {suggestion!r}?)"
-        super().__init__(text)
+        super().__init__(_suggesting(f"{path}: {message}", suggestion))
         self.path = path
         self.message = message
         self.suggestion = suggestion
@@ -47,6 +49,21 @@ class RejectedRequest(AudiencesError):
         self.status = status
         self.code = code
         self.message = message
+
+
+class DestinationConfigError(AudiencesError):
+    """An invalid destinations file (SPEC §6): names the destination and the key at fault."""
+
+    def __init__(
+        self, destination: str, key: str, message: str, suggestion: str | None = None
+    ) -> None:
+        where = f"destination {destination!r}" if destination else "destinations file"
+        where += f", key {key!r}" if key else ""
+        super().__init__(_suggesting(f"{where}: {message}", suggestion))
+        self.destination = destination
+        self.key = key
+        self.message = message
+        self.suggestion = suggestion
 
 
 class AdapterError(AudiencesError):

@@ -26,6 +26,12 @@ METRICS = {
     "audiences_consumer_lag": "gauge",
     "audiences_state_users": "gauge",
     "audiences_build_info": "gauge",
+    "audiences_sink_deliveries_total": "counter",
+    "audiences_sink_request_duration_seconds": "histogram",
+    "audiences_sink_delivery_lag_seconds": "histogram",
+    "audiences_sink_retries_total": "counter",
+    "audiences_sink_queue_depth": "gauge",
+    "audiences_sink_dlq_total": "counter",
 }
 
 
@@ -178,6 +184,8 @@ def test_dashboard_panels(dashboard: dict[str, Any]) -> None:
         "Deadline lateness",
         "Consumer lag per partition",
         "Users in state per partition",
+        "Deliveries /s by destination and outcome",
+        "Retries and dead letters /s",
     ):
         assert expected in titles
     for panel in panels:

@@ -66,3 +66,37 @@ COLLECTOR_REQUEST_DURATION = Histogram(
     ["endpoint"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
 )
+
+# -- destination sinks (label `destination` = the configured name) ----------------------------
+SINK_DELIVERIES = Counter(
+    "audiences_sink_deliveries",
+    "Output messages handled by a destination, by outcome (delivered, dead_lettered, skipped)",
+    ["destination", "outcome"],
+)
+SINK_REQUEST_DURATION = Histogram(
+    "audiences_sink_request_duration_seconds",
+    "Duration of one request (attempt) to a destination",
+    ["destination"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+SINK_DELIVERY_LAG = Histogram(
+    "audiences_sink_delivery_lag_seconds",
+    "Time from a transition's record on audience-events to its delivery (retries included)",
+    ["destination"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0),
+)
+SINK_RETRIES = Counter(
+    "audiences_sink_retries",
+    "Retried requests (connection errors, timeouts, 408, 429, 5xx)",
+    ["destination"],
+)
+SINK_QUEUE_DEPTH = Gauge(
+    "audiences_sink_queue_depth",
+    "Messages consumed for a destination and not yet delivered or dead-lettered",
+    ["destination"],
+)
+SINK_DLQ = Counter(
+    "audiences_sink_dlq",
+    "Messages a destination sent to audience-events-dlq, by reason",
+    ["destination", "reason"],
+)

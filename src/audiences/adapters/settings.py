@@ -75,6 +75,13 @@ class Settings:
     state_cache_size: int = field(
         default=200_000, metadata={"doc": "decoded profiles kept in memory per worker"}
     )
+    sink_fetch_wait_ms: int = field(
+        default=50,
+        metadata={
+            "doc": "sink consumers' fetch.wait.max.ms: the embedded broker answers a fetch "
+            "only when it expires, so it bounds the sinks' added latency"
+        },
+    )
     security_protocol: str = field(
         default="", metadata={"doc": "Kafka security.protocol (SASL_SSL, SSL, ...)"}
     )
@@ -122,6 +129,20 @@ class Settings:
         user's other events land: every producer of `events` (ours and yours) uses
         the Java client's default partitioner, murmur2 of the key."""
         return {**self.kafka_config(), "partitioner": EVENTS_PARTITIONER}
+
+    def group_consumer_config(self, group_id: str) -> dict[str, Any]:
+        """A consumer in group `group_id` that commits explicitly, starts at the earliest
+        offset and rebalances incrementally (cooperative-sticky), with this session."""
+        return {
+            **self.kafka_config(),
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": self.session_timeout_ms,
+            "heartbeat.interval.ms": max(500, self.session_timeout_ms // 6),
+            "enable.partition.eof": False,
+        }
 
     def redacted(self) -> dict[str, Any]:
         """Effective values, secrets replaced, with each variable's documentation."""

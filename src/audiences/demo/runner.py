@@ -80,7 +80,14 @@ def _play_shop(
     producer.flush(10)
 
 
-def run_demo(users: int = 40, duration_s: float | None = None, hour_ms: int = 5_000) -> int:
+def run_demo(
+    users: int = 40,
+    duration_s: float | None = None,
+    hour_ms: int = 5_000,
+    destinations: str = "",
+) -> int:
+    """Returns the exit code. `destinations`: a validated destinations file the
+    worker delivers the transitions to (SPEC §6), or "" for none."""
     with broker_for(Settings.from_env()) as settings:
         topics = prepared(settings)
         definitions = demo_definitions(hour_ms)
@@ -97,6 +104,7 @@ def run_demo(users: int = 40, duration_s: float | None = None, hour_ms: int = 5_
             "AUDIENCES_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
             "AUDIENCES_DATA_DIR": settings.data_dir,
             "AUDIENCES_WEB_PORT": str(_free_port()),
+            "AUDIENCES_DESTINATIONS": destinations,
         }
         os.makedirs(settings.data_dir, exist_ok=True)
         log_path = os.path.join(settings.data_dir, "worker.log")

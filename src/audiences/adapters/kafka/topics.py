@@ -74,6 +74,18 @@ def ensure_topics(settings: Settings, topics: Topics) -> int:
     return events_partitions
 
 
+def ensure_topic(config: dict[str, object], topic: str, partitions: int) -> None:
+    """Create one topic (e.g. a kafka destination's) when missing: never leave it to
+    auto-creation, which makes a topic with the broker's default partition count."""
+    admin = AdminClient(config)
+    try:
+        existing = set(admin.list_topics(timeout=10).topics)
+    except KafkaException as exc:
+        raise BrokerError(f"cannot reach Kafka for topic {topic}: {exc}", retriable=True) from exc
+    if topic not in existing:
+        _create(admin, [NewTopic(topic, partitions, 1)])
+
+
 def _create(admin: AdminClient, new: list[NewTopic]) -> None:
     if not new:
         return

@@ -2,7 +2,11 @@
 
 The evaluator is a `mode.Service` registered with `app.service`; it runs the
 blocking batch loop of `evaluator.Evaluator` in a thread of its own, so the
-Faust event loop (web server, later the sink agents) never waits on it. If the
+Faust event loop (web server, sinks) never waits on it. With
+`AUDIENCES_DESTINATIONS` set, a `SinkService` runs one sink per destination
+(`adapters/stream/sinks.py`); the file is validated here, before anything
+starts, so a bad file stops the worker with an error naming the destination
+and key. If the
 loop dies (e.g. Kafka refuses outputs), the service crashes the worker: a
 restart resumes from durable state without loss (crash-only design).
 """
@@ -22,7 +26,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from audiences.adapters.http.collector import Collector
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
+from audiences.adapters.sinks.config import load_destinations
 from audiences.adapters.stream.evaluator import Clock, Evaluator, wall_clock_ms
+from audiences.adapters.stream.sinks import SinkService
 from audiences.logs import logging_config
 
 log = logging.getLogger(__name__)
@@ -88,6 +94,9 @@ def create_app(
     settings: Settings, clock: Clock = wall_clock_ms, *, with_collector: bool = False
 ) -> faust.App:
     """The Faust app of one worker process; `with_collector` adds the HTTP collector."""
+    destinations = (
+        load_destinations(settings.destinations, os.environ) if settings.destinations else []
+    )
     os.makedirs(settings.data_dir, exist_ok=True)
     app = faust.App(
         settings.app_id,
@@ -110,6 +119,10 @@ def create_app(
     app.evaluator_service = service  # type: ignore[attr-defined]
     if with_collector:
         app.service(CollectorService(settings))  # type: ignore[arg-type]
+    if destinations:
+        sinks = SinkService(settings, destinations)
+        app.service(sinks)  # type: ignore[arg-type]
+        app.sink_service = sinks  # type: ignore[attr-defined]
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:

@@ -134,18 +134,7 @@ class Evaluator:
                 "compression.type": "lz4",
             }
         )
-        self._consumer = Consumer(
-            {
-                **base,
-                "group.id": f"{settings.app_id}-evaluator",
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
-                "session.timeout.ms": settings.session_timeout_ms,
-                "heartbeat.interval.ms": max(500, settings.session_timeout_ms // 6),
-                "enable.partition.eof": False,
-            }
-        )
+        self._consumer = Consumer(settings.group_consumer_config(f"{settings.app_id}-evaluator"))
         self._recovery_consumer = Consumer(
             {**base, "group.id": f"{settings.app_id}-recovery", "enable.auto.commit": False}
         )

@@ -1,0 +1,303 @@
+"""The destinations file (`AUDIENCES_DESTINATIONS`, SPEC §6): parsing and validation.
+
+A YAML or JSON file holding a list of destinations (or `{"destinations": [...]}`).
+`${NAME}` in any string value is replaced by the environment variable NAME;
+a missing variable is an error. Everything is validated once, at start, and
+every error names the destination and the key (`DestinationConfigError`).
+Secrets (`secret`, `api_key`, `write_key`) are kept out of `repr()` and logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from audiences.core.durations import parse_duration_ms
+from audiences.errors import DestinationConfigError
+
+TYPES = ("webhook", "braze", "customerio", "segment", "kafka")
+MODES = ("track", "identify")
+HTTP_TYPES = frozenset({"webhook", "braze", "customerio", "segment"})
+COMMON_KEYS = (
+    "name",
+    "type",
+    "audiences",
+    "mode",
+    "rate_limit_per_s",
+    "batch_size",
+    "timeout_s",
+    "hash_pii",
+    "max_retry_age",
+    "retry_initial_s",
+    "retry_max_s",
+)
+TYPE_KEYS: dict[str, tuple[str, ...]] = {
+    "webhook": ("url", "secret"),
+    "braze": ("url", "api_key"),
+    "customerio": ("url", "site_id", "api_key"),
+    "segment": ("url", "write_key"),
+    "kafka": ("topic", "bootstrap"),
+}
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "webhook": ("url",),
+    "braze": ("url", "api_key"),
+    "customerio": ("site_id", "api_key"),
+    "segment": ("write_key",),
+    "kafka": ("topic",),
+}
+DEFAULT_URL = {"customerio": "https://track.customer.io", "segment": "https://api.segment.io"}
+DEFAULT_BATCH = {"webhook": 1, "braze": 75, "customerio": 1, "segment": 100, "kafka": 500}
+MAX_BATCH = {"webhook": 1000, "braze": 75, "customerio": 100, "segment": 2500, "kafka": 10_000}
+DEFAULT_MODE = {
+    "webhook": ("track",),
+    "braze": ("track", "identify"),
+    "customerio": ("track", "identify"),
+    "segment": ("track",),
+    "kafka": ("track",),
+}
+DEFAULT_MAX_RETRY_AGE_MS = 4 * 3_600_000
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+AUDIENCE_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One validated destination. Secrets are excluded from `repr`."""
+
+    name: str
+    type: str
+    audiences: frozenset[str] | None  # None = every audience ("*")
+    modes: tuple[str, ...]
+    batch_size: int
+    timeout_s: float
+    max_retry_age_ms: int
+    rate_limit_per_s: float | None = None
+    hash_pii: bool = False
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 60.0
+    url: str = ""
+    topic: str = ""
+    bootstrap: str = ""
+    site_id: str = ""
+    secret: str = field(default="", repr=False)
+    api_key: str = field(default="", repr=False)
+    write_key: str = field(default="", repr=False)
+
+    def selects(self, key: str) -> bool:
+        return self.audiences is None or key in self.audiences
+
+
+def load_destinations(path: str | Path, env: Mapping[str, str]) -> list[Destination]:
+    """Read and validate a destinations file (YAML, or JSON for a `.json` name)."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise DestinationConfigError("", "", f"cannot read {file}: {exc}") from None
+    try:
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise DestinationConfigError("", "", f"cannot parse {file}: {exc}") from None
+    return parse_destinations(data, env)
+
+
+def parse_destinations(data: Any, env: Mapping[str, str]) -> list[Destination]:
+    if isinstance(data, dict) and set(data) == {"destinations"}:
+        data = data["destinations"]
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise DestinationConfigError(
+            "", "", "expected a list of destinations (or {destinations: [...]})"
+        )
+    destinations: list[Destination] = []
+    for index, raw in enumerate(data):
+        destination = parse_destination(raw, env, index)
+        if any(d.name == destination.name for d in destinations):
+            raise DestinationConfigError(destination.name, "name", "duplicate destination name")
+        destinations.append(destination)
+    return destinations
+
+
+def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Destination:
+    label = f"#{index + 1}"
+    if not isinstance(raw, dict):
+        raise DestinationConfigError(label, "", "expected an object")
+    name = raw.get("name")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise DestinationConfigError(
+            label, "name", "expected a name of lower-case letters, digits, '-' or '_' (<= 63)"
+        )
+    kind = raw.get("type")
+    if kind not in TYPES:
+        raise DestinationConfigError(
+            name,
+            "type",
+            f"expected one of {', '.join(TYPES)}, got {kind!r}",
+            _suggest(str(kind), TYPES),
+        )
+    allowed = COMMON_KEYS + TYPE_KEYS[kind]
+    for key in raw:
+        if key not in allowed:
+            raise DestinationConfigError(
+                name,
+                str(key),
+                f"unknown key for a {kind} destination; expected one of {', '.join(allowed)}",
+                _suggest(str(key), allowed),
+            )
+    values = {key: _expand(value, env, name, key) for key, value in raw.items()}
+    for key in REQUIRED[kind]:
+        if not values.get(key):
+            raise DestinationConfigError(name, key, f"required for a {kind} destination")
+    for key in ("url", "topic", "bootstrap", "site_id", "secret", "api_key", "write_key"):
+        if key in values and not isinstance(values[key], str):
+            raise DestinationConfigError(name, key, "expected a string")
+    url = values.get("url") or DEFAULT_URL.get(kind, "")
+    if kind in HTTP_TYPES:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise DestinationConfigError(name, "url", f"expected an http(s) URL, got {url!r}")
+    secret = values.get("secret", "")
+    if secret:
+        _check_webhook_secret(name, secret)
+    batch_size = _integer(values, "batch_size", DEFAULT_BATCH[kind], name)
+    if not 1 <= batch_size <= MAX_BATCH[kind]:
+        raise DestinationConfigError(
+            name, "batch_size", f"expected 1..{MAX_BATCH[kind]} for {kind}, got {batch_size}"
+        )
+    rate = values.get("rate_limit_per_s")
+    if rate is not None and (not _number(rate) or rate <= 0):
+        raise DestinationConfigError(
+            name, "rate_limit_per_s", f"expected a number > 0, got {rate!r}"
+        )
+    hash_pii = values.get("hash_pii", False)
+    if not isinstance(hash_pii, bool):
+        raise DestinationConfigError(name, "hash_pii", f"expected true or false, got {hash_pii!r}")
+    return Destination(
+        name=name,
+        type=kind,
+        audiences=_audiences(values.get("audiences", "*"), name),
+        modes=_modes(values.get("mode"), kind, name),
+        batch_size=batch_size,
+        timeout_s=_positive(values, "timeout_s", 10.0, name),
+        max_retry_age_ms=_age(values.get("max_retry_age"), name),
+        rate_limit_per_s=float(rate) if rate is not None else None,
+        hash_pii=hash_pii,
+        retry_initial_s=_positive(values, "retry_initial_s", 0.5, name),
+        retry_max_s=_positive(values, "retry_max_s", 60.0, name),
+        url=url,
+        topic=values.get("topic", ""),
+        bootstrap=values.get("bootstrap", ""),
+        site_id=values.get("site_id", ""),
+        secret=secret,
+        api_key=values.get("api_key", ""),
+        write_key=values.get("write_key", ""),
+    )
+
+
+def _expand(value: Any, env: Mapping[str, str], name: str, key: str) -> Any:
+    """`${NAME}` -> the environment variable NAME, in every string of `value`."""
+    if isinstance(value, str):
+
+        def lookup(match: re.Match[str]) -> str:
+            variable = match.group(1)
+            if variable not in env:
+                raise DestinationConfigError(
+                    name, key, f"environment variable {variable} is not set"
+                )
+            return env[variable]
+
+        return ENV_REF.sub(lookup, value)
+    if isinstance(value, list):
+        return [_expand(item, env, name, key) for item in value]
+    return value
+
+
+def _suggest(word: str, options: tuple[str, ...]) -> str | None:
+    matches = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _integer(values: Mapping[str, Any], key: str, default: int, name: str) -> int:
+    value = values.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DestinationConfigError(name, key, f"expected an integer, got {value!r}")
+    return value
+
+
+def _positive(values: Mapping[str, Any], key: str, default: float, name: str) -> float:
+    value = values.get(key, default)
+    if not _number(value) or value <= 0:
+        raise DestinationConfigError(name, key, f"expected a number > 0, got {value!r}")
+    return float(value)
+
+
+def _age(value: Any, name: str) -> int:
+    if value is None:
+        return DEFAULT_MAX_RETRY_AGE_MS
+    if _number(value) and value > 0:
+        return int(value * 1000)
+    ms = parse_duration_ms(value)
+    if ms is None or ms <= 0:
+        raise DestinationConfigError(
+            name, "max_retry_age", f"expected a duration like '4h' or seconds, got {value!r}"
+        )
+    return ms
+
+
+def _audiences(value: Any, name: str) -> frozenset[str] | None:
+    if value == "*":
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise DestinationConfigError(
+            name, "audiences", 'expected "*" or a non-empty list of audience keys'
+        )
+    for key in value:
+        if not isinstance(key, str) or not AUDIENCE_KEY.match(key):
+            raise DestinationConfigError(
+                name, "audiences", f"{key!r} is not an audience key (^[a-z][a-z0-9_]{{0,63}}$)"
+            )
+    return frozenset(value)
+
+
+def _modes(value: Any, kind: str, name: str) -> tuple[str, ...]:
+    if value is None:
+        return DEFAULT_MODE[kind]
+    if value == "both":
+        return MODES
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or any(m not in MODES for m in items):
+        raise DestinationConfigError(
+            name, "mode", f"expected track, identify, both or a list of them, got {value!r}"
+        )
+    return tuple(m for m in MODES if m in items)
+
+
+def _check_webhook_secret(name: str, secret: str) -> None:
+    if not secret.startswith("whsec_"):
+        raise DestinationConfigError(name, "secret", "expected 'whsec_' followed by base64")
+    try:
+        key = base64.b64decode(secret[len("whsec_") :], validate=True)
+    except (binascii.Error, ValueError):
+        raise DestinationConfigError(
+            name, "secret", "the part after 'whsec_' is not base64"
+        ) from None
+    if len(key) < 16:
+        raise DestinationConfigError(name, "secret", "the key must be at least 16 bytes")

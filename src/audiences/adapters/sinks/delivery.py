@@ -1,0 +1,217 @@
+"""The delivery machinery every sink shares: render, rate-limit, send, retry, give up.
+
+`Deliverer.deliver(messages)` takes output messages in topic order and returns
+one `Outcome` per message. Requests go out one after another in rendering
+order, so a user's messages arrive in order. Per request:
+- wait for the destination's token bucket (and for any `Retry-After` block);
+- send through the `Transport` (aiohttp, or a Kafka producer);
+- 2xx: delivered. Connection error, timeout, 408, 429, 5xx: retry after an
+  exponential backoff with jitter — or exactly the server's `Retry-After`,
+  which also holds every other request to this destination — until the
+  oldest message of the batch is older than `max_retry_age` (then
+  `retries_exhausted`). Any other status: `rejected`, at once.
+- A rejected request that carried several messages is retried one message at
+  a time, so only the messages the destination refuses are dead-lettered.
+
+Dead-lettering itself (the DLQ record) is the caller's job (`dlq.py`): it must
+be durable before the input offset is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from audiences.adapters import metrics
+from audiences.adapters.sinks.config import Destination
+from audiences.adapters.sinks.policy import (
+    TokenBucket,
+    Verdict,
+    backoff_s,
+    classify,
+    retry_after_s,
+)
+from audiences.adapters.sinks.render import Request, render_requests, webhook_headers
+
+log = logging.getLogger(__name__)
+EXCERPT_CHARS = 500
+
+
+@dataclass(frozen=True)
+class Response:
+    """What one attempt got back. `status` None = no HTTP answer (see `retriable`)."""
+
+    status: int | None
+    body: str = ""  # an excerpt
+    retry_after: str | None = None
+    error: str = ""
+    retriable: bool = True
+
+
+class Transport(Protocol):
+    """Sends one rendered request (`SinkTransport` implementations live in transport.py)."""
+
+    async def send(self, request: Request, headers: list[tuple[str, str]]) -> Response: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # delivered | skipped | dead
+    reason: str = ""  # dead: rejected | retries_exhausted | invalid_message
+    status: int | None = None
+    response: str = ""
+    error: str = ""
+
+
+DELIVERED = Outcome("delivered")
+SKIPPED = Outcome("skipped")
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Deliverer:
+    """Delivery to one destination; safe to share between concurrent callers (lanes)."""
+
+    def __init__(
+        self,
+        destination: Destination,
+        transport: Transport,
+        *,
+        wall_ms: Callable[[], int] = wall_clock_ms,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.destination = destination
+        self.transport = transport
+        self.wall_ms = wall_ms
+        self.monotonic = monotonic
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self.bucket = TokenBucket(destination.rate_limit_per_s, now=monotonic())
+        name = destination.name
+        self._request_duration = metrics.SINK_REQUEST_DURATION.labels(destination=name)
+        self._lag = metrics.SINK_DELIVERY_LAG.labels(destination=name)
+        self._retries = metrics.SINK_RETRIES.labels(destination=name)
+        self._outcomes = {
+            kind: metrics.SINK_DELIVERIES.labels(destination=name, outcome=kind)
+            for kind in ("delivered", "skipped", "dead_lettered")
+        }
+
+    async def deliver(
+        self, messages: Sequence[dict[str, Any]], first_seen_ms: int
+    ) -> list[Outcome]:
+        """Deliver `messages` (in order); `first_seen_ms` starts the give-up clock."""
+        rendered = render_requests(self.destination, messages)
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        for index in rendered.skipped:
+            outcomes[index] = SKIPPED
+        for request in rendered.requests:
+            outcome = await self._send(request, first_seen_ms)
+            if outcome.kind == "dead" and outcome.reason == "rejected" and len(request.indexes) > 1:
+                for index in request.indexes:
+                    single = render_requests(self.destination, [messages[index]]).requests
+                    result = DELIVERED
+                    for one in single:
+                        result = await self._send(one, first_seen_ms)
+                        if result.kind == "dead":
+                            break
+                    _record(outcomes, index, result)
+                continue
+            for index in request.indexes:
+                _record(outcomes, index, outcome)
+        final = [o or DELIVERED for o in outcomes]
+        delivered = sum(1 for o in final if o.kind == "delivered")
+        if delivered:
+            self._outcomes["delivered"].inc(delivered)
+            self._lag.observe(max(0.0, (self.wall_ms() - first_seen_ms) / 1000))
+        skipped = sum(1 for o in final if o.kind == "skipped")
+        if skipped:
+            self._outcomes["skipped"].inc(skipped)
+        dead = len(final) - delivered - skipped
+        if dead:
+            self._outcomes["dead_lettered"].inc(dead)
+        return final
+
+    async def _send(self, request: Request, first_seen_ms: int) -> Outcome:
+        destination = self.destination
+        attempt = 0
+        while True:
+            wait = self.bucket.reserve(self.monotonic())
+            if wait > 0:
+                await self.sleep(wait)
+            headers = webhook_headers(destination, request, self.wall_ms() // 1000)
+            started = self.monotonic()
+            response = await self.transport.send(request, headers)
+            self._request_duration.observe(self.monotonic() - started)
+            verdict = classify(response.status, response.retriable)
+            if verdict is Verdict.DELIVERED:
+                return DELIVERED
+            if verdict is Verdict.REJECTED:
+                log.warning(
+                    "%s: %s %s rejected: %s %s",
+                    destination.name,
+                    request.method,
+                    _where(request),
+                    response.status,
+                    response.error or response.body[:200],
+                )
+                return _dead("rejected", response)
+            attempt += 1
+            after = retry_after_s(response.retry_after, self.wall_ms() / 1000)
+            if after is not None:
+                delay = after
+                self.bucket.block_until(self.monotonic() + after)
+            else:
+                delay = backoff_s(
+                    attempt, destination.retry_initial_s, destination.retry_max_s, self.rng
+                )
+            age_ms = self.wall_ms() - first_seen_ms
+            if age_ms + delay * 1000 > destination.max_retry_age_ms:
+                log.warning(
+                    "%s: giving up after %d attempts (%.0f s old): %s",
+                    destination.name,
+                    attempt,
+                    age_ms / 1000,
+                    response.status or response.error,
+                )
+                return _dead("retries_exhausted", response)
+            self._retries.inc()
+            log.info(
+                "%s: attempt %d failed (%s), retrying in %.2f s",
+                destination.name,
+                attempt,
+                response.status or response.error,
+                delay,
+            )
+            await self.sleep(delay)
+
+
+def _dead(reason: str, response: Response) -> Outcome:
+    return Outcome(
+        "dead",
+        reason,
+        response.status,
+        response.body[:EXCERPT_CHARS],
+        response.error[:EXCERPT_CHARS],
+    )
+
+
+def _record(outcomes: list[Outcome | None], index: int, outcome: Outcome) -> None:
+    """A message carried by several requests is dead if any of them died (first one wins)."""
+    current = outcomes[index]
+    if current is None or (current.kind == "delivered" and outcome.kind == "dead"):
+        outcomes[index] = outcome
+
+
+def _where(request: Request) -> str:
+    return request.url.split("?", 1)[0]

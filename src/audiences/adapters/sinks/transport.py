@@ -1,0 +1,117 @@
+"""Transports: how a rendered `Request` reaches a destination.
+
+- `HttpTransport`: one aiohttp `ClientSession` per destination (a pooled
+  connector with keep-alive), a total timeout of `timeout_s` per attempt.
+  Connection errors and timeouts come back as `Response(status=None)`.
+- `KafkaTransport`: a confluent-kafka producer (idempotent, acks=all); a
+  request's records are produced and flushed in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from audiences.adapters.settings import Settings
+from audiences.adapters.sinks.config import Destination
+from audiences.adapters.sinks.delivery import EXCERPT_CHARS, Response, Transport
+from audiences.adapters.sinks.render import Request
+
+CONNECTIONS_PER_DESTINATION = 16
+# Kafka errors no retry can fix: the record goes to the DLQ at once.
+PERMANENT_KAFKA_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    }
+)
+
+
+class HttpTransport:
+    def __init__(self, destination: Destination) -> None:
+        self.destination = destination
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=CONNECTIONS_PER_DESTINATION, keepalive_timeout=30
+                ),
+                timeout=aiohttp.ClientTimeout(total=self.destination.timeout_s),
+                headers={"User-Agent": "audiences-sink"},
+            )
+        return self._session
+
+    async def send(self, request: Request, headers: list[tuple[str, str]]) -> Response:
+        try:
+            async with self._client().request(
+                request.method, request.url, data=request.body, headers=headers
+            ) as answer:
+                text = await answer.text(errors="replace")
+                return Response(
+                    answer.status, text[:EXCERPT_CHARS], answer.headers.get("Retry-After")
+                )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return Response(None, error=f"{type(exc).__name__}: {exc}"[:EXCERPT_CHARS])
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class KafkaTransport:
+    def __init__(self, destination: Destination, producer_config: Mapping[str, Any]) -> None:
+        self.destination = destination
+        config = dict(producer_config)
+        if destination.bootstrap:
+            config["bootstrap.servers"] = destination.bootstrap
+        self._producer = Producer(
+            {
+                **config,
+                "enable.idempotence": True,
+                "linger.ms": 2,
+                "message.timeout.ms": int(destination.timeout_s * 1000),
+            }
+        )
+
+    async def send(self, request: Request, headers: list[tuple[str, str]]) -> Response:
+        errors: list[KafkaError] = []
+
+        def delivered(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                errors.append(err)
+
+        try:
+            for key, value in request.records:
+                self._producer.produce(request.url, key=key, value=value, on_delivery=delivered)
+        except (BufferError, KafkaException) as exc:
+            return Response(None, error=f"produce failed: {exc}")
+        loop = asyncio.get_running_loop()
+        remaining = await loop.run_in_executor(
+            None, self._producer.flush, self.destination.timeout_s + 5
+        )
+        if errors:
+            first = errors[0]
+            permanent = first.code() in PERMANENT_KAFKA_ERRORS
+            return Response(None, error=f"produce failed: {first}", retriable=not permanent)
+        if remaining:
+            return Response(None, error=f"produce timed out ({remaining} records unacknowledged)")
+        return Response(200)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._producer.flush, 10)
+
+
+def make_transport(destination: Destination, settings: Settings) -> Transport:
+    if destination.type == "kafka":  # murmur2 keys: a user's records land where Java's would
+        return KafkaTransport(destination, settings.producer_config())
+    return HttpTransport(destination)

@@ -1,0 +1,239 @@
+"""Retry policy, token bucket and the shared Deliverer, on a fake clock and transport (no I/O)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from audiences.adapters.sinks.config import Destination, parse_destinations
+from audiences.adapters.sinks.delivery import Deliverer, Response
+from audiences.adapters.sinks.policy import (
+    TokenBucket,
+    Verdict,
+    backoff_s,
+    classify,
+    retry_after_s,
+)
+from audiences.adapters.sinks.render import Request
+from shared import output_message
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [
+        (200, Verdict.DELIVERED),
+        (201, Verdict.DELIVERED),
+        (204, Verdict.DELIVERED),
+        (None, Verdict.RETRY),
+        (408, Verdict.RETRY),
+        (429, Verdict.RETRY),
+        (500, Verdict.RETRY),
+        (503, Verdict.RETRY),
+        (400, Verdict.REJECTED),
+        (401, Verdict.REJECTED),
+        (404, Verdict.REJECTED),
+        (413, Verdict.REJECTED),
+        (302, Verdict.REJECTED),
+    ],
+)
+def test_classify(status: int | None, verdict: Verdict) -> None:
+    assert classify(status) is verdict
+
+
+def test_permanent_transport_failures_are_rejected() -> None:
+    assert classify(None, retriable=False) is Verdict.REJECTED
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:
+    rng = random.Random(7)
+    delays = [[backoff_s(n, 0.5, 8.0, rng) for n in range(1, 8)] for _ in range(50)]
+    for run in delays:
+        for n, delay in enumerate(run, start=1):
+            step = min(8.0, 0.5 * 2 ** (n - 1))
+            assert step / 2 <= delay <= step
+    assert len({round(run[2], 6) for run in delays}) > 40  # jittered, not synchronised
+
+
+def test_retry_after_seconds_and_http_date() -> None:
+    assert retry_after_s("2", now_s=0) == 2.0
+    assert retry_after_s("0.5", now_s=0) == 0.5
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:10 GMT", now_s=1445412480) == 10.0
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", now_s=1445412490) == 0.0
+    assert retry_after_s(None, 0) is None and retry_after_s("soon", 0) is None
+
+
+def test_token_bucket_spaces_requests_at_the_rate_after_the_burst() -> None:
+    bucket = TokenBucket(rate_per_s=2.0, now=0.0)  # burst = 2
+    waits = [bucket.reserve(0.0) for _ in range(5)]
+    assert waits == [0.0, 0.0, 0.5, 1.0, 1.5]
+    assert bucket.reserve(10.0) == 0.0  # refilled
+    unlimited = TokenBucket(None)
+    assert [unlimited.reserve(0.0) for _ in range(100)] == [0.0] * 100
+
+
+def test_token_bucket_block_holds_every_caller() -> None:
+    bucket = TokenBucket(None)
+    bucket.block_until(5.0)
+    assert bucket.reserve(3.0) == 2.0
+    assert bucket.reserve(6.0) == 0.0
+
+
+class FakeTime:
+    """A wall clock and monotonic clock that `sleep` advances instantly."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+        self.sleeps: list[float] = []
+
+    def wall_ms(self) -> int:
+        return int(self.now * 1000)
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class Script:
+    """A transport answering from a script of statuses (then 200), recording each request."""
+
+    def __init__(
+        self,
+        answers: list[Response],
+        time: FakeTime,
+        reject: Callable[[Request], bool] | None = None,
+    ):
+        self.answers = list(answers)
+        self.time = time
+        self.reject = reject
+        self.calls: list[tuple[float, Request, dict[str, str]]] = []
+
+    async def send(self, request: Request, headers: list[tuple[str, str]]) -> Response:
+        self.calls.append((self.time.now, request, dict(headers)))
+        if self.reject is not None and self.reject(request):
+            return Response(400, '{"error":"bad user"}')
+        return self.answers.pop(0) if self.answers else Response(200)
+
+    async def close(self) -> None:
+        pass
+
+
+def make(dest: dict[str, Any], answers: list[Response]) -> tuple[Deliverer, Script, FakeTime]:
+    destination: Destination = parse_destinations([{"name": "d", **dest}], {})[0]
+    time = FakeTime()
+    script = Script(answers, time)
+    deliverer = Deliverer(
+        destination,
+        script,
+        wall_ms=time.wall_ms,
+        monotonic=time.monotonic,
+        sleep=time.sleep,
+        rng=random.Random(1),
+    )
+    return deliverer, script, time
+
+
+HOOK = {"type": "webhook", "url": "http://h", "retry_initial_s": 1.0, "retry_max_s": 30.0}
+
+
+def test_retries_5xx_and_timeouts_with_backoff_then_delivers() -> None:
+    deliverer, script, time = make(
+        HOOK, [Response(500), Response(None, error="timeout"), Response(503)]
+    )
+    outcomes = asyncio.run(deliverer.deliver([output_message("u1")], time.wall_ms()))
+    assert [o.kind for o in outcomes] == ["delivered"]
+    assert len(script.calls) == 4
+    assert len(time.sleeps) == 3
+    for n, delay in enumerate(time.sleeps, start=1):
+        assert 2 ** (n - 1) / 2 <= delay <= 2 ** (n - 1)
+    # every attempt is the same message, re-signed with a fresh timestamp
+    assert len({c[1].body for c in script.calls}) == 1
+    assert [c[2]["webhook-timestamp"] for c in script.calls] == [
+        str(int(t)) for t, _, _ in script.calls
+    ]
+
+
+def test_retry_after_is_honoured_exactly() -> None:
+    deliverer, script, time = make(HOOK, [Response(429, retry_after="7")])
+    asyncio.run(deliverer.deliver([output_message("u1")], time.wall_ms()))
+    (t1, _, _), (t2, _, _) = script.calls
+    assert t2 - t1 == 7.0
+
+
+def test_rejection_is_final_and_carries_status_and_body() -> None:
+    deliverer, script, time = make(HOOK, [Response(400, '{"error":"bad"}')])
+    [outcome] = asyncio.run(deliverer.deliver([output_message("u1")], time.wall_ms()))
+    assert (outcome.kind, outcome.reason, outcome.status) == ("dead", "rejected", 400)
+    assert outcome.response == '{"error":"bad"}'
+    assert len(script.calls) == 1 and time.sleeps == []
+
+
+def test_gives_up_at_max_retry_age_counted_from_first_seen() -> None:
+    deliverer, script, time = make({**HOOK, "max_retry_age": "1m"}, [Response(503)] * 1000)
+    [outcome] = asyncio.run(deliverer.deliver([output_message("u1")], time.wall_ms() - 30_000))
+    assert (outcome.kind, outcome.reason, outcome.status) == ("dead", "retries_exhausted", 503)
+    assert time.now - 1_000_000.0 <= 30.0  # never waited past the age
+    assert len(script.calls) > 3
+
+
+def test_a_rejected_batch_is_split_so_only_refused_messages_die() -> None:
+    deliverer, script, time = make({**HOOK, "batch_size": 10}, [])
+
+    def refuses_u2(request: Request) -> bool:
+        body = orjson.loads(request.body)
+        return any(m["userId"] == "u2" for m in (body if isinstance(body, list) else [body]))
+
+    script.reject = refuses_u2
+    messages = [output_message(f"u{i}") for i in range(4)]
+    outcomes = asyncio.run(deliverer.deliver(messages, time.wall_ms()))
+    assert [o.kind for o in outcomes] == ["delivered", "delivered", "dead", "delivered"]
+    assert [len(orjson.loads(c[1].body)) for c in script.calls] == [4, 1, 1, 1, 1]
+
+
+def test_rate_limit_spaces_requests() -> None:
+    deliverer, script, time = make({**HOOK, "rate_limit_per_s": 2}, [])
+    asyncio.run(deliverer.deliver([output_message(f"u{i}") for i in range(6)], time.wall_ms()))
+    times = [c[0] - 1_000_000.0 for c in script.calls]
+    assert times == [0.0, 0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+def test_skipped_messages_are_not_sent() -> None:
+    deliverer, script, _time = make({**HOOK, "audiences": ["vip"]}, [])
+    outcomes = asyncio.run(
+        deliverer.deliver([output_message("u1"), output_message("u2", audience="vip")], 0)
+    )
+    assert [o.kind for o in outcomes] == ["skipped", "delivered"]
+    assert len(script.calls) == 1
+
+
+def test_metrics_per_destination() -> None:
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"destination": "metered", **labels}) or 0.0
+
+    deliverer, _script, time = make(
+        {**HOOK, "name": "metered", "audiences": ["cart_abandoners"]},
+        [Response(503), Response(200), Response(400, "no")],
+    )
+    outcomes = asyncio.run(
+        deliverer.deliver(
+            [output_message("u1"), output_message("u2"), output_message("u3", audience="x")],
+            time.wall_ms() - 2000,
+        )
+    )
+    assert [o.kind for o in outcomes] == ["delivered", "dead", "skipped"]
+    assert value("audiences_sink_deliveries_total", outcome="delivered") == 1
+    assert value("audiences_sink_deliveries_total", outcome="dead_lettered") == 1
+    assert value("audiences_sink_deliveries_total", outcome="skipped") == 1
+    assert value("audiences_sink_retries_total") == 1
+    assert value("audiences_sink_request_duration_seconds_count") == 3
+    assert value("audiences_sink_delivery_lag_seconds_count") == 1
+    assert value("audiences_sink_delivery_lag_seconds_sum") >= 2.0
