@@ -75,6 +75,13 @@ class Settings:
     state_cache_size: int = field(
         default=200_000, metadata={"doc": "decoded profiles kept in memory per worker"}
     )
+    fetch_wait_ms: int = field(
+        default=50,
+        metadata={
+            "doc": "evaluator fetch.wait.max.ms: the embedded broker answers fetches only "
+            "when it expires, so it bounds event-to-transition latency there"
+        },
+    )
     sink_fetch_wait_ms: int = field(
         default=50,
         metadata={

@@ -134,7 +134,12 @@ class Evaluator:
                 "compression.type": "lz4",
             }
         )
-        self._consumer = Consumer(settings.group_consumer_config(f"{settings.app_id}-evaluator"))
+        self._consumer = Consumer(
+            {
+                **settings.group_consumer_config(f"{settings.app_id}-evaluator"),
+                "fetch.wait.max.ms": settings.fetch_wait_ms,
+            }
+        )
         self._recovery_consumer = Consumer(
             {**base, "group.id": f"{settings.app_id}-recovery", "enable.auto.commit": False}
         )
