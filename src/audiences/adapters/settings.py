@@ -46,6 +46,13 @@ class Settings:
     write_keys: str = field(default="", metadata={"doc": "collector write keys, comma-separated"})
     web_port: int = field(default=6066, metadata={"doc": "worker web port: API, health, metrics"})
     web_host: str = field(default="127.0.0.1", metadata={"doc": "worker web bind address"})
+    web_advertised_url: str = field(
+        default="",
+        metadata={
+            "doc": "URL other workers use to reach this one's API (default "
+            "http://WEB_HOST:WEB_PORT, 0.0.0.0 read as 127.0.0.1)"
+        },
+    )
     collector_port: int = field(default=8088, metadata={"doc": "collector port"})
     collector_host: str = field(
         default="127.0.0.1", metadata={"doc": "collector bind address (0.0.0.0 in containers)"}
@@ -110,6 +117,14 @@ class Settings:
             values[f.name] = int(raw) if f.type in ("int", int) else raw
         values.update(overrides)
         return cls(**values)
+
+    @property
+    def advertised_url(self) -> str:
+        """Where this worker's web server is reachable by the others (no trailing /)."""
+        if self.web_advertised_url:
+            return self.web_advertised_url.rstrip("/")
+        host = self.web_host if self.web_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        return f"http://{host}:{self.web_port}"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -24,6 +24,7 @@ class Topics:
     audience_events_dlq: str
     changelog: str  # per-user state, one partition per `events` partition
     progress: str  # backfill progress per partition (compacted), read by `apply --wait`
+    workers: str  # each worker's web address and partitions (compacted), for API routing
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:
@@ -35,6 +36,7 @@ class Topics:
             audience_events_dlq=settings.audience_events_dlq_topic,
             changelog=f"{settings.app_id}-users-changelog",
             progress=f"{settings.app_id}-progress",
+            workers=f"{settings.app_id}-workers",
         )
 
 
@@ -66,6 +68,7 @@ def ensure_topics(settings: Settings, topics: Topics) -> int:
         NewTopic(topics.audience_events_dlq, settings.partitions, 1),
         NewTopic(topics.definitions, 1, 1, config=COMPACT),
         NewTopic(topics.progress, 1, 1, config=COMPACT),
+        NewTopic(topics.workers, 1, 1, config=COMPACT),
     ]
     _create(admin, [t for t in wanted if t.topic not in existing])
     events_partitions = partition_count(admin, topics.events) or settings.partitions

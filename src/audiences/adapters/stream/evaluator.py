@@ -120,6 +120,8 @@ class Evaluator:
         self.partitions: dict[int, Partition] = {}
         self.ready = threading.Event()
         self.failed: BaseException | None = None
+        # Told the assigned partitions after every rebalance (the web API's worker registry).
+        self.on_partitions: Callable[[list[int]], None] | None = None
         self._stop = threading.Event()
         self._delivery_errors: list[str] = []
         self._changelog_ends: dict[int, int] = {}
@@ -227,16 +229,23 @@ class Evaluator:
         gc.freeze()  # recovered state and catalog are long-lived: keep them out of GC scans
         log.info("assigned partitions %s", sorted(self.partitions))
         self.ready.set()
+        self._partitions_changed()
 
     def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
         for tp in revoked:
             self._release(tp.partition, commit=True)
         log.info("revoked %s; now %s", [tp.partition for tp in revoked], sorted(self.partitions))
+        self._partitions_changed()
 
     def _on_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
         for tp in lost:
             self._release(tp.partition, commit=False)
         log.warning("lost partitions %s", [tp.partition for tp in lost])
+        self._partitions_changed()
+
+    def _partitions_changed(self) -> None:
+        if self.on_partitions is not None:
+            self.on_partitions(sorted(self.partitions))
 
     def _release(self, number: int, *, commit: bool) -> None:
         partition = self.partitions.pop(number, None)
