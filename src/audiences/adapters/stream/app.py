@@ -23,7 +23,9 @@ import faust
 import mode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from audiences.adapters.http.api import ManagementApi
 from audiences.adapters.http.collector import Collector
+from audiences.adapters.http.registry import WorkerRegistry
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.sinks.config import load_destinations
@@ -43,6 +45,7 @@ class EvaluatorService(mode.Service):
         self.topics = Topics.from_settings(settings)
         self.clock = clock
         self.evaluator: Evaluator | None = None
+        self.registry = WorkerRegistry(settings, self.topics, settings.advertised_url)
         self._thread: threading.Thread | None = None
 
     @property
@@ -53,6 +56,8 @@ class EvaluatorService(mode.Service):
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, ensure_topics, self.settings, self.topics)
         self.evaluator = Evaluator(self.settings, self.topics, clock=self.clock)
+        self.evaluator.on_partitions = self.registry.publish
+        self.registry.start()
         self._thread = threading.Thread(target=self.evaluator.run, name="evaluator", daemon=True)
         self._thread.start()
         log.info("evaluator started for topic %s", self.topics.events)
@@ -71,6 +76,18 @@ class EvaluatorService(mode.Service):
         if self.evaluator is not None and self._thread is not None:
             self.evaluator.stop()
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+        await asyncio.get_running_loop().run_in_executor(None, self.registry.stop)
+
+
+class AudiencesApp(faust.App):
+    """The Faust app with the management API on its web server."""
+
+    api: ManagementApi | None = None
+
+    def on_webserver_init(self, web: Any) -> None:
+        # Faust calls this from Web.init_server, before the server starts listening.
+        if self.api is not None:
+            self.api.register(web.web_app)
 
 
 class CollectorService(mode.Service):
@@ -98,7 +115,7 @@ def create_app(
         load_destinations(settings.destinations, os.environ) if settings.destinations else []
     )
     os.makedirs(settings.data_dir, exist_ok=True)
-    app = faust.App(
+    app = AudiencesApp(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
@@ -117,6 +134,7 @@ def create_app(
     service = EvaluatorService(settings, clock)
     app.service(service)  # type: ignore[arg-type]  # faust accepts instances too
     app.evaluator_service = service  # type: ignore[attr-defined]
+    app.api = ManagementApi(settings, service.topics, lambda: service.evaluator, service.registry)
     if with_collector:
         app.service(CollectorService(settings))  # type: ignore[arg-type]
     if destinations:

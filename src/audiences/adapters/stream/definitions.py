@@ -141,13 +141,18 @@ def next_version(doc: Mapping[str, Any], current: tuple[dict[str, Any], int] | N
 
 
 def apply_definitions(
-    settings: Settings, topics: Topics, docs: list[dict[str, Any]]
+    settings: Settings,
+    topics: Topics,
+    docs: list[dict[str, Any]],
+    current: Definitions | None = None,
 ) -> list[tuple[str, int | None]]:
     """Validate and publish definitions; returns (key, new version or None if unchanged).
+    `current`: the definitions as just read, if the caller has them.
 
     Raises DefinitionError (with the JSON path) before anything is written.
     """
-    current = read_definitions(settings, topics)
+    if current is None:
+        current = read_definitions(settings, topics)
     merged = {k: d for k, (d, _) in current.items()}
     validated = []
     for doc in docs:

@@ -1,0 +1,661 @@
+"""The management API (SPEC §8), served by every worker on its Faust web server.
+
+Definitions (audiences and computed traits) are read from and written to the
+definitions topic itself, so a write is visible to the next read on any worker.
+Profiles live in the RocksDB stores of the worker that owns their partition:
+a request about a user is answered by that worker, forwarded there over HTTP
+when it arrives elsewhere (`WorkerRegistry` knows who owns what). A forwarded
+request carries the `X-Audiences-Forwarded` header and is never forwarded
+again: a worker that no longer owns the partition answers 503 (retry).
+Audience members are paged across all partitions the same way, one partition
+after another, in key order within each, with an opaque cursor.
+
+Errors are JSON `{"error": message}`: 400 unreadable request, 404 unknown
+audience, trait or user, 409 key used by the other kind of definition, 422
+invalid definition (with `path` and `suggestion`), 503 Kafka or the owning
+worker unavailable (retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from aiohttp import web
+from confluent_kafka import KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+from yarl import URL
+
+from audiences.adapters.http.openapi import OPENAPI
+from audiences.adapters.http.registry import WorkerRegistry
+from audiences.adapters.kafka.partitioner import partition_for
+from audiences.adapters.kafka.topics import Topics, partition_count
+from audiences.adapters.settings import Settings
+from audiences.adapters.state.store import PartitionStore
+from audiences.adapters.stream.definitions import (
+    Definitions,
+    apply_definitions,
+    delete_definition,
+    read_definitions,
+    read_profiles,
+)
+from audiences.adapters.stream.evaluator import META_PREFIX, Evaluator, Partition
+from audiences.core.definitions import check_references, validate_definition
+from audiences.core.definitions.conditions import DEVICE_TRACKER_ID
+from audiences.core.definitions.validate import is_trait_definition
+from audiences.core.events import format_iso
+from audiences.core.explain import explain
+from audiences.core.preview import preview
+from audiences.core.state import NEVER, UserState
+from audiences.errors import AudiencesError, BrokerError, DefinitionError
+
+log = logging.getLogger(__name__)
+FORWARDED = "X-Audiences-Forwarded"  # set on requests one worker forwards to another
+SERVED_BY = "X-Audiences-Worker"  # the URL of the worker whose state answered
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+SCAN_BUDGET = 5000  # profiles one partition scan reads for one members page at most
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(AudiencesError):
+    """An HTTP error answer: status and a JSON body `{"error": message, **extra}`."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": message, **extra}
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _errors_as_json(handler: Handler) -> Handler:
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            headers = {"Retry-After": "1"} if exc.status == 503 else None
+            return _json(exc.body, exc.status, headers)
+        except DefinitionError as exc:
+            body = {"error": str(exc), "path": exc.path, "suggestion": exc.suggestion}
+            return _json(body, 422)
+
+    return wrapped
+
+
+def _kind(doc: dict[str, Any]) -> str:
+    return "traits" if is_trait_definition(doc) else "audiences"
+
+
+class ManagementApi:
+    """Handlers of one worker. `local()` is its evaluator (None while starting)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        topics: Topics,
+        local: Callable[[], Evaluator | None],
+        registry: WorkerRegistry | None,
+    ) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.local = local
+        self.registry = registry
+        self.url = registry.url if registry is not None else settings.advertised_url
+        self._partitions: int | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._producer: Producer | None = None
+
+    def register(self, app: web.Application) -> None:
+        """Add every route of the API to an aiohttp application."""
+        router = app.router
+        for kind in ("audiences", "traits"):
+            router.add_get(f"/v1/{kind}", self._list(kind))
+            if kind == "audiences":  # before /{key}: a fixed path wins over the pattern
+                router.add_post("/v1/audiences/preview", self._wrap(self.preview))
+            router.add_get(f"/v1/{kind}/{{key}}", self._get(kind))
+            router.add_put(f"/v1/{kind}/{{key}}", self._put(kind))
+            router.add_delete(f"/v1/{kind}/{{key}}", self._delete(kind))
+        router.add_get("/v1/audiences/{key}/members", self._wrap(self.members))
+        router.add_get("/v1/users/{id}", self._wrap(self.user))
+        router.add_delete("/v1/users/{id}", self._wrap(self.delete_user))
+        router.add_get("/v1/users/{id}/explain/{key}", self._wrap(self.explain))
+        router.add_get("/v1/internal/sizes", self._wrap(self.internal_sizes))
+        router.add_get(
+            "/v1/internal/partitions/{partition}/members/{key}",
+            self._wrap(self.internal_members),
+        )
+        router.add_get("/openapi.json", self._wrap(self.openapi))
+        app.on_cleanup.append(self._close)
+
+    @staticmethod
+    def _wrap(handler: Handler) -> Handler:
+        return _errors_as_json(handler)
+
+    async def _close(self, _app: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._producer is not None:
+            self._producer.flush(5)
+
+    # -- definitions --------------------------------------------------------------------------
+
+    def _list(self, kind: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            definitions = await self._blocking(read_definitions, self.settings, self.topics)
+            sizes = await self._sizes() if kind == "audiences" else None
+            items = [
+                _summary(doc, version, sizes)
+                for key, (doc, version) in sorted(definitions.items())
+                if _kind(doc) == kind
+            ]
+            return _json({kind: items})
+
+        return _errors_as_json(handler)
+
+    def _get(self, kind: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            key = request.match_info["key"]
+            definitions = await self._blocking(read_definitions, self.settings, self.topics)
+            doc, version = _existing(definitions, key, kind)
+            body = {**doc, "version": version}
+            if kind == "audiences":
+                sizes = await self._sizes()
+                body["size"] = sizes.get(key, 0) if sizes is not None else None
+            return _json(body)
+
+        return _errors_as_json(handler)
+
+    def _put(self, kind: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            key = request.match_info["key"]
+            doc = await _definition_body(request)
+            doc.setdefault("key", key)
+            if doc["key"] != key:
+                raise ApiError(
+                    422,
+                    f"the body's key {doc['key']!r} differs from the URL's {key!r}",
+                    path="$.key",
+                )
+            if _kind(doc) != kind:
+                raise _wrong_kind(kind, key)
+            version, changed, created = await self._blocking(self._apply, doc, kind)
+            body = {"key": key, "version": version, "changed": changed}
+            return _json(body, 201 if created else 200)
+
+        return _errors_as_json(handler)
+
+    def _apply(self, doc: dict[str, Any], kind: str) -> tuple[int, bool, bool]:
+        """(version, whether it changed, whether it is new); in an executor thread."""
+        key = doc["key"]
+        current = read_definitions(self.settings, self.topics)
+        if key in current and _kind(current[key][0]) != kind:
+            other = "an audience" if kind == "traits" else "a computed trait"
+            raise ApiError(409, f"{key!r} is {other}; delete it first or use another key")
+        [(_, version)] = apply_definitions(self.settings, self.topics, [doc], current=current)
+        if version is None:
+            return current[key][1], False, False
+        return version, True, key not in current
+
+    def _delete(self, kind: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            key = request.match_info["key"]
+            definitions = await self._blocking(read_definitions, self.settings, self.topics)
+            _doc, version = _existing(definitions, key, kind)
+            if not await self._blocking(delete_definition, self.settings, self.topics, key):
+                raise ApiError(404, f"no {kind[:-1]} {key!r}")
+            return _json({"key": key, "deleted": True, "version": version})
+
+        return _errors_as_json(handler)
+
+    async def preview(self, request: web.Request) -> web.StreamResponse:
+        doc = validate_definition(await _definition_body(request))
+        sample = _int_param(request, "sample", 10, 0, MAX_PAGE)
+
+        def judge() -> dict[str, Any]:
+            definitions = read_definitions(self.settings, self.topics)
+            others = {k: d for k, (d, _) in definitions.items() if k != doc["key"]}
+            check_references(doc, others)
+            profiles = read_profiles(self.settings, self.topics)
+            report = preview(doc, definitions, profiles.items(), sample).as_json()
+            current = definitions.get(doc["key"])
+            return {**report, "current_version": current[1] if current else None}
+
+        return _json(await self._blocking(judge))
+
+    # -- members ------------------------------------------------------------------------------
+
+    async def members(self, request: web.Request) -> web.StreamResponse:
+        key = request.match_info["key"]
+        limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        number, start = _decode_cursor(request.query.get("cursor"), key)
+        await self._require_audience(key)
+        partitions = await self._partition_count()
+        found: list[dict[str, Any]] = []
+        resume: bytes | None = None
+        while number < partitions and len(found) < limit:
+            page, resume = await self._partition_members(number, key, start, limit - len(found))
+            found.extend(page)
+            if resume is not None:
+                break  # page full, or the scan budget spent: continue from here next time
+            number, start = number + 1, b""
+        cursor = None if number >= partitions else _encode_cursor(key, number, resume or start)
+        return _json({"audience": key, "members": found, "next_cursor": cursor})
+
+    async def _require_audience(self, key: str) -> None:
+        evaluator = self.local()
+        if evaluator is not None:
+            definitions = evaluator.definitions.definitions
+        else:
+            definitions = await self._blocking(read_definitions, self.settings, self.topics)
+        _existing(definitions, key, "audiences")
+
+    async def _partition_members(
+        self, number: int, key: str, start: bytes, limit: int
+    ) -> tuple[list[dict[str, Any]], bytes | None]:
+        partition = self._local_partition(number)
+        if partition is not None:
+            return await self._scan(partition, key, start, limit)
+        url = self._owner(number)
+        path = f"/v1/internal/partitions/{number}/members/{quote(key, safe='')}"
+        data = await self._fetch(url, path, {"from": start.hex(), "limit": str(limit)})
+        resume = data.get("next")
+        return list(data["members"]), bytes.fromhex(resume) if resume is not None else None
+
+    async def internal_members(self, request: web.Request) -> web.StreamResponse:
+        number = _int_path(request, "partition")
+        key = request.match_info["key"]
+        limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        try:
+            start = bytes.fromhex(request.query.get("from", ""))
+        except ValueError:
+            raise ApiError(400, "`from` must be hex") from None
+        partition = self._local_partition(number)
+        if partition is None:
+            raise _not_owner(number)
+        found, resume = await self._scan(partition, key, start, limit)
+        body = {"partition": number, "members": found, "next": resume.hex() if resume else None}
+        return _json(body, headers={SERVED_BY: self.url})
+
+    async def _scan(
+        self, partition: Partition, key: str, start: bytes, limit: int
+    ) -> tuple[list[dict[str, Any]], bytes | None]:
+        try:
+            return await self._blocking(_scan_members, partition.store, key, start, limit)
+        except Exception as exc:  # the store closed under us: the partition just moved
+            log.info("partition %d moved while reading: %s", partition.number, exc)
+            raise _not_owner(partition.number) from exc
+
+    # -- sizes --------------------------------------------------------------------------------
+
+    async def _sizes(self) -> dict[str, int] | None:
+        """Members per audience over all partitions; None if some partition's owner
+        could not be asked (a rebalance, a worker down)."""
+        partitions = await self._partition_count()
+        per_partition = self._local_sizes()
+        missing = set(range(partitions)) - set(per_partition)
+        owners = {self.registry.owner(p) for p in missing} if self.registry else set()
+        for url in sorted(u for u in owners if u is not None and u != self.url):
+            try:
+                data = await self._fetch(url, "/v1/internal/sizes", {})
+            except ApiError:
+                continue
+            for number, sizes in data["partitions"].items():
+                if int(number) in missing:
+                    per_partition[int(number)] = sizes
+        if set(range(partitions)) - set(per_partition):
+            return None
+        totals: dict[str, int] = {}
+        for sizes in per_partition.values():
+            for audience, size in sizes.items():
+                totals[audience] = totals.get(audience, 0) + size
+        return totals
+
+    def _local_sizes(self) -> dict[int, dict[str, int]]:
+        evaluator = self.local()
+        if evaluator is None:
+            return {}
+        return {n: dict(p.sizes) for n, p in list(evaluator.partitions.items())}
+
+    async def internal_sizes(self, request: web.Request) -> web.StreamResponse:
+        return _json({"partitions": self._local_sizes()}, headers={SERVED_BY: self.url})
+
+    # -- users --------------------------------------------------------------------------------
+
+    async def user(self, request: web.Request) -> web.StreamResponse:
+        user = request.match_info["id"]
+
+        def view(evaluator: Evaluator, partition: Partition) -> dict[str, Any]:
+            state = _profile(partition, user)
+            return _user_view(user, partition.number, state, evaluator)
+
+        return await self._on_owner(request, user, view)
+
+    async def explain(self, request: web.Request) -> web.StreamResponse:
+        user, key = request.match_info["id"], request.match_info["key"]
+
+        def view(evaluator: Evaluator, partition: Partition) -> dict[str, Any]:
+            catalog = evaluator.definitions.catalog
+            if catalog.audience(key) is None:
+                raise ApiError(404, f"no audience {key!r}")
+            state = _profile(partition, user)
+            return {"userId": user, **explain(state, catalog, key, evaluator.clock())}
+
+        return await self._on_owner(request, user, view)
+
+    async def delete_user(self, request: web.Request) -> web.StreamResponse:
+        user = request.match_info["id"]
+        evaluator = self.local()
+        now = evaluator.clock() if evaluator is not None else time.time_ns() // 1_000_000
+        record = {
+            "type": "delete",
+            "userId": user,
+            "timestamp": format_iso(now),
+            "messageId": f"api-delete-{uuid.uuid4().hex}",
+        }
+        await self._blocking(self._produce, user.encode(), orjson.dumps(record))
+        return _json({"userId": user, "accepted": True}, 202)
+
+    def _produce(self, key: bytes, value: bytes) -> None:
+        if self._producer is None:
+            self._producer = Producer(
+                {**self.settings.producer_config(), "message.timeout.ms": 5_000}
+            )
+        errors: list[str] = []
+
+        def delivered(err: object, _msg: object) -> None:
+            if err is not None:
+                errors.append(str(err))
+
+        self._producer.produce(self.topics.events, key=key, value=value, on_delivery=delivered)
+        if self._producer.flush(10) or errors:
+            raise BrokerError(
+                f"Kafka did not take the record: {errors or 'timed out'}", retriable=True
+            )
+
+    async def _on_owner(
+        self,
+        request: web.Request,
+        user: str,
+        view: Callable[[Evaluator, Partition], dict[str, Any]],
+    ) -> web.StreamResponse:
+        """Answer from the state of the worker owning `user`'s partition: here, or by
+        forwarding the request there (once)."""
+        number = partition_for(user.encode(), await self._partition_count())
+        evaluator = self.local()
+        partition = self._local_partition(number)
+        if evaluator is not None and partition is not None:
+            try:
+                body = view(evaluator, partition)
+            except ApiError:
+                raise
+            except Exception as exc:  # the store closed under us: the partition just moved
+                log.info("partition %d moved while reading: %s", number, exc)
+                raise _not_owner(number) from exc
+            return _json(body, headers={SERVED_BY: self.url})
+        if request.headers.get(FORWARDED):
+            raise _not_owner(number)
+        return await self._forward(request, self._owner(number))
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return _json(OPENAPI)
+
+    def _local_partition(self, number: int) -> Partition | None:
+        evaluator = self.local()
+        return evaluator.partitions.get(number) if evaluator is not None else None
+
+    def _owner(self, number: int) -> str:
+        url = self.registry.owner(number) if self.registry is not None else None
+        if url is None or url == self.url:
+            raise ApiError(503, f"partition {number} has no known owner yet; retry")
+        return url
+
+    async def _partition_count(self) -> int:
+        if self._partitions is None:
+            admin = AdminClient(self.settings.kafka_config())
+            count = await self._blocking(partition_count, admin, self.topics.events)
+            if count is None:
+                raise ApiError(503, f"topic {self.topics.events} does not exist yet; retry")
+            self._partitions = count
+        return self._partitions
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        return self._session
+
+    async def _forward(self, request: web.Request, url: str) -> web.StreamResponse:
+        headers = {FORWARDED: self.url}
+        if request.content_type:
+            headers["Content-Type"] = request.content_type
+        try:
+            async with self._client().request(
+                request.method,
+                URL(url + request.raw_path, encoded=True),
+                data=await request.read(),
+                headers=headers,
+            ) as response:
+                body = await response.read()
+                forward_headers = {
+                    k: v for k, v in response.headers.items() if k in (SERVED_BY, "Retry-After")
+                }
+                return web.Response(
+                    body=body,
+                    status=response.status,
+                    content_type=response.content_type,
+                    headers=forward_headers,
+                )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiError(503, f"the worker at {url} is unreachable ({exc}); retry") from exc
+
+    async def _fetch(self, url: str, path: str, params: dict[str, str]) -> dict[str, Any]:
+        try:
+            async with self._client().get(
+                url + path, params=params, headers={FORWARDED: self.url}
+            ) as response:
+                body = await response.read()
+                if response.status != 200:
+                    raise ApiError(503, f"the worker at {url} answered {response.status}; retry")
+                data: dict[str, Any] = orjson.loads(body)
+                return data
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            raise ApiError(503, f"the worker at {url} is unreachable ({exc}); retry") from exc
+
+    async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
+        """Run blocking (Kafka, RocksDB scan) work off the event loop."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, functools.partial(func, *args))
+        except BrokerError as exc:
+            raise ApiError(503, f"Kafka is unavailable: {exc}") from exc
+        except KafkaException as exc:
+            raise ApiError(503, f"Kafka is unavailable: {exc}") from exc
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+async def _definition_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"the body is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ApiError(422, "expected a definition object", path="$")
+    return doc
+
+
+def _wrong_kind(kind: str, key: str) -> ApiError:
+    if kind == "traits":
+        return ApiError(
+            422,
+            f"a computed trait needs `kind`; this is an audience (PUT /v1/audiences/{key})",
+            path="$.kind",
+            suggestion=None,
+        )
+    return ApiError(
+        422,
+        f"`kind` makes this a computed trait (PUT /v1/traits/{key}); audiences have `condition`",
+        path="$.kind",
+        suggestion=None,
+    )
+
+
+def _existing(definitions: Definitions, key: str, kind: str) -> tuple[dict[str, Any], int]:
+    entry = definitions.get(key)
+    if entry is None or _kind(entry[0]) != kind:
+        raise ApiError(404, f"no {'audience' if kind == 'audiences' else 'computed trait'} {key!r}")
+    return entry
+
+
+def _summary(doc: dict[str, Any], version: int, sizes: dict[str, int] | None) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "key": doc["key"],
+        "name": doc.get("name") or doc["key"],
+        "version": version,
+        "created_at": doc.get("created_at"),
+    }
+    if is_trait_definition(doc):
+        summary["kind"] = doc["kind"]
+    else:
+        summary["size"] = sizes.get(doc["key"], 0) if sizes is not None else None
+    return summary
+
+
+def _profile(partition: Partition, user: str) -> UserState:
+    key = user.encode()
+    if key in partition.suppressed:
+        raise ApiError(404, f"user {user!r} was deleted")
+    data = partition.store.get_states([key])[0]
+    if data is None:
+        raise ApiError(404, f"no profile for user {user!r}")
+    return UserState.decode(data)
+
+
+def _user_view(user: str, number: int, state: UserState, evaluator: Evaluator) -> dict[str, Any]:
+    catalog = evaluator.definitions.catalog
+    audiences = []
+    for key, membership in sorted(state.members.items()):
+        if membership.member:
+            audience = catalog.audience(key)
+            audiences.append(
+                {
+                    "key": key,
+                    "name": audience.name if audience is not None else key,
+                    "entered_at": format_iso(membership.since_ms),
+                    "next_check": format_iso(membership.wake_ms)
+                    if membership.wake_ms < NEVER
+                    else None,
+                }
+            )
+    devices = [
+        {
+            "id": device_id,
+            "type": entry[0],
+            "push_enabled": bool(entry[1]),
+            "last_seen": format_iso(entry[3]),
+        }
+        for device_id, entry in sorted((state.trackers.get(DEVICE_TRACKER_ID) or {}).items())
+    ]
+    return {
+        "userId": user,
+        "partition": number,
+        "anonymous": state.anonymous,
+        "merged_into": state.merged_into,
+        "anonymous_ids": [
+            {"id": alias, "merged": bool(done)} for alias, done in sorted(state.aliases.items())
+        ],
+        "traits": state.traits,
+        "computed_traits": {key: entry[0] for key, entry in sorted(state.computed.items())},
+        "audiences": audiences,
+        "devices": devices,
+        "updated_at": format_iso(state.clock_ms) if state.clock_ms else None,
+    }
+
+
+def _scan_members(
+    store: PartitionStore, audience: str, start: bytes, limit: int
+) -> tuple[list[dict[str, Any]], bytes | None]:
+    """Members of `audience` in key order from `start` on; also the key to resume from
+    (None = the partition is done). Reads at most SCAN_BUDGET profiles."""
+    rows = store.states_from(start, SCAN_BUDGET + 1)
+    found: list[dict[str, Any]] = []
+    for key, data in rows[:SCAN_BUDGET]:
+        if len(found) == limit:
+            return found, key
+        if key.startswith(META_PREFIX):
+            continue
+        state = UserState.decode(data)
+        membership = state.members.get(audience)
+        if membership is not None and membership.member:
+            found.append(
+                {
+                    "id": key.decode(),
+                    "anonymous": state.anonymous,
+                    "entered_at": format_iso(membership.since_ms),
+                }
+            )
+    return found, rows[SCAN_BUDGET][0] if len(rows) > SCAN_BUDGET else None
+
+
+def _encode_cursor(audience: str, partition: int, start: bytes) -> str:
+    raw = orjson.dumps({"a": audience, "p": partition, "k": start.hex()})
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None, audience: str) -> tuple[int, bytes]:
+    if not cursor:
+        return 0, b""
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if data["a"] != audience:
+            raise ValueError("a cursor of another audience")
+        return int(data["p"]), bytes.fromhex(data["k"])
+    except (binascii.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ApiError(400, "invalid cursor (use next_cursor of the previous page)") from None
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"`{name}` must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"`{name}` must be between {low} and {high}, got {value}")
+    return value
+
+
+def _int_path(request: web.Request, name: str) -> int:
+    try:
+        return int(request.match_info[name])
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer") from None
+
+
+def _not_owner(number: int) -> ApiError:
+    return ApiError(503, f"this worker does not own partition {number} (any more); retry")
