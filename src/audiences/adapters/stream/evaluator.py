@@ -363,6 +363,7 @@ class Evaluator:
         staged: dict[int, _Staged] = {}
         types: dict[str, int] = {}
         duplicates = suppressed = 0
+        oldest_ms = NEVER  # Kafka timestamp of the batch's oldest record
         catalog = self.definitions.catalog
         for number, batch in by_partition.items():
             partition = self.partitions.get(number)
@@ -372,8 +373,10 @@ class Evaluator:
             for msg in batch:
                 if msg.offset() < partition.position:
                     continue  # already applied before a restart
+                record_ms = msg.timestamp()[1]
+                oldest_ms = min(oldest_ms, record_ms)
                 try:
-                    event = parse_event(msg.value() or b"", msg.timestamp()[1])
+                    event = parse_event(msg.value() or b"", record_ms)
                 except InvalidEventError as exc:
                     self._dead_letter(msg, exc)
                     continue
@@ -414,6 +417,8 @@ class Evaluator:
                 duplicates += result.duplicate
             partition.position = max(partition.position, batch[-1].offset() + 1)
         self._make_durable(staged)
+        if oldest_ms < NEVER:
+            metrics.PROCESSING_LATENCY.observe(max(0.0, time.time() - oldest_ms / 1000))
         for event_type, count in types.items():
             metrics.EVENTS_IN.labels(event_type).inc(count)
         if duplicates:
