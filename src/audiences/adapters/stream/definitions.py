@@ -199,7 +199,7 @@ def delete_definition(settings: Settings, topics: Topics, key: str) -> bool:
 def read_profiles(settings: Settings, topics: Topics) -> dict[str, UserState]:
     """Every stored profile, from the state changelog (last write wins, tombstones
     delete). For previews: a batch a crashed worker never completed may be included."""
-    from audiences.adapters.stream.evaluator import MARKER_PREFIX, SUPPRESSED
+    from audiences.adapters.stream.evaluator import MARKER_PREFIX, META_PREFIX
 
     consumer = Consumer(
         {
@@ -220,7 +220,7 @@ def read_profiles(settings: Settings, topics: Topics) -> dict[str, UserState]:
         raw: dict[bytes, bytes | None] = {}
         for msg in read_to_fence(consumer, topics.changelog, fences, {}):
             key = msg.key() or b""
-            if key == FENCE_KEY or key.startswith((MARKER_PREFIX, SUPPRESSED)):
+            if key == FENCE_KEY or key.startswith((MARKER_PREFIX, META_PREFIX)):
                 continue
             raw[key] = msg.value()
     finally:
