@@ -15,6 +15,8 @@ from audiences import __version__, logs
 from audiences.adapters.settings import Settings
 from audiences.errors import AudiencesError, DefinitionError
 
+MEMBERS_PAGE = 500  # members asked per request by `audiences members`
+
 
 def _settings() -> Settings:
     return Settings.from_env()
@@ -173,13 +175,33 @@ def _wait_for_backfill(settings: Settings, topics: Any, timeout_s: float) -> int
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
+    documents = load_documents(Path(args.file))
+    url = _api_url(args)
+    reports = _preview_via_api(url, documents, args.sample) if url else _preview(documents, args)
+    if reports is None:
+        return 2
+    for report in reports:
+        if args.json:
+            print(json.dumps({k: v for k, v in report.items() if k != "current_version"}))
+            continue
+        current = report["current_version"]
+        change = f"v{current} -> v{report['version']}" if current else "new, v1"
+        print(f"{report['key']} ({change}), judged on {report['profiles']} stored profiles:")
+        print(f"  size after applying: {report['size']}")
+        print(f"  would enter: {report['entering']}  {' '.join(report['would_enter'])}")
+        print(f"  would exit:  {report['exiting']}  {' '.join(report['would_exit'])}")
+        print(f"  sample: {json.dumps(report['sample'])}")
+    return 0
+
+
+def _preview(documents: list[tuple[str, Any]], args: argparse.Namespace) -> list[Any] | None:
+    """Preview reports computed here, reading definitions and profiles from Kafka."""
     from audiences.adapters.stream.definitions import read_definitions, read_profiles
     from audiences.bootstrap import prepared
     from audiences.core.definitions import check_references, validate_definition
     from audiences.core.preview import preview
 
     settings = _require_bootstrap(_settings())
-    documents = load_documents(Path(args.file))
     topics = prepared(settings)
     definitions = read_definitions(settings, topics)
     profiles = read_profiles(settings, topics)
@@ -189,25 +211,35 @@ def cmd_preview(args: argparse.Namespace) -> int:
             doc = validate_definition(raw)
             others = {k: d for k, (d, _) in definitions.items() if k != doc["key"]}
             check_references(doc, others)
-            reports.append(preview(doc, definitions, profiles.items(), args.sample))
+            report = preview(doc, definitions, profiles.items(), args.sample).as_json()
         except DefinitionError as exc:
             print(f"error: {source}: {exc}", file=sys.stderr)
-            return 2
-    for report in reports:
-        if args.json:
-            print(json.dumps(report.as_json()))
-            continue
-        current = definitions.get(report.key)
-        change = f"v{current[1]} -> v{report.version}" if current else "new, v1"
-        print(f"{report.key} ({change}), judged on {report.profiles} stored profiles:")
-        print(f"  size after applying: {report.size}")
-        print(f"  would enter: {report.entering}  {' '.join(report.would_enter)}")
-        print(f"  would exit:  {report.exiting}  {' '.join(report.would_exit)}")
-        print(f"  sample: {json.dumps(report.sample)}")
-    return 0
+            return None
+        current = definitions.get(doc["key"])
+        reports.append({**report, "current_version": current[1] if current else None})
+    return reports
+
+
+def _preview_via_api(url: str, documents: list[tuple[str, Any]], sample: int) -> list[Any] | None:
+    from audiences.adapters.http.client import ApiClient, ApiError
+
+    client = ApiClient(url)
+    reports = []
+    for source, doc in documents:
+        try:
+            reports.append(client.request("POST", "/v1/audiences/preview", doc, {"sample": sample}))
+        except ApiError as exc:
+            if exc.status != 422:
+                raise
+            print(f"error: {source}: {exc}", file=sys.stderr)
+            return None
+    return reports
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    url = _api_url(args)
+    if url:
+        return _get_via_api(url, args.key)
     from audiences.adapters.stream.definitions import read_definitions
     from audiences.bootstrap import prepared
 
@@ -223,6 +255,68 @@ def cmd_get(args: argparse.Namespace) -> int:
         for key, (doc, version) in sorted(definitions.items()):
             print(f"{key}\tv{version}\t{doc.get('name', '')}")
     return 0
+
+
+def _get_via_api(url: str, key: str | None) -> int:
+    from audiences.adapters.http.client import ApiClient, ApiError, quote
+
+    client = ApiClient(url)
+    if key is None:
+        listed = client.get("/v1/audiences")["audiences"] + client.get("/v1/traits")["traits"]
+        for item in sorted(listed, key=lambda item: item["key"]):
+            print(f"{item['key']}\tv{item['version']}\t{item.get('name', '')}")
+        return 0
+    for kind in ("audiences", "traits"):
+        try:
+            print(json.dumps(client.get(f"/v1/{kind}/{quote(key)}"), indent=2))
+            return 0
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+    print(f"error: no audience {key!r}", file=sys.stderr)
+    return 1
+
+
+def cmd_members(args: argparse.Namespace) -> int:
+    from audiences.adapters.http.client import ApiClient, quote
+
+    client = ApiClient(_require_api_url(args, "members"))
+    printed = 0
+    cursor = None
+    while args.limit is None or printed < args.limit:
+        want = MEMBERS_PAGE if args.limit is None else min(MEMBERS_PAGE, args.limit - printed)
+        page = client.get(f"/v1/audiences/{quote(args.key)}/members", limit=want, cursor=cursor)
+        for member in page["members"][:want]:
+            print(f"{member['id']}\t{member['entered_at']}")
+            printed += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from audiences.adapters.http.client import ApiClient, quote
+
+    client = ApiClient(_require_api_url(args, "explain"))
+    print(
+        json.dumps(client.get(f"/v1/users/{quote(args.user)}/explain/{quote(args.key)}"), indent=2)
+    )
+    return 0
+
+
+def _api_url(args: argparse.Namespace) -> str:
+    return str(args.url or _settings().api_url)
+
+
+def _require_api_url(args: argparse.Namespace, command: str) -> str:
+    url = _api_url(args)
+    if not url:
+        raise SystemExit(
+            f"error: `audiences {command}` reads the workers' state through their API: "
+            "give --url http://WORKER:6066 or set AUDIENCES_API_URL"
+        )
+    return url
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -322,6 +416,15 @@ def _destinations_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _url_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument(
+        "--url",
+        default=None,
+        help=f"management API base URL, e.g. http://127.0.0.1:6066 (default: "
+        f"AUDIENCES_API_URL): {text}",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="audiences",
@@ -401,11 +504,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", required=True, help="JSON/YAML file or directory")
     p.add_argument("--sample", type=int, default=10, help="profiles listed per group (10)")
     p.add_argument("--json", action="store_true", help="one JSON object per definition")
+    _url_option(p, "ask a worker's API instead of reading Kafka here")
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("get", help="list audiences, or print one definition")
     p.add_argument("key", nargs="?", help="audience key")
+    _url_option(p, "ask a worker's API (adds audience sizes) instead of reading Kafka here")
     p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser(
+        "members",
+        help="list the current members of an audience (through a worker's API)",
+        description="Pages through every partition's members; prints `id<TAB>entered_at`.",
+    )
+    p.add_argument("key", help="audience key")
+    p.add_argument("--limit", type=int, default=None, help="print at most N members")
+    _url_option(p, "a worker's API (required)")
+    p.set_defaults(func=cmd_members)
+
+    p = sub.add_parser(
+        "explain",
+        help="why a user is (not) in an audience: the condition tree (through a worker's API)",
+    )
+    p.add_argument("user", help="userId (or anonymousId)")
+    p.add_argument("key", help="audience key")
+    _url_option(p, "a worker's API (required)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("delete", help="delete an audience definition")
     p.add_argument("key", help="audience key")

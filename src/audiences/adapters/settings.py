@@ -53,6 +53,10 @@ class Settings:
             "http://WEB_HOST:WEB_PORT, 0.0.0.0 read as 127.0.0.1)"
         },
     )
+    api_url: str = field(
+        default="",
+        metadata={"doc": "management API of a worker, for `audiences get/members/explain/preview`"},
+    )
     collector_port: int = field(default=8088, metadata={"doc": "collector port"})
     collector_host: str = field(
         default="127.0.0.1", metadata={"doc": "collector bind address (0.0.0.0 in containers)"}

@@ -1,0 +1,62 @@
+"""A small synchronous client of the management API, for the CLI (stdlib only)."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import orjson
+
+from audiences.errors import AdapterError, AudiencesError
+
+
+class ApiError(AudiencesError):
+    """The API answered with an error status; `body` is its JSON answer."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        message = str(body.get("error") or f"HTTP {status}")
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class ApiClient:
+    def __init__(self, base_url: str, timeout: float = 60.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params)
+
+    def request(
+        self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None
+    ) -> Any:
+        url = self.base_url + path
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        data = orjson.dumps(body) if body is not None else None
+        request = urllib.request.Request(url, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return orjson.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                answer = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                answer = {"error": raw.decode("utf-8", "replace")[:200] or exc.reason}
+            raise ApiError(exc.code, answer if isinstance(answer, dict) else {}) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise AdapterError(
+                f"cannot reach the API at {self.base_url}: {exc}", retriable=True
+            ) from exc
+
+
+def quote(segment: str) -> str:
+    """A path segment (user ids may hold '/', '?', spaces)."""
+    return urllib.parse.quote(segment, safe="")
