@@ -13,7 +13,7 @@ from typing import Any
 
 from audiences import __version__, logs
 from audiences.adapters.settings import Settings
-from audiences.errors import AudiencesError, DefinitionError
+from audiences.errors import ApiError, AudiencesError, DefinitionError
 
 MEMBERS_PAGE = 500  # members asked per request by `audiences members`
 
@@ -221,7 +221,7 @@ def _preview(documents: list[tuple[str, Any]], args: argparse.Namespace) -> list
 
 
 def _preview_via_api(url: str, documents: list[tuple[str, Any]], sample: int) -> list[Any] | None:
-    from audiences.adapters.http.client import ApiClient, ApiError
+    from audiences.adapters.http.client import ApiClient
 
     client = ApiClient(url)
     reports = []
@@ -258,7 +258,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def _get_via_api(url: str, key: str | None) -> int:
-    from audiences.adapters.http.client import ApiClient, ApiError, quote
+    from audiences.adapters.http.client import ApiClient, quote
 
     client = ApiClient(url)
     if key is None:

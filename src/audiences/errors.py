@@ -5,12 +5,15 @@ AudiencesError
 ├── DefinitionError          a definition is invalid: carries the JSON path and a suggestion
 ├── RejectedRequest          the collector refuses an HTTP request: carries the status and a message
 ├── DestinationConfigError   the destinations file is invalid: names the destination and the key
+├── ApiError                 an error answer of the management API: HTTP status and JSON body
 └── AdapterError             an I/O adapter failed; `retriable` says whether trying again may help
     └── BrokerError          the Kafka broker (embedded or external) is unusable
         └── DeliveryError    records were not acknowledged in time (or no room to queue them)
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 def _suggesting(text: str, suggestion: str | None) -> str:
@@ -64,6 +67,17 @@ class DestinationConfigError(AudiencesError):
         self.key = key
         self.message = message
         self.suggestion = suggestion
+
+
+class ApiError(AudiencesError):
+    """An error answer of the management API (raised by its handlers, and by the CLI's
+    client when a worker answers one): `status` and the JSON `body`, which is
+    `{"error": message}` plus details (`path`, `suggestion` for an invalid definition)."""
+
+    def __init__(self, status: int, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body: dict[str, Any] = {"error": message, **details}
 
 
 class AdapterError(AudiencesError):

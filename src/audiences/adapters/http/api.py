@@ -57,7 +57,7 @@ from audiences.core.events import format_iso
 from audiences.core.explain import explain
 from audiences.core.preview import preview
 from audiences.core.state import NEVER, UserState
-from audiences.errors import AudiencesError, BrokerError, DefinitionError
+from audiences.errors import ApiError, BrokerError, DefinitionError
 
 log = logging.getLogger(__name__)
 FORWARDED = "X-Audiences-Forwarded"  # set on requests one worker forwards to another
@@ -67,15 +67,6 @@ MAX_PAGE = 1000
 SCAN_BUDGET = 5000  # profiles one partition scan reads for one members page at most
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class ApiError(AudiencesError):
-    """An HTTP error answer: status and a JSON body `{"error": message, **extra}`."""
-
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = {"error": message, **extra}
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -9,17 +9,7 @@ from typing import Any
 
 import orjson
 
-from audiences.errors import AdapterError, AudiencesError
-
-
-class ApiError(AudiencesError):
-    """The API answered with an error status; `body` is its JSON answer."""
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        message = str(body.get("error") or f"HTTP {status}")
-        super().__init__(message)
-        self.status = status
-        self.body = body
+from audiences.errors import AdapterError, ApiError
 
 
 class ApiClient:
@@ -50,7 +40,9 @@ class ApiClient:
                 answer = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 answer = {"error": raw.decode("utf-8", "replace")[:200] or exc.reason}
-            raise ApiError(exc.code, answer if isinstance(answer, dict) else {}) from None
+            body = answer if isinstance(answer, dict) else {}
+            message = str(body.pop("error", None) or f"HTTP {exc.code}")
+            raise ApiError(exc.code, message, **body) from None
         except (urllib.error.URLError, OSError) as exc:
             raise AdapterError(
                 f"cannot reach the API at {self.base_url}: {exc}", retriable=True
