@@ -170,6 +170,10 @@ def two_workers(
         wait_for(split_and_known, 90, "both workers to own partitions and know each other")
         yield engine, first, second
     finally:
+        # Stop both loops at once: stopping one after the other hands the first one's
+        # partitions to the second while it shuts down (a rebalance nobody waits for).
+        for worker in workers:
+            worker.evaluator.stop()
         for worker in workers:
             worker.stop()
         engine.close()

@@ -122,25 +122,21 @@ class ManagementApi:
         for kind in ("audiences", "traits"):
             router.add_get(f"/v1/{kind}", self._list(kind))
             if kind == "audiences":  # before /{key}: a fixed path wins over the pattern
-                router.add_post("/v1/audiences/preview", self._wrap(self.preview))
+                router.add_post("/v1/audiences/preview", _errors_as_json(self.preview))
             router.add_get(f"/v1/{kind}/{{key}}", self._get(kind))
             router.add_put(f"/v1/{kind}/{{key}}", self._put(kind))
             router.add_delete(f"/v1/{kind}/{{key}}", self._delete(kind))
-        router.add_get("/v1/audiences/{key}/members", self._wrap(self.members))
-        router.add_get("/v1/users/{id}", self._wrap(self.user))
-        router.add_delete("/v1/users/{id}", self._wrap(self.delete_user))
-        router.add_get("/v1/users/{id}/explain/{key}", self._wrap(self.explain))
-        router.add_get("/v1/internal/sizes", self._wrap(self.internal_sizes))
+        router.add_get("/v1/audiences/{key}/members", _errors_as_json(self.members))
+        router.add_get("/v1/users/{id}", _errors_as_json(self.user))
+        router.add_delete("/v1/users/{id}", _errors_as_json(self.delete_user))
+        router.add_get("/v1/users/{id}/explain/{key}", _errors_as_json(self.explain))
+        router.add_get("/v1/internal/sizes", _errors_as_json(self.internal_sizes))
         router.add_get(
             "/v1/internal/partitions/{partition}/members/{key}",
-            self._wrap(self.internal_members),
+            _errors_as_json(self.internal_members),
         )
-        router.add_get("/openapi.json", self._wrap(self.openapi))
+        router.add_get("/openapi.json", _errors_as_json(self.openapi))
         app.on_cleanup.append(self._close)
-
-    @staticmethod
-    def _wrap(handler: Handler) -> Handler:
-        return _errors_as_json(handler)
 
     async def _close(self, _app: web.Application) -> None:
         if self._session is not None:
