@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from audiences.adapters import metrics
 from audiences.adapters.kafka.fence import read_to_fence, write_fences
@@ -304,10 +311,7 @@ class Evaluator:
                 if wake != NEVER:
                     batch.put(due_key(wake, key), b"")
             applied += 1
-        committed = self._consumer.committed(
-            [TopicPartition(self.topics.events, number)], timeout=10
-        )[0].offset
-        position = max(position, committed, 0)
+        position = max(position, self._committed(number), 0)
         batch.put(INPUT_OFFSET, str(position).encode())
         batch.put(CHANGELOG_OFFSET, str(fences[number] + 1).encode())
         store.write(batch)
@@ -346,6 +350,22 @@ class Evaluator:
                     if membership[0]:
                         partition.sizes[audience] = partition.sizes.get(audience, 0) + 1
         return partition
+
+    def _committed(self, number: int) -> int:
+        """The group's committed offset of a partition; -1 if it cannot be had.
+
+        Only a hint (the store and changelog checkpoints are the truth; it matters for
+        records that changed no state, e.g. dead letters): on a loaded machine the
+        request can time out, and that must not kill the evaluator mid-rebalance."""
+        for attempt in range(3):
+            try:
+                committed = self._consumer.committed(
+                    [TopicPartition(self.topics.events, number)], timeout=10
+                )
+                return int(committed[0].offset)
+            except KafkaException as exc:
+                log.warning("committed offset of partition %d (try %d): %s", number, attempt, exc)
+        return -1
 
     # -- batches ---------------------------------------------------------------------------
 
