@@ -67,7 +67,8 @@ SUPPRESSED = b"\x00suppressed:"  # changelog/state key prefix of a deleted user'
 META_PREFIX = b"\x00"  # keys that are not profiles (suppression markers, partition meta)
 COMPLETE_TRACKERS = b"\x00meta:trackers"  # tracker ids whose history this partition holds
 COUNTS = b"\x00meta:counts"  # {"sizes": {audience: members}, "users": profiles}
-REPLAY_CHUNK = 5000  # events re-read per replaying partition per loop turn
+REPLAY_CHUNK = 5000  # events re-read per loop turn (all replaying partitions)
+REPLAY_MAX_IDLE_TURNS = 50  # ~10 s without a record before a backfill gives up waiting
 Clock = Callable[[], int]
 
 
@@ -104,6 +105,7 @@ class Replay:
     start: int
     end: int  # the partition's position when the replay began (exclusive)
     next_offset: int
+    idle_turns: int = 0  # consecutive turns that found no record
 
 
 @dataclass
@@ -158,8 +160,11 @@ class Evaluator:
                 "group.id": f"{settings.app_id}-backfill",
                 "enable.auto.commit": False,
                 "enable.partition.eof": False,
+                "auto.offset.reset": "earliest",  # an offset retention removed: the oldest left
+                "fetch.wait.max.ms": settings.fetch_wait_ms,
             }
         )
+        self._replay_assigned: set[int] = set()
         self.definitions = DefinitionsLog(settings, topics)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -538,8 +543,7 @@ class Evaluator:
                 self._complete_trackers(partition, set())
             return
         tp = TopicPartition(self.topics.events, partition.number)
-        low, _high = self._consumer.get_watermark_offsets(tp, timeout=10)
-        start = max(0, low)
+        start = self._log_start(self._consumer, partition.number)
         if partition.position <= start:
             self._complete_trackers(partition, missing)  # nothing before: live is complete
             return
@@ -554,29 +558,61 @@ class Evaluator:
         )
         self._report_progress(partition)
 
+    def _log_start(self, consumer: Consumer, number: int) -> int:
+        """The oldest retained offset of an events partition (0 if the broker does not
+        answer: reading from 0 then starts at the oldest record anyway)."""
+        try:
+            low, _high = consumer.get_watermark_offsets(
+                TopicPartition(self.topics.events, number), timeout=10
+            )
+        except KafkaException as exc:
+            log.warning("log start of partition %d unknown: %s", number, exc)
+            return 0
+        return max(0, int(low))
+
     def _replay(self) -> None:
         """One chunk of every running backfill (other partitions flow in between)."""
-        catalog = self.definitions.catalog
-        for number, partition in list(self.partitions.items()):
-            replay = partition.replay
-            if replay is None:
-                continue
+        replaying = {n: p for n, p in self.partitions.items() if p.replay is not None}
+        if set(replaying) != self._replay_assigned:
             self._replay_consumer.assign(
-                [TopicPartition(self.topics.events, number, replay.next_offset)]
+                [
+                    TopicPartition(self.topics.events, n, p.replay.next_offset)
+                    for n, p in replaying.items()
+                    if p.replay is not None
+                ]
             )
-            messages = self._replay_consumer.consume(REPLAY_CHUNK, 0.5)
-            records = [
-                m for m in messages if m.error() is None and m.offset() >= replay.next_offset
-            ]
-            if not records:  # retention may have removed the rest
-                low, _ = self._replay_consumer.get_watermark_offsets(
-                    TopicPartition(self.topics.events, number), timeout=10
+            self._replay_assigned = set(replaying)
+        if not replaying:
+            return
+        by_partition: dict[int, list[Message]] = {}
+        for msg in self._replay_consumer.consume(REPLAY_CHUNK, 0.2):
+            if msg.error() is None:
+                by_partition.setdefault(msg.partition(), []).append(msg)
+        catalog = self.definitions.catalog
+        for number, partition in replaying.items():
+            replay = partition.replay
+            assert replay is not None
+            records = [m for m in by_partition.get(number, ()) if m.offset() >= replay.next_offset]
+            if records:
+                replay.idle_turns = 0
+            else:  # retention may have removed the rest; never wait forever
+                replay.next_offset = max(
+                    replay.next_offset, self._log_start(self._consumer, number)
                 )
-                replay.next_offset = max(replay.next_offset, low)
+                replay.idle_turns += 1
+                if replay.idle_turns > REPLAY_MAX_IDLE_TURNS:
+                    log.warning(
+                        "partition %d: backfill found nothing past offset %d (end %d); done",
+                        number,
+                        replay.next_offset,
+                        replay.end,
+                    )
+                    replay.next_offset = replay.end
             stage = _Staged()
             events: list[tuple[bytes, Event]] = []
             for msg in records:
                 if msg.offset() >= replay.end:
+                    replay.next_offset = replay.end
                     break
                 replay.next_offset = msg.offset() + 1
                 try:
@@ -592,8 +628,6 @@ class Evaluator:
                     continue
                 if _replay_event(state, event, catalog, replay.trackers):
                     stage.states[key] = state
-            if records and records[-1].offset() >= replay.end:
-                replay.next_offset = replay.end
             if stage.states:
                 self._make_durable({number: stage})
             if replay.next_offset >= replay.end:
@@ -603,6 +637,7 @@ class Evaluator:
 
     def _finish_replay(self, partition: Partition, replay: Replay) -> None:
         partition.replay = None
+        self._replay_assigned.discard(partition.number)  # a next replay starts elsewhere
         self._complete_trackers(partition, set(replay.trackers))
         partition.rejudge_from = b""  # now judge everyone on the whole history
         tp = TopicPartition(self.topics.events, partition.number, partition.position)
