@@ -625,6 +625,20 @@ def render_table(data: dict[str, Any], faust_error: str | None) -> str:
         f"transitions per event: {data['transitions_per_event']:.2f}; RSS: engine = peak "
         "growth of this process, Faust = the worker's peak",
     ]
+    latency = data.get("latency")
+    if latency is not None:
+        entered, exited = latency["event_to_entered"], latency["deadline_to_exited"]
+        lines += [
+            "",
+            f"latency at {latency['rate_events_per_s']:,.0f} events/s for {latency['seconds']:g} s "
+            f"({latency['events']:,} events), read back from audience-events:",
+            f"  event -> Audience Entered    p50 {num(entered['p50_ms'], '.1f')} ms   "
+            f"p99 {num(entered['p99_ms'], '.1f')} ms   max {num(entered['max_ms'], '.1f')} ms "
+            f"({entered['count']:,})",
+            f"  deadline -> Audience Exited  p50 {num(exited['p50_ms'], '.1f')} ms   "
+            f"p99 {num(exited['p99_ms'], '.1f')} ms   max {num(exited['max_ms'], '.1f')} ms "
+            f"({exited['count']:,})",
+        ]
     if faust_error is not None:
         lines.append(f"Faust baseline failed: {faust_error.splitlines()[0]}")
     elif (
@@ -642,6 +656,9 @@ def run_bench(
     partitions: int,
     as_json: bool,
     skip_faust: bool,
+    latency: bool = False,
+    latency_rate: float | None = None,
+    latency_seconds: float = 10.0,
 ) -> int:
     """Run the benchmark, print the table (and the JSON line); returns the exit code."""
     from audiences.bootstrap import broker_for
@@ -672,6 +689,15 @@ def run_bench(
             settings, run, input_topic, ends, definitions, work_dir / "engine-data"
         )
         gc.collect()  # close the evaluator's Kafka clients now, not at broker shutdown
+        latencies: dict[str, Any] | None = None
+        if latency:
+            from audiences.bench_latency import measure_latency
+
+            rate = latency_rate or engine.events_per_s / 2  # half load
+            latencies = measure_latency(
+                settings, run, partitions, rate, latency_seconds, work_dir / "latency-data"
+            )
+            gc.collect()
         faust: Measurement | None = None
         faust_error: str | None = None
         if not skip_faust:
@@ -696,6 +722,8 @@ def run_bench(
         "cpus": os.cpu_count(),
     }
     data = results(params, engine, faust)
+    if latencies is not None:
+        data["latency"] = latencies
     print(render_table(data, faust_error))
     if as_json:
         print(orjson.dumps(data).decode())

@@ -396,6 +396,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         partitions=args.partitions,
         as_json=args.json,
         skip_faust=args.skip_faust,
+        latency=args.latency,
+        latency_rate=args.latency_rate,
+        latency_seconds=args.latency_seconds,
     )
 
 
@@ -576,6 +579,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--partitions", type=int, default=4, help="partitions of the input topic (default 4)"
     )
     p.add_argument("--skip-faust", action="store_true", help="measure only this engine")
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="also measure event -> Entered latency and deadline -> Exited lateness (SPEC §11)",
+    )
+    p.add_argument(
+        "--latency-rate",
+        type=float,
+        default=None,
+        help="events/s for --latency (default: half the engine's measured throughput)",
+    )
+    p.add_argument(
+        "--latency-seconds", type=float, default=10.0, help="how long --latency sends (10)"
+    )
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.set_defaults(func=cmd_bench)
     return parser

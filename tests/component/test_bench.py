@@ -69,3 +69,28 @@ def test_workload_is_deterministic_and_valid() -> None:
     assert len({key for key, _ in first}) <= 50
     sizes = [len(value) for _, value in first]
     assert 120 <= sum(sizes) / len(sizes) <= 300
+
+
+@pytest.mark.kafka
+def test_bench_latency_reports_both_latencies(kafka_bootstrap: str) -> None:
+    env = {**os.environ, "AUDIENCES_KAFKA_BOOTSTRAP": kafka_bootstrap}
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "audiences", "bench", "--events", "1000", "--users", "100"),
+            *("--skip-faust", "--latency", "--latency-rate", "200", "--latency-seconds", "2"),
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    latency = json.loads(done.stdout.strip().splitlines()[-1])["latency"]
+    assert (latency["rate_events_per_s"], latency["events"]) == (200.0, 400)
+    entered, exited = latency["event_to_entered"], latency["deadline_to_exited"]
+    assert entered["count"] == 400  # every event entered a new user; each one measured
+    assert exited["count"] == 40  # every tenth event was a probe that expired 2 s later
+    assert 0 < entered["p50_ms"] <= entered["p99_ms"] <= entered["max_ms"]
+    assert exited["p50_ms"] <= exited["p99_ms"] <= exited["max_ms"]
+    assert "event -> Audience Entered" in done.stdout

@@ -87,7 +87,7 @@ class Settings:
         default=200_000, metadata={"doc": "decoded profiles kept in memory per worker"}
     )
     fetch_wait_ms: int = field(
-        default=50,
+        default=10,
         metadata={
             "doc": "evaluator fetch.wait.max.ms: the embedded broker answers fetches only "
             "when it expires, so it bounds event-to-transition latency there"

@@ -62,6 +62,7 @@ from audiences.errors import BrokerError, InvalidEventError
 
 log = logging.getLogger(__name__)
 MARKER_PREFIX = b"__batch__:"
+CONSUME_WAIT_S = 0.005  # longest wait for a batch to fill
 REJUDGE_CHUNK = 1000  # profiles re-judged per partition per loop turn after a change
 SUPPRESSED = b"\x00suppressed:"  # changelog/state key prefix of a deleted user's marker
 META_PREFIX = b"\x00"  # keys that are not profiles (suppression markers, partition meta)
@@ -196,7 +197,9 @@ class Evaluator:
         tick_s = self.settings.tick_interval_ms / 1000
         last_sweep = 0.0
         while not self._stop.is_set():
-            messages = self._consumer.consume(self.settings.batch_size, tick_s)
+            # A short wait: consume() returns early only for a full batch, so a long one
+            # would hold every small batch back (latency); sweeps keep their own pace.
+            messages = self._consumer.consume(self.settings.batch_size, CONSUME_WAIT_S)
             self._drained = len(messages) < self.settings.batch_size
             if self.definitions.poll():
                 for partition in self.partitions.values():
