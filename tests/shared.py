@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from audiences.adapters.settings import Settings
@@ -68,3 +70,13 @@ def output_message(
     )
     traits = {"email": email} if email else {}
     return render_transition(transition, traits, anonymous=anonymous)
+
+
+def wait_for(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `ready` until it holds (for something asynchronous to happen, not to time it);
+    raises TimeoutError naming `what` if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.2)

@@ -21,6 +21,7 @@ from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.stream.definitions import apply_definitions
 from audiences.core.events import format_iso
+from shared import wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.system]
 TEXT_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")  # the text format
@@ -113,10 +114,7 @@ def test_two_worker_processes_route_reads_and_expose_metrics(
                 served.add(headers[SERVED_BY])
         return served
 
-    deadline = time.monotonic() + 90
-    while all_answer() != urls:
-        assert time.monotonic() < deadline, "reads were not routed to both workers"
-        time.sleep(0.2)
+    wait_for(lambda: all_answer() == urls, 90, "reads were not routed to both workers")
 
     status, body, _ = get(f"http://127.0.0.1:{second.port}/v1/users/{users[0]}/explain/buyers")
     assert status == 200 and orjson.loads(body)["member"] is True

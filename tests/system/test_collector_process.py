@@ -7,16 +7,17 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from backlog import read_all
 
 from audiences.adapters.settings import Settings
 from conftest import WorkerProcess, free_port
+from shared import wait_for
 
 pytestmark = pytest.mark.system
 
@@ -43,16 +44,19 @@ def test_collector_command_takes_segment_calls_and_stops_cleanly(
             data=json.dumps({"batch": [{"type": "identify", "userId": "p-1"}]}).encode(),
             headers={"Authorization": "Basic " + base64.b64encode(b"k-live:").decode()},
         )
-        deadline = time.monotonic() + 30
-        while True:
+        answers: list[Any] = []
+
+        def answered() -> bool:
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else b""
             try:
                 with urllib.request.urlopen(request, timeout=15) as response:
-                    assert json.load(response) == {"success": True}
-                    break
+                    answers.append(json.load(response))
+                    return True
             except urllib.error.URLError:
-                assert time.monotonic() < deadline, "the collector never listened"
-                time.sleep(0.2)
+                return False  # not listening yet
+
+        wait_for(answered, 30, "the collector never listened")
+        assert answers == [{"success": True}]
         [event] = read_all(system_settings, system_settings.events_topic, set(), 30, min_count=1)
         assert event["userId"] == "p-1" and event["type"] == "identify"
     finally:
