@@ -162,3 +162,27 @@ class Cluster:
 
     def _record(self, key: str, outputs: list[Output]) -> None:
         self.outputs += [(key, output) for output in outputs]
+
+
+def drive(catalog: Catalog, history: list[Event], after_ms: int) -> list[Output]:
+    """Drive `step` as the runtime does: a Tick at every wake before the next event
+    (and up to `after_ms` past the last one), a codec round trip between inputs."""
+    state: UserState | None = None
+    outputs: list[Output] = []
+    wake = 1 << 62
+
+    def feed_one(item: Event | Tick) -> int:
+        nonlocal state
+        result = step(state, item, catalog, "p1")
+        state = UserState.decode(result.state.encode())
+        outputs.extend(result.transitions)
+        return result.next_wake_ms
+
+    for event in history:
+        while wake < event.timestamp_ms:
+            wake = feed_one(Tick(wake))
+        wake = feed_one(event)
+    horizon = history[-1].timestamp_ms + after_ms
+    while wake <= horizon:
+        wake = feed_one(Tick(wake))
+    return outputs

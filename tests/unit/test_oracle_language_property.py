@@ -11,15 +11,15 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from factories import drive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from audiences.core.definitions import build_catalog, validate_definition
 from audiences.core.definitions.traits import is_empty_value
-from audiences.core.evaluator import Tick, TraitChange, Transition, step
+from audiences.core.evaluator import TraitChange, Transition
 from audiences.core.events import Event, parse_event
 from audiences.core.oracle import is_member, trait_value
-from audiences.core.state import NEVER, UserState
 
 S = 1_000
 
@@ -173,30 +173,11 @@ def build_history(draws: list[tuple[int, dict[str, Any], bool]]) -> list[Event]:
 
 
 def run_engine(history: list[Event]) -> tuple[list[Transition], list[TraitChange]]:
-    state: UserState | None = None
-    transitions: list[Transition] = []
-    changes: list[TraitChange] = []
-    wake = NEVER
-
-    def feed(item: Event | Tick) -> int:
-        nonlocal state
-        result = step(state, item, CATALOG, "p1")
-        state = UserState.decode(result.state.encode())
-        for output in result.transitions:
-            if isinstance(output, Transition):
-                transitions.append(output)
-            else:
-                changes.append(output)
-        return result.next_wake_ms
-
-    for event in history:
-        while wake < event.timestamp_ms:
-            wake = feed(Tick(wake))
-        wake = feed(event)
-    horizon = history[-1].timestamp_ms + 200 * S
-    while wake <= horizon:
-        wake = feed(Tick(wake))
-    return transitions, changes
+    outputs = drive(CATALOG, history, 200 * S)
+    return (
+        [t for t in outputs if isinstance(t, Transition)],
+        [t for t in outputs if isinstance(t, TraitChange)],
+    )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

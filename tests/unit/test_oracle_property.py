@@ -5,14 +5,14 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from factories import drive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from audiences.core.definitions import build_catalog, validate_definition
-from audiences.core.evaluator import Tick, step
+from audiences.core.evaluator import Transition
 from audiences.core.events import Event, parse_event
 from audiences.core.oracle import is_member
-from audiences.core.state import NEVER, UserState
 
 S = 1_000
 EVENTS = ["Checkout Started", "Order Completed", "Product Viewed"]
@@ -144,27 +144,11 @@ def build_history(draws: list[tuple[int, dict[str, Any], bool]]) -> list[Event]:
 
 
 def run_engine(history: list[Event]) -> list[tuple[int, str, bool]]:
-    """Drive step() as the runtime does: ticks at every wake before the next event,
-    and a round trip through the codec between inputs, as the store would."""
-    state: UserState | None = None
-    changes: list[tuple[int, str, bool]] = []
-    wake = NEVER
-
-    def feed(item: Event | Tick) -> int:
-        nonlocal state
-        result = step(state, item, CATALOG, "p1")
-        state = UserState.decode(result.state.encode())
-        changes.extend((t.at_ms, t.audience_key, t.entered) for t in result.transitions)
-        return result.next_wake_ms
-
-    for event in history:
-        while wake < event.timestamp_ms:
-            wake = feed(Tick(wake))
-        wake = feed(event)
-    horizon = history[-1].timestamp_ms + 200 * S
-    while wake <= horizon:
-        wake = feed(Tick(wake))
-    return changes
+    return [
+        (t.at_ms, t.audience_key, t.entered)
+        for t in drive(CATALOG, history, 200 * S)
+        if isinstance(t, Transition)
+    ]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -886,7 +886,7 @@ class Evaluator:
 
 def _replayable(catalog: Catalog) -> set[str]:
     """Trackers that count history (not `backfill: false` ones, which start at creation)."""
-    return {t.id for t in catalog.trackers.values() if not getattr(t, "from_ms", 0)}
+    return {t.id for t in catalog.trackers.values() if not t.from_ms}
 
 
 def _replay_event(

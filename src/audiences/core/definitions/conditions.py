@@ -113,6 +113,7 @@ class Tracker:
 
     id: str
     events: frozenset[str]
+    from_ms = 0  # backfill: false counts events from this time on (0 = all history)
 
     def update(self, state: UserState, event: Event, now: int) -> bool:
         """Fold an event in; True when the stored state changed."""
