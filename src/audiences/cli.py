@@ -117,7 +117,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from audiences.demo.runner import run_demo
+    from audiences.tools.demo.runner import run_demo
 
     settings = _with_destinations(_settings(), args.destinations)
     return run_demo(
@@ -332,7 +332,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from audiences.tail import tail
+    from audiences.tools.tail import tail
 
     settings = _require_bootstrap(_settings())
     tail(settings, from_beginning=args.from_beginning, limit=args.limit, as_json=args.json)
@@ -387,7 +387,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from audiences.bench import run_bench
+    from audiences.tools.bench.runner import run_bench
 
     return run_bench(
         events=args.events,

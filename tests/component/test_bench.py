@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from audiences.bench import make_definitions, make_events
+from audiences.tools.bench.runner import make_definitions, make_events
 
 
 @pytest.mark.kafka

@@ -11,7 +11,7 @@ path"); only the broker settings the embedded broker needs are changed.
 
 Run by `audiences bench` as a subprocess worker::
 
-    AUDIENCES_BENCH_FAUST_CONFIG=/tmp/x/config.json python -m audiences.bench_faust worker
+    AUDIENCES_BENCH_FAUST_CONFIG=/tmp/x/config.json python -m audiences.tools.bench.faust_table worker
 
 The config file (JSON) holds `bootstrap`, `app_id`, `input_topic`,
 `output_topic`, `partitions`, `data_dir`, `definitions` (validated documents,
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     config_path = os.environ.get(CONFIG_ENV)
     if args != ["worker"] or not config_path:
-        print(f"usage: {CONFIG_ENV}=config.json python -m audiences.bench_faust worker")
+        print(f"usage: {CONFIG_ENV}=config.json python -m audiences.tools.bench.faust_table worker")
         return 2
     run_worker(orjson.loads(Path(config_path).read_bytes()))
     return 0

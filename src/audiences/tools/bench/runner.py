@@ -20,7 +20,7 @@ path"):
    partition's position reaches its end offset. Its clock is pinned to the
    workload's base time, so deadline sweeps find nothing due: both contenders
    do exactly the event-driven work and must emit the same transitions.
-4. Faust: `audiences.bench_faust` as a worker subprocess (own app id, consumer
+4. Faust: `audiences.tools.bench.faust_table` as a worker subprocess (own app id, consumer
    group and table changelog), timed inside the worker from the first event
    processed to the last.
 
@@ -478,7 +478,7 @@ def measure_faust(
     definitions: list[dict[str, Any]],
     work_dir: Path,
 ) -> Measurement:
-    from audiences.bench_faust import CONFIG_ENV
+    from audiences.tools.bench.faust_table import CONFIG_ENV
 
     output_topic = f"{run}-faust-audience-events"
     _create_topics(settings, [output_topic], partitions)
@@ -501,7 +501,7 @@ def measure_faust(
     config_path.write_bytes(orjson.dumps(config))
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "audiences.bench_faust", "worker"],
+            [sys.executable, "-m", "audiences.tools.bench.faust_table", "worker"],
             env={**os.environ, CONFIG_ENV: str(config_path)},
             stdin=subprocess.DEVNULL,
             stdout=log_file,
@@ -691,7 +691,7 @@ def run_bench(
         gc.collect()  # close the evaluator's Kafka clients now, not at broker shutdown
         latencies: dict[str, Any] | None = None
         if latency:
-            from audiences.bench_latency import measure_latency
+            from audiences.tools.bench.latency import measure_latency
 
             rate = latency_rate or engine.events_per_s / 2  # half load
             latencies = measure_latency(

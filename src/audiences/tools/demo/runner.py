@@ -24,7 +24,7 @@ from audiences.adapters.settings import Settings
 from audiences.adapters.stream.definitions import apply_definitions
 from audiences.bootstrap import broker_for, prepared
 from audiences.core.durations import parse_duration_ms
-from audiences.simulation import ShopConfig, shop_traffic
+from audiences.tools.simulation import ShopConfig, shop_traffic
 
 DURATION_FIELDS = ("within", "active_for")
 REAL_HOUR_MS = 3_600_000
@@ -54,7 +54,7 @@ def scale_durations(node: Any, hour_ms: int) -> Any:
 
 
 def demo_definitions(hour_ms: int) -> list[dict[str, Any]]:
-    text = resources.files("audiences.demo").joinpath("definitions.json").read_text()
+    text = resources.files("audiences.tools.demo").joinpath("definitions.json").read_text()
     return [scale_durations(doc, hour_ms) for doc in json.loads(text)]
 
 

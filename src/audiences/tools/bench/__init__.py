@@ -1,0 +1,1 @@
+"""`audiences bench`: this engine against its peers, side by side in one run."""
