@@ -77,7 +77,7 @@ def _with_destinations(settings: Settings, path: str | None) -> Settings:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from audiences.adapters.stream.app import run_worker
+    from audiences.bootstrap import run_worker
 
     settings = _with_destinations(_require_bootstrap(_settings()), args.destinations)
     run_worker(settings, loglevel=args.loglevel)
@@ -99,8 +99,7 @@ def cmd_collector(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     import secrets
 
-    from audiences.adapters.stream.app import run_worker
-    from audiences.bootstrap import broker_for
+    from audiences.bootstrap import broker_for, run_worker
 
     settings = _with_destinations(_settings(), args.destinations)
     if not settings.write_key_list():  # a key for this session only, shown once

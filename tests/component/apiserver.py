@@ -1,6 +1,6 @@
 """Management API servers for component tests: real aiohttp servers on loopback ports,
-each in an event loop of its own, optionally with an evaluator and a worker registry
-(one "worker" = evaluator + registry + API, several of them in one process)."""
+each in an event loop of its own, over a runtime's query port and a worker registry
+(one "worker" = runtime + registry + API, several of them in one process)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from audiences.adapters.http.api import ManagementApi
-from audiences.adapters.http.registry import WorkerRegistry
-from audiences.adapters.kafka.topics import Topics
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.settings import Settings
-from audiences.adapters.stream.evaluator import Clock, Evaluator
+from audiences.adapters.stream.queries import QueryPort
+from audiences.adapters.stream.registry import WorkerRegistry
+from audiences.adapters.stream.runtime import Clock, wall_clock_ms
+from audiences.bootstrap import Worker as BootstrapWorker
+from audiences.bootstrap import management_api
 
 
 def free_port() -> int:
@@ -54,16 +56,20 @@ def call(method: str, url: str, body: Any = None, raw: bytes | None = None) -> R
 
 
 class ApiServer:
-    """A ManagementApi on its own aiohttp server and event loop thread."""
+    """A ManagementApi on its own aiohttp server and event loop thread, over a query port
+    (a runtime's, or one nobody serves: a worker whose runtime is not running)."""
 
     def __init__(
         self,
         settings: Settings,
-        local: Callable[[], Evaluator | None] = lambda: None,
+        queries: QueryPort | None = None,
         registry: WorkerRegistry | None = None,
+        clock: Clock = wall_clock_ms,
     ) -> None:
         self.settings = settings
-        self.api = ManagementApi(settings, Topics.from_settings(settings), local, registry)
+        self.api = management_api(
+            settings, KafkaClients(settings), queries or QueryPort(), registry, clock
+        )
         self.url = settings.advertised_url
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -93,15 +99,16 @@ class ApiServer:
 
 
 class Worker:
-    """An evaluator thread + worker registry + API server, like one worker process."""
+    """A runtime thread + worker registry + API server, wired as `bootstrap.Worker` wires
+    one worker process."""
 
     def __init__(self, settings: Settings, data_dir: Path, clock: Clock) -> None:
         self.settings = settings.replace(data_dir=str(data_dir), web_port=free_port())
-        topics = Topics.from_settings(self.settings)
-        self.evaluator = Evaluator(self.settings, topics, clock=clock)
-        self.registry = WorkerRegistry(self.settings, topics, self.settings.advertised_url)
+        parts = BootstrapWorker(self.settings, clock)
+        self.evaluator = parts.runtime
+        self.registry = parts.registry
         self.evaluator.on_partitions = self.registry.publish
-        self.server = ApiServer(self.settings, lambda: self.evaluator, self.registry)
+        self.server = ApiServer(self.settings, parts.queries, self.registry, clock)
         self.url = self.server.url
         self._thread = threading.Thread(target=self.evaluator.run, daemon=True)
 
@@ -111,16 +118,23 @@ class Worker:
         self._thread.start()
         return self
 
+    def wait_ready(self, timeout: float = 60) -> Worker:
+        wait_for(self.evaluator.ready.is_set, timeout, "the worker to own partitions")
+        return self
+
     def owned(self) -> set[int]:
         return set(self.evaluator.partitions) if self.evaluator.ready.is_set() else set()
 
+    def __call__(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Response:
+        return self.server(method, path, body, **kwargs)
+
     def stop(self) -> None:
         self.evaluator.stop()
-        self._thread.join(30)
+        self._thread.join(60)
         self.server.stop()
         self.registry.stop()
         if self.evaluator.failed is not None:
-            raise AssertionError(f"evaluator failed: {self.evaluator.failed!r}")
+            raise AssertionError(f"runtime failed: {self.evaluator.failed!r}")
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:

@@ -12,10 +12,11 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import EVENTS_PARTITIONER
 from audiences.adapters.stream.definitions import apply_definitions
-from audiences.adapters.stream.evaluator import Evaluator
+from audiences.adapters.stream.runtime import Runtime
 from audiences.core.events import format_iso
 from shared import isolated_settings
 
@@ -57,7 +58,7 @@ class Engine:
         self.topics = Topics.from_settings(self.settings)
         ensure_topics(self.settings, self.topics)
         self.clock = FakeClock()
-        self.evaluator: Evaluator | None = None
+        self.evaluator: Runtime | None = None
         self._thread: threading.Thread | None = None
         self._producer = Producer(
             {"bootstrap.servers": bootstrap, "linger.ms": 1, "partitioner": EVENTS_PARTITIONER}
@@ -70,7 +71,9 @@ class Engine:
 
     def start(self, app_id: str | None = None) -> Engine:
         settings = self.settings if app_id is None else self.settings.replace(app_id=app_id)
-        self.evaluator = Evaluator(settings, Topics.from_settings(settings), clock=self.clock)
+        self.evaluator = Runtime(
+            settings, Topics.from_settings(settings), KafkaClients(settings), clock=self.clock
+        )
         self._thread = threading.Thread(target=self.evaluator.run, daemon=True)
         self._thread.start()
         if not self.evaluator.ready.wait(60):

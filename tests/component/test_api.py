@@ -27,19 +27,18 @@ LTV = {"key": "ltv", "kind": "sum", "event": "Order Completed", "property": "rev
 
 
 @pytest.fixture
-def api(engine: Engine) -> Iterator[ApiServer]:
-    server = ApiServer(engine.settings.replace(web_port=free_port())).start()
-    yield server
-    server.stop()
+def api(engine: Engine, tmp_path: Path) -> Iterator[Worker]:
+    """One worker (runtime, registry, API): definitions are read from its catalog."""
+    worker = Worker(engine.settings, tmp_path / "worker", engine.clock).start().wait_ready()
+    yield worker
+    worker.stop()
 
 
 def stored(engine: Engine) -> dict[str, tuple[dict[str, Any], int]]:
     return read_definitions(engine.settings, engine.topics)
 
 
-def test_definitions_round_trip_through_the_definitions_topic(
-    api: ApiServer, engine: Engine
-) -> None:
+def test_definitions_round_trip_through_the_definitions_topic(api: Worker, engine: Engine) -> None:
     created = api("PUT", "/v1/audiences/buyers", BUYERS)
     assert (created.status, created.json()) == (
         201,
@@ -85,7 +84,7 @@ def test_definitions_round_trip_through_the_definitions_topic(
     assert stored(engine) == {}
 
 
-def test_invalid_definitions_are_422_with_the_json_path(api: ApiServer, engine: Engine) -> None:
+def test_invalid_definitions_are_422_with_the_json_path(api: Worker, engine: Engine) -> None:
     bad = {
         "key": "bad",
         "condition": {
@@ -118,7 +117,7 @@ def test_invalid_definitions_are_422_with_the_json_path(api: ApiServer, engine: 
     assert taken.status == 409 and "computed trait" in taken.json()["error"]
 
 
-def test_unknown_things_are_404(api: ApiServer, engine: Engine) -> None:
+def test_unknown_things_are_404(api: Worker, engine: Engine) -> None:
     assert api("PUT", "/v1/traits/ltv", LTV).status == 201
     for method, path in [
         ("GET", "/v1/audiences/nope"),
@@ -135,13 +134,19 @@ def test_unknown_things_are_404(api: ApiServer, engine: Engine) -> None:
 
 
 def test_kafka_unavailable_is_503(tmp_path: Path) -> None:
-    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there: the runtime never starts
     server = ApiServer(isolated_settings(dead, "dead", str(tmp_path), web_port=free_port()))
     server.start()
     try:
-        answer = server("DELETE", "/v1/users/u1")
-        assert answer.status == 503
-        assert "Kafka" in answer.json()["error"] and answer.headers["Retry-After"] == "1"
+        for method, path in [
+            ("DELETE", "/v1/users/u1"),
+            ("GET", "/v1/users/u1"),
+            ("GET", "/v1/audiences"),
+            ("PUT", "/v1/audiences/buyers"),
+        ]:
+            answer = server(method, path, BUYERS if method == "PUT" else None)
+            assert answer.status == 503, (method, path, answer.body)
+            assert "retry" in answer.json()["error"] and answer.headers["Retry-After"] == "1"
     finally:
         server.stop()
 

@@ -38,8 +38,9 @@ def api(engine: Engine) -> Iterator[ApiServer]:
     """One worker owning every partition, with its API, and five buyers."""
     engine.apply(BUYERS, {"key": "ltv", "kind": "count", "event": "Order Completed"})
     engine.start()
+    assert engine.evaluator is not None
     server = ApiServer(
-        engine.settings.replace(web_port=free_port()), local=lambda: engine.evaluator
+        engine.settings.replace(web_port=free_port()), engine.evaluator.queries, clock=engine.clock
     ).start()
     for i, user in enumerate(USERS):
         engine.send(track(user, "Order Completed", T0 + i * M))

@@ -176,7 +176,7 @@ def test_restart_continues_without_loss_or_duplicates(engine: Engine, wipe: bool
 def test_an_evaluation_failure_parks_the_event_and_the_worker_goes_on(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from audiences.adapters.stream import evaluator as runtime
+    from audiences.adapters.state import partition as runtime
 
     real_step = runtime.step
 

@@ -13,6 +13,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from harness import T0, Engine, H, M, S, track
 
+from audiences.adapters.state.layout import Kind, changelog_key
 from audiences.core.events import format_iso
 
 pytestmark = pytest.mark.kafka
@@ -216,7 +217,9 @@ def test_delete_exits_members_tombstones_state_and_drops_later_events(engine: En
     engine.send(*(track("gdpr", "Product Viewed", T0 + 10 * M + i * S) for i in range(3)))
     engine.settle()
     assert len(engine.outputs(2)) == 2
-    assert _changelog_values(engine, b"gdpr")[-1] is None  # the profile is tombstoned
+    profile = changelog_key(Kind.PROFILE, b"gdpr")
+    assert _changelog_values(engine, profile)[-1] is None  # the profile is tombstoned
+    assert _changelog_values(engine, changelog_key(Kind.SUPPRESSED, b"gdpr"))[-1] == b"1"
     # unsuppressed, the user starts afresh with new messageIds
     engine.send(event("unsuppress", "gdpr", T0 + 20 * M))
     engine.send(*(track("gdpr", "Product Viewed", T0 + 30 * M + i * S) for i in range(3)))

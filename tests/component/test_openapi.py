@@ -9,7 +9,7 @@ from openapi_spec_validator import validate
 
 from audiences.adapters.http.openapi import OPENAPI
 from audiences.adapters.settings import Settings
-from audiences.adapters.stream.app import create_app
+from audiences.bootstrap import worker_app
 
 # Faust's own blueprints (table/router introspection, index page): not part of our API.
 FAUST_BUILTIN = ("/router", "/table")
@@ -19,7 +19,7 @@ METHODS = ("get", "put", "post", "delete", "patch")
 def worker_routes(tmp_path: Path) -> set[tuple[str, str]]:
     """(METHOD, path) of the web server of a worker app (built, not started)."""
     settings = Settings(kafka_bootstrap="127.0.0.1:1", data_dir=str(tmp_path))
-    web = create_app(settings).web
+    web = worker_app(settings).web
     web.init_server()  # what the worker does before it listens: calls on_webserver_init
     routes = set()
     for route in web.web_app.router.routes():

@@ -44,6 +44,29 @@ DEADLINE_LATENESS = Histogram(
     "Wall-clock delay between a deadline and its evaluation",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0),
 )
+CHECKPOINT_DURATION = Histogram(
+    "audiences_checkpoint_duration_seconds",
+    "Time to make one interval durable (outputs acknowledged, changelog transaction, store)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+MISROUTED_EVENTS = Counter(
+    "audiences_misrouted_events",
+    "Records found on an `events` partition that does not own their profile (a producer "
+    "not partitioning by murmur2 of the key), forwarded to the owner",
+)
+STATE_DROPPED = Counter(
+    "audiences_state_dropped",
+    "Parts of per-profile state dropped to keep it bounded (traits, timestamps, aliases, ...)",
+    ["what"],
+)
+PROFILES_QUARANTINED = Counter(
+    "audiences_profiles_quarantined",
+    "Profiles that could not be evaluated (undecodable state, failing deadline or re-judging)",
+    ["reason"],
+)
+RECOVERY_RECORDS = Counter(
+    "audiences_recovery_records", "Changelog records read to restore partitions"
+)
 CONSUMER_LAG = Gauge("audiences_consumer_lag", "Records behind the end of `events`", ["partition"])
 STATE_USERS = Gauge("audiences_state_users", "Profiles held in the state store", ["partition"])
 BUILD_INFO = Gauge("audiences_build_info", "Build information", ["version"])

@@ -83,6 +83,19 @@ class Settings:
         default=1000, metadata={"doc": "max records consumed per evaluator batch"}
     )
     tick_interval_ms: int = field(default=50, metadata={"doc": "deadline sweep interval when idle"})
+    sweep_chunk: int = field(
+        default=1000,
+        metadata={
+            "doc": "due deadlines fired per partition per loop turn (live events flow between)"
+        },
+    )
+    max_poll_interval_ms: int = field(
+        default=300_000,
+        metadata={
+            "doc": "evaluator max.poll.interval.ms: a loop stuck longer leaves the group and "
+            "its partitions go to another worker"
+        },
+    )
     state_cache_size: int = field(
         default=200_000, metadata={"doc": "decoded profiles kept in memory per worker"}
     )

@@ -588,3 +588,19 @@ def _absorb(state: UserState, other: UserState, catalog: Catalog, now: int) -> N
         del recent[: len(recent) - 2 * DEDUP_MAX_IDS]
     for alias in other.aliases:
         state.aliases[alias] = 1
+
+
+def fold_history(
+    state: UserState, event: Event, catalog: Catalog, tracker_ids: frozenset[str]
+) -> bool:  # TEMP(core-hardening)
+    """Fold a past event into trackers `tracker_ids` only (no judging)."""
+    route = route_of(event.type, event.name)
+    changed = False
+    for group in (
+        catalog.trackers_by_event.get(route) if route is not None else None,
+        catalog.trackers_by_event.get(ALL_EVENTS),
+    ):
+        for tracker in group or ():
+            if tracker.id in tracker_ids and tracker.update(state, event, state.clock_ms):
+                changed = True
+    return changed

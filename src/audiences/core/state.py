@@ -55,6 +55,7 @@ class UserState:
         "catalog_fingerprint",
         "clock_ms",
         "computed",
+        "dropped",
         "generation",
         "members",
         "merged_into",
@@ -85,6 +86,7 @@ class UserState:
         # Set when a deleted profile is unsuppressed: part of the messageIds of the new
         # life, so they never repeat those of the deleted one.
         self.generation = 0
+        self.dropped: dict[str, int] | None = None  # TEMP(core-hardening) transient
 
     def refresh_wake(self) -> None:
         wake = min((m.wake_ms for m in self.members.values()), default=NEVER)

@@ -1,14 +1,17 @@
 """The management API (SPEC §8), served by every worker on its Faust web server.
 
-Definitions (audiences and computed traits) are read from and written to the
-definitions topic itself, so a write is visible to the next read on any worker.
-Profiles live in the RocksDB stores of the worker that owns their partition:
-a request about a user is answered by that worker, forwarded there over HTTP
-when it arrives elsewhere (`WorkerRegistry` knows who owns what). A forwarded
-request carries the `X-Audiences-Forwarded` header and is never forwarded
-again: a worker that no longer owns the partition answers 503 (retry).
-Audience members are paged across all partitions the same way, one partition
-after another, in key order within each, with an opaque cursor.
+It talks to the runtime only through the query port (`stream/queries.py`):
+definitions come from the worker's in-memory catalog, profiles are read by the
+runtime thread between two loop turns, and nothing here builds a Kafka client per
+request. Writes go to the definitions topic (one long-lived producer) and a PUT
+or DELETE answers once this worker has read its own write back, so the next read
+on this worker sees it. Profiles live in the worker that owns their partition: a
+request about a user is answered by that worker, forwarded there over HTTP when
+it arrives elsewhere (`WorkerRegistry` knows who owns what). A forwarded request
+carries the `X-Audiences-Forwarded` header and is never forwarded again: a worker
+that no longer owns the partition answers 503 (retry). Audience members and
+previews are computed partition by partition on their owners, members paged with
+an opaque cursor.
 
 Errors are JSON `{"error": message}`: 400 unreadable request, 404 unknown
 audience, trait or user, 409 key used by the other kind of definition, 422
@@ -23,9 +26,8 @@ import base64
 import binascii
 import functools
 import logging
-import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -33,29 +35,26 @@ import aiohttp
 import orjson
 from aiohttp import web
 from confluent_kafka import KafkaException, Producer
-from confluent_kafka.admin import AdminClient
 from yarl import URL
 
 from audiences.adapters.http.openapi import OPENAPI
-from audiences.adapters.http.registry import WorkerRegistry
 from audiences.adapters.kafka.partitioner import partition_for
-from audiences.adapters.kafka.topics import Topics, partition_count
+from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
-from audiences.adapters.state.store import PartitionStore
-from audiences.adapters.stream.definitions import (
-    Definitions,
-    apply_definitions,
-    delete_definition,
-    read_definitions,
-    read_profiles,
+from audiences.adapters.stream.definitions import Definitions, DefinitionsWriter
+from audiences.adapters.stream.queries import QueryPort, StateView
+from audiences.adapters.stream.registry import WorkerRegistry
+from audiences.core.definitions import (
+    Catalog,
+    build_catalog,
+    check_references,
+    validate_definition,
 )
-from audiences.adapters.stream.evaluator import META_PREFIX, Evaluator, Partition
-from audiences.core.definitions import check_references, validate_definition
 from audiences.core.definitions.conditions import DEVICE_TRACKER_ID
 from audiences.core.definitions.validate import is_trait_definition
 from audiences.core.events import format_iso
 from audiences.core.explain import explain
-from audiences.core.preview import preview
+from audiences.core.preview import Preview, preview
 from audiences.core.state import NEVER, UserState
 from audiences.errors import ApiError, BrokerError, DefinitionError
 
@@ -64,9 +63,11 @@ FORWARDED = "X-Audiences-Forwarded"  # set on requests one worker forwards to an
 SERVED_BY = "X-Audiences-Worker"  # the URL of the worker whose state answered
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-SCAN_BUDGET = 5000  # profiles one partition scan reads for one members page at most
+SCAN_BUDGET = 1000  # profiles one query reads for one members page at most
+PREVIEW_CHUNK = 2000  # profiles judged per query (the runtime thread answers between turns)
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Clock = Callable[[], int]
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -93,28 +94,32 @@ def _errors_as_json(handler: Handler) -> Handler:
     return wrapped
 
 
-def _kind(doc: dict[str, Any]) -> str:
+def _kind(doc: Mapping[str, Any]) -> str:
     return "traits" if is_trait_definition(doc) else "audiences"
 
 
 class ManagementApi:
-    """Handlers of one worker. `local()` is its evaluator (None while starting)."""
+    """Handlers of one worker, over its query port."""
 
     def __init__(
         self,
         settings: Settings,
         topics: Topics,
-        local: Callable[[], Evaluator | None],
+        queries: QueryPort,
         registry: WorkerRegistry | None,
+        writer: DefinitionsWriter,
+        producer: Producer,
+        clock: Clock,
     ) -> None:
         self.settings = settings
         self.topics = topics
-        self.local = local
+        self.queries = queries
         self.registry = registry
+        self.writer = writer
+        self.producer = producer  # control records (user deletion)
+        self.clock = clock
         self.url = registry.url if registry is not None else settings.advertised_url
-        self._partitions: int | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._producer: Producer | None = None
 
     def register(self, app: web.Application) -> None:
         """Add every route of the API to an aiohttp application."""
@@ -135,20 +140,25 @@ class ManagementApi:
             "/v1/internal/partitions/{partition}/members/{key}",
             _errors_as_json(self.internal_members),
         )
+        router.add_post(
+            "/v1/internal/partitions/{partition}/preview", _errors_as_json(self.internal_preview)
+        )
         router.add_get("/openapi.json", _errors_as_json(self.openapi))
         app.on_cleanup.append(self._close)
 
     async def _close(self, _app: web.Application) -> None:
         if self._session is not None:
             await self._session.close()
-        if self._producer is not None:
-            self._producer.flush(5)
+        await asyncio.get_running_loop().run_in_executor(None, self.producer.flush, 5)
 
     # -- definitions --------------------------------------------------------------------------
 
+    def _documents(self) -> Definitions:
+        return dict(self.queries.definitions.documents)
+
     def _list(self, kind: str) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
-            definitions = await self._blocking(read_definitions, self.settings, self.topics)
+            definitions = self._documents()
             sizes = await self._sizes() if kind == "audiences" else None
             items = [
                 _summary(doc, version, sizes)
@@ -162,8 +172,7 @@ class ManagementApi:
     def _get(self, kind: str) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
             key = request.match_info["key"]
-            definitions = await self._blocking(read_definitions, self.settings, self.topics)
-            doc, version = _existing(definitions, key, kind)
+            doc, version = _existing(self._documents(), key, kind)
             body = {**doc, "version": version}
             if kind == "audiences":
                 sizes = await self._sizes()
@@ -185,31 +194,26 @@ class ManagementApi:
                 )
             if _kind(doc) != kind:
                 raise _wrong_kind(kind, key)
-            version, changed, created = await self._blocking(self._apply, doc, kind)
-            body = {"key": key, "version": version, "changed": changed}
-            return _json(body, 201 if created else 200)
+            current = self._documents()
+            if key in current and _kind(current[key][0]) != kind:
+                other = "an audience" if kind == "traits" else "a computed trait"
+                raise ApiError(409, f"{key!r} is {other}; delete it first or use another key")
+            results, offset = await self._blocking(self.writer.put, [doc], current, self.clock())
+            [(_, version)] = results
+            if version is None:
+                return _json({"key": key, "version": current[key][1], "changed": False})
+            await self.queries.wait_for_definitions(offset)
+            body = {"key": key, "version": version, "changed": True}
+            return _json(body, 201 if key not in current else 200)
 
         return _errors_as_json(handler)
-
-    def _apply(self, doc: dict[str, Any], kind: str) -> tuple[int, bool, bool]:
-        """(version, whether it changed, whether it is new); in an executor thread."""
-        key = doc["key"]
-        current = read_definitions(self.settings, self.topics)
-        if key in current and _kind(current[key][0]) != kind:
-            other = "an audience" if kind == "traits" else "a computed trait"
-            raise ApiError(409, f"{key!r} is {other}; delete it first or use another key")
-        [(_, version)] = apply_definitions(self.settings, self.topics, [doc], current=current)
-        if version is None:
-            return current[key][1], False, False
-        return version, True, key not in current
 
     def _delete(self, kind: str) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
             key = request.match_info["key"]
-            definitions = await self._blocking(read_definitions, self.settings, self.topics)
-            _doc, version = _existing(definitions, key, kind)
-            if not await self._blocking(delete_definition, self.settings, self.topics, key):
-                raise ApiError(404, f"no {kind[:-1]} {key!r}")
+            _doc, version = _existing(self._documents(), key, kind)
+            offset = await self._blocking(self.writer.delete, key)
+            await self.queries.wait_for_definitions(offset)
             return _json({"key": key, "deleted": True, "version": version})
 
         return _errors_as_json(handler)
@@ -217,17 +221,55 @@ class ManagementApi:
     async def preview(self, request: web.Request) -> web.StreamResponse:
         doc = validate_definition(await _definition_body(request))
         sample = _int_param(request, "sample", 10, 0, MAX_PAGE)
+        definitions = self._documents()
+        check_references(doc, {k: d for k, (d, _) in definitions.items() if k != doc["key"]})
+        catalog = build_catalog({**definitions, doc["key"]: (doc, 1)})
+        if doc["key"] in catalog.skipped:
+            raise DefinitionError("$.condition", catalog.skipped[doc["key"]])
+        current = definitions.get(doc["key"])
+        total = Preview(doc["key"], current[1] + 1 if current else 1)
+        for number in range(await self._partition_count()):
+            start: bytes | None = b""
+            while start is not None:
+                part, start = await self._partition_preview(number, doc, sample, start)
+                _merge(total, part, sample)
+        return _json({**total.as_json(), "current_version": current[1] if current else None})
 
-        def judge() -> dict[str, Any]:
-            definitions = read_definitions(self.settings, self.topics)
-            others = {k: d for k, (d, _) in definitions.items() if k != doc["key"]}
-            check_references(doc, others)
-            profiles = read_profiles(self.settings, self.topics)
-            report = preview(doc, definitions, profiles.items(), sample).as_json()
-            current = definitions.get(doc["key"])
-            return {**report, "current_version": current[1] if current else None}
+    async def _partition_preview(
+        self, number: int, doc: dict[str, Any], sample: int, start: bytes
+    ) -> tuple[Preview, bytes | None]:
+        """One chunk of a preview on partition `number`'s owner."""
+        if await self._owns(number):
+            definitions = self._documents()
 
-        return _json(await self._blocking(judge))
+            def judge(view: StateView) -> tuple[Preview, bytes | None]:
+                profiles, resume = view.profiles(number, start, PREVIEW_CHUNK)
+                decoded = ((key.decode(), state) for key, state in profiles)
+                return preview(doc, definitions, decoded, sample), resume
+
+            return await self._ask(number, judge)
+        url = self._owner(number)
+        data = await self._request(
+            "POST",
+            url,
+            f"/v1/internal/partitions/{number}/preview",
+            {"from": start.hex(), "sample": str(sample)},
+            doc,
+        )
+        resume = data.pop("next")
+        part = Preview(**{k: v for k, v in data.items() if k in Preview.__dataclass_fields__})
+        return part, bytes.fromhex(resume) if resume is not None else None
+
+    async def internal_preview(self, request: web.Request) -> web.StreamResponse:
+        number = _int_path(request, "partition")
+        doc = validate_definition(await _definition_body(request))
+        sample = _int_param(request, "sample", 10, 0, MAX_PAGE)
+        start = _hex_param(request, "from")
+        if not await self._owns(number):
+            raise _not_owner(number)
+        part, resume = await self._partition_preview(number, doc, sample, start)
+        body = {**part.as_json(), "next": resume.hex() if resume is not None else None}
+        return _json(body, headers={SERVED_BY: self.url})
 
     # -- members ------------------------------------------------------------------------------
 
@@ -235,7 +277,7 @@ class ManagementApi:
         key = request.match_info["key"]
         limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
         number, start = _decode_cursor(request.query.get("cursor"), key)
-        await self._require_audience(key)
+        _existing(self._documents(), key, "audiences")
         partitions = await self._partition_count()
         found: list[dict[str, Any]] = []
         resume: bytes | None = None
@@ -248,23 +290,16 @@ class ManagementApi:
         cursor = None if number >= partitions else _encode_cursor(key, number, resume or start)
         return _json({"audience": key, "members": found, "next_cursor": cursor})
 
-    async def _require_audience(self, key: str) -> None:
-        evaluator = self.local()
-        if evaluator is not None:
-            definitions = evaluator.definitions.definitions
-        else:
-            definitions = await self._blocking(read_definitions, self.settings, self.topics)
-        _existing(definitions, key, "audiences")
-
     async def _partition_members(
         self, number: int, key: str, start: bytes, limit: int
     ) -> tuple[list[dict[str, Any]], bytes | None]:
-        partition = self._local_partition(number)
-        if partition is not None:
-            return await self._scan(partition, key, start, limit)
+        if await self._owns(number):
+            return await self._ask(
+                number, lambda view: _scan_members(view, number, key, start, limit)
+            )
         url = self._owner(number)
         path = f"/v1/internal/partitions/{number}/members/{quote(key, safe='')}"
-        data = await self._fetch(url, path, {"from": start.hex(), "limit": str(limit)})
+        data = await self._request("GET", url, path, {"from": start.hex(), "limit": str(limit)})
         resume = data.get("next")
         return list(data["members"]), bytes.fromhex(resume) if resume is not None else None
 
@@ -272,25 +307,14 @@ class ManagementApi:
         number = _int_path(request, "partition")
         key = request.match_info["key"]
         limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
-        try:
-            start = bytes.fromhex(request.query.get("from", ""))
-        except ValueError:
-            raise ApiError(400, "`from` must be hex") from None
-        partition = self._local_partition(number)
-        if partition is None:
+        start = _hex_param(request, "from")
+        if not await self._owns(number):
             raise _not_owner(number)
-        found, resume = await self._scan(partition, key, start, limit)
+        found, resume = await self._ask(
+            number, lambda view: _scan_members(view, number, key, start, limit)
+        )
         body = {"partition": number, "members": found, "next": resume.hex() if resume else None}
         return _json(body, headers={SERVED_BY: self.url})
-
-    async def _scan(
-        self, partition: Partition, key: str, start: bytes, limit: int
-    ) -> tuple[list[dict[str, Any]], bytes | None]:
-        try:
-            return await self._blocking(_scan_members, partition.store, key, start, limit)
-        except Exception as exc:  # the store closed under us: the partition just moved
-            log.info("partition %d moved while reading: %s", partition.number, exc)
-            raise _not_owner(partition.number) from exc
 
     # -- sizes --------------------------------------------------------------------------------
 
@@ -298,12 +322,12 @@ class ManagementApi:
         """Members per audience over all partitions; None if some partition's owner
         could not be asked (a rebalance, a worker down)."""
         partitions = await self._partition_count()
-        per_partition = self._local_sizes()
+        per_partition = await self._local_sizes()
         missing = set(range(partitions)) - set(per_partition)
         owners = {self.registry.owner(p) for p in missing} if self.registry else set()
         for url in sorted(u for u in owners if u is not None and u != self.url):
             try:
-                data = await self._fetch(url, "/v1/internal/sizes", {})
+                data = await self._request("GET", url, "/v1/internal/sizes", {})
             except ApiError:
                 continue
             for number, sizes in data["partitions"].items():
@@ -317,64 +341,61 @@ class ManagementApi:
                 totals[audience] = totals.get(audience, 0) + size
         return totals
 
-    def _local_sizes(self) -> dict[int, dict[str, int]]:
-        evaluator = self.local()
-        if evaluator is None:
+    async def _local_sizes(self) -> dict[int, dict[str, int]]:
+        if not self.queries.serving:
             return {}
-        return {n: dict(p.sizes) for n, p in list(evaluator.partitions.items())}
+        return await self.queries.ask(lambda view: view.sizes())
 
     async def internal_sizes(self, request: web.Request) -> web.StreamResponse:
-        return _json({"partitions": self._local_sizes()}, headers={SERVED_BY: self.url})
+        body = {"partitions": await self._local_sizes()}
+        return _json(body, headers={SERVED_BY: self.url})
 
     # -- users --------------------------------------------------------------------------------
 
     async def user(self, request: web.Request) -> web.StreamResponse:
         user = request.match_info["id"]
+        catalog = self.queries.definitions.catalog
 
-        def view(evaluator: Evaluator, partition: Partition) -> dict[str, Any]:
-            state = _profile(partition, user)
-            return _user_view(user, partition.number, state, evaluator)
+        def view(number: int, state: UserState) -> dict[str, Any]:
+            return _user_view(user, number, state, catalog)
 
         return await self._on_owner(request, user, view)
 
     async def explain(self, request: web.Request) -> web.StreamResponse:
         user, key = request.match_info["id"], request.match_info["key"]
+        catalog = self.queries.definitions.catalog
+        if catalog.audience(key) is None:
+            raise ApiError(404, f"no audience {key!r}")
+        now = self.clock()
 
-        def view(evaluator: Evaluator, partition: Partition) -> dict[str, Any]:
-            catalog = evaluator.definitions.catalog
-            if catalog.audience(key) is None:
-                raise ApiError(404, f"no audience {key!r}")
-            state = _profile(partition, user)
-            return {"userId": user, **explain(state, catalog, key, evaluator.clock())}
+        def view(number: int, state: UserState) -> dict[str, Any]:
+            return {"userId": user, **explain(state, catalog, key, now)}
 
         return await self._on_owner(request, user, view)
 
     async def delete_user(self, request: web.Request) -> web.StreamResponse:
         user = request.match_info["id"]
-        evaluator = self.local()
-        now = evaluator.clock() if evaluator is not None else time.time_ns() // 1_000_000
         record = {
             "type": "delete",
             "userId": user,
-            "timestamp": format_iso(now),
+            "timestamp": format_iso(self.clock()),
             "messageId": f"api-delete-{uuid.uuid4().hex}",
         }
-        await self._blocking(self._produce, user.encode(), orjson.dumps(record))
+        number = await self._partition_of(user)
+        await self._blocking(self._produce, user.encode(), orjson.dumps(record), number)
         return _json({"userId": user, "accepted": True}, 202)
 
-    def _produce(self, key: bytes, value: bytes) -> None:
-        if self._producer is None:
-            self._producer = Producer(
-                {**self.settings.producer_config(), "message.timeout.ms": 5_000}
-            )
+    def _produce(self, key: bytes, value: bytes, partition: int) -> None:
         errors: list[str] = []
 
         def delivered(err: object, _msg: object) -> None:
             if err is not None:
                 errors.append(str(err))
 
-        self._producer.produce(self.topics.events, key=key, value=value, on_delivery=delivered)
-        if self._producer.flush(10) or errors:
+        self.producer.produce(
+            self.topics.events, key=key, value=value, partition=partition, on_delivery=delivered
+        )
+        if self.producer.flush(10) or errors:
             raise BrokerError(
                 f"Kafka did not take the record: {errors or 'timed out'}", retriable=True
             )
@@ -383,22 +404,24 @@ class ManagementApi:
         self,
         request: web.Request,
         user: str,
-        view: Callable[[Evaluator, Partition], dict[str, Any]],
+        render: Callable[[int, UserState], dict[str, Any]],
     ) -> web.StreamResponse:
         """Answer from the state of the worker owning `user`'s partition: here, or by
         forwarding the request there (once)."""
-        number = partition_for(user.encode(), await self._partition_count())
-        evaluator = self.local()
-        partition = self._local_partition(number)
-        if evaluator is not None and partition is not None:
-            try:
-                body = view(evaluator, partition)
-            except ApiError:
-                raise
-            except Exception as exc:  # the store closed under us: the partition just moved
-                log.info("partition %d moved while reading: %s", number, exc)
-                raise _not_owner(number) from exc
-            return _json(body, headers={SERVED_BY: self.url})
+        number = await self._partition_of(user)
+        if await self._owns(number):
+            status, state = await self._ask(
+                number, lambda view: view.profile(number, user.encode())
+            )
+            if status == "suppressed":
+                raise ApiError(404, f"user {user!r} was deleted")
+            if status == "quarantined":
+                raise ApiError(
+                    409, f"the profile of {user!r} is quarantined (see the worker's log)"
+                )
+            if state is None:
+                raise ApiError(404, f"no profile for user {user!r}")
+            return _json(render(number, state), headers={SERVED_BY: self.url})
         if request.headers.get(FORWARDED):
             raise _not_owner(number)
         return await self._forward(request, self._owner(number))
@@ -408,24 +431,36 @@ class ManagementApi:
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         return _json(OPENAPI)
 
-    def _local_partition(self, number: int) -> Partition | None:
-        evaluator = self.local()
-        return evaluator.partitions.get(number) if evaluator is not None else None
+    async def _ask(self, number: int, query: Callable[[StateView], T]) -> T:
+        """A query about a partition this worker owns (503 if it moved meanwhile)."""
+        try:
+            return await self.queries.ask(query)
+        except KeyError:
+            raise _not_owner(number) from None
+
+    async def _owns(self, number: int) -> bool:
+        """Whether this worker owns `number` now (a query that finds it moved is a 503)."""
+        return self.queries.serving and number in self.queries.owned
+
+    async def _partition_of(self, user: str) -> int:
+        """The partition owning a user's profile (murmur2 of the id, the engine's rule)."""
+        return partition_for(user.encode(), await self._partition_count())
+
+    async def _partition_count(self) -> int:
+        count: int = self.queries.partitions
+        if not count:
+            raise ApiError(
+                503,
+                f"partitions of {self.topics.events} not known yet (the worker is starting, or "
+                "Kafka is unreachable); retry",
+            )
+        return count
 
     def _owner(self, number: int) -> str:
         url = self.registry.owner(number) if self.registry is not None else None
         if url is None or url == self.url:
             raise ApiError(503, f"partition {number} has no known owner yet; retry")
         return url
-
-    async def _partition_count(self) -> int:
-        if self._partitions is None:
-            admin = AdminClient(self.settings.kafka_config())
-            count = await self._blocking(partition_count, admin, self.topics.events)
-            if count is None:
-                raise ApiError(503, f"topic {self.topics.events} does not exist yet; retry")
-            self._partitions = count
-        return self._partitions
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -456,27 +491,31 @@ class ManagementApi:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ApiError(503, f"the worker at {url} is unreachable ({exc}); retry") from exc
 
-    async def _fetch(self, url: str, path: str, params: dict[str, str]) -> dict[str, Any]:
+    async def _request(
+        self, method: str, url: str, path: str, params: dict[str, str], body: Any = None
+    ) -> dict[str, Any]:
         try:
-            async with self._client().get(
-                url + path, params=params, headers={FORWARDED: self.url}
+            async with self._client().request(
+                method,
+                url + path,
+                params=params,
+                data=orjson.dumps(body) if body is not None else None,
+                headers={FORWARDED: self.url, "Content-Type": "application/json"},
             ) as response:
-                body = await response.read()
+                raw = await response.read()
                 if response.status != 200:
                     raise ApiError(503, f"the worker at {url} answered {response.status}; retry")
-                data: dict[str, Any] = orjson.loads(body)
+                data: dict[str, Any] = orjson.loads(raw)
                 return data
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
             raise ApiError(503, f"the worker at {url} is unreachable ({exc}); retry") from exc
 
     async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
-        """Run blocking (Kafka, RocksDB scan) work off the event loop."""
+        """Run blocking Kafka work off the event loop."""
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(None, functools.partial(func, *args))
-        except BrokerError as exc:
-            raise ApiError(503, f"Kafka is unavailable: {exc}") from exc
-        except KafkaException as exc:
+        except (BrokerError, KafkaException) as exc:
             raise ApiError(503, f"Kafka is unavailable: {exc}") from exc
 
 
@@ -531,18 +570,7 @@ def _summary(doc: dict[str, Any], version: int, sizes: dict[str, int] | None) ->
     return summary
 
 
-def _profile(partition: Partition, user: str) -> UserState:
-    key = user.encode()
-    if key in partition.suppressed:
-        raise ApiError(404, f"user {user!r} was deleted")
-    data = partition.store.get_states([key])[0]
-    if data is None:
-        raise ApiError(404, f"no profile for user {user!r}")
-    return UserState.decode(data)
-
-
-def _user_view(user: str, number: int, state: UserState, evaluator: Evaluator) -> dict[str, Any]:
-    catalog = evaluator.definitions.catalog
+def _user_view(user: str, number: int, state: UserState, catalog: Catalog) -> dict[str, Any]:
     audiences = []
     for key, membership in sorted(state.members.items()):
         if membership.member:
@@ -583,18 +611,15 @@ def _user_view(user: str, number: int, state: UserState, evaluator: Evaluator) -
 
 
 def _scan_members(
-    store: PartitionStore, audience: str, start: bytes, limit: int
+    view: StateView, number: int, audience: str, start: bytes, limit: int
 ) -> tuple[list[dict[str, Any]], bytes | None]:
-    """Members of `audience` in key order from `start` on; also the key to resume from
-    (None = the partition is done). Reads at most SCAN_BUDGET profiles."""
-    rows = store.states_from(start, SCAN_BUDGET + 1)
+    """Members of `audience` in partition `number` in key order from `start` on; also the
+    key to resume from (None = the partition is done). Reads at most SCAN_BUDGET profiles."""
+    profiles, resume = view.profiles(number, start, SCAN_BUDGET)
     found: list[dict[str, Any]] = []
-    for key, data in rows[:SCAN_BUDGET]:
+    for key, state in profiles:
         if len(found) == limit:
             return found, key
-        if key.startswith(META_PREFIX):
-            continue
-        state = UserState.decode(data)
         membership = state.members.get(audience)
         if membership is not None and membership.member:
             found.append(
@@ -604,7 +629,28 @@ def _scan_members(
                     "entered_at": format_iso(membership.since_ms),
                 }
             )
-    return found, rows[SCAN_BUDGET][0] if len(rows) > SCAN_BUDGET else None
+    return found, resume
+
+
+def _merge(total: Preview, part: Preview, sample: int) -> None:
+    """Fold one partition chunk's preview into the total."""
+    total.profiles += part.profiles
+    total.size += part.size
+    total.entering += part.entering
+    total.exiting += part.exiting
+    for mine, theirs in (
+        (total.sample, part.sample),
+        (total.would_enter, part.would_enter),
+        (total.would_exit, part.would_exit),
+    ):
+        mine.extend(theirs[: max(0, sample - len(mine))])
+
+
+def _hex_param(request: web.Request, name: str) -> bytes:
+    try:
+        return bytes.fromhex(request.query.get(name, ""))
+    except ValueError:
+        raise ApiError(400, f"`{name}` must be hex") from None
 
 
 def _encode_cursor(audience: str, partition: int, start: bytes) -> str:

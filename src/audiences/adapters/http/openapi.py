@@ -207,6 +207,7 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "200": _json(_ref("User"), "the profile"),
                     "404": _error("no profile (never seen, or deleted)"),
+                    "409": _error("the profile is quarantined (it made the engine fail)"),
                     "503": UNAVAILABLE,
                 },
             },
@@ -289,6 +290,37 @@ OPENAPI: dict[str, Any] = {
                             },
                         },
                         "members and where to continue (null: partition done)",
+                    ),
+                    "503": _error("this worker does not own the partition"),
+                },
+            }
+        },
+        "/v1/internal/partitions/{partition}/preview": {
+            "post": {
+                "operationId": "internal_partition_preview",
+                "tags": ["internal"],
+                "summary": "One chunk of a preview on one partition, from a key on (never "
+                "forwarded)",
+                "parameters": [
+                    _path_param("partition", "partition number", {"type": "integer"}),
+                    _query_param("from", "hex profile key to start at", {"type": "string"}),
+                    _query_param(
+                        "sample", "profiles listed per group", {"type": "integer", "minimum": 0}
+                    ),
+                ],
+                "requestBody": DEFINITION_BODY,
+                "responses": {
+                    "200": _json(
+                        {
+                            "allOf": [
+                                _ref("Preview"),
+                                {
+                                    "type": "object",
+                                    "properties": {"next": {"type": ["string", "null"]}},
+                                },
+                            ]
+                        },
+                        "the chunk's preview and where to continue (null: partition done)",
                     ),
                     "503": _error("this worker does not own the partition"),
                 },

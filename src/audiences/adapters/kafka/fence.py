@@ -14,7 +14,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from audiences.errors import BrokerError
 
@@ -77,5 +84,41 @@ def read_to_fence(
                     pending.discard(partition)
                 if msg.key() != FENCE_KEY:
                     yield msg
+    finally:
+        consumer.unassign()
+
+
+def read_to_end(
+    consumer: Consumer, topic: str, partitions: int, idle_s: float = 1.0, timeout_s: float = 120.0
+) -> Iterator[Message]:
+    """Yield every record of `topic` from the oldest, without writing to it: up to the
+    reported high watermarks, then until nothing more arrives for `idle_s` (the embedded
+    broker reports a short high watermark after multi-record batches). For readers
+    that may not append a fence (a changelog only its owners write)."""
+    ends: dict[int, int] = {}
+    for partition in range(partitions):
+        _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+        ends[partition] = int(high)
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+    seen: dict[int, int] = {}
+    deadline = time.monotonic() + timeout_s
+    quiet_since = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            batch = consumer.consume(1000, 0.1)
+            if batch:
+                quiet_since = time.monotonic()
+            for msg in batch:
+                error = msg.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise BrokerError(f"reading {topic}: {error}", retriable=error.retriable())
+                seen[msg.partition()] = msg.offset() + 1
+                yield msg
+            reached = all(seen.get(p, 0) >= end for p, end in ends.items())
+            if reached and time.monotonic() - quiet_since >= idle_s:
+                return
+        raise BrokerError(f"timed out reading {topic} to its end", retriable=True)
     finally:
         consumer.unassign()

@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaException, TopicCollection
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from audiences.adapters.settings import Settings
-from audiences.errors import BrokerError
+from audiences.errors import AudiencesError, BrokerError
 
 log = logging.getLogger(__name__)
 COMPACT = {"cleanup.policy": "compact"}
+
+
+class TopicMismatch(AudiencesError):
+    """An existing topic contradicts what the engine needs; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,55 @@ def ensure_topics(settings: Settings, topics: Topics) -> int:
     events_partitions = partition_count(admin, topics.events) or settings.partitions
     if topics.changelog not in existing:
         _create(admin, [NewTopic(topics.changelog, events_partitions, 1, config=COMPACT)])
+    check_topics(admin, topics, events_partitions)
     return events_partitions
+
+
+def check_topics(admin: AdminClient, topics: Topics, events_partitions: int) -> None:
+    """Refuse topics that contradict the engine: the state of `events` partition N lives
+    in changelog partition N, so both need the same count, and the changelog must be
+    compacted (a deleting changelog loses state once retention passes)."""
+    changelog = partition_count(admin, topics.changelog)
+    if changelog is not None and changelog != events_partitions:
+        raise TopicMismatch(
+            f"topic {topics.changelog} has {changelog} partitions but {topics.events} has "
+            f"{events_partitions}: the state of events partition N lives in changelog "
+            f"partition N. Give {topics.events} {changelog} partitions again, or start a new "
+            "app (AUDIENCES_APP_ID) that rebuilds its state by replaying the retained events"
+        )
+    policy = _config(admin, topics.changelog, "cleanup.policy")
+    if policy is not None and "compact" not in policy:
+        raise TopicMismatch(
+            f"topic {topics.changelog} has cleanup.policy={policy}: it must be compacted "
+            f"(kafka-configs --alter --entity-type topics --entity-name {topics.changelog} "
+            "--add-config cleanup.policy=compact)"
+        )
+
+
+def _config(admin: AdminClient, topic: str, name: str) -> str | None:
+    """A topic config's value; None when the broker does not report it (the embedded
+    broker reports only configs set explicitly)."""
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    try:
+        configs = admin.describe_configs([resource])[resource].result(timeout=10)
+    except Exception:  # unknown is not a contradiction
+        return None
+    entry = configs.get(name)
+    return None if entry is None or entry.value is None else str(entry.value)
+
+
+def topic_ids(admin: AdminClient, names: list[str]) -> dict[str, str | None]:
+    """Kafka's topic id of each topic (None when the broker does not say): a recreated
+    topic has a new one, so state checkpointed against the old one is not trusted."""
+    ids: dict[str, str | None] = dict.fromkeys(names)
+    try:
+        futures = admin.describe_topics(TopicCollection(names))
+        for name, future in futures.items():
+            topic_id = future.result(timeout=10).topic_id
+            ids[name] = str(topic_id) if topic_id is not None else None
+    except Exception as exc:  # old brokers: no ids, no check
+        log.warning("topic ids of %s unknown: %s", names, exc)
+    return ids
 
 
 def ensure_topic(config: dict[str, object], topic: str, partitions: int) -> None:

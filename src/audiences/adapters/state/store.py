@@ -1,101 +1,197 @@
-"""Per-partition RocksDB stores of profile state (rocksdict, raw bytes).
+"""The `StateStore` port and its implementations: RocksDB (rocksdict) and in memory.
 
-Key layout of one partition's store:
-  b"u" + profile key                  -> encoded UserState
-  b"d" + be64(wake_ms) + profile key  -> b""   (due-index: time-ordered deadlines)
-  b"m" + name                         -> meta  (checkpoints: input and changelog offsets)
-A batch writes states, due-index changes and checkpoints in one WriteBatch, so
-the store is always consistent with one input offset.
+A store holds one `events` partition's state in the families of `layout.Family`.
+Writes go through a `StoreBatch` applied atomically by `write`, so the store is
+always consistent with one checkpoint. Reads see the last written batch.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from bisect import bisect_left, insort
+from collections.abc import Iterable
 from pathlib import Path
-from typing import cast
+from typing import Any, Protocol, cast
 
 from rocksdict import Options, Rdict, WriteBatch
 
-USER = b"u"
-DUE = b"d"
-META = b"m"
-INPUT_OFFSET = META + b"input_offset"  # next `events` offset to consume
-CHANGELOG_OFFSET = META + b"changelog_offset"  # next changelog offset to read on recovery
-STREAM_TIME = META + b"stream_time"  # latest event time evaluated in this partition
-JUDGED_CATALOG = META + b"judged_catalog"  # fingerprint every stored profile was judged on
+from audiences.adapters.state.layout import Family
+
+Op = tuple[Family, bytes, bytes | None]  # (family, key, value); None = delete
 
 
-def due_key(wake_ms: int, profile_key: bytes) -> bytes:
-    return DUE + wake_ms.to_bytes(8, "big") + profile_key
+class StoreBatch:
+    """Changes to apply in one atomic write (store-independent: a list of operations)."""
+
+    __slots__ = ("ops",)
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+
+    def put(self, family: Family, key: bytes, value: bytes) -> None:
+        self.ops.append((family, key, value))
+
+    def delete(self, family: Family, key: bytes) -> None:
+        self.ops.append((family, key, None))
+
+    def __len__(self) -> int:
+        return len(self.ops)
 
 
-class PartitionStore:
-    """State of one `events` partition."""
+class StateStore(Protocol):
+    """The state of one partition, by family (see `layout`)."""
+
+    def get(self, family: Family, key: bytes) -> bytes | None: ...
+
+    def get_many(self, family: Family, keys: list[bytes]) -> list[bytes | None]: ...
+
+    def scan(
+        self,
+        family: Family,
+        start: bytes = b"",
+        stop: bytes | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` (key, value) pairs with start <= key < stop, in key order."""
+        ...
+
+    def write(self, batch: StoreBatch) -> None: ...
+
+    def is_empty(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def destroy(self) -> None:
+        """Close and delete everything."""
+        ...
+
+
+class RocksDictStore:
+    """One RocksDB database, a column family per `Family` (raw bytes).
+
+    rocksdict keeps the database locked while any column-family handle or iterator
+    is alive, even after `close()`: handles live only in this object and iterators
+    only inside one call, and `close` drops the handles first.
+    """
 
     def __init__(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         options = Options(raw_mode=True)
         options.create_if_missing(True)
-        self._db = Rdict(str(path), options)
+        options.create_missing_column_families(True)
+        families = {family.value: Options(raw_mode=True) for family in Family}
+        self._db = Rdict(str(path), options, column_families=families)
+        self._families = {family: self._db.get_column_family(family.value) for family in Family}
+        self._handles = {
+            family: self._db.get_column_family_handle(family.value) for family in Family
+        }
 
-    def get_states(self, keys: list[bytes]) -> list[bytes | None]:
-        return cast(list[bytes | None], self._db.get([USER + key for key in keys]))
+    def get(self, family: Family, key: bytes) -> bytes | None:
+        value: bytes | None = self._families[family].get(key)
+        return value
 
-    def get_meta(self, key: bytes, default: int) -> int:
-        value = self._db.get(key)
-        return int(value) if value is not None else default
+    def get_many(self, family: Family, keys: list[bytes]) -> list[bytes | None]:
+        if not keys:
+            return []
+        return cast(list[bytes | None], self._families[family].get(cast(Any, keys)))
 
-    def get_text(self, key: bytes) -> str:
-        value = self._db.get(key)
-        return value.decode() if value is not None else ""
-
-    def put_text(self, key: bytes, value: str) -> None:
-        self._db.put(key, value.encode())
-
-    def due(self, until_ms: int) -> Iterator[tuple[int, bytes]]:
-        """(wake_ms, profile key) of deadlines <= until_ms, oldest first."""
-        it = self._db.iter()
-        it.seek(DUE)
-        while it.valid():
-            key: bytes = it.key()
-            if not key.startswith(DUE):
-                return
-            wake = int.from_bytes(key[1:9], "big")
-            if wake > until_ms:
-                return
-            yield wake, key[9:]
-            it.next()
-
-    def user_keys(self, prefix: bytes = b"") -> list[bytes]:
-        """Profile keys starting with `prefix` (a scan: for recovery-time indexes)."""
-        return [key for key, _ in self.states_from(prefix, None, prefix=prefix)]
-
-    def states_from(
-        self, start: bytes, limit: int | None, *, prefix: bytes = b""
+    def scan(
+        self,
+        family: Family,
+        start: bytes = b"",
+        stop: bytes | None = None,
+        limit: int | None = None,
     ) -> list[tuple[bytes, bytes]]:
-        """Up to `limit` (profile key, state) pairs in key order from `start` on."""
         out: list[tuple[bytes, bytes]] = []
-        it = self._db.iter()
-        it.seek(USER + start)
+        it = self._families[family].iter()
+        it.seek(start)
         while it.valid() and (limit is None or len(out) < limit):
             key: bytes = it.key()
-            if not key.startswith(USER + prefix):
+            if stop is not None and key >= stop:
                 break
-            out.append((key[1:], it.value()))
+            out.append((key, it.value()))
             it.next()
+        del it
         return out
 
-    def new_batch(self) -> WriteBatch:
-        return WriteBatch(raw_mode=True)
+    def write(self, batch: StoreBatch) -> None:
+        if not batch.ops:
+            return
+        native = WriteBatch(raw_mode=True)
+        handles = self._handles
+        for family, key, value in batch.ops:
+            if value is None:
+                native.delete(key, handles[family])
+            else:
+                native.put(key, value, handles[family])
+        self._db.write(native)
 
-    def write(self, batch: WriteBatch) -> None:
-        self._db.write(batch)
+    def is_empty(self) -> bool:
+        return all(not self.scan(family, limit=1) for family in Family)
 
     def close(self) -> None:
+        self._families.clear()
+        self._handles.clear()
         self._db.close()
 
     def destroy(self) -> None:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+class MemoryStore:
+    """The same port over dicts (sorted key lists for scans): for tests and previews."""
+
+    def __init__(self) -> None:
+        self._data: dict[Family, dict[bytes, bytes]] = {family: {} for family in Family}
+        self._keys: dict[Family, list[bytes]] = {family: [] for family in Family}
+        self.closed = False
+
+    def get(self, family: Family, key: bytes) -> bytes | None:
+        return self._data[family].get(key)
+
+    def get_many(self, family: Family, keys: list[bytes]) -> list[bytes | None]:
+        data = self._data[family]
+        return [data.get(key) for key in keys]
+
+    def scan(
+        self,
+        family: Family,
+        start: bytes = b"",
+        stop: bytes | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        keys, data = self._keys[family], self._data[family]
+        out: list[tuple[bytes, bytes]] = []
+        for key in keys[bisect_left(keys, start) :]:
+            if (stop is not None and key >= stop) or (limit is not None and len(out) >= limit):
+                break
+            out.append((key, data[key]))
+        return out
+
+    def write(self, batch: StoreBatch) -> None:
+        for family, key, value in batch.ops:
+            data, keys = self._data[family], self._keys[family]
+            if value is None:
+                if data.pop(key, None) is not None:
+                    keys.pop(bisect_left(keys, key))
+            else:
+                if key not in data:
+                    insort(keys, key)
+                data[key] = value
+
+    def is_empty(self) -> bool:
+        return not any(self._data.values())
+
+    def items(self, family: Family) -> Iterable[tuple[bytes, bytes]]:
+        return self.scan(family)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def destroy(self) -> None:
+        for family in Family:
+            self._data[family].clear()
+            self._keys[family].clear()
+        self.closed = True

@@ -1,14 +1,12 @@
-"""The Faust application: worker lifecycle, the evaluator service, web endpoints.
+"""The Faust application: worker lifecycle, the runtime service, health and metrics pages.
 
-The evaluator is a `mode.Service` registered with `app.service`; it runs the
-blocking batch loop of `evaluator.Evaluator` in a thread of its own, so the
-Faust event loop (web server, sinks) never waits on it. With
-`AUDIENCES_DESTINATIONS` set, a `SinkService` runs one sink per destination
-(`adapters/stream/sinks.py`); the file is validated here, before anything
-starts, so a bad file stops the worker with an error naming the destination
-and key. If the
-loop dies (e.g. Kafka refuses outputs), the service crashes the worker: a
-restart resumes from durable state without loss (crash-only design).
+The runtime is a `mode.Service` registered with `app.service`; it runs the
+blocking loop of `runtime.Runtime` in a thread of its own, so the Faust event
+loop (web server, API, sinks) never waits on it. If the loop dies (e.g. Kafka
+refuses outputs for good), the service crashes the worker: a restart resumes
+from durable state without loss (crash-only design). What else runs in the
+app (the API's routes, the collector, destination sinks) is wired by
+`bootstrap.py`, the composition root; this module knows none of it.
 """
 
 from __future__ import annotations
@@ -17,103 +15,74 @@ import asyncio
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import faust
 import mode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from audiences.adapters.http.api import ManagementApi
-from audiences.adapters.http.collector import Collector
-from audiences.adapters.http.registry import WorkerRegistry
-from audiences.adapters.kafka.topics import Topics, ensure_topics
+from audiences.adapters.kafka.topics import ensure_topics
 from audiences.adapters.settings import Settings
-from audiences.adapters.sinks.config import load_destinations
-from audiences.adapters.stream.evaluator import Clock, Evaluator, wall_clock_ms
-from audiences.adapters.stream.sinks import SinkService
+from audiences.adapters.stream.registry import WorkerRegistry
+from audiences.adapters.stream.runtime import Runtime
 from audiences.logs import logging_config
 
 log = logging.getLogger(__name__)
 
 
-class EvaluatorService(mode.Service):
-    """Runs the evaluator loop in a thread for the lifetime of the worker."""
+class RuntimeService(mode.Service):
+    """Runs the runtime loop in a thread for the lifetime of the worker."""
 
-    def __init__(self, settings: Settings, clock: Clock = wall_clock_ms, **kwargs: Any) -> None:
+    def __init__(self, runtime: Runtime, registry: WorkerRegistry, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.settings = settings
-        self.topics = Topics.from_settings(settings)
-        self.clock = clock
-        self.evaluator: Evaluator | None = None
-        self.registry = WorkerRegistry(settings, self.topics, settings.advertised_url)
+        self.runtime = runtime
+        self.registry = registry
         self._thread: threading.Thread | None = None
 
     @property
     def ready(self) -> bool:
-        return self.evaluator is not None and self.evaluator.ready.is_set()
+        return self.runtime.ready.is_set() and self.runtime.failed is None
 
     async def on_start(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, ensure_topics, self.settings, self.topics)
-        self.evaluator = Evaluator(self.settings, self.topics, clock=self.clock)
-        self.evaluator.on_partitions = self.registry.publish
+        await loop.run_in_executor(None, ensure_topics, self.runtime.settings, self.runtime.topics)
+        self.runtime.on_partitions = self.registry.publish
         self.registry.start()
-        self._thread = threading.Thread(target=self.evaluator.run, name="evaluator", daemon=True)
+        self._thread = threading.Thread(target=self.runtime.run, name="runtime", daemon=True)
         self._thread.start()
-        log.info("evaluator started for topic %s", self.topics.events)
+        log.info("runtime started for topic %s", self.runtime.topics.events)
 
     @mode.Service.task
     async def _watch(self) -> None:
         while not self.should_stop:
             await self.sleep(0.5)
             if self._thread is not None and not self._thread.is_alive() and not self.should_stop:
-                failure = self.evaluator.failed if self.evaluator else None
-                log.critical("the evaluator stopped: %s", failure)
-                await self.crash(failure or RuntimeError("evaluator stopped"))
+                failure = self.runtime.failed
+                log.critical("the runtime stopped: %s", failure)
+                await self.crash(failure or RuntimeError("the runtime stopped"))
                 return
 
     async def on_stop(self) -> None:
-        if self.evaluator is not None and self._thread is not None:
-            self.evaluator.stop()
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+        if self._thread is not None:
+            self.runtime.stop()
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 60)
         await asyncio.get_running_loop().run_in_executor(None, self.registry.stop)
 
 
 class AudiencesApp(faust.App):
-    """The Faust app with the management API on its web server."""
+    """The Faust app; `web_routes` add routes to its aiohttp application (the API)."""
 
-    api: ManagementApi | None = None
+    web_routes: list[Callable[[Any], None]]
 
     def on_webserver_init(self, web: Any) -> None:
         # Faust calls this from Web.init_server, before the server starts listening.
-        if self.api is not None:
-            self.api.register(web.web_app)
+        for add in getattr(self, "web_routes", ()):
+            add(web.web_app)
 
 
-class CollectorService(mode.Service):
-    """The HTTP collector on the worker's event loop (`audiences up`)."""
-
-    def __init__(self, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.settings = settings
-        self.collector = Collector(settings)
-
-    async def on_start(self) -> None:
-        topics = Topics.from_settings(self.settings)
-        await asyncio.get_running_loop().run_in_executor(None, ensure_topics, self.settings, topics)
-        await self.collector.start()
-
-    async def on_stop(self) -> None:
-        await self.collector.stop()
-
-
-def create_app(
-    settings: Settings, clock: Clock = wall_clock_ms, *, with_collector: bool = False
-) -> faust.App:
-    """The Faust app of one worker process; `with_collector` adds the HTTP collector."""
-    destinations = (
-        load_destinations(settings.destinations, os.environ) if settings.destinations else []
-    )
+def create_app(settings: Settings, ready: Callable[[], bool]) -> AudiencesApp:
+    """The Faust app of one worker process, with /healthz, /readyz (`ready`) and /metrics."""
     os.makedirs(settings.data_dir, exist_ok=True)
     app = AudiencesApp(
         settings.app_id,
@@ -131,16 +100,7 @@ def create_app(
         datadir=f"{settings.data_dir}/faust",
         logging_config=logging_config(settings.log_format, settings.log_level),
     )
-    service = EvaluatorService(settings, clock)
-    app.service(service)  # type: ignore[arg-type]  # faust accepts instances too
-    app.evaluator_service = service  # type: ignore[attr-defined]
-    app.api = ManagementApi(settings, service.topics, lambda: service.evaluator, service.registry)
-    if with_collector:
-        app.service(CollectorService(settings))  # type: ignore[arg-type]
-    if destinations:
-        sinks = SinkService(settings, destinations)
-        app.service(sinks)  # type: ignore[arg-type]
-        app.sink_service = sinks  # type: ignore[attr-defined]
+    app.web_routes = []
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
@@ -148,18 +108,11 @@ def create_app(
 
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:
-        ready = service.ready
-        return web.json({"ready": ready}, status=200 if ready else 503)
+        is_ready = ready()
+        return web.json({"ready": is_ready}, status=200 if is_ready else 503)
 
     @app.page("/metrics")
     async def metrics_view(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     return app
-
-
-def run_worker(settings: Settings, loglevel: str = "info", *, with_collector: bool = False) -> None:
-    """Run one worker (and the collector if asked) until SIGTERM/SIGINT (blocks)."""
-    app = create_app(settings, with_collector=with_collector)
-    worker = faust.Worker(app, loglevel=loglevel.upper(), quiet=True)
-    worker.execute_from_commandline()

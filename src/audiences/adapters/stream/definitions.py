@@ -15,9 +15,12 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
-from audiences.adapters.kafka.fence import FENCE_KEY, read_to_fence, write_fences
+from audiences.adapters.kafka.clients import KafkaClients
+from audiences.adapters.kafka.fence import FENCE_KEY, read_to_end, read_to_fence, write_fences
 from audiences.adapters.kafka.topics import Topics, partition_count
 from audiences.adapters.settings import Settings
+from audiences.adapters.state.recovery import profiles_in
+from audiences.adapters.stream.queries import DefinitionsSnapshot as Snapshot
 from audiences.core.definitions import Catalog, build_catalog, check_references, validate_definition
 from audiences.core.events import format_iso
 from audiences.core.state import UserState
@@ -45,35 +48,28 @@ def _decode(msg: Message) -> tuple[str, tuple[dict[str, Any], int] | None] | Non
 
 
 class DefinitionsLog:
-    """Reads definitions into a catalog; `poll` folds in what changed since."""
+    """Reads definitions into a catalog; `poll` folds in what changed since.
 
-    def __init__(self, settings: Settings, topics: Topics) -> None:
-        self.settings = settings
-        self.topic = topics.definitions
+    The consumer reads the (single-partition) topic by assignment; `load` reads it to
+    its real end (a fence this log appends, see `adapters.kafka.fence`)."""
+
+    def __init__(self, topic: str, consumer: Consumer, producer: Producer) -> None:
+        self.topic = topic
         self.definitions: Definitions = {}
         self.retired: dict[str, tuple[int, str]] = {}  # deleted audiences: (version, name)
         self.catalog: Catalog = build_catalog({})
-        self._consumer = Consumer(
-            {
-                **settings.kafka_config(),
-                "group.id": f"{settings.app_id}-definitions",
-                "enable.auto.commit": False,
-                "enable.partition.eof": False,
-            }
-        )
+        self.offset = -1  # next offset to read
+        self._consumer = consumer
+        self._producer = producer
 
-    def load(self, producer: Producer) -> Catalog:
+    def load(self) -> Catalog:
         """Read the topic to its end; afterwards stay assigned for `poll`."""
-        from confluent_kafka.admin import AdminClient
-
-        partitions = partition_count(AdminClient(self.settings.kafka_config()), self.topic)
-        if partitions is None:
-            raise BrokerError(f"topic {self.topic} does not exist", retriable=True)
-        fences = write_fences(producer, self.topic, list(range(partitions)))
+        fences = write_fences(self._producer, self.topic, [0])
         for msg in read_to_fence(self._consumer, self.topic, fences, {}):
             self._apply(msg)
-        self._consumer.assign([TopicPartition(self.topic, p, fences[p] + 1) for p in fences])
-        self.catalog = build_catalog(self.definitions, self.retired)
+        self.offset = fences[0] + 1
+        self._consumer.assign([TopicPartition(self.topic, 0, self.offset)])
+        self.catalog = self._build()
         self._report()
         return self.catalog
 
@@ -81,12 +77,22 @@ class DefinitionsLog:
         """Fold in new records; True when the catalog changed."""
         changed = False
         for msg in self._consumer.consume(100, 0):
-            if msg.error() is None and self._apply(msg):
+            if msg.error() is not None:
+                continue
+            self.offset = max(self.offset, msg.offset() + 1)
+            if self._apply(msg):
                 changed = True
         if changed:
-            self.catalog = build_catalog(self.definitions, self.retired)
+            self.catalog = self._build()
             self._report()
         return changed
+
+    def snapshot(self) -> Snapshot:
+        """The definitions as evaluated now (for the query port; immutable)."""
+        return Snapshot(dict(self.definitions), self.catalog, self.offset)
+
+    def _build(self) -> Catalog:
+        return build_catalog(self.definitions, self.retired)
 
     def _apply(self, msg: Message) -> bool:
         decoded = _decode(msg)
@@ -115,14 +121,17 @@ class DefinitionsLog:
 
     def close(self) -> None:
         self._consumer.close()
+        self._producer.flush(5)
 
 
 def read_definitions(settings: Settings, topics: Topics) -> Definitions:
     """The current definitions (one-shot read, for the CLI)."""
-    producer = Producer(settings.kafka_config())
-    log_reader = DefinitionsLog(settings, topics)
+    clients = KafkaClients(settings)
+    log_reader = DefinitionsLog(
+        topics.definitions, clients.definitions_consumer(), clients.producer({"linger.ms": 0})
+    )
     try:
-        log_reader.load(producer)
+        log_reader.load()
         return log_reader.definitions
     finally:
         log_reader.close()
@@ -140,99 +149,111 @@ def next_version(doc: Mapping[str, Any], current: tuple[dict[str, Any], int] | N
     return old_version + 1
 
 
+class DefinitionsWriter:
+    """Publishes definitions to the definitions topic (one long-lived producer)."""
+
+    def __init__(self, topic: str, producer: Producer) -> None:
+        self.topic = topic
+        self.producer = producer
+
+    def put(
+        self, docs: list[dict[str, Any]], current: Definitions, now_ms: int
+    ) -> tuple[list[tuple[str, int | None]], int]:
+        """Validate and publish `docs` against `current`; returns (key, new version or
+        None if unchanged) and the offset of the last record written (-1: none).
+
+        Raises DefinitionError (with the JSON path) before anything is written."""
+        merged = {k: d for k, (d, _) in current.items()}
+        validated = []
+        for doc in docs:
+            checked = validate_definition(doc)
+            merged[checked["key"]] = checked
+            validated.append(checked)
+        for checked in validated:
+            check_references(checked, {k: d for k, d in merged.items() if k != checked["key"]})
+        results = []
+        records: list[tuple[bytes, bytes | None]] = []
+        for checked in validated:
+            version = next_version(checked, current.get(checked["key"]))
+            results.append((checked["key"], version))
+            if version is None:
+                continue
+            existing = current.get(checked["key"])
+            # created_at: the moment `backfill: false` counts from; kept across edits.
+            created_at = (existing[0].get("created_at") if existing else None) or format_iso(now_ms)
+            body = {
+                **{k: v for k, v in checked.items() if k != "version"},
+                "version": version,
+                "created_at": checked.get("created_at") or created_at,
+            }
+            records.append((checked["key"].encode(), orjson.dumps(body)))
+        return results, self._send(records)
+
+    def delete(self, key: str) -> int:
+        """Tombstone a definition; returns the tombstone's offset."""
+        return self._send([(key.encode(), None)])
+
+    def _send(self, records: list[tuple[bytes, bytes | None]]) -> int:
+        offsets: list[int] = []
+        errors: list[str] = []
+
+        def delivered(err: object, msg: Message) -> None:
+            if err is not None:
+                errors.append(str(err))
+            else:
+                offsets.append(msg.offset())
+
+        for key, value in records:
+            self.producer.produce(self.topic, key=key, value=value, on_delivery=delivered)
+        if self.producer.flush(30) or errors:
+            raise BrokerError(
+                f"definitions were not acknowledged by Kafka: {errors or 'timed out'}",
+                retriable=True,
+            )
+        return max(offsets, default=-1)
+
+
 def apply_definitions(
     settings: Settings,
     topics: Topics,
     docs: list[dict[str, Any]],
     current: Definitions | None = None,
 ) -> list[tuple[str, int | None]]:
-    """Validate and publish definitions; returns (key, new version or None if unchanged).
-    `current`: the definitions as just read, if the caller has them.
-
-    Raises DefinitionError (with the JSON path) before anything is written.
-    """
+    """Validate and publish definitions (one-shot, for the CLI and tools); returns (key,
+    new version or None if unchanged). Raises DefinitionError before anything is written."""
     if current is None:
         current = read_definitions(settings, topics)
-    merged = {k: d for k, (d, _) in current.items()}
-    validated = []
-    for doc in docs:
-        checked = validate_definition(doc)
-        merged[checked["key"]] = checked
-        validated.append(checked)
-    for checked in validated:
-        check_references(checked, {k: d for k, d in merged.items() if k != checked["key"]})
-    producer = Producer({**settings.kafka_config(), "enable.idempotence": True})
-    results = []
-    for checked in validated:
-        version = next_version(checked, current.get(checked["key"]))
-        results.append((checked["key"], version))
-        if version is None:
-            continue
-        existing = current.get(checked["key"])
-        # created_at: the moment `backfill: false` counts from; kept across edits.
-        created_at = (existing[0].get("created_at") if existing else None) or format_iso(
-            int(time.time() * 1000)
-        )
-        body = {
-            **{k: v for k, v in checked.items() if k != "version"},
-            "version": version,
-            "created_at": checked.get("created_at") or created_at,
-        }
-        producer.produce(topics.definitions, key=checked["key"].encode(), value=orjson.dumps(body))
-    if producer.flush(30):
-        raise BrokerError("definitions were not acknowledged by Kafka", retriable=True)
+    writer = DefinitionsWriter(topics.definitions, KafkaClients(settings).producer())
+    results, _offset = writer.put(docs, current, int(time.time() * 1000))
     return results
 
 
 def delete_definition(settings: Settings, topics: Topics, key: str) -> bool:
-    """Tombstone a definition; False if it did not exist."""
-    current = read_definitions(settings, topics)
-    if key not in current:
+    """Tombstone a definition (one-shot, for the CLI); False if it did not exist."""
+    if key not in read_definitions(settings, topics):
         return False
-    producer = Producer({**settings.kafka_config(), "enable.idempotence": True})
-    producer.produce(topics.definitions, key=key.encode(), value=None)
-    if producer.flush(30):
-        raise BrokerError("the deletion was not acknowledged by Kafka", retriable=True)
+    DefinitionsWriter(topics.definitions, KafkaClients(settings).producer()).delete(key)
     return True
 
 
 def read_profiles(settings: Settings, topics: Topics) -> dict[str, UserState]:
-    """Every stored profile, from the state changelog (last write wins, tombstones
-    delete). For previews: a batch a crashed worker never completed may be included."""
-    from audiences.adapters.stream.evaluator import MARKER_PREFIX, META_PREFIX
-
-    consumer = Consumer(
-        {
-            **settings.kafka_config(),
-            "group.id": f"{settings.app_id}-preview",
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-        }
-    )
-    producer = Producer(settings.producer_config())
+    """Every stored profile, from the state changelog (for `audiences preview` without a
+    worker; the API asks the workers instead). Reads each partition to its end."""
+    clients = KafkaClients(settings)
+    partitions = partition_count(clients.admin(), topics.changelog)
+    if partitions is None:
+        return {}
+    consumer = clients.reader("preview", {"auto.offset.reset": "earliest"})
     try:
-        from confluent_kafka.admin import AdminClient
-
-        partitions = partition_count(AdminClient(settings.kafka_config()), topics.changelog)
-        if partitions is None:
-            return {}
-        fences = write_fences(producer, topics.changelog, list(range(partitions)))
-        raw: dict[bytes, bytes | None] = {}
-        for msg in read_to_fence(consumer, topics.changelog, fences, {}):
-            key = msg.key() or b""
-            if key == FENCE_KEY or key.startswith((MARKER_PREFIX, META_PREFIX)):
-                continue
-            raw[key] = msg.value()
+        stored = profiles_in(read_to_end(consumer, topics.changelog, partitions))
     finally:
         consumer.close()
     profiles: dict[str, UserState] = {}
-    for key, value in raw.items():
-        if value is None:
-            continue
+    for key, value in stored.items():
         try:
             profiles[key.decode()] = UserState.decode(value)
-        except (ValueError, TypeError, IndexError, KeyError, AttributeError):
-            log.warning("skipping an unreadable profile %r", key)
+        except Exception:  # one unreadable profile does not stop a preview
+            log.warning("skipping an unreadable profile")
     return profiles
 
 
@@ -245,19 +266,11 @@ def wait_for_backfill(
     """Wait until every `events` partition reports it finished backfilling the current
     definitions (`on_progress(done, total, finished_partitions, partitions)` on each
     report). False on timeout (e.g. no worker running)."""
-    from confluent_kafka.admin import AdminClient
-
+    clients = KafkaClients(settings)
     definitions = read_definitions(settings, topics)
     fingerprint = build_catalog(definitions).fingerprint
-    partitions = partition_count(AdminClient(settings.kafka_config()), topics.events) or 0
-    consumer = Consumer(
-        {
-            **settings.kafka_config(),
-            "group.id": f"{settings.app_id}-progress-reader",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-        }
-    )
+    partitions = partition_count(clients.admin(), topics.events) or 0
+    consumer = clients.reader("progress-reader", {"auto.offset.reset": "earliest"})
     latest: dict[int, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
     try:

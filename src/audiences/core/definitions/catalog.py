@@ -71,6 +71,9 @@ class Catalog:
     # Deleted audiences (key -> (last version, name)): their members are told they exit.
     retired: dict[str, tuple[int, str]] = field(default_factory=dict)
 
+    def with_pending(self, tracker_ids: frozenset[str]) -> Catalog:  # TEMP(core-hardening)
+        return self
+
     def audience(self, key: str) -> CompiledAudience | None:
         position = self.index.get(key)
         return None if position is None else self.audiences[position]

@@ -27,10 +27,11 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.stream.definitions import apply_definitions
-from audiences.adapters.stream.evaluator import Evaluator
+from audiences.adapters.stream.runtime import Runtime
 from audiences.core.events import format_iso, parse_iso_ms
 from audiences.errors import AudiencesError
 
@@ -107,7 +108,7 @@ def measure_latency(
     topics = Topics.from_settings(settings)
     ensure_topics(settings, topics)
     apply_definitions(settings, topics, DEFINITIONS)
-    evaluator = Evaluator(settings, topics)  # the wall clock: deadlines fire for real
+    evaluator = Runtime(settings, topics, KafkaClients(settings))  # wall clock: real deadlines
     worker = threading.Thread(target=evaluator.run, name="latency-evaluator", daemon=True)
     worker.start()
     outputs = _Outputs()

@@ -49,13 +49,14 @@ from typing import Any
 import orjson
 from confluent_kafka import Message, Producer
 
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
-from audiences.adapters.stream.evaluator import Evaluator, Partition
+from audiences.adapters.stream.emitter import Rendered
+from audiences.adapters.stream.runtime import Runtime
 from audiences.core.definitions import build_catalog, check_references, validate_definition
 from audiences.core.evaluator import Output
 from audiences.core.events import format_iso
-from audiences.core.state import UserState
 from audiences.errors import AudiencesError, BrokerError
 
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: events start here
@@ -375,30 +376,37 @@ class Measurement:
         return self.events / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-class _TimedEvaluator(Evaluator):
-    """The real evaluator, with a stopwatch: first batch consumed -> every end offset reached."""
+class _TimedRuntime(Runtime):
+    """The real runtime, with a stopwatch: first batch consumed -> every end offset reached
+    and checkpointed (outputs acknowledged, state durable)."""
 
     def __init__(
         self, settings: Settings, topics: Topics, clock: Callable[[], int], ends: dict[int, int]
     ) -> None:
-        super().__init__(settings, topics, clock)
+        super().__init__(settings, topics, KafkaClients(settings), clock=clock)
         self.ends = ends
         self.first_s: float | None = None
         self.done_s: float | None = None
         self.done = threading.Event()
         self.transitions = 0
+        send = self.emitter.send
+
+        def counting_send(rendered: Rendered, outputs: list[Output]) -> None:
+            self.transitions += len(outputs)
+            send(rendered, outputs)
+
+        self.emitter.send = counting_send  # type: ignore[method-assign]
 
     def _process(self, messages: list[Message]) -> None:
         if self.first_s is None:
             self.first_s = time.perf_counter()
         super()._process(messages)
-        if self.done_s is None and self.reached_end():
+
+    def _checkpoint(self) -> None:
+        super()._checkpoint()
+        if self.done_s is None and self.first_s is not None and self.reached_end():
             self.done_s = time.perf_counter()
             self.done.set()
-
-    def _emit(self, transitions: list[Output], state: UserState, partition: Partition) -> None:
-        self.transitions += len(transitions)
-        super()._emit(transitions, state, partition)
 
     def position_total(self) -> int:
         return sum(p.position for p in list(self.partitions.values()))
@@ -436,7 +444,7 @@ def measure_engine(
     apply_definitions(settings, topics, definitions)
     total = sum(ends.values())
     rss_before = _maxrss_mb()
-    evaluator = _TimedEvaluator(settings, topics, lambda: BASE_MS, ends)
+    evaluator = _TimedRuntime(settings, topics, lambda: BASE_MS, ends)
     thread = threading.Thread(target=evaluator.run, name="bench-evaluator", daemon=True)
     thread.start()
     try:

@@ -23,8 +23,8 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics
-from audiences.adapters.settings import Settings
 
 log = logging.getLogger(__name__)
 _UNSET: Any = object()
@@ -38,7 +38,7 @@ class WorkerRegistry:
     """Publishes this worker's partitions and keeps partition -> owner URL for all."""
 
     def __init__(
-        self, settings: Settings, topics: Topics, url: str, worker_id: str | None = None
+        self, clients: KafkaClients, topics: Topics, url: str, worker_id: str | None = None
     ) -> None:
         self.topic = topics.workers
         self.url = url
@@ -48,7 +48,7 @@ class WorkerRegistry:
         self._pending: Any = _UNSET  # partitions to publish (the thread produces them)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._settings = settings
+        self._clients = clients
         self._producer: Producer | None = None  # Kafka clients exist from start() on
         self._consumer: Consumer | None = None
 
@@ -120,16 +120,8 @@ class WorkerRegistry:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> WorkerRegistry:
-        config = self._settings.kafka_config()
-        self._producer = Producer({**config, "linger.ms": 0})
-        self._consumer = Consumer(
-            {
-                **config,
-                "group.id": f"{self._settings.app_id}-workers-reader",
-                "enable.auto.commit": False,
-                "enable.partition.eof": False,
-            }
-        )
+        self._producer = self._clients.producer({"linger.ms": 0})
+        self._consumer = self._clients.reader("workers-reader")
         self._consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
         self._thread = threading.Thread(
             target=self._run, args=(self._consumer,), name="worker-registry", daemon=True

@@ -1,0 +1,282 @@
+"""The commit sequence, and its invariant: a committed input offset is never ahead of
+durable state.
+
+Between checkpoints the runtime only works in memory: outputs are produced as
+they happen, profiles become dirty, positions advance. A checkpoint then makes
+that interval durable, always in this order (`Step`):
+
+1. ENCODE      dirty profiles, suppressions, quarantines, partition meta and the
+               position become changelog records and one store `WriteBatch` per
+               partition (a profile that cannot be encoded is quarantined);
+2. OUTPUTS     the shared producer is flushed: every output, identity control
+               record, forwarded event and dead letter of the interval is
+               acknowledged, before any state that implies them exists;
+3. CHANGELOG   each partition's records go out in one Kafka transaction of that
+               partition's own transactional producer (`transactional.id`
+               `{app_id}-changelog-{partition}`): a worker that took the partition
+               over called `init_transactions` with the same id and the broker
+               refuses every later write of the former owner (fencing);
+4. STORE       the `WriteBatch` (states, due-index, suppressions, meta, position,
+               changelog offset) is written to the local RocksDB;
+5. OFFSETS     the input positions are committed to the consumer group (a hint for
+               tools and lag metrics: recovery reads the position from the
+               changelog, which is never behind the committed offset).
+
+A failure at any step raises before the positions are marked committed, and
+the runtime rewinds the partitions it was checkpointing: in-memory state is
+dropped and re-read from the store and the changelog, input is re-read from the
+last durable position. Re-done input gives the same outputs with the same
+`messageId`s (the core is deterministic).
+
+On a broker without transactions support for readers (the embedded broker
+accepts transactions and fences former owners, but shows every record, even of
+an aborted transaction), step 3 can be cut short: some records of a checkpoint
+land, its position record does not. Each state record carries the position it
+reflects, so recovery knows which profiles are *ahead* of the position and
+skips their input below it (see recovery.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from enum import StrEnum
+
+import orjson
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from audiences.adapters.state.layout import (
+    NEVER,
+    Family,
+    Header,
+    Kind,
+    Meta,
+    changelog_key,
+    due_key,
+    encode_header,
+)
+from audiences.adapters.state.partition import PartitionState
+from audiences.adapters.state.store import StoreBatch
+from audiences.errors import BrokerError
+
+log = logging.getLogger(__name__)
+MAX_STATE_BYTES = 900_000  # a changelog record stays under Kafka's 1 MB message limit
+CHANGELOG_MESSAGE_MAX_BYTES = 1_000_000
+ChangelogRecord = tuple[bytes, bytes | None, Header]
+
+
+class Step(StrEnum):
+    """The steps of a checkpoint, in order (names for logs and failure injection)."""
+
+    ENCODE = "encode"
+    OUTPUTS = "outputs"
+    CHANGELOG = "changelog"
+    STORE = "store"
+    OFFSETS = "offsets"
+
+
+class DurabilityError(BrokerError):
+    """A checkpoint could not complete: the interval is not durable (rewind and redo)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=True)
+
+
+class PartitionFenced(BrokerError):
+    """Another worker owns the partition now: this one must drop it without writing."""
+
+    def __init__(self, partition: int, detail: str) -> None:
+        super().__init__(f"partition {partition} was taken over: {detail}", retriable=False)
+        self.partition = partition
+
+
+class ChangelogWriter:
+    """The transactional producer of one partition's changelog."""
+
+    def __init__(self, producer: Producer, topic: str, partition: int, timeout_s: float) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.partition = partition
+        self.timeout_s = timeout_s
+        self.last_offset = -1  # of the latest record acknowledged
+        self._errors: list[str] = []
+        self._open = False
+
+    def claim(self, owner: bytes, value: bytes) -> int:
+        """Fence every former owner, then append this owner's record; returns its offset
+        (the log's true end: recovery reads up to it)."""
+        self._call(self.producer.init_transactions, self.timeout_s)
+        self.begin([(changelog_key(Kind.OWNER, owner), value, Header(-1, NEVER))])
+        self.commit()
+        return self.last_offset
+
+    def begin(self, records: list[ChangelogRecord]) -> None:
+        self._call(self.producer.begin_transaction)
+        self._open = True
+        produce = self.producer.produce
+        for key, value, header in records:
+            while True:
+                try:
+                    produce(
+                        self.topic,
+                        key=key,
+                        value=value,
+                        partition=self.partition,
+                        headers=encode_header(header),
+                        on_delivery=self._delivered,
+                    )
+                    break
+                except BufferError:
+                    self.producer.poll(0.05)
+
+    def commit(self) -> None:
+        try:
+            self._call(self.producer.commit_transaction, self.timeout_s)
+        finally:
+            self._open = False
+        if self._errors:
+            errors, self._errors = self._errors[:3], []
+            raise DurabilityError(f"changelog records of partition {self.partition}: {errors}")
+
+    def abort(self) -> None:
+        if self._open:
+            self._open = False
+            try:
+                self.producer.abort_transaction(self.timeout_s)
+            except KafkaException as exc:
+                log.warning("partition %d: aborting a transaction failed: %s", self.partition, exc)
+
+    def close(self) -> None:
+        self.abort()
+        self.producer.flush(1)
+
+    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+        elif msg.offset() > self.last_offset:
+            self.last_offset = msg.offset()
+
+    def _call(self, func: Callable[..., object], *args: object) -> None:
+        try:
+            func(*args)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and (
+                error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED)
+                or (error.fatal() and "fenc" in error.str().lower())
+            ):
+                raise PartitionFenced(self.partition, error.str()) from exc
+            self.abort()
+            raise DurabilityError(f"changelog of partition {self.partition}: {exc}") from exc
+
+
+class Checkpoint:
+    """Runs the commit sequence for the runtime's partitions."""
+
+    def __init__(
+        self,
+        flush_outputs: Callable[[], None],
+        commit_offsets: Callable[[dict[int, int]], None],
+    ) -> None:
+        self.flush_outputs = flush_outputs
+        self.commit_offsets = commit_offsets
+        # Test seam: called after each step; a test makes it raise to prove the invariant.
+        self.after_step: Callable[[Step], None] | None = None
+
+    def commit(self, partitions: list[PartitionState], writers: dict[int, ChangelogWriter]) -> None:
+        """Make every change of `partitions` durable, or raise (nothing marked committed)."""
+        changed = [p for p in partitions if p.changed]
+        if not changed:
+            return
+        staged = [(p, *_encode(p)) for p in changed]
+        self._step(Step.ENCODE)
+        self.flush_outputs()
+        self._step(Step.OUTPUTS)
+        try:
+            for partition, records, _batch in staged:
+                writers[partition.number].begin(records)
+            for partition, _records, _batch in staged:
+                writers[partition.number].commit()
+        except BaseException:
+            for partition, _records, _batch in staged:
+                writers[partition.number].abort()
+            raise
+        self._step(Step.CHANGELOG)
+        for partition, _records, batch in staged:
+            offset = writers[partition.number].last_offset + 1
+            batch.put(Family.META, Meta.CHANGELOG_OFFSET.value, str(offset).encode())
+            partition.store.write(batch)
+        self._step(Step.STORE)
+        for partition in changed:
+            partition.checkpointed()
+        self.commit_offsets({p.number: p.committed for p in changed})
+        self._step(Step.OFFSETS)
+
+    def _step(self, step: Step) -> None:
+        if self.after_step is not None:
+            self.after_step(step)
+
+
+def _encode(partition: PartitionState) -> tuple[list[ChangelogRecord], StoreBatch]:
+    """Changelog records and the store batch of one partition's interval."""
+    records: list[ChangelogRecord] = []
+    batch = StoreBatch()
+    position = partition.position
+    for key in list(partition.dirty):
+        state = partition.dirty.get(key, ...)
+        if state is ...:
+            continue  # quarantined meanwhile
+        value: bytes | None = None
+        wake = NEVER
+        if state is not None:
+            try:
+                value = state.encode()
+                if len(value) > MAX_STATE_BYTES:
+                    raise ValueError(f"{len(value)} bytes > {MAX_STATE_BYTES}")
+            except Exception as exc:  # any encoding failure: quarantine
+                partition.quarantine(key, f"unencodable_state: {exc}", state.clock_ms, None)
+                continue
+            wake = state.wake_ms
+        records.append((changelog_key(Kind.PROFILE, key), value, Header(position, wake)))
+        if value is None:
+            batch.delete(Family.PROFILES, key)
+        else:
+            batch.put(Family.PROFILES, key, value)
+        old = partition.durable_wakes.get(key, NEVER)
+        if old != wake or value is None:
+            if old < NEVER:
+                batch.delete(Family.DUE, due_key(old, key))
+            if wake < NEVER and value is not None:
+                batch.put(Family.DUE, due_key(wake, key), b"")
+    for key, on in partition.suppression_changes.items():
+        marker = b"1" if on else None
+        records.append((changelog_key(Kind.SUPPRESSED, key), marker, Header(position, NEVER)))
+        if on:
+            batch.put(Family.SUPPRESSED, key, b"")
+        else:
+            batch.delete(Family.SUPPRESSED, key)
+    for key, quarantine in partition.quarantine_changes.items():
+        value = quarantine.encode() if quarantine is not None else None
+        records.append((changelog_key(Kind.QUARANTINE, key), value, Header(position, NEVER)))
+        if value is None:
+            batch.delete(Family.QUARANTINE, key)
+        else:
+            batch.put(Family.QUARANTINE, key, value)  # (its deadlines: dropped by the sweep)
+    for stale in partition.stale_due:
+        batch.delete(Family.DUE, stale)
+    counts = partition.counts.encode()
+    if counts != partition.counts_written:
+        partition.meta_changes[Meta.COUNTS] = counts
+        partition.counts_written = counts
+    # The position goes last: on a broker without read_committed, its record landing
+    # means every earlier record of this checkpoint landed (one producer, in order).
+    partition.meta_changes.pop(Meta.POSITION, None)
+    partition.meta_changes[Meta.POSITION] = partition.position_record()
+    for name, value in partition.meta_changes.items():
+        records.append((changelog_key(Kind.META, name.value), value, Header(position, NEVER)))
+        batch.put(Family.META, name.value, value)
+    return records, batch
+
+
+def owner_record(worker: str, session: str, at_ms: int) -> bytes:
+    return orjson.dumps({"worker": worker, "session": session, "at_ms": at_ms})

@@ -1,0 +1,330 @@
+"""One owned `events` partition: its store, decoded profiles, and what changed since the
+last checkpoint.
+
+Profiles are changed only through `PartitionState.apply`, which runs `step` (or
+a history fold) and either records the result — the profile becomes *dirty*,
+the input goes into its *journal* — or, when anything raises, puts the profile
+back exactly as it was before that input: its durable state (the store) with
+the journal replayed. `step` mutates the state it is given; this rollback is
+what makes its result atomic for the runtime, at no cost on the happy path.
+
+A profile whose durable state cannot be decoded, or whose deadline or
+re-judging fails, is *quarantined*: its events go to the DLQ (reason
+`profile_quarantined`) and its deadlines are dropped, until the user is
+deleted. Everything else about a failing input is the caller's business
+(dead-lettering it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from audiences.adapters import metrics
+from audiences.adapters.state.layout import NEVER, Family, Meta
+from audiences.adapters.state.store import StateStore
+from audiences.core.definitions import Catalog
+from audiences.core.evaluator import StepResult, Tick, Transition, fold_history, step
+from audiences.core.events import Event
+from audiences.core.state import UserState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Fold:
+    """A past event folded into backfilled trackers only (see stream/backfill.py)."""
+
+    event: Event
+    trackers: frozenset[str]
+
+
+Input = Event | Tick | Fold
+
+
+@dataclass(slots=True)
+class Quarantine:
+    reason: str
+    at_ms: int
+    state: bytes | None  # the durable state as it was, when it could be kept
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "reason": self.reason,
+                "at_ms": self.at_ms,
+                # The state, for inspection, when it fits in a changelog record.
+                "state": self.state.decode("utf-8", "replace")
+                if self.state and len(self.state) < 256_000
+                else None,
+            }
+        )
+
+
+@dataclass
+class Counts:
+    """Members per audience and profiles stored in one partition (for metrics and the API)."""
+
+    sizes: dict[str, int] = field(default_factory=dict)
+    users: int = 0
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"sizes": self.sizes, "users": self.users})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Counts:
+        value = orjson.loads(data)
+        return cls(dict(value["sizes"]), int(value["users"]))
+
+
+class PartitionState:
+    """Everything the runtime holds for one owned partition (owned by the runtime thread)."""
+
+    def __init__(
+        self,
+        number: int,
+        store: StateStore,
+        *,
+        position: int,
+        stream_time_ms: int,
+        catalog: Catalog,
+        cache_limit: int,
+        ahead: dict[bytes, int] | None = None,
+    ) -> None:
+        self.number = number
+        self.store = store
+        self.position = position  # next input offset to evaluate (in memory)
+        self.committed = position  # position of the last durable checkpoint
+        self.stream_time_ms = stream_time_ms  # latest event time evaluated
+        self.committed_stream_time_ms = stream_time_ms
+        self.catalog = catalog  # the full catalog, or a pending variant while backfilling
+        self.cache_limit = cache_limit
+        # Profiles whose durable state already reflects input up to an offset beyond
+        # `position` (a checkpoint cut short: see recovery.py): their input below it is
+        # skipped. Emptied once the position passes them.
+        self.ahead: dict[bytes, int] = ahead or {}
+        self.cache: dict[bytes, UserState] = {}
+        # Changed since the last checkpoint:
+        self.dirty: dict[bytes, UserState | None] = {}  # None = erased
+        self.journal: dict[bytes, list[Input]] = {}
+        self.durable_wakes: dict[bytes, int] = {}  # wake of each dirty profile when durable
+        self.suppression_changes: dict[bytes, bool] = {}
+        self.quarantine_changes: dict[bytes, Quarantine | None] = {}
+        self.stale_due: list[bytes] = []  # due-index keys to delete at the checkpoint
+        self.meta_changes: dict[Meta, bytes] = {}
+        # Loaded from the store:
+        self.suppressed: set[bytes] = {k for k, _ in store.scan(Family.SUPPRESSED)}
+        self.quarantined: set[bytes] = {k for k, _ in store.scan(Family.QUARANTINE)}
+        counts = store.get(Family.META, Meta.COUNTS.value)
+        self.counts = Counts.decode(counts) if counts is not None else Counts()
+        self.counts_written = counts or b""  # the counts the changelog holds
+        trackers = store.get(Family.META, Meta.TRACKERS.value)
+        self.complete_trackers: set[str] | None = (
+            set(orjson.loads(trackers)) if trackers is not None else None
+        )
+        judged = store.get(Family.META, Meta.JUDGED.value)
+        self.judged = judged.decode() if judged is not None else ""
+        self.rejudge_from: bytes | None = None  # next profile key to re-judge, None = done
+        self.backfill: Any = None  # stream.backfill.Backfill while one runs
+        self.dropped: dict[str, int] = {}  # bounded-state drops, flushed to metrics
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def load(self, keys: Iterable[bytes], now_ms: int) -> dict[bytes, UserState]:
+        """Decoded profiles of `keys` that exist (cache, then one multi-get). A stored
+        profile that cannot be decoded is quarantined and left out."""
+        cache = self.cache
+        states: dict[bytes, UserState] = {}
+        missing: list[bytes] = []
+        for key in keys:
+            state = cache.get(key)
+            if state is not None:
+                states[key] = state
+            elif key not in self.dirty:  # (a dirty None: erased in this interval)
+                missing.append(key)
+        if missing:
+            for key, data in zip(
+                missing, self.store.get_many(Family.PROFILES, missing), strict=True
+            ):
+                if data is None:
+                    continue
+                try:
+                    state = UserState.decode(data)
+                except Exception as exc:  # any decoding failure: quarantine
+                    self.quarantine(key, f"undecodable_state: {exc!r}", now_ms, data)
+                    continue
+                states[key] = cache[key] = state
+        return states
+
+    def durable_state(self, key: bytes) -> UserState | None:
+        """The profile as the last checkpoint left it (a fresh object)."""
+        data = self.store.get(Family.PROFILES, key)
+        return UserState.decode(data) if data is not None else None
+
+    def is_blocked(self, key: bytes) -> bool:
+        return key in self.suppressed or key in self.quarantined
+
+    # -- changing --------------------------------------------------------------------------
+
+    def apply(
+        self,
+        key: bytes,
+        state: UserState | None,
+        item: Input,
+        profile_key: str,
+        accept: Callable[[StepResult], Any] | None = None,
+    ) -> StepResult | None:
+        """Fold `item` into the profile `key` (currently `state`) atomically.
+
+        `accept(result)` runs before the result is recorded (e.g. rendering outputs): if
+        it or `step` raises, the profile is rolled back and the exception propagates.
+        For a `Fold`, the result is None when nothing changed."""
+        durable_wake = state.wake_ms if state is not None else NEVER
+        try:
+            if isinstance(item, Fold):
+                assert state is not None
+                if not fold_history(state, item.event, self.catalog, item.trackers):
+                    return None
+                result = StepResult(state, [], state.wake_ms, False)
+            else:
+                result = step(state, item, self.catalog, profile_key)
+            if accept is not None:
+                accept(result)
+        except Exception:
+            self.rollback(key, profile_key)
+            raise
+        if key not in self.dirty:
+            self.durable_wakes[key] = durable_wake
+        self.journal.setdefault(key, []).append(item)
+        if isinstance(item, Event) and item.type == "unsuppress":
+            self.suppress(key, False)
+        if result.erase:
+            self.dirty[key] = None
+            self.cache.pop(key, None)
+            if state is not None:
+                self.counts.users -= 1
+            self.suppress(key, True)
+            if key in self.quarantined:  # deleting a user lifts its quarantine
+                self.quarantined.discard(key)
+                self.quarantine_changes[key] = None
+        else:
+            if state is None:
+                self.counts.users += 1
+            self.dirty[key] = self.cache[key] = result.state
+        for output in result.transitions:
+            if isinstance(output, Transition):
+                self.count_transition(output.audience_key, output.entered)
+        dropped = result.state.dropped
+        if dropped:
+            for what, count in dropped.items():
+                self.dropped[what] = self.dropped.get(what, 0) + count
+            result.state.dropped = None
+        return result
+
+    def rollback(self, key: bytes, profile_key: str) -> None:
+        """Put profile `key` back as it was before the input being applied: its durable
+        state with this interval's journal replayed (outputs discarded: they were
+        emitted when the inputs were first applied, and `step` is deterministic)."""
+        self.cache.pop(key, None)
+        try:
+            state = self.durable_state(key)
+            for item in self.journal.get(key, ()):
+                if isinstance(item, Fold):
+                    if state is not None:
+                        fold_history(state, item.event, self.catalog, item.trackers)
+                    continue
+                result = step(state, item, self.catalog, profile_key)
+                state = None if result.erase else result.state
+        except Exception as exc:  # the journal replayed before: cannot happen
+            log.exception("partition %d: a profile could not be rolled back", self.number)
+            self.quarantine(key, f"rollback_failed: {exc!r}", 0, None)
+            return
+        if state is not None:
+            state.dropped = None
+            self.cache[key] = state
+            if key in self.dirty:
+                self.dirty[key] = state
+
+    def forget(self, key: bytes) -> None:
+        """Nothing worth writing changed for `key` in this interval (re-judging found
+        the same memberships): do not checkpoint it."""
+        self.dirty.pop(key, None)
+        self.journal.pop(key, None)
+        self.durable_wakes.pop(key, None)
+
+    def suppress(self, key: bytes, on: bool) -> None:
+        if on:
+            self.suppressed.add(key)
+        else:
+            self.suppressed.discard(key)
+        self.suppression_changes[key] = on
+
+    def quarantine(self, key: bytes, reason: str, at_ms: int, data: bytes | None) -> None:
+        """Stop evaluating profile `key`: its durable state stays as it is."""
+        log.error(
+            "partition %d: profile quarantined (%s); its events go to the DLQ until the user "
+            "is deleted",
+            self.number,
+            reason,
+        )
+        metrics.PROFILES_QUARANTINED.labels(reason.split(":")[0]).inc()
+        self.quarantined.add(key)
+        self.cache.pop(key, None)
+        if key in self.dirty:  # nothing of this interval is kept for it
+            del self.dirty[key]
+            self.journal.pop(key, None)
+            self.durable_wakes.pop(key, None)
+        if data is None:
+            data = self.store.get(Family.PROFILES, key)
+        self.quarantine_changes[key] = Quarantine(reason.split(":")[0], at_ms, data)
+
+    def set_meta(self, name: Meta, value: bytes) -> None:
+        self.meta_changes[name] = value
+
+    def count_transition(self, audience: str, entered: bool) -> None:
+        sizes = self.counts.sizes
+        sizes[audience] = sizes.get(audience, 0) + (1 if entered else -1)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    @property
+    def changed(self) -> bool:
+        return bool(
+            self.dirty
+            or self.suppression_changes
+            or self.quarantine_changes
+            or self.meta_changes
+            or self.stale_due
+            or self.position != self.committed
+            or self.stream_time_ms != self.committed_stream_time_ms
+        )
+
+    def checkpointed(self) -> None:
+        """The interval is durable: forget it, keep the cache within its limit."""
+        self.committed = self.position
+        self.committed_stream_time_ms = self.stream_time_ms
+        self.dirty.clear()
+        self.journal.clear()
+        self.durable_wakes.clear()
+        self.suppression_changes.clear()
+        self.quarantine_changes.clear()
+        self.stale_due.clear()
+        self.meta_changes.clear()
+        if self.ahead and self.position >= max(self.ahead.values()):
+            self.ahead.clear()
+        cache = self.cache
+        if len(cache) > self.cache_limit:
+            for key in list(cache)[: len(cache) - self.cache_limit + self.cache_limit // 10]:
+                del cache[key]
+
+    def position_record(self) -> bytes:
+        return orjson.dumps({"offset": self.position, "stream_time": self.stream_time_ms})
+
+
+def decode_position(data: bytes) -> tuple[int, int]:
+    value = orjson.loads(data)
+    return int(value["offset"]), int(value["stream_time"])

@@ -1,0 +1,129 @@
+"""Everything the runtime writes outside the changelog: outputs (`audience-events`),
+identity control records and forwarded events (`events`), dead letters (`events-dlq`).
+
+They go through one idempotent producer as they happen — the loop never waits
+for them — and are acknowledged together at each checkpoint, before the state
+that implies them is written (see state/checkpoint.py).
+
+Records the engine writes to `events` for a profile (merge requests, state
+hand-overs, events re-sent to a merged profile's user, records found on the
+wrong partition) go to the partition that owns the profile *by the engine's
+rule*, murmur2 of the key (`kafka/partitioner.py`), named explicitly: routing
+never depends on a producer's partitioner setting.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import orjson
+from confluent_kafka import Message, Producer
+
+from audiences.adapters import metrics
+from audiences.adapters.kafka.topics import Topics
+from audiences.adapters.state.checkpoint import DurabilityError
+from audiences.core.evaluator import Control, Output, Transition
+from audiences.core.outputs import render_output
+from audiences.core.state import UserState
+
+log = logging.getLogger(__name__)
+FORWARDED_FROM = "audiences-forwarded-from"  # header of a record moved to its owner partition
+Rendered = list[tuple[bytes, bytes]]  # (key, value) of outputs, rendered before anything is sent
+
+
+class Emitter:
+    def __init__(
+        self, producer: Producer, topics: Topics, owner_of: Callable[[bytes], int]
+    ) -> None:
+        self.producer = producer
+        self.topics = topics
+        self.owner_of = owner_of  # profile key -> its `events` partition
+        self._errors: list[str] = []
+        self._transitions: dict[tuple[str, bool], int] = {}  # flushed to metrics per checkpoint
+
+    @staticmethod
+    def render(outputs: list[Output], state: UserState) -> Rendered:
+        """The output messages of one step, all or nothing (a rendering that raises
+        sends none of them, so no output exists without the state that implies it)."""
+        traits, anonymous = state.traits, state.anonymous
+        return [
+            (
+                output.profile_key.encode(),
+                orjson.dumps(render_output(output, traits, anonymous=anonymous)),
+            )
+            for output in outputs
+        ]
+
+    def send(self, rendered: Rendered, outputs: list[Output]) -> None:
+        topic = self.topics.audience_events
+        for key, value in rendered:
+            self._produce(topic, key, value)
+        counts = self._transitions
+        for output in outputs:
+            if isinstance(output, Transition):
+                counted = (output.audience_key, output.entered)
+                counts[counted] = counts.get(counted, 0) + 1
+
+    def send_controls(self, controls: tuple[Control, ...]) -> None:
+        """Identity records (SPEC §4), each to the partition owning the profile it is for."""
+        for target, record in controls:
+            key = target.encode()
+            self._produce(self.topics.events, key, orjson.dumps(record), self.owner_of(key))
+
+    def forward(self, msg: Message, owner: int) -> None:
+        """A record found on a partition that does not own its profile, moved to the owner."""
+        headers = [*(msg.headers() or ()), (FORWARDED_FROM, str(msg.partition()).encode())]
+        self._produce(self.topics.events, msg.key(), msg.value(), owner, headers)
+
+    def dead_letter(self, msg: Message, reason: str, detail: str) -> None:
+        self._produce(
+            self.topics.events_dlq,
+            msg.key(),
+            msg.value(),
+            headers=[
+                ("error", detail.encode("utf-8", "replace")[:2000]),
+                ("error_reason", reason.encode()),
+                ("source_topic", msg.topic().encode()),
+                ("source_partition", str(msg.partition()).encode()),
+                ("source_offset", str(msg.offset()).encode()),
+            ],
+        )
+        metrics.EVENTS_INVALID.labels(reason).inc()
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        """Wait until everything sent is acknowledged; raises DurabilityError otherwise."""
+        for (audience, entered), count in self._transitions.items():
+            metrics.TRANSITIONS.labels(audience, "entered" if entered else "exited").inc(count)
+        self._transitions.clear()
+        remaining = self.producer.flush(timeout_s)
+        if remaining or self._errors:
+            errors, self._errors = self._errors[:5], []
+            raise DurabilityError(f"records not acknowledged by Kafka: {errors or 'timed out'}")
+
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        kwargs = {} if partition is None else {"partition": partition}
+        while True:
+            try:
+                self.producer.produce(
+                    topic,
+                    key=key,
+                    value=value,
+                    headers=headers,
+                    on_delivery=self._delivered,
+                    **kwargs,
+                )
+                return
+            except BufferError:  # the queue is full: let Kafka catch up (backpressure)
+                self.producer.poll(0.05)
+
+    def _delivered(self, err: object, msg: Message) -> None:
+        if err is not None:
+            self._errors.append(f"{msg.topic()}: {err}")

@@ -1,0 +1,674 @@
+"""The runtime: the loop that drives the pure core over Kafka, and partition ownership.
+
+It runs in a thread of its own inside the Faust worker (see `app.py`) and owns,
+for every `events` partition assigned to it (own consumer group,
+cooperative-sticky): a `PartitionState` (store, decoded profiles, what changed)
+and a transactional `ChangelogWriter`. One loop turn:
+
+    consume a batch -> definitions changed? -> per partition: parse, route, `step`
+    each event, produce its outputs at once -> fire one chunk of due deadlines ->
+    fold one chunk of backfill history -> re-judge one chunk -> checkpoint
+    (state/checkpoint.py) -> answer queued API queries (queries.py)
+
+Failures stay where they happen:
+- a record that cannot be parsed or evaluated (or whose outputs cannot be
+  rendered) goes to `events-dlq` with its reason; the profile is left exactly as
+  it was before it (`PartitionState.apply`);
+- a profile whose stored state, deadline or re-judging fails is quarantined;
+- a record found on a partition that does not own its profile (a producer with
+  another partitioner) is moved to the owner and counted;
+- a checkpoint that cannot complete (Kafka trouble) rewinds the partitions to
+  their durable state and redoes the input: nothing is committed ahead of it.
+Only repeated failures of the loop itself stop the worker (crash-only: the next
+start resumes from durable state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from audiences.adapters import metrics
+from audiences.adapters.kafka.clients import KafkaClients
+from audiences.adapters.kafka.partitioner import partition_for
+from audiences.adapters.kafka.topics import Topics, partition_count, topic_ids
+from audiences.adapters.settings import Settings
+from audiences.adapters.state.checkpoint import (
+    ChangelogWriter,
+    Checkpoint,
+    DurabilityError,
+    PartitionFenced,
+    owner_record,
+)
+from audiences.adapters.state.layout import Family, Meta
+from audiences.adapters.state.partition import PartitionState
+from audiences.adapters.state.recovery import Record, restore
+from audiences.adapters.state.store import RocksDictStore, StateStore, StoreBatch
+from audiences.adapters.stream import timers
+from audiences.adapters.stream.backfill import Backfills
+from audiences.adapters.stream.definitions import DefinitionsLog
+from audiences.adapters.stream.emitter import Emitter, Rendered
+from audiences.adapters.stream.queries import QueryPort
+from audiences.core.evaluator import StepResult
+from audiences.core.events import Event, parse_event
+from audiences.core.state import UserState
+from audiences.errors import BrokerError, InvalidEventError
+
+log = logging.getLogger(__name__)
+CONSUME_WAIT_S = 0.005  # longest wait for a batch to fill (latency)
+REJUDGE_CHUNK = 1000  # profiles re-judged per partition per loop turn
+MAX_LOOP_FAILURES = 5  # consecutive failed turns before the worker gives up
+RECOVERY_IDLE_S = 60.0  # a changelog read that makes no progress this long fails
+MISROUTED_LOG_EVERY_S = 60.0
+Clock = Callable[[], int]
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Runtime:
+    """Blocking loop; `run()` in a thread, `stop()` from anywhere."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        topics: Topics,
+        clients: KafkaClients,
+        queries: QueryPort | None = None,
+        clock: Clock = wall_clock_ms,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.clients = clients
+        self.queries = queries or QueryPort()
+        self.clock = clock
+        self.worker_id = worker_id or f"{os.uname().nodename}-{os.getpid()}"
+        self.data_dir = settings.data_dir and os.path.join(settings.data_dir, settings.app_id)
+        self.partitions: dict[int, PartitionState] = {}
+        self.writers: dict[int, ChangelogWriter] = {}
+        self.ready = threading.Event()
+        self.failed: BaseException | None = None
+        # Told the owned partitions after every rebalance (the worker registry).
+        self.on_partitions: Callable[[list[int]], None] | None = None
+        # Opens a partition's store (tests swap in an in-memory one).
+        self.open_store: Callable[[int], StateStore] = self._open_rocksdb
+        self._stop = threading.Event()
+        self._stopping = False  # in the final shutdown: revoked stores are kept
+        self._drained = False
+        self._misrouted = 0
+        self._misrouted_logged = 0.0
+        self._owners: dict[bytes, int] = {}
+        self.events_partitions = 0
+        self._topic_ids: dict[str, str | None] = {}
+        self._consumer: Consumer = clients.events_consumer()
+        self._changelog_reader = clients.changelog_reader()
+        self._producer = clients.output_producer()
+        self.emitter = Emitter(self._producer, topics, self.owner_of)
+        self.checkpoint = Checkpoint(self.emitter.flush, self._commit_offsets)
+        self.definitions = DefinitionsLog(
+            topics.definitions, clients.definitions_consumer(), clients.producer({"linger.ms": 0})
+        )
+        self.backfills = Backfills(clients.history_reader(), self._producer, topics)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:
+            self.failed = exc
+            log.exception("the runtime stopped on an error")
+            raise
+        finally:
+            self._close()
+
+    def _run(self) -> None:
+        # Batches allocate many short-lived objects; the default gen-0 threshold (700)
+        # makes the collector run every few events. Long-lived state is frozen on assign.
+        gc.set_threshold(50_000, 50, 100)
+        admin = self.clients.admin()
+        self.events_partitions = partition_count(admin, self.topics.events) or 0
+        if not self.events_partitions:
+            raise BrokerError(f"topic {self.topics.events} does not exist", retriable=True)
+        self.queries.partitions = self.events_partitions
+        self._topic_ids = topic_ids(admin, [self.topics.events, self.topics.changelog])
+        self.definitions.load()
+        self.queries.publish(self.definitions.snapshot())
+        self._consumer.subscribe(
+            [self.topics.events],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self.queries.serving = True
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._turn()
+                failures = 0
+            except PartitionFenced as exc:
+                log.warning("%s; dropping it", exc)
+                self._drop(exc.partition)
+                self._rewind(list(self.partitions))
+            except (DurabilityError, BrokerError, KafkaException) as exc:
+                failures += 1
+                if failures > MAX_LOOP_FAILURES:
+                    raise
+                log.warning("checkpoint failed (%s); rewinding to durable state", exc)
+                self._rewind(list(self.partitions), backoff_s=min(5.0, 0.2 * 2**failures))
+            except Exception:
+                failures += 1
+                if failures > MAX_LOOP_FAILURES:
+                    raise
+                log.exception("a loop turn failed; rewinding to durable state")
+                self._rewind(list(self.partitions), backoff_s=min(5.0, 0.2 * 2**failures))
+
+    def _close(self) -> None:
+        """A clean stop: everything evaluated is made durable, stores are kept."""
+        self._stopping = True
+        self.queries.stop_serving()
+        try:
+            self.checkpoint.commit(list(self.partitions.values()), self.writers)
+        except Exception:  # the broker may be gone: the next start redoes the interval
+            log.warning("the final checkpoint failed", exc_info=True)
+        for number in list(self.partitions):
+            self._release(number)
+        try:
+            self._consumer.close()
+        except Exception:  # closing must not hide the first error
+            log.warning("closing the consumer failed", exc_info=True)
+        self._changelog_reader.close()
+        self.backfills.close()
+        self.definitions.close()
+        self._producer.flush(10)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _turn(self) -> None:
+        messages = self._consumer.consume(self.settings.batch_size, CONSUME_WAIT_S)
+        self._drained = len(messages) < self.settings.batch_size
+        if self.definitions.poll():
+            self._catalog_changed()
+        if messages:
+            self._process(messages)
+        wall = self.clock()
+        for partition in list(self.partitions.values()):
+            now = wall if self._caught_up(partition) else min(wall, partition.stream_time_ms)
+            timers.sweep(partition, now, wall, self.settings.sweep_chunk, self.emitter)
+        self.backfills.turn(self.partitions, self.definitions.catalog)
+        for partition in list(self.partitions.values()):
+            timers.rejudge(partition, REJUDGE_CHUNK, self.emitter)
+        self._checkpoint()
+        self.queries.serve(_View(self))
+
+    def _checkpoint(self) -> None:
+        started = time.perf_counter()
+        partitions = list(self.partitions.values())
+        self.checkpoint.commit(partitions, self.writers)
+        for partition in partitions:
+            for what, count in partition.dropped.items():
+                metrics.STATE_DROPPED.labels(what).inc(count)
+            partition.dropped.clear()
+        self._publish_counts()
+        metrics.CHECKPOINT_DURATION.observe(time.perf_counter() - started)
+
+    def _process(self, messages: list[Message]) -> None:
+        started = time.perf_counter()
+        by_partition: dict[int, list[Message]] = {}
+        oldest_ms = None
+        for msg in messages:
+            error = msg.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", error)
+                continue
+            by_partition.setdefault(msg.partition(), []).append(msg)
+        for number, batch in by_partition.items():
+            partition = self.partitions.get(number)
+            if partition is not None:
+                ms = self._process_partition(partition, batch)
+                if ms is not None and (oldest_ms is None or ms < oldest_ms):
+                    oldest_ms = ms
+        if oldest_ms is not None:
+            metrics.PROCESSING_LATENCY.observe(max(0.0, time.time() - oldest_ms / 1000))
+        metrics.BATCH_DURATION.observe(time.perf_counter() - started)
+
+    def _process_partition(self, partition: PartitionState, batch: list[Message]) -> int | None:
+        """Evaluate one partition's records; returns the Kafka time of the oldest."""
+        number = partition.number
+        emitter = self.emitter
+        ahead = partition.ahead
+        events: list[tuple[bytes, Event, Message]] = []
+        types: dict[str, int] = {}
+        oldest_ms: int | None = None
+        for msg in batch:
+            offset = msg.offset()
+            if offset < partition.position:
+                continue  # already evaluated (a rewind re-delivers what was fetched)
+            partition.position = offset + 1
+            record_ms = msg.timestamp()[1]
+            if oldest_ms is None:
+                oldest_ms = record_ms
+            try:
+                event = parse_event(msg.value() or b"", record_ms)
+            except InvalidEventError as exc:
+                emitter.dead_letter(msg, exc.reason, str(exc))
+                continue
+            key = event.key.encode()
+            owner = self.owner_of(key)
+            if owner != number:
+                emitter.forward(msg, owner)
+                self._count_misrouted(number, owner)
+                continue
+            if ahead and offset < ahead.get(key, -1):
+                continue  # the stored profile already reflects it (see recovery.py)
+            events.append((key, event, msg))
+            types[event.type] = types.get(event.type, 0) + 1
+            if event.timestamp_ms > partition.stream_time_ms:
+                partition.stream_time_ms = event.timestamp_ms
+        if not events:
+            return oldest_ms
+        now = self.clock()
+        partition.load({key for key, _, _ in events}, now)
+        duplicates = suppressed = 0
+        for key, event, msg in events:
+            if key in partition.quarantined and event.type != "delete":
+                emitter.dead_letter(msg, "profile_quarantined", "the profile is quarantined")
+                continue
+            if key in partition.suppressed and event.type not in ("unsuppress", "delete"):
+                suppressed += 1
+                continue
+            result = self._apply(partition, key, event, msg)
+            if result is not None:
+                duplicates += result.duplicate
+        for event_type, count in types.items():
+            metrics.EVENTS_IN.labels(event_type).inc(count)
+        if duplicates:
+            metrics.EVENTS_DUPLICATE.inc(duplicates)
+        if suppressed:
+            metrics.EVENTS_SUPPRESSED.inc(suppressed)
+        return oldest_ms
+
+    def _apply(
+        self, partition: PartitionState, key: bytes, event: Event, msg: Message
+    ) -> StepResult | None:
+        """One event into its profile, atomically with its outputs (or dead-lettered)."""
+        rendered: Rendered = []
+        controls: list[tuple[str, dict[str, object]]] = []
+
+        def accept(result: StepResult) -> None:
+            rendered.extend(Emitter.render(result.transitions, result.state))
+            controls.extend(result.controls)
+
+        state: UserState | None = partition.cache.get(key)
+        try:
+            result = partition.apply(key, state, event, event.key, accept)
+        except Exception as exc:  # a bug must not stop the partition: park it
+            log.exception(
+                "evaluation failed at %s[%d]@%d", msg.topic(), partition.number, msg.offset()
+            )
+            self.emitter.dead_letter(msg, "evaluation_error", repr(exc))
+            return None
+        assert result is not None
+        self.emitter.send(rendered, result.transitions)
+        if controls:
+            self.emitter.send_controls(tuple(controls))
+        return result
+
+    def owner_of(self, key: bytes) -> int:
+        """The `events` partition that owns a profile key: murmur2, as Java's default
+        partitioner (and librdkafka's `murmur2_random`) computes it."""
+        owner = self._owners.get(key)
+        if owner is None:
+            if len(self._owners) >= 200_000:
+                self._owners.clear()
+            owner = self._owners[key] = partition_for(key, self.events_partitions)
+        return owner
+
+    def _count_misrouted(self, found: int, owner: int) -> None:
+        metrics.MISROUTED_EVENTS.inc()
+        self._misrouted += 1
+        now = time.monotonic()
+        if now - self._misrouted_logged >= MISROUTED_LOG_EVERY_S:
+            self._misrouted_logged = now
+            log.warning(
+                "%d records of %s were on a partition that does not own their profile (e.g. "
+                "found on %d, owned by %d) and were forwarded to the owner. Producers of %s "
+                "must partition by key with murmur2, the Java client's default: set "
+                "partitioner=murmur2_random on librdkafka clients (confluent-kafka, "
+                "kafkajs' Java-compatible partitioner, ...). Forwarding costs a second write "
+                "and can reorder a user's events.",
+                self._misrouted,
+                self.topics.events,
+                found,
+                owner,
+                self.topics.events,
+            )
+
+    def _caught_up(self, partition: PartitionState) -> bool:
+        """No records waiting: the last consume drained the queue and the position is at
+        the high watermark librdkafka last saw (on the embedded broker that can be the
+        start of the last record batch, whose records the drained consume returned)."""
+        tp = TopicPartition(self.topics.events, partition.number)
+        _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+        if high is None or high < 0:
+            return False
+        metrics.CONSUMER_LAG.labels(str(partition.number)).set(max(0, high - partition.position))
+        return self._drained and partition.position >= high
+
+    def _catalog_changed(self) -> None:
+        self.queries.publish(self.definitions.snapshot())
+        full = self.definitions.catalog
+        for partition in self.partitions.values():
+            self.backfills.plan(partition, full, self._log_start(partition.number))
+
+    def _commit_offsets(self, positions: dict[int, int]) -> None:
+        offsets = [
+            TopicPartition(self.topics.events, n, position)
+            for n, position in positions.items()
+            if n in self.partitions
+        ]
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:  # a hint only: recovery reads the changelog
+            log.info("committing offsets failed: %s", exc)
+
+    def _publish_counts(self) -> None:
+        totals: dict[str, int] = {}
+        for partition in self.partitions.values():
+            metrics.STATE_USERS.labels(str(partition.number)).set(partition.counts.users)
+            for audience, size in partition.counts.sizes.items():
+                totals[audience] = totals.get(audience, 0) + size
+        for audience, size in totals.items():
+            metrics.AUDIENCE_SIZE.labels(audience).set(size)
+
+    # -- ownership -------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
+        self.ready.clear()
+        start = []
+        for tp in assigned:
+            partition = self._open(tp.partition)
+            start.append(TopicPartition(tp.topic, tp.partition, partition.position))
+        consumer.incremental_assign(start)
+        gc.collect()
+        gc.freeze()  # recovered state and catalog are long-lived: keep them out of GC scans
+        log.info("assigned partitions %s", sorted(self.partitions))
+        self.ready.set()
+        self._partitions_changed()
+
+    def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
+        numbers = [tp.partition for tp in revoked if tp.partition in self.partitions]
+        try:
+            self.checkpoint.commit([self.partitions[n] for n in numbers], self.writers)
+        except Exception:  # the next owner redoes what is not durable
+            log.warning("checkpoint on revoke failed", exc_info=True)
+        for number in numbers:
+            self._release(number, discard=not self._stopping)
+        log.info("revoked %s; now %s", numbers, sorted(self.partitions))
+        self._partitions_changed()
+
+    def _on_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
+        for tp in lost:
+            self._drop(tp.partition)
+        log.warning("lost partitions %s", [tp.partition for tp in lost])
+        self._partitions_changed()
+
+    def _partitions_changed(self) -> None:
+        self.queries.owned = frozenset(self.partitions)
+        if self.on_partitions is not None:
+            self.on_partitions(sorted(self.partitions))
+
+    def _open(self, number: int) -> PartitionState:
+        """Take partition `number`: fence former owners, restore state, find the position."""
+        store = self.open_store(number)
+        writer = ChangelogWriter(
+            self.clients.changelog_producer(number),
+            self.topics.changelog,
+            number,
+            timeout_s=30.0,
+        )
+        session = uuid.uuid4().hex
+        fence = writer.claim(session.encode(), owner_record(self.worker_id, session, self.clock()))
+        restored = restore(
+            store,
+            self._read_changelog(number, fence),
+            partition=number,
+            fence=fence,
+            session=session,
+            topic_id=self._topic_ids.get(self.topics.changelog),
+        )
+        metrics.RECOVERY_RECORDS.inc(restored.records)
+        position = self._start_position(number, store, restored.position)
+        partition = PartitionState(
+            number,
+            store,
+            position=position,
+            stream_time_ms=restored.stream_time_ms,
+            catalog=self.definitions.catalog,
+            cache_limit=max(1, self.settings.state_cache_size // max(1, self.events_partitions)),
+            ahead={k: at for k, at in restored.ahead.items() if at > position},
+        )
+        if restored.ahead:
+            _recount(partition)  # a checkpoint was cut short: its counts may not be in
+        self.partitions[number] = partition
+        self.writers[number] = writer
+        self.backfills.plan(partition, self.definitions.catalog, self._log_start(number))
+        if partition.judged == self.definitions.catalog.fingerprint:
+            partition.rejudge_from = None  # everyone was judged on this catalog already
+        return partition
+
+    def _start_position(self, number: int, store: StateStore, restored: int | None) -> int:
+        """Where `events` is read from: the changelog's position, checked against the topic
+        (recreated: start over; retention moved its start: from the oldest left)."""
+        events_id = self._topic_ids.get(self.topics.events)
+        known = store.get(Family.META, Meta.EVENTS_TOPIC_ID.value)
+        batch = StoreBatch()
+        if events_id:
+            batch.put(Family.META, Meta.EVENTS_TOPIC_ID.value, events_id.encode())
+        store.write(batch)
+        low = self._log_start(number)
+        if restored is None:
+            committed = self._committed(number)
+            return max(committed, low) if committed >= 0 else low
+        if events_id and known is not None and known.decode() != events_id:
+            log.warning(
+                "partition %d: topic %s was recreated (new topic id): reading it from its "
+                "start instead of offset %d",
+                number,
+                self.topics.events,
+                restored,
+            )
+            return low
+        if restored < low:
+            log.warning(
+                "partition %d: offsets %d..%d of %s are gone (retention or DeleteRecords) "
+                "before they were evaluated",
+                number,
+                restored,
+                low,
+                self.topics.events,
+            )
+            return low
+        return restored
+
+    def _read_changelog(self, number: int, fence: int) -> Callable[[int], Iterator[Record]]:
+        """Reads changelog partition `number` from an offset up to `fence` (inclusive)."""
+        consumer = self._changelog_reader
+        topic = self.topics.changelog
+
+        def read(start: int) -> Iterator[Record]:
+            consumer.assign([TopicPartition(topic, number, start)])
+            last_progress = time.monotonic()
+            try:
+                while True:
+                    batch = consumer.consume(1000, 0.2)
+                    if not batch:
+                        if time.monotonic() - last_progress > RECOVERY_IDLE_S:
+                            raise BrokerError(
+                                f"no progress reading {topic}[{number}] to offset {fence} "
+                                f"for {RECOVERY_IDLE_S:.0f}s",
+                                retriable=True,
+                            )
+                        continue
+                    last_progress = time.monotonic()
+                    for msg in batch:
+                        error = msg.error()
+                        if error is not None:
+                            if error.code() == KafkaError._PARTITION_EOF:
+                                continue
+                            raise BrokerError(f"reading {topic}: {error}", retriable=True)
+                        yield msg
+                        if msg.offset() >= fence:
+                            return
+            finally:
+                consumer.unassign()
+
+        return read
+
+    def _release(self, number: int, *, discard: bool = False) -> None:
+        """Give partition `number` up (after its last checkpoint). `discard`: delete the
+        local store too — another worker owns the partition now, and a store that
+        missed its writes must never be trusted again (recovery also checks)."""
+        partition = self.partitions.pop(number, None)
+        writer = self.writers.pop(number, None)
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:
+                log.warning("closing the changelog producer of %d failed", number, exc_info=True)
+        if partition is None:
+            return
+        if discard:
+            partition.store.destroy()
+        else:
+            partition.store.close()
+        with contextlib.suppress(KeyError):  # never published
+            metrics.STATE_USERS.remove(str(number))
+        self._publish_counts()
+
+    def _drop(self, number: int) -> None:
+        """Another worker owns `number`: forget it without writing anything."""
+        self._release(number, discard=True)
+
+    def _rewind(self, numbers: list[int], backoff_s: float = 0.0) -> None:
+        """Throw away what the partitions hold in memory and start again from their durable
+        state (store + changelog), re-reading input from the durable position."""
+        if backoff_s:
+            time.sleep(backoff_s)
+        for number in numbers:
+            self._release(number)
+        for number in numbers:
+            partition = self._open(number)
+            self._consumer.seek(TopicPartition(self.topics.events, number, partition.position))
+        self._partitions_changed()
+
+    def _committed(self, number: int) -> int:
+        """The group's committed offset (-1 if none or unknown): used only when the
+        changelog has no position at all (a partition never checkpointed)."""
+        for attempt in range(3):
+            try:
+                committed = self._consumer.committed(
+                    [TopicPartition(self.topics.events, number)], timeout=10
+                )
+                return int(committed[0].offset)
+            except KafkaException as exc:
+                log.warning("committed offset of partition %d (try %d): %s", number, attempt, exc)
+        return -1
+
+    def _log_start(self, number: int) -> int:
+        """The oldest retained offset of an `events` partition (0 if unknown)."""
+        try:
+            low, _high = self._consumer.get_watermark_offsets(
+                TopicPartition(self.topics.events, number), timeout=10
+            )
+        except KafkaException as exc:
+            log.warning("log start of partition %d unknown: %s", number, exc)
+            return 0
+        return max(0, int(low))
+
+    def _open_rocksdb(self, number: int) -> StateStore:
+        from pathlib import Path
+
+        return RocksDictStore(Path(self.data_dir) / f"p{number}")
+
+
+class _View:
+    """The runtime's state as queries see it (on the runtime thread, after a checkpoint:
+    the stores hold everything evaluated so far). Profiles are decoded afresh."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    def owned(self) -> list[int]:
+        return sorted(self._runtime.partitions)
+
+    def partition_of(self, key: bytes) -> int:
+        return self._runtime.owner_of(key)
+
+    def profile(self, partition: int, key: bytes) -> tuple[str, UserState | None]:
+        state = self._runtime.partitions[partition]
+        if key in state.suppressed:
+            return "suppressed", None
+        if key in state.quarantined:
+            return "quarantined", None
+        data = state.store.get(Family.PROFILES, key)
+        return ("missing", None) if data is None else ("ok", UserState.decode(data))
+
+    def profiles(
+        self, partition: int, start: bytes, limit: int
+    ) -> tuple[list[tuple[bytes, UserState]], bytes | None]:
+        state = self._runtime.partitions[partition]
+        rows = state.store.scan(Family.PROFILES, start, limit=limit + 1)
+        found = []
+        for key, data in rows[:limit]:
+            if key in state.quarantined:
+                continue
+            try:
+                found.append((key, UserState.decode(data)))
+            except Exception:  # quarantined at its next use
+                continue
+        return found, rows[limit][0] if len(rows) > limit else None
+
+    def sizes(self) -> dict[int, dict[str, int]]:
+        return {n: dict(p.counts.sizes) for n, p in self._runtime.partitions.items()}
+
+    def now(self) -> int:
+        return self._runtime.clock()
+
+
+def _recount(partition: PartitionState) -> None:
+    """Count profiles and members from the store (after a cut-short checkpoint)."""
+    sizes: dict[str, int] = {}
+    users = 0
+    start = b""
+    while True:
+        rows = partition.store.scan(Family.PROFILES, start, limit=5001)
+        for _key, data in rows[:5000]:
+            try:
+                state = UserState.decode(data)
+            except Exception:  # quarantined at its next use
+                continue
+            users += 1
+            for audience, membership in state.members.items():
+                if membership.member:
+                    sizes[audience] = sizes.get(audience, 0) + 1
+        if len(rows) <= 5000:
+            break
+        start = rows[5000][0]
+    partition.counts.sizes, partition.counts.users = sizes, users
