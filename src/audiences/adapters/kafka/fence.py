@@ -114,8 +114,10 @@ def read_to_end(
                     if error.code() == KafkaError._PARTITION_EOF:
                         continue
                     raise BrokerError(f"reading {topic}: {error}", retriable=error.retriable())
-                seen[msg.partition()] = msg.offset() + 1
                 yield msg
+            # (the position, not the last record: transaction markers take offsets too)
+            for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
+                seen[tp.partition] = tp.offset
             reached = all(seen.get(p, 0) >= end for p, end in ends.items())
             if reached and time.monotonic() - quiet_since >= idle_s:
                 return

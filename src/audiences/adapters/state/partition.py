@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from audiences.adapters import metrics
-from audiences.adapters.state.layout import NEVER, Family, Meta
+from audiences.adapters.state.layout import NEVER, Family, Meta, due_key, split_due_key
 from audiences.adapters.state.store import StateStore
 from audiences.core.definitions import Catalog
 from audiences.core.evaluator import StepResult, Tick, Transition, fold_history, step
@@ -167,6 +167,59 @@ class PartitionState:
 
     def is_blocked(self, key: bytes) -> bool:
         return key in self.suppressed or key in self.quarantined
+
+    def stored_profiles(
+        self, start: bytes, limit: int
+    ) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+        """Up to `limit` stored (key, encoded state) from `start` on in key order, and the
+        key to continue from (None: none left)."""
+        rows = self.store.scan(Family.PROFILES, start, limit=limit + 1)
+        return rows[:limit], rows[limit][0] if len(rows) > limit else None
+
+    def due(self, until_ms: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to `limit` (wake_ms, profile key) of the deadline index, due by `until_ms`."""
+        rows = self.store.scan(Family.DUE, b"", due_key(until_ms + 1, b""), limit=limit)
+        return [split_due_key(entry) for entry, _ in rows]
+
+    def drop_due(self, wake_ms: int, key: bytes) -> None:
+        """Remove a deadline-index entry at the next checkpoint."""
+        self.stale_due.append(due_key(wake_ms, key))
+
+    def record_trackers(self, trackers: set[str]) -> None:
+        """Trackers whose whole retained history this partition holds."""
+        self.complete_trackers = trackers
+        self.set_meta(Meta.TRACKERS, orjson.dumps(sorted(trackers)))
+
+    def record_judged(self, fingerprint: str) -> None:
+        """Every stored profile was judged on the catalog with this fingerprint."""
+        self.judged = fingerprint
+        self.set_meta(Meta.JUDGED, fingerprint.encode())
+
+    def recount(self) -> None:
+        """Count profiles and members from the store (after a cut-short checkpoint)."""
+        sizes: dict[str, int] = {}
+        users = 0
+        start: bytes | None = b""
+        while start is not None:
+            rows, start = self.stored_profiles(start, 5000)
+            for _key, data in rows:
+                try:
+                    state = UserState.decode(data)
+                except Exception:  # quarantined at its next use
+                    continue
+                users += 1
+                for audience, membership in state.members.items():
+                    if membership.member:
+                        sizes[audience] = sizes.get(audience, 0) + 1
+        self.counts = Counts(sizes, users)
+
+    def check_events_topic(self, topic_id: str | None) -> bool:
+        """Record the `events` topic id this state reads; False if it read another one
+        (the topic was recreated: its offsets mean nothing for this state)."""
+        known = self.store.get(Family.META, Meta.EVENTS_TOPIC_ID.value)
+        if topic_id:
+            self.set_meta(Meta.EVENTS_TOPIC_ID, topic_id.encode())
+        return not (topic_id and known is not None and known.decode() != topic_id)
 
     # -- changing --------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ import orjson
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from audiences.adapters.kafka.topics import Topics
-from audiences.adapters.state.layout import Meta
 from audiences.adapters.state.partition import Fold, PartitionState
 from audiences.core.definitions import Catalog
 from audiences.core.events import CONTROL_TYPES, parse_event
@@ -64,8 +63,8 @@ class Backfills:
         when `full` has trackers whose history the partition lacks."""
         if partition.complete_trackers is None:
             # Never recorded: what the catalog tracks was live since this state began.
-            partition.complete_trackers = replayable(full)
-            partition.set_meta(Meta.TRACKERS, _encode(partition.complete_trackers))
+            partition.record_trackers(replayable(full))
+        assert partition.complete_trackers is not None
         missing = frozenset(replayable(full) - partition.complete_trackers)
         partition.rejudge_from = b""
         if missing and partition.position > log_start:
@@ -81,8 +80,7 @@ class Backfills:
             )
         else:
             if missing:  # no history to read: live is complete
-                partition.complete_trackers |= missing
-                partition.set_meta(Meta.TRACKERS, _encode(partition.complete_trackers))
+                partition.record_trackers(partition.complete_trackers | missing)
             partition.catalog = full
             partition.backfill = None
         self.report(partition, full.fingerprint)
@@ -159,8 +157,7 @@ class Backfills:
     def _finish(self, partition: PartitionState, backfill: Backfill, full: Catalog) -> None:
         partition.backfill = None
         assert partition.complete_trackers is not None
-        partition.complete_trackers |= backfill.trackers
-        partition.set_meta(Meta.TRACKERS, _encode(partition.complete_trackers))
+        partition.record_trackers(partition.complete_trackers | backfill.trackers)
         log.info("partition %d: backfill done", partition.number)
         self.plan(partition, full, backfill.start)  # the full catalog (or what is still new)
 
@@ -186,7 +183,3 @@ class Backfills:
 
     def close(self) -> None:
         self.consumer.close()
-
-
-def _encode(trackers: set[str]) -> bytes:
-    return orjson.dumps(sorted(trackers))

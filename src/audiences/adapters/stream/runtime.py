@@ -48,10 +48,9 @@ from audiences.adapters.state.checkpoint import (
     PartitionFenced,
     owner_record,
 )
-from audiences.adapters.state.layout import Family, Meta
 from audiences.adapters.state.partition import PartitionState
 from audiences.adapters.state.recovery import Record, restore
-from audiences.adapters.state.store import RocksDictStore, StateStore, StoreBatch
+from audiences.adapters.state.store import RocksDictStore, StateStore
 from audiences.adapters.stream import timers
 from audiences.adapters.stream.backfill import Backfills
 from audiences.adapters.stream.definitions import DefinitionsLog
@@ -454,18 +453,19 @@ class Runtime:
             topic_id=self._topic_ids.get(self.topics.changelog),
         )
         metrics.RECOVERY_RECORDS.inc(restored.records)
-        position = self._start_position(number, store, restored.position)
         partition = PartitionState(
             number,
             store,
-            position=position,
+            position=0,
             stream_time_ms=restored.stream_time_ms,
             catalog=self.definitions.catalog,
             cache_limit=max(1, self.settings.state_cache_size // max(1, self.events_partitions)),
-            ahead={k: at for k, at in restored.ahead.items() if at > position},
         )
+        position = self._start_position(partition, restored.position)
+        partition.position = partition.committed = position
+        partition.ahead = {k: at for k, at in restored.ahead.items() if at > position}
         if restored.ahead:
-            _recount(partition)  # a checkpoint was cut short: its counts may not be in
+            partition.recount()  # a checkpoint was cut short: its counts may not be in
         self.partitions[number] = partition
         self.writers[number] = writer
         self.backfills.plan(partition, self.definitions.catalog, self._log_start(number))
@@ -473,20 +473,16 @@ class Runtime:
             partition.rejudge_from = None  # everyone was judged on this catalog already
         return partition
 
-    def _start_position(self, number: int, store: StateStore, restored: int | None) -> int:
+    def _start_position(self, partition: PartitionState, restored: int | None) -> int:
         """Where `events` is read from: the changelog's position, checked against the topic
         (recreated: start over; retention moved its start: from the oldest left)."""
-        events_id = self._topic_ids.get(self.topics.events)
-        known = store.get(Family.META, Meta.EVENTS_TOPIC_ID.value)
-        batch = StoreBatch()
-        if events_id:
-            batch.put(Family.META, Meta.EVENTS_TOPIC_ID.value, events_id.encode())
-        store.write(batch)
+        number = partition.number
+        same_topic = partition.check_events_topic(self._topic_ids.get(self.topics.events))
         low = self._log_start(number)
         if restored is None:
             committed = self._committed(number)
             return max(committed, low) if committed >= 0 else low
-        if events_id and known is not None and known.decode() != events_id:
+        if not same_topic:
             log.warning(
                 "partition %d: topic %s was recreated (new topic id): reading it from its "
                 "start instead of offset %d",
@@ -627,48 +623,26 @@ class _View:
             return "suppressed", None
         if key in state.quarantined:
             return "quarantined", None
-        data = state.store.get(Family.PROFILES, key)
-        return ("missing", None) if data is None else ("ok", UserState.decode(data))
+        stored = state.durable_state(key)
+        return ("missing", None) if stored is None else ("ok", stored)
 
     def profiles(
         self, partition: int, start: bytes, limit: int
     ) -> tuple[list[tuple[bytes, UserState]], bytes | None]:
         state = self._runtime.partitions[partition]
-        rows = state.store.scan(Family.PROFILES, start, limit=limit + 1)
+        rows, resume = state.stored_profiles(start, limit)
         found = []
-        for key, data in rows[:limit]:
+        for key, data in rows:
             if key in state.quarantined:
                 continue
             try:
                 found.append((key, UserState.decode(data)))
             except Exception:  # quarantined at its next use
                 continue
-        return found, rows[limit][0] if len(rows) > limit else None
+        return found, resume
 
     def sizes(self) -> dict[int, dict[str, int]]:
         return {n: dict(p.counts.sizes) for n, p in self._runtime.partitions.items()}
 
     def now(self) -> int:
         return self._runtime.clock()
-
-
-def _recount(partition: PartitionState) -> None:
-    """Count profiles and members from the store (after a cut-short checkpoint)."""
-    sizes: dict[str, int] = {}
-    users = 0
-    start = b""
-    while True:
-        rows = partition.store.scan(Family.PROFILES, start, limit=5001)
-        for _key, data in rows[:5000]:
-            try:
-                state = UserState.decode(data)
-            except Exception:  # quarantined at its next use
-                continue
-            users += 1
-            for audience, membership in state.members.items():
-                if membership.member:
-                    sizes[audience] = sizes.get(audience, 0) + 1
-        if len(rows) <= 5000:
-            break
-        start = rows[5000][0]
-    partition.counts.sizes, partition.counts.users = sizes, users

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 
 from audiences.adapters import metrics
-from audiences.adapters.state.layout import Family, Meta, due_key, split_due_key
 from audiences.adapters.state.partition import PartitionState
 from audiences.adapters.stream.emitter import Emitter, Rendered
 from audiences.core.evaluator import StepResult, Tick
@@ -25,14 +24,13 @@ def sweep(
     partition: PartitionState, now_ms: int, wall_ms: int, chunk: int, emitter: Emitter
 ) -> bool:
     """Fire deadlines due by `now_ms` (at most `chunk` index entries); True if more are due."""
-    rows = partition.store.scan(Family.DUE, b"", due_key(now_ms + 1, b""), limit=chunk)
+    rows = partition.due(now_ms, chunk)
     if not rows:
         return False
     due: dict[bytes, int] = {}
-    for entry, _ in rows:
-        wake, key = split_due_key(entry)
+    for wake, key in rows:
         if key in due or partition.is_blocked(key):
-            partition.stale_due.append(entry)
+            partition.drop_due(wake, key)
             continue
         due[key] = wake
     states = partition.load(due, now_ms)
@@ -41,7 +39,7 @@ def sweep(
         if state is None or state.wake_ms > now_ms:
             # Gone, quarantined, or the entry is older than the profile's deadline (a
             # checkpoint moves entries; recovery may leave superseded ones): drop it.
-            partition.stale_due.append(due_key(wake, key))
+            partition.drop_due(wake, key)
             continue
         metrics.DEADLINE_LATENESS.observe(max(0, wall_ms - state.wake_ms) / 1000)
         try:
@@ -49,7 +47,7 @@ def sweep(
         except Exception as exc:  # a failing profile must not stop the sweep
             log.exception("partition %d: a deadline failed", partition.number)
             partition.quarantine(key, f"deadline_error: {exc!r}", now_ms, None)
-            partition.stale_due.append(due_key(wake, key))
+            partition.drop_due(wake, key)
     return len(rows) == chunk
 
 
@@ -61,9 +59,8 @@ def rejudge(partition: PartitionState, chunk: int, emitter: Emitter) -> None:
     if start is None:
         return
     catalog = partition.catalog
-    rows = partition.store.scan(Family.PROFILES, start, limit=chunk + 1)
-    partition.rejudge_from = rows[chunk][0] if len(rows) > chunk else None
-    for key, durable in rows[:chunk]:
+    rows, partition.rejudge_from = partition.stored_profiles(start, chunk)
+    for key, durable in rows:
         if partition.is_blocked(key):
             continue
         state = partition.load((key,), 0).get(key)
@@ -84,8 +81,7 @@ def rejudge(partition: PartitionState, chunk: int, emitter: Emitter) -> None:
         if not was_dirty and not result.transitions and _same(result.state, judged_on, durable):
             partition.forget(key)  # nothing but the catalog fingerprint changed: no write
     if partition.rejudge_from is None:
-        partition.judged = catalog.fingerprint
-        partition.set_meta(Meta.JUDGED, catalog.fingerprint.encode())
+        partition.record_judged(catalog.fingerprint)
 
 
 def apply(

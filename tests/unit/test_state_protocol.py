@@ -1,0 +1,414 @@
+"""The state protocol on the in-memory store: namespaces, checkpoints, recovery, rollback.
+
+A `FakeChangelog` stands in for the changelog topic (a list of records, with
+transactions that either land whole or, to play a broker without read_committed,
+in part); everything else is the real code: `PartitionState.apply`, the
+checkpoint's encoding and `recovery.restore`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from audiences.adapters.state.checkpoint import Checkpoint, DurabilityError, Step
+from audiences.adapters.state.layout import (
+    NEVER,
+    Family,
+    Header,
+    Kind,
+    Meta,
+    changelog_key,
+    encode_header,
+)
+from audiences.adapters.state.partition import PartitionState
+from audiences.adapters.state.recovery import Record, profiles_in, restore
+from audiences.adapters.state.store import MemoryStore
+from audiences.core.definitions import build_catalog, validate_definition
+from audiences.core.evaluator import Tick, step
+from audiences.core.events import Event, format_iso, parse_event
+from audiences.core.state import UserState
+
+T0 = 1_767_225_600_000
+M = 60_000
+VIEWERS = {
+    "key": "viewers",
+    "condition": {"performed": {"event": "Product Viewed", "times": {"gte": 2}, "within": "1h"}},
+}
+CATALOG = build_catalog({"viewers": (validate_definition(VIEWERS), 1)})
+# User ids that look like the engine's own keys, old and new.
+HOSTILE = [
+    "\u0000meta:counts",
+    "__batch__:x",
+    "\u0000suppressed:alice",
+    "__fence__",
+    "\u0000",
+    "position",
+    "m",
+    "p",
+    "o",
+    "counts",
+]
+
+
+class FakeRecord:
+    def __init__(self, offset: int, key: bytes, value: bytes | None, header: Header) -> None:
+        self._offset, self._key, self._value = offset, key, value
+        self._headers = encode_header(header)
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return self._headers
+
+
+class FakeChangelog:
+    """One changelog partition. `land` limits how many records of the next transaction
+    reach the log (a cut-short checkpoint on a broker that shows uncommitted records)."""
+
+    def __init__(self) -> None:
+        self.records: list[FakeRecord] = []
+        self.land: int | None = None
+
+    def append(self, key: bytes, value: bytes | None, header: Header) -> int:
+        offset = self.records[-1].offset() + 1 if self.records else 0
+        self.records.append(FakeRecord(offset, key, value, header))
+        return offset
+
+    def claim(self, session: str) -> int:
+        return self.append(changelog_key(Kind.OWNER, session.encode()), b"{}", Header(-1, NEVER))
+
+    def read(self, start: int) -> Iterator[Record]:
+        yield from (r for r in self.records if r.offset() >= start)  # (compaction leaves gaps)
+
+
+class FakeWriter:
+    """The changelog side of a checkpoint (stands in for `ChangelogWriter`)."""
+
+    def __init__(self, log: FakeChangelog) -> None:
+        self.log = log
+        self.pending: list[tuple[bytes, bytes | None, Header]] = []
+        self.last_offset = -1
+
+    def begin(self, records: list[tuple[bytes, bytes | None, Header]]) -> None:
+        self.pending = list(records)
+
+    def commit(self) -> None:
+        landing = self.pending if self.log.land is None else self.pending[: self.log.land]
+        for key, value, header in landing:
+            self.last_offset = self.log.append(key, value, header)
+        if self.log.land is not None:
+            self.log.land = None
+            raise DurabilityError("the broker went away mid-transaction")
+
+    def abort(self) -> None:
+        self.pending = []
+
+
+def event(user: str, name: str, at_ms: int, kind: str = "track", **extra: Any) -> Event:
+    raw = {
+        "type": kind,
+        "userId": user,
+        "timestamp": format_iso(at_ms),
+        "messageId": f"{user}-{name}-{at_ms}",
+        **extra,
+    }
+    if kind == "track":
+        raw["event"] = name
+    return parse_event(orjson.dumps(raw), at_ms)
+
+
+def partition_over(store: MemoryStore, log: FakeChangelog, session: str = "s1") -> PartitionState:
+    fence = log.claim(session)
+    restored = restore(
+        store, log.read, partition=0, fence=fence, session=session, topic_id="topic-a"
+    )
+    return PartitionState(
+        0,
+        store,
+        position=restored.position or 0,
+        stream_time_ms=restored.stream_time_ms,
+        catalog=CATALOG,
+        cache_limit=1000,
+        ahead={k: at for k, at in restored.ahead.items() if at > (restored.position or 0)},
+    )
+
+
+def feed(partition: PartitionState, events: list[tuple[int, Event]]) -> None:
+    for offset, item in events:
+        partition.position = offset + 1
+        key = item.key.encode()
+        if partition.ahead and offset < partition.ahead.get(key, -1):
+            continue
+        if key in partition.suppressed and item.type not in ("unsuppress", "delete"):
+            continue
+        partition.load([key], 0)
+        partition.apply(key, partition.cache.get(key), item, item.key)
+
+
+def commit(partition: PartitionState, log: FakeChangelog, fail_after: Step | None = None) -> None:
+    checkpoint = Checkpoint(flush_outputs=lambda: None, commit_offsets=lambda _: None)
+    if fail_after is not None:
+
+        def fail(step: Step) -> None:
+            if step is fail_after:
+                raise DurabilityError(f"injected after {step.value}")
+
+        checkpoint.after_step = fail
+    checkpoint.commit([partition], {0: FakeWriter(log)})  # type: ignore[dict-item]
+
+
+def pure(events: list[Event]) -> dict[str, UserState]:
+    states: dict[str, UserState] = {}
+    for item in events:
+        result = step(states.get(item.key), item, CATALOG, item.key)
+        states[item.key] = result.state
+    return states
+
+
+def profiles(store: MemoryStore) -> dict[str, list[Any]]:
+    return {
+        key.decode(): UserState.decode(value).to_json()
+        for key, value in store.scan(Family.PROFILES)
+    }
+
+
+def test_hostile_user_ids_are_ordinary_profiles_after_a_restore() -> None:
+    log = FakeChangelog()
+    partition = partition_over(MemoryStore(), log)
+    stream = [
+        (i, event(user, "Product Viewed", T0 + i * M))
+        for i, user in enumerate([*HOSTILE, "alice", *HOSTILE])
+    ]
+    feed(partition, stream)
+    commit(partition, log)
+    restored = MemoryStore()
+    again = partition_over(restored, log, session="s2")
+    assert profiles(restored) == {k: s.to_json() for k, s in pure([e for _, e in stream]).items()}
+    assert again.suppressed == set() and again.quarantined == set()  # alice is not deleted
+    assert again.position == len(stream)
+    # the partition's own meta is where it belongs, whatever the ids were
+    counts = orjson.loads(restored.get(Family.META, Meta.COUNTS.value) or b"{}")
+    assert counts == {"sizes": {"viewers": len(HOSTILE)}, "users": len(HOSTILE) + 1}
+
+
+def test_a_deleted_user_stays_deleted_and_nobody_else_is() -> None:
+    log = FakeChangelog()
+    partition = partition_over(MemoryStore(), log)
+    feed(
+        partition,
+        [
+            (0, event("alice", "Product Viewed", T0)),
+            (1, event("\u0000suppressed:alice", "Product Viewed", T0)),
+            (2, event("bob", "Product Viewed", T0)),
+            (3, event("bob", "x", T0 + M, kind="delete")),
+            (4, event("bob", "Product Viewed", T0 + 2 * M)),
+        ],
+    )
+    commit(partition, log)
+    restored = MemoryStore()
+    again = partition_over(restored, log, session="s2")
+    assert again.suppressed == {b"bob"}
+    assert set(profiles(restored)) == {"alice", "\u0000suppressed:alice"}
+
+
+@pytest.mark.parametrize("step_name", list(Step))
+def test_a_failed_checkpoint_commits_nothing_ahead_of_durable_state(step_name: Step) -> None:
+    """Fail after each step of the sequence; the next owner (or a rewind) ends with exactly
+    the pure core's state, and never skips an event."""
+    log = FakeChangelog()
+    partition = partition_over(MemoryStore(), log)
+    stream = [(i, event(f"u{i % 3}", "Product Viewed", T0 + i * M)) for i in range(12)]
+    feed(partition, stream[:6])
+    commit(partition, log)
+    committed_before = partition.committed
+    feed(partition, stream[6:])
+    with pytest.raises(DurabilityError):
+        commit(partition, log, fail_after=step_name)
+    if step_name is not Step.OFFSETS:  # only the last step runs after positions are marked
+        assert partition.committed == committed_before
+    # A new owner (fresh store) restores and redoes input from the durable position.
+    store = MemoryStore()
+    again = partition_over(store, log, session="s2")
+    feed(again, [(o, e) for o, e in stream if o >= again.position])
+    commit(again, log)
+    assert profiles(store) == {k: s.to_json() for k, s in pure([e for _, e in stream]).items()}
+
+
+def test_a_checkpoint_cut_short_is_not_applied_twice() -> None:
+    """Without read_committed, part of a transaction can be visible: the profiles that landed
+    are ahead of the position, and their input below it is skipped when redone."""
+    log = FakeChangelog()
+    partition = partition_over(MemoryStore(), log)
+    stream = [(i, event(f"u{i % 4}", "Product Viewed", T0 + i * M)) for i in range(16)]
+    feed(partition, stream[:8])
+    commit(partition, log)
+    feed(partition, stream[8:])
+    log.land = 2  # two profile records of the next checkpoint land, its position does not
+    with pytest.raises(DurabilityError):
+        commit(partition, log)
+    store = MemoryStore()
+    again = partition_over(store, log, session="s2")
+    assert again.position == 8 and len(again.ahead) == 2
+    feed(again, [(o, e) for o, e in stream if o >= again.position])
+    commit(again, log)
+    assert profiles(store) == {k: s.to_json() for k, s in pure([e for _, e in stream]).items()}
+    assert not again.ahead
+
+
+def test_a_failing_step_leaves_no_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`step` mutates what it is given; a raise half-way must not leave a half-applied
+    profile behind (it would be persisted with the user's next event)."""
+    from audiences.adapters.state import partition as module
+
+    real = module.step
+
+    def half_then_raise(state: Any, item: Any, catalog: Any, key: str) -> Any:
+        result = real(state, item, catalog, key)
+        if getattr(item, "name", None) == "Boom":
+            result.state.traits["half"] = "applied"
+            result.state.trackers.clear()
+            raise RuntimeError("simulated bug")
+        return result
+
+    monkeypatch.setattr(module, "step", half_then_raise)
+    log = FakeChangelog()
+    partition = partition_over(MemoryStore(), log)
+    good = [event("u", "Product Viewed", T0), event("u", "Product Viewed", T0 + M)]
+    feed(partition, [(0, good[0])])
+    commit(partition, log)
+    feed(partition, [(1, good[1])])
+    with pytest.raises(RuntimeError):
+        feed(partition, [(2, event("u", "Boom", T0 + 2 * M))])
+    state = partition.cache[b"u"]
+    assert state.to_json() == pure(good)["u"].to_json()
+    assert partition.dirty[b"u"] is state and len(partition.journal[b"u"]) == 1
+
+
+def test_an_undecodable_stored_profile_is_quarantined() -> None:
+    store = MemoryStore()
+    log = FakeChangelog()
+    partition = partition_over(store, log)
+    from audiences.adapters.state.store import StoreBatch
+
+    batch = StoreBatch()
+    batch.put(Family.PROFILES, b"broken", b"[99, not json")
+    store.write(batch)
+    assert partition.load([b"broken"], T0) == {}
+    assert b"broken" in partition.quarantined
+    commit(partition, log)
+    again = partition_over(MemoryStore(), log, session="s2")
+    assert again.quarantined == {b"broken"}
+
+
+def test_restore_discards_a_store_it_cannot_trust() -> None:
+    log = FakeChangelog()
+    store = MemoryStore()
+    partition = partition_over(store, log, session="mine")
+    feed(partition, [(0, event("kept", "Product Viewed", T0))])
+    commit(partition, log)
+    # Another worker owns the partition for a while and deletes the user...
+    other = partition_over(MemoryStore(), log, session="theirs")
+    feed(other, [(1, event("kept", "x", T0 + M, kind="delete"))])
+    commit(other, log)
+    # ... and compaction removes the superseded profile, then the tombstone: only the
+    # suppression marker is left.
+    log.records = [r for r in log.records if r.key() != changelog_key(Kind.PROFILE, b"kept")]
+    # Back to the first worker: its store still has the profile; it must not come back.
+    restored = restore(
+        store,
+        log.read,
+        partition=0,
+        fence=log.claim("mine-again"),
+        session="mine-again",
+        topic_id="topic-a",
+    )
+    assert restored.rebuilt is not None and "another worker" in restored.rebuilt
+    assert profiles(store) == {}
+    assert store.get(Family.SUPPRESSED, b"kept") is not None
+
+
+def test_restore_discards_a_store_of_another_changelog() -> None:
+    log = FakeChangelog()
+    store = MemoryStore()
+    partition = partition_over(store, log)
+    feed(partition, [(0, event("u", "Product Viewed", T0))])
+    commit(partition, log)
+    fresh = FakeChangelog()  # the changelog topic was deleted and recreated
+    restored = restore(
+        store, fresh.read, partition=0, fence=fresh.claim("s2"), session="s2", topic_id="topic-b"
+    )
+    assert restored.rebuilt is not None and "recreated" in restored.rebuilt
+    assert profiles(store) == {} and restored.position is None
+
+
+def test_restore_discards_a_checkpoint_beyond_the_end_of_the_log() -> None:
+    log = FakeChangelog()
+    store = MemoryStore()
+    partition = partition_over(store, log)
+    feed(partition, [(i, event("u", "Product Viewed", T0 + i)) for i in range(5)])
+    commit(partition, log)
+    truncated = FakeChangelog()  # same topic id, but shorter than the store's checkpoint
+    restored = restore(
+        store,
+        truncated.read,
+        partition=0,
+        fence=truncated.claim("s2"),
+        session="s2",
+        topic_id="topic-a",
+    )
+    assert restored.rebuilt is not None and "beyond" in restored.rebuilt
+
+
+def test_restore_streams_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from audiences.adapters.state import recovery
+
+    monkeypatch.setattr(recovery, "CHUNK", 7)
+    writes: list[int] = []
+    log = FakeChangelog()
+    partition = partition_over(MemoryStore(), log)
+    stream = [(i, event(f"u{i}", "Product Viewed", T0 + i)) for i in range(100)]
+    feed(partition, stream)
+    commit(partition, log)
+    store = MemoryStore()
+    original = store.write
+    store.write = lambda batch: (writes.append(len(batch)), original(batch))[1]  # type: ignore[method-assign]
+    partition_over(store, log, session="s2")
+    assert max(writes) <= 7 + 1 and len(writes) > 10
+    assert profiles(store) == {k: s.to_json() for k, s in pure([e for _, e in stream]).items()}
+
+
+def test_records_of_other_layouts_are_ignored() -> None:
+    log = FakeChangelog()
+    log.records.append(FakeRecord(0, b"alice", b"[2, 0]", Header(0, NEVER)))
+    log.records[0]._headers = [("cl", b"0 abc 1 0")]  # the previous layout's header
+    assert profiles_in(log.read(0)) == {}
+    store = MemoryStore()
+    partition_over(store, log)
+    assert profiles(store) == {}
+
+
+def test_sweeps_use_deadlines_of_restored_profiles() -> None:
+    log = FakeChangelog()
+    partition = partition_over(MemoryStore(), log)
+    feed(
+        partition,
+        [(0, event("u", "Product Viewed", T0)), (1, event("u", "Product Viewed", T0 + M))],
+    )
+    commit(partition, log)
+    store = MemoryStore()
+    partition_over(store, log, session="s2")
+    due = store.scan(Family.DUE)
+    assert [int.from_bytes(k[:8], "big") for k, _ in due] == [T0 + 60 * M]
+    state = UserState.decode(store.get(Family.PROFILES, b"u") or b"")
+    assert step(state, Tick(T0 + 61 * M), CATALOG, "u").transitions[0].entered is False
