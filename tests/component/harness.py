@@ -175,3 +175,48 @@ def by_user(outputs: Iterable[dict[str, Any]]) -> dict[str, list[tuple[str, str,
             (out["properties"]["audience_key"], out["event"], out["timestamp"])
         )
     return found
+
+
+def pure_outputs(
+    definitions: Iterable[dict[str, Any]], events: Iterable[dict[str, Any]], now_ms: int | None
+) -> dict[str, dict[str, Any]]:
+    """messageId -> output that the pure core gives for `events` in this order (per user),
+    then a Tick at `now_ms` for every profile (None: no tick)."""
+    from audiences.core.definitions import build_catalog, validate_definition
+    from audiences.core.evaluator import Tick, step
+    from audiences.core.events import parse_event
+    from audiences.core.outputs import render_output
+
+    catalog = build_catalog({d["key"]: (validate_definition(d), 1) for d in definitions})
+    states: dict[str, Any] = {}
+    outputs: dict[str, dict[str, Any]] = {}
+    for raw in events:
+        event = parse_event(raw, T0)
+        result = step(states.get(event.key), event, catalog, event.key)
+        states[event.key] = result.state
+        for output in result.transitions:
+            outputs[output.message_id] = render_output(output, result.state.traits)
+    if now_ms is not None:
+        for key, state in states.items():
+            for output in step(state, Tick(now_ms), catalog, key).transitions:
+                outputs[output.message_id] = render_output(output, state.traits)
+    return outputs
+
+
+def assert_same_as_core(seen: list[dict[str, Any]], expected: dict[str, dict[str, Any]]) -> None:
+    """Exactly the core's outputs; a duplicate only with the same messageId and content."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for out in seen:
+        assert out == by_id.setdefault(out["messageId"], out), "a messageId with two contents"
+    missing = set(expected) - set(by_id)
+    extra = set(by_id) - set(expected)
+    assert not missing and not extra, (
+        f"missing {[_brief(expected[m]) for m in missing]}, "
+        f"unexpected {[_brief(by_id[m]) for m in extra]}"
+    )
+    for message_id, out in expected.items():
+        assert by_id[message_id] == out
+
+
+def _brief(out: dict[str, Any]) -> tuple[str, str, str]:
+    return (out.get("userId") or out.get("anonymousId"), out["event"], out["timestamp"])

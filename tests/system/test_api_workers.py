@@ -155,7 +155,7 @@ def test_two_worker_processes_route_reads_and_expose_metrics(
     lines = first.log_tail(2000).splitlines()
     records = [orjson.loads(line) for line in lines if line.startswith("{")]
     assert any(
-        r["logger"] == "audiences.adapters.stream.evaluator"
+        r["logger"] == "audiences.adapters.stream.runtime"
         and "assigned partitions" in r["message"]
         and r["level"] == "INFO"
         for r in records
