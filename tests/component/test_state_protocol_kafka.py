@@ -323,7 +323,7 @@ def test_topics_that_contradict_the_engine_are_refused(
         ]
     ).values():
         future.result()
-    with pytest.raises(TopicMismatch, match="has 2 partitions but .* has 4"):
+    with pytest.raises(TopicMismatch, match=r"has 2 partitions but .* has 4"):
         ensure_topics(settings, topics)
 
 
