@@ -16,7 +16,7 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-from harness import T0, Engine, M, S, assert_same_as_core, pure_outputs, track
+from harness import T0, Engine, H, M, S, assert_same_as_core, pure_outputs, track
 
 from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.partitioner import partition_for
@@ -415,3 +415,28 @@ def _ends(engine: Engine, topics: list[str]) -> dict[tuple[str, int], int]:
         return ends
     finally:
         consumer.close()
+
+
+def test_a_recreated_events_topic_is_read_from_its_start(engine: Engine) -> None:
+    """`events` deleted and created again (new topic id): its offsets restart at 0, below
+    the checkpoint. The new records are evaluated, not skipped as already seen."""
+    engine.apply(BUYERS)
+    engine.start()
+    engine.send(*(track(f"old{i}", "Order Completed", T0 + i) for i in range(5)))
+    engine.outputs(5)
+    engine.settle()
+    engine.stop()
+    admin = AdminClient({"bootstrap.servers": engine.settings.kafka_bootstrap})
+    for future in admin.delete_topics([engine.topics.events]).values():
+        future.result()
+    wait_for(
+        lambda: engine.topics.events not in admin.list_topics(timeout=10).topics,
+        30,
+        "the topic to be deleted",
+    )
+    for future in admin.create_topics([NewTopic(engine.topics.events, 2, 1)]).values():
+        future.result()
+    engine.send(track("new", "Order Completed", T0 + H))
+    engine.start()
+    outputs = engine.outputs(6)
+    assert outputs[5]["userId"] == "new"
