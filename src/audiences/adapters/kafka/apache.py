@@ -54,8 +54,8 @@ Apache Kafka 4.x notes
 Process hygiene as for `EmbeddedBroker`: the JVM leads its own process group
 (a Ctrl-C at the terminal does not reach it; `stop` does), is stopped by
 `stop`, by leaving the ``with`` block, at interpreter exit (``atexit``) and,
-on Linux, when the Python process dies (``PR_SET_PDEATHSIG``, when started
-from the main thread). `stop` sends SIGTERM (a clean shutdown takes ~2 s),
+on Linux, when the Python process dies (``PR_SET_PDEATHSIG`` with SIGTERM,
+when started from the main thread). `stop` sends SIGTERM (a clean shutdown takes ~2 s),
 then SIGKILL. A temporary directory left by a killed run is removed by the
 next start once its processes are gone.
 """
@@ -581,7 +581,9 @@ class ApacheKafka:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent(),
+            # SIGTERM, not SIGINT: a shell starts background jobs with SIGINT
+            # ignored, and the JVM then never reacts to it.
+            preexec_fn=_die_with_parent(signal.SIGTERM),
             close_fds=True,
         )
         (self._dir / "pids").write_text(f"{os.getpid()}\n{self._proc.pid}\n")
