@@ -291,6 +291,9 @@ def resolve_classpath(
         mvn,
         "--batch-mode",
         "--quiet",
+        # retry downloads that failed before: Maven otherwise remembers a failure
+        # (*.lastUpdated in ~/.m2) and reports "Could not find artifact" without asking
+        "--update-snapshots",
         "--file",
         str(work / "pom.xml"),
         "-Dstyle.color=never",
