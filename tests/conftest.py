@@ -5,6 +5,12 @@ else a testcontainers Kafka (KRaft) if a Docker daemon answers; else the
 embedded Tansu broker. ``kafka_flavor`` says which one is in use
 ("external" | "testcontainers" | "embedded") so a test can assert a known
 broker quirk only where it exists.
+
+``apache_kafka_bootstrap`` is a real Apache Kafka broker for tests that need
+what Tansu cannot do (DeleteRecords, compaction, transactions; mark them
+``apache``): ``AUDIENCES_TEST_APACHE_KAFKA_BOOTSTRAP`` if set, else
+`ApacheKafka` (KRaft, jars from Maven Central) when Java >= 17 and Maven are
+there, else the test is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -78,6 +84,34 @@ def kafka_bootstrap(request: pytest.FixtureRequest) -> Iterator[str]:
 def kafka_flavor(request: pytest.FixtureRequest, kafka_bootstrap: str) -> str:
     """Which broker `kafka_bootstrap` is: "external", "testcontainers" or "embedded"."""
     return request.config.stash[_FLAVOR]
+
+
+@pytest.fixture(scope="session")
+def apache_kafka_bootstrap() -> Iterator[str]:
+    """``bootstrap.servers`` of a real Apache Kafka 4.x broker for the whole session.
+
+    ``AUDIENCES_TEST_APACHE_KAFKA_BOOTSTRAP`` if set; else an `ApacheKafka`
+    started once per session; skips the test when Java >= 17 or Maven is
+    missing or Maven cannot resolve the jars (``.ci/run`` resolves them first,
+    so on CI that is a failure, not a skip). A broker that fails to start is
+    an error.
+    """
+    external = os.environ.get("AUDIENCES_TEST_APACHE_KAFKA_BOOTSTRAP")
+    if external:
+        yield external
+        return
+
+    from audiences.adapters.kafka.apache import ApacheKafka, ApacheKafkaUnavailable
+
+    broker = ApacheKafka()
+    try:
+        broker.start()
+    except ApacheKafkaUnavailable as exc:
+        pytest.skip(f"no Apache Kafka broker: {exc}")
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
 
 
 @pytest.fixture

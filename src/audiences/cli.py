@@ -55,6 +55,8 @@ def load_documents(path: Path) -> list[tuple[str, Any]]:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
+    if args.apache:
+        return _apache_broker(args)
     from audiences.adapters.kafka.embedded import EmbeddedBroker
 
     with EmbeddedBroker(port=args.port) as broker:
@@ -62,6 +64,30 @@ def cmd_broker(args: argparse.Namespace) -> int:
         print(f"export AUDIENCES_KAFKA_BOOTSTRAP={broker.bootstrap}", file=sys.stderr, flush=True)
         _wait_for_signal()
     return 0
+
+
+def _apache_broker(args: argparse.Namespace) -> int:
+    from audiences.adapters.kafka.apache import ApacheKafka
+
+    # Starting takes seconds (a minute when Maven first fetches the jars): a
+    # SIGTERM meanwhile unwinds like Ctrl-C, so `start` stops what it began.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    broker = ApacheKafka(port=args.port)
+    print(
+        f"starting Apache Kafka {broker.kafka_version} (KRaft, Java, jars from Maven)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    with broker:
+        print(broker.bootstrap, flush=True)
+        print(f"broker log: {broker.log_path}", file=sys.stderr, flush=True)
+        print(f"export AUDIENCES_KAFKA_BOOTSTRAP={broker.bootstrap}", file=sys.stderr, flush=True)
+        _wait_for_signal()
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _with_destinations(settings: Settings, path: str | None) -> Settings:
@@ -436,10 +462,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"audiences {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    text = (
+        "start the embedded Kafka-compatible broker (Tansu, in memory) and print its "
+        "bootstrap address; Ctrl-C or SIGTERM stops it"
+    )
     p = sub.add_parser(
-        "broker", help="start the embedded Kafka-compatible broker and print its address"
+        "broker",
+        help="start the embedded Kafka-compatible broker and print its address",
+        description=text,
     )
     p.add_argument("--port", type=int, default=None, help="loopback port (default: a free one)")
+    p.add_argument(
+        "--apache",
+        action="store_true",
+        help="start a real Apache Kafka 4.x broker instead (KRaft, one node, storage in a "
+        "temporary directory removed on stop): needs Java >= 17, and Maven the first time, "
+        "which fetches org.apache.kafka:kafka_2.13 from Maven Central into ~/.m2 (the "
+        "classpath is cached in ~/.cache/audiences); AUDIENCES_APACHE_KAFKA_VERSION picks "
+        "another release",
+    )
     p.set_defaults(func=cmd_broker)
 
     for name, func, text in (

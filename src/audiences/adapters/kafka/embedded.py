@@ -108,8 +108,8 @@ def _port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A `preexec_fn` that makes the child get SIGINT when its parent dies (Linux only).
+def _die_with_parent(sig: signal.Signals = signal.SIGINT) -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child get `sig` when its parent dies (Linux only).
 
     Linux delivers the parent-death signal when the *thread* that forked exits,
     so this is only used when starting from the main thread.
@@ -125,7 +125,7 @@ def _die_with_parent() -> Callable[[], None] | None:
         return None
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
     return preexec
 
