@@ -105,14 +105,15 @@ class Engine:
         return self._dlq.read(count, timeout)
 
     def settle(self, until: Callable[[], bool] | None = None, timeout: float = 10.0) -> None:
-        """Wait until the evaluator has consumed everything produced so far."""
+        """Wait until the runtime has evaluated everything produced so far and made it
+        durable (a checkpoint covers it)."""
         deadline = time.monotonic() + timeout
         assert self.evaluator is not None
         while time.monotonic() < deadline:
             partitions = self.evaluator.partitions
             if (
                 partitions
-                and all(p.position >= self._end(n) for n, p in list(partitions.items()))
+                and all(p.committed >= self._end(n) for n, p in list(partitions.items()))
                 and (until is None or until())
             ):
                 return
