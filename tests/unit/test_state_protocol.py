@@ -292,7 +292,7 @@ def test_a_failing_step_leaves_no_trace(monkeypatch: pytest.MonkeyPatch) -> None
         feed(partition, [(2, event("u", "Boom", T0 + 2 * M))])
     state = partition.cache[b"u"]
     assert state.to_json() == pure(good)["u"].to_json()
-    assert partition.dirty[b"u"] is state and len(partition.journal[b"u"]) == 1
+    assert partition.dirty[b"u"] is state and len(partition.inputs_of(b"u")) == 1
 
 
 def test_an_undecodable_stored_profile_is_quarantined() -> None:

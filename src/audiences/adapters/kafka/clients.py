@@ -49,6 +49,9 @@ class KafkaClients:
                 "isolation.level": "read_committed",
                 "fetch.wait.max.ms": self.settings.fetch_wait_ms,
                 "enable.partition.eof": False,
+                # Recovery reads whole logs: big fetches, a deep prefetch queue.
+                "max.partition.fetch.bytes": 16 * 1024 * 1024,
+                "queued.max.messages.kbytes": 256 * 1024,
             }
         )
 

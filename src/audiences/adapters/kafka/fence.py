@@ -11,7 +11,7 @@ Readers of these topics skip fence records; compaction keeps at most one.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from confluent_kafka import (
@@ -124,3 +124,40 @@ def read_to_end(
         raise BrokerError(f"timed out reading {topic} to its end", retriable=True)
     finally:
         consumer.unassign()
+
+
+def read_until(
+    consumer: Consumer, topic: str, partition: int, last: int, idle_s: float
+) -> Callable[[int], Iterator[Message]]:
+    """A reader of one partition from a given offset up to offset `last` (inclusive: a
+    record the reader's owner appended, the true end). Fails when no record arrives for
+    `idle_s` (no progress), however long the whole read takes."""
+
+    def read(start: int) -> Iterator[Message]:
+        consumer.assign([TopicPartition(topic, partition, start)])
+        last_progress = time.monotonic()
+        try:
+            while True:
+                batch = consumer.consume(10_000, 0.02)  # (returns early only when full)
+                if not batch:
+                    if time.monotonic() - last_progress > idle_s:
+                        raise BrokerError(
+                            f"no progress reading {topic}[{partition}] to offset {last} "
+                            f"for {idle_s:.0f}s",
+                            retriable=True,
+                        )
+                    continue
+                last_progress = time.monotonic()
+                for msg in batch:
+                    error = msg.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            continue
+                        raise BrokerError(f"reading {topic}: {error}", retriable=True)
+                    yield msg
+                    if msg.offset() >= last:
+                        return
+        finally:
+            consumer.unassign()
+
+    return read

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 
 import orjson
@@ -180,6 +181,7 @@ class Checkpoint:
     ) -> None:
         self.flush_outputs = flush_outputs
         self.commit_offsets = commit_offsets
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="changelog-commit")
         # Test seam: called after each step; a test makes it raise to prove the invariant.
         self.after_step: Callable[[Step], None] | None = None
 
@@ -195,8 +197,12 @@ class Checkpoint:
         try:
             for partition, records, _batch in staged:
                 writers[partition.number].begin(records)
-            for partition, _records, _batch in staged:
-                writers[partition.number].commit()
+            committing = [writers[partition.number] for partition, _r, _b in staged]
+            if len(committing) == 1:
+                committing[0].commit()
+            else:  # each commit waits for its own round trips: wait for them side by side
+                for done in [self._pool.submit(writer.commit) for writer in committing]:
+                    done.result()
         except BaseException:
             for partition, _records, _batch in staged:
                 writers[partition.number].abort()

@@ -110,7 +110,7 @@ class PartitionState:
         self.cache: dict[bytes, UserState] = {}
         # Changed since the last checkpoint:
         self.dirty: dict[bytes, UserState | None] = {}  # None = erased
-        self.journal: dict[bytes, list[Input]] = {}
+        self.journal: list[tuple[bytes, Input]] = []  # in order; read only on rollback
         self.durable_wakes: dict[bytes, int] = {}  # wake of each dirty profile when durable
         self.suppression_changes: dict[bytes, bool] = {}
         self.quarantine_changes: dict[bytes, Quarantine | None] = {}
@@ -252,7 +252,7 @@ class PartitionState:
             raise
         if key not in self.dirty:
             self.durable_wakes[key] = durable_wake
-        self.journal.setdefault(key, []).append(item)
+        self.journal.append((key, item))
         if isinstance(item, Event) and item.type == "unsuppress":
             self.suppress(key, False)
         if result.erase:
@@ -285,7 +285,7 @@ class PartitionState:
         self.cache.pop(key, None)
         try:
             state = self.durable_state(key)
-            for item in self.journal.get(key, ()):
+            for item in self.inputs_of(key):
                 if isinstance(item, Fold):
                     if state is not None:
                         fold_history(state, item.event, self.catalog, item.trackers)
@@ -306,8 +306,16 @@ class PartitionState:
         """Nothing worth writing changed for `key` in this interval (re-judging found
         the same memberships): do not checkpoint it."""
         self.dirty.pop(key, None)
-        self.journal.pop(key, None)
+        self._forget_inputs(key)
         self.durable_wakes.pop(key, None)
+
+    def inputs_of(self, key: bytes) -> list[Input]:
+        """The inputs applied to profile `key` since the last checkpoint, in order."""
+        return [item for owner, item in self.journal if owner == key]
+
+    def _forget_inputs(self, key: bytes) -> None:
+        if any(owner == key for owner, _ in self.journal):
+            self.journal = [entry for entry in self.journal if entry[0] != key]
 
     def suppress(self, key: bytes, on: bool) -> None:
         if on:
@@ -329,7 +337,7 @@ class PartitionState:
         self.cache.pop(key, None)
         if key in self.dirty:  # nothing of this interval is kept for it
             del self.dirty[key]
-            self.journal.pop(key, None)
+            self._forget_inputs(key)
             self.durable_wakes.pop(key, None)
         if data is None:
             data = self.store.get(Family.PROFILES, key)

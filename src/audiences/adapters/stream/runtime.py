@@ -32,12 +32,13 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from audiences.adapters import metrics
 from audiences.adapters.kafka.clients import KafkaClients
+from audiences.adapters.kafka.fence import read_until
 from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import Topics, partition_count, topic_ids
 from audiences.adapters.settings import Settings
@@ -49,7 +50,7 @@ from audiences.adapters.state.checkpoint import (
     owner_record,
 )
 from audiences.adapters.state.partition import PartitionState
-from audiences.adapters.state.recovery import Record, restore
+from audiences.adapters.state.recovery import restore
 from audiences.adapters.state.store import RocksDictStore, StateStore
 from audiences.adapters.stream import timers
 from audiences.adapters.stream.backfill import Backfills
@@ -446,7 +447,9 @@ class Runtime:
         fence = writer.claim(session.encode(), owner_record(self.worker_id, session, self.clock()))
         restored = restore(
             store,
-            self._read_changelog(number, fence),
+            read_until(
+                self._changelog_reader, self.topics.changelog, number, fence, RECOVERY_IDLE_S
+            ),
             partition=number,
             fence=fence,
             session=session,
@@ -502,40 +505,6 @@ class Runtime:
             )
             return low
         return restored
-
-    def _read_changelog(self, number: int, fence: int) -> Callable[[int], Iterator[Record]]:
-        """Reads changelog partition `number` from an offset up to `fence` (inclusive)."""
-        consumer = self._changelog_reader
-        topic = self.topics.changelog
-
-        def read(start: int) -> Iterator[Record]:
-            consumer.assign([TopicPartition(topic, number, start)])
-            last_progress = time.monotonic()
-            try:
-                while True:
-                    batch = consumer.consume(1000, 0.2)
-                    if not batch:
-                        if time.monotonic() - last_progress > RECOVERY_IDLE_S:
-                            raise BrokerError(
-                                f"no progress reading {topic}[{number}] to offset {fence} "
-                                f"for {RECOVERY_IDLE_S:.0f}s",
-                                retriable=True,
-                            )
-                        continue
-                    last_progress = time.monotonic()
-                    for msg in batch:
-                        error = msg.error()
-                        if error is not None:
-                            if error.code() == KafkaError._PARTITION_EOF:
-                                continue
-                            raise BrokerError(f"reading {topic}: {error}", retriable=True)
-                        yield msg
-                        if msg.offset() >= fence:
-                            return
-            finally:
-                consumer.unassign()
-
-        return read
 
     def _release(self, number: int, *, discard: bool = False) -> None:
         """Give partition `number` up (after its last checkpoint). `discard`: delete the

@@ -370,6 +370,8 @@ class Measurement:
     elapsed_s: float
     transitions: int
     rss_mb: float | None  # engine: peak RSS growth of this process; Faust: worker peak RSS
+    checkpoints: int | None = None  # engine only
+    checkpoint_mean_ms: float | None = None
 
     @property
     def events_per_s(self) -> float:
@@ -389,6 +391,8 @@ class _TimedRuntime(Runtime):
         self.done_s: float | None = None
         self.done = threading.Event()
         self.transitions = 0
+        self.checkpoints = 0
+        self.checkpoint_s = 0.0
         send = self.emitter.send
 
         def counting_send(rendered: Rendered, outputs: list[Output]) -> None:
@@ -403,7 +407,11 @@ class _TimedRuntime(Runtime):
         super()._process(messages)
 
     def _checkpoint(self) -> None:
+        started = time.perf_counter()
         super()._checkpoint()
+        if self.first_s is not None and self.done_s is None:
+            self.checkpoints += 1
+            self.checkpoint_s += time.perf_counter() - started
         if self.done_s is None and self.first_s is not None and self.reached_end():
             self.done_s = time.perf_counter()
             self.done.set()
@@ -429,16 +437,7 @@ def measure_engine(
 ) -> Measurement:
     from audiences.adapters.stream.definitions import apply_definitions
 
-    settings = base.replace(
-        app_id=f"{run}-engine",
-        events_topic=input_topic,
-        audience_events_topic=f"{run}-engine-audience-events",
-        definitions_topic=f"{run}-engine-definitions",
-        events_dlq_topic=f"{run}-engine-events-dlq",
-        audience_events_dlq_topic=f"{run}-engine-audience-events-dlq",
-        partitions=len(ends),
-        data_dir=str(data_dir),
-    )
+    settings = _engine_settings(base, run, input_topic, len(ends), data_dir)
     topics = Topics.from_settings(settings)
     ensure_topics(settings, topics)
     apply_definitions(settings, topics, definitions)
@@ -471,10 +470,76 @@ def measure_engine(
             elapsed_s=elapsed,
             transitions=evaluator.transitions,
             rss_mb=max(0.0, _maxrss_mb() - rss_before),
+            checkpoints=evaluator.checkpoints,
+            checkpoint_mean_ms=round(
+                1000 * evaluator.checkpoint_s / max(1, evaluator.checkpoints), 3
+            ),
         )
     finally:
         evaluator.stop()
         thread.join(60)
+
+
+def measure_recovery(
+    base: Settings, run: str, input_topic: str, partitions: int, data_dir: Path
+) -> dict[str, Any]:
+    """Restore the engine's changelog into empty stores, as a worker that lost its disk
+    does: keys/s of `recovery.restore` (after a fence and an owner record per partition)."""
+    from audiences.adapters.kafka.fence import read_until
+    from audiences.adapters.state.checkpoint import ChangelogWriter, owner_record
+    from audiences.adapters.state.recovery import restore
+    from audiences.adapters.state.store import RocksDictStore
+
+    settings = _engine_settings(base, run, input_topic, partitions, data_dir)
+    topics = Topics.from_settings(settings)
+    clients = KafkaClients(settings)
+    reader = clients.changelog_reader()
+    keys = records = 0
+    seconds = 0.0
+    try:
+        for number in range(partitions):
+            writer = ChangelogWriter(
+                clients.changelog_producer(number), topics.changelog, number, 30.0
+            )
+            fence = writer.claim(b"bench", owner_record("bench", "bench", BASE_MS))
+            writer.close()
+            store = RocksDictStore(data_dir / f"p{number}")
+            started = time.perf_counter()
+            restored = restore(
+                store,
+                read_until(reader, topics.changelog, number, fence, 60.0),
+                partition=number,
+                fence=fence,
+                session="bench",
+                topic_id=None,
+            )
+            seconds += time.perf_counter() - started
+            keys += restored.keys
+            records += restored.records
+            store.close()
+    finally:
+        reader.close()
+    return {
+        "keys": keys,
+        "records": records,
+        "seconds": round(seconds, 3),
+        "keys_per_s": round(keys / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def _engine_settings(
+    base: Settings, run: str, input_topic: str, partitions: int, data_dir: Path
+) -> Settings:
+    return base.replace(
+        app_id=f"{run}-engine",
+        events_topic=input_topic,
+        audience_events_topic=f"{run}-engine-audience-events",
+        definitions_topic=f"{run}-engine-definitions",
+        events_dlq_topic=f"{run}-engine-events-dlq",
+        audience_events_dlq_topic=f"{run}-engine-audience-events-dlq",
+        partitions=partitions,
+        data_dir=str(data_dir),
+    )
 
 
 def measure_faust(
@@ -633,6 +698,16 @@ def render_table(data: dict[str, Any], faust_error: str | None) -> str:
         f"transitions per event: {data['transitions_per_event']:.2f}; RSS: engine = peak "
         "growth of this process, Faust = the worker's peak",
     ]
+    recovery = data.get("recovery")
+    if recovery is not None:
+        lines += [
+            f"checkpoints: {num(data.get('engine_checkpoints'), ',')} "
+            f"(mean {num(data.get('engine_checkpoint_mean_ms'), '.2f')} ms: outputs acknowledged, "
+            "changelog transaction per partition, RocksDB write)",
+            f"recovery: {recovery['keys']:,} state keys ({recovery['records']:,} changelog "
+            f"records) restored into empty stores in {recovery['seconds']:.2f}s = "
+            f"{num(recovery['keys_per_s'], ',.0f')} keys/s",
+        ]
     latency = data.get("latency")
     if latency is not None:
         entered, exited = latency["event_to_entered"], latency["deadline_to_exited"]
@@ -696,7 +771,11 @@ def run_bench(
         engine = measure_engine(
             settings, run, input_topic, ends, definitions, work_dir / "engine-data"
         )
-        gc.collect()  # close the evaluator's Kafka clients now, not at broker shutdown
+        gc.collect()  # close the runtime's Kafka clients now, not at broker shutdown
+        recovery = measure_recovery(
+            settings, run, input_topic, partitions, work_dir / "recovery-data"
+        )
+        gc.collect()
         latencies: dict[str, Any] | None = None
         if latency:
             from audiences.tools.bench.latency import measure_latency
@@ -730,6 +809,9 @@ def run_bench(
         "cpus": os.cpu_count(),
     }
     data = results(params, engine, faust)
+    data["recovery"] = recovery
+    data["engine_checkpoints"] = engine.checkpoints
+    data["engine_checkpoint_mean_ms"] = engine.checkpoint_mean_ms
     if latencies is not None:
         data["latency"] = latencies
     print(render_table(data, faust_error))
