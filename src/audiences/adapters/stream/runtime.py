@@ -105,6 +105,9 @@ class Runtime:
         self._stop = threading.Event()
         self._stopping = False  # in the final shutdown: revoked stores are kept
         self._drained = False
+        self._tick_s = settings.tick_interval_ms / 1000
+        self._last_sweep = 0.0
+        self._more_due = False
         self._misrouted = 0
         self._misrouted_logged = 0.0
         self._owners: dict[bytes, int] = {}
@@ -204,15 +207,25 @@ class Runtime:
             self._catalog_changed()
         if messages:
             self._process(messages)
-        wall = self.clock()
-        for partition in list(self.partitions.values()):
-            now = wall if self._caught_up(partition) else min(wall, partition.stream_time_ms)
-            timers.sweep(partition, now, wall, self.settings.sweep_chunk, self.emitter)
+        if self._more_due or time.monotonic() - self._last_sweep >= self._tick_s:
+            self._sweep()
         self.backfills.turn(self.partitions, self.definitions.catalog)
         for partition in list(self.partitions.values()):
             timers.rejudge(partition, REJUDGE_CHUNK, self.emitter)
         self._checkpoint()
         self.queries.serve(_View(self))
+
+    def _sweep(self) -> None:
+        """Fire a chunk of due deadlines in every partition (again next turn while more
+        are due, else after the tick interval). A caught-up partition runs on the wall
+        clock; one still catching up on its stream time, so a backlog replays exactly."""
+        self._last_sweep = time.monotonic()
+        wall = self.clock()
+        more = False
+        for partition in list(self.partitions.values()):
+            now = wall if self._caught_up(partition) else min(wall, partition.stream_time_ms)
+            more |= timers.sweep(partition, now, wall, self.settings.sweep_chunk, self.emitter)
+        self._more_due = more
 
     def _checkpoint(self) -> None:
         started = time.perf_counter()
