@@ -29,7 +29,15 @@ from audiences.core.state import UserState
 
 log = logging.getLogger(__name__)
 FORWARDED_FROM = "audiences-forwarded-from"  # header of a record moved to its owner partition
+# The producer's message.max.bytes (librdkafka's default) less room for the record's key,
+# headers and batch overhead: a record above it would be refused when sent.
+MAX_RECORD_BYTES = 1_000_000 - 64 * 1024
 Rendered = list[tuple[bytes, bytes]]  # (key, value) of outputs, rendered before anything is sent
+Encoded = list[tuple[bytes, bytes, int]]  # (key, value, partition) of control records
+
+
+class OversizedRecord(ValueError):
+    """An output or control record the producer would refuse (checked before sending)."""
 
 
 class Emitter:
@@ -47,13 +55,17 @@ class Emitter:
         """The output messages of one step, all or nothing (a rendering that raises
         sends none of them, so no output exists without the state that implies it)."""
         traits, anonymous = state.traits, state.anonymous
-        return [
+        rendered = [
             (
                 output.profile_key.encode(),
                 orjson.dumps(render_output(output, traits, anonymous=anonymous)),
             )
             for output in outputs
         ]
+        for key, value in rendered:
+            if len(key) + len(value) > MAX_RECORD_BYTES:
+                raise OversizedRecord(f"an output of {len(value)} bytes")
+        return rendered
 
     def send(self, rendered: Rendered, outputs: list[Output]) -> None:
         topic = self.topics.audience_events
@@ -69,11 +81,21 @@ class Emitter:
                 counted = (output.audience_key, output.entered)
                 counts[counted] = counts.get(counted, 0) + 1
 
-    def send_controls(self, controls: tuple[Control, ...]) -> None:
-        """Identity records (SPEC §4), each to the partition owning the profile it is for."""
+    def encode_controls(self, controls: tuple[Control, ...]) -> Encoded:
+        """Identity records (SPEC §4), each for the partition owning the profile it is for,
+        encoded and checked before anything is sent."""
+        encoded = []
         for target, record in controls:
             key = target.encode()
-            self._produce(self.topics.events, key, orjson.dumps(record), self.owner_of(key))
+            value = orjson.dumps(record)
+            if len(key) + len(value) > MAX_RECORD_BYTES:
+                raise OversizedRecord(f"a {record.get('type')} record of {len(value)} bytes")
+            encoded.append((key, value, self.owner_of(key)))
+        return encoded
+
+    def send_controls(self, encoded: Encoded) -> None:
+        for key, value, partition in encoded:
+            self._produce(self.topics.events, key, value, partition)
 
     def forward(self, msg: Message, owner: int) -> None:
         """A record found on a partition that does not own its profile, moved to the owner."""

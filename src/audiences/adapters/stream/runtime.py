@@ -55,7 +55,7 @@ from audiences.adapters.state.store import RocksDictStore, StateStore
 from audiences.adapters.stream import timers
 from audiences.adapters.stream.backfill import Backfills
 from audiences.adapters.stream.definitions import DefinitionsLog
-from audiences.adapters.stream.emitter import Emitter, Rendered
+from audiences.adapters.stream.emitter import Emitter, Encoded, OversizedRecord, Rendered
 from audiences.adapters.stream.queries import QueryPort
 from audiences.core.evaluator import StepResult
 from audiences.core.events import Event, parse_event
@@ -320,15 +320,19 @@ class Runtime:
     ) -> StepResult | None:
         """One event into its profile, atomically with its outputs (or dead-lettered)."""
         rendered: Rendered = []
-        controls: list[tuple[str, dict[str, object]]] = []
+        controls: Encoded = []
 
         def accept(result: StepResult) -> None:
             rendered.extend(Emitter.render(result.transitions, result.state))
-            controls.extend(result.controls)
+            if result.controls:
+                controls.extend(self.emitter.encode_controls(result.controls))
 
         state: UserState | None = partition.cache.get(key)
         try:
             result = partition.apply(key, state, event, event.key, accept)
+        except OversizedRecord as exc:
+            self.emitter.dead_letter(msg, "oversized_output", str(exc))
+            return None
         except Exception as exc:  # a bug must not stop the partition: park it
             log.exception(
                 "evaluation failed at %s[%d]@%d", msg.topic(), partition.number, msg.offset()
@@ -338,7 +342,7 @@ class Runtime:
         assert result is not None
         self.emitter.send(rendered, result.transitions)
         if controls:
-            self.emitter.send_controls(tuple(controls))
+            self.emitter.send_controls(controls)
         return result
 
     def owner_of(self, key: bytes) -> int:
