@@ -23,12 +23,13 @@ from audiences.core.definitions.conditions import (
     Tracker,
     TraitNode,
 )
-from audiences.core.definitions.traits import ComputedTrait, counts_from_ms, trait_references
-from audiences.core.definitions.validate import (
+from audiences.core.definitions.language import (
     audience_references,
-    find_cycle,
     is_trait_definition,
+    trait_references,
 )
+from audiences.core.definitions.traits import ComputedTrait, counts_from_ms
+from audiences.core.definitions.validate import find_cycle
 from audiences.core.durations import parse_duration_ms
 
 

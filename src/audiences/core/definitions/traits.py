@@ -32,23 +32,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from audiences.core.definitions.conditions import EventMatcher, Tracker, tracker_id
+from audiences.core.definitions.language import NUMERIC_KINDS
 from audiences.core.durations import parse_duration_ms
 from audiences.core.events import Event, compile_path, parse_iso_ms
 from audiences.core.state import NEVER, UserState
 
-KINDS = (
-    "count",
-    "sum",
-    "avg",
-    "min",
-    "max",
-    "first",
-    "last",
-    "most_frequent",
-    "unique_list",
-    "unique_count",
-)
-NUMERIC_KINDS = frozenset({"sum", "avg", "min", "max"})
 MAX_DISTINCT = 100  # values kept per bucket by most_frequent and unique_*
 BUCKET_FRACTION = 100
 FOREVER = -1  # start of the single bucket of a trait without a window
@@ -253,13 +241,6 @@ class ComputedTrait(Tracker):
 def is_empty_value(kind: str, value: Any) -> bool:
     """The value of a trait with no counted events (not announced for new profiles)."""
     return bool(value == _finish(kind, _empty(kind)))
-
-
-def trait_references(condition: Any) -> set[str]:
-    """Keys of the computed traits a (valid) audience condition compares."""
-    from audiences.core.definitions.validate import leaf_values
-
-    return leaf_values(condition, "computed", lambda body: str(body["name"]))
 
 
 def counts_from_ms(doc: Mapping[str, Any]) -> int:
