@@ -202,7 +202,7 @@ def _evaluate(
         value, change = audience.root.evaluate(state, now)
         if anonymous and not audience.include_anonymous:
             value = False
-        wake = change if change > now else NEVER
+        wake = change if now < change < NEVER else NEVER  # a deadline past NEVER never comes
         if membership is None:
             if not value and wake == NEVER:
                 continue  # nothing to remember: keeps state small for non-members

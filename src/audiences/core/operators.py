@@ -12,6 +12,7 @@ from typing import Any
 
 from audiences.core.durations import parse_duration_ms
 from audiences.core.events import parse_iso_ms
+from audiences.core.state import NEVER
 
 Predicate = Callable[[Any, int], bool]
 
@@ -155,7 +156,8 @@ def compile_predicate(op: str, expected: Any) -> Predicate:
 
 
 def predicate_change_ms(op: str, expected: Any, actual: Any, now_ms: int) -> int | None:
-    """When a relative-time predicate on `actual` next changes value with no new input."""
+    """When a relative-time predicate on `actual` next changes value with no new input
+    (None: never, including a time at or beyond NEVER)."""
     if op not in DURATION_OPERATORS:
         return None
     window = parse_duration_ms(expected)
@@ -164,5 +166,5 @@ def predicate_change_ms(op: str, expected: Any, actual: Any, now_ms: int) -> int
         return None
     for edge in (ms, ms + window):
         if edge > now_ms:
-            return edge
+            return edge if edge < NEVER else None
     return None
