@@ -257,13 +257,16 @@ def _evaluate(
                     touched.add(index[key])
         if not touched:
             if stale_wake:
-                state.refresh_wake()
+                _refresh_wake(state, catalog)
             return
         queue = sorted(touched)
     dependents = catalog.dependent_positions if touched is not None else None
     anonymous = state.anonymous
+    frozen = catalog.frozen_positions  # empty unless a backfill is pending
     while queue:
         position = heapq.heappop(queue) if dependents else queue.pop(0)
+        if frozen and position in frozen:
+            continue  # neither judged nor announced; its membership and wake stay
         audience = audiences[position]
         key = audience.key
         membership = members.get(key)
@@ -308,6 +311,15 @@ def _evaluate(
                     touched.add(dependent)
                     heapq.heappush(queue, dependent)
     if stale_wake:
+        _refresh_wake(state, catalog)
+
+
+def _refresh_wake(state: UserState, catalog: Catalog) -> None:
+    """The profile's earliest wake; frozen audiences and traits (a pending backfill) do
+    not count: they would be due again and again with nothing to judge."""
+    if catalog.pending:
+        state.refresh_wake(catalog.frozen_audiences, catalog.frozen_traits)
+    else:
         state.refresh_wake()
 
 
@@ -333,9 +345,10 @@ def _judge_traits(
         names = sorted(keys | due) if due else sorted(keys)
     affected: set[int] = set()
     stale = False
+    frozen = catalog.frozen_traits  # empty unless a backfill is pending
     for key in names:
         trait = traits.get(key)
-        if trait is None:
+        if trait is None or (frozen and key in frozen):
             continue
         value, change = trait.value(state, now)
         wake = change if now < change < NEVER else 0  # stored as 0 = never
@@ -380,6 +393,8 @@ def _fire_due(
     state: UserState, catalog: Catalog, profile_key: str, until: int, out: list[Output]
 ) -> None:
     """Deliver every deadline <= `until`, each at its own time."""
+    if catalog.pending:
+        _refresh_wake(state, catalog)  # (a decoded state's wake may be a frozen one)
     while (wake := state.wake_ms) <= until:
         now = max(state.clock_ms, wake)
         state.clock_ms = now
@@ -472,7 +487,9 @@ def _adopt_catalog(state: UserState, catalog: Catalog, profile_key: str, out: li
     """New, edited or deleted definitions: judge every audience and trait once.
 
     Members of a deleted audience are told so (`Audience Exited`, trigger
-    "deleted"); unchanged members of edited audiences hear nothing."""
+    "deleted"); unchanged members of edited audiences hear nothing. Audiences and
+    traits a pending backfill freezes keep their memberships, values and the data of
+    their trackers: they are judged when the full catalog is adopted."""
     now = state.clock_ms
     for key, membership in list(state.members.items()):
         if key in catalog.index:
@@ -485,9 +502,37 @@ def _adopt_catalog(state: UserState, catalog: Catalog, profile_key: str, out: li
         del state.computed[key]
     for tracker_id in [t for t in state.trackers if t not in catalog.trackers]:
         del state.trackers[tracker_id]  # nothing reads it any more
-    state.refresh_wake()
+    _refresh_wake(state, catalog)
     state.catalog_fingerprint = catalog.fingerprint
     _evaluate(state, catalog, profile_key, now, None, out, "definition", None, now)
+
+
+def fold_history(
+    state: UserState, event: Event, catalog: Catalog, tracker_ids: frozenset[str]
+) -> bool:
+    """Fold a past event into trackers `tracker_ids` only — a backfill of new trackers,
+    running as a second cursor over the log while live events flow with
+    `catalog.with_pending(tracker_ids)` — judging nothing and emitting nothing. Returns
+    whether the state changed. Never raises on data.
+
+    `catalog` may be the full or the pending catalog (both hold every tracker). The
+    trackers see the event at its own time, as they would have when it was live (for
+    a profile whose events are in time order, exactly so); the profile's clock, traits,
+    memberships and deduplication are left alone, so a duplicate in the log is folded
+    again. Control records and forwarding stubs of merged profiles fold nothing. What
+    a bound drops is counted in `state.dropped`, as in `step`."""
+    if state.merged_into is not None or event.type in CONTROL_TYPES:
+        return False
+    route = route_of(event.type, event.name)
+    now = event.timestamp_ms
+    changed = False
+    for tracker in catalog.trackers.values():  # (in catalog order: deterministic)
+        if tracker.id not in tracker_ids:
+            continue
+        events = tracker.events
+        if (route is not None and route in events) or ALL_EVENTS in events:
+            changed = tracker.update(state, event, now) or changed
+    return changed
 
 
 # -- identity and control records (SPEC §4) -------------------------------------------------

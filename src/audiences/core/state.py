@@ -180,7 +180,23 @@ class UserState:
         else:
             dropped[reason] = dropped.get(reason, 0) + count
 
-    def refresh_wake(self) -> None:
+    def refresh_wake(
+        self,
+        frozen_audiences: frozenset[str] = frozenset(),
+        frozen_traits: frozenset[str] = frozenset(),
+    ) -> None:
+        """The earliest wake of any audience or trait, but those frozen (not judged while
+        a backfill is pending, see `Catalog.with_pending`)."""
+        if frozen_audiences or frozen_traits:
+            wake = min(
+                (m.wake_ms for k, m in self.members.items() if k not in frozen_audiences),
+                default=NEVER,
+            )
+            for key, (_value, _seq, trait_wake) in self.computed.items():
+                if trait_wake and trait_wake < wake and key not in frozen_traits:
+                    wake = trait_wake
+            self.wake_ms = wake
+            return
         wake = min((m.wake_ms for m in self.members.values()), default=NEVER)
         for _value, _seq, trait_wake in self.computed.values():
             if trait_wake and trait_wake < wake:
