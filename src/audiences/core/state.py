@@ -90,7 +90,10 @@ def string_fits(text: str, limit: int) -> bool:
         return True
     if length + 2 > limit:
         return False
-    return json_size(text) <= limit
+    try:
+        return len(orjson.dumps(text)) <= limit
+    except TypeError:  # (lone surrogates)
+        return False
 
 
 def bounded_key(text: str) -> str:

@@ -87,7 +87,9 @@ def _refusal(kind: str, value: Any) -> str | None:
     if kind in NUMERIC_KINDS:
         return ""
     if value_type is str:
-        return None if string_fits(value, MAX_COMPUTED_VALUE_BYTES) else "computed_value_size"
+        if len(value) <= 21 or string_fits(value, MAX_COMPUTED_VALUE_BYTES):  # (6 * 21 + 2)
+            return None
+        return "computed_value_size"
     return None if value_type is bool else ""
 
 
@@ -253,59 +255,74 @@ class ComputedTrait(Tracker):
             buckets = [b for b in buckets if b[0] + window > now]
         for bucket in buckets:
             if bucket[0] == start:
-                if kind != "count" and not self._room(state, buckets, bucket, value):
-                    return False
-                bucket[1] = _fold(kind, bucket[1], ts, value)
+                created = False
                 break
         else:
-            bucket = [start, _empty(kind)]
-            if kind != "count" and not self._room(state, buckets, bucket, value):
+            bucket, created = [start, _empty(kind)], True
+        if kind in _DISTINCT_KINDS:
+            if not self._add_distinct(state, buckets, bucket, value):
                 return False
+        elif kind == "sum" or kind == "avg":
+            if not self._add_to_sum(state, bucket, value):
+                return False
+        else:
             bucket[1] = _fold(kind, bucket[1], ts, value)
+        if created:
             buckets.append(bucket)
             buckets.sort(key=lambda b: b[0])
         state.trackers[self.id] = buckets
         return True
 
-    def _room(
-        self, state: UserState, buckets: list[list[Any]], bucket: list[Any], value: Any
-    ) -> bool:
-        """Whether `bucket` may count `value` within the bounds (counts a refusal)."""
+    def _add_to_sum(self, state: UserState, bucket: list[Any], value: Any) -> bool:
+        """Fold `value` into the sum or avg of `bucket` if the sum stays within the
+        bounds; else count the refusal."""
         kind = self.kind
         agg = bucket[1]
-        if kind == "sum" or kind == "avg":
-            if type(agg if kind == "sum" else agg[0]) not in (int, float):
-                bucket[1] = agg = _empty(kind)  # a sum stored as null before the bounds
-            if _bounded_sum((agg if kind == "sum" else agg[0]) + value, self.window_ms is not None):
-                return True
+        if type(agg if kind == "sum" else agg[0]) not in (int, float):
+            agg = _empty(kind)  # a sum stored as null before the bounds: not counted
+        total = (agg if kind == "sum" else agg[0]) + value
+        if not _bounded_sum(total, self.window_ms is not None):
             state.drop("non_finite_number")
             return False
-        if kind not in _DISTINCT_KINDS:
-            return True
-        windowed = self.window_ms is not None
-        if len(agg) < MAX_DISTINCT and not windowed:
-            return True
-        if kind == "most_frequent":
-            if any(_same(pair[0], value) for pair in agg):
-                return True
-        elif any(_same(known, value) for known in agg):
-            return True
+        bucket[1] = total if kind == "sum" else [total, agg[1] + 1]
+        return True
+
+    def _add_distinct(
+        self, state: UserState, buckets: list[list[Any]], bucket: list[Any], value: Any
+    ) -> bool:
+        """Count `value` in the distinct values of `bucket`, within MAX_DISTINCT per
+        bucket and, with a window, MAX_DISTINCT_ENTRIES over `buckets` (the oldest
+        make room); else count the refusal."""
+        agg: list[Any] = bucket[1]
+        if self.kind == "most_frequent":
+            for pair in agg:
+                if _same(pair[0], value):
+                    pair[1] += 1
+                    return True
+            entry: Any = [value, 1]
+        else:
+            for known in agg:
+                if _same(known, value):
+                    return True
+            entry = value
         if len(agg) >= MAX_DISTINCT:
             state.drop("distinct_values")
             return False
-        excess = sum(len(b[1]) for b in buckets) + 1 - MAX_DISTINCT_ENTRIES
-        while excess > 0:  # the oldest buckets go first: they are the next to expire
-            oldest = buckets[0]
-            if oldest is bucket or oldest[0] > bucket[0]:
-                state.drop("distinct_values")  # a late event: newer data stays
-                return False
-            cut = min(excess, len(oldest[1]))
-            state.drop("distinct_values", cut)
-            excess -= cut
-            if cut == len(oldest[1]):
-                del buckets[0]
-            else:
-                oldest[1] = oldest[1][cut:]
+        if self.window_ms is not None:
+            excess = sum(len(b[1]) for b in buckets) + 1 - MAX_DISTINCT_ENTRIES
+            while excess > 0:  # the oldest buckets go first: they are the next to expire
+                oldest = buckets[0]
+                if oldest is bucket or oldest[0] > bucket[0]:
+                    state.drop("distinct_values")  # a late event: newer data stays
+                    return False
+                cut = min(excess, len(oldest[1]))
+                state.drop("distinct_values", cut)
+                excess -= cut
+                if cut == len(oldest[1]):
+                    del buckets[0]
+                else:
+                    oldest[1] = oldest[1][cut:]
+        agg.append(entry)
         return True
 
     def value(self, state: UserState, now: int) -> tuple[Any, int]:
