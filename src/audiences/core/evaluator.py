@@ -716,6 +716,7 @@ def _merged(
     tracker's shape may still fail a later step, which the runtime then quarantines."""
     merged = UserState.from_json(orjson.loads(state.encode()))
     merged.dropped = state.dropped
+    _refresh_wake(merged, catalog)  # (from_json counts frozen deadlines too)
     judged: list[Output] = []
     try:
         _absorb(merged, other, catalog, now)
