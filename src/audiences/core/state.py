@@ -25,7 +25,7 @@ of the event still counts, and each drop is reported in `UserState.dropped`
 | timestamps of `performed ... times N within` | N + 1 (lossless), at most `conditions.MAX_KEPT_TIMESTAMPS` | `window_timestamps` |
 | funnel instances (`sequence` with `match_on`) | `conditions.MAX_SEQUENCE_INSTANCES`, the most recently advanced | `sequence_instances` |
 | devices | `conditions.MAX_DEVICES`, the most recently seen | `devices` |
-| `match_on` values and device ids as keys | longer than MAX_KEY_BYTES (JSON): stored as a digest (`bounded_key`) | (nothing lost) |
+| `match_on` values and device ids as keys | longer than MAX_KEY_CHARS: stored as a digest (`bounded_key`) | (nothing lost) |
 | computed traits | see `definitions/traits.py`: distinct values, value sizes, finite numbers | `distinct_values`, `computed_value_size`, `non_finite_number` |
 
 `UserState.dropped` is transient (never encoded): None until something is dropped
@@ -52,7 +52,7 @@ SMALL_TRAIT_BYTES = 64
 MAX_TRAITS_BYTES = 32 * 1024
 MAX_ALIASES = 100
 MAX_ALIAS_ID_BYTES = 128
-MAX_KEY_BYTES = 64
+MAX_KEY_CHARS = 40  # (a UUID has 36); a length test only: this is on the hot path
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 # Every reason `UserState.dropped` may hold (a bounded label set for the metric).
 DROP_REASONS = (
@@ -97,9 +97,10 @@ def string_fits(text: str, limit: int) -> bool:
 
 
 def bounded_key(text: str) -> str:
-    """`text` as a key of stored data: itself when its JSON fits MAX_KEY_BYTES, else a
-    128-bit digest (`#` + hex), which keeps equal values equal and the state small."""
-    if string_fits(text, MAX_KEY_BYTES):
+    """`text` as a key of stored data: itself when it has at most MAX_KEY_CHARS
+    characters, else a 128-bit digest (`#` + 32 hex digits), which keeps equal values
+    equal and the state small."""
+    if len(text) <= MAX_KEY_CHARS:
         return text
     data = text.encode("utf-8", "surrogatepass")
     return "#" + hashlib.blake2b(data, digest_size=16).hexdigest()

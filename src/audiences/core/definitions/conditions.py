@@ -29,7 +29,7 @@ from audiences.core.operators import (
     predicate_change_ms,
     wildcard_regex,
 )
-from audiences.core.state import NEVER, UserState, bounded_key
+from audiences.core.state import MAX_KEY_CHARS, NEVER, UserState, bounded_key
 
 EventFilter = Callable[[Event], bool]
 MAX_SEQUENCE_INSTANCES = 64
@@ -233,7 +233,9 @@ class SequenceTracker(Tracker):
             value = event.get(self.match_path)
             if value is None or isinstance(value, dict | list):
                 return False
-            match_key = bounded_key(value if isinstance(value, str) else str(value))
+            match_key = value if type(value) is str else str(value)
+            if len(match_key) > MAX_KEY_CHARS:
+                match_key = bounded_key(match_key)
         else:
             match_key = ""
         instances: dict[str, list[int]] = state.trackers.get(self.id) or {}

@@ -46,6 +46,7 @@ Bounds (SPEC §11; each drop is counted in `UserState.dropped`, see `state.py`):
 from __future__ import annotations
 
 import math
+import operator
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -64,6 +65,7 @@ FOREVER = -1  # start of the single bucket of a trait without a window
 _FLOAT_MAX = sys.float_info.max
 _WINDOW_SHARE = 128  # a windowed bucket's sum stays within 1/128 of the range (<= 101 buckets)
 _DISTINCT_KINDS = frozenset({"most_frequent", "unique_list", "unique_count"})
+_AGGREGATE = operator.itemgetter(1)  # of a bucket [start, aggregate]
 
 
 def _empty(kind: str) -> Any:
@@ -309,7 +311,7 @@ class ComputedTrait(Tracker):
             state.drop("distinct_values")
             return False
         if self.window_ms is not None:
-            excess = sum(len(b[1]) for b in buckets) + 1 - MAX_DISTINCT_ENTRIES
+            excess = sum(map(len, map(_AGGREGATE, buckets))) + 1 - MAX_DISTINCT_ENTRIES
             while excess > 0:  # the oldest buckets go first: they are the next to expire
                 oldest = buckets[0]
                 if oldest is bucket or oldest[0] > bucket[0]:
