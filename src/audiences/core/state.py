@@ -28,8 +28,14 @@ of the event still counts, and each drop is reported in `UserState.dropped`
 | `match_on` values and device ids as keys | longer than MAX_KEY_CHARS: stored as a digest (`bounded_key`) | (nothing lost) |
 | computed traits | see `definitions/traits.py`: distinct values, value sizes, finite numbers | `distinct_values`, `computed_value_size`, `non_finite_number` |
 
+The profile's size then depends only on the catalog: with one tracker of each
+kind (tests/unit/test_hostile_input.py) a profile at every bound at once encodes
+to ~225 KB, far below a changelog record's limit.
+
 `UserState.dropped` is transient (never encoded): None until something is dropped
-during a step; the runtime reads it after each step and resets it to None.
+during a step (or `fold_history`); the runtime reads it after each and resets it to
+None. A drop is counted each time it happens (a trait over the bound that every
+event's `context.traits` carries is counted once per event).
 """
 
 from __future__ import annotations
