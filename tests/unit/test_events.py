@@ -8,6 +8,7 @@ from factories import T0, event_dict, iso, make_event
 
 from audiences.core.events import (
     MAX_EVENT_BYTES,
+    MAX_EVENT_TIME_MS,
     compile_path,
     event_time_ms,
     parse_event,
@@ -183,6 +184,78 @@ def test_skew_correction_with_client_timestamp_and_no_original_timestamp() -> No
 def test_event_time_fallback_order(fields: dict, expected: int) -> None:
     raw = event_dict(**{"timestamp": None, **fields})
     assert parse_event(raw, T0 + 4).timestamp_ms == expected
+
+
+# Out-of-range event times used to parse and then raise later: in `format_iso`, in the
+# state codec (orjson refuses ints beyond 64 bits) and in the runtime's due-index.
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"timestamp": 1e20},
+        {"timestamp": 10**20},
+        {"timestamp": float("inf")},
+        {"timestamp": float("-inf")},
+        {"timestamp": float("nan")},
+        {"timestamp": True},
+        {"timestamp": -1},
+        {"timestamp": MAX_EVENT_TIME_MS + 1},
+        {"timestamp": "1969-12-31T23:59:59.999Z"},
+        {"timestamp": "0001-01-01T00:00:00+01:00"},
+        {"timestamp": "9999-12-31T23:59:59.999-00:01"},
+        {"timestamp": None, "originalTimestamp": 1e300},
+        {"timestamp": None, "receivedAt": -5},
+        # skew correction: each part readable, the corrected time out of range
+        {"originalTimestamp": iso(T0), "sentAt": iso(T0 + 3_000_000_000_000)},
+        {"originalTimestamp": iso(0), "sentAt": iso(0), "receivedAt": -1},
+        {
+            "originalTimestamp": "9999-12-31T23:59:59.999Z",
+            "sentAt": iso(T0),
+            "receivedAt": iso(T0 + 1),
+        },
+        # ... or a part itself out of range
+        {"originalTimestamp": 1e20, "sentAt": 1e20},
+        {"originalTimestamp": iso(T0), "sentAt": iso(T0), "receivedAt": float("nan")},
+    ],
+    ids=repr,
+)
+def test_event_times_outside_1970_to_9999_are_bad_timestamps(fields: dict) -> None:
+    raw = event_dict(**fields)
+    assert reason_of(raw) == "bad_timestamp"
+    try:
+        wire = orjson.dumps(raw)  # (JSON has no NaN/inf: orjson writes null; no ints > 64 bits)
+    except orjson.JSONEncodeError:
+        return
+    if orjson.loads(wire) == raw:
+        assert reason_of(wire) == "bad_timestamp"  # the wire form too
+
+
+def test_record_time_outside_the_range_is_no_event_time() -> None:
+    raw = event_dict(timestamp=None)
+    with pytest.raises(InvalidEventError) as info:
+        parse_event(raw, -1)  # librdkafka's "no timestamp"
+    assert info.value.reason == "bad_timestamp"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, 0),
+        (MAX_EVENT_TIME_MS, MAX_EVENT_TIME_MS),
+        (float(T0) + 0.7, T0),
+        ("1970-01-01T00:00:00.000Z", 0),
+        ("9999-12-31T23:59:59.999Z", MAX_EVENT_TIME_MS),
+    ],
+)
+def test_event_time_range_is_inclusive(value: object, expected: int) -> None:
+    event = parse_event(event_dict(timestamp=value), T0)
+    assert event.timestamp_ms == expected
+    assert iso(event.timestamp_ms)  # formats without raising
+
+
+def test_parse_iso_ms_never_raises() -> None:
+    for value in (float("nan"), float("inf"), float("-inf"), "99999-01-01", "2020-13-01", [1]):
+        assert parse_iso_ms(value) is None
+    assert parse_iso_ms("1950-06-01T00:00:00Z") < 0  # trait dates before 1970 still compare
 
 
 def test_iso_parsing_accepts_offsets_and_naive_times_as_utc() -> None:

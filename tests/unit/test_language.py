@@ -24,7 +24,7 @@ from factories import (
 )
 
 from audiences.core.definitions import validate_definition
-from audiences.core.definitions.traits import KINDS
+from audiences.core.definitions.language import KINDS
 from audiences.core.evaluator import Tick
 from audiences.core.outputs import render_output
 from audiences.errors import DefinitionError

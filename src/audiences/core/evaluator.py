@@ -16,15 +16,36 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+import orjson
 
 from audiences.core.definitions.catalog import Catalog
 from audiences.core.definitions.conditions import ALL_EVENTS, route_of
 from audiences.core.definitions.traits import is_empty_value
 from audiences.core.events import CONTROL_TYPES, Event, format_iso
-from audiences.core.state import DEDUP_MAX_IDS, DEDUP_WINDOW_MS, NEVER, Membership, UserState
+from audiences.core.state import (
+    DEDUP_MAX_IDS,
+    DEDUP_WINDOW_MS,
+    INT64_MIN,
+    MAX_ALIAS_ID_BYTES,
+    MAX_ALIASES,
+    MAX_TRAIT_NAME_BYTES,
+    MAX_TRAIT_VALUE_BYTES,
+    MAX_TRAITS,
+    MAX_TRAITS_BYTES,
+    NEVER,
+    SMALL_TRAIT_BYTES,
+    Membership,
+    UserState,
+    json_size,
+    string_fits,
+)
+
+_UINT64_MAX = (1 << 64) - 1  # the largest int the codec (orjson) writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,29 +142,76 @@ def _is_duplicate(state: UserState, event: Event, now: int) -> bool:
     recent.append(digest)
     recent.append(event.timestamp_ms // 1000)
     if len(recent) > 2 * DEDUP_MAX_IDS:
+        if recent[1] > (now - DEDUP_WINDOW_MS) // 1000:
+            state.drop("recent_ids")  # still inside the 24 h window
         del recent[:2]
     return False
 
 
 def _fold_traits(state: UserState, event: Event) -> bool:
-    """Latest value per trait; an identify older than the last one only fills gaps."""
+    """Latest value per trait; an identify older than the last one only fills gaps.
+    Values and names outside the bounds of `state.py` are not stored (counted)."""
     incoming: Any = event.traits if event.type == "identify" else None
     context_traits = event.context.get("traits")
     changed = False
     newer = event.timestamp_ms >= state.traits_at_ms
+    traits = state.traits
     for source in (context_traits, incoming):
         if not isinstance(source, dict):
             continue
         for name, value in source.items():
-            if newer or name not in state.traits:
-                if state.traits.get(name, ...) != value:
-                    state.traits[name] = value
+            if newer or name not in traits:
+                if traits.get(name, ...) != value:
+                    if not _admit_trait(state, name, value):
+                        continue
+                    traits[name] = value
                     changed = True
                 if state.trait_times.get(name, -1) < event.timestamp_ms:
                     state.trait_times[name] = event.timestamp_ms  # merges: later value wins
     if changed and newer:
         state.traits_at_ms = event.timestamp_ms
     return changed
+
+
+def _admit_trait(state: UserState, name: str, value: Any) -> bool:
+    """Whether `value` may be stored as trait `name` (new or changed); counts a refusal.
+
+    Cheap on the hot path: called only for a value that differs from the stored one;
+    only dicts, lists and strings of more than 10 characters are measured, and all
+    traits only when a value over SMALL_TRAIT_BYTES is to be stored."""
+    traits = state.traits
+    if name not in traits:
+        if len(traits) >= MAX_TRAITS:
+            state.drop("traits")
+            return False
+        if not string_fits(name, MAX_TRAIT_NAME_BYTES):
+            state.drop("trait_name_size")
+            return False
+    kind = type(value)
+    if kind is float:
+        if not math.isfinite(value):  # the codec would write null
+            state.drop("non_finite_number")
+            return False
+        return True
+    if kind is int:
+        if not INT64_MIN <= value <= _UINT64_MAX:
+            state.drop("non_finite_number")
+            return False
+        return True
+    if value is None or kind is bool or (kind is str and len(value) <= 10):
+        return True
+    size = json_size(value)
+    if size > MAX_TRAIT_VALUE_BYTES:
+        state.drop("trait_value_size")
+        return False
+    if size > SMALL_TRAIT_BYTES:
+        total = json_size(traits) + size
+        old = traits.get(name, ...)
+        total -= json_size(old) if old is not ... else -(json_size(name) + 1)
+        if total > MAX_TRAITS_BYTES:
+            state.drop("traits_size")
+            return False
+    return True
 
 
 def _evaluate(
@@ -189,20 +257,23 @@ def _evaluate(
                     touched.add(index[key])
         if not touched:
             if stale_wake:
-                state.refresh_wake()
+                _refresh_wake(state, catalog)
             return
         queue = sorted(touched)
     dependents = catalog.dependent_positions if touched is not None else None
     anonymous = state.anonymous
+    frozen = catalog.frozen_positions  # empty unless a backfill is pending
     while queue:
         position = heapq.heappop(queue) if dependents else queue.pop(0)
+        if frozen and position in frozen:
+            continue  # neither judged nor announced; its membership and wake stay
         audience = audiences[position]
         key = audience.key
         membership = members.get(key)
         value, change = audience.root.evaluate(state, now)
         if anonymous and not audience.include_anonymous:
             value = False
-        wake = change if change > now else NEVER
+        wake = change if now < change < NEVER else NEVER  # a deadline past NEVER never comes
         if membership is None:
             if not value and wake == NEVER:
                 continue  # nothing to remember: keeps state small for non-members
@@ -240,6 +311,15 @@ def _evaluate(
                     touched.add(dependent)
                     heapq.heappush(queue, dependent)
     if stale_wake:
+        _refresh_wake(state, catalog)
+
+
+def _refresh_wake(state: UserState, catalog: Catalog) -> None:
+    """The profile's earliest wake; frozen audiences and traits (a pending backfill) do
+    not count: they would be due again and again with nothing to judge."""
+    if catalog.pending:
+        state.refresh_wake(catalog.frozen_audiences, catalog.frozen_traits)
+    else:
         state.refresh_wake()
 
 
@@ -265,9 +345,10 @@ def _judge_traits(
         names = sorted(keys | due) if due else sorted(keys)
     affected: set[int] = set()
     stale = False
+    frozen = catalog.frozen_traits  # empty unless a backfill is pending
     for key in names:
         trait = traits.get(key)
-        if trait is None:
+        if trait is None or (frozen and key in frozen):
             continue
         value, change = trait.value(state, now)
         wake = change if now < change < NEVER else 0  # stored as 0 = never
@@ -312,6 +393,8 @@ def _fire_due(
     state: UserState, catalog: Catalog, profile_key: str, until: int, out: list[Output]
 ) -> None:
     """Deliver every deadline <= `until`, each at its own time."""
+    if catalog.pending:
+        _refresh_wake(state, catalog)  # (a decoded state's wake may be a frozen one)
     while (wake := state.wake_ms) <= until:
         now = max(state.clock_ms, wake)
         state.clock_ms = now
@@ -383,17 +466,30 @@ def step(
     )
     controls: tuple[Control, ...] = ()
     link = event.link_id
-    if link is not None and link not in state.aliases:
+    if link is not None and link not in state.aliases and _admit_alias(state, link):
         state.aliases[link] = 0  # requested: the link's own worker answers with its state
         controls = ((link, merge_request(link, profile_key, ts)),)
     return StepResult(state, transitions, state.wake_ms, False, controls)
+
+
+def _admit_alias(state: UserState, link: str) -> bool:
+    """A profile takes at most MAX_ALIASES links (SPEC §11), of ids of bounded size."""
+    if len(state.aliases) >= MAX_ALIASES:
+        state.drop("aliases")
+        return False
+    if not string_fits(link, MAX_ALIAS_ID_BYTES):
+        state.drop("alias_id_size")
+        return False
+    return True
 
 
 def _adopt_catalog(state: UserState, catalog: Catalog, profile_key: str, out: list[Output]) -> None:
     """New, edited or deleted definitions: judge every audience and trait once.
 
     Members of a deleted audience are told so (`Audience Exited`, trigger
-    "deleted"); unchanged members of edited audiences hear nothing."""
+    "deleted"); unchanged members of edited audiences hear nothing. Audiences and
+    traits a pending backfill freezes keep their memberships, values and the data of
+    their trackers: they are judged when the full catalog is adopted."""
     now = state.clock_ms
     for key, membership in list(state.members.items()):
         if key in catalog.index:
@@ -406,9 +502,37 @@ def _adopt_catalog(state: UserState, catalog: Catalog, profile_key: str, out: li
         del state.computed[key]
     for tracker_id in [t for t in state.trackers if t not in catalog.trackers]:
         del state.trackers[tracker_id]  # nothing reads it any more
-    state.refresh_wake()
+    _refresh_wake(state, catalog)
     state.catalog_fingerprint = catalog.fingerprint
     _evaluate(state, catalog, profile_key, now, None, out, "definition", None, now)
+
+
+def fold_history(
+    state: UserState, event: Event, catalog: Catalog, tracker_ids: frozenset[str]
+) -> bool:
+    """Fold a past event into trackers `tracker_ids` only — a backfill of new trackers,
+    running as a second cursor over the log while live events flow with
+    `catalog.with_pending(tracker_ids)` — judging nothing and emitting nothing. Returns
+    whether the state changed. Never raises on data.
+
+    `catalog` may be the full or the pending catalog (both hold every tracker). The
+    trackers see the event at its own time, as they would have when it was live (for
+    a profile whose events are in time order, exactly so); the profile's clock, traits,
+    memberships and deduplication are left alone, so a duplicate in the log is folded
+    again. Control records and forwarding stubs of merged profiles fold nothing. What
+    a bound drops is counted in `state.dropped`, as in `step`."""
+    if state.merged_into is not None or event.type in CONTROL_TYPES:
+        return False
+    route = route_of(event.type, event.name)
+    now = event.timestamp_ms
+    changed = False
+    for tracker in catalog.trackers.values():  # (in catalog order: deterministic)
+        if tracker.id not in tracker_ids:
+            continue
+        events = tracker.events
+        if (route is not None and route in events) or ALL_EVENTS in events:
+            changed = tracker.update(state, event, now) or changed
+    return changed
 
 
 # -- identity and control records (SPEC §4) -------------------------------------------------
@@ -531,18 +655,14 @@ def _control(
         source = properties.get("from")
         if not isinstance(source, str) or (state is not None and state.aliases.get(source) == 1):
             return _unchanged(state)
-        other: UserState | None = None
-        carried = properties.get("state")
-        if isinstance(carried, list):
-            try:
-                other = UserState.from_json(carried)
-            except (ValueError, TypeError, IndexError, KeyError, AttributeError):
-                other = None  # unreadable: the link is still recorded
+        other = _snapshot(properties.get("state"))
         if state is None:
             state = UserState()
             state.catalog_fingerprint = catalog.fingerprint
         elif state.catalog_fingerprint != catalog.fingerprint:
             _adopt_catalog(state, catalog, profile_key, out)
+        if source not in state.aliases and not _admit_alias(state, source):
+            return StepResult(state, out, state.wake_ms, False)  # not requested by this profile
         # The merged profile's clock is the later of both: the same result whether the
         # hand-over arrives before or after the anonymous profile's last events.
         until = max(ts, other.clock_ms) if other is not None else ts
@@ -552,10 +672,61 @@ def _control(
         state.aliases[source] = 1
         state.anonymous = False
         if other is not None:
-            _absorb(state, other, catalog, now)
+            merged = _merged(state, other, catalog, profile_key, now, event.message_id, out)
+            if merged is not None:
+                return StepResult(merged, out, merged.wake_ms, False)
         _evaluate(state, catalog, profile_key, now, None, out, "merge", event.message_id, now)
         return StepResult(state, out, state.wake_ms, False)
     return _unchanged(state)
+
+
+_UNREADABLE = (ValueError, TypeError, IndexError, KeyError, AttributeError)
+
+
+def _snapshot(carried: Any) -> UserState | None:
+    """The profile a merge record carries, or None when it is unreadable (the link is
+    still recorded). Its clock must be a time the core can work with."""
+    if not isinstance(carried, list):
+        return None
+    try:
+        other = UserState.from_json(carried)
+    except _UNREADABLE:
+        return None
+    clock = other.clock_ms
+    if type(clock) is not int or not 0 <= clock < NEVER or type(other.traits_at_ms) is not int:
+        return None
+    parts = (other.traits, other.trait_times, other.trackers, other.aliases)
+    return other if all(type(part) is dict for part in parts) else None
+
+
+def _merged(
+    state: UserState,
+    other: UserState,
+    catalog: Catalog,
+    profile_key: str,
+    now: int,
+    trigger_id: str | None,
+    out: list[Output],
+) -> UserState | None:
+    """A copy of `state` with `other` absorbed and judged, or None if the carried data
+    cannot be merged or judged (a merge record is data: it never makes `step` raise;
+    its link is still recorded). Merges are rare: the copy costs nothing that matters.
+
+    Only what the merge step reads is checked: a carried tracker that is not of its
+    tracker's shape may still fail a later step, which the runtime then quarantines."""
+    merged = UserState.from_json(orjson.loads(state.encode()))
+    merged.dropped = state.dropped
+    _refresh_wake(merged, catalog)  # (from_json counts frozen deadlines too)
+    judged: list[Output] = []
+    try:
+        _absorb(merged, other, catalog, now)
+        _evaluate(merged, catalog, profile_key, now, None, judged, "merge", trigger_id, now)
+        merged.encode()
+    except _UNREADABLE:
+        state.dropped = merged.dropped
+        return None
+    out.extend(judged)
+    return merged
 
 
 def _unchanged(state: UserState | None) -> StepResult:
@@ -565,10 +736,13 @@ def _unchanged(state: UserState | None) -> StepResult:
 
 def _absorb(state: UserState, other: UserState, catalog: Catalog, now: int) -> None:
     """Fold an anonymous profile's history into the user's (the later value of each
-    trait wins; counts add up; windows, funnels, devices and aggregates combine)."""
+    trait wins; counts add up; windows, funnels, devices and aggregates combine), within
+    the bounds of `state.py`."""
     for name, value in other.traits.items():
         theirs = other.trait_times.get(name, other.traits_at_ms)
         if name not in state.traits or theirs > state.trait_times.get(name, state.traits_at_ms):
+            if state.traits.get(name, ...) != value and not _admit_trait(state, name, value):
+                continue
             state.traits[name] = value  # the later value of each trait wins
             state.trait_times[name] = theirs
     state.traits_at_ms = max(state.traits_at_ms, other.traits_at_ms)
@@ -578,7 +752,7 @@ def _absorb(state: UserState, other: UserState, catalog: Catalog, now: int) -> N
         if mine is None:
             state.trackers[tracker_id] = data
         elif tracker is not None:
-            state.trackers[tracker_id] = tracker.merge(mine, data, now)
+            state.trackers[tracker_id] = tracker.merge(mine, data, now, state)
     recent = state.recent_ids
     for index in range(0, len(other.recent_ids), 2):
         digest = other.recent_ids[index]
@@ -587,20 +761,5 @@ def _absorb(state: UserState, other: UserState, catalog: Catalog, now: int) -> N
     if len(recent) > 2 * DEDUP_MAX_IDS:
         del recent[: len(recent) - 2 * DEDUP_MAX_IDS]
     for alias in other.aliases:
-        state.aliases[alias] = 1
-
-
-def fold_history(
-    state: UserState, event: Event, catalog: Catalog, tracker_ids: frozenset[str]
-) -> bool:  # TEMP(core-hardening)
-    """Fold a past event into trackers `tracker_ids` only (no judging)."""
-    route = route_of(event.type, event.name)
-    changed = False
-    for group in (
-        catalog.trackers_by_event.get(route) if route is not None else None,
-        catalog.trackers_by_event.get(ALL_EVENTS),
-    ):
-        for tracker in group or ():
-            if tracker.id in tracker_ids and tracker.update(state, event, state.clock_ms):
-                changed = True
-    return changed
+        if alias in state.aliases or _admit_alias(state, alias):
+            state.aliases[alias] = 1

@@ -7,6 +7,7 @@ schema documentation lives in `schemas/events/`.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,11 @@ EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"
 CONTROL_TYPES = frozenset({"delete", "unsuppress", "merge"})
 MAX_CONTROL_BYTES = 1024 * 1024  # a merge record carries a whole profile
 MERGE_PREFIX = b'{"type":"merge",'  # how orjson writes the records of `merge_request` & co
+# Event times are epoch ms in [0, MAX_EVENT_TIME_MS]: 1970-01-01 .. 9999-12-31T23:59:59.999Z,
+# the range ISO-8601 (and `format_iso`, the state codec, the due-index) can represent.
+# Anything else is rejected as `bad_timestamp` (SPEC §11: invalid input, never a crash).
+MIN_EVENT_TIME_MS = 0
+MAX_EVENT_TIME_MS = 253_402_300_799_999
 
 _EMPTY: dict[str, Any] = {}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -107,20 +113,31 @@ _TOP_LEVEL = frozenset(
 
 
 def parse_iso_ms(value: Any) -> int | None:
-    """Epoch ms of an ISO-8601 string (or a number of epoch ms); None if unreadable."""
+    """Epoch ms of an ISO-8601 string (or a number of epoch ms); None if unreadable.
+
+    Never raises: booleans, NaN and infinities are unreadable. The result is not
+    range-checked (dates before 1970 compare fine in trait conditions); event times
+    are, by `event_time_ms`."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) else None
     if not isinstance(value, str):
         return None
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return (parsed - _EPOCH) // _ONE_MS  # integer arithmetic: floats lose a millisecond
+    except (ValueError, OverflowError):
         return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return (parsed - _EPOCH) // _ONE_MS  # integer arithmetic: floats lose a millisecond
+
+
+def is_event_time(ms: int) -> bool:
+    """Whether epoch ms `ms` is in the range event times may take."""
+    return MIN_EVENT_TIME_MS <= ms <= MAX_EVENT_TIME_MS
 
 
 def format_iso(ms: int) -> str:
@@ -142,6 +159,9 @@ def event_time_ms(raw: dict[str, Any], received_at_ms: int) -> int:
     `timestamp = receivedAt - (sentAt - (originalTimestamp or timestamp))`, with
     the Kafka record time standing in for a missing `receivedAt`. Otherwise
     `timestamp`, else `originalTimestamp`, else `receivedAt`, else the record time.
+
+    Every time read and the result must lie in [MIN_EVENT_TIME_MS, MAX_EVENT_TIME_MS]
+    (numbers: finite epoch ms, not booleans); otherwise `bad_timestamp`.
     """
     received = raw.get("receivedAt")
     sent = raw.get("sentAt")
@@ -149,20 +169,31 @@ def event_time_ms(raw: dict[str, Any], received_at_ms: int) -> int:
     if client is None:
         client = raw.get("timestamp")
     if sent is not None and client is not None:
-        received_ms = parse_iso_ms(received) if received is not None else received_at_ms
-        sent_ms = parse_iso_ms(sent)
-        client_ms = parse_iso_ms(client)
-        if received_ms is None or sent_ms is None or client_ms is None:
-            raise InvalidEventError("bad_timestamp", "receivedAt/sentAt/timestamp unreadable")
-        return received_ms - (sent_ms - client_ms)
+        received_ms = (
+            _time_field(received, "receivedAt") if received is not None else received_at_ms
+        )
+        corrected = received_ms - (_time_field(sent, "sentAt") - _time_field(client, "timestamp"))
+        if not is_event_time(corrected):
+            raise InvalidEventError(
+                "bad_timestamp", f"skew-corrected time {corrected} is outside 1970..9999"
+            )
+        return corrected
     for field in ("timestamp", "originalTimestamp", "receivedAt"):
         value = raw.get(field)
         if value is not None:
-            ms = parse_iso_ms(value)
-            if ms is None:
-                raise InvalidEventError("bad_timestamp", f"{field} is not an ISO-8601 time")
-            return ms
+            return _time_field(value, field)
+    if not is_event_time(received_at_ms):
+        raise InvalidEventError("bad_timestamp", f"no event time (record time {received_at_ms})")
     return received_at_ms
+
+
+def _time_field(value: Any, field: str) -> int:
+    ms = parse_iso_ms(value)
+    if ms is None:
+        raise InvalidEventError("bad_timestamp", f"{field} is not an ISO-8601 time")
+    if not is_event_time(ms):
+        raise InvalidEventError("bad_timestamp", f"{field} is outside 1970..9999")
+    return ms
 
 
 def _optional_id(raw: dict[str, Any], field: str) -> str | None:

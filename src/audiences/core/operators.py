@@ -11,6 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from audiences.core.durations import parse_duration_ms
+from audiences.core.events import parse_iso_ms
+from audiences.core.state import NEVER
 
 Predicate = Callable[[Any, int], bool]
 
@@ -68,13 +70,6 @@ def wildcard_regex(pattern: str, *, anchored: bool) -> re.Pattern[str]:
         alternatives.append("".join(parts))
     body = "(?:" + "|".join(alternatives) + ")"
     return re.compile(("^" + body + "$") if anchored else body, re.DOTALL)
-
-
-def _as_ms(value: Any) -> int | None:
-    # Imported lazily to keep this module free of a cycle with events.py.
-    from audiences.core.events import parse_iso_ms
-
-    return parse_iso_ms(value)
 
 
 def compile_predicate(op: str, expected: Any) -> Predicate:
@@ -135,11 +130,11 @@ def compile_predicate(op: str, expected: Any) -> Predicate:
     if op == "not_exists":
         return lambda a, _now: a is None
     if op in ("before", "after"):
-        bound = _as_ms(expected)
+        bound = parse_iso_ms(expected)
         assert bound is not None  # validated at compile time
 
         def dated(a: Any, _now: int) -> bool:
-            ms = _as_ms(a) if isinstance(a, str) else None
+            ms = parse_iso_ms(a) if isinstance(a, str) else None
             if ms is None:
                 return False
             return ms < bound if op == "before" else ms > bound
@@ -150,7 +145,7 @@ def compile_predicate(op: str, expected: Any) -> Predicate:
         assert window is not None  # validated at compile time
 
         def recent(a: Any, now: int) -> bool:
-            ms = _as_ms(a) if isinstance(a, str) else None
+            ms = parse_iso_ms(a) if isinstance(a, str) else None
             if ms is None:
                 return False
             inside = now - window < ms <= now
@@ -161,14 +156,15 @@ def compile_predicate(op: str, expected: Any) -> Predicate:
 
 
 def predicate_change_ms(op: str, expected: Any, actual: Any, now_ms: int) -> int | None:
-    """When a relative-time predicate on `actual` next changes value with no new input."""
+    """When a relative-time predicate on `actual` next changes value with no new input
+    (None: never, including a time at or beyond NEVER)."""
     if op not in DURATION_OPERATORS:
         return None
     window = parse_duration_ms(expected)
-    ms = _as_ms(actual) if isinstance(actual, str) else None
+    ms = parse_iso_ms(actual) if isinstance(actual, str) else None
     if window is None or ms is None:
         return None
     for edge in (ms, ms + window):
         if edge > now_ms:
-            return edge
+            return edge if edge < NEVER else None
     return None

@@ -3,12 +3,19 @@
 No compaction, no deadlines, no incremental state: each question is answered
 by scanning every event. Property tests check the streaming engine (`step`
 driven by events and ticks) against this on random histories.
+
+The per-value rules of computed traits are modelled (numbers must be finite
+and within 64 bits, strings at most 128 bytes of JSON); the per-profile bounds
+of `state.py` (counts of traits, timestamps, instances, distinct values, sums
+near the 64-bit range) are not: the property tests' histories stay within them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import orjson
 
 from audiences.core.definitions.conditions import EventMatcher, compile_where, device_type
 from audiences.core.durations import parse_duration_ms
@@ -147,11 +154,15 @@ def trait_value(doc: Mapping[str, Any], seen: list[Event], t: int) -> Any:
                 continue
         value = e.get(path) if path is not None else None
         numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if isinstance(value, int | float) and not -(2**63) <= value < 2**63:
+            continue  # (NaN and the infinities fail the comparison too)
         if kind in ("sum", "avg", "min", "max") and not numeric:
             continue
         if kind not in ("count", "sum", "avg", "min", "max") and not isinstance(
             value, str | int | float | bool
         ):
+            continue
+        if kind != "count" and isinstance(value, str) and len(orjson.dumps(value)) > 128:
             continue
         rows.append((ts, index, value))
     values = [v for _ts, _i, v in rows]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from audiences.core.definitions import build_catalog
-from audiences.core.definitions.validate import is_trait_definition
+from audiences.core.definitions.language import is_trait_definition
 from audiences.core.evaluator import Tick, TraitChange, Transition, step
 from audiences.core.state import UserState
 from audiences.errors import DefinitionError

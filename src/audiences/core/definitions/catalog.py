@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,12 +24,13 @@ from audiences.core.definitions.conditions import (
     Tracker,
     TraitNode,
 )
-from audiences.core.definitions.traits import ComputedTrait, counts_from_ms, trait_references
-from audiences.core.definitions.validate import (
+from audiences.core.definitions.language import (
     audience_references,
-    find_cycle,
     is_trait_definition,
+    trait_references,
 )
+from audiences.core.definitions.traits import ComputedTrait, counts_from_ms
+from audiences.core.definitions.validate import find_cycle
 from audiences.core.durations import parse_duration_ms
 
 
@@ -70,6 +72,14 @@ class Catalog:
     trait_dependent_positions: dict[str, frozenset[int]] = field(default_factory=dict)
     # Deleted audiences (key -> (last version, name)): their members are told they exit.
     retired: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # A backfill in progress (`with_pending`): trackers live events do not update yet, and
+    # the audiences and traits that depend on them, which `step` does not judge. Empty
+    # (falsy) for a full catalog: the hot path tests nothing else.
+    pending: frozenset[str] = frozenset()
+    frozen_audiences: frozenset[str] = frozenset()  # keys
+    frozen_positions: frozenset[int] = frozenset()  # the same as positions in `audiences`
+    frozen_traits: frozenset[str] = frozenset()
+    full_fingerprint: str = ""  # of the catalog without anything pending
 
     def with_pending(self, tracker_ids: frozenset[str]) -> Catalog:  # TEMP(core-hardening)
         return self
@@ -77,6 +87,51 @@ class Catalog:
     def audience(self, key: str) -> CompiledAudience | None:
         position = self.index.get(key)
         return None if position is None else self.audiences[position]
+
+    def with_pending(self, tracker_ids: frozenset[str]) -> Catalog:
+        """This catalog while trackers `tracker_ids` are being backfilled (a second cursor
+        over the log folds history into them with `evaluator.fold_history`):
+
+        - live events do not update them (`trackers_by_event` leaves them out), but
+          `trackers` keeps them, so adopting this catalog keeps their data;
+        - every audience that depends on one — directly, through a computed trait that
+          uses one, or through `in_audience` of such an audience — and every computed
+          trait whose tracker is pending is *frozen*: `step` neither judges it nor emits
+          for it, and leaves its membership or value and its deadline as they are
+          (adopting this catalog keeps them too: no exit, no deletion);
+        - its fingerprint differs from the full catalog's, deterministically, so that
+          when the runtime switches back to the full catalog every profile adopts that
+          once: the audiences thawed are judged then, and unchanged members hear nothing.
+
+        Ids this catalog does not track are ignored; with none left, or none given, this
+        catalog is returned. Pending sets accumulate when called on a pending catalog."""
+        pending = frozenset(t for t in tracker_ids if t in self.trackers) - self.pending
+        if not pending:
+            return self
+        pending |= self.pending
+        frozen_traits = frozenset(k for k, t in self.traits.items() if t.id in pending)
+        frozen: set[str] = set()
+        for key in frozen_traits:
+            frozen |= self.trait_dependents.get(key, frozenset())
+        for audience in self.audiences:  # in dependency order: references come first
+            if audience.tracker_ids & pending or audience.references & frozen:
+                frozen.add(audience.key)
+        by_event = {
+            route: [t for t in trackers if t.id not in pending]
+            for route, trackers in self.trackers_by_event.items()
+        }
+        full = self.full_fingerprint or self.fingerprint
+        digest = hashlib.sha1(f"{full}|pending|{','.join(sorted(pending))}".encode())
+        return dataclasses.replace(
+            self,
+            trackers_by_event={route: group for route, group in by_event.items() if group},
+            pending=pending,
+            frozen_audiences=frozenset(frozen),
+            frozen_positions=frozenset(self.index[key] for key in frozen),
+            frozen_traits=frozen_traits,
+            full_fingerprint=full,
+            fingerprint=digest.hexdigest()[:16],
+        )
 
 
 class _Compiler:
@@ -244,4 +299,5 @@ def build_catalog(
     versions = [f"{a.key}:{a.version}" for a in catalog.audiences]
     versions += [f"trait {t.key}:{t.version}" for t in catalog.traits.values()]
     catalog.fingerprint = hashlib.sha1("|".join(versions).encode()).hexdigest()[:16]
+    catalog.full_fingerprint = catalog.fingerprint
     return catalog

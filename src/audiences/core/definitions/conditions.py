@@ -5,6 +5,11 @@ at a time `now` and answers `(value, change_ms)`: whether the condition holds
 and the earliest later time its value may change with no new input (NEVER if
 it cannot). Composite nodes combine their children's answers, so one call on
 the root gives both membership and the audience's next deadline.
+
+Trackers keep their data bounded (SPEC §11, table in `state.py`): at most
+MAX_KEPT_TIMESTAMPS timestamps per `performed` tracker, MAX_SEQUENCE_INSTANCES
+funnel instances, MAX_DEVICES devices; what they drop is counted in
+`UserState.dropped`.
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ from audiences.core.operators import (
     predicate_change_ms,
     wildcard_regex,
 )
-from audiences.core.state import NEVER, UserState
+from audiences.core.state import MAX_KEY_CHARS, NEVER, UserState, bounded_key
 
 EventFilter = Callable[[Event], bool]
 MAX_SEQUENCE_INSTANCES = 64
+# Timestamps one `performed` tracker keeps: for `between`, the most recent ones, so a
+# count above it is capped at it; for `times N within`, N + 1 suffice (see
+# PerformedTracker), so only a definition asking for N >= MAX_KEPT_TIMESTAMPS is capped.
+MAX_KEPT_TIMESTAMPS = 1000
 
 _ANY_COUNT = 1 << 62
 _COUNT_RANGE: dict[str, Callable[[int], tuple[int, int]]] = {
@@ -119,8 +128,9 @@ class Tracker:
         """Fold an event in; True when the stored state changed."""
         raise NotImplementedError
 
-    def merge(self, mine: Any, other: Any, now: int) -> Any:
-        """This tracker's data of two profiles as one (identity merges)."""
+    def merge(self, mine: Any, other: Any, now: int, state: UserState) -> Any:
+        """This tracker's data of two profiles as one (identity merges), within the
+        tracker's bounds (drops are counted on `state`)."""
         return mine
 
 
@@ -133,6 +143,8 @@ class PerformedTracker(Tracker):
       all are inside the window the count exceeds N whatever came before), so it
       keeps the largest N+1 of its leaves, younger than the largest D;
     - "between [D1, D2]": every timestamp younger than the largest D2.
+    Either way at most MAX_KEPT_TIMESTAMPS, the most recent: a count above it is
+    capped at it (drops counted as `between_timestamps` / `window_timestamps`).
     """
 
     def __init__(
@@ -145,6 +157,7 @@ class PerformedTracker(Tracker):
         self.mode = mode
         self.horizon_ms = 0
         self.keep = 0
+        self.capped = False  # a leaf asks for more timestamps than are kept
         self.from_ms = from_ms  # backfill: false ignores events before the audience existed
         if event_type == "track" and not from_ms:  # the original ids: stored history stays valid
             self.id = tracker_id("p", {"e": spec["event"], "w": spec.get("where"), "m": mode})
@@ -154,7 +167,8 @@ class PerformedTracker(Tracker):
     def serve(self, horizon_ms: int, keep: int) -> None:
         """Widen what is kept so one more leaf can be answered."""
         self.horizon_ms = max(self.horizon_ms, horizon_ms)
-        self.keep = max(self.keep, keep)
+        self.capped = self.capped or keep > MAX_KEPT_TIMESTAMPS
+        self.keep = min(max(self.keep, keep), MAX_KEPT_TIMESTAMPS)
 
     def update(self, state: UserState, event: Event, now: int) -> bool:
         if not self.matcher.matches(event) or event.timestamp_ms < self.from_ms:
@@ -169,20 +183,28 @@ class PerformedTracker(Tracker):
             return False  # late and already outside every window it could count in
         times: list[int] = trackers.get(self.id) or []
         insort(times, ts)
-        start = bisect_right(times, cutoff)
-        if self.mode == "window":
-            start = max(start, len(times) - self.keep)
+        start = self._start(times, now, state)
         trackers[self.id] = times[start:] if start else times
         return True
 
-    def merge(self, mine: Any, other: Any, now: int) -> Any:
+    def _start(self, times: list[int], now: int, state: UserState) -> int:
+        """Index of the oldest timestamp to keep of sorted `times`; counts what the
+        bounds drop (not what has left every window: that is no loss)."""
+        start = bisect_right(times, now - self.horizon_ms)
+        bound = self.keep if self.mode == "window" else MAX_KEPT_TIMESTAMPS
+        if len(times) - start > bound:
+            if self.mode == "between":
+                state.drop("between_timestamps", len(times) - start - bound)
+            elif self.capped:
+                state.drop("window_timestamps", len(times) - start - bound)
+            start = len(times) - bound
+        return start
+
+    def merge(self, mine: Any, other: Any, now: int, state: UserState) -> Any:
         if self.mode == "count":
             return int(mine) + int(other)
         times = sorted([*mine, *other])
-        start = bisect_right(times, now - self.horizon_ms)
-        if self.mode == "window":
-            start = max(start, len(times) - self.keep)
-        return times[start:]
+        return times[self._start(times, now, state) :]
 
 
 class SequenceTracker(Tracker):
@@ -211,25 +233,27 @@ class SequenceTracker(Tracker):
             value = event.get(self.match_path)
             if value is None or isinstance(value, dict | list):
                 return False
-            match_key = str(value)
+            match_key = value if type(value) is str else str(value)
+            if len(match_key) > MAX_KEY_CHARS:
+                match_key = bounded_key(match_key)
         else:
             match_key = ""
         instances: dict[str, list[int]] = state.trackers.get(self.id) or {}
         changed = self._advance(instances, match_key, event)
         if changed or instances:
-            changed = self._collect(instances, now) or changed
+            changed = self._collect(instances, now, state) or changed
         if changed:
             state.trackers[self.id] = instances
         return changed
 
-    def merge(self, mine: Any, other: Any, now: int) -> Any:
+    def merge(self, mine: Any, other: Any, now: int, state: UserState) -> Any:
         """Funnels of both profiles; for the same match value, the more recent one."""
         instances = {key: list(inst) for key, inst in other.items()}
         for key, inst in mine.items():
             theirs = instances.get(key)
             if theirs is None or inst[1] >= theirs[1]:
                 instances[key] = list(inst)
-        self._collect(instances, now)
+        self._collect(instances, now, state)
         return instances
 
     def _advance(self, instances: dict[str, list[int]], match_key: str, event: Event) -> bool:
@@ -262,12 +286,13 @@ class SequenceTracker(Tracker):
             return True
         return False
 
-    def _collect(self, instances: dict[str, list[int]], now: int) -> bool:
+    def _collect(self, instances: dict[str, list[int]], now: int, state: UserState) -> bool:
         """Drop instances that can never be true again; keep the most recent ones."""
         dead = [key for key, inst in instances.items() if self._is_dead(inst, now)]
         for key in dead:
             del instances[key]
         if len(instances) > MAX_SEQUENCE_INSTANCES:
+            state.drop("sequence_instances", len(instances) - MAX_SEQUENCE_INSTANCES)
             for key in sorted(instances, key=lambda k: instances[k][1])[:-MAX_SEQUENCE_INSTANCES]:
                 del instances[key]
             return True
@@ -560,9 +585,10 @@ class DeviceTracker(Tracker):
             targets = list(devices.values())
         else:
             device_id = device.get("id") or device.get("advertisingId") or kind
-            entry = devices.get(str(device_id))
+            device_key = bounded_key(device_id if isinstance(device_id, str) else str(device_id))
+            entry = devices.get(device_key)
             if entry is None:
-                entry = devices[str(device_id)] = [kind, 0, 0, ts]
+                entry = devices[device_key] = [kind, 0, 0, ts]
                 changed = True
             elif ts > entry[3]:
                 entry[3] = ts
@@ -578,13 +604,11 @@ class DeviceTracker(Tracker):
                 if ts >= entry[2]:
                     changed = changed or entry[1] != push
                     entry[1], entry[2] = push, ts
-        if len(devices) > MAX_DEVICES:
-            for stale in sorted(devices, key=lambda k: devices[k][3])[: len(devices) - MAX_DEVICES]:
-                del devices[stale]
+        _keep_recent_devices(devices, state)
         state.trackers[self.id] = devices
         return changed
 
-    def merge(self, mine: Any, other: Any, now: int) -> Any:
+    def merge(self, mine: Any, other: Any, now: int, state: UserState) -> Any:
         devices = {key: list(entry) for key, entry in other.items()}
         for key, entry in mine.items():
             theirs = devices.get(key)
@@ -597,10 +621,15 @@ class DeviceTracker(Tracker):
             elif entry[2] > theirs[2]:
                 merged[1], merged[2] = entry[1], entry[2]
             devices[key] = merged
-        if len(devices) > MAX_DEVICES:
-            for stale in sorted(devices, key=lambda k: devices[k][3])[: len(devices) - MAX_DEVICES]:
-                del devices[stale]
+        _keep_recent_devices(devices, state)
         return devices
+
+
+def _keep_recent_devices(devices: dict[str, list[Any]], state: UserState) -> None:
+    if len(devices) > MAX_DEVICES:
+        state.drop("devices", len(devices) - MAX_DEVICES)
+        for stale in sorted(devices, key=lambda k: devices[k][3])[: len(devices) - MAX_DEVICES]:
+            del devices[stale]
 
 
 class DeviceNode(Node):

@@ -24,34 +24,48 @@ event counts; unique_list is sorted (numbers, then strings). sum/avg/min/max
 read numbers only; other kinds read any scalar. Events whose property is
 missing or of the wrong type are not counted (count counts every matching
 event).
+
+Bounds (SPEC §11; each drop is counted in `UserState.dropped`, see `state.py`):
+
+- numbers: only finite floats and ints in the signed 64-bit range are read
+  (`non_finite_number` otherwise), and a value that would take the aggregate
+  of a sum or avg beyond that range is not counted (`non_finite_number`): the
+  aggregate of a bucket stays within the range (within 1/128 of it for a
+  windowed trait, so that no sum of up to 101 buckets can leave it). A sum is
+  therefore always a number the state codec writes exactly, never inf or null;
+- strings longer than MAX_COMPUTED_VALUE_BYTES (as JSON) are not counted
+  (`computed_value_size`): they would be stored in first/last/distinct values;
+- most_frequent, unique_list, unique_count keep at most MAX_DISTINCT values per
+  bucket (an event with a new value for a full bucket is not counted), and a
+  windowed one at most MAX_DISTINCT_ENTRIES over all its buckets: past that,
+  values of the oldest buckets are dropped to make room (their events leave the
+  window early), and a late event older than every other bucket is not
+  counted. Either way `distinct_values`.
 """
 
 from __future__ import annotations
 
+import math
+import operator
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from audiences.core.definitions.conditions import EventMatcher, Tracker, tracker_id
+from audiences.core.definitions.language import NUMERIC_KINDS
 from audiences.core.durations import parse_duration_ms
 from audiences.core.events import Event, compile_path, parse_iso_ms
-from audiences.core.state import NEVER, UserState
+from audiences.core.state import INT64_MAX, INT64_MIN, NEVER, UserState, string_fits
 
-KINDS = (
-    "count",
-    "sum",
-    "avg",
-    "min",
-    "max",
-    "first",
-    "last",
-    "most_frequent",
-    "unique_list",
-    "unique_count",
-)
-NUMERIC_KINDS = frozenset({"sum", "avg", "min", "max"})
 MAX_DISTINCT = 100  # values kept per bucket by most_frequent and unique_*
+MAX_DISTINCT_ENTRIES = 500  # values kept over all buckets of a windowed one
+MAX_COMPUTED_VALUE_BYTES = 128  # longer strings are not counted
 BUCKET_FRACTION = 100
 FOREVER = -1  # start of the single bucket of a trait without a window
+_FLOAT_MAX = sys.float_info.max
+_WINDOW_SHARE = 128  # a windowed bucket's sum stays within 1/128 of the range (<= 101 buckets)
+_DISTINCT_KINDS = frozenset({"most_frequent", "unique_list", "unique_count"})
+_AGGREGATE = operator.itemgetter(1)  # of a bucket [start, aggregate]
 
 
 def _empty(kind: str) -> Any:
@@ -64,10 +78,31 @@ def _empty(kind: str) -> Any:
     return None
 
 
-def _usable(kind: str, value: Any) -> bool:
+def _refusal(kind: str, value: Any) -> str | None:
+    """Why a trait of `kind` does not count an event with property `value`: None when it
+    does, "" when the value does not apply (missing, wrong type), else a drop reason."""
+    value_type = type(value)
+    if value_type is int:
+        return None if INT64_MIN <= value <= INT64_MAX else "non_finite_number"
+    if value_type is float:
+        return None if math.isfinite(value) else "non_finite_number"
     if kind in NUMERIC_KINDS:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    return isinstance(value, str | int | float | bool)
+        return ""
+    if value_type is str:
+        if len(value) <= 21 or string_fits(value, MAX_COMPUTED_VALUE_BYTES):  # (6 * 21 + 2)
+            return None
+        return "computed_value_size"
+    return None if value_type is bool else ""
+
+
+def _bounded_sum(total: Any, windowed: bool) -> bool:
+    """Whether a bucket's sum is a number the codec writes exactly, with room for the
+    sum of every bucket of a window (NaN compares false)."""
+    if type(total) is int:
+        bound = INT64_MAX // _WINDOW_SHARE if windowed else INT64_MAX
+        return -bound <= total <= bound
+    limit = _FLOAT_MAX / _WINDOW_SHARE if windowed else _FLOAT_MAX
+    return bool(-limit <= total <= limit)
 
 
 def _fold(kind: str, agg: Any, ts: int, value: Any) -> Any:
@@ -202,27 +237,94 @@ class ComputedTrait(Tracker):
         ts = event.timestamp_ms
         if ts < self.from_ms:
             return False
+        kind = self.kind
         value: Any = None
-        if self.kind != "count":
+        if kind != "count":
             value = event.get(self.path) if self.path is not None else None
-            if not _usable(self.kind, value):
+            refusal = _refusal(kind, value)
+            if refusal is not None:
+                if refusal:
+                    state.drop(refusal)
                 return False
         buckets: list[list[Any]] = state.trackers.get(self.id) or []
-        if self.window_ms is None:
+        window = self.window_ms
+        if window is None:
             start = FOREVER
         else:
             start = ts - ts % self.bucket_ms
-            if start + self.window_ms <= now:
+            if start + window <= now:
                 return False  # late, and already outside the window
-            buckets = [b for b in buckets if b[0] + self.window_ms > now]
+            buckets = [b for b in buckets if b[0] + window > now]
         for bucket in buckets:
             if bucket[0] == start:
-                bucket[1] = _fold(self.kind, bucket[1], ts, value)
+                created = False
                 break
         else:
-            buckets.append([start, _fold(self.kind, _empty(self.kind), ts, value)])
+            bucket, created = [start, _empty(kind)], True
+        if kind in _DISTINCT_KINDS:
+            if not self._add_distinct(state, buckets, bucket, value):
+                return False
+        elif kind == "sum" or kind == "avg":
+            if not self._add_to_sum(state, bucket, value):
+                return False
+        else:
+            bucket[1] = _fold(kind, bucket[1], ts, value)
+        if created:
+            buckets.append(bucket)
             buckets.sort(key=lambda b: b[0])
         state.trackers[self.id] = buckets
+        return True
+
+    def _add_to_sum(self, state: UserState, bucket: list[Any], value: Any) -> bool:
+        """Fold `value` into the sum or avg of `bucket` if the sum stays within the
+        bounds; else count the refusal."""
+        kind = self.kind
+        agg = bucket[1]
+        if type(agg if kind == "sum" else agg[0]) not in (int, float):
+            agg = _empty(kind)  # a sum stored as null before the bounds: not counted
+        total = (agg if kind == "sum" else agg[0]) + value
+        if not _bounded_sum(total, self.window_ms is not None):
+            state.drop("non_finite_number")
+            return False
+        bucket[1] = total if kind == "sum" else [total, agg[1] + 1]
+        return True
+
+    def _add_distinct(
+        self, state: UserState, buckets: list[list[Any]], bucket: list[Any], value: Any
+    ) -> bool:
+        """Count `value` in the distinct values of `bucket`, within MAX_DISTINCT per
+        bucket and, with a window, MAX_DISTINCT_ENTRIES over `buckets` (the oldest
+        make room); else count the refusal."""
+        agg: list[Any] = bucket[1]
+        if self.kind == "most_frequent":
+            for pair in agg:
+                if _same(pair[0], value):
+                    pair[1] += 1
+                    return True
+            entry: Any = [value, 1]
+        else:
+            for known in agg:
+                if _same(known, value):
+                    return True
+            entry = value
+        if len(agg) >= MAX_DISTINCT:
+            state.drop("distinct_values")
+            return False
+        if self.window_ms is not None:
+            excess = sum(map(len, map(_AGGREGATE, buckets))) + 1 - MAX_DISTINCT_ENTRIES
+            while excess > 0:  # the oldest buckets go first: they are the next to expire
+                oldest = buckets[0]
+                if oldest is bucket or oldest[0] > bucket[0]:
+                    state.drop("distinct_values")  # a late event: newer data stays
+                    return False
+                cut = min(excess, len(oldest[1]))
+                state.drop("distinct_values", cut)
+                excess -= cut
+                if cut == len(oldest[1]):
+                    del buckets[0]
+                else:
+                    oldest[1] = oldest[1][cut:]
+        agg.append(entry)
         return True
 
     def value(self, state: UserState, now: int) -> tuple[Any, int]:
@@ -233,33 +335,61 @@ class ComputedTrait(Tracker):
             buckets = [b for b in buckets if b[0] + window > now]
         agg = _empty(self.kind)
         for _start, bucket_agg in buckets:
-            agg = _merge(self.kind, agg, bucket_agg)
+            try:
+                agg = _merge(self.kind, agg, bucket_agg)
+            except TypeError:  # a sum stored as null before the bounds: not counted
+                continue
         change = buckets[0][0] + window if window is not None and buckets else NEVER
         return _finish(self.kind, agg), change
 
-    def merge(self, mine: Any, other: Any, now: int) -> Any:
-        """Buckets of two profiles as one (identity merges)."""
+    def merge(self, mine: Any, other: Any, now: int, state: UserState) -> Any:
+        """Buckets of two profiles as one (identity merges), within the bounds: a sum
+        that would leave the range keeps this profile's bucket; distinct values that
+        find no room are dropped, the oldest buckets' first (both counted)."""
+        kind = self.kind
+        window = self.window_ms
         merged: dict[int, Any] = {}
         for start, agg in [*(mine or []), *(other or [])]:
-            merged[start] = _merge(self.kind, merged[start], agg) if start in merged else agg
-        window = self.window_ms
-        return [
-            [start, merged[start]]
-            for start in sorted(merged)
-            if window is None or start + window > now
-        ]
+            if start not in merged:
+                merged[start] = agg
+                continue
+            try:
+                combined = _merge(kind, merged[start], agg)
+            except TypeError:  # (null sums stored before the bounds)
+                continue
+            if kind in ("sum", "avg") and not _bounded_sum(
+                combined if kind == "sum" else combined[0], window is not None
+            ):
+                state.drop("non_finite_number")
+                continue
+            if kind in _DISTINCT_KINDS:
+                kept = {_distinct_key(kind, item) for item in combined}
+                lost = [item for item in agg if _distinct_key(kind, item) not in kept]
+                if lost:
+                    state.drop("distinct_values", len(lost))
+            merged[start] = combined
+        starts = [s for s in sorted(merged) if window is None or s + window > now]
+        if kind in _DISTINCT_KINDS and window is not None:
+            excess = sum(len(merged[s]) for s in starts) - MAX_DISTINCT_ENTRIES
+            for start in starts:
+                if excess <= 0:
+                    break
+                cut = min(excess, len(merged[start]))
+                merged[start] = merged[start][cut:]
+                state.drop("distinct_values", cut)
+                excess -= cut
+        return [[start, merged[start]] for start in starts if merged[start] != []]
+
+
+def _distinct_key(kind: str, item: Any) -> tuple[str, Any]:
+    """A hashable identity of a distinct value (of a most_frequent pair: its value)."""
+    value = item[0] if kind == "most_frequent" else item
+    return (type(value).__name__, value)
 
 
 def is_empty_value(kind: str, value: Any) -> bool:
     """The value of a trait with no counted events (not announced for new profiles)."""
     return bool(value == _finish(kind, _empty(kind)))
-
-
-def trait_references(condition: Any) -> set[str]:
-    """Keys of the computed traits a (valid) audience condition compares."""
-    from audiences.core.definitions.validate import leaf_values
-
-    return leaf_values(condition, "computed", lambda body: str(body["name"]))
 
 
 def counts_from_ms(doc: Mapping[str, Any]) -> int:

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from audiences.core.definitions.language import (
+    CONDITIONS,
+    KINDS,
+    audience_references,
+    trait_references,
+)
+from audiences.core.definitions.language import (
+    is_trait_definition as is_trait_definition,  # re-exported: adapters import it from here
+)
 from audiences.core.durations import parse_duration_ms
 from audiences.core.events import parse_iso_ms
 from audiences.core.operators import DURATION_OPERATORS, OPERATORS, UNARY_OPERATORS
@@ -42,19 +51,6 @@ TRAIT_DEFINITION_FIELDS = (
     "version",
     "created_at",
     "include_anonymous",
-)
-CONDITIONS = (
-    "all",
-    "any",
-    "not",
-    "performed",
-    "trait",
-    "in_audience",
-    "sequence",
-    "page_viewed",
-    "screen_viewed",
-    "device",
-    "computed",
 )
 DEVICE_FIELDS = ("type", "push_enabled")
 DEVICE_TYPES = ("ios", "android", "web", "any")
@@ -288,14 +284,7 @@ def _counted(obj: Mapping[str, Any], here: str) -> None:
             raise DefinitionError(f"{here}.between", "expected D1 < D2")
 
 
-def is_trait_definition(doc: Mapping[str, Any]) -> bool:
-    """Computed traits share the definitions topic; they have `kind`, not `condition`."""
-    return "kind" in doc
-
-
 def _validate_trait(obj: Mapping[str, Any]) -> None:
-    from audiences.core.definitions.traits import KINDS
-
     _check_fields(obj, TRAIT_DEFINITION_FIELDS, "$")
     kind = obj.get("kind")
     if kind not in KINDS:
@@ -350,27 +339,6 @@ def validate_definition(doc: Any) -> dict[str, Any]:
     return dict(obj)
 
 
-def leaf_values(condition: Any, leaf: str, pick: Callable[[Any], str]) -> set[str]:
-    """`pick(body)` of every `leaf` condition in a (valid) condition tree."""
-    found: set[str] = set()
-    stack = [condition]
-    while stack:
-        node = stack.pop()
-        ((name, body),) = node.items()
-        if name in ("all", "any"):
-            stack.extend(body)
-        elif name == "not":
-            stack.append(body)
-        elif name == leaf:
-            found.add(pick(body))
-    return found
-
-
-def audience_references(condition: Any) -> set[str]:
-    """Keys of the audiences a (valid) condition refers to with in_audience."""
-    return leaf_values(condition, "in_audience", str)
-
-
 def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
     """A cycle of audience keys in `graph` (key -> referenced keys), or None."""
     state: dict[str, int] = {}
@@ -401,8 +369,6 @@ def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
 def check_references(doc: Mapping[str, Any], existing: Mapping[str, Mapping[str, Any]]) -> None:
     """Reject unknown in_audience / computed keys and reference cycles, given the other
     definitions (audiences and computed traits share one key space)."""
-    from audiences.core.definitions.traits import trait_references
-
     other = existing.get(doc["key"])
     if other is not None and is_trait_definition(other) != is_trait_definition(doc):
         kind = "a computed trait" if is_trait_definition(other) else "an audience"

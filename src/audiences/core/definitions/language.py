@@ -1,0 +1,70 @@
+"""Names of the definition language and walks over condition trees.
+
+Validation (`validate.py`), compilation (`catalog.py`) and computed traits
+(`traits.py`) all need these; they live here, below all three, so that no
+module of the core imports another in a circle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+CONDITIONS = (
+    "all",
+    "any",
+    "not",
+    "performed",
+    "trait",
+    "in_audience",
+    "sequence",
+    "page_viewed",
+    "screen_viewed",
+    "device",
+    "computed",
+)
+# Kinds of computed traits (SPEC §3).
+KINDS = (
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "first",
+    "last",
+    "most_frequent",
+    "unique_list",
+    "unique_count",
+)
+NUMERIC_KINDS = frozenset({"sum", "avg", "min", "max"})
+
+
+def is_trait_definition(doc: Mapping[str, Any]) -> bool:
+    """Computed traits share the definitions topic; they have `kind`, not `condition`."""
+    return "kind" in doc
+
+
+def leaf_values(condition: Any, leaf: str, pick: Callable[[Any], str]) -> set[str]:
+    """`pick(body)` of every `leaf` condition in a (valid) condition tree."""
+    found: set[str] = set()
+    stack = [condition]
+    while stack:
+        node = stack.pop()
+        ((name, body),) = node.items()
+        if name in ("all", "any"):
+            stack.extend(body)
+        elif name == "not":
+            stack.append(body)
+        elif name == leaf:
+            found.add(pick(body))
+    return found
+
+
+def audience_references(condition: Any) -> set[str]:
+    """Keys of the audiences a (valid) condition refers to with in_audience."""
+    return leaf_values(condition, "in_audience", str)
+
+
+def trait_references(condition: Any) -> set[str]:
+    """Keys of the computed traits a (valid) audience condition compares."""
+    return leaf_values(condition, "computed", lambda body: str(body["name"]))
