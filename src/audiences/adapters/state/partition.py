@@ -241,6 +241,7 @@ class PartitionState:
             if isinstance(item, Fold):
                 assert state is not None
                 if not fold_history(state, item.event, self.catalog, item.trackers):
+                    self._count_drops(state)
                     return None
                 result = StepResult(state, [], state.wake_ms, False)
             else:
@@ -271,12 +272,16 @@ class PartitionState:
         for output in result.transitions:
             if isinstance(output, Transition):
                 self.count_transition(output.audience_key, output.entered)
-        dropped = result.state.dropped
+        self._count_drops(result.state)
+        return result
+
+    def _count_drops(self, state: UserState) -> None:
+        """Move what bounding the profile dropped to the partition's counters (metrics)."""
+        dropped = state.dropped
         if dropped:
             for what, count in dropped.items():
                 self.dropped[what] = self.dropped.get(what, 0) + count
-            result.state.dropped = None
-        return result
+            state.dropped = None
 
     def rollback(self, key: bytes, profile_key: str) -> None:
         """Put profile `key` back as it was before the input being applied: its durable

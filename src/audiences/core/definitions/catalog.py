@@ -81,9 +81,6 @@ class Catalog:
     frozen_traits: frozenset[str] = frozenset()
     full_fingerprint: str = ""  # of the catalog without anything pending
 
-    def with_pending(self, tracker_ids: frozenset[str]) -> Catalog:  # TEMP(core-hardening)
-        return self
-
     def audience(self, key: str) -> CompiledAudience | None:
         position = self.index.get(key)
         return None if position is None else self.audiences[position]
