@@ -431,7 +431,7 @@ def test_audience_sizes_and_profile_counts_are_exported(engine: Engine) -> None:
     engine.settle()
     assert REGISTRY.get_sample_value("audiences_audience_size", {"audience": "sized_buyers"}) == 2
     assert engine.evaluator is not None
-    users = sum(p.users for p in engine.evaluator.partitions.values())
+    users = sum(p.counts.users for p in engine.evaluator.partitions.values())
     assert users == 2  # the deleted profile is gone
     exported = sum(
         REGISTRY.get_sample_value("audiences_state_users", {"partition": str(n)}) or 0
