@@ -440,3 +440,75 @@ def test_a_recreated_events_topic_is_read_from_its_start(engine: Engine) -> None
     engine.start()
     outputs = engine.outputs(6)
     assert outputs[5]["userId"] == "new"
+
+
+def test_a_backfill_does_not_hold_live_events_back(
+    kafka_bootstrap: str, unique_name: Callable[..., str], tmp_path: Path
+) -> None:
+    """A new audience over history no stored profile tracks is backfilled by a second
+    cursor while live events go on: a live event's transition comes out while the history
+    is still being read, and the backfilled audience enters everybody at once at the end
+    (no storm), exactly as the pure core over the whole log says."""
+    engine = Engine(kafka_bootstrap, unique_name("backfill"), tmp_path / "data", partitions=1)
+    try:
+        engine.apply(BUYERS)
+        history = [track(f"h{n % 2000:04d}", "Product Viewed", T0 + n) for n in range(100_000)]
+        producer = Producer(
+            {"bootstrap.servers": kafka_bootstrap, "linger.ms": 20, "partitioner": "murmur2_random"}
+        )
+        for event in history:
+            producer.produce(
+                engine.topics.events, key=event["userId"].encode(), value=orjson.dumps(event)
+            )
+            producer.poll(0)
+        producer.flush(60)
+        engine.start()
+        engine.settle(timeout=120)
+        assert engine.outputs(0) == []  # nobody bought: BUYERS has no member
+        viewers = {"key": "viewers", "condition": {"performed": {"event": "Product Viewed"}}}
+        engine.apply(viewers)  # its tracker is new: 100,000 events of history to fold
+        assert engine.evaluator is not None
+        wait_for(lambda: engine.evaluator.partitions[0].backfill is not None, 30, "the backfill")  # type: ignore[union-attr]
+        live = track("live-buyer", "Order Completed", T0 + H)
+        engine.send(live)
+        outputs = engine.outputs(2001, timeout=120)
+        first = outputs[0]
+        assert (first["userId"], first["properties"]["audience_key"]) == ("live-buyer", "buyers")
+        # ... and it came out before the backfill finished (Kafka append times)
+        catalog = engine.evaluator.definitions.catalog.fingerprint
+        finished_ms = _backfill_finished_at(engine, catalog)
+        live_ms = engine._outputs.seen[0].timestamp()[1]
+        assert live_ms < finished_ms, (
+            f"the live event waited for the backfill ({live_ms} >= {finished_ms})"
+        )
+        expected = pure_outputs([BUYERS, viewers], [*history, live], None)
+        # the backfilled members enter once, on re-judging (trigger "definition")
+        entered = {o["userId"] for o in outputs[1:] if o["event"] == "Audience Entered"}
+        assert entered == {f"h{n:04d}" for n in range(2000)}
+        assert {o["properties"]["reason"]["trigger"] for o in outputs[1:]} == {"definition"}
+        assert (
+            len([m for m in expected.values() if m["properties"]["audience_key"] == "viewers"])
+            == 2000
+        )
+    finally:
+        engine.close()
+
+
+def _backfill_finished_at(engine: Engine, catalog: str) -> int:
+    """Kafka time of the first progress report saying partition 0 finished `catalog`."""
+    consumer = Consumer(
+        {"bootstrap.servers": engine.settings.kafka_bootstrap, "group.id": "progress-check"}
+    )
+    try:
+        consumer.assign([TopicPartition(engine.topics.progress, 0, OFFSET_BEGINNING)])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.3):
+                if msg.error() is not None or msg.value() is None:
+                    continue
+                report = orjson.loads(msg.value())
+                if report["catalog"] == catalog and report["finished"]:
+                    return int(msg.timestamp()[1])
+        raise AssertionError("no report of the backfill finishing")
+    finally:
+        consumer.close()
