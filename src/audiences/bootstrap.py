@@ -54,10 +54,10 @@ def broker_for(settings: Settings) -> Iterator[Settings]:
         yield settings.replace(kafka_bootstrap=broker.bootstrap)
 
 
-def prepared(settings: Settings) -> Topics:
+def prepared(settings: Settings, clients: KafkaClients | None = None) -> Topics:
     """Topics of `settings`, created when missing (and checked when present)."""
     topics = Topics.from_settings(settings)
-    ensure_topics(settings, topics)
+    ensure_topics(settings, topics, (clients or KafkaClients(settings)).admin())
     return topics
 
 

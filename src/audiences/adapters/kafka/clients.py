@@ -6,6 +6,7 @@ for the engine.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
@@ -23,7 +24,14 @@ class KafkaClients:
         self.app_id = settings.app_id
 
     def admin(self) -> AdminClient:
+        """Creates and checks the engine's topics (`ensure_topics`)."""
         return AdminClient(self.settings.kafka_config())
+
+    @staticmethod
+    def admin_for(config: Mapping[str, Any]) -> AdminClient:
+        """An admin client for an explicit configuration: `ensure_topic` given the config
+        of the cluster a topic lives on (e.g. a kafka destination's own `bootstrap`)."""
+        return AdminClient(dict(config))
 
     # -- the runtime ----------------------------------------------------------------------
 

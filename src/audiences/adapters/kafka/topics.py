@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.settings import Settings
 from audiences.errors import AudiencesError, BrokerError
 
@@ -51,14 +53,16 @@ def partition_count(admin: AdminClient, topic: str, timeout: float = 10.0) -> in
     return len(metadata.partitions)
 
 
-def ensure_topics(settings: Settings, topics: Topics) -> int:
+def ensure_topics(settings: Settings, topics: Topics, admin: AdminClient | None = None) -> int:
     """Create missing topics; returns the partition count of `events`.
 
     The changelog must have exactly as many partitions as `events` (state of
     events partition N lives in changelog partition N); definitions use one
-    partition so every worker reads them in one order.
+    partition so every worker reads them in one order. `admin` defaults to
+    `KafkaClients(settings).admin()`.
     """
-    admin = AdminClient(settings.kafka_config())
+    if admin is None:
+        admin = KafkaClients(settings).admin()
     try:
         existing = set(admin.list_topics(timeout=10).topics)
     except KafkaException as exc:
@@ -129,10 +133,11 @@ def topic_ids(admin: AdminClient, names: list[str]) -> dict[str, str | None]:
     return ids
 
 
-def ensure_topic(config: dict[str, object], topic: str, partitions: int) -> None:
+def ensure_topic(cluster: AdminClient | Mapping[str, object], topic: str, partitions: int) -> None:
     """Create one topic (e.g. a kafka destination's) when missing: never leave it to
-    auto-creation, which makes a topic with the broker's default partition count."""
-    admin = AdminClient(config)
+    auto-creation, which makes a topic with the broker's default partition count.
+    `cluster` is an admin client of the cluster, or its configuration."""
+    admin = cluster if isinstance(cluster, AdminClient) else KafkaClients.admin_for(cluster)
     try:
         existing = set(admin.list_topics(timeout=10).topics)
     except KafkaException as exc:
