@@ -22,7 +22,9 @@ from audiences.adapters.http.collector import Collector
 from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
-from audiences.adapters.sinks.config import load_destinations
+from audiences.adapters.sinks.config import Destination, load_destinations
+from audiences.adapters.sinks.dlq import ReplayReport, replay_dead_letters
+from audiences.adapters.sinks.transport import make_transport
 from audiences.adapters.stream.app import AudiencesApp, RuntimeService, create_app
 from audiences.adapters.stream.definitions import DefinitionsWriter
 from audiences.adapters.stream.queries import QueryPort
@@ -137,3 +139,23 @@ def run_worker(settings: Settings, loglevel: str = "info", *, with_collector: bo
     """Run one worker (and the collector if asked) until SIGTERM/SIGINT (blocks)."""
     app = worker_app(settings, with_collector=with_collector)
     faust.Worker(app, loglevel=loglevel.upper(), quiet=True).execute_from_commandline()
+
+
+def replay_destination_dead_letters(
+    settings: Settings,
+    destination: Destination,
+    *,
+    from_beginning: bool = False,
+    max_retry_age_ms: int = 60_000,
+) -> ReplayReport:
+    """`audiences dlq replay`: the topics prepared, then the dead letters of `destination`
+    re-sent through a transport of its own (blocks)."""
+    clients = KafkaClients(settings)
+    prepared(settings, clients)
+    return replay_dead_letters(
+        clients,
+        destination,
+        make_transport(destination, clients),
+        from_beginning=from_beginning,
+        max_retry_age_ms=max_retry_age_ms,
+    )

@@ -383,9 +383,7 @@ def _destination(settings: Settings, name: str) -> Any:
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
-    from audiences.adapters.sinks.dlq import replay_dead_letters
-    from audiences.adapters.sinks.transport import make_transport
-    from audiences.bootstrap import prepared
+    from audiences.bootstrap import replay_destination_dead_letters
     from audiences.core.durations import parse_duration_ms
 
     settings = _require_bootstrap(_settings())
@@ -395,11 +393,9 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"error: --max-retry-age: expected a duration like '1m', got {args.max_retry_age!r}"
         )
-    prepared(settings)
-    report = replay_dead_letters(
+    report = replay_destination_dead_letters(
         settings,
         destination,
-        make_transport(destination, settings),
         from_beginning=args.from_beginning,
         max_retry_age_ms=max_age_ms,
     )

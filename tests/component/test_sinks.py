@@ -30,6 +30,7 @@ from fake_destinations import (
     FakeDestination,
 )
 
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.fence import FENCE_KEY
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
@@ -48,6 +49,7 @@ class Bench:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.clients = KafkaClients(settings)
         self.topics = Topics.from_settings(settings)
         ensure_topics(settings, self.topics)
         self.producer = Producer({**settings.producer_config(), "linger.ms": 0})
@@ -75,7 +77,10 @@ class Bench:
         self, *destinations: Destination, queue_limit: int | None = None
     ) -> AsyncIterator[list[SinkWorker]]:
         await asyncio.to_thread(prepare_sink_topics, self.settings, list(destinations))
-        workers = [SinkWorker(self.settings, d, queue_limit=queue_limit) for d in destinations]
+        workers = [
+            SinkWorker(self.settings, d, clients=self.clients, queue_limit=queue_limit)
+            for d in destinations
+        ]
         tasks = [asyncio.ensure_future(w.run()) for w in workers]
         try:
             yield workers

@@ -133,3 +133,59 @@ class KafkaClients:
                 **(overrides or {}),
             }
         )
+
+    # -- the destination sinks ------------------------------------------------------------
+
+    def sink_group(self, destination: str) -> str:
+        """The consumer group of one destination's sink over `audience-events` (its committed
+        offsets are the sink's progress: renaming it would send everything again)."""
+        return f"{self.app_id}-sink-{destination}"
+
+    def sink_consumer(self, destination: str) -> Consumer:
+        """One destination's consumer of `audience-events`, in a group of its own
+        (cooperative-sticky), so a slow destination holds back only its own offsets."""
+        return Consumer(
+            {
+                **self.settings.group_consumer_config(self.sink_group(destination)),
+                "fetch.wait.max.ms": self.settings.sink_fetch_wait_ms,
+            }
+        )
+
+    def dead_letter_producer(self) -> Producer:
+        """Dead letters of the sinks into `audience-events-dlq`, and the fences a replay of
+        them reads to."""
+        return Producer(
+            {**self.settings.producer_config(), "enable.idempotence": True, "linger.ms": 2}
+        )
+
+    def destination_producer(self, *, bootstrap: str | None, message_timeout_ms: int) -> Producer:
+        """A `kafka` destination's producer (idempotent, murmur2 keys so that a user's
+        records land where Java's would): on the engine's cluster, or on the destination's
+        own when it names a `bootstrap`; `message_timeout_ms` is its `timeout_s`."""
+        config = self.settings.producer_config()
+        if bootstrap:
+            config["bootstrap.servers"] = bootstrap
+        return Producer(
+            {
+                **config,
+                "enable.idempotence": True,
+                "linger.ms": 2,
+                "message.timeout.ms": message_timeout_ms,
+            }
+        )
+
+    def dlq_replay_group(self, destination: str) -> str:
+        """The consumer group remembering how far `audiences dlq replay` re-sent one
+        destination's dead letters."""
+        return f"{self.app_id}-dlq-replay-{destination}"
+
+    def dlq_replay_consumer(self, destination: str) -> Consumer:
+        """Reads `audience-events-dlq` by assignment for a replay of one destination's dead
+        letters; commits where the replay stopped, in `dlq_replay_group(destination)`."""
+        return Consumer(
+            {
+                **self.settings.kafka_config(),
+                "group.id": self.dlq_replay_group(destination),
+                "enable.auto.commit": False,
+            }
+        )

@@ -22,9 +22,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, Message, Producer, TopicPartition
 
 from audiences.adapters import metrics
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.fence import read_to_fence, write_fences
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
@@ -128,19 +129,20 @@ class ReplayReport:
 
 
 def replay_dead_letters(
-    settings: Settings,
+    clients: KafkaClients,
     destination: Destination,
     transport: Transport,
     *,
     from_beginning: bool = False,
     max_retry_age_ms: int = 60_000,
 ) -> ReplayReport:
-    """Re-send the dead letters of `destination` (blocking; runs its own event loop)."""
+    """Re-send the dead letters of `destination` (blocking; runs its own event loop), with
+    the clients of `clients` (the app's `KafkaClients`)."""
+    settings = clients.settings
     topics = Topics.from_settings(settings)
     topic = topics.audience_events_dlq
-    group = f"{settings.app_id}-dlq-replay-{destination.name}"
-    consumer = Consumer({**settings.kafka_config(), "group.id": group, "enable.auto.commit": False})
-    producer = Producer({**settings.producer_config(), "enable.idempotence": True, "linger.ms": 2})
+    consumer = clients.dlq_replay_consumer(destination.name)
+    producer = clients.dead_letter_producer()
     try:
         partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         fences = write_fences(producer, topic, partitions)

@@ -3,20 +3,20 @@
 - `HttpTransport`: one aiohttp `ClientSession` per destination (a pooled
   connector with keep-alive), a total timeout of `timeout_s` per attempt.
   Connection errors and timeouts come back as `Response(status=None)`.
-- `KafkaTransport`: a confluent-kafka producer (idempotent, acks=all); a
-  request's records are produced and flushed in a worker thread.
+- `KafkaTransport`: a confluent-kafka producer (idempotent, acks=all, made by
+  `KafkaClients.destination_producer`); a request's records are produced and
+  flushed in a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from audiences.adapters.settings import Settings
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.sinks.config import Destination
 from audiences.adapters.sinks.delivery import EXCERPT_CHARS, Response, Transport
 from audiences.adapters.sinks.render import Request
@@ -68,19 +68,9 @@ class HttpTransport:
 
 
 class KafkaTransport:
-    def __init__(self, destination: Destination, producer_config: Mapping[str, Any]) -> None:
+    def __init__(self, destination: Destination, producer: Producer) -> None:
         self.destination = destination
-        config = dict(producer_config)
-        if destination.bootstrap:
-            config["bootstrap.servers"] = destination.bootstrap
-        self._producer = Producer(
-            {
-                **config,
-                "enable.idempotence": True,
-                "linger.ms": 2,
-                "message.timeout.ms": int(destination.timeout_s * 1000),
-            }
-        )
+        self._producer = producer
 
     async def send(self, request: Request, headers: list[tuple[str, str]]) -> Response:
         errors: list[KafkaError] = []
@@ -111,7 +101,11 @@ class KafkaTransport:
         await loop.run_in_executor(None, self._producer.flush, 10)
 
 
-def make_transport(destination: Destination, settings: Settings) -> Transport:
-    if destination.type == "kafka":  # murmur2 keys: a user's records land where Java's would
-        return KafkaTransport(destination, settings.producer_config())
+def make_transport(destination: Destination, clients: KafkaClients) -> Transport:
+    if destination.type == "kafka":  # on its own cluster when it names a bootstrap
+        producer = clients.destination_producer(
+            bootstrap=destination.bootstrap,
+            message_timeout_ms=int(destination.timeout_s * 1000),
+        )
+        return KafkaTransport(destination, producer)
     return HttpTransport(destination)

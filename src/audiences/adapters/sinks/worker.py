@@ -9,7 +9,7 @@ but not rate limits, and keeping a user's later messages behind a parked one
 needs a durable "who is parked" index that survives restarts and rebalances.
 
 So each destination runs as an asyncio task in the worker (started by
-`SinkService` in `adapters/stream/app.py`) with a consumer group of its own,
+`SinkService` in `adapters/stream/sinks.py`) with a consumer group of its own,
 `{app_id}-sink-{name}`. Its progress is independent of every other
 destination's: an outage holds back only its own offsets, with nothing to
 park and no index to rebuild. Guarantees:
@@ -39,9 +39,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from audiences.adapters import metrics
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.sinks.config import Destination
@@ -60,10 +61,6 @@ POLL_TIMEOUT_S = 0.1
 DLQ_RETRY_S = 1.0
 
 
-def sink_group(settings: Settings, destination: Destination) -> str:
-    return f"{settings.app_id}-sink-{destination.name}"
-
-
 @dataclass
 class _Lane:
     partition: int
@@ -74,13 +71,19 @@ class _Lane:
 
 
 class SinkWorker:
-    """Delivers every message of `audience-events` to one destination. `run()` until `stop()`."""
+    """Delivers every message of `audience-events` to one destination. `run()` until `stop()`.
+
+    Its consumer and dead-letter producer (and a `kafka` destination's producer) are made
+    by `clients`, the process's `KafkaClients`; without one (`SinkService` in
+    `adapters/stream/sinks.py` does not pass it yet) a factory of `settings` makes them.
+    """
 
     def __init__(
         self,
         settings: Settings,
         destination: Destination,
         *,
+        clients: KafkaClients | None = None,
         transport: Transport | None = None,
         wall_ms: Callable[[], int] = wall_clock_ms,
         queue_limit: int | None = None,
@@ -88,10 +91,11 @@ class SinkWorker:
         self.settings = settings
         self.destination = destination
         self.topics = Topics.from_settings(settings)
-        self.group = sink_group(settings, destination)
+        clients = clients or KafkaClients(settings)
+        self.group = clients.sink_group(destination.name)
         self.queue_limit = queue_limit or max(1000, 10 * destination.batch_size)
         self.assigned = threading.Event()  # set once partitions are assigned (tests, readiness)
-        self._transport = transport or make_transport(destination, settings)
+        self._transport = transport or make_transport(destination, clients)
         self._wall_ms = wall_ms
         self._stop = threading.Event()  # stop() may come from any thread
         self._lanes: dict[int, _Lane] = {}
@@ -106,15 +110,8 @@ class SinkWorker:
         self.delivered = 0  # messages delivered / dead-lettered by this worker (tests, logs)
         self.dead_lettered = 0
         self._depth = metrics.SINK_QUEUE_DEPTH.labels(destination=destination.name)
-        self._consumer = Consumer(
-            {
-                **settings.group_consumer_config(self.group),
-                "fetch.wait.max.ms": settings.sink_fetch_wait_ms,
-            }
-        )
-        self._producer = Producer(
-            {**settings.producer_config(), "enable.idempotence": True, "linger.ms": 2}
-        )
+        self._consumer = clients.sink_consumer(destination.name)
+        self._producer = clients.dead_letter_producer()
         self._deliverer = Deliverer(destination, self._transport, wall_ms=wall_ms)
 
     def stop(self) -> None:
