@@ -18,7 +18,7 @@ import faust
 import mode
 
 from audiences.adapters.http.api import ManagementApi
-from audiences.adapters.http.collector import Collector
+from audiences.adapters.http.collector import Collector, serve_until_signalled
 from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
@@ -99,13 +99,16 @@ def management_api(
 class CollectorService(mode.Service):
     """The HTTP collector on the worker's event loop (`audiences up`)."""
 
-    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+    def __init__(self, settings: Settings, clients: KafkaClients, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.settings = settings
-        self.collector = Collector(settings)
+        self.clients = clients
+        self.collector = Collector(settings, clients)
 
     async def on_start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, prepared, self.settings)
+        await asyncio.get_running_loop().run_in_executor(
+            None, prepared, self.settings, self.clients
+        )
         await self.collector.start()
 
     async def on_stop(self) -> None:
@@ -127,7 +130,7 @@ def worker_app(
     app.web_routes.append(worker.api.register)
     app.worker_parts = worker  # type: ignore[attr-defined]
     if with_collector:
-        app.service(CollectorService(settings))  # type: ignore[arg-type]
+        app.service(CollectorService(settings, worker.clients))  # type: ignore[arg-type]
     if destinations:
         sinks = SinkService(settings, destinations)
         app.service(sinks)  # type: ignore[arg-type]
@@ -139,6 +142,14 @@ def run_worker(settings: Settings, loglevel: str = "info", *, with_collector: bo
     """Run one worker (and the collector if asked) until SIGTERM/SIGINT (blocks)."""
     app = worker_app(settings, with_collector=with_collector)
     faust.Worker(app, loglevel=loglevel.upper(), quiet=True).execute_from_commandline()
+
+
+def run_collector(settings: Settings) -> None:
+    """`audiences collector`: the topics prepared, then the collector alone, serving until
+    SIGINT/SIGTERM (blocks)."""
+    clients = KafkaClients(settings)
+    prepared(settings, clients)
+    serve_until_signalled(Collector(settings, clients))
 
 
 def replay_destination_dead_letters(

@@ -111,13 +111,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_collector(args: argparse.Namespace) -> int:
-    from audiences.adapters.http.collector import run_collector
-    from audiences.bootstrap import prepared
+    from audiences.bootstrap import run_collector
 
     settings = _require_bootstrap(_settings())
     if not settings.write_key_list():
         raise SystemExit("error: AUDIENCES_WRITE_KEYS is not set (comma-separated write keys)")
-    prepared(settings)
     run_collector(settings)
     return 0
 

@@ -21,6 +21,7 @@ from harness import T0, Engine, _TopicReader
 from prometheus_client.parser import text_string_to_metric_families
 
 from audiences.adapters.http.collector import Collector
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
@@ -41,7 +42,7 @@ class RunningCollector:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.collector = Collector(settings, **kwargs)
+        self.collector = Collector(settings, KafkaClients(settings), **kwargs)
         self.url = self.call(self.collector.start(port=0))
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -375,8 +376,9 @@ def test_a_get_on_an_endpoint_is_405_json(start: Callable[..., RunningCollector]
 
 
 def test_no_write_keys_means_no_collector(settings: Settings) -> None:
+    keyless = settings.replace(write_keys=" , ")
     with pytest.raises(Exception, match="AUDIENCES_WRITE_KEYS"):
-        Collector(settings.replace(write_keys=" , "))
+        Collector(keyless, KafkaClients(keyless))
 
 
 # -- backpressure -----------------------------------------------------------------------

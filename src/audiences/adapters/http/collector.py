@@ -11,7 +11,7 @@ is full. `/healthz` and `/metrics` are served too. Browsers (analytics.js) get C
 headers, and the source settings analytics.js would fetch from Segment's CDN
 (`GET /v1/projects/{writeKey}/settings`), pointing it back at this collector.
 
-    collector = Collector(settings)
+    collector = Collector(settings, clients)   # clients: the process's KafkaClients
     await collector.start()            # serves on settings.collector_host:collector_port
     ...
     await collector.stop()             # stops accepting, waits for Kafka's acks
@@ -33,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from audiences.adapters import metrics
 from audiences.adapters.http import intake
 from audiences.adapters.kafka.acked import AckedProducer
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.settings import Settings
 from audiences.errors import AudiencesError, DeliveryError, RejectedRequest
 
@@ -62,11 +63,13 @@ def _error(status: int, code: str, message: str, **headers: str) -> web.Response
 
 
 class Collector:
-    """One collector: an aiohttp application and the producer behind it."""
+    """One collector: an aiohttp application and the producer behind it (made by
+    `clients` when the collector starts)."""
 
     def __init__(
         self,
         settings: Settings,
+        clients: KafkaClients,
         *,
         producer_config: Mapping[str, Any] | None = None,
         clock: Callable[[], int] = wall_clock_ms,
@@ -77,12 +80,12 @@ class Collector:
                 "the collector needs write keys: set AUDIENCES_WRITE_KEYS (comma-separated)"
             )
         self.settings = settings
+        self._clients = clients
         self._keys = [key.encode() for key in keys]
         self._clock = clock
         self._topic = settings.events_topic
         self._ack_timeout_s = settings.collector_ack_timeout_ms / 1000
-        # producer_config(): murmur2 partitioner, so a user's events share one partition
-        self._producer_config = {**settings.producer_config(), **(producer_config or {})}
+        self._producer_overrides = dict(producer_config or {})
         self.producer: AckedProducer | None = None
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -100,11 +103,11 @@ class Collector:
     async def start(self, port: int | None = None) -> str:
         """Start the producer and listen (port 0 = any free port); returns the URL."""
         settings = self.settings
-        self.producer = AckedProducer(
-            self._producer_config,
+        self.producer = self._clients.collector_producer(
             max_inflight_records=settings.collector_max_inflight_events,
             max_inflight_bytes=settings.collector_max_inflight_bytes,
             delivery_timeout_ms=max(30_000, 2 * settings.collector_ack_timeout_ms),
+            overrides=self._producer_overrides,
         )
         # auto_decompress=False: `intake.decode_body` gunzips within the size limits
         self._runner = web.AppRunner(self.app, auto_decompress=False, access_log=None)
@@ -233,9 +236,8 @@ class Collector:
         return response
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    """Run a collector until `stop` is set."""
-    collector = Collector(settings)
+async def serve(collector: Collector, stop: asyncio.Event) -> None:
+    """Run `collector` until `stop` is set."""
     await collector.start()
     try:
         await stop.wait()
@@ -243,14 +245,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await collector.stop()
 
 
-def run_collector(settings: Settings) -> None:
-    """`audiences collector`: serve until SIGINT/SIGTERM (blocks)."""
+def serve_until_signalled(collector: Collector) -> None:
+    """Serve `collector` until SIGINT/SIGTERM (blocks; `audiences collector`)."""
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
+        await serve(collector, stop)
 
     asyncio.run(main())

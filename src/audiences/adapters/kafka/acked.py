@@ -9,8 +9,9 @@ after Kafka has the events" without letting memory grow when Kafka is slow or do
   request gives up waiting. A request that does not fit is refused at once; records
   already handed to librdkafka keep counting until delivered or timed out
   (`message.timeout.ms`), so the budget bounds what the process holds.
-- The librdkafka queue is sized above the budget, so `BufferError` (queue full) is a
-  safety net, not the normal refusal; it is handled the same way.
+- The librdkafka queue is sized above the budget (`KafkaClients.collector_producer`
+  makes the producer), so `BufferError` (queue full) is a safety net, not the normal
+  refusal; it is handled the same way.
 - Delivery reports are served by one poll thread; each request's future is resolved
   with one `loop.call_soon_threadsafe` when its last record is reported.
 - The producer is idempotent (`enable.idempotence`): librdkafka's own retries cannot
@@ -27,8 +28,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -69,9 +69,9 @@ class _Pending:
             self.future.set_result(self.error)
 
 
-class _Errors:
-    """librdkafka's error callback target, apart from `AckedProducer` so that the
-    producer does not reference its owner (no cycle: dropping the owner frees it)."""
+class ProducerErrors:
+    """librdkafka's error callback target (`error_cb`), apart from `AckedProducer` so that
+    the producer does not reference its owner (no cycle: dropping the owner frees it)."""
 
     def __init__(self) -> None:
         self.failure: str | None = None
@@ -91,32 +91,22 @@ class AckedProducer:
 
     def __init__(
         self,
-        config: Mapping[str, Any],
+        producer: Producer,
+        errors: ProducerErrors,
         *,
         max_inflight_records: int,
         max_inflight_bytes: int,
-        delivery_timeout_ms: int = 30_000,
     ) -> None:
+        """`producer` reports its errors to `errors` (its `error_cb`) and is sized for this
+        budget: `KafkaClients.collector_producer` makes both."""
         self.max_inflight_records = max_inflight_records
         self.max_inflight_bytes = max_inflight_bytes
-        self._errors = _Errors()
+        self._errors = errors
         self._records = 0
         self._bytes = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._producer = Producer(
-            {
-                "enable.idempotence": True,
-                "linger.ms": 5,
-                "compression.type": "lz4",
-                "message.timeout.ms": delivery_timeout_ms,
-                # above the budget: the budget refuses first, BufferError is a safety net
-                "queue.buffering.max.messages": max_inflight_records + 1000,
-                "queue.buffering.max.kbytes": max_inflight_bytes // 1024 + 4096,
-                "error_cb": self._errors,
-                **config,
-            }
-        )
+        self._producer = producer
         self._thread = threading.Thread(target=self._poll, name="collector-producer", daemon=True)
         self._thread.start()
 

@@ -12,6 +12,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
+from audiences.adapters.kafka.acked import AckedProducer, ProducerErrors
 from audiences.adapters.settings import Settings
 from audiences.adapters.state.checkpoint import CHANGELOG_MESSAGE_MAX_BYTES
 
@@ -132,6 +133,42 @@ class KafkaClients:
                 "enable.partition.eof": False,
                 **(overrides or {}),
             }
+        )
+
+    # -- the collector --------------------------------------------------------------------
+
+    def collector_producer(
+        self,
+        *,
+        max_inflight_records: int,
+        max_inflight_bytes: int,
+        delivery_timeout_ms: int,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> AckedProducer:
+        """The collector's producer of `events`: idempotent, every request awaits Kafka's
+        acknowledgement within an in-flight budget; librdkafka's queue is sized above that
+        budget, so the budget refuses first and `BufferError` is only a safety net.
+        `overrides` (tests) come last."""
+        errors = ProducerErrors()
+        producer = Producer(
+            {
+                "enable.idempotence": True,
+                "linger.ms": 5,
+                "compression.type": "lz4",
+                "message.timeout.ms": delivery_timeout_ms,
+                "queue.buffering.max.messages": max_inflight_records + 1000,
+                "queue.buffering.max.kbytes": max_inflight_bytes // 1024 + 4096,
+                "error_cb": errors,
+                # murmur2 partitioner: a user's events share one partition
+                **self.settings.producer_config(),
+                **(overrides or {}),
+            }
+        )
+        return AckedProducer(
+            producer,
+            errors,
+            max_inflight_records=max_inflight_records,
+            max_inflight_bytes=max_inflight_bytes,
         )
 
     # -- the destination sinks ------------------------------------------------------------
