@@ -1,6 +1,6 @@
 """The shape of the house (DESIGN.md), checked on the sources: no module imports another in a
-circle, the core does no I/O and reads no clock, the engine never imports its tools, and
-only the state layer knows how state is laid out."""
+circle, the core does no I/O and reads no clock, the engine never imports its tools, only
+the state layer knows how state is laid out, and only `KafkaClients` makes Kafka clients."""
 
 from __future__ import annotations
 
@@ -35,6 +35,22 @@ CLOCK_READS = {
     ("datetime", "utcnow"),
     ("datetime", "today"),
     ("date", "today"),
+}
+
+# confluent_kafka's clients: the engine makes them only in `adapters/kafka/clients.py`
+# (`KafkaClients`). The broker launchers talk to the broker they start, and the tools are
+# users of the engine: they make their own.
+KAFKA_CLIENTS = {
+    "Producer",
+    "Consumer",
+    "AdminClient",
+    "SerializingProducer",
+    "DeserializingConsumer",
+}
+CLIENT_MAKERS = {
+    f"{PACKAGE}.adapters.kafka.clients",
+    f"{PACKAGE}.adapters.kafka.embedded",
+    f"{PACKAGE}.adapters.kafka.apache",
 }
 
 
@@ -184,3 +200,78 @@ def test_http_reaches_the_runtime_only_through_the_query_port() -> None:
             assert stream <= allowed, (name, stream - allowed)
         if name.startswith((f"{PACKAGE}.adapters.stream", f"{PACKAGE}.adapters.state")):
             assert not {t for t in targets if t.startswith(f"{PACKAGE}.adapters.http")}, name
+
+
+def kafka_client_calls(source: str) -> list[str]:
+    """Calls in `source` that make a confluent_kafka client, however it was imported (by
+    name, renamed, or through its module), as "line: confluent_kafka.…Name"."""
+    tree = ast.parse(source)
+    bound: dict[str, str] = {}  # a name in the module -> what it is in confluent_kafka
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] != "confluent_kafka":
+                    continue
+                if alias.asname:
+                    bound[alias.asname] = alias.name
+                else:  # `import confluent_kafka.admin` binds `confluent_kafka`
+                    bound["confluent_kafka"] = "confluent_kafka"
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            module = node.module or ""
+            if module.split(".")[0] == "confluent_kafka":
+                for alias in node.names:
+                    bound[alias.asname or alias.name] = f"{module}.{alias.name}"
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        attributes: list[str] = []
+        func = node.func
+        while isinstance(func, ast.Attribute):
+            attributes.insert(0, func.attr)
+            func = func.value
+        if not isinstance(func, ast.Name) or func.id not in bound:
+            continue
+        called = ".".join([bound[func.id], *attributes])
+        if called.rpartition(".")[2] in KAFKA_CLIENTS:
+            found.append(f"{node.lineno}: {called}")
+    return found
+
+
+def test_the_client_finder_finds_clients_however_imported() -> None:
+    source = """
+import confluent_kafka
+import confluent_kafka.admin as kafka_admin
+from confluent_kafka import Consumer, TopicPartition, Producer as MakeProducer
+from confluent_kafka.admin import AdminClient
+
+def make():
+    Consumer({})
+    MakeProducer({})
+    confluent_kafka.Producer({})
+    kafka_admin.AdminClient({})
+    AdminClient({})
+    TopicPartition("t", 0)
+    Producer({})  # not confluent_kafka's: this module never imported that name
+    confluent_kafka.Producer.__len__(None)
+"""
+    assert kafka_client_calls(source) == [
+        "8: confluent_kafka.Consumer",
+        "9: confluent_kafka.Producer",
+        "10: confluent_kafka.Producer",
+        "11: confluent_kafka.admin.AdminClient",
+        "12: confluent_kafka.admin.AdminClient",
+    ]
+
+
+def test_only_the_kafka_clients_factory_makes_kafka_clients() -> None:
+    found = {
+        name: calls
+        for name, path in sorted(modules().items())
+        if name not in CLIENT_MAKERS and not name.startswith(f"{PACKAGE}.tools")
+        if (calls := kafka_client_calls(path.read_text()))
+    }
+    assert found == {}, (
+        "Kafka clients made outside adapters/kafka/clients.py: add a factory to "
+        f"KafkaClients and pass it (or its client) in from bootstrap.py: {found}"
+    )
