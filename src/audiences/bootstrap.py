@@ -132,7 +132,7 @@ def worker_app(
     if with_collector:
         app.service(CollectorService(settings, worker.clients))  # type: ignore[arg-type]
     if destinations:
-        sinks = SinkService(settings, destinations)
+        sinks = SinkService(settings, destinations, worker.clients)
         app.service(sinks)  # type: ignore[arg-type]
         app.sink_service = sinks  # type: ignore[attr-defined]
     return app

@@ -76,7 +76,9 @@ class Bench:
     async def running(
         self, *destinations: Destination, queue_limit: int | None = None
     ) -> AsyncIterator[list[SinkWorker]]:
-        await asyncio.to_thread(prepare_sink_topics, self.settings, list(destinations))
+        await asyncio.to_thread(
+            prepare_sink_topics, self.settings, list(destinations), self.clients
+        )
         workers = [
             SinkWorker(self.settings, d, clients=self.clients, queue_limit=queue_limit)
             for d in destinations

@@ -74,8 +74,7 @@ class SinkWorker:
     """Delivers every message of `audience-events` to one destination. `run()` until `stop()`.
 
     Its consumer and dead-letter producer (and a `kafka` destination's producer) are made
-    by `clients`, the process's `KafkaClients`; without one (`SinkService` in
-    `adapters/stream/sinks.py` does not pass it yet) a factory of `settings` makes them.
+    by `clients`, the process's `KafkaClients`.
     """
 
     def __init__(
@@ -83,7 +82,7 @@ class SinkWorker:
         settings: Settings,
         destination: Destination,
         *,
-        clients: KafkaClients | None = None,
+        clients: KafkaClients,
         transport: Transport | None = None,
         wall_ms: Callable[[], int] = wall_clock_ms,
         queue_limit: int | None = None,
@@ -91,7 +90,6 @@ class SinkWorker:
         self.settings = settings
         self.destination = destination
         self.topics = Topics.from_settings(settings)
-        clients = clients or KafkaClients(settings)
         self.group = clients.sink_group(destination.name)
         self.queue_limit = queue_limit or max(1000, 10 * destination.batch_size)
         self.assigned = threading.Event()  # set once partitions are assigned (tests, readiness)

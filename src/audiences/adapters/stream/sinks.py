@@ -17,6 +17,7 @@ from typing import Any
 
 import mode
 
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics, ensure_topic, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.sinks.config import Destination
@@ -25,9 +26,11 @@ from audiences.adapters.sinks.worker import SinkWorker
 log = logging.getLogger(__name__)
 
 
-def prepare_sink_topics(settings: Settings, destinations: list[Destination]) -> None:
+def prepare_sink_topics(
+    settings: Settings, destinations: list[Destination], clients: KafkaClients
+) -> None:
     """audience-events, its DLQ and the topics of kafka destinations, created when missing."""
-    ensure_topics(settings, Topics.from_settings(settings))
+    ensure_topics(settings, Topics.from_settings(settings), clients.admin())
     for destination in destinations:
         if destination.type == "kafka":
             config: dict[str, object] = dict(settings.kafka_config())
@@ -39,17 +42,28 @@ def prepare_sink_topics(settings: Settings, destinations: list[Destination]) -> 
 class SinkService(mode.Service):
     """One sink per destination for the lifetime of the worker."""
 
-    def __init__(self, settings: Settings, destinations: list[Destination], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        destinations: list[Destination],
+        clients: KafkaClients,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.destinations = destinations
+        self.clients = clients
         self.workers: list[SinkWorker] = []
         self._runs: list[asyncio.Future[None]] = []
 
     async def on_start(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, prepare_sink_topics, self.settings, self.destinations)
-        self.workers = [SinkWorker(self.settings, d) for d in self.destinations]
+        await loop.run_in_executor(
+            None, prepare_sink_topics, self.settings, self.destinations, self.clients
+        )
+        self.workers = [
+            SinkWorker(self.settings, d, clients=self.clients) for d in self.destinations
+        ]
         self._runs = [asyncio.ensure_future(w.run()) for w in self.workers]
         log.info("sinks started: %s", ", ".join(d.name for d in self.destinations))
 
