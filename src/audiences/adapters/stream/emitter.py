@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 
 import orjson
-from confluent_kafka import Message, Producer
+from confluent_kafka import TIMESTAMP_CREATE_TIME, Message, Producer
 
 from audiences.adapters import metrics
 from audiences.adapters.kafka.topics import Topics
@@ -100,7 +100,16 @@ class Emitter:
     def forward(self, msg: Message, owner: int) -> None:
         """A record found on a partition that does not own its profile, moved to the owner."""
         headers = [*(msg.headers() or ()), (FORWARDED_FROM, str(msg.partition()).encode())]
-        self._produce(self.topics.events, msg.key(), msg.value(), owner, headers)
+        kind, timestamp = msg.timestamp()
+        self._produce(
+            self.topics.events,
+            msg.key(),
+            msg.value(),
+            owner,
+            headers,
+            # the record's own time: an event without a time of its own keeps it
+            timestamp if kind == TIMESTAMP_CREATE_TIME else None,
+        )
 
     def dead_letter(self, msg: Message, reason: str, detail: str) -> None:
         self._produce(
@@ -134,12 +143,15 @@ class Emitter:
         value: bytes | None,
         partition: int | None = None,
         headers: list[tuple[str, bytes]] | None = None,
+        timestamp: int | None = None,
     ) -> None:
         kwargs: dict[str, object] = {}
         if partition is not None:
             kwargs["partition"] = partition
         if headers:
             kwargs["headers"] = headers
+        if timestamp is not None:
+            kwargs["timestamp"] = timestamp
         while True:
             try:
                 self.producer.produce(
