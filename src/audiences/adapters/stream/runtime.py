@@ -134,9 +134,9 @@ class Runtime:
         except BaseException as exc:
             self.failed = exc
             log.exception("the runtime stopped on an error")
+            self._close(checkpoint=False)  # what it holds may be half a turn: redo it
             raise
-        finally:
-            self._close()
+        self._close(checkpoint=True)
 
     def _run(self) -> None:
         # Batches allocate many short-lived objects; the default gen-0 threshold (700)
@@ -179,14 +179,16 @@ class Runtime:
                 log.exception("a loop turn failed; rewinding to durable state")
                 self._rewind(list(self.partitions), backoff_s=min(5.0, 0.2 * 2**failures))
 
-    def _close(self) -> None:
-        """A clean stop: everything evaluated is made durable, stores are kept."""
+    def _close(self, *, checkpoint: bool) -> None:
+        """Stop: on a clean stop everything evaluated is made durable first (a restart then
+        emits no duplicate). Stores are kept."""
         self._stopping = True
         self.queries.stop_serving()
-        try:
-            self.checkpoint.commit(list(self.partitions.values()), self.writers)
-        except Exception:  # the broker may be gone: the next start redoes the interval
-            log.warning("the final checkpoint failed", exc_info=True)
+        if checkpoint:
+            try:
+                self.checkpoint.commit(list(self.partitions.values()), self.writers)
+            except Exception:  # the broker may be gone: the next start redoes the interval
+                log.warning("the final checkpoint failed", exc_info=True)
         for number in list(self.partitions):
             self._release(number)
         try:
@@ -279,6 +281,10 @@ class Runtime:
                 event = parse_event(msg.value() or b"", record_ms)
             except InvalidEventError as exc:
                 emitter.dead_letter(msg, exc.reason, str(exc))
+                continue
+            except Exception as exc:  # a parser bug must not stop the partition either
+                log.exception("parsing failed at %s[%d]@%d", msg.topic(), number, offset)
+                emitter.dead_letter(msg, "parse_error", repr(exc))
                 continue
             key = event.key.encode()
             owner = self.owner_of(key)
