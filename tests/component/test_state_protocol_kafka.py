@@ -512,3 +512,43 @@ def _backfill_finished_at(engine: Engine, catalog: str) -> int:
         raise AssertionError("no report of the backfill finishing")
     finally:
         consumer.close()
+
+
+def test_a_definition_that_cannot_be_compiled_does_not_stop_the_worker(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored definition that validates but makes compiling fail (a compiler bug, say)
+    is left out with an error; every other audience goes on. One nested too deep for the
+    JSON decoder is ignored the same way."""
+    from audiences.adapters.stream import definitions as module
+
+    real = module.build_catalog
+
+    def fragile(definitions: Any, retired: Any = None) -> Any:
+        if "poison" in definitions:
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(definitions, retired)
+
+    monkeypatch.setattr(module, "build_catalog", fragile)
+    engine.apply(BUYERS)
+    engine.start()
+    producer = Producer({"bootstrap.servers": engine.settings.kafka_bootstrap})
+    poison = {"key": "poison", "version": 1, "condition": {"performed": {"event": "X"}}}
+    producer.produce(engine.topics.definitions, key=b"poison", value=orjson.dumps(poison))
+    deep: str = '{"performed": {"event": "X"}}'
+    for _ in range(2000):
+        deep = '{"not": ' + deep + "}"
+    producer.produce(
+        engine.topics.definitions,
+        key=b"deep",
+        value=('{"key": "deep", "version": 1, "condition": ' + deep + "}").encode(),
+    )
+    producer.flush(10)
+    engine.send(track("after", "Order Completed", T0))
+    (entered,) = engine.outputs(1)
+    assert (entered["userId"], entered["properties"]["audience_key"]) == ("after", "buyers")
+    runtime = engine.evaluator
+    assert runtime is not None
+    wait_for(lambda: runtime.definitions.offset >= 3, 10, "the runtime to read both")
+    assert runtime.failed is None
+    assert set(runtime.definitions.definitions) == {"buyers"}

@@ -26,7 +26,6 @@ from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.state.partition import Fold, PartitionState
 from audiences.core.definitions import Catalog
 from audiences.core.events import CONTROL_TYPES, parse_event
-from audiences.errors import InvalidEventError
 
 log = logging.getLogger(__name__)
 CHUNK = 5000  # history records folded per loop turn (all backfilling partitions)
@@ -138,7 +137,7 @@ class Backfills:
             backfill.next_offset = msg.offset() + 1
             try:
                 event = parse_event(msg.value() or b"", msg.timestamp()[1])
-            except InvalidEventError:
+            except Exception:  # dead-lettered when it was evaluated live
                 continue
             if event.type not in CONTROL_TYPES:
                 events.append((event.key.encode(), event))

@@ -24,7 +24,7 @@ from audiences.adapters.stream.queries import DefinitionsSnapshot as Snapshot
 from audiences.core.definitions import Catalog, build_catalog, check_references, validate_definition
 from audiences.core.events import format_iso
 from audiences.core.state import UserState
-from audiences.errors import AudiencesError, BrokerError
+from audiences.errors import BrokerError
 
 log = logging.getLogger(__name__)
 Definitions = dict[str, tuple[dict[str, Any], int]]
@@ -41,7 +41,7 @@ def _decode(msg: Message) -> tuple[str, tuple[dict[str, Any], int] | None] | Non
         return key, None
     try:
         doc = validate_definition({k: v for k, v in orjson.loads(value).items()})
-    except (orjson.JSONDecodeError, AttributeError, AudiencesError) as exc:
+    except Exception as exc:  # whatever a stored definition does, the worker goes on
         log.error("ignoring invalid definition %r at offset %d: %s", key, msg.offset(), exc)
         return None
     return key, (doc, int(doc.get("version", 1)))
@@ -69,47 +69,67 @@ class DefinitionsLog:
             self._apply(msg)
         self.offset = fences[0] + 1
         self._consumer.assign([TopicPartition(self.topic, 0, self.offset)])
-        self.catalog = self._build()
+        self.catalog = self._build_isolating(list(self.definitions))
         self._report()
         return self.catalog
 
     def poll(self) -> bool:
         """Fold in new records; True when the catalog changed."""
-        changed = False
+        touched: list[str] = []
         for msg in self._consumer.consume(100, 0):
             if msg.error() is not None:
                 continue
             self.offset = max(self.offset, msg.offset() + 1)
-            if self._apply(msg):
-                changed = True
-        if changed:
-            self.catalog = self._build()
+            key = self._apply(msg)
+            if key is not None:
+                touched.append(key)
+        if touched:
+            self.catalog = self._build_isolating(touched)
             self._report()
-        return changed
+        return bool(touched)
 
     def snapshot(self) -> Snapshot:
         """The definitions as evaluated now (for the query port; immutable)."""
         return Snapshot(dict(self.definitions), self.catalog, self.offset)
 
-    def _build(self) -> Catalog:
-        return build_catalog(self.definitions, self.retired)
+    def _build_isolating(self, suspects: list[str]) -> Catalog:
+        """The catalog of the current definitions. A definition that makes compiling fail
+        (it should have been refused when applied) is left out with an error in the log,
+        one suspect at a time, so it cannot stop the worker."""
+        try:
+            return build_catalog(self.definitions, self.retired)
+        except Exception:
+            log.exception("compiling the definitions failed; looking for the culprit")
+        for key in suspects:
+            entry = self.definitions.pop(key, None)
+            try:
+                catalog = build_catalog(self.definitions, self.retired)
+            except Exception:
+                if entry is not None:
+                    self.definitions[key] = entry
+                continue
+            log.error("definition %r cannot be compiled: it is not evaluated", key)
+            return catalog
+        log.error("the definitions cannot be compiled: the previous catalog stays")
+        return self.catalog
 
-    def _apply(self, msg: Message) -> bool:
+    def _apply(self, msg: Message) -> str | None:
+        """Fold one record in; the key it changed (None: nothing changed)."""
         decoded = _decode(msg)
         if decoded is None:
-            return False
+            return None
         key, entry = decoded
         if entry is None:
             old = self.definitions.pop(key, None)
             if old is None:
-                return False
+                return None
             doc, version = old
             if "condition" in doc:
                 self.retired[key] = (version, str(doc.get("name") or key))
-            return True
+            return key
         self.retired.pop(key, None)
         self.definitions[key] = entry
-        return True
+        return key
 
     def _report(self) -> None:
         log.info(
