@@ -233,24 +233,38 @@ class OutputLog(TopicReader):
     def __init__(self, settings: Settings) -> None:
         self.outputs: list[dict[str, Any]] = []
         self.ids: set[str] = set()
+        self.undecodable: list[bytes] = []
         super().__init__(settings, settings.audience_events_topic)
 
     def _received(self, messages: list[Message]) -> None:
         for msg in messages:
-            out = orjson.loads(msg.value())
+            try:
+                out = orjson.loads(msg.value())
+            except orjson.JSONDecodeError:  # SPEC §5: outputs are Segment JSON messages
+                self.undecodable.append(msg.value())
+                continue
             self.outputs.append(out)
             self.ids.add(out["messageId"])
 
-    def wait_for_ids(self, want: set[str], timeout: float, quiet_s: float = 2.0) -> None:
+    def wait_for_ids(
+        self,
+        want: set[str],
+        timeout: float,
+        quiet_s: float = 2.0,
+        alive: Callable[[], bool] | None = None,
+    ) -> None:
         """Read until every id in `want` arrived and then nothing for `quiet_s` (so that
         outputs that should not exist have their chance to show up); returns at the
-        timeout without failing: the caller's check says what is missing."""
+        timeout, or once `alive` says the writer died, without failing: the caller's
+        checks say what is missing and why."""
         deadline = time.monotonic() + timeout
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
             if self.poll(0.1):
                 quiet_since = time.monotonic()
-            elif want <= self.ids and time.monotonic() - quiet_since >= quiet_s:
+            elif time.monotonic() - quiet_since >= quiet_s and (
+                want <= self.ids or (alive is not None and not alive())
+            ):
                 return
 
     def wait_for_growth(self, count: int, timeout: float, alive: Callable[[], bool]) -> None:
@@ -334,9 +348,8 @@ def expected_outputs(
 
     def record(result: Any) -> None:
         for t in result.transitions:
-            outputs[t.message_id] = render_output(
-                t, result.state.traits, anonymous=result.state.anonymous
-            )
+            rendered = render_output(t, result.state.traits, anonymous=result.state.anonymous)
+            outputs[t.message_id] = orjson.loads(orjson.dumps(rendered))  # as on the topic
 
     for raw in events:
         queue: list[dict[str, Any]] = [raw]
@@ -542,5 +555,10 @@ class WorkerHandle:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+    def log_tail(self, lines: int = 25) -> str:
+        """The first error the log reports (with what follows), else its last lines."""
+        text = self.log_text().splitlines()
+        for n, line in enumerate(text):
+            if " ERROR " in line or " CRITICAL " in line:
+                return "\n".join(text[n : n + lines])
+        return "\n".join(text[-lines:])
