@@ -267,11 +267,21 @@ class OutputLog(TopicReader):
             ):
                 return
 
-    def wait_for_growth(self, count: int, timeout: float, alive: Callable[[], bool]) -> None:
-        """Read until `count` more records arrived (or the process died)."""
-        target = len(self.outputs) + count
+    def wait_for_growth(
+        self,
+        count: int,
+        timeout: float,
+        alive: Callable[[], bool],
+        where: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> None:
+        """Read until `count` more outputs (that satisfy `where`) arrived, or the writer died."""
+
+        def counted() -> int:
+            return sum(1 for o in self.outputs if where is None or where(o))
+
+        target = counted() + count
         deadline = time.monotonic() + timeout
-        while len(self.outputs) < target:
+        while counted() < target:
             assert time.monotonic() < deadline, f"outputs did not grow by {count} in {timeout}s"
             if not alive():
                 return

@@ -32,6 +32,7 @@ from faults import (
 )
 
 from audiences.adapters.settings import Settings
+from audiences.core.events import format_iso
 from shared import wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.system]
@@ -216,3 +217,81 @@ def test_sigterm_mid_stream_then_restart_emits_each_output_once(
     outputs.wait_for_ids(set(expected), timeout=90)
     check_transitions(outputs.outputs, expected, exactly_once=True)
     assert code == 0, f"SIGTERM: exit code {code} (None: still running after 30 s)"
+
+
+ORDERED_TWICE = {
+    "key": "ordered_twice",
+    "condition": {"performed": {"event": "Order Completed", "times": {"gte": 2}}},
+}
+
+
+def test_paused_worker_cannot_corrupt_state(
+    fault_settings: Settings,
+    fault_workers: Callable[..., WorkerHandle],
+    outputs: OutputLog,
+    tmp_path: Path,
+) -> None:
+    """A zombie: a worker frozen mid-stream (SIGSTOP, as in a long GC pause or a network
+    partition) loses its partitions to the other worker, which goes on; then it wakes up
+    (SIGCONT) in the middle of its batch. Whatever it writes then must not override the
+    new owner's state: the result is exact, and so is everyone's next order after a
+    restart that rebuilds all state from the changelog."""
+    rng = random.Random(5)
+    settings = fault_settings
+    definitions = [*DEFINITIONS, ORDERED_TWICE]
+    apply_definitions_cli(settings, definitions, tmp_path)
+    events = history(3000, now_ms() - 24 * H)
+    producer = EventProducer(settings)
+    sent = producer.send_all(events)
+    partition_of = {str(s.event["userId"]): s.partition for s in sent if s.event}
+    expected = expected_outputs(definitions, events, now_ms())
+    env = {"AUDIENCES_BATCH_SIZE": "5"}
+    workers = [
+        fault_workers(**env).start(),
+        fault_workers(str(tmp_path / "second-data"), **env).start(),
+    ]
+    for worker in workers:
+        worker.wait_ready()
+    wait_for(lambda: all(partitions_of(w) for w in workers), 60, "both workers hold partitions")
+    zombie, survivor = sorted(workers, key=lambda w: -len(partitions_of(w)))
+    outputs.wait_for_growth(rng.randint(1, 100), timeout=60, alive=zombie.alive)
+    held = partitions_of(zombie)
+    assert zombie.proc is not None
+    zombie.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(
+            lambda: partitions_of(survivor) == {0, 1, 2}, 60, "the survivor took the partitions"
+        )
+        # it goes on with them: the zombie's batch is old news once it wakes up
+        outputs.wait_for_growth(
+            600,
+            timeout=60,
+            alive=survivor.alive,
+            where=lambda o: partition_of[profile_of(o)] in held,
+        )
+    finally:
+        zombie.proc.send_signal(signal.SIGCONT)
+    outputs.wait_for_ids(set(expected), timeout=90)
+    check_transitions(outputs.outputs, expected)
+
+    # Everyone orders once more; one worker rebuilds all state from the changelog.
+    for worker in workers:
+        worker.kill()
+    shutil.rmtree(settings.data_dir, ignore_errors=True)
+    later = now_ms() - H
+    more = [
+        {
+            "type": "track",
+            "userId": user,
+            "event": "Order Completed",
+            "timestamp": format_iso(later + n),
+            "messageId": f"again-{user}",
+            "properties": {"cart_id": f"again-{user}"},
+        }
+        for n, user in enumerate(sorted(partition_of))
+    ]
+    producer.send_all(more)
+    expected = expected_outputs(definitions, events + more, now_ms())
+    fault_workers(**env).start().wait_ready()
+    outputs.wait_for_ids(set(expected), timeout=90)
+    check_transitions(outputs.outputs, expected)
