@@ -190,3 +190,21 @@ def dead_letters(fault_settings: Settings) -> Iterator[Any]:
     log = DeadLetterLog(fault_settings)
     yield log
     log.close()
+
+
+@pytest.fixture
+def announcements(fault_settings: Settings) -> Iterator[Callable[[], Any]]:
+    """`announcements()` -> the test's `faults.Announcements` (made on first call: after a
+    worker created the `{app_id}-workers` topic), closed at the end."""
+    from faults import Announcements
+
+    made: list[Any] = []
+
+    def get() -> Any:
+        if not made:
+            made.append(Announcements(fault_settings))
+        return made[0]
+
+    yield get
+    for reader in made:
+        reader.close()

@@ -320,6 +320,34 @@ class DeadLetterLog(TopicReader):
         return {letter.source: letter for letter in self.letters}
 
 
+class Announcements(TopicReader):
+    """README "HTTP API": every worker announces its URL and partitions on the compacted
+    `{app_id}-workers` topic after every rebalance (a tombstone when it stops cleanly).
+    Create it once a worker has created the topic (the embedded broker would auto-create
+    it with 4 partitions)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.latest: dict[bytes, dict[str, Any]] = {}  # announcer -> its last announcement
+        super().__init__(settings, f"{settings.app_id}-workers")
+
+    def _received(self, messages: list[Message]) -> None:
+        for msg in messages:
+            key, value = msg.key() or b"", msg.value()
+            if value is None:
+                self.latest.pop(key, None)
+            else:
+                self.latest[key] = orjson.loads(value)
+
+    def partitions_of(self, worker: WorkerHandle) -> set[int]:
+        """What `worker` (known by its web port) last announced."""
+        self.poll(0.05)
+        held: set[int] = set()
+        for record in self.latest.values():
+            if str(record.get("url", "")).endswith(f":{worker.port}"):
+                held |= set(record.get("partitions") or ())
+        return held
+
+
 def read_whole_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[Message]:
     """Every record of `topic` currently written (read until quiet, never trusting the
     embedded broker's high watermark)."""

@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 from backlog import DEFINITIONS, H, history
 from faults import (
+    Announcements,
     EventProducer,
     OutputLog,
     WorkerHandle,
     apply_definitions_cli,
     check_transitions,
     expected_outputs,
-    metric_samples,
     profile_of,
 )
 
@@ -96,14 +96,6 @@ def test_kill_9_at_random_points_gives_exactly_the_core_transitions(
     check_transitions(outputs.outputs, expected)
 
 
-def partitions_of(worker: WorkerHandle) -> set[int]:
-    """The partitions a worker holds state for (`audiences_state_users{partition}`, README)."""
-    return {
-        int(labels["partition"])
-        for labels, _value in metric_samples(worker.metrics(), "audiences_state_users")
-    }
-
-
 def assert_unfinished_on(
     held: set[int], outputs: OutputLog, expected: dict[str, Any], partition_of: dict[str, int]
 ) -> None:
@@ -122,6 +114,7 @@ def test_two_workers_one_killed_the_other_takes_over(
     fault_settings: Settings,
     fault_workers: Callable[..., WorkerHandle],
     outputs: OutputLog,
+    announcements: Callable[[], Announcements],
     tmp_path: Path,
 ) -> None:
     """Two workers split the partitions; one is killed mid-stream: the survivor takes
@@ -140,26 +133,26 @@ def test_two_workers_one_killed_the_other_takes_over(
     ]
     for worker in workers:
         worker.wait_ready()
+    owners = announcements()
     wait_for(
-        lambda: all(partitions_of(w) for w in workers),
-        60,
-        "both workers hold partitions (audiences_state_users)",
+        lambda: all(owners.partitions_of(w) for w in workers), 60, "both workers hold partitions"
     )
-    victim, survivor = sorted(workers, key=lambda w: -len(partitions_of(w)))
+    victim, survivor = sorted(workers, key=lambda w: -len(owners.partitions_of(w)))
     outputs.wait_for_growth(rng.randint(1, 100), timeout=60, alive=victim.alive)
-    held = partitions_of(victim)
+    held = owners.partitions_of(victim)
     victim.kill()
     assert_unfinished_on(held, outputs, expected, partition_of)
     outputs.wait_for_ids(set(expected), timeout=90)
     check_transitions(outputs.outputs, expected)
     survivor.assert_healthy("after taking over")
-    assert partitions_of(survivor) == {0, 1, 2}
+    assert owners.partitions_of(survivor) == {0, 1, 2}
 
 
 def test_scale_1_2_3_then_back_to_1_worker(
     fault_settings: Settings,
     fault_workers: Callable[..., WorkerHandle],
     outputs: OutputLog,
+    announcements: Callable[[], Announcements],
     tmp_path: Path,
 ) -> None:
     """Workers join one after another while the backlog is processed, then two of the
@@ -182,17 +175,26 @@ def test_scale_1_2_3_then_back_to_1_worker(
             60,
             f"worker {n + 1} evaluates events",
         )
-    leaving = workers[:2]
-    held = set().union(*(partitions_of(w) for w in leaving))
-    for worker in leaving:
-        assert worker.proc is not None
-        worker.proc.send_signal(signal.SIGTERM)
-    codes = [worker.terminate(30) for worker in leaving]
-    assert_unfinished_on(held, outputs, expected, partition_of)
+    # one after the other: the embedded broker can leave the last member without the
+    # partitions of two members that leave at once (reproduced with bare librdkafka
+    # consumers), which is not what this test is about
+    owners = announcements()
+    survivor, codes = workers[2], []
+    for n, worker in enumerate(workers[:2]):
+        held = owners.partitions_of(worker)
+        codes.append(worker.terminate(30))
+        if n == 0:
+            assert_unfinished_on(held, outputs, expected, partition_of)
+        wait_for(
+            lambda n=n: (
+                set().union(*(owners.partitions_of(w) for w in workers[n + 1 :])) == {0, 1, 2}
+            ),
+            60,
+            f"the partitions of worker {n + 1} moved",
+        )
     outputs.wait_for_ids(set(expected), timeout=90)
     check_transitions(outputs.outputs, expected)
-    workers[2].assert_healthy("after the others left")
-    assert partitions_of(workers[2]) == {0, 1, 2}
+    survivor.assert_healthy("after the others left")
     assert codes == [0, 0], f"SIGTERM: exit codes {codes} (None: still running after 30 s)"
 
 
@@ -229,6 +231,7 @@ def test_paused_worker_cannot_corrupt_state(
     fault_settings: Settings,
     fault_workers: Callable[..., WorkerHandle],
     outputs: OutputLog,
+    announcements: Callable[[], Announcements],
     tmp_path: Path,
 ) -> None:
     """A zombie: a worker frozen mid-stream (SIGSTOP, as in a long GC pause or a network
@@ -252,15 +255,20 @@ def test_paused_worker_cannot_corrupt_state(
     ]
     for worker in workers:
         worker.wait_ready()
-    wait_for(lambda: all(partitions_of(w) for w in workers), 60, "both workers hold partitions")
-    zombie, survivor = sorted(workers, key=lambda w: -len(partitions_of(w)))
+    owners = announcements()
+    wait_for(
+        lambda: all(owners.partitions_of(w) for w in workers), 60, "both workers hold partitions"
+    )
+    zombie, survivor = sorted(workers, key=lambda w: -len(owners.partitions_of(w)))
     outputs.wait_for_growth(rng.randint(1, 100), timeout=60, alive=zombie.alive)
-    held = partitions_of(zombie)
+    held = owners.partitions_of(zombie)
     assert zombie.proc is not None
     zombie.proc.send_signal(signal.SIGSTOP)
     try:
         wait_for(
-            lambda: partitions_of(survivor) == {0, 1, 2}, 60, "the survivor took the partitions"
+            lambda: owners.partitions_of(survivor) == {0, 1, 2},
+            60,
+            "the survivor took the partitions",
         )
         # it goes on with them: the zombie's batch is old news once it wakes up
         outputs.wait_for_growth(

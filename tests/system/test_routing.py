@@ -21,18 +21,19 @@ from typing import Any
 
 import pytest
 from faults import (
+    Announcements,
     EventProducer,
     OutputLog,
     WorkerHandle,
     apply_definitions_cli,
     check_transitions,
     expected_outputs,
-    metric_samples,
 )
 
 from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.settings import Settings
 from audiences.core.events import format_iso
+from shared import wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.system]
 
@@ -40,7 +41,6 @@ PRICING = {"page_viewed": {"url": "*/pricing*", "times": {"gte": 2}}}
 DEFINITIONS = [
     {"key": "pricing_viewers", "condition": PRICING, "include_anonymous": False},
     {"key": "anon_pricing", "condition": PRICING, "include_anonymous": True},
-    {"key": "probe", "condition": {"performed": {"event": "Probe"}}},
 ]
 PARTITIONS = 3
 
@@ -66,29 +66,15 @@ ANONYMOUS = first_id("visitor", misrouted)
 USER = first_id("user", misrouted)
 
 
-def probe_id(round_: int, partition: int) -> str:
-    """A user both partitioners put on `partition` (its records land where they belong)."""
-    return first_id(
-        f"probe{round_}-p{partition}",
-        lambda k: crc32_partition(k) == murmur2_partition(k) == partition,
-    )
-
-
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def partitions_of(worker: WorkerHandle) -> set[int]:
-    return {
-        int(labels["partition"])
-        for labels, _ in metric_samples(worker.metrics(), "audiences_state_users")
-    }
 
 
 def test_identity_merge_finds_profiles_produced_with_the_default_partitioner(
     fault_settings: Settings,
     fault_workers: Callable[..., WorkerHandle],
     outputs: OutputLog,
+    announcements: Callable[[], Announcements],
     tmp_path: Path,
 ) -> None:
     """An anonymous visitor's page views (keyed by the anonymousId) qualify for an
@@ -112,24 +98,10 @@ def test_identity_merge_finds_profiles_produced_with_the_default_partitioner(
         assert sent.partition == crc32_partition(sent.key or b""), "not the CRC32 partitioner"
         events.append(event)
 
-    # Probes, one per partition, until both workers hold partitions: the split is real.
-    for round_ in range(20):
-        for partition in range(PARTITIONS):
-            user = probe_id(round_, partition)
-            send(
-                {
-                    "type": "track",
-                    "userId": user,
-                    "event": "Probe",
-                    "timestamp": format_iso(base + round_ * 1000 + partition),
-                    "messageId": f"m-{user}",
-                }
-            )
-        outputs.wait_for_ids(set(expected_outputs(DEFINITIONS, events, now_ms())), 30, 0.1)
-        if all(partitions_of(w) for w in workers):
-            break
-    else:
-        raise AssertionError("the two workers never split the partitions")
+    owners = announcements()
+    wait_for(
+        lambda: all(owners.partitions_of(w) for w in workers), 60, "both workers hold partitions"
+    )
 
     for n in (1, 2):
         send(
@@ -143,7 +115,7 @@ def test_identity_merge_finds_profiles_produced_with_the_default_partitioner(
             }
         )
     # the visitor's own audience (include_anonymous): its views were evaluated together
-    outputs.wait_for_ids(set(expected_outputs(DEFINITIONS, events, now_ms())), 60, 0.1)
+    outputs.wait_for_ids(set(expected_outputs(DEFINITIONS, events, now_ms())), 30, 0.1)
     send(
         {
             "type": "identify",
