@@ -11,6 +11,7 @@ tests hold whatever shape the runtime takes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -21,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -463,6 +464,16 @@ def check_transitions(
     return by_id
 
 
+@contextlib.contextmanager
+def diagnosed(*workers: WorkerHandle) -> Iterator[None]:
+    """Append what the workers say about themselves to an assertion failing inside."""
+    try:
+        yield
+    except AssertionError as exc:
+        notes = "\n".join(w.diagnosis() for w in workers)
+        raise AssertionError(f"{exc}\n--- workers:\n{notes}") from None
+
+
 def check_alternation(seen: list[dict[str, Any]]) -> None:
     """Per profile and audience, first occurrences alternate Entered/Exited from Entered."""
     firsts: dict[str, dict[str, Any]] = {}
@@ -565,6 +576,25 @@ class WorkerHandle:
             value
             for sample_labels, value in metric_samples(self.metrics(), name)
             if labels.items() <= sample_labels.items()
+        )
+
+    def diagnosis(self) -> str:
+        """What the worker says about itself (for failure messages): alive, consumer lag and
+        events evaluated per /metrics (README), the first error of its log."""
+        if not self.alive():
+            return f"worker :{self.port} exited ({self.exit_code()}):\n{self.log_tail()}"
+        try:
+            text = self.metrics()
+        except AssertionError as exc:
+            return f"worker :{self.port}: {exc}"
+        lag = {
+            labels.get("partition"): value
+            for labels, value in metric_samples(text, "audiences_consumer_lag")
+        }
+        evaluated = sum(v for _, v in metric_samples(text, "audiences_events_in_total"))
+        return (
+            f"worker :{self.port} alive, consumer lag {lag}, {evaluated:.0f} events evaluated; "
+            f"log:\n{self.log_tail(12)}"
         )
 
     def assert_healthy(self, when: str) -> None:

@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from faults import (
     WorkerHandle,
     apply_definitions_cli,
     check_transitions,
+    diagnosed,
     expected_outputs,
     profile_of,
 )
@@ -93,16 +95,23 @@ def test_kill_9_at_random_points_gives_exactly_the_core_transitions(
         worker = fault_workers(**env).start()
     worker.wait_ready()
     outputs.wait_for_ids(set(expected), timeout=90)
-    check_transitions(outputs.outputs, expected)
+    with diagnosed(worker):
+        check_transitions(outputs.outputs, expected)
 
 
 def assert_unfinished_on(
-    held: set[int], outputs: OutputLog, expected: dict[str, Any], partition_of: dict[str, int]
+    held: set[int],
+    outputs: OutputLog,
+    expected: dict[str, Any],
+    partition_of: dict[str, int],
+    stopped: set[int] | None = None,
 ) -> None:
-    """Workers holding `held` just stopped: once what they wrote is read (outputs are keyed
-    by user, so a user's outputs are on its partition), some expected output of those
-    partitions must be missing, or there was nothing for another worker to take over."""
-    outputs.settle(quiet_s=0.5, where=lambda m: m.partition() in held)
+    """Workers holding `held` (`stopped` of them: the ones that just stopped) are to hand
+    them over: once what the stopped ones wrote is read (outputs are keyed by user, so a
+    user's outputs are on its partition), some expected output of `held` must be missing,
+    or there was nothing for another worker to take over."""
+    stopped = held if stopped is None else stopped
+    outputs.settle(quiet_s=0.5, where=lambda m: m.partition() in stopped)
     left = {partition_of[profile_of(o)] for m, o in expected.items() if m not in outputs.ids}
     assert left & held, (
         f"partitions {held} were done before their workers stopped "
@@ -143,7 +152,8 @@ def test_two_workers_one_killed_the_other_takes_over(
     victim.kill()
     assert_unfinished_on(held, outputs, expected, partition_of)
     outputs.wait_for_ids(set(expected), timeout=90)
-    check_transitions(outputs.outputs, expected)
+    with diagnosed(survivor):
+        check_transitions(outputs.outputs, expected)
     survivor.assert_healthy("after taking over")
     assert owners.partitions_of(survivor) == {0, 1, 2}
 
@@ -175,25 +185,32 @@ def test_scale_1_2_3_then_back_to_1_worker(
             60,
             f"worker {n + 1} evaluates events",
         )
-    # one after the other: the embedded broker can leave the last member without the
-    # partitions of two members that leave at once (reproduced with bare librdkafka
-    # consumers), which is not what this test is about
+    # The two with the most work left stop, one after the other: the embedded broker can
+    # leave the last member without the partitions of two members that leave at once
+    # (reproduced with bare librdkafka consumers), which is not what this test is about.
     owners = announcements()
-    survivor, codes = workers[2], []
-    for n, worker in enumerate(workers[:2]):
-        held = owners.partitions_of(worker)
+    outputs.poll()
+    left = Counter(partition_of[profile_of(o)] for m, o in expected.items() if m not in outputs.ids)
+    *leaving, survivor = sorted(
+        workers, key=lambda w: -sum(left[p] for p in owners.partitions_of(w))
+    )
+    held = [owners.partitions_of(w) for w in leaving]
+    codes = []
+    for n, worker in enumerate(leaving):
         codes.append(worker.terminate(30))
         if n == 0:
-            assert_unfinished_on(held, outputs, expected, partition_of)
+            assert_unfinished_on(held[0] | held[1], outputs, expected, partition_of, held[0])
         wait_for(
             lambda n=n: (
-                set().union(*(owners.partitions_of(w) for w in workers[n + 1 :])) == {0, 1, 2}
+                set().union(*(owners.partitions_of(w) for w in [*leaving[n + 1 :], survivor]))
+                == {0, 1, 2}
             ),
             60,
-            f"the partitions of worker {n + 1} moved",
+            f"the partitions moved after stop {n + 1}",
         )
     outputs.wait_for_ids(set(expected), timeout=90)
-    check_transitions(outputs.outputs, expected)
+    with diagnosed(survivor):
+        check_transitions(outputs.outputs, expected)
     survivor.assert_healthy("after the others left")
     assert codes == [0, 0], f"SIGTERM: exit codes {codes} (None: still running after 30 s)"
 
@@ -215,9 +232,11 @@ def test_sigterm_mid_stream_then_restart_emits_each_output_once(
     outputs.wait_for_growth(rng.randint(200, 800), timeout=60, alive=worker.alive)
     code = worker.terminate(30)
     assert_mid_stream(outputs, expected, "SIGTERM")
-    fault_workers(**env).start().wait_ready()
+    restarted = fault_workers(**env).start()
+    restarted.wait_ready()
     outputs.wait_for_ids(set(expected), timeout=90)
-    check_transitions(outputs.outputs, expected, exactly_once=True)
+    with diagnosed(restarted):
+        check_transitions(outputs.outputs, expected, exactly_once=True)
     assert code == 0, f"SIGTERM: exit code {code} (None: still running after 30 s)"
 
 
@@ -280,7 +299,8 @@ def test_paused_worker_cannot_corrupt_state(
     finally:
         zombie.proc.send_signal(signal.SIGCONT)
     outputs.wait_for_ids(set(expected), timeout=90)
-    check_transitions(outputs.outputs, expected)
+    with diagnosed(*workers):
+        check_transitions(outputs.outputs, expected)
 
     # Everyone orders once more; one worker rebuilds all state from the changelog.
     for worker in workers:
@@ -300,6 +320,8 @@ def test_paused_worker_cannot_corrupt_state(
     ]
     producer.send_all(more)
     expected = expected_outputs(definitions, events + more, now_ms())
-    fault_workers(**env).start().wait_ready()
+    rebuilt = fault_workers(**env).start()
+    rebuilt.wait_ready()
     outputs.wait_for_ids(set(expected), timeout=90)
-    check_transitions(outputs.outputs, expected)
+    with diagnosed(rebuilt):
+        check_transitions(outputs.outputs, expected)
