@@ -465,13 +465,14 @@ def check_transitions(
 
 
 @contextlib.contextmanager
-def diagnosed(*workers: WorkerHandle) -> Iterator[None]:
-    """Append what the workers say about themselves to an assertion failing inside."""
+def diagnosed(*workers: WorkerHandle, note: str = "") -> Iterator[None]:
+    """Append `note` and what the workers say about themselves to an assertion failing
+    inside."""
     try:
         yield
     except AssertionError as exc:
         notes = "\n".join(w.diagnosis() for w in workers)
-        raise AssertionError(f"{exc}\n--- workers:\n{notes}") from None
+        raise AssertionError(f"{exc}\n{note}\n--- workers:\n{notes}") from None
 
 
 def check_alternation(seen: list[dict[str, Any]]) -> None:

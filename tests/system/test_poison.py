@@ -42,6 +42,7 @@ from faults import (
     changelog_topic,
     check_alternation,
     check_transitions,
+    diagnosed,
     expected_outputs,
     metric_samples,
     profile_of,
@@ -514,3 +515,52 @@ def test_profile_with_huge_traits_stays_bounded(
     assert changelog, "the state changelog is empty"
     sizes = sorted(len(m.value() or b"") + len(m.key() or b"") for m in changelog)
     assert sizes[-1] < KAFKA_MAX_MESSAGE_BYTES, f"changelog records of {sizes[-3:]} bytes"
+
+
+# -- a crash must not skip records ---------------------------------------------------------------
+
+
+def test_records_around_a_poison_record_are_never_skipped(
+    fault_settings: Settings,
+    fault_workers: Callable[..., WorkerHandle],
+    outputs: OutputLog,
+    dead_letters: DeadLetterLog,
+    tmp_path: Path,
+) -> None:
+    """Records that once crashed a worker (a timestamp of 1e20, a user id equal to an
+    internal key) in the middle of a backlog, in batches of 50. A worker should not die
+    on them (the tests above); if one does, a restart on the same data dir must go on
+    where its durable state is, never past the records of the batch it died in (a
+    committed input offset is never ahead of durable state). Up to three lives: the
+    normal users' outputs are exactly the core's, the 1e20 record is dead-lettered."""
+    settings = fault_settings
+    apply_definitions_cli(settings, DEFINITIONS, tmp_path)
+    events = shoppers(0)
+    poison = order("ts-1e20", phase_base(0) + 3 * H, "poison")
+    poison["timestamp"] = 1e20
+    third = len(events) // 3
+    producer = EventProducer(settings)
+    for event in events[:third]:
+        producer.send(event)
+    bad = producer.send(poison)
+    for event in events[third : 2 * third]:
+        producer.send(event)
+    producer.send(order("\x00meta:counts", phase_base(0) + 4 * H, "poison"))
+    for event in events[2 * third :]:
+        producer.send(event)
+    producer.flush()
+    expected = expected_outputs(DEFINITIONS, events, now_ms())
+    deaths = []
+    for life in range(3):
+        worker = fault_workers(AUDIENCES_BATCH_SIZE="50").start()
+        worker.wait_ready()
+        outputs.wait_for_ids(set(expected), timeout=30, alive=worker.alive)
+        if worker.alive():
+            break
+        deaths.append(f"life {life + 1}: {worker.log_tail(3)}")
+    normal = [o for o in outputs.outputs if in_phases(profile_of(o))]
+    with diagnosed(worker, note=f"the worker died {len(deaths)} times (restarted each time)"):
+        check_transitions(normal, expected)
+    dead_letters.settle()
+    assert (bad.partition, bad.offset) in dead_letters.by_source(), "1e20 not dead-lettered"
+    assert not deaths, f"the worker died on bad input (nothing lost though): {deaths}"
