@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,3 +125,86 @@ def workers(system_settings: Settings, tmp_path: Path) -> Iterator[Callable[...,
     yield make
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def fault_settings(
+    kafka_bootstrap: str, unique_name: Callable[..., str], tmp_path: Path
+) -> Settings:
+    """A test's own topics (only those SPEC §1 names; the worker creates its internal
+    ones) with 3 partitions, and state under tmp_path: for the black-box fault suite."""
+    from faults import create_topics
+
+    settings = isolated_settings(
+        kafka_bootstrap, unique_name("f"), str(tmp_path / "data"), partitions=3
+    )
+    create_topics(settings)
+    return settings
+
+
+@pytest.fixture
+def fault_workers(
+    fault_settings: Settings, kafka_flavor: str, tmp_path: Path
+) -> Iterator[Callable[..., Any]]:
+    """`make(data_dir=None, **env)` -> a not yet started `faults.WorkerHandle` with its
+    own port and log file. Every process still running at the end is killed."""
+    from faults import WorkerHandle, session_timeout_ms
+
+    started: list[Any] = []
+
+    def make(data_dir: str | None = None, **env: str) -> Any:
+        settings = fault_settings if data_dir is None else fault_settings.replace(data_dir=data_dir)
+        worker = WorkerHandle(
+            settings,
+            tmp_path / f"worker-{len(started)}.log",
+            free_port(),
+            {"AUDIENCES_SESSION_TIMEOUT_MS": str(session_timeout_ms(kafka_flavor)), **env},
+        )
+        started.append(worker)
+        return worker
+
+    yield make
+    for worker in started:
+        if worker.alive():
+            worker.proc.send_signal(signal.SIGKILL)
+    for worker in started:
+        if worker.proc is not None:
+            worker.proc.wait(10)
+
+
+@pytest.fixture
+def outputs(fault_settings: Settings) -> Iterator[Any]:
+    """`faults.OutputLog` of the test's `audience-events`, read from the beginning."""
+    from faults import OutputLog
+
+    log = OutputLog(fault_settings)
+    yield log
+    log.close()
+
+
+@pytest.fixture
+def dead_letters(fault_settings: Settings) -> Iterator[Any]:
+    """`faults.DeadLetterLog` of the test's `events-dlq`, read from the beginning."""
+    from faults import DeadLetterLog
+
+    log = DeadLetterLog(fault_settings)
+    yield log
+    log.close()
+
+
+@pytest.fixture
+def announcements(fault_settings: Settings) -> Iterator[Callable[[], Any]]:
+    """`announcements()` -> the test's `faults.Announcements` (made on first call: after a
+    worker created the `{app_id}-workers` topic), closed at the end."""
+    from faults import Announcements
+
+    made: list[Any] = []
+
+    def get() -> Any:
+        if not made:
+            made.append(Announcements(fault_settings))
+        return made[0]
+
+    yield get
+    for reader in made:
+        reader.close()
