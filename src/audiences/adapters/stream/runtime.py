@@ -68,6 +68,7 @@ REJUDGE_CHUNK = 1000  # profiles re-judged per partition per loop turn
 MAX_LOOP_FAILURES = 5  # consecutive failed turns before the worker gives up
 RECOVERY_IDLE_S = 60.0  # a changelog read that makes no progress this long fails
 MISROUTED_LOG_EVERY_S = 60.0
+MAX_FUTURE_MS = 24 * 3_600_000  # SPEC §11: later than this after its Kafka time: dead-lettered
 Clock = Callable[[], int]
 
 
@@ -285,6 +286,14 @@ class Runtime:
             except Exception as exc:  # a parser bug must not stop the partition either
                 log.exception("parsing failed at %s[%d]@%d", msg.topic(), number, offset)
                 emitter.dead_letter(msg, "parse_error", repr(exc))
+                continue
+            if record_ms >= 0 and event.timestamp_ms > record_ms + MAX_FUTURE_MS:
+                emitter.dead_letter(
+                    msg,
+                    "future_timestamp",
+                    f"event time {event.timestamp_ms} is more than 24 h after the record's "
+                    f"{record_ms}",
+                )
                 continue
             key = event.key.encode()
             owner = self.owner_of(key)
