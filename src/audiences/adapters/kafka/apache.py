@@ -83,7 +83,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, NoReturn, Self
 
-from audiences.adapters.kafka.embedded import _die_with_parent, _free_port, _port_free, _port_open
+from audiences.adapters.kafka.launcher import _die_with_parent, _free_port, _port_free, _port_open
 from audiences.errors import BrokerError
 
 __all__ = [
