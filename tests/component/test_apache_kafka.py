@@ -7,12 +7,16 @@ that really removes superseded records and tombstones.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+
+from audiences.errors import BrokerError
 
 pytestmark = [pytest.mark.kafka, pytest.mark.apache]
 
@@ -224,3 +228,29 @@ def test_the_log_cleaner_removes_superseded_records_and_tombstones(
         assert producer.flush(15) == 0
         time.sleep(0.5)
         seen = keyed()
+
+
+def test_leaving_the_with_block_stops_the_jvm_and_removes_its_storage() -> None:
+    from audiences.adapters.kafka.apache import ApacheKafka, ApacheKafkaUnavailable
+
+    kafka = ApacheKafka()
+    try:
+        with kafka:
+            pid, log_path = kafka.pid, kafka.log_path
+            assert pid is not None and log_path is not None and kafka.is_running()
+            assert kafka.controller_port not in (None, kafka.port)
+            assert kafka.start() == kafka.bootstrap  # idempotent while running
+            admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+            assert admin.list_topics(timeout=10).brokers
+            storage = Path(log_path).parent
+            assert (storage / "data" / "meta.properties").is_file()
+    except ApacheKafkaUnavailable as exc:
+        pytest.skip(f"no Apache Kafka broker: {exc}")
+
+    assert not kafka.is_running()
+    assert kafka.port is None and kafka.controller_port is None and kafka.log_path is None
+    assert not storage.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(BrokerError, match="is not started"):
+        _ = kafka.bootstrap

@@ -6,6 +6,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
@@ -36,6 +37,13 @@ def _port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def test_keyed_round_trip_through_a_consumer_group(
@@ -154,3 +162,27 @@ def test_context_manager_and_a_clear_error_when_the_port_is_taken() -> None:
         assert not second.is_running()
         assert first.is_running()
     assert not first.is_running()
+
+
+def test_a_panic_in_the_log_fails_the_start_and_stops_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tansu lingers after a worker thread panics (e.g. on a bind failure)."""
+    fake = tmp_path / "tansu"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'echo $$ > "$0.pid"\n'
+        "echo \"thread 'main' panicked at src/broker.rs:1:1: AddrInUse\"\n"
+        "exec sleep 60\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("CALF_TANSU_BIN", str(fake))
+    broker = EmbeddedBroker(port=_free_port(), startup_timeout=5)
+
+    with pytest.raises(BrokerError, match=r"embedded Tansu broker on .* panicked during startup"):
+        broker.start()
+
+    assert not broker.is_running()
+    assert broker.log_path is None  # its temporary log is removed
+    with pytest.raises(ProcessLookupError):  # stopped and reaped
+        os.kill(int((tmp_path / "tansu.pid").read_text()), 0)

@@ -62,7 +62,6 @@ next start once its processes are gone.
 
 from __future__ import annotations
 
-import atexit
 import base64
 import contextlib
 import hashlib
@@ -73,18 +72,19 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from types import TracebackType
-from typing import IO, NoReturn, Self
+from typing import TYPE_CHECKING
 
-from audiences.adapters.kafka.embedded import _die_with_parent, _free_port, _port_free, _port_open
+from audiences.adapters.kafka.launcher import BrokerProcess, _free_port, _port_free
 from audiences.errors import BrokerError
+
+if TYPE_CHECKING:
+    from confluent_kafka.admin import AdminClient
 
 __all__ = [
     "ApacheKafka",
@@ -101,7 +101,6 @@ logger = logging.getLogger(__name__)
 MIN_JAVA = 17
 VERSION_ENV = "AUDIENCES_APACHE_KAFKA_VERSION"
 _TMP_PREFIX = "audiences-kafka-"
-_LOG_TAIL_BYTES = 4000
 _NODE_ID = 1
 _DEPENDENCY_PLUGIN = "3.8.1"
 
@@ -377,7 +376,7 @@ def _sweep_stale_dirs() -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-class ApacheKafka:
+class ApacheKafka(BrokerProcess):
     """An Apache Kafka broker+controller JVM on loopback ports, with temporary storage.
 
     `port=None` picks a free port at `start`. `log_path` receives the broker's
@@ -385,6 +384,12 @@ class ApacheKafka:
     directory is used, removed by `stop`. `config` adds to or overrides the
     broker's ``server.properties``; `jvm_options` are added to the JVM's.
     """
+
+    _name = "Apache Kafka"
+    _logger = logger
+    # SIGTERM, not SIGINT: a shell starts background jobs with SIGINT ignored,
+    # and the JVM then never reacts to it.
+    _stop_signal = signal.SIGTERM
 
     def __init__(
         self,
@@ -400,52 +405,28 @@ class ApacheKafka:
         stop_timeout: float = 15.0,
         resolve_timeout: float = 600.0,
     ) -> None:
-        self.host = host
+        super().__init__(
+            port, host, log_path, startup_timeout=startup_timeout, stop_timeout=stop_timeout
+        )
         self.kafka_version = kafka_version or default_kafka_version()
-        self._requested_port = port
-        self._port: int | None = None
         self._controller_port: int | None = None
-        self._log_path = log_path
         self._config = dict(config or {})
         self._heap = heap
         self._jvm_options = list(jvm_options)
-        self._startup_timeout = startup_timeout
-        self._stop_timeout = stop_timeout
         self._resolve_timeout = resolve_timeout
         self._dir: Path | None = None
-        self._log_file: IO[bytes] | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._lock = threading.Lock()
 
     # -- public surface ---------------------------------------------------
-
-    @property
-    def bootstrap(self) -> str:
-        """``host:port`` for ``bootstrap.servers``; raises `BrokerError` if not started."""
-        if self._proc is None or self._port is None:
-            raise BrokerError("Apache Kafka broker is not started", retriable=False)
-        return f"{self.host}:{self._port}"
-
-    @property
-    def port(self) -> int | None:
-        return self._port
 
     @property
     def controller_port(self) -> int | None:
         return self._controller_port
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
     def log_path(self) -> str | None:
         if self._log_path is not None:
             return self._log_path
         return str(self._dir / "broker.log") if self._dir is not None else None
-
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> str:
         """Resolve the jars (first time), format storage, start the JVM, wait until it answers.
@@ -461,38 +442,17 @@ class ApacheKafka:
             java = check_java()
             classpath = resolve_classpath(self.kafka_version, timeout=self._resolve_timeout)
             _sweep_stale_dirs()
-            # Ports we picked ourselves may be taken between picking and binding;
-            # retry with fresh ones. A requested port is tried once.
-            attempts = 1 if self._requested_port is not None else 3
-            for attempt in range(1, attempts + 1):
-                try:
-                    return self._start_once(java, classpath)
-                except BrokerError:
-                    self._stop_locked()
-                    if attempt == attempts:
-                        raise
-                    logger.warning("Apache Kafka failed to start, retrying on other ports")
-                except BaseException:  # Ctrl-C or SIGTERM while starting: leave nothing behind
-                    self._stop_locked()
-                    raise
-            raise AssertionError("unreachable")  # pragma: no cover
+            try:
+                return self._start_retrying(lambda: self._start_once(java, classpath))
+            except BrokerError:
+                raise  # stopped already
+            except BaseException:  # Ctrl-C or SIGTERM while starting: leave nothing behind
+                self._stop_locked()
+                raise
 
     def stop(self) -> None:
         """Stop the broker (SIGTERM, SIGKILL after `stop_timeout`) and remove its storage."""
-        with self._lock:
-            self._stop_locked()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        super().stop()
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
@@ -526,9 +486,7 @@ class ApacheKafka:
                 f"cannot start Apache Kafka: {self.host}:{port} is already in use",
                 retriable=False,
             )
-        log_path = self.log_path
-        assert log_path is not None
-        self._log_file = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self._open_log()
 
         props = self._dir / "server.properties"
         config = self._server_properties(self._dir / "data")
@@ -578,115 +536,24 @@ class ApacheKafka:
         # 2. The broker+controller.
         cmd = [*jvm, "kafka.Kafka", str(props)]
         logger.info("starting Apache Kafka %s on %s", self.kafka_version, f"{self.host}:{port}")
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            # SIGTERM, not SIGINT: a shell starts background jobs with SIGINT
-            # ignored, and the JVM then never reacts to it.
-            preexec_fn=_die_with_parent(signal.SIGTERM),
-            close_fds=True,
-        )
+        self._spawn(cmd)
+        assert self._proc is not None
         (self._dir / "pids").write_text(f"{os.getpid()}\n{self._proc.pid}\n")
-        atexit.register(self.stop)
-        self._wait_ready()
-        logger.info("Apache Kafka ready at %s (pid %d)", self.bootstrap, self._proc.pid)
-        return self.bootstrap
+        return self._ready()
 
-    def _wait_ready(self) -> None:
-        assert self._proc is not None and self._port is not None
-        deadline = time.monotonic() + self._startup_timeout
-        # Wait for the listener first: librdkafka would log connection refusals
-        # to stderr while the JVM is still coming up.
-        while not _port_open(self.host, self._port):
-            self._check_alive()
-            if time.monotonic() > deadline:
-                self._fail(
-                    f"did not listen on {self.host}:{self._port} within "
-                    f"{self._startup_timeout:.0f}s"
-                )
-            time.sleep(0.1)
-
-        from confluent_kafka import KafkaException
+    def _admin_client(self) -> AdminClient:
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": f"{self.host}:{self._port}"})
-        last_error: Exception | None = None
-        while True:
-            self._check_alive()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._fail(
-                    f"did not answer a metadata request within "
-                    f"{self._startup_timeout:.0f}s (last error: {last_error})"
-                )
-            try:
-                metadata = admin.list_topics(timeout=min(2.0, max(remaining, 0.1)))
-            except KafkaException as exc:
-                last_error = exc
-                time.sleep(0.1)
-                continue
-            if metadata.brokers:
-                return
-            time.sleep(0.1)
+        return AdminClient({"bootstrap.servers": f"{self.host}:{self._port}"})
 
-    def _check_alive(self) -> None:
-        assert self._proc is not None
-        code = self._proc.poll()
-        if code is not None:
-            self._fail(f"exited with code {code} during startup")
+    def _describe(self) -> str:
+        return f"Apache Kafka {self.kafka_version}"
 
-    def _fail(self, what: str) -> NoReturn:
-        raise BrokerError(
-            f"Apache Kafka {self.kafka_version} on {self.host}:{self._port} {what}.\n"
-            f"--- tail of {self.log_path} ---\n{self._log_tail()}",
-            retriable=False,
-        )
-
-    def _log_tail(self) -> str:
-        path = self.log_path
-        if path is None:
-            return "(no log)"
-        try:
-            if self._log_file is not None:
-                self._log_file.flush()
-            data = Path(path).read_bytes()[-_LOG_TAIL_BYTES:]
-        except OSError as exc:
-            return f"(log unreadable: {exc})"
-        return data.decode("utf-8", errors="replace") or "(empty)"
-
-    def _stop_locked(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            atexit.unregister(self.stop)
-            if proc.poll() is None:
-                self._signal(proc, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=self._stop_timeout)
-                except subprocess.TimeoutExpired:
-                    logger.warning("Apache Kafka pid %d ignored SIGTERM; killing", proc.pid)
-                    self._signal(proc, signal.SIGKILL)
-                    proc.wait(timeout=self._stop_timeout)
-            logger.info("Apache Kafka pid %d stopped (code %s)", proc.pid, proc.returncode)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+    def _cleanup(self) -> None:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
-        self._port = None
         self._controller_port = None
-
-    @staticmethod
-    def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-        # The JVM leads its own process group (start_new_session): signal the group.
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
 
 
 def main(argv: list[str] | None = None) -> int:
