@@ -49,8 +49,7 @@ KAFKA_CLIENTS = {
 }
 CLIENT_MAKERS = {
     f"{PACKAGE}.adapters.kafka.clients",
-    f"{PACKAGE}.adapters.kafka.embedded",
-    f"{PACKAGE}.adapters.kafka.apache",
+    f"{PACKAGE}.adapters.kafka.launcher",  # the broker launchers' readiness probe
 }
 
 

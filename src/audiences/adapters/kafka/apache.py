@@ -84,7 +84,7 @@ from audiences.adapters.kafka.launcher import BrokerProcess, _free_port, _port_f
 from audiences.errors import BrokerError
 
 if TYPE_CHECKING:
-    from confluent_kafka.admin import AdminClient
+    pass
 
 __all__ = [
     "ApacheKafka",
@@ -540,11 +540,6 @@ class ApacheKafka(BrokerProcess):
         assert self._proc is not None
         (self._dir / "pids").write_text(f"{os.getpid()}\n{self._proc.pid}\n")
         return self._ready()
-
-    def _admin_client(self) -> AdminClient:
-        from confluent_kafka.admin import AdminClient
-
-        return AdminClient({"bootstrap.servers": f"{self.host}:{self._port}"})
 
     def _describe(self) -> str:
         return f"Apache Kafka {self.kafka_version}"

@@ -64,7 +64,7 @@ from audiences.adapters.kafka.launcher import BrokerProcess, _free_port, _port_f
 from audiences.errors import BrokerError
 
 if TYPE_CHECKING:
-    from confluent_kafka.admin import AdminClient
+    pass
 
 __all__ = ["EmbeddedBroker"]
 
@@ -169,11 +169,6 @@ class EmbeddedBroker(BrokerProcess):
         self._spawn(cmd, env={**os.environ, "NO_COLOR": "1"})
         self._port = port
         return self._ready()
-
-    def _admin_client(self) -> AdminClient:
-        from confluent_kafka.admin import AdminClient
-
-        return AdminClient({"bootstrap.servers": f"{self.host}:{self._port}"})
 
     def _describe(self) -> str:
         return "embedded Tansu broker"

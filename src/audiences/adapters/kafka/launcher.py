@@ -106,7 +106,7 @@ class BrokerProcess(abc.ABC):
     """A broker child process on a loopback port: start, readiness, stop, log tail.
 
     A launcher sets the class attributes, builds its command in `_start_once`
-    and provides `log_path`, `_admin_client` and `_describe`; it may override
+    and provides `log_path` and `_describe`; it may override
     `_check_log` (a failed start the process survives) and `_cleanup` (what
     `stop` removes besides the process and the log file).
     """
@@ -231,13 +231,12 @@ class BrokerProcess(abc.ABC):
         self._logger.info("%s ready at %s (pid %d)", self._name, self.bootstrap, self._proc.pid)
         return self.bootstrap
 
-    @abc.abstractmethod
     def _admin_client(self) -> AdminClient:
-        """A client for the metadata requests of `_wait_ready`.
+        """A client for the metadata requests of `_wait_ready` (the broker launchers and
+        `KafkaClients` are the only makers of Kafka clients: tests/unit/test_architecture.py)."""
+        from confluent_kafka.admin import AdminClient
 
-        Made by each launcher module: only they and `KafkaClients` make Kafka
-        clients (tests/unit/test_architecture.py).
-        """
+        return AdminClient({"bootstrap.servers": f"{self.host}:{self._port}"})
 
     @abc.abstractmethod
     def _describe(self) -> str:
