@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import orjson
+
 from audiences.adapters.settings import Settings
+from audiences.core.definitions import build_catalog, validate_definition
+from audiences.core.evaluator import Tick, step
+from audiences.core.events import parse_event
+from audiences.core.outputs import render_output
 
 # The definition example of SPEC §3, verbatim.
 SPEC_CART_ABANDONERS: dict[str, Any] = {
@@ -80,3 +86,48 @@ def wait_for(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(0.2)
+
+
+def pure_outputs(
+    definitions: list[dict[str, Any]],
+    events: Iterable[dict[str, Any]],
+    now_ms: int | None,
+    *,
+    received_ms: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """messageId -> output that the pure core implies for `events` in log order,
+    followed by a `Tick(now_ms)` for every profile (None: no tick).
+
+    Identity control records that `step` returns (SPEC §4 merges) are delivered at once
+    to the profile they are keyed by, as Kafka delivers them; records of deleted
+    profiles are dropped until unsuppressed, as SPEC §4 says."""
+    catalog = build_catalog({d["key"]: (validate_definition(d), 1) for d in definitions})
+    states: dict[str, Any] = {}
+    suppressed: set[str] = set()
+    outputs: dict[str, dict[str, Any]] = {}
+
+    def record(result: Any) -> None:
+        for t in result.transitions:
+            rendered = render_output(t, result.state.traits, anonymous=result.state.anonymous)
+            outputs[t.message_id] = orjson.loads(orjson.dumps(rendered))  # as on the topic
+
+    for raw in events:
+        queue: list[dict[str, Any]] = [raw]
+        while queue:
+            event = parse_event(orjson.dumps(queue.pop(0)), received_ms or now_ms or 0)
+            key = event.key
+            if key in suppressed and event.type != "unsuppress":
+                continue
+            suppressed.discard(key)
+            result = step(states.get(key), event, catalog, key)
+            record(result)
+            if result.erase:
+                states.pop(key, None)
+                suppressed.add(key)
+            else:
+                states[key] = result.state
+            queue += [control for _target, control in result.controls]
+    if now_ms is not None:
+        for key, state in states.items():
+            record(step(state, Tick(now_ms), catalog, key))
+    return outputs

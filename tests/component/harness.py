@@ -18,7 +18,7 @@ from audiences.adapters.settings import EVENTS_PARTITIONER
 from audiences.adapters.stream.definitions import apply_definitions
 from audiences.adapters.stream.runtime import Runtime
 from audiences.core.events import format_iso
-from shared import isolated_settings
+from shared import isolated_settings, pure_outputs  # noqa: F401 - re-exported for tests
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 S, M, H = 1_000, 60_000, 3_600_000
@@ -176,32 +176,6 @@ def by_user(outputs: Iterable[dict[str, Any]]) -> dict[str, list[tuple[str, str,
             (out["properties"]["audience_key"], out["event"], out["timestamp"])
         )
     return found
-
-
-def pure_outputs(
-    definitions: Iterable[dict[str, Any]], events: Iterable[dict[str, Any]], now_ms: int | None
-) -> dict[str, dict[str, Any]]:
-    """messageId -> output that the pure core gives for `events` in this order (per user),
-    then a Tick at `now_ms` for every profile (None: no tick)."""
-    from audiences.core.definitions import build_catalog, validate_definition
-    from audiences.core.evaluator import Tick, step
-    from audiences.core.events import parse_event
-    from audiences.core.outputs import render_output
-
-    catalog = build_catalog({d["key"]: (validate_definition(d), 1) for d in definitions})
-    states: dict[str, Any] = {}
-    outputs: dict[str, dict[str, Any]] = {}
-    for raw in events:
-        event = parse_event(raw, T0)
-        result = step(states.get(event.key), event, catalog, event.key)
-        states[event.key] = result.state
-        for output in result.transitions:
-            outputs[output.message_id] = render_output(output, result.state.traits)
-    if now_ms is not None:
-        for key, state in states.items():
-            for output in step(state, Tick(now_ms), catalog, key).transitions:
-                outputs[output.message_id] = render_output(output, state.traits)
-    return outputs
 
 
 def assert_same_as_core(seen: list[dict[str, Any]], expected: dict[str, dict[str, Any]]) -> None:

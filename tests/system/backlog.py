@@ -11,11 +11,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
-from audiences.core.definitions import build_catalog, validate_definition
-from audiences.core.evaluator import Tick, step
-from audiences.core.events import format_iso, parse_event
-from audiences.core.outputs import render_transition
-from shared import SPEC_CART_ABANDONERS
+from audiences.core.events import format_iso
+from shared import SPEC_CART_ABANDONERS, pure_outputs
 
 S, M, H = 1_000, 60_000, 3_600_000
 DEFINITIONS = [
@@ -73,19 +70,7 @@ def history(users: int, base_ms: int) -> list[dict[str, Any]]:
 
 def expected_outputs(events: list[dict[str, Any]], now_ms: int) -> dict[str, dict[str, Any]]:
     """messageId -> output, computed with the pure core alone."""
-    catalog = build_catalog({d["key"]: (validate_definition(d), 1) for d in DEFINITIONS})
-    states: dict[str, Any] = {}
-    outputs: dict[str, dict[str, Any]] = {}
-    for raw in events:
-        event = parse_event(raw, now_ms)
-        result = step(states.get(event.key), event, catalog, event.key)
-        states[event.key] = result.state
-        for t in result.transitions:
-            outputs[t.message_id] = render_transition(t, result.state.traits)
-    for key, state in states.items():
-        for t in step(state, Tick(now_ms), catalog, key).transitions:
-            outputs[t.message_id] = render_transition(t, state.traits)
-    return outputs
+    return pure_outputs(DEFINITIONS, events, now_ms)
 
 
 def read_all(

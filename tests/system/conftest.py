@@ -20,6 +20,8 @@ from shared import isolated_settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from faults import settings_env
+
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 
@@ -40,18 +42,9 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
-        s = self.settings
         return {
             **os.environ,
-            "AUDIENCES_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-            "AUDIENCES_APP_ID": s.app_id,
-            "AUDIENCES_EVENTS_TOPIC": s.events_topic,
-            "AUDIENCES_AUDIENCE_EVENTS_TOPIC": s.audience_events_topic,
-            "AUDIENCES_DEFINITIONS_TOPIC": s.definitions_topic,
-            "AUDIENCES_EVENTS_DLQ_TOPIC": s.events_dlq_topic,
-            "AUDIENCES_AUDIENCE_EVENTS_DLQ_TOPIC": s.audience_events_dlq_topic,
-            "AUDIENCES_PARTITIONS": str(s.partitions),
-            "AUDIENCES_DATA_DIR": s.data_dir,
+            **settings_env(self.settings),
             "AUDIENCES_WEB_PORT": str(self.port),
             "AUDIENCES_TICK_INTERVAL_MS": "20",
         }
