@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from enum import StrEnum
 
 import orjson
@@ -84,11 +84,12 @@ class DurabilityError(BrokerError):
 
 
 class PartitionFenced(BrokerError):
-    """Another worker owns the partition now: this one must drop it without writing."""
+    """Other workers own these partitions now: this one must drop them without writing."""
 
-    def __init__(self, partition: int, detail: str) -> None:
-        super().__init__(f"partition {partition} was taken over: {detail}", retriable=False)
-        self.partition = partition
+    def __init__(self, partitions: list[int], detail: str) -> None:
+        names = ", ".join(str(p) for p in partitions)
+        super().__init__(f"partition(s) {names} taken over: {detail}", retriable=False)
+        self.partitions = partitions
 
 
 class ChangelogWriter:
@@ -105,8 +106,14 @@ class ChangelogWriter:
 
     def claim(self, owner: bytes, value: bytes) -> int:
         """Fence every former owner, then append this owner's record; returns its offset
-        (the log's true end: recovery reads up to it)."""
+        (the log's true end: recovery reads up to it). Only for a partition the consumer
+        group just assigned: it takes the partition from whoever wrote before."""
         self._call(self.producer.init_transactions, self.timeout_s)
+        return self.mark(owner, value)
+
+    def mark(self, owner: bytes, value: bytes) -> int:
+        """Append this owner's record again (no fencing: if another worker claimed the
+        partition meanwhile, this is refused with PartitionFenced); returns its offset."""
         self.begin([(changelog_key(Kind.OWNER, owner), value, Header(-1, NEVER))])
         self.commit()
         return self.last_offset
@@ -166,7 +173,7 @@ class ChangelogWriter:
                 error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED)
                 or (error.fatal() and "fenc" in error.str().lower())
             ):
-                raise PartitionFenced(self.partition, error.str()) from exc
+                raise PartitionFenced([self.partition], error.str()) from exc
             self.abort()
             raise DurabilityError(f"changelog of partition {self.partition}: {exc}") from exc
 
@@ -194,19 +201,7 @@ class Checkpoint:
         self._step(Step.ENCODE)
         self.flush_outputs()
         self._step(Step.OUTPUTS)
-        try:
-            for partition, records, _batch in staged:
-                writers[partition.number].begin(records)
-            committing = [writers[partition.number] for partition, _r, _b in staged]
-            if len(committing) == 1:
-                committing[0].commit()
-            else:  # each commit waits for its own round trips: wait for them side by side
-                for done in [self._pool.submit(writer.commit) for writer in committing]:
-                    done.result()
-        except BaseException:
-            for partition, _records, _batch in staged:
-                writers[partition.number].abort()
-            raise
+        self._write_changelog(staged, writers)
         self._step(Step.CHANGELOG)
         for partition, _records, batch in staged:
             offset = writers[partition.number].last_offset + 1
@@ -217,6 +212,45 @@ class Checkpoint:
             partition.checkpointed()
         self.commit_offsets({p.number: p.committed for p in changed})
         self._step(Step.OFFSETS)
+
+    def _write_changelog(
+        self,
+        staged: list[tuple[PartitionState, list[ChangelogRecord], StoreBatch]],
+        writers: dict[int, ChangelogWriter],
+    ) -> None:
+        """One transaction per partition; the commits wait side by side. Raises
+        PartitionFenced naming every partition another worker took, else the first
+        other error; every open transaction is aborted then."""
+        fenced: list[int] = []
+        errors: list[BaseException] = []
+        begun = []
+        for partition, records, _batch in staged:
+            try:
+                writers[partition.number].begin(records)
+                begun.append(partition.number)
+            except PartitionFenced:
+                fenced.append(partition.number)
+            except BaseException as exc:
+                errors.append(exc)
+        if not errors:
+            commits: list[tuple[int, Future[None] | None]] = (
+                [(begun[0], None)]
+                if len(begun) == 1
+                else [(n, self._pool.submit(writers[n].commit)) for n in begun]
+            )
+            for number, future in commits:
+                try:
+                    writers[number].commit() if future is None else future.result()
+                except PartitionFenced:
+                    fenced.append(number)
+                except BaseException as exc:
+                    errors.append(exc)
+        if fenced or errors:
+            for partition, _records, _batch in staged:
+                writers[partition.number].abort()
+            if errors:
+                raise errors[0]
+            raise PartitionFenced(fenced, "a newer owner's producer fenced this one")
 
     def _step(self, step: Step) -> None:
         if self.after_step is not None:

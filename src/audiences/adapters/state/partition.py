@@ -33,6 +33,7 @@ from audiences.core.events import Event
 from audiences.core.state import UserState
 
 log = logging.getLogger(__name__)
+RECENT_TIMES = 256  # event times the stream time is a low percentile of
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +98,15 @@ class PartitionState:
     ) -> None:
         self.number = number
         self.store = store
+        self.session = ""  # the ownership this state belongs to (its owner record's id)
         self.position = position  # next input offset to evaluate (in memory)
         self.committed = position  # position of the last durable checkpoint
-        self.stream_time_ms = stream_time_ms  # latest event time evaluated
+        # The partition's clock while it catches up (see `observe`); checkpointed.
+        self.stream_time_ms = stream_time_ms
         self.committed_stream_time_ms = stream_time_ms
+        self._recent_times: list[int] = []  # event times of the last RECENT_TIMES events
+        self._recent_next = 0
+        self._times_dirty = False
         self.catalog = catalog  # the full catalog, or a pending variant while backfilling
         self.cache_limit = cache_limit
         # Profiles whose durable state already reflects input up to an offset beyond
@@ -387,8 +393,35 @@ class PartitionState:
             for key in list(cache)[: len(cache) - self.cache_limit + self.cache_limit // 10]:
                 del cache[key]
 
+    def observe(self, event_time_ms: int) -> None:
+        """Note an evaluated event's time; the stream time follows the recent ones.
+
+        The stream time is a low percentile of the last RECENT_TIMES event times, never
+        decreasing: deadlines fired on it can only be late, never ahead of an event still
+        to come in the log — so one event stamped hours ahead of the others (a skewed
+        clock, a hostile producer) cannot make every other profile's windows close
+        before their own next events, while a backlog in time order still fires
+        deadlines as it goes (a deadline fired later is still fired at its own time)."""
+        recent = self._recent_times
+        if len(recent) < RECENT_TIMES:
+            recent.append(event_time_ms)
+        else:
+            recent[self._recent_next] = event_time_ms
+            self._recent_next = (self._recent_next + 1) % RECENT_TIMES
+        self._times_dirty = True
+
+    def clock_ms(self) -> int:
+        """The stream time (see `observe`)."""
+        if self._times_dirty and self._recent_times:
+            self._times_dirty = False
+            ordered = sorted(self._recent_times)
+            low = ordered[len(ordered) // 10]
+            if low > self.stream_time_ms:
+                self.stream_time_ms = low
+        return self.stream_time_ms
+
     def position_record(self) -> bytes:
-        return orjson.dumps({"offset": self.position, "stream_time": self.stream_time_ms})
+        return orjson.dumps({"offset": self.position, "stream_time": self.clock_ms()})
 
 
 def decode_position(data: bytes) -> tuple[int, int]:

@@ -95,7 +95,7 @@ def restore(
         )
         _wipe(store)
     try:
-        restored = _apply(store, read, partition, fence, on_progress)
+        restored = _apply(store, read, partition, fence, session, on_progress)
     except _Foreign:
         reason = "another worker owned the partition since this store's checkpoint"
         log.info(
@@ -104,7 +104,7 @@ def restore(
             reason,
         )
         _wipe(store)
-        restored = _apply(store, read, partition, fence, on_progress)
+        restored = _apply(store, read, partition, fence, session, on_progress)
     restored.rebuilt = reason
     final = StoreBatch()
     final.put(Family.META, Meta.CHANGELOG_OFFSET.value, str(fence + 1).encode())
@@ -156,6 +156,7 @@ def _apply(
     read: Reader,
     partition: int,
     fence: int,
+    session: str,
     on_progress: Callable[[int], None] | None,
 ) -> Restored:
     warm = store.get(Family.META, Meta.SESSION.value) is not None
@@ -183,8 +184,8 @@ def _apply(
         if kind == Kind.OWNER.value:
             if offset >= fence:
                 break
-            if warm:
-                raise _Foreign
+            if warm and ident != session.encode():
+                raise _Foreign  # (this ownership's own records, from rewinds, are fine)
             continue
         header = decode_header(record.headers())
         family = FAMILY_OF.get(kind)

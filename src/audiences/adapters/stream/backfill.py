@@ -141,7 +141,7 @@ class Backfills:
                 continue
             if event.type not in CONTROL_TYPES:
                 events.append((event.key.encode(), event))
-        partition.load({key for key, _ in events}, partition.stream_time_ms)
+        partition.load({key for key, _ in events}, partition.clock_ms())
         for key, event in events:
             state = partition.cache.get(key)
             if state is None or state.merged_into is not None or partition.is_blocked(key):

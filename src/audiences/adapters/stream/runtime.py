@@ -164,9 +164,12 @@ class Runtime:
                 self._turn()
                 failures = 0
             except PartitionFenced as exc:
-                log.warning("%s; dropping it", exc)
-                self._drop(exc.partition)
-                self._rewind(list(self.partitions))
+                # The outputs were acknowledged before the changelog step: the other
+                # partitions' state is whole, their next checkpoint writes it.
+                log.warning("%s; dropping them", exc)
+                for number in exc.partitions:
+                    self._drop(number)
+                self._partitions_changed()
             except (DurabilityError, BrokerError, KafkaException) as exc:
                 failures += 1
                 if failures > MAX_LOOP_FAILURES:
@@ -226,7 +229,7 @@ class Runtime:
         wall = self.clock()
         more = False
         for partition in list(self.partitions.values()):
-            now = wall if self._caught_up(partition) else min(wall, partition.stream_time_ms)
+            now = wall if self._caught_up(partition) else min(wall, partition.clock_ms())
             more |= timers.sweep(partition, now, wall, self.settings.sweep_chunk, self.emitter)
         self._more_due = more
 
@@ -305,8 +308,7 @@ class Runtime:
                 continue  # the stored profile already reflects it (see recovery.py)
             events.append((key, event, msg))
             types[event.type] = types.get(event.type, 0) + 1
-            if event.timestamp_ms > partition.stream_time_ms:
-                partition.stream_time_ms = event.timestamp_ms
+            partition.observe(event.timestamp_ms)
         if not events:
             return oldest_ms
         now = self.clock()
@@ -466,27 +468,43 @@ class Runtime:
         if self.on_partitions is not None:
             self.on_partitions(sorted(self.partitions))
 
-    def _open(self, number: int) -> PartitionState:
-        """Take partition `number`: fence former owners, restore state, find the position."""
+    def _open(
+        self, number: int, rewind: tuple[ChangelogWriter, str] | None = None
+    ) -> PartitionState:
+        """Take partition `number` (the group just assigned it): fence former owners,
+        restore state, find the position. With `rewind` (the partition's own writer and
+        ownership session), re-read this owner's durable state instead, fencing nobody:
+        a worker that lost the partition without knowing yet is refused (PartitionFenced)
+        rather than taking it back from the new owner."""
         store = self.open_store(number)
-        writer = ChangelogWriter(
-            self.clients.changelog_producer(number),
-            self.topics.changelog,
-            number,
-            timeout_s=30.0,
-        )
-        session = uuid.uuid4().hex
-        fence = writer.claim(session.encode(), owner_record(self.worker_id, session, self.clock()))
-        restored = restore(
-            store,
-            read_until(
-                self._changelog_reader, self.topics.changelog, number, fence, RECOVERY_IDLE_S
-            ),
-            partition=number,
-            fence=fence,
-            session=session,
-            topic_id=self._topic_ids.get(self.topics.changelog),
-        )
+        try:
+            if rewind is None:
+                writer = ChangelogWriter(
+                    self.clients.changelog_producer(number),
+                    self.topics.changelog,
+                    number,
+                    timeout_s=30.0,
+                )
+                session = uuid.uuid4().hex
+                record = owner_record(self.worker_id, session, self.clock())
+                fence = writer.claim(session.encode(), record)
+            else:
+                writer, session = rewind
+                record = owner_record(self.worker_id, session, self.clock())
+                fence = writer.mark(session.encode(), record)
+            restored = restore(
+                store,
+                read_until(
+                    self._changelog_reader, self.topics.changelog, number, fence, RECOVERY_IDLE_S
+                ),
+                partition=number,
+                fence=fence,
+                session=session,
+                topic_id=self._topic_ids.get(self.topics.changelog),
+            )
+        except BaseException:
+            store.close()
+            raise
         metrics.RECOVERY_RECORDS.inc(restored.records)
         partition = PartitionState(
             number,
@@ -496,6 +514,7 @@ class Runtime:
             catalog=self.definitions.catalog,
             cache_limit=max(1, self.settings.state_cache_size // max(1, self.events_partitions)),
         )
+        partition.session = session
         position = self._start_position(partition, restored.position)
         partition.position = partition.committed = position
         partition.ahead = {k: at for k, at in restored.ahead.items() if at > position}
@@ -565,14 +584,25 @@ class Runtime:
 
     def _rewind(self, numbers: list[int], backoff_s: float = 0.0) -> None:
         """Throw away what the partitions hold in memory and start again from their durable
-        state (store + changelog), re-reading input from the durable position."""
+        state (store + changelog), re-reading input from the durable position. No
+        partition is claimed anew: one another worker took meanwhile is dropped."""
         if backoff_s:
             time.sleep(backoff_s)
         for number in numbers:
-            self._release(number)
-        for number in numbers:
-            partition = self._open(number)
-            self._consumer.seek(TopicPartition(self.topics.events, number, partition.position))
+            partition = self.partitions.pop(number, None)
+            writer = self.writers.pop(number, None)
+            if partition is None or writer is None:
+                continue
+            writer.abort()
+            partition.store.close()
+            try:
+                reopened = self._open(number, rewind=(writer, partition.session))
+            except PartitionFenced:
+                log.warning("partition %d was taken over meanwhile; dropping it", number)
+                writer.close()
+                self.open_store(number).destroy()
+                continue
+            self._consumer.seek(TopicPartition(self.topics.events, number, reopened.position))
         self._partitions_changed()
 
     def _committed(self, number: int) -> int:
