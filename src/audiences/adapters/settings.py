@@ -83,6 +83,13 @@ class Settings:
         default=1000, metadata={"doc": "max records consumed per evaluator batch"}
     )
     tick_interval_ms: int = field(default=50, metadata={"doc": "deadline sweep interval when idle"})
+    commit_interval_ms: int = field(
+        default=100,
+        metadata={
+            "doc": "how often the evaluator makes its work durable (outputs acknowledged, "
+            "changelog, store, offsets); outputs are sent at once, whatever it is"
+        },
+    )
     sweep_chunk: int = field(
         default=1000,
         metadata={

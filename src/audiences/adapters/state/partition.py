@@ -116,7 +116,8 @@ class PartitionState:
         self.cache: dict[bytes, UserState] = {}
         # Changed since the last checkpoint:
         self.dirty: dict[bytes, UserState | None] = {}  # None = erased
-        self.journal: list[tuple[bytes, Input]] = []  # in order; read only on rollback
+        # (profile, input, catalog it was applied with), in order; read only on rollback
+        self.journal: list[tuple[bytes, Input, Catalog]] = []
         self.durable_wakes: dict[bytes, int] = {}  # wake of each dirty profile when durable
         self.suppression_changes: dict[bytes, bool] = {}
         self.quarantine_changes: dict[bytes, Quarantine | None] = {}
@@ -259,7 +260,7 @@ class PartitionState:
             raise
         if key not in self.dirty:
             self.durable_wakes[key] = durable_wake
-        self.journal.append((key, item))
+        self.journal.append((key, item, self.catalog))
         if isinstance(item, Event) and item.type == "unsuppress":
             self.suppress(key, False)
         if result.erase:
@@ -296,12 +297,14 @@ class PartitionState:
         self.cache.pop(key, None)
         try:
             state = self.durable_state(key)
-            for item in self.inputs_of(key):
+            for owner, item, catalog in self.journal:
+                if owner != key:
+                    continue
                 if isinstance(item, Fold):
                     if state is not None:
-                        fold_history(state, item.event, self.catalog, item.trackers)
+                        fold_history(state, item.event, catalog, item.trackers)
                     continue
-                result = step(state, item, self.catalog, profile_key)
+                result = step(state, item, catalog, profile_key)
                 state = None if result.erase else result.state
         except Exception as exc:  # the journal replayed before: cannot happen
             log.exception("partition %d: a profile could not be rolled back", self.number)
@@ -322,10 +325,10 @@ class PartitionState:
 
     def inputs_of(self, key: bytes) -> list[Input]:
         """The inputs applied to profile `key` since the last checkpoint, in order."""
-        return [item for owner, item in self.journal if owner == key]
+        return [item for owner, item, _catalog in self.journal if owner == key]
 
     def _forget_inputs(self, key: bytes) -> None:
-        if any(owner == key for owner, _ in self.journal):
+        if any(entry[0] == key for entry in self.journal):
             self.journal = [entry for entry in self.journal if entry[0] != key]
 
     def suppress(self, key: bytes, on: bool) -> None:

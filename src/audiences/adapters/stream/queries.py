@@ -2,8 +2,8 @@
 
 The runtime thread owns every store and decoded profile. Other threads never
 touch them: they hand a query (a function of a `StateView`) to `QueryPort.ask`,
-the runtime runs it between two loop turns — right after a checkpoint, so the
-stores hold everything evaluated so far — and the answer comes back on the
+the runtime runs it right after a checkpoint (every commit interval, 100 ms by
+default), so the stores hold everything evaluated so far — and the answer comes back on the
 asker's event loop. Definitions are answered from the runtime's in-memory
 catalog (`QueryPort.definitions`), published after every change; nothing here
 builds a Kafka client or writes to a topic.

@@ -7,8 +7,9 @@ and a transactional `ChangelogWriter`. One loop turn:
 
     consume a batch -> definitions changed? -> per partition: parse, route, `step`
     each event, produce its outputs at once -> fire one chunk of due deadlines ->
-    fold one chunk of backfill history -> re-judge one chunk -> checkpoint
-    (state/checkpoint.py) -> answer queued API queries (queries.py)
+    fold one chunk of backfill history -> re-judge one chunk -> every commit interval
+    (AUDIENCES_COMMIT_INTERVAL_MS): checkpoint (state/checkpoint.py), then answer
+    queued API queries (queries.py)
 
 Failures stay where they happen:
 - a record that cannot be parsed or evaluated (or whose outputs cannot be
@@ -65,6 +66,7 @@ from audiences.errors import BrokerError, InvalidEventError
 log = logging.getLogger(__name__)
 CONSUME_WAIT_S = 0.005  # longest wait for a batch to fill (latency)
 REJUDGE_CHUNK = 1000  # profiles re-judged per partition per loop turn
+MAX_UNCOMMITTED = 50_000  # inputs applied since the last checkpoint that force the next
 MAX_LOOP_FAILURES = 5  # consecutive failed turns before the worker gives up
 RECOVERY_IDLE_S = 60.0  # a changelog read that makes no progress this long fails
 MISROUTED_LOG_EVERY_S = 60.0
@@ -107,6 +109,8 @@ class Runtime:
         self._stopping = False  # in the final shutdown: revoked stores are kept
         self._drained = False
         self._tick_s = settings.tick_interval_ms / 1000
+        self._commit_s = settings.commit_interval_ms / 1000
+        self._last_checkpoint = 0.0
         self._last_sweep = 0.0
         self._more_due = False
         self._misrouted = 0
@@ -218,8 +222,15 @@ class Runtime:
         self.backfills.turn(self.partitions, self.definitions.catalog)
         for partition in list(self.partitions.values()):
             timers.rejudge(partition, REJUDGE_CHUNK, self.emitter)
-        self._checkpoint()
-        self.queries.serve(_View(self))
+        if self._checkpoint_due():
+            self._checkpoint()
+            self.queries.serve(_View(self))  # right after it: the stores hold everything
+
+    def _checkpoint_due(self) -> bool:
+        """Every AUDIENCES_COMMIT_INTERVAL_MS, or sooner when much is waiting (memory)."""
+        if time.monotonic() - self._last_checkpoint >= self._commit_s:
+            return True
+        return sum(len(p.journal) for p in self.partitions.values()) >= MAX_UNCOMMITTED
 
     def _sweep(self) -> None:
         """Fire a chunk of due deadlines in every partition (again next turn while more
@@ -235,6 +246,7 @@ class Runtime:
 
     def _checkpoint(self) -> None:
         started = time.perf_counter()
+        self._last_checkpoint = time.monotonic()
         partitions = list(self.partitions.values())
         self.checkpoint.commit(partitions, self.writers)
         for partition in partitions:
