@@ -295,6 +295,39 @@ def test_a_failing_step_leaves_no_trace(monkeypatch: pytest.MonkeyPatch) -> None
     assert partition.dirty[b"u"] is state and len(partition.inputs_of(b"u")) == 1
 
 
+def test_a_rollback_replays_each_input_with_the_catalog_it_was_applied_with(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Definitions can change between two checkpoints; putting a profile back must not
+    re-judge its earlier inputs on the newer catalog."""
+    from audiences.adapters.state import partition as module
+
+    real = module.step
+
+    def raise_on_boom(state: Any, item: Any, catalog: Any, key: str) -> Any:
+        if getattr(item, "name", None) == "Boom":
+            raise RuntimeError("simulated bug")
+        return real(state, item, catalog, key)
+
+    monkeypatch.setattr(module, "step", raise_on_boom)
+    buyers = {"key": "buyers", "condition": {"performed": {"event": "Order Completed"}}}
+    older = build_catalog({"buyers": (validate_definition(buyers), 1)})
+    log = FakeChangelog()
+    partition = partition_over(MemoryStore(), log)
+    partition.catalog = older  # views are not tracked yet
+    first, second = event("u", "Product Viewed", T0), event("u", "Product Viewed", T0 + M)
+    feed(partition, [(0, first)])
+    partition.catalog = CATALOG  # now they are
+    feed(partition, [(1, second)])
+    expected = real(real(None, first, older, "u").state, second, CATALOG, "u").state
+    assert partition.cache[b"u"].to_json() == expected.to_json()
+    with pytest.raises(RuntimeError):
+        feed(partition, [(2, event("u", "Boom", T0 + 2 * M))])
+    assert partition.cache[b"u"].to_json() == expected.to_json()
+    replayed_on_newer = real(real(None, first, CATALOG, "u").state, second, CATALOG, "u").state
+    assert replayed_on_newer.to_json() != expected.to_json()  # (the test can tell them apart)
+
+
 def test_an_undecodable_stored_profile_is_quarantined() -> None:
     store = MemoryStore()
     log = FakeChangelog()
