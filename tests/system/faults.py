@@ -345,6 +345,24 @@ class Announcements(TopicReader):
         return held
 
 
+def two_workers_sharing(
+    make: Callable[..., WorkerHandle],
+    announcements: Callable[[], Announcements],
+    second_data_dir: Path,
+    **env: str,
+) -> tuple[list[WorkerHandle], Announcements]:
+    """Two started workers (the second with its own data dir), both ready and both holding
+    partitions, busiest first; and the announcements they were read from."""
+    workers = [make(**env).start(), make(str(second_data_dir), **env).start()]
+    for worker in workers:
+        worker.wait_ready()
+    owners = announcements()
+    wait_for(
+        lambda: all(owners.partitions_of(w) for w in workers), 60, "both workers hold partitions"
+    )
+    return sorted(workers, key=lambda w: -len(owners.partitions_of(w))), owners
+
+
 def read_whole_topic(settings: Settings, topic: str, timeout: float = 30.0) -> list[Message]:
     """Every record of `topic` currently written (read until quiet, never trusting the
     embedded broker's high watermark)."""

@@ -30,6 +30,7 @@ from faults import (
     diagnosed,
     expected_outputs,
     profile_of,
+    two_workers_sharing,
 )
 
 from audiences.adapters.settings import Settings
@@ -133,17 +134,9 @@ def test_two_workers_one_killed_the_other_takes_over(
     partition_of = {str(s.event["userId"]): s.partition for s in sent if s.event}
     expected = expected_outputs(DEFINITIONS, events, now_ms())
     env = {"AUDIENCES_BATCH_SIZE": "5"}
-    workers = [
-        fault_workers(**env).start(),
-        fault_workers(str(tmp_path / "second-data"), **env).start(),
-    ]
-    for worker in workers:
-        worker.wait_ready()
-    owners = announcements()
-    wait_for(
-        lambda: all(owners.partitions_of(w) for w in workers), 60, "both workers hold partitions"
+    (victim, survivor), owners = two_workers_sharing(
+        fault_workers, announcements, tmp_path / "second-data", **env
     )
-    victim, survivor = sorted(workers, key=lambda w: -len(owners.partitions_of(w)))
     outputs.wait_for_growth(rng.randint(1, 100), timeout=60, alive=victim.alive)
     held = owners.partitions_of(victim)
     victim.kill()
@@ -261,17 +254,10 @@ def test_paused_worker_cannot_corrupt_state(
     partition_of = {str(s.event["userId"]): s.partition for s in sent if s.event}
     expected = expected_outputs(definitions, events, now_ms())
     env = {"AUDIENCES_BATCH_SIZE": "5"}
-    workers = [
-        fault_workers(**env).start(),
-        fault_workers(str(tmp_path / "second-data"), **env).start(),
-    ]
-    for worker in workers:
-        worker.wait_ready()
-    owners = announcements()
-    wait_for(
-        lambda: all(owners.partitions_of(w) for w in workers), 60, "both workers hold partitions"
+    workers, owners = two_workers_sharing(
+        fault_workers, announcements, tmp_path / "second-data", **env
     )
-    zombie, survivor = sorted(workers, key=lambda w: -len(owners.partitions_of(w)))
+    zombie, survivor = workers
     outputs.wait_for_growth(rng.randint(1, 100), timeout=60, alive=zombie.alive)
     held = owners.partitions_of(zombie)
     assert zombie.proc is not None

@@ -28,12 +28,12 @@ from faults import (
     apply_definitions_cli,
     check_transitions,
     expected_outputs,
+    two_workers_sharing,
 )
 
 from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.settings import Settings
 from audiences.core.events import format_iso
-from shared import wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.system]
 
@@ -85,9 +85,7 @@ def test_identity_merge_finds_profiles_produced_with_the_default_partitioner(
     settings = fault_settings
     assert settings.partitions == PARTITIONS
     apply_definitions_cli(settings, DEFINITIONS, tmp_path)
-    workers = [fault_workers().start(), fault_workers(str(tmp_path / "second-data")).start()]
-    for worker in workers:
-        worker.wait_ready()
+    workers, _ = two_workers_sharing(fault_workers, announcements, tmp_path / "second-data")
     producer = EventProducer(settings, partitioner=None)  # librdkafka's default
     base = now_ms() - 2 * 3_600_000
     events: list[dict[str, Any]] = []
@@ -97,11 +95,6 @@ def test_identity_merge_finds_profiles_produced_with_the_default_partitioner(
         producer.flush()
         assert sent.partition == crc32_partition(sent.key or b""), "not the CRC32 partitioner"
         events.append(event)
-
-    owners = announcements()
-    wait_for(
-        lambda: all(owners.partitions_of(w) for w in workers), 60, "both workers hold partitions"
-    )
 
     for n in (1, 2):
         send(

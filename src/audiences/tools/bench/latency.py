@@ -34,6 +34,7 @@ from audiences.adapters.stream.definitions import apply_definitions
 from audiences.adapters.stream.runtime import Runtime
 from audiences.core.events import format_iso, parse_iso_ms
 from audiences.errors import AudiencesError
+from audiences.tools.bench.isolation import isolated_settings
 
 PROBE_WINDOW_S = 2
 DEFINITIONS: list[dict[str, Any]] = [
@@ -95,15 +96,8 @@ def measure_latency(
     """Latencies at `rate` events/s for `seconds` (see the module docstring)."""
     if rate <= 0 or seconds <= 0:
         raise AudiencesError("latency: the rate and the duration must be positive")
-    settings = base.replace(
-        app_id=f"{run}-latency",
-        events_topic=f"{run}-latency-events",
-        audience_events_topic=f"{run}-latency-audience-events",
-        definitions_topic=f"{run}-latency-definitions",
-        events_dlq_topic=f"{run}-latency-events-dlq",
-        audience_events_dlq_topic=f"{run}-latency-audience-events-dlq",
-        partitions=partitions,
-        data_dir=str(data_dir),
+    settings = isolated_settings(
+        base, f"{run}-latency", f"{run}-latency-events", partitions, data_dir
     )
     topics = Topics.from_settings(settings)
     ensure_topics(settings, topics)

@@ -58,6 +58,7 @@ from audiences.core.definitions import build_catalog, check_references, validate
 from audiences.core.evaluator import Output
 from audiences.core.events import format_iso
 from audiences.errors import AudiencesError, BrokerError
+from audiences.tools.bench.isolation import isolated_settings
 
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: events start here
 SEED = 20_260_101
@@ -437,7 +438,7 @@ def measure_engine(
 ) -> Measurement:
     from audiences.adapters.stream.definitions import apply_definitions
 
-    settings = _engine_settings(base, run, input_topic, len(ends), data_dir)
+    settings = isolated_settings(base, f"{run}-engine", input_topic, len(ends), data_dir)
     topics = Topics.from_settings(settings)
     ensure_topics(settings, topics)
     apply_definitions(settings, topics, definitions)
@@ -490,7 +491,7 @@ def measure_recovery(
     from audiences.adapters.state.recovery import restore
     from audiences.adapters.state.store import RocksDictStore
 
-    settings = _engine_settings(base, run, input_topic, partitions, data_dir)
+    settings = isolated_settings(base, f"{run}-engine", input_topic, partitions, data_dir)
     topics = Topics.from_settings(settings)
     clients = KafkaClients(settings)
     reader = clients.changelog_reader()
@@ -525,21 +526,6 @@ def measure_recovery(
         "seconds": round(seconds, 3),
         "keys_per_s": round(keys / seconds, 1) if seconds > 0 else None,
     }
-
-
-def _engine_settings(
-    base: Settings, run: str, input_topic: str, partitions: int, data_dir: Path
-) -> Settings:
-    return base.replace(
-        app_id=f"{run}-engine",
-        events_topic=input_topic,
-        audience_events_topic=f"{run}-engine-audience-events",
-        definitions_topic=f"{run}-engine-definitions",
-        events_dlq_topic=f"{run}-engine-events-dlq",
-        audience_events_dlq_topic=f"{run}-engine-audience-events-dlq",
-        partitions=partitions,
-        data_dir=str(data_dir),
-    )
 
 
 def measure_faust(
