@@ -30,13 +30,13 @@ AUDIENCE_SIZE = Gauge(
 )
 BATCH_DURATION = Histogram(
     "audiences_batch_duration_seconds",
-    "Time to evaluate and durably commit one batch",
+    "Time to evaluate one consumed batch (durability: audiences_checkpoint_duration_seconds)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 PROCESSING_LATENCY = Histogram(
     "audiences_processing_latency_seconds",
-    "Per batch: from the Kafka timestamp of its oldest input record to its outputs and "
-    "state being durable (event -> output latency, queueing in Kafka included)",
+    "Per batch: from the Kafka timestamp of its oldest input record to its outputs being "
+    "produced (event -> output latency, queueing in Kafka included)",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0),
 )
 DEADLINE_LATENESS = Histogram(
