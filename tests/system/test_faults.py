@@ -158,7 +158,8 @@ def test_scale_1_2_3_then_back_to_1_worker(
     """Workers join one after another while the backlog is processed, then the first two
     stop with SIGTERM, one after the other: partitions move four times; the result is
     exact. The first two evaluate one event per batch (slow: the backlog lasts through
-    the joins), the third 50 (it drains what is left once alone)."""
+    the joins: they also checkpoint after every turn), the third 50 (it drains what is
+    left once alone)."""
     settings = fault_settings
     apply_definitions_cli(settings, DEFINITIONS, tmp_path)
     events = history(4000, now_ms() - 12 * H)
@@ -166,8 +167,12 @@ def test_scale_1_2_3_then_back_to_1_worker(
     partition_of = {str(s.event["userId"]): s.partition for s in sent if s.event}
     expected = expected_outputs(DEFINITIONS, events, now_ms())
     workers: list[WorkerHandle] = []
-    for n, batch in enumerate(["1", "1", "50"]):
-        worker = fault_workers(str(tmp_path / f"data-{n}"), AUDIENCES_BATCH_SIZE=batch).start()
+    for n, (batch, interval) in enumerate([("1", "0"), ("1", "0"), ("50", "100")]):
+        worker = fault_workers(
+            str(tmp_path / f"data-{n}"),
+            AUDIENCES_BATCH_SIZE=batch,
+            AUDIENCES_COMMIT_INTERVAL_MS=interval,
+        ).start()
         workers.append(worker)
         worker.wait_ready()
         # evaluating events after joining: it joined mid-stream
