@@ -16,13 +16,12 @@ AUDIENCES_EXPECT_COMPILED_CORE ?= auto
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools
-	@echo "installing (editable; compiles audiences.core with mypyc when a C compiler is here: a few minutes)"
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	AUDIENCES_PURE_BUILD=1 $(BIN)/python -m pip install --quiet -e '.[test]'  # `core` compiles, visibly
 	touch $(STAMP)
-	@$(BIN)/audiences --version
 
 core: $(CORE_RECORD)  ## (re)build the compiled core in place when a core source changed
 $(CORE_RECORD): $(CORE_SRC) setup.py | $(STAMP)
+	@echo "compiling audiences.core with mypyc when a C compiler is here (a few minutes)"
 	$(BIN)/python setup.py --quiet build_ext --inplace
 	@touch $(CORE_RECORD)
 	@$(BIN)/audiences --version

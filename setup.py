@@ -7,7 +7,8 @@ compiler, Python headers or mypyc, or when compilation fails, the build says so 
 line and the package stays pure Python. Either way it writes a build record
 (`audiences/core/_build.json`: kind, reason, digest of the sources compiled) that
 `audiences/_core_build.py` checks at import: edited sources never run compiled code.
-``AUDIENCES_PURE_BUILD=1`` skips compilation.
+``AUDIENCES_PURE_BUILD=1`` skips this step altogether (the Makefile's editable install
+does, then builds the core in place with `make core`, once and visibly).
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ def _core_build_module() -> Any:
 
 def toolchain_problem() -> str | None:
     """Why the core cannot be compiled here, or None."""
-    if os.environ.get("AUDIENCES_PURE_BUILD", "") not in ("", "0"):
-        return "AUDIENCES_PURE_BUILD is set"
     if sys.implementation.name != "cpython":
         return f"mypyc needs CPython, not {sys.implementation.name}"
     try:
@@ -71,30 +70,32 @@ class BuildCore(build_ext):
     problem: str | None = None
     toolchain = False
 
-    def finalize_options(self) -> None:
-        if getattr(self.distribution, "_audiences_core", None) is None:
-            self.distribution._audiences_core = True
-            problem = toolchain_problem()
-            self.toolchain = problem is None
-            modules: list[Extension] = []
-            if problem is None:
-                from mypyc.build import mypycify
-
-                sources = [  # the packages' __init__ stay pure (see _core_build.module_names)
-                    str(p.relative_to(HERE))
-                    for p in sorted(CORE.rglob("*.py"))
-                    if p.name != "__init__.py"
-                ]
-                say(f"compiling audiences.core with mypyc (opt level 3, {len(sources)} modules)")
-                try:
-                    modules = mypycify(sources, opt_level="3", group_name=GROUP)
-                except (Exception, SystemExit) as exc:
-                    problem = f"mypyc failed: {exc!r}"
-            self.problem = problem
-            self.distribution.ext_modules = modules
-        super().finalize_options()
-
     def run(self) -> None:
+        # Here, not in finalize_options: pip's metadata steps finalize build_ext too.
+        if os.environ.get("AUDIENCES_PURE_BUILD", "") not in ("", "0"):
+            say("AUDIENCES_PURE_BUILD is set: audiences.core not compiled (`make core` does it)")
+            self.distribution.ext_modules = []
+            self.finalize_options()
+            return  # a compiled core already there, and its record, stay as they are
+        self.problem = toolchain_problem()
+        self.toolchain = self.problem is None
+        modules: list[Extension] = []
+        if self.problem is None:
+            from mypyc.build import mypycify
+
+            sources = [  # the packages' __init__ stay pure (see _core_build.module_names)
+                str(p.relative_to(HERE))
+                for p in sorted(CORE.rglob("*.py"))
+                if p.name != "__init__.py"
+            ]
+            say(f"compiling audiences.core with mypyc (opt level 3, {len(sources)} modules)")
+            try:
+                modules = mypycify(sources, opt_level="3", group_name=GROUP)
+            except (Exception, SystemExit) as exc:
+                self.problem = f"mypyc failed: {exc!r}"
+        # the generated extensions (or none) replace the placeholder
+        self.distribution.ext_modules = modules
+        self.finalize_options()
         if self.problem is None:
             try:
                 super().run()
