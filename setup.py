@@ -74,8 +74,7 @@ class BuildCore(build_ext):
         # Here, not in finalize_options: pip's metadata steps finalize build_ext too.
         if os.environ.get("AUDIENCES_PURE_BUILD", "") not in ("", "0"):
             say("AUDIENCES_PURE_BUILD is set: audiences.core not compiled (`make core` does it)")
-            self.distribution.ext_modules = []
-            self.finalize_options()
+            self._use([])
             return  # a compiled core already there, and its record, stay as they are
         self.problem = toolchain_problem()
         self.toolchain = self.problem is None
@@ -93,9 +92,7 @@ class BuildCore(build_ext):
                 modules = mypycify(sources, opt_level="3", group_name=GROUP)
             except (Exception, SystemExit) as exc:
                 self.problem = f"mypyc failed: {exc!r}"
-        # the generated extensions (or none) replace the placeholder
-        self.distribution.ext_modules = modules
-        self.finalize_options()
+        self._use(modules)
         if self.problem is None:
             try:
                 super().run()
@@ -106,6 +103,18 @@ class BuildCore(build_ext):
             say("compiled core built: audiences.core runs compiled with mypyc")
         else:
             say(f"compiled core NOT built ({self.problem}): audiences.core stays pure Python")
+
+    def _use(self, modules: list[Extension]) -> None:
+        """The generated extensions (or none) replace the placeholder, finalized as
+        setuptools' build_ext.finalize_options does (which cannot run twice)."""
+        self.distribution.ext_modules = self.extensions = modules
+        self.check_extensions_list(modules)
+        self.ext_map = {}
+        for ext in modules:
+            full_name = ext._full_name = self.get_ext_fullname(ext.name)
+            self.ext_map[full_name] = self.ext_map[full_name.split(".")[-1]] = ext
+            ext._links_to_dynamic = ext._needs_stub = False  # no setuptools Library here
+            ext._file_name = self.get_ext_filename(full_name)
 
     def _write_record(self) -> None:
         core_build = _core_build_module()
