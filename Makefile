@@ -3,33 +3,49 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# The compiled core (mypyc, see setup.py): built in place next to the sources, rebuilt when
+# one of them changes. Its build record says what was compiled (or why not).
+CORE_SRC    := $(shell find src/audiences/core -name '*.py')
+CORE_RECORD := src/audiences/core/_build.json
+# `make test`: 1 = the compiled core must be active; auto = must be when the build found a
+# C compiler, Python headers and mypyc (else the run says it is pure and why).
+AUDIENCES_EXPECT_COMPILED_CORE ?= auto
 
-.PHONY: demo test lint bench apache-kafka clean
+.PHONY: demo test lint bench core apache-kafka clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools
+	AUDIENCES_PURE_BUILD=1 $(BIN)/python -m pip install --quiet -e '.[test]'  # `core` compiles, visibly
 	touch $(STAMP)
 
-demo: $(STAMP)  ## run the engine on the embedded broker and play a generated shop
+core: $(CORE_RECORD)  ## (re)build the compiled core in place when a core source changed
+$(CORE_RECORD): $(CORE_SRC) setup.py | $(STAMP)
+	@echo "compiling audiences.core with mypyc when a C compiler is here (a few minutes)"
+	$(BIN)/python setup.py --quiet build_ext --inplace
+	@touch $(CORE_RECORD)
+	@$(BIN)/audiences --version
+
+demo: core  ## run the engine on the embedded broker and play a generated shop
 	$(BIN)/audiences demo
 
-test: $(STAMP)  ## lint, type-check and run every test (embedded broker unless one is given)
-	$(BIN)/ruff check src tests
+test: core  ## lint, type-check, every test on the compiled core, the unit tests on the pure one
+	$(BIN)/ruff check src tests setup.py
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	AUDIENCES_EXPECT_COMPILED_CORE=$(AUDIENCES_EXPECT_COMPILED_CORE) $(BIN)/python -m pytest
+	AUDIENCES_PURE_CORE=1 $(BIN)/python -m pytest tests/unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests setup.py
+	$(BIN)/ruff format --check src tests setup.py
 	$(BIN)/mypy
 
 apache-kafka: $(STAMP)  ## check Java >= 17 and fetch Apache Kafka's jars with Maven (once; cached)
 	$(BIN)/python -m audiences.adapters.kafka.apache
 
-bench: $(STAMP)  ## this engine vs a stock Faust agent + Table, same run
+bench: core  ## this engine vs a stock Faust agent + Table, same run
 	$(BIN)/audiences bench
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .hypothesis .mypy_cache .ruff_cache
+	rm -rf $(VENV) data build .pytest_cache .hypothesis .mypy_cache .ruff_cache
+	find src/audiences/core \( -name '*.so' -o -name '*.pyd' -o -name '_build.json' \) -delete

@@ -28,6 +28,28 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # tests/shared.py
 
 _FLAVOR = pytest.StashKey[str]()
+# `make test` sets it: "1" = the compiled core must run; "auto" = must when the build found a
+# C compiler, Python headers and mypyc (see setup.py, audiences/_core_build.py).
+EXPECT_COMPILED_CORE = "AUDIENCES_EXPECT_COMPILED_CORE"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from audiences import core_build
+
+    return f"audiences core: {core_build().describe()}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Fail the run at once when the compiled core was expected but pure Python would run."""
+    from audiences import core_build
+
+    expect, build = os.environ.get(EXPECT_COMPILED_CORE, ""), core_build()
+    if build.compiled or expect in ("", "0") or (expect == "auto" and not build.toolchain):
+        return
+    raise pytest.UsageError(
+        f"{EXPECT_COMPILED_CORE}={expect}: the compiled core is expected, but "
+        f"audiences.core runs as {build.describe()}"
+    )
 
 
 def _docker_available(timeout: float = 2.0) -> bool:

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from audiences import __version__, logs
+from audiences import __version__, core_build, logs
 from audiences.adapters.settings import Settings
 from audiences.errors import ApiError, AudiencesError, DefinitionError
 
@@ -453,7 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real-time audience engine: Segment events in, live audiences out. "
         "Settings come from AUDIENCES_* environment variables (`audiences config`).",
     )
-    parser.add_argument("--version", action="version", version=f"audiences {__version__}")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"audiences {__version__} (core: {core_build().describe()})",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     text = (

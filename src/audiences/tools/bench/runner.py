@@ -49,6 +49,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Message, Producer
 
+from audiences import core_build
 from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
@@ -669,7 +670,8 @@ def render_table(data: dict[str, Any], faust_error: str | None) -> str:
     lines = [
         f"audiences bench: {data['events']:,} events, {data['users']:,} users, "
         f"{data['audiences']} audiences, {data['partitions']} partitions, "
-        f"{data['broker']} broker (produced in {data['produce_s']:.1f}s, not timed)",
+        f"{data['broker']} broker (produced in {data['produce_s']:.1f}s, not timed), "
+        f"core: {core_build().describe()}",
         "",
         f"{'':<24}{'events/s':>12}{'elapsed s':>12}{'transitions':>14}{'RSS MB':>10}",
         f"{'this engine':<24}{num(data['engine_events_per_s'], ',.0f'):>12}"
@@ -793,6 +795,7 @@ def run_bench(
         "produce_s": round(produce_s, 2),
         "batch_size": settings.batch_size,
         "cpus": os.cpu_count(),
+        "core": core_build().kind,  # "compiled" (mypyc) | "pure"
     }
     data = results(params, engine, faust)
     data["recovery"] = recovery
