@@ -152,6 +152,8 @@ def _fold_traits(state: UserState, event: Event) -> bool:
     Values and names outside the bounds of `state.py` are not stored (counted)."""
     incoming: Any = event.traits if event.type == "identify" else None
     context_traits = event.context.get("traits")
+    if incoming is None and context_traits is None:
+        return False  # (most events)
     changed = False
     newer = event.timestamp_ms >= state.traits_at_ms
     traits = state.traits
