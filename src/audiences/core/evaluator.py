@@ -15,7 +15,6 @@ event at time T is applied, every deadline <= T of the profile fires first
 from __future__ import annotations
 
 import hashlib
-import heapq
 import math
 import zlib
 from dataclasses import dataclass
@@ -153,6 +152,8 @@ def _fold_traits(state: UserState, event: Event) -> bool:
     Values and names outside the bounds of `state.py` are not stored (counted)."""
     incoming: Any = event.traits if event.type == "identify" else None
     context_traits = event.context.get("traits")
+    if incoming is None and context_traits is None:
+        return False  # (most events)
     changed = False
     newer = event.timestamp_ms >= state.traits_at_ms
     traits = state.traits
@@ -219,54 +220,63 @@ def _evaluate(
     catalog: Catalog,
     profile_key: str,
     now: int,
-    touched: set[int] | None,
+    touched: int,
     out: list[Output],
     trigger: str,
     trigger_id: str | None,
     effective_at: int,
-    touched_traits: set[str] | frozenset[str] = frozenset(),
+    touched_traits: int = 0,
+    everything: bool = False,
 ) -> None:
-    """Re-judge the audiences at positions `touched` (None = all), those due by
-    `now`, and the dependents of those that changed, in dependency order. Computed
-    traits (`touched_traits`, and those due) are judged first: audiences comparing
-    a trait that changed are re-judged too."""
+    """Re-judge the audiences `touched` (a bit mask of positions; `everything`: all, and
+    all computed traits), those due by `now`, and the dependents of those that changed,
+    in dependency order. Computed traits (`touched_traits`, a bit mask of places in
+    `catalog.trait_order`, and those due) are judged first: audiences comparing a trait
+    that changed are re-judged too."""
     stale_wake = False
-    if catalog.traits:
+    if catalog.trait_order:
         affected, stale_wake = _judge_traits(
             state,
             catalog,
             profile_key,
             now,
-            None if touched is None else touched_traits,
+            catalog.all_traits if everything else touched_traits,
+            not everything,
             out,
             trigger,
             trigger_id,
             effective_at,
         )
-        if touched is not None:
-            touched |= affected
+        touched |= affected
     audiences = catalog.audiences
     members = state.members
-    if touched is None:
-        queue = list(range(len(audiences)))  # in dependency order already
+    if everything:
+        pending = catalog.all_audiences
     else:
         if state.wake_ms <= now:
             index = catalog.index
             for key, due in members.items():
-                if due.wake_ms <= now and key in index:
-                    touched.add(index[key])
-        if not touched:
-            if stale_wake:
-                _refresh_wake(state, catalog)
-            return
-        queue = sorted(touched)
-    dependents = catalog.dependent_positions if touched is not None else None
+                if due.wake_ms <= now:
+                    position = index.get(key)
+                    if position is not None:
+                        touched |= 1 << position
+        pending = touched
+    frozen = catalog.frozen_mask  # zero unless a backfill is pending
+    if frozen:
+        pending &= ~frozen  # neither judged nor announced; its membership and wake stay
+    if not pending:
+        if stale_wake:
+            _refresh_wake(state, catalog)
+        return
+    dependents = catalog.dependents_masks
     anonymous = state.anonymous
-    frozen = catalog.frozen_positions  # empty unless a backfill is pending
-    while queue:
-        position = heapq.heappop(queue) if dependents else queue.pop(0)
-        if frozen and position in frozen:
-            continue  # neither judged nor announced; its membership and wake stay
+    generation = state.generation
+    # Dependents come later in dependency order: walking the lowest bit first judges
+    # every audience after the ones it refers to, and each once.
+    while pending:
+        lowest = pending & -pending
+        pending ^= lowest
+        position = lowest.bit_length() - 1
         audience = audiences[position]
         key = audience.key
         membership = members.get(key)
@@ -301,15 +311,12 @@ def _evaluate(
                 effective_at,
                 trigger,
                 trigger_id,
-                state.generation,
+                generation,
             )
         )
-        if dependents and position in dependents:
-            assert touched is not None
-            for dependent in dependents[position]:
-                if dependent not in touched:
-                    touched.add(dependent)
-                    heapq.heappush(queue, dependent)
+        more = dependents[position]
+        if more:
+            pending |= more & ~frozen
     if stale_wake:
         _refresh_wake(state, catalog)
 
@@ -328,37 +335,46 @@ def _judge_traits(
     catalog: Catalog,
     profile_key: str,
     now: int,
-    keys: set[str] | frozenset[str] | None,
+    keys: int,
+    with_due: bool,
     out: list[Output],
     trigger: str,
     trigger_id: str | None,
     effective_at: int,
-) -> tuple[set[int], bool]:
-    """Recompute traits `keys` (None = all) and those due; announce changed values.
-    Returns the audiences comparing a changed trait, and whether the earliest wake
-    may have moved later."""
-    traits = catalog.traits
-    if keys is None:
-        names: list[str] = sorted(traits)
-    else:
-        due = {k for k, entry in state.computed.items() if entry[2] and entry[2] <= now}
-        names = sorted(keys | due) if due else sorted(keys)
-    affected: set[int] = set()
+) -> tuple[int, bool]:
+    """Recompute traits `keys` (a bit mask of places in `catalog.trait_order`) and, if
+    `with_due`, those due; announce changed values. Returns the audiences comparing a
+    changed trait (a bit mask of positions), and whether the earliest wake may have
+    moved later."""
+    computed = state.computed
+    if with_due and state.wake_ms <= now:  # (no trait is due before the profile's wake)
+        places = catalog.trait_places
+        for key, due in computed.items():
+            if due[2] and due[2] <= now:
+                place = places.get(key)
+                if place is not None:
+                    keys |= 1 << place
+    keys &= ~catalog.frozen_traits_mask  # zero unless a backfill is pending
+    affected = 0
     stale = False
-    frozen = catalog.frozen_traits  # empty unless a backfill is pending
-    for key in names:
-        trait = traits.get(key)
-        if trait is None or (frozen and key in frozen):
-            continue
+    order = catalog.trait_order
+    while keys:
+        lowest = keys & -keys
+        keys ^= lowest
+        place = lowest.bit_length() - 1
+        trait = order[place]
+        key = trait.key
         value, change = trait.value(state, now)
         wake = change if now < change < NEVER else 0  # stored as 0 = never
-        entry = state.computed.get(key)
-        if entry is None:
+        found = computed.get(key)
+        if found is None:
             if wake == 0 and is_empty_value(trait.kind, value):
                 continue  # nothing to announce or remember
-            entry = state.computed[key] = [None, 0, 0]
+            entry: list[Any] = [None, 0, 0]
+            computed[key] = entry
             changed = not is_empty_value(trait.kind, value)
         else:
+            entry = found
             changed = entry[0] != value or type(entry[0]) is not type(value)
         if wake != entry[2]:
             if wake and wake < state.wake_ms:
@@ -385,7 +401,7 @@ def _judge_traits(
                 generation=state.generation,
             )
         )
-        affected |= catalog.trait_dependent_positions.get(key, frozenset())
+        affected |= catalog.trait_dependents_masks[place]
     return affected, stale
 
 
@@ -398,7 +414,7 @@ def _fire_due(
     while (wake := state.wake_ms) <= until:
         now = max(state.clock_ms, wake)
         state.clock_ms = now
-        _evaluate(state, catalog, profile_key, now, set(), out, "deadline", None, now)
+        _evaluate(state, catalog, profile_key, now, 0, out, "deadline", None, now)
         if state.wake_ms <= now:  # cannot happen for catalog audiences; never spin on data
             break
 
@@ -435,23 +451,20 @@ def step(
     state.clock_ms = now
     # A new profile, or one that just became a known user, is judged on every
     # audience ("did not perform X" holds at once; include_anonymous changes).
-    touched: set[int] | None = None if fresh else set()
-    touched_traits: set[str] = set()
+    everything = fresh
     if state.anonymous and event.user_id is not None:
         state.anonymous = False
-        touched = None
+        everything = True
+    touched = 0  # audiences to re-judge (bit mask of positions)
+    touched_traits = 0  # computed traits to recompute (bit mask of places)
     route = route_of(event.type, event.name)
-    trackers = catalog.trackers_by_event
-    for group in (trackers.get(route) if route is not None else None, trackers.get(ALL_EVENTS)):
-        for tracker in group or ():
-            if tracker.update(state, event, now) and touched is not None:
-                trait_keys = catalog.traits_by_tracker.get(tracker.id)
-                if trait_keys is not None:
-                    touched_traits |= trait_keys
-                else:
-                    touched |= catalog.tracker_positions.get(tracker.id, frozenset())
-    if _fold_traits(state, event) and touched is not None:
-        touched |= catalog.trait_positions
+    plan = catalog.routes.get(route, catalog.unrouted) if route is not None else catalog.unrouted
+    for dispatch in plan:
+        if dispatch.tracker.update(state, event, now):
+            touched |= dispatch.audiences
+            touched_traits |= dispatch.traits
+    if _fold_traits(state, event):
+        touched |= catalog.trait_audiences_mask
     _evaluate(
         state,
         catalog,
@@ -463,6 +476,7 @@ def step(
         event.message_id,
         ts,
         touched_traits,
+        everything,
     )
     controls: tuple[Control, ...] = ()
     link = event.link_id
@@ -504,7 +518,7 @@ def _adopt_catalog(state: UserState, catalog: Catalog, profile_key: str, out: li
         del state.trackers[tracker_id]  # nothing reads it any more
     _refresh_wake(state, catalog)
     state.catalog_fingerprint = catalog.fingerprint
-    _evaluate(state, catalog, profile_key, now, None, out, "definition", None, now)
+    _evaluate(state, catalog, profile_key, now, 0, out, "definition", None, now, everything=True)
 
 
 def fold_history(
@@ -675,7 +689,18 @@ def _control(
             merged = _merged(state, other, catalog, profile_key, now, event.message_id, out)
             if merged is not None:
                 return StepResult(merged, out, merged.wake_ms, False)
-        _evaluate(state, catalog, profile_key, now, None, out, "merge", event.message_id, now)
+        _evaluate(
+            state,
+            catalog,
+            profile_key,
+            now,
+            0,
+            out,
+            "merge",
+            event.message_id,
+            now,
+            everything=True,
+        )
         return StepResult(state, out, state.wake_ms, False)
     return _unchanged(state)
 
@@ -720,7 +745,9 @@ def _merged(
     judged: list[Output] = []
     try:
         _absorb(merged, other, catalog, now)
-        _evaluate(merged, catalog, profile_key, now, None, judged, "merge", trigger_id, now)
+        _evaluate(
+            merged, catalog, profile_key, now, 0, judged, "merge", trigger_id, now, everything=True
+        )
         merged.encode()
     except _UNREADABLE:
         state.dropped = merged.dropped

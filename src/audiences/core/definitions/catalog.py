@@ -6,9 +6,10 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, final
 
 from audiences.core.definitions.conditions import (
+    ALL_EVENTS,
     AllNode,
     AnyNode,
     ComputedNode,
@@ -48,6 +49,20 @@ class CompiledAudience:
     backfill: bool = True
 
 
+@final
+class Dispatch:
+    """A tracker on a route of the compiled plan, and what a change of its data makes
+    `step` re-judge: audiences as a bit mask of their positions, computed traits as a
+    bit mask of their places in `Catalog.trait_order`."""
+
+    __slots__ = ("audiences", "tracker", "traits")
+
+    def __init__(self, tracker: Tracker, audiences: int, traits: int) -> None:
+        self.tracker = tracker
+        self.audiences = audiences
+        self.traits = traits
+
+
 @dataclass(slots=True)
 class Catalog:
     """Audiences in dependency order, with indexes from inputs to audiences."""
@@ -80,6 +95,21 @@ class Catalog:
     frozen_positions: frozenset[int] = frozenset()  # the same as positions in `audiences`
     frozen_traits: frozenset[str] = frozenset()
     full_fingerprint: str = ""  # of the catalog without anything pending
+    # The compiled plan of the hot path (`plan_dispatch`), from the indexes above. Sets of
+    # audiences are bit masks of positions (bit i: `audiences[i]`), sets of computed
+    # traits bit masks of places in `trait_order` (sorted by key): `step` ORs and walks
+    # ints instead of building sets.
+    routes: dict[str, tuple[Dispatch, ...]] = field(default_factory=dict)  # route -> plan
+    unrouted: tuple[Dispatch, ...] = ()  # events of any other route, or none (identify)
+    trait_order: list[ComputedTrait] = field(default_factory=list)
+    trait_places: dict[str, int] = field(default_factory=dict)  # key -> place in trait_order
+    all_audiences: int = 0
+    all_traits: int = 0
+    trait_audiences_mask: int = 0  # audiences comparing identify traits
+    dependents_masks: list[int] = field(default_factory=list)  # position -> in_audience users
+    trait_dependents_masks: list[int] = field(default_factory=list)  # place -> audiences
+    frozen_mask: int = 0
+    frozen_traits_mask: int = 0
 
     def audience(self, key: str) -> CompiledAudience | None:
         position = self.index.get(key)
@@ -119,16 +149,69 @@ class Catalog:
         }
         full = self.full_fingerprint or self.fingerprint
         digest = hashlib.sha1(f"{full}|pending|{','.join(sorted(pending))}".encode())
-        return dataclasses.replace(
-            self,
-            trackers_by_event={route: group for route, group in by_event.items() if group},
-            pending=pending,
-            frozen_audiences=frozenset(frozen),
-            frozen_positions=frozenset(self.index[key] for key in frozen),
-            frozen_traits=frozen_traits,
-            full_fingerprint=full,
-            fingerprint=digest.hexdigest()[:16],
+        return plan_dispatch(
+            dataclasses.replace(
+                self,
+                trackers_by_event={route: group for route, group in by_event.items() if group},
+                pending=pending,
+                frozen_audiences=frozenset(frozen),
+                frozen_positions=frozenset(self.index[key] for key in frozen),
+                frozen_traits=frozen_traits,
+                full_fingerprint=full,
+                fingerprint=digest.hexdigest()[:16],
+            )
         )
+
+
+def plan_dispatch(catalog: Catalog) -> Catalog:
+    """Fill the hot path's plan of `catalog` from its indexes (and return it): for each
+    route, the trackers an event of that route updates — those of the route, then those
+    that see every event, as `step` always visited them — with the audiences and traits
+    each one's change re-judges."""
+    index = catalog.index
+    catalog.trait_order = [catalog.traits[key] for key in sorted(catalog.traits)]
+    places = {trait.key: place for place, trait in enumerate(catalog.trait_order)}
+    catalog.trait_places = places
+
+    def audience_mask(positions: Any) -> int:
+        mask = 0
+        for position in positions:
+            mask |= 1 << position
+        return mask
+
+    def dispatch(tracker: Tracker) -> Dispatch:
+        trait_keys = catalog.traits_by_tracker.get(tracker.id)
+        if trait_keys is not None:
+            traits = 0
+            for key in trait_keys:
+                traits |= 1 << places[key]
+            return Dispatch(tracker, 0, traits)
+        return Dispatch(tracker, audience_mask(catalog.tracker_positions.get(tracker.id, ())), 0)
+
+    by_event = catalog.trackers_by_event
+    every = tuple(dispatch(t) for t in by_event.get(ALL_EVENTS, ()))
+    catalog.routes = {
+        route: tuple(dispatch(t) for t in trackers) + every
+        for route, trackers in by_event.items()
+        if route != ALL_EVENTS
+    }
+    catalog.unrouted = every
+    catalog.all_audiences = (1 << len(catalog.audiences)) - 1
+    catalog.all_traits = (1 << len(catalog.trait_order)) - 1
+    catalog.trait_audiences_mask = audience_mask(catalog.trait_positions)
+    catalog.dependents_masks = [
+        audience_mask(catalog.dependent_positions.get(position, ()))
+        for position in range(len(catalog.audiences))
+    ]
+    catalog.trait_dependents_masks = [
+        audience_mask(catalog.trait_dependent_positions.get(trait.key, ()))
+        for trait in catalog.trait_order
+    ]
+    catalog.frozen_mask = audience_mask(index[key] for key in catalog.frozen_audiences)
+    catalog.frozen_traits_mask = 0
+    for key in catalog.frozen_traits:
+        catalog.frozen_traits_mask |= 1 << places[key]
+    return catalog
 
 
 class _Compiler:
@@ -297,4 +380,4 @@ def build_catalog(
     versions += [f"trait {t.key}:{t.version}" for t in catalog.traits.values()]
     catalog.fingerprint = hashlib.sha1("|".join(versions).encode()).hexdigest()[:16]
     catalog.full_fingerprint = catalog.fingerprint
-    return catalog
+    return plan_dispatch(catalog)

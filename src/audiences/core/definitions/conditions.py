@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_right, insort
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, final
 
 import orjson
 
@@ -25,6 +25,7 @@ from audiences.core.durations import parse_duration_ms
 from audiences.core.events import Event, compile_path
 from audiences.core.operators import (
     DURATION_OPERATORS,
+    Predicate,
     compile_predicate,
     predicate_change_ms,
     wildcard_regex,
@@ -54,17 +55,34 @@ def tracker_id(kind: str, spec: Any) -> str:
     return f"{kind}{digest[:11]}"
 
 
+Filter = tuple[tuple[str, ...], Predicate]  # (path, predicate) of one `where` filter
+
+
+def compile_filters(filters: list[Mapping[str, Any]] | None) -> tuple[Filter, ...]:
+    """Each `where` filter as (compiled path, predicate)."""
+    return tuple(
+        (compile_path(f["property"]), compile_predicate(f["op"], f.get("value")))
+        for f in filters or ()
+    )
+
+
+def filters_hold(filters: tuple[Filter, ...], event: Event) -> bool:
+    """All filters hold; relative-time operators are judged at the event's time."""
+    at = event.timestamp_ms
+    for path, predicate in filters:  # noqa: SIM110 (no generator per event)
+        if not predicate(event.get(path), at):
+            return False
+    return True
+
+
 def compile_where(filters: list[Mapping[str, Any]] | None) -> EventFilter | None:
     """All filters must hold; relative-time operators are judged at the event's time."""
-    if not filters:
+    compiled = compile_filters(filters)
+    if not compiled:
         return None
-    compiled = [
-        (compile_path(f["property"]), compile_predicate(f["op"], f.get("value"))) for f in filters
-    ]
 
     def where(event: Event) -> bool:
-        at = event.timestamp_ms
-        return all(predicate(event.get(path), at) for path, predicate in compiled)
+        return filters_hold(compiled, event)
 
     return where
 
@@ -81,18 +99,19 @@ def route_of(event_type: str, name: str | None) -> str | None:
     return None
 
 
+@final
 class EventMatcher:
     """An event filter of the language: `{"event": E, "where": F?, "within": D?}` for
     track events, or `{"url": P?, "name": S?, "where": F?}` for page/screen views."""
 
-    __slots__ = ("event", "event_type", "url", "where", "within_ms")
+    __slots__ = ("event", "event_type", "filters", "url", "within_ms")
 
     def __init__(self, spec: Mapping[str, Any], event_type: str = "track") -> None:
         self.event_type = event_type
         self.event: str | None = spec.get("event") if event_type == "track" else spec.get("name")
         url = spec.get("url")
         self.url = wildcard_regex(url, anchored=True) if url else None
-        self.where = compile_where(spec.get("where"))
+        self.filters = compile_filters(spec.get("where"))
         within = spec.get("within")
         self.within_ms = parse_duration_ms(within) if within else None
 
@@ -106,7 +125,7 @@ class EventMatcher:
             return False
         if self.url is not None and not self._url_matches(event):
             return False
-        return self.where is None or self.where(event)
+        return not self.filters or filters_hold(self.filters, event)
 
     def _url_matches(self, event: Event) -> bool:
         assert self.url is not None
@@ -134,6 +153,7 @@ class Tracker:
         return mine
 
 
+@final
 class PerformedTracker(Tracker):
     """Matching events of one name and filter: a count, or the timestamps windows need.
 
@@ -207,6 +227,7 @@ class PerformedTracker(Tracker):
         return times[self._start(times, now, state) :]
 
 
+@final
 class SequenceTracker(Tracker):
     """Funnel instances, one per `match_on` value: `[steps_done, last_ms, t0_ms, follow_ms]`.
 
@@ -355,6 +376,7 @@ class AllNode(Node):
         return {"children": [child.explain(state, now) for child in self.children]}
 
 
+@final
 class AnyNode(AllNode):
     def evaluate(self, state: UserState, now: int) -> tuple[bool, int]:
         value, change = False, NEVER
@@ -366,6 +388,7 @@ class AnyNode(AllNode):
         return value, change
 
 
+@final
 class NotNode(Node):
     def __init__(self, child: Node) -> None:
         self.child = child
@@ -378,6 +401,7 @@ class NotNode(Node):
         return {"children": [self.child.explain(state, now)]}
 
 
+@final
 class PerformedNode(Node):
     def __init__(
         self, tracker: PerformedTracker, spec: Mapping[str, Any], op: str, count: int
@@ -443,6 +467,7 @@ class PerformedNode(Node):
         return {"count": len(counted), "event_times_ms": counted}
 
 
+@final
 class TraitNode(Node):
     def __init__(self, spec: Mapping[str, Any]) -> None:
         self.path = tuple(spec["name"].split("."))
@@ -467,6 +492,7 @@ class TraitNode(Node):
         return {"actual": node, "set_at_ms": state.trait_times.get(self.path[0])}
 
 
+@final
 class InAudienceNode(Node):
     """Current membership of another audience (evaluated earlier: catalogs are topo-sorted)."""
 
@@ -484,6 +510,7 @@ class InAudienceNode(Node):
         return {"since_ms": membership.since_ms if membership else None}
 
 
+@final
 class SequenceNode(Node):
     def __init__(self, tracker: SequenceTracker) -> None:
         self.tracker = tracker
@@ -542,20 +569,47 @@ DISABLE_PUSH_EVENT = "Push Notifications Disabled"
 
 def device_type(device: Mapping[str, Any], os_info: Mapping[str, Any], context: Any) -> str | None:
     """ios | android | web from Segment's `context.os.name` / `context.device.type`."""
-    for value in (os_info.get("name"), device.get("type")):
-        if isinstance(value, str):
-            lowered = value.lower()
-            if "android" in lowered:
-                return "android"
-            if "ios" in lowered or "iphone" in lowered or "ipad" in lowered:
-                return "ios"
-            if lowered in ("web", "browser"):
-                return "web"
+    name = os_info.get("name")
+    if isinstance(name, str):
+        kind = _named_device_type(name)
+        if kind is not None:
+            return kind
+    name = device.get("type")
+    if isinstance(name, str):
+        kind = _named_device_type(name)
+        if kind is not None:
+            return kind
     if isinstance(context, dict) and isinstance(context.get("userAgent"), str):
         return "web"
     return None
 
 
+_DEVICE_TYPES: dict[str, str | None] = {}  # names seen -> their device type (bounded)
+
+
+def _named_device_type(value: str) -> str | None:
+    """The device type an os name or device type names, if any (memoised: a handful of
+    names recur on every event)."""
+    if value in _DEVICE_TYPES:
+        return _DEVICE_TYPES[value]
+    lowered = value.lower()
+    kind: str | None = None
+    if "android" in lowered:
+        kind = "android"
+    elif "ios" in lowered or "iphone" in lowered or "ipad" in lowered:
+        kind = "ios"
+    elif lowered in ("web", "browser"):
+        kind = "web"
+    if len(_DEVICE_TYPES) >= 1024:  # (names are input: keep the memo small)
+        _DEVICE_TYPES.clear()
+    _DEVICE_TYPES[value] = kind
+    return kind
+
+
+_NO_FIELDS: dict[str, Any] = {}  # (read only)
+
+
+@final
 class DeviceTracker(Tracker):
     """Devices a profile was seen on: `{device_id: [type, push 0|1, push_at_ms, seen_ms]}`.
 
@@ -571,18 +625,30 @@ class DeviceTracker(Tracker):
 
     def update(self, state: UserState, event: Event, now: int) -> bool:
         context = event.context
-        raw_device, raw_os = context.get("device"), context.get("os")
-        device = raw_device if isinstance(raw_device, dict) else {}
-        os_info = raw_os if isinstance(raw_os, dict) else {}
+        raw_device = context.get("device")
+        raw_os = context.get("os")
+        device: dict[str, Any] = raw_device if isinstance(raw_device, dict) else _NO_FIELDS
+        os_info: dict[str, Any] = raw_os if isinstance(raw_os, dict) else _NO_FIELDS
         kind = device_type(device, os_info, context)
         disables = event.type == "track" and event.name == DISABLE_PUSH_EVENT
         if kind is None and not disables:
             return False
-        devices: dict[str, list[Any]] = state.trackers.get(self.id) or {}
+        trackers = state.trackers
+        devices: dict[str, list[Any]] = trackers.get(DEVICE_TRACKER_ID) or {}
         ts = event.timestamp_ms
+        token = device.get("token")
+        push = -1  # no push fact
+        if disables or device.get("push_enabled") is False:
+            push = 0
+        elif isinstance(token, str) and token:
+            push = 1
         changed = False
         if kind is None:
-            targets = list(devices.values())
+            if push >= 0:
+                for each in devices.values():
+                    if ts >= each[2]:
+                        changed = changed or each[1] != push
+                        each[1], each[2] = push, ts
         else:
             device_id = device.get("id") or device.get("advertisingId") or kind
             device_key = bounded_key(device_id if isinstance(device_id, str) else str(device_id))
@@ -592,20 +658,12 @@ class DeviceTracker(Tracker):
                 changed = True
             elif ts > entry[3]:
                 entry[3] = ts
-            targets = [entry]
-        token = device.get("token")
-        push: int | None = None
-        if disables or device.get("push_enabled") is False:
-            push = 0
-        elif isinstance(token, str) and token:
-            push = 1
-        if push is not None:
-            for entry in targets:
-                if ts >= entry[2]:
-                    changed = changed or entry[1] != push
-                    entry[1], entry[2] = push, ts
-        _keep_recent_devices(devices, state)
-        state.trackers[self.id] = devices
+            if push >= 0 and ts >= entry[2]:
+                changed = changed or entry[1] != push
+                entry[1], entry[2] = push, ts
+        if len(devices) > MAX_DEVICES:
+            _keep_recent_devices(devices, state)
+        trackers[DEVICE_TRACKER_ID] = devices
         return changed
 
     def merge(self, mine: Any, other: Any, now: int, state: UserState) -> Any:
@@ -632,6 +690,7 @@ def _keep_recent_devices(devices: dict[str, list[Any]], state: UserState) -> Non
             del devices[stale]
 
 
+@final
 class DeviceNode(Node):
     def __init__(self, spec: Mapping[str, Any]) -> None:
         self.type: str = spec.get("type", "any")
@@ -656,6 +715,7 @@ class DeviceNode(Node):
         }
 
 
+@final
 class ComputedNode(Node):
     """Compares the current value of a computed trait (evaluated before audiences)."""
 

@@ -49,7 +49,7 @@ import math
 import operator
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, final
 
 from audiences.core.definitions.conditions import EventMatcher, Tracker, tracker_id
 from audiences.core.definitions.language import NUMERIC_KINDS
@@ -199,6 +199,7 @@ def _finish(kind: str, agg: Any) -> Any:
     return len(agg)  # unique_count
 
 
+@final
 class ComputedTrait(Tracker):
     """One computed-trait definition, compiled: its tracker and its value."""
 
