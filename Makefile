@@ -28,7 +28,7 @@ lint: $(STAMP)
 apache-kafka: $(STAMP)  ## check Java >= 17 and fetch Apache Kafka's jars with Maven (once; cached)
 	$(BIN)/python -m audiences.adapters.kafka.apache
 
-bench: $(STAMP)  ## this engine vs a stock Faust agent + Table, same run
+bench: $(STAMP)  ## this engine vs Quix Streams, Faust + Table and a plain loop, same run
 	$(BIN)/audiences bench
 
 clean:

@@ -652,13 +652,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--faust-events",
         type=int,
-        default=100_000,
-        help="Faust processes only the first N events of the topic (default 100000)",
+        default=50_000,
+        help="Faust processes only the first N events of the topic (default 50000)",
     )
     p.add_argument("--skip-quix", action="store_true", help="do not run Quix Streams")
     p.add_argument("--skip-faust", action="store_true", help="do not run Faust agent + Table")
     p.add_argument("--skip-plain", action="store_true", help="do not run the plain loop")
     p.add_argument("--skip-latency", action="store_true", help="skip the latency phase")
+    p.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)  # now the default
     p.add_argument("--skip-recovery", action="store_true", help="skip the recovery phase")
     p.add_argument(
         "--latency-rate",

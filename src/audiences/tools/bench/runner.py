@@ -723,7 +723,7 @@ def run_bench(
     workload: str = "realistic",
     broker: str = "embedded",
     skip: Iterable[str] = (),
-    faust_events: int = 100_000,
+    faust_events: int = 50_000,
     latency_rate: float | None = None,
     latency_seconds: float = 10.0,
 ) -> int:
