@@ -13,7 +13,7 @@ runner are other processes):
   librdkafka's included: `getrusage(RUSAGE_SELF)`) over the same span;
 - `rss_start_mb`: resident memory when the first event arrived (interpreter,
   libraries, clients: what holds no profile); `peak_rss_mb`: the process's
-  peak resident memory (`ru_maxrss`).
+  peak resident memory (VmHWM).
 
 Stdlib only: the Quix contender imports this in its own virtual environment.
 """
@@ -57,11 +57,21 @@ def rss_mb() -> float:
     try:
         resident = int(Path("/proc/self/statm").read_text().split()[1])
     except (OSError, IndexError, ValueError):
-        return peak_rss_mb()
+        return 0.0
     return resident * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process image, MiB: VmHWM of /proc/self/status.
+
+    Not `ru_maxrss`: Linux carries it across fork and exec, so a worker would report
+    the runner's peak (the workload it generated) when that is higher than its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
