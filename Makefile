@@ -43,7 +43,7 @@ lint: $(STAMP)
 apache-kafka: $(STAMP)  ## check Java >= 17 and fetch Apache Kafka's jars with Maven (once; cached)
 	$(BIN)/python -m audiences.adapters.kafka.apache
 
-bench: core  ## this engine vs a stock Faust agent + Table, same run
+bench: core  ## this engine vs Quix Streams, Faust + Table and a plain loop, same run
 	$(BIN)/audiences bench
 
 clean:

@@ -9,41 +9,29 @@ event as Faust does it) and send each transition to an output topic. This is
 the idiomatic Faust design the engine is compared with (DESIGN.md, "the hot
 path"); only the broker settings the embedded broker needs are changed.
 
-Run by `audiences bench` as a subprocess worker::
+Run by `audiences bench` as a subprocess worker (protocol in `contender.py`)::
 
-    AUDIENCES_BENCH_FAUST_CONFIG=/tmp/x/config.json python -m audiences.tools.bench.faust_table worker
+    AUDIENCES_BENCH_CONFIG=/tmp/x/config.json python -m audiences.tools.bench.faust_table worker
 
 The config file (JSON) holds `bootstrap`, `app_id`, `input_topic`,
 `output_topic`, `partitions`, `data_dir`, `definitions` (validated documents,
-all at version 1), `expected` (events to process), `progress_path` and
-`result_path`. The worker rewrites `progress_path` with the count processed
-now and then, and writes `result_path` once `expected` events are done:
-`{"events", "transitions", "elapsed_s", "maxrss_kb"}`, timed from the first
-event processed to the last one. It then keeps running until it is stopped
+all at version 1), `expected` (events to process: the first `expected` events
+it receives), `progress_path` and `result_path`. Timed from the first event
+processed to the `expected`-th one (Faust's own commit and table flush follow
+later, untimed: this favours Faust). It then keeps running until it is stopped
 (SIGTERM).
 """
 
 from __future__ import annotations
 
-import os
-import resource
 import sys
-import time
-import traceback
-from pathlib import Path
 from typing import Any
 
 import orjson
 
-CONFIG_ENV = "AUDIENCES_BENCH_FAUST_CONFIG"
-PROGRESS_EVERY = 2_000
+from audiences.tools.bench.contender import Reporter, load_config
 
-
-def _write(path: str, body: dict[str, Any]) -> None:
-    """Replace `path` atomically, so the parent never reads half a file."""
-    tmp = f"{path}.tmp"
-    Path(tmp).write_bytes(orjson.dumps(body))
-    os.replace(tmp, path)
+PROGRESS_EVERY = 500
 
 
 def create_app(config: dict[str, Any]) -> Any:
@@ -64,8 +52,7 @@ def create_app(config: dict[str, Any]) -> Any:
     catalog = build_catalog(definitions)
     partitions = int(config["partitions"])
     expected = int(config["expected"])
-    progress_path = str(config["progress_path"])
-    result_path = str(config["result_path"])
+    reporter = Reporter(config)
 
     app = faust.App(
         config["app_id"],
@@ -111,16 +98,14 @@ def create_app(config: dict[str, Any]) -> Any:
         try:
             await _evaluate(stream)
         except BaseException:
-            _write(result_path, {"error": traceback.format_exc()})
+            reporter.fail()
             raise
 
     async def _evaluate(stream: Any) -> None:
         count = transitions = 0
-        first: float | None = None
         async for event in stream.events():
-            if first is None:
-                first = time.perf_counter()
-                _write(progress_path, {"events": 0})
+            if count == 0:
+                reporter.started()
             count += 1
             message = event.message
             try:
@@ -142,18 +127,9 @@ def create_app(config: dict[str, Any]) -> Any:
                     )
                 transitions += len(result.transitions)
             if count == expected:
-                elapsed = time.perf_counter() - first
-                _write(
-                    result_path,
-                    {
-                        "events": count,
-                        "transitions": transitions,
-                        "elapsed_s": elapsed,
-                        "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                    },
-                )
+                reporter.finish(count, transitions)
             elif count % PROGRESS_EVERY == 0:
-                _write(progress_path, {"events": count})
+                reporter.progress(count)
 
     return app
 
@@ -169,11 +145,12 @@ def run_worker(config: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    config_path = os.environ.get(CONFIG_ENV)
-    if args != ["worker"] or not config_path:
-        print(f"usage: {CONFIG_ENV}=config.json python -m audiences.tools.bench.faust_table worker")
+    if args != ["worker"]:
+        print(
+            "usage: AUDIENCES_BENCH_CONFIG=config.json python -m audiences.tools.bench.faust_table worker"
+        )
         return 2
-    run_worker(orjson.loads(Path(config_path).read_bytes()))
+    run_worker(load_config())
     return 0
 
 

@@ -1,18 +1,22 @@
-"""`audiences bench --latency`: event -> transition latency and deadline lateness.
+"""The latency phase of `audiences bench`: event -> Entered and deadline -> Exited, at a paced load.
 
-SPEC §11 asks for p99 event -> `Audience Entered` on the topic <= 50 ms at half
-load, and windowed exits p99 <= 100 ms after their deadline. This runs the real
-evaluator on the wall clock, on fresh topics, and produces events at a fixed
-rate (by default half of the throughput `audiences bench` just measured):
+SPEC §12 asks for p99 event -> `Audience Entered` on the topic <= 50 ms at half
+load, and windowed exits p99 <= 100 ms after their deadline. This runs the
+real runtime in a worker process of its own (`engine_worker`, mode `serve`:
+wall clock, real deadlines) on fresh topics, with the bench's audience
+definitions plus `lat_recent` (a `Latency Probe` within 2 s), while this
+process produces live traffic at a fixed rate (by default half the
+throughput the catch-up phase measured):
 
-- `Order Completed` of a new user each: enters `lat_buyers` at once, so its
-  latency is event sent -> `Audience Entered` read from `audience-events`;
-- every tenth event a `Latency Probe`: enters `lat_recent` and exits it 2 s
-  later with no new event, so its lateness is deadline -> `Audience Exited`
-  read from the topic.
+- the bench workload's events (another seed), each stamped with the time it
+  is sent; every Entered they cause is measured, event sent -> `Audience
+  Entered` read back from `audience-events`;
+- every tenth event a `Latency Probe` of a new user: enters `lat_recent` at
+  once and exits 2 s later with no new event: its lateness is deadline ->
+  `Audience Exited` read back from the topic.
 
-"Read from the topic" is a consumer in this process with a 5 ms fetch wait, so
-the figures include one fetch. Nothing here asserts speed.
+"Read back" is a consumer in this process with a 5 ms fetch wait, so the
+figures include one fetch. Nothing here asserts speed.
 """
 
 from __future__ import annotations
@@ -27,23 +31,20 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.stream.definitions import apply_definitions
-from audiences.adapters.stream.runtime import Runtime
 from audiences.core.events import format_iso, parse_iso_ms
 from audiences.errors import AudiencesError
 from audiences.tools.bench.isolation import isolated_settings
+from audiences.tools.bench.workload import SEED, generate, render
 
 PROBE_WINDOW_S = 2
-DEFINITIONS: list[dict[str, Any]] = [
-    {"key": "lat_buyers", "condition": {"performed": {"event": "Order Completed", "within": "1h"}}},
-    {
-        "key": "lat_recent",
-        "condition": {"performed": {"event": "Latency Probe", "within": f"{PROBE_WINDOW_S}s"}},
-    },
-]
+PROBE = "Latency Probe"
+PROBE_DEFINITION: dict[str, Any] = {
+    "key": "lat_recent",
+    "condition": {"performed": {"event": PROBE, "within": f"{PROBE_WINDOW_S}s"}},
+}
 
 
 @dataclass
@@ -90,43 +91,62 @@ def percentiles(values: list[float]) -> dict[str, float | int | None]:
     }
 
 
-def measure_latency(
-    base: Settings, run: str, partitions: int, rate: float, seconds: float, data_dir: Path
-) -> dict[str, Any]:
-    """Latencies at `rate` events/s for `seconds` (see the module docstring)."""
-    if rate <= 0 or seconds <= 0:
-        raise AudiencesError("latency: the rate and the duration must be positive")
+def prepare(
+    base: Settings,
+    run: str,
+    partitions: int,
+    definitions: list[dict[str, Any]],
+    data_dir: Path,
+) -> Settings:
+    """Fresh topics and definitions for the latency worker; its settings."""
     settings = isolated_settings(
         base, f"{run}-latency", f"{run}-latency-events", partitions, data_dir
     )
     topics = Topics.from_settings(settings)
     ensure_topics(settings, topics)
-    apply_definitions(settings, topics, DEFINITIONS)
-    evaluator = Runtime(settings, topics, KafkaClients(settings))  # wall clock: real deadlines
-    worker = threading.Thread(target=evaluator.run, name="latency-evaluator", daemon=True)
-    worker.start()
+    apply_definitions(settings, topics, [*definitions, PROBE_DEFINITION])
+    return settings
+
+
+def measure(
+    settings: Settings,
+    rate: float,
+    seconds: float,
+    users: int,
+    workload: str,
+    alive: Any,
+) -> dict[str, Any]:
+    """Send at `rate` for `seconds` to the latency worker of `settings` (already serving);
+    `alive()` says whether the worker still runs."""
+    if rate <= 0 or seconds <= 0:
+        raise AudiencesError("latency: the rate and the duration must be positive")
+    topics = Topics.from_settings(settings)
     outputs = _Outputs()
     reader = threading.Thread(
         target=_read, args=(settings.kafka_config(), topics.audience_events, outputs), daemon=True
     )
+    reader.start()
     try:
-        if not evaluator.ready.wait(180):
-            raise AudiencesError(f"latency: the evaluator did not start: {evaluator.failed!r}")
-        reader.start()
-        sent = _produce_at_rate(settings, topics.events, rate, seconds)
-        probes = sum(1 for kind in sent.values() if kind[1] == "Latency Probe")
-        expected = len(sent) + probes  # one Entered per event, one Exited per probe
+        time.sleep(1.0)  # the reader is assigned before anything is sent
+        sent = _produce_at_rate(settings, topics.events, rate, seconds, users, workload)
+        probes = sum(1 for _, name in sent.values() if name == PROBE)
         deadline = time.monotonic() + PROBE_WINDOW_S + 30
-        while len(outputs.seen) < expected and time.monotonic() < deadline:
-            if not worker.is_alive():
-                raise AudiencesError(f"latency: the evaluator stopped: {evaluator.failed!r}")
+        while time.monotonic() < deadline:
+            exits = sum(
+                1
+                for _, m in list(outputs.seen)
+                if m.get("event") == "Audience Exited"
+                and m.get("properties", {}).get("reason", {}).get("trigger") == "deadline"
+            )
+            if exits >= probes:
+                break
+            if not alive():
+                raise AudiencesError("latency: the engine worker stopped")
             time.sleep(0.1)
+        time.sleep(0.5)
     finally:
         outputs.stop.set()
-        evaluator.stop()
-        worker.join(60)
-        if reader.is_alive():
-            reader.join(10)
+        reader.join(10)
     event_latency: list[float] = []
     lateness: list[float] = []
     for received, message in list(outputs.seen):
@@ -143,6 +163,7 @@ def measure_latency(
         "rate_events_per_s": round(rate, 1),
         "seconds": seconds,
         "events": len(sent),
+        "probes": probes,
         "outputs": len(outputs.seen),
         "event_to_entered": percentiles(event_latency),
         "deadline_to_exited": percentiles(lateness),
@@ -150,31 +171,42 @@ def measure_latency(
 
 
 def _produce_at_rate(
-    settings: Settings, topic: str, rate: float, seconds: float
+    settings: Settings, topic: str, rate: float, seconds: float, users: int, workload: str
 ) -> dict[str, tuple[float, str]]:
     """messageId -> (wall time sent, event name), sent evenly at `rate` per second."""
+    total = int(rate * seconds)
+    rows = generate(total, users, workload, SEED + 1).rows  # other users' days, same shape
     producer = Producer({**settings.producer_config(), "linger.ms": 0})
     sent: dict[str, tuple[float, str]] = {}
-    total = int(rate * seconds)
     started = time.monotonic()
     for n in range(total):
         wait = started + n / rate - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        name = "Latency Probe" if n % 10 == 9 else "Order Completed"
-        user = f"lat-{n:07d}"
-        message_id = f"lat-{n}"
         now = time.time()
-        event = {
-            "type": "track",
-            "event": name,
-            "userId": user,
-            "messageId": message_id,
-            "timestamp": format_iso(int(now * 1000)),
-        }
+        if n % 10 == 9:
+            user = f"lat-{n:07d}"
+            message_id = f"lat-{n}"
+            name = PROBE
+            key, value = (
+                user.encode(),
+                orjson.dumps(
+                    {
+                        "type": "track",
+                        "event": PROBE,
+                        "userId": user,
+                        "messageId": message_id,
+                        "timestamp": format_iso(int(now * 1000)),
+                    }
+                ),
+            )
+        else:
+            key, value = render(n, rows[n], at=int(now * 1000))
+            message_id = f"bench-{n:09d}"
+            name = "workload"
         while True:
             try:
-                producer.produce(topic, key=user.encode(), value=orjson.dumps(event))
+                producer.produce(topic, key=key, value=value)
                 break
             except BufferError:
                 producer.poll(0.01)

