@@ -243,7 +243,7 @@ def _events(*raws: dict[str, Any]) -> list[Event]:
 
 
 def test_preview_reports_size_sample_and_differences_without_changing_anything() -> None:
-    from audiences.core.preview import preview
+    from audiences.core.preview import Preview, preview
 
     buyers = audience("buyers", {"performed": {"event": "Order Completed"}})
     orders = {"key": "orders", "kind": "count", "event": "Order Completed"}
@@ -292,6 +292,10 @@ def test_preview_reports_size_sample_and_differences_without_changing_anything()
     assert sorted(report.would_exit) == ["u0", "u1"]
     assert sorted(report.would_enter) == ["u4", "u5"]
     assert len(report.sample) == 3
+    # a partial report travels between workers as JSON (the compiled core has no __dict__)
+    wire = orjson.loads(orjson.dumps(report.as_json()))
+    assert wire["would_exit"] == report.would_exit and wire["size"] == 4
+    assert Preview.from_json(wire) == report
     # an edited computed trait: which profiles have a value, and which
     trait = validate_definition({**orders, "name": "Orders (lifetime)"})
     decoded = [(user, UserState.decode(data)) for user, data in stored.items()]

@@ -32,7 +32,33 @@ class Preview:
     would_exit: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        # (explicit: compiled with mypyc, instances have no __dict__)
+        return {
+            "key": self.key,
+            "version": self.version,
+            "profiles": self.profiles,
+            "size": self.size,
+            "entering": self.entering,
+            "exiting": self.exiting,
+            "sample": self.sample,
+            "would_enter": self.would_enter,
+            "would_exit": self.would_exit,
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Preview:
+        """The inverse of `as_json` (another worker's partial report)."""
+        return Preview(
+            str(data["key"]),
+            int(data["version"]),
+            int(data.get("profiles", 0)),
+            int(data.get("size", 0)),
+            int(data.get("entering", 0)),
+            int(data.get("exiting", 0)),
+            list(data.get("sample", [])),
+            list(data.get("would_enter", [])),
+            list(data.get("would_exit", [])),
+        )
 
 
 def preview(

@@ -257,7 +257,7 @@ class ManagementApi:
             doc,
         )
         resume = data.pop("next")
-        part = Preview(**{k: v for k, v in data.items() if k in Preview.__dataclass_fields__})
+        part = Preview.from_json(data)
         return part, bytes.fromhex(resume) if resume is not None else None
 
     async def internal_preview(self, request: web.Request) -> web.StreamResponse:
