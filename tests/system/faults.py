@@ -277,12 +277,12 @@ class OutputLog(TopicReader):
             return sum(1 for o in self.outputs if where is None or where(o))
 
         target = counted() + count
-
-        def grown_or_writer_gone() -> bool:
+        deadline = time.monotonic() + timeout
+        while counted() < target:
+            assert time.monotonic() < deadline, f"outputs did not grow by {count} in {timeout}s"
+            if not alive():
+                return
             self.poll(0.02)
-            return counted() >= target or not alive()
-
-        wait_for(grown_or_writer_gone, timeout, f"outputs growing by {count}")
 
     def of(self, profile: str) -> list[dict[str, Any]]:
         return [o for o in self.outputs if profile_of(o) == profile]
