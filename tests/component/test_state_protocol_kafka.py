@@ -80,6 +80,37 @@ def test_a_checkpoint_that_fails_at_any_step_loses_nothing(engine: Engine, step:
     assert_same_as_core(engine.outputs(len(expected)), expected)
 
 
+def test_outputs_flow_while_a_checkpoint_waits_on_the_broker(engine: Engine) -> None:
+    """Durability is pipelined: while one interval's changelog transaction is held, the
+    loop evaluates the next events and their outputs reach the topic at once; nothing is
+    committed until the held checkpoint lands."""
+    engine.apply(BUYERS)
+    engine.start()
+    engine.send(track("a", "Order Completed", T0))
+    engine.outputs(1)
+    engine.settle()
+    runtime = engine.evaluator
+    assert runtime is not None
+    held, release = threading.Event(), threading.Event()
+
+    def hold(at: Step) -> None:  # on the durability thread
+        if at is Step.OUTPUTS and not release.is_set():
+            held.set()
+            release.wait(30)
+
+    runtime.checkpoint.after_step = hold
+    committed = {n: p.committed for n, p in runtime.partitions.items()}
+    engine.send(track("b", "Order Completed", T0 + M))
+    wait_for(held.is_set, 30, "a checkpoint to be held")
+    engine.send(track("c", "Order Completed", T0 + 2 * M))
+    users = [o["userId"] for o in engine.outputs(3)]
+    assert sorted(users) == ["a", "b", "c"]
+    assert {n: p.committed for n, p in runtime.partitions.items()} == committed
+    release.set()
+    engine.settle()
+    assert sum(p.committed for p in runtime.partitions.values()) == 3
+
+
 # -- 7. routing that does not depend on the producer --------------------------------------
 
 
@@ -170,15 +201,18 @@ def test_a_former_owner_cannot_write_state_the_next_owner_restores(
         wait_for(lambda: a.partitions[0].committed >= 2, 30, "A to checkpoint")
         # Block A inside its next checkpoint (after it evaluated the event).
         blocked, release = threading.Event(), threading.Event()
-        flush = a.checkpoint.flush_outputs
+        seal = a.checkpoint.seal_outputs
 
-        def stuck_flush() -> None:
-            if a.partitions.get(0) is not None and a.partitions[0].dirty:
+        def stuck_seal() -> Callable[[], None]:
+            # On A's loop thread, the interval sealed: A stops polling (the group evicts
+            # it) and its durability thread writes the interval only once released.
+            partition = a.partitions.get(0)
+            if partition is not None and partition.inflight and partition.inflight.dirty:
                 blocked.set()
                 release.wait(60)
-            flush()
+            return seal()
 
-        a.checkpoint.flush_outputs = stuck_flush
+        a.checkpoint.seal_outputs = stuck_seal
         late = [track("u", "Order Completed", T0 + 5 * M)]
         engine.send(*late)
         wait_for(blocked.is_set, 30, "A to block mid-checkpoint")

@@ -8,13 +8,14 @@ checkpoint's encoding and `recovery.restore`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
 
-from audiences.adapters.state.checkpoint import Checkpoint, DurabilityError, Step
+from audiences.adapters.state.checkpoint import Checkpoint, DurabilityError, PartitionFenced, Step
 from audiences.adapters.state.layout import (
     NEVER,
     Family,
@@ -157,7 +158,7 @@ def feed(partition: PartitionState, events: list[tuple[int, Event]]) -> None:
 
 
 def commit(partition: PartitionState, log: FakeChangelog, fail_after: Step | None = None) -> None:
-    checkpoint = Checkpoint(flush_outputs=lambda: None, commit_offsets=lambda _: None)
+    checkpoint = Checkpoint(seal_outputs=lambda: lambda: None, commit_offsets=lambda _: None)
     if fail_after is not None:
 
         def fail(step: Step) -> None:
@@ -445,3 +446,131 @@ def test_sweeps_use_deadlines_of_restored_profiles() -> None:
     assert [int.from_bytes(k[:8], "big") for k, _ in due] == [T0 + 60 * M]
     state = UserState.decode(store.get(Family.PROFILES, b"u") or b"")
     assert step(state, Tick(T0 + 61 * M), CATALOG, "u").transitions[0].entered is False
+
+
+# -- pipelined checkpoints: the loop goes on while one interval becomes durable ---------
+
+
+class Gate:
+    """Holds the durability thread in a step until released (the loop goes on meanwhile)."""
+
+    def __init__(self, at: Step) -> None:
+        self.at = at
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, step: Step) -> None:
+        if step is self.at:
+            self.reached.set()
+            assert self.release.wait(10), "never released"
+
+
+def test_the_loop_evaluates_the_next_interval_while_one_is_in_flight() -> None:
+    log = FakeChangelog()
+    store = MemoryStore()
+    partition = partition_over(store, log)
+    stream = [(i, event(f"u{i % 3}", "Product Viewed", T0 + i * M)) for i in range(12)]
+    acked = threading.Event()
+    checkpoint = Checkpoint(seal_outputs=lambda: acked.wait, commit_offsets=lambda _: None)
+    gate = Gate(Step.CHANGELOG)
+    checkpoint.after_step = gate
+    feed(partition, stream[:6])
+    flight = checkpoint.start([partition], {0: FakeWriter(log)})  # type: ignore[dict-item]
+    assert flight is not None and not partition.dirty and partition.inflight is not None
+    feed(partition, stream[6:])  # the loop goes on
+    assert not log.records[1:], "nothing durable before the outputs are acknowledged"
+    acked.set()
+    assert gate.reached.wait(10)
+    assert profiles(store) == {} and partition.committed == 0  # changelog written, not the store
+    gate.release.set()
+    checkpoint.land(flight)
+    assert partition.committed == 6 and partition.inflight is None
+    assert set(partition.dirty) == {b"u0", b"u1", b"u2"}  # the second interval waits its turn
+    assert profiles(store) == {k: s.to_json() for k, s in pure([e for _, e in stream[:6]]).items()}
+    checkpoint.after_step = None
+    checkpoint.commit([partition], {0: FakeWriter(log)})  # type: ignore[dict-item]
+    assert profiles(store) == {k: s.to_json() for k, s in pure([e for _, e in stream]).items()}
+    again = partition_over(MemoryStore(), log, session="s2")
+    assert again.position == 12
+
+
+def test_a_rollback_during_a_flight_starts_from_the_sealed_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store is one interval behind while a checkpoint is in flight: a profile put back
+    after a failing input is its sealed state plus this interval's inputs."""
+    from audiences.adapters.state import partition as module
+
+    real = module.step
+
+    def raise_on_boom(state: Any, item: Any, catalog: Any, key: str) -> Any:
+        if getattr(item, "name", None) == "Boom":
+            raise RuntimeError("simulated bug")
+        return real(state, item, catalog, key)
+
+    monkeypatch.setattr(module, "step", raise_on_boom)
+    log = FakeChangelog()
+    partition = partition_over(MemoryStore(), log)
+    good = [event("u", "Product Viewed", T0 + i * M) for i in range(3)]
+    checkpoint = Checkpoint(seal_outputs=lambda: lambda: None, commit_offsets=lambda _: None)
+    gate = Gate(Step.OUTPUTS)
+    checkpoint.after_step = gate
+    feed(partition, [(0, good[0]), (1, good[1])])
+    flight = checkpoint.start([partition], {0: FakeWriter(log)})  # type: ignore[dict-item]
+    assert flight is not None and gate.reached.wait(10)
+    feed(partition, [(2, good[2])])
+    with pytest.raises(RuntimeError):
+        feed(partition, [(3, event("u", "Boom", T0 + 3 * M))])
+    assert partition.cache[b"u"].to_json() == pure(good)["u"].to_json()
+    gate.release.set()
+    checkpoint.land(flight)
+
+
+def test_a_user_deleted_in_the_sealed_interval_is_not_loaded_back_from_the_store() -> None:
+    log = FakeChangelog()
+    store = MemoryStore()
+    partition = partition_over(store, log)
+    feed(partition, [(0, event("bob", "Product Viewed", T0))])
+    commit(partition, log)
+    feed(partition, [(1, event("bob", "x", T0 + M, kind="delete"))])
+    checkpoint = Checkpoint(seal_outputs=lambda: lambda: None, commit_offsets=lambda _: None)
+    gate = Gate(Step.OUTPUTS)
+    checkpoint.after_step = gate
+    flight = checkpoint.start([partition], {0: FakeWriter(log)})  # type: ignore[dict-item]
+    assert flight is not None and gate.reached.wait(10)
+    assert store.get(Family.PROFILES, b"bob") is not None  # the store has not heard yet
+    assert partition.load([b"bob"], 0) == {}
+    gate.release.set()
+    checkpoint.land(flight)
+    assert store.get(Family.PROFILES, b"bob") is None
+
+
+def test_a_partition_fenced_in_flight_gives_the_others_their_interval_back() -> None:
+    """A partition taken over fails the checkpoint for all, after every output was
+    acknowledged: the kept partition's next checkpoint writes both intervals."""
+    logs = [FakeChangelog(), FakeChangelog()]
+    stores = [MemoryStore(), MemoryStore()]
+    kept = partition_over(stores[0], logs[0])
+    taken = partition_over(stores[1], logs[1])
+    taken.number = 1
+
+    class FencedWriter(FakeWriter):
+        def commit(self) -> None:
+            raise PartitionFenced([1], "a newer owner")
+
+    writers: dict[int, Any] = {0: FakeWriter(logs[0]), 1: FencedWriter(logs[1])}
+    stream = [(i, event(f"u{i % 2}", "Product Viewed", T0 + i * M)) for i in range(8)]
+    feed(kept, stream[:4])
+    feed(taken, stream[:4])
+    checkpoint = Checkpoint(seal_outputs=lambda: lambda: None, commit_offsets=lambda _: None)
+    flight = checkpoint.start([kept, taken], writers)
+    assert flight is not None
+    feed(kept, stream[4:])  # the next interval, evaluated while the first was in flight
+    with pytest.raises(PartitionFenced):
+        checkpoint.land(flight)
+    assert kept.inflight is None and kept.committed == 0
+    checkpoint.commit([kept], writers)
+    assert kept.committed == 8
+    assert profiles(stores[0]) == {k: s.to_json() for k, s in pure([e for _, e in stream]).items()}
+    again = partition_over(MemoryStore(), logs[0], session="s2")
+    assert again.position == 8

@@ -7,10 +7,12 @@ that interval durable, always in this order (`Step`):
 
 1. ENCODE      dirty profiles, suppressions, quarantines, partition meta and the
                position become changelog records and one store `WriteBatch` per
-               partition (a profile that cannot be encoded is quarantined);
-2. OUTPUTS     the shared producer is flushed: every output, identity control
-               record, forwarded event and dead letter of the interval is
-               acknowledged, before any state that implies them exists;
+               partition (a profile that cannot be encoded is quarantined), and
+               the interval is *sealed*: the partition starts a new one;
+2. OUTPUTS     every output, identity control record, forwarded event and dead
+               letter of the sealed interval is acknowledged (the emitter counts
+               each interval's deliveries), before any state that implies them
+               exists;
 3. CHANGELOG   each partition's records go out in one Kafka transaction of that
                partition's own transactional producer (`transactional.id`
                `{app_id}-changelog-{partition}`): a worker that took the partition
@@ -21,6 +23,14 @@ that interval durable, always in this order (`Step`):
 5. OFFSETS     the input positions are committed to the consumer group (a hint for
                tools and lag metrics: recovery reads the position from the
                changelog, which is never behind the committed offset).
+
+Pipelined, one deep: ENCODE runs on the loop thread (it reads the profiles the
+loop mutates); OUTPUTS, CHANGELOG and STORE run on a durability thread while the
+loop evaluates the next interval (they wait on the broker and the disk, with
+the GIL released); the loop thread lands the checkpoint when it is done
+(OFFSETS, then the partitions forget the sealed interval), and only then seals
+the next one. While an interval is in flight, its encoded profiles are the
+durable base of a rollback and of a load (`PartitionState.inflight`).
 
 A failure at any step raises before the positions are marked committed, and
 the runtime rewinds the partitions it was checkpointing: in-memory state is
@@ -39,8 +49,10 @@ skips their input below it (see recovery.py).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import orjson
@@ -178,28 +190,99 @@ class ChangelogWriter:
             raise DurabilityError(f"changelog of partition {self.partition}: {exc}") from exc
 
 
+@dataclass
+class Flight:
+    """One checkpoint between its seal (on the loop thread) and its landing."""
+
+    staged: list[tuple[PartitionState, list[ChangelogRecord], StoreBatch]]
+    future: Future[None]
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def partitions(self) -> list[PartitionState]:
+        return [partition for partition, _records, _batch in self.staged]
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
 class Checkpoint:
-    """Runs the commit sequence for the runtime's partitions."""
+    """Runs the commit sequence for the runtime's partitions, pipelined one deep: the loop
+    thread encodes and seals an interval (`start`), a durability thread of its own waits
+    for the outputs' acknowledgements and writes the changelog and the store while the
+    loop evaluates the next interval, and the loop thread `land`s it (offsets, then the
+    partitions forget it). A new checkpoint starts only after the previous one landed."""
 
     def __init__(
         self,
-        flush_outputs: Callable[[], None],
+        seal_outputs: Callable[[], Callable[[], None]],
         commit_offsets: Callable[[dict[int, int]], None],
     ) -> None:
-        self.flush_outputs = flush_outputs
+        # Marks the end of the interval's outputs; returns a wait for their acks.
+        self.seal_outputs = seal_outputs
         self.commit_offsets = commit_offsets
+        self._durability = ThreadPoolExecutor(max_workers=1, thread_name_prefix="durability")
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="changelog-commit")
         # Test seam: called after each step; a test makes it raise to prove the invariant.
         self.after_step: Callable[[Step], None] | None = None
 
     def commit(self, partitions: list[PartitionState], writers: dict[int, ChangelogWriter]) -> None:
-        """Make every change of `partitions` durable, or raise (nothing marked committed)."""
+        """Make every change of `partitions` durable now, or raise (nothing marked
+        committed). No checkpoint of theirs may be in flight."""
+        flight = self.start(partitions, writers)
+        if flight is not None:
+            self.land(flight)
+
+    def start(
+        self, partitions: list[PartitionState], writers: dict[int, ChangelogWriter]
+    ) -> Flight | None:
+        """ENCODE and seal every changed partition, then hand the durable steps to the
+        durability thread; None if nothing changed."""
         changed = [p for p in partitions if p.changed]
         if not changed:
-            return
-        staged = [(p, *_encode(p)) for p in changed]
+            return None
+        encoded = [(p, *_encode(p)) for p in changed]
         self._step(Step.ENCODE)
-        self.flush_outputs()
+        for partition, _records, _batch, profiles in encoded:
+            partition.seal(profiles)
+        staged = [(partition, records, batch) for partition, records, batch, _ in encoded]
+        wait_outputs = self.seal_outputs()
+        future = self._durability.submit(self._make_durable, staged, writers, wait_outputs)
+        return Flight(staged, future)
+
+    def land(self, flight: Flight) -> None:
+        """Wait for `flight`, then OFFSETS. On failure nothing is marked committed and the
+        error is raised: on PartitionFenced the other partitions take their interval back
+        (their outputs were acknowledged), on any other error every partition still holds
+        it sealed and must be rewound."""
+        try:
+            flight.future.result()
+        except PartitionFenced as exc:
+            for partition in flight.partitions:
+                if partition.number not in exc.partitions:
+                    partition.unseal()
+            raise
+        for partition in flight.partitions:
+            partition.landed()
+        self.commit_offsets({p.number: p.committed for p in flight.partitions})
+        self._step(Step.OFFSETS)
+
+    def settle(self, flight: Flight) -> BaseException | None:
+        """Wait for `flight` without landing it; its error, if any."""
+        try:
+            flight.future.result()
+        except BaseException as exc:
+            return exc
+        return None
+
+    def _make_durable(
+        self,
+        staged: list[tuple[PartitionState, list[ChangelogRecord], StoreBatch]],
+        writers: dict[int, ChangelogWriter],
+        wait_outputs: Callable[[], None],
+    ) -> None:
+        """OUTPUTS, CHANGELOG, STORE (on the durability thread)."""
+        wait_outputs()
         self._step(Step.OUTPUTS)
         self._write_changelog(staged, writers)
         self._step(Step.CHANGELOG)
@@ -208,10 +291,6 @@ class Checkpoint:
             batch.put(Family.META, Meta.CHANGELOG_OFFSET.value, str(offset).encode())
             partition.store.write(batch)
         self._step(Step.STORE)
-        for partition in changed:
-            partition.checkpointed()
-        self.commit_offsets({p.number: p.committed for p in changed})
-        self._step(Step.OFFSETS)
 
     def _write_changelog(
         self,
@@ -257,10 +336,14 @@ class Checkpoint:
             self.after_step(step)
 
 
-def _encode(partition: PartitionState) -> tuple[list[ChangelogRecord], StoreBatch]:
-    """Changelog records and the store batch of one partition's interval."""
+def _encode(
+    partition: PartitionState,
+) -> tuple[list[ChangelogRecord], StoreBatch, dict[bytes, bytes | None]]:
+    """Changelog records, the store batch and the encoded profiles of one partition's
+    interval."""
     records: list[ChangelogRecord] = []
     batch = StoreBatch()
+    profiles: dict[bytes, bytes | None] = {}
     position = partition.position
     for key in list(partition.dirty):
         state = partition.dirty.get(key, ...)
@@ -278,6 +361,7 @@ def _encode(partition: PartitionState) -> tuple[list[ChangelogRecord], StoreBatc
                 continue
             wake = state.wake_ms
         records.append((changelog_key(Kind.PROFILE, key), value, Header(position, wake)))
+        profiles[key] = value
         if value is None:
             batch.delete(Family.PROFILES, key)
         else:
@@ -315,7 +399,7 @@ def _encode(partition: PartitionState) -> tuple[list[ChangelogRecord], StoreBatc
     for name, value in partition.meta_changes.items():
         records.append((changelog_key(Kind.META, name.value), value, Header(position, NEVER)))
         batch.put(Family.META, name.value, value)
-    return records, batch
+    return records, batch, profiles
 
 
 def owner_record(worker: str, session: str, at_ms: int) -> bytes:

@@ -66,6 +66,25 @@ class Quarantine:
         )
 
 
+@dataclass(slots=True)
+class Sealed:
+    """One interval handed to the durability thread (see state/checkpoint.py): what it
+    changed, as the loop left it at the seal, until it is durable (`landed`) or given
+    back (`unseal`). Its encoded profiles are the durable base for rollbacks and loads
+    while it is in flight."""
+
+    position: int
+    stream_time_ms: int
+    encoded: dict[bytes, bytes | None]  # profile -> its record value (None = erased)
+    dirty: dict[bytes, UserState | None]
+    journal: list[tuple[bytes, Input, Catalog]]
+    durable_wakes: dict[bytes, int]
+    suppression_changes: dict[bytes, bool]
+    quarantine_changes: dict[bytes, Quarantine | None]
+    stale_due: list[bytes]
+    meta_changes: dict[Meta, bytes]
+
+
 @dataclass
 class Counts:
     """Members per audience and profiles stored in one partition (for metrics and the API)."""
@@ -123,6 +142,8 @@ class PartitionState:
         self.quarantine_changes: dict[bytes, Quarantine | None] = {}
         self.stale_due: list[bytes] = []  # due-index keys to delete at the checkpoint
         self.meta_changes: dict[Meta, bytes] = {}
+        # The previous interval while the durability thread makes it durable (one deep).
+        self.inflight: Sealed | None = None
         # Loaded from the store:
         self.suppressed: set[bytes] = {k for k, _ in store.scan(Family.SUPPRESSED)}
         self.quarantined: set[bytes] = {k for k, _ in store.scan(Family.QUARANTINE)}
@@ -147,11 +168,18 @@ class PartitionState:
         cache = self.cache
         states: dict[bytes, UserState] = {}
         missing: list[bytes] = []
+        inflight = self.inflight.encoded if self.inflight is not None else None
         for key in keys:
             state = cache.get(key)
             if state is not None:
                 states[key] = state
-            elif key not in self.dirty:  # (a dirty None: erased in this interval)
+            elif key in self.dirty:
+                continue  # (a dirty None: erased in this interval)
+            elif inflight is not None and key in inflight:
+                data = inflight[key]  # newer than the store until the checkpoint lands
+                if data is not None:
+                    states[key] = cache[key] = UserState.decode(data)
+            else:
                 missing.append(key)
         if missing:
             for key, data in zip(
@@ -171,6 +199,13 @@ class PartitionState:
         """The profile as the last checkpoint left it (a fresh object)."""
         data = self.store.get(Family.PROFILES, key)
         return UserState.decode(data) if data is not None else None
+
+    def _durable_base(self, key: bytes) -> UserState | None:
+        """The profile as it will be once everything sealed is durable (a fresh object)."""
+        if self.inflight is not None and key in self.inflight.encoded:
+            data = self.inflight.encoded[key]
+            return UserState.decode(data) if data is not None else None
+        return self.durable_state(key)
 
     def is_blocked(self, key: bytes) -> bool:
         return key in self.suppressed or key in self.quarantined
@@ -296,7 +331,7 @@ class PartitionState:
         emitted when the inputs were first applied, and `step` is deterministic)."""
         self.cache.pop(key, None)
         try:
-            state = self.durable_state(key)
+            state = self._durable_base(key)
             for owner, item, catalog in self.journal:
                 if owner != key:
                     continue
@@ -368,33 +403,78 @@ class PartitionState:
 
     @property
     def changed(self) -> bool:
+        sealed = self.inflight
         return bool(
             self.dirty
             or self.suppression_changes
             or self.quarantine_changes
             or self.meta_changes
             or self.stale_due
-            or self.position != self.committed
-            or self.stream_time_ms != self.committed_stream_time_ms
+            or self.position != (sealed.position if sealed else self.committed)
+            or self.stream_time_ms
+            != (sealed.stream_time_ms if sealed else self.committed_stream_time_ms)
         )
 
-    def checkpointed(self) -> None:
-        """The interval is durable: forget it, keep the cache within its limit."""
-        self.committed = self.position
-        self.committed_stream_time_ms = self.stream_time_ms
-        self.dirty.clear()
-        self.journal.clear()
-        self.durable_wakes.clear()
-        self.suppression_changes.clear()
-        self.quarantine_changes.clear()
-        self.stale_due.clear()
-        self.meta_changes.clear()
-        if self.ahead and self.position >= max(self.ahead.values()):
+    def seal(self, encoded: dict[bytes, bytes | None]) -> None:
+        """Hand the interval over to the durability thread (`encoded`: its profiles as
+        the checkpoint writes them) and start a new one."""
+        assert self.inflight is None, "one checkpoint in flight at a time"
+        self.inflight = Sealed(
+            self.position,
+            self.stream_time_ms,
+            encoded,
+            self.dirty,
+            self.journal,
+            self.durable_wakes,
+            self.suppression_changes,
+            self.quarantine_changes,
+            self.stale_due,
+            self.meta_changes,
+        )
+        self.dirty = {}
+        self.journal = []
+        self.durable_wakes = {}
+        self.suppression_changes = {}
+        self.quarantine_changes = {}
+        self.stale_due = []
+        self.meta_changes = {}
+
+    def landed(self) -> None:
+        """The sealed interval is durable: forget it, keep the cache within its limit."""
+        sealed = self.inflight
+        assert sealed is not None
+        self.inflight = None
+        self.committed = sealed.position
+        self.committed_stream_time_ms = sealed.stream_time_ms
+        if self.ahead and self.committed >= max(self.ahead.values()):
             self.ahead.clear()
         cache = self.cache
-        if len(cache) > self.cache_limit:
-            for key in list(cache)[: len(cache) - self.cache_limit + self.cache_limit // 10]:
+        excess = len(cache) - self.cache_limit
+        if excess > 0:
+            excess += self.cache_limit // 10
+            dirty = self.dirty  # changed since the seal: only the cache holds them
+            for key in [k for k in cache if k not in dirty][:excess]:
                 del cache[key]
+
+    def unseal(self) -> None:
+        """The sealed interval did not become durable, and this partition is kept (another
+        partition's checkpoint failed after every output was acknowledged): fold it back
+        into the current interval, so that the next checkpoint writes both."""
+        sealed = self.inflight
+        assert sealed is not None
+        self.inflight = None
+        sealed.dirty.update(self.dirty)
+        self.dirty = sealed.dirty
+        self.journal = sealed.journal + self.journal
+        self.durable_wakes.update(sealed.durable_wakes)  # the sealed ones are older
+        sealed.suppression_changes.update(self.suppression_changes)
+        self.suppression_changes = sealed.suppression_changes
+        sealed.quarantine_changes.update(self.quarantine_changes)
+        self.quarantine_changes = sealed.quarantine_changes
+        self.stale_due = sealed.stale_due + self.stale_due
+        sealed.meta_changes.update(self.meta_changes)
+        self.meta_changes = sealed.meta_changes
+        self.counts_written = b""  # write the counts again
 
     def observe(self, event_time_ms: int) -> None:
         """Note an evaluated event's time; the stream time follows the recent ones.

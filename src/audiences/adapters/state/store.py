@@ -8,6 +8,7 @@ always consistent with one checkpoint. Reads see the last written batch.
 from __future__ import annotations
 
 import shutil
+import threading
 from bisect import bisect_left, insort
 from collections.abc import Iterable
 from pathlib import Path
@@ -141,11 +142,14 @@ class RocksDictStore:
 
 
 class MemoryStore:
-    """The same port over dicts (sorted key lists for scans): for tests and previews."""
+    """The same port over dicts (sorted key lists for scans): for tests and previews.
+    Writes come from the durability thread while the loop reads (as RocksDB allows):
+    scans and writes hold a lock."""
 
     def __init__(self) -> None:
         self._data: dict[Family, dict[bytes, bytes]] = {family: {} for family in Family}
         self._keys: dict[Family, list[bytes]] = {family: [] for family in Family}
+        self._lock = threading.Lock()
         self.closed = False
 
     def get(self, family: Family, key: bytes) -> bytes | None:
@@ -164,13 +168,18 @@ class MemoryStore:
     ) -> list[tuple[bytes, bytes]]:
         keys, data = self._keys[family], self._data[family]
         out: list[tuple[bytes, bytes]] = []
-        for key in keys[bisect_left(keys, start) :]:
-            if (stop is not None and key >= stop) or (limit is not None and len(out) >= limit):
-                break
-            out.append((key, data[key]))
+        with self._lock:
+            for key in keys[bisect_left(keys, start) :]:
+                if (stop is not None and key >= stop) or (limit is not None and len(out) >= limit):
+                    break
+                out.append((key, data[key]))
         return out
 
     def write(self, batch: StoreBatch) -> None:
+        with self._lock:
+            self._write(batch)
+
+    def _write(self, batch: StoreBatch) -> None:
         for family, key, value in batch.ops:
             data, keys = self._data[family], self._keys[family]
             if value is None:

@@ -15,6 +15,8 @@ never depends on a producer's partitioner setting.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 
 import orjson
@@ -32,12 +34,34 @@ FORWARDED_FROM = "audiences-forwarded-from"  # header of a record moved to its o
 # The producer's message.max.bytes (librdkafka's default) less room for the record's key,
 # headers and batch overhead: a record above it would be refused when sent.
 MAX_RECORD_BYTES = 1_000_000 - 64 * 1024
+ACK_TIMEOUT_S = 60.0  # a checkpoint waiting longer for its outputs fails (and is redone)
 Rendered = list[tuple[bytes, bytes]]  # (key, value) of outputs, rendered before anything is sent
 Encoded = list[tuple[bytes, bytes, int]]  # (key, value, partition) of control records
 
 
 class OversizedRecord(ValueError):
     """An output or control record the producer would refuse (checked before sending)."""
+
+
+class Deliveries:
+    """The delivery reports of one checkpoint interval's records (the producer's
+    `on_delivery` for each of them). Reports arrive on whichever thread polls the
+    producer: the durability thread waiting for them, or the loop thread when the
+    producer's queue is full."""
+
+    __slots__ = ("_lock", "acked", "errors", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0  # counted by the loop thread as it produces
+        self.acked = 0
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, err: object, msg: Message) -> None:
+        with self._lock:
+            self.acked += 1
+            if err is not None:
+                self.errors.append(f"{msg.topic()}: {err}")
 
 
 class Emitter:
@@ -47,7 +71,7 @@ class Emitter:
         self.producer = producer
         self.topics = topics
         self.owner_of = owner_of  # profile key -> its `events` partition
-        self._errors: list[str] = []
+        self._deliveries = Deliveries()  # of the current interval
         self._transitions: dict[tuple[str, bool], int] = {}  # flushed to metrics per checkpoint
 
     @staticmethod
@@ -69,11 +93,13 @@ class Emitter:
 
     def send(self, rendered: Rendered, outputs: list[Output]) -> None:
         topic = self.topics.audience_events
-        produce, delivered = self.producer.produce, self._delivered
+        produce, delivered = self.producer.produce, self._deliveries
+        delivered.sent += len(rendered)
         for key, value in rendered:
             try:  # the hot path: no optional arguments (each costs microseconds)
                 produce(topic, key=key, value=value, on_delivery=delivered)
             except BufferError:
+                delivered.sent -= 1  # counted again by _produce
                 self._produce(topic, key, value)
         counts = self._transitions
         for output in outputs:
@@ -126,15 +152,26 @@ class Emitter:
         )
         metrics.EVENTS_INVALID.labels(reason).inc()
 
-    def flush(self, timeout_s: float = 60.0) -> None:
-        """Wait until everything sent is acknowledged; raises DurabilityError otherwise."""
+    def seal(self) -> Callable[[], None]:
+        """End the current interval: everything sent from now on belongs to the next one.
+        Returns the wait for the sealed interval's acknowledgements (it raises
+        DurabilityError if any record was refused or the wait timed out)."""
         for (audience, entered), count in self._transitions.items():
             metrics.TRANSITIONS.labels(audience, "entered" if entered else "exited").inc(count)
         self._transitions.clear()
-        remaining = self.producer.flush(timeout_s)
-        if remaining or self._errors:
-            errors, self._errors = self._errors[:5], []
-            raise DurabilityError(f"records not acknowledged by Kafka: {errors or 'timed out'}")
+        sealed, self._deliveries = self._deliveries, Deliveries()
+        return lambda: self._wait(sealed, ACK_TIMEOUT_S)
+
+    def _wait(self, deliveries: Deliveries, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        poll = self.producer.poll
+        while deliveries.acked < deliveries.sent and time.monotonic() < deadline:
+            poll(0.005)
+        if deliveries.errors or deliveries.acked < deliveries.sent:
+            errors = deliveries.errors[:5] or [
+                f"{deliveries.sent - deliveries.acked} not acknowledged in {timeout_s:g} s"
+            ]
+            raise DurabilityError(f"records not acknowledged by Kafka: {errors}")
 
     def _produce(
         self,
@@ -152,15 +189,11 @@ class Emitter:
             kwargs["headers"] = headers
         if timestamp is not None:
             kwargs["timestamp"] = timestamp
+        deliveries = self._deliveries
         while True:
             try:
-                self.producer.produce(
-                    topic, key=key, value=value, on_delivery=self._delivered, **kwargs
-                )
+                self.producer.produce(topic, key=key, value=value, on_delivery=deliveries, **kwargs)
+                deliveries.sent += 1
                 return
             except BufferError:  # the queue is full: let Kafka catch up (backpressure)
                 self.producer.poll(0.05)
-
-    def _delivered(self, err: object, msg: Message) -> None:
-        if err is not None:
-            self._errors.append(f"{msg.topic()}: {err}")

@@ -47,6 +47,7 @@ from audiences.adapters.state.checkpoint import (
     ChangelogWriter,
     Checkpoint,
     DurabilityError,
+    Flight,
     PartitionFenced,
     owner_record,
 )
@@ -122,7 +123,9 @@ class Runtime:
         self._changelog_reader = clients.changelog_reader()
         self._producer = clients.output_producer()
         self.emitter = Emitter(self._producer, topics, self.owner_of)
-        self.checkpoint = Checkpoint(self.emitter.flush, self._commit_offsets)
+        self.checkpoint = Checkpoint(self.emitter.seal, self._commit_offsets)
+        self._flight: Flight | None = None  # the checkpoint in flight, if any
+        self._deferred: BaseException | None = None  # a failure met in a rebalance callback
         self.definitions = DefinitionsLog(
             topics.definitions, clients.definitions_consumer(), clients.producer({"linger.ms": 0})
         )
@@ -192,6 +195,12 @@ class Runtime:
         emits no duplicate). Stores are kept."""
         self._stopping = True
         self.queries.stop_serving()
+        if self._flight is not None:
+            try:
+                self._land()
+            except Exception:  # the broker may be gone: the next start redoes the interval
+                log.warning("the last checkpoint in flight failed", exc_info=True)
+                checkpoint = False
         if checkpoint:
             try:
                 self.checkpoint.commit(list(self.partitions.values()), self.writers)
@@ -212,6 +221,9 @@ class Runtime:
 
     def _turn(self) -> None:
         messages = self._consumer.consume(self.settings.batch_size, CONSUME_WAIT_S)
+        if self._deferred is not None:  # a checkpoint failed during a rebalance
+            failure, self._deferred = self._deferred, None
+            raise failure
         self._drained = len(messages) < self.settings.batch_size
         if self.definitions.poll():
             self._catalog_changed()
@@ -222,15 +234,16 @@ class Runtime:
         self.backfills.turn(self.partitions, self.definitions.catalog)
         for partition in list(self.partitions.values()):
             timers.rejudge(partition, REJUDGE_CHUNK, self.emitter)
-        if self._checkpoint_due():
-            self._checkpoint()
+        waiting = sum(len(p.journal) for p in self.partitions.values())
+        if self._flight is not None and (self._flight.done() or waiting >= MAX_UNCOMMITTED):
+            self._land()  # (waits for it when too much is waiting: backpressure)
             self.queries.serve(_View(self))  # right after it: the stores hold everything
-
-    def _checkpoint_due(self) -> bool:
-        """Every AUDIENCES_COMMIT_INTERVAL_MS, or sooner when much is waiting (memory)."""
-        if time.monotonic() - self._last_checkpoint >= self._commit_s:
-            return True
-        return sum(len(p.journal) for p in self.partitions.values()) >= MAX_UNCOMMITTED
+        if self._flight is None and (
+            time.monotonic() - self._last_checkpoint >= self._commit_s or waiting >= MAX_UNCOMMITTED
+        ):
+            self._checkpoint()
+            if self._flight is None:  # nothing changed: the stores hold everything already
+                self.queries.serve(_View(self))
 
     def _sweep(self) -> None:
         """Fire a chunk of due deadlines in every partition (again next turn while more
@@ -245,16 +258,39 @@ class Runtime:
         self._more_due = more
 
     def _checkpoint(self) -> None:
-        started = time.perf_counter()
+        """Seal the interval and start making it durable (every AUDIENCES_COMMIT_INTERVAL_MS,
+        or sooner when much is waiting): the loop goes on meanwhile."""
         self._last_checkpoint = time.monotonic()
         partitions = list(self.partitions.values())
-        self.checkpoint.commit(partitions, self.writers)
+        self._flight = self.checkpoint.start(partitions, self.writers)
         for partition in partitions:
             for what, count in partition.dropped.items():
                 metrics.STATE_DROPPED.labels(what).inc(count)
             partition.dropped.clear()
         self._publish_counts()
-        metrics.CHECKPOINT_DURATION.observe(time.perf_counter() - started)
+
+    def _land(self) -> None:
+        """Wait for the checkpoint in flight and finish it (raises what it met)."""
+        flight, self._flight = self._flight, None
+        if flight is None:
+            return
+        self.checkpoint.land(flight)
+        metrics.CHECKPOINT_DURATION.observe(time.perf_counter() - flight.started)
+        self._landed(flight)
+
+    def _landed(self, flight: Flight) -> None:
+        """A checkpoint became durable (a seam for the bench's stopwatch)."""
+
+    def _settle_flight(self) -> None:
+        """Before the partitions change hands or are rewound: no checkpoint may be in
+        flight. One that fails here is raised by the next loop turn (rewinding)."""
+        if self._flight is None:
+            return
+        try:
+            self._land()
+        except BaseException as exc:
+            if self._deferred is None:
+                self._deferred = exc
 
     def _process(self, messages: list[Message]) -> None:
         started = time.perf_counter()
@@ -447,6 +483,7 @@ class Runtime:
 
     def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
         self.ready.clear()
+        self._settle_flight()
         start = []
         for tp in assigned:
             partition = self._open(tp.partition)
@@ -460,7 +497,10 @@ class Runtime:
 
     def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in revoked if tp.partition in self.partitions]
+        self._settle_flight()
         try:
+            if self._deferred is not None:
+                raise self._deferred
             self.checkpoint.commit([self.partitions[n] for n in numbers], self.writers)
         except Exception:  # the next owner redoes what is not durable
             log.warning("checkpoint on revoke failed", exc_info=True)
@@ -470,6 +510,7 @@ class Runtime:
         self._partitions_changed()
 
     def _on_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
+        self._settle_flight()
         for tp in lost:
             self._drop(tp.partition)
         log.warning("lost partitions %s", [tp.partition for tp in lost])
@@ -598,6 +639,10 @@ class Runtime:
         """Throw away what the partitions hold in memory and start again from their durable
         state (store + changelog), re-reading input from the durable position. No
         partition is claimed anew: one another worker took meanwhile is dropped."""
+        if self._flight is not None:
+            self.checkpoint.settle(self._flight)  # (it failed, or is redone anyway)
+            self._flight = None
+        self._deferred = None  # the rewind deals with it
         if backoff_s:
             time.sleep(backoff_s)
         for number in numbers:

@@ -21,7 +21,7 @@ modes, `config["mode"]`:
   phase: writes progress 0 once it is ready and runs until SIGTERM.
 
 The bench drives the runtime; it never changes it: the stopwatch is a
-subclass that wraps `_process` and `_checkpoint`, and recovery is timed by
+subclass that wraps `_process` and `_landed`, and recovery is timed by
 wrapping the `restore` function the runtime calls.
 """
 
@@ -40,6 +40,7 @@ from confluent_kafka import Message
 from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
+from audiences.adapters.state.checkpoint import Flight
 from audiences.adapters.stream import runtime as runtime_module
 from audiences.adapters.stream.emitter import Rendered
 from audiences.adapters.stream.runtime import Runtime
@@ -82,12 +83,10 @@ class TimedRuntime(Runtime):
             self.reporter.started()
         super()._process(messages)
 
-    def _checkpoint(self) -> None:
-        started = time.perf_counter()
-        super()._checkpoint()
+    def _landed(self, flight: Flight) -> None:
         if self.reporter.first_s is not None and not self.done.is_set():
             self.checkpoints += 1
-            self.checkpoint_s += time.perf_counter() - started
+            self.checkpoint_s += time.perf_counter() - flight.started
             if self.reached_end():
                 self.done.set()
 
@@ -97,7 +96,7 @@ class TimedRuntime(Runtime):
     def reached_end(self) -> bool:
         partitions = self.partitions
         return all(
-            (p := partitions.get(number)) is not None and p.position >= end
+            (p := partitions.get(number)) is not None and p.committed >= end
             for number, end in self.ends.items()
         )
 

@@ -21,6 +21,7 @@ figures include one fetch. Nothing here asserts speed.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -149,16 +150,22 @@ def measure(
         reader.join(10)
     event_latency: list[float] = []
     lateness: list[float] = []
+    trace: list[tuple[str, float, float]] = []  # (kind, when it started, latency)
     for received, message in list(outputs.seen):
         reason = message.get("properties", {}).get("reason", {})
         if reason.get("trigger") == "event" and message.get("event") == "Audience Entered":
             origin = sent.get(reason.get("messageId", ""))
             if origin is not None:
                 event_latency.append(received - origin[0])
+                trace.append(("entered", origin[0], received - origin[0]))
         elif reason.get("trigger") == "deadline":
             due_ms = parse_iso_ms(message.get("timestamp"))
             if due_ms is not None:
                 lateness.append(received - due_ms / 1000)
+                trace.append(("exited", due_ms / 1000, received - due_ms / 1000))
+    trace_path = os.environ.get("AUDIENCES_BENCH_LATENCY_TRACE")
+    if trace_path:  # every measurement, for looking at latency over time
+        Path(trace_path).write_bytes(orjson.dumps(sorted(trace, key=lambda row: row[1])))
     return {
         "rate_events_per_s": round(rate, 1),
         "seconds": seconds,
