@@ -10,6 +10,7 @@ Exited alternating per user and audience (SPEC §12 "Nothing lost").
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import signal
@@ -39,6 +40,7 @@ from shared import wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.system]
 
+SLOW_WORKER = Path(__file__).parent / "slow_worker"  # sitecustomize: slower batches
 KILLS_PER_RUN = 5  # 4 runs: 20 kills, each test well under 90 s (a restart costs ~8 s)
 
 
@@ -157,9 +159,10 @@ def test_scale_1_2_3_then_back_to_1_worker(
 ) -> None:
     """Workers join one after another while the backlog is processed, then the first two
     stop with SIGTERM, one after the other: partitions move four times; the result is
-    exact. The first two evaluate one event per batch (slow: the backlog lasts through
-    the joins: they also checkpoint after every turn), the third 50 (it drains what is
-    left once alone)."""
+    exact. The first two evaluate one event per batch, each batch 5 ms slower than it
+    would be (`slow_worker/`: the backlog lasts through the joins), checkpointing after
+    every turn; the third 50 per batch at full speed (it drains what is left once
+    alone)."""
     settings = fault_settings
     apply_definitions_cli(settings, DEFINITIONS, tmp_path)
     events = history(4000, now_ms() - 12 * H)
@@ -167,11 +170,20 @@ def test_scale_1_2_3_then_back_to_1_worker(
     partition_of = {str(s.event["userId"]): s.partition for s in sent if s.event}
     expected = expected_outputs(DEFINITIONS, events, now_ms())
     workers: list[WorkerHandle] = []
-    for n, (batch, interval) in enumerate([("1", "0"), ("1", "0"), ("50", "100")]):
+    slow = {
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(SLOW_WORKER), os.environ.get("PYTHONPATH")])
+        ),
+        "AUDIENCES_TEST_BATCH_PAUSE_MS": "5",
+    }
+    for n, (batch, interval, pace) in enumerate(
+        [("1", "0", slow), ("1", "0", slow), ("50", "100", {})]
+    ):
         worker = fault_workers(
             str(tmp_path / f"data-{n}"),
             AUDIENCES_BATCH_SIZE=batch,
             AUDIENCES_COMMIT_INTERVAL_MS=interval,
+            **pace,
         ).start()
         workers.append(worker)
         worker.wait_ready()
