@@ -107,6 +107,8 @@ def test_bench_runs_every_contender_and_reports_each_figure(
         )
     assert 0 < data["transitions_per_event"] < 2
     assert data["rss_mb_per_1m_profiles"] >= 0 and data["engine_peak_rss_mb"] > 0
+    assert "rss_marginal_mb_per_1m_profiles" in data and "steal_pct" in data["machine"]
+    assert data["engine_checkpoints"] > 0 and data["engine_checkpoint_mean_ms"] > 0
 
     recovery = data["recovery"]
     assert recovery["keys"] >= data["workload"]["active_users"]  # every profile came back

@@ -10,6 +10,7 @@ import pytest
 from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
+from audiences.adapters.state.checkpoint import DurabilityError
 from audiences.adapters.stream.emitter import MAX_RECORD_BYTES, Emitter, OversizedRecord
 from audiences.core.evaluator import merge_request
 
@@ -44,3 +45,59 @@ def test_a_record_the_producer_would_refuse_is_refused_before_anything_is_sent()
     with pytest.raises(OversizedRecord):
         sender.encode_controls((("u1", {"type": "merge"}), ("u2", huge)))
     assert producer.sent == []
+
+
+class AckingProducer(FakeProducer):
+    """Holds delivery reports until `poll`, then calls them (as librdkafka does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[tuple[Any, str, Exception | None]] = []
+        self.fail: set[bytes] = set()
+
+    def produce(self, topic: str, **kwargs: Any) -> None:
+        super().produce(topic, **kwargs)
+        error = RuntimeError("refused") if kwargs.get("key") in self.fail else None
+        self.pending.append((kwargs["on_delivery"], topic, error))
+
+    def poll(self, timeout: float = 0) -> int:
+        ready, self.pending = self.pending, []
+        for callback, topic, error in ready:
+            callback(error, _Msg(topic))
+        return len(ready)
+
+
+class _Msg:
+    def __init__(self, topic: str) -> None:
+        self._topic = topic
+
+    def topic(self) -> str:
+        return self._topic
+
+
+def test_a_sealed_interval_waits_for_its_own_records_only() -> None:
+    producer = AckingProducer()
+    sender = Emitter(producer, Topics.from_settings(Settings()), lambda key: 0)  # type: ignore[arg-type]
+    sender.send([(b"a", b"1"), (b"b", b"2")], [])
+    wait_first = sender.seal()
+    producer.fail = {b"c"}
+    sender.send([(b"c", b"3")], [])  # the next interval: refused, but not the first's business
+    wait_second = sender.seal()
+    wait_first()  # polls: every report arrives, the first interval's are fine
+    with pytest.raises(DurabilityError, match="refused"):
+        wait_second()
+
+
+def test_an_interval_whose_records_are_not_acknowledged_in_time_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from audiences.adapters.stream import emitter as module
+
+    monkeypatch.setattr(module, "ACK_TIMEOUT_S", 0.05)
+    producer = AckingProducer()
+    sender = Emitter(producer, Topics.from_settings(Settings()), lambda key: 0)  # type: ignore[arg-type]
+    sender.send([(b"a", b"1")], [])
+    producer.pending.clear()  # its report never comes
+    wait = sender.seal()
+    with pytest.raises(DurabilityError, match="1 not acknowledged"):
+        wait()

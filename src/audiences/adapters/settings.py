@@ -104,7 +104,11 @@ class Settings:
         },
     )
     state_cache_size: int = field(
-        default=200_000, metadata={"doc": "decoded profiles kept in memory per worker"}
+        default=50_000,
+        metadata={
+            "doc": "decoded profiles kept in memory per worker (about 1.5 KB each; the others "
+            "are read from RocksDB when their next event comes)"
+        },
     )
     fetch_wait_ms: int = field(
         default=10,

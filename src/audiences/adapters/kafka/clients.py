@@ -43,6 +43,9 @@ class KafkaClients:
                 **self.settings.group_consumer_config(f"{self.app_id}-evaluator"),
                 "fetch.wait.max.ms": self.settings.fetch_wait_ms,
                 "max.poll.interval.ms": self.settings.max_poll_interval_ms,
+                # Prefetched records held in memory: 16 MB is seconds of input at full
+                # speed (librdkafka's default, 64 MB, is memory that never holds state).
+                "queued.max.messages.kbytes": 16 * 1024,
             }
         )
 

@@ -7,6 +7,7 @@ always consistent with one checkpoint. Reads see the last written batch.
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from bisect import bisect_left, insort
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
 from audiences.adapters.state.layout import Family
 
@@ -67,6 +68,28 @@ class StateStore(Protocol):
         ...
 
 
+_MB = 1 << 20
+# Memory is bounded per process, not per profile: one block cache for every store of the
+# process (RocksDB would give each column family of each partition its own), and each
+# partition's memtables together at most this much before they are flushed.
+_BLOCK_CACHE_BYTES = int(os.environ.get("AUDIENCES_ROCKSDB_BLOCK_CACHE_MB", "32")) * _MB
+_WRITE_BUFFERS_BYTES = int(os.environ.get("AUDIENCES_ROCKSDB_WRITE_BUFFERS_MB", "16")) * _MB
+_block_cache: Cache | None = None
+
+
+def _options() -> Options:
+    global _block_cache
+    if _block_cache is None:
+        _block_cache = Cache(_BLOCK_CACHE_BYTES)
+    table = BlockBasedOptions()
+    table.set_block_cache(_block_cache)
+    table.set_bloom_filter(10, False)  # a profile's first event misses: skip the read
+    options = Options(raw_mode=True)
+    options.set_block_based_table_factory(table)
+    options.set_write_buffer_size(_WRITE_BUFFERS_BYTES // 2)
+    return options
+
+
 class RocksDictStore:
     """One RocksDB database, a column family per `Family` (raw bytes).
 
@@ -78,10 +101,12 @@ class RocksDictStore:
     def __init__(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
-        options = Options(raw_mode=True)
+        options = _options()
         options.create_if_missing(True)
         options.create_missing_column_families(True)
-        families = {family.value: Options(raw_mode=True) for family in Family}
+        # All column families of the partition share its memtable budget.
+        options.set_db_write_buffer_size(_WRITE_BUFFERS_BYTES)
+        families = {family.value: _options() for family in Family}
         self._db = Rdict(str(path), options, column_families=families)
         self._families = {family: self._db.get_column_family(family.value) for family in Family}
         self._handles = {

