@@ -166,8 +166,7 @@ def test_scale_1_2_3_then_back_to_1_worker(
     settings = fault_settings
     apply_definitions_cli(settings, DEFINITIONS, tmp_path)
     events = history(4000, now_ms() - 12 * H)
-    sent = EventProducer(settings).send_all(events)
-    partition_of = {str(s.event["userId"]): s.partition for s in sent if s.event}
+    EventProducer(settings).send_all(events)
     expected = expected_outputs(DEFINITIONS, events, now_ms())
     workers: list[WorkerHandle] = []
     slow = {
@@ -202,8 +201,10 @@ def test_scale_1_2_3_then_back_to_1_worker(
     for n, worker in enumerate(leaving):
         held = owners.partitions_of(worker)
         stops.append(held)
+        # Work left on what it holds, by its own consumer lag (asked before it stops: the
+        # third worker drains a partition it takes over within a second).
+        moved |= {p for p in held if worker.metric("audiences_consumer_lag", partition=str(p)) > 0}
         codes.append(worker.terminate(30))
-        moved |= unfinished_on(held, outputs, expected, partition_of)
         wait_for(
             lambda n=n: (
                 set().union(*(owners.partitions_of(w) for w in workers[n + 1 :])) == {0, 1, 2}
