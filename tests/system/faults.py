@@ -279,7 +279,8 @@ class OutputLog(TopicReader):
         target = counted() + count
         deadline = time.monotonic() + timeout
         while counted() < target:
-            assert time.monotonic() < deadline, f"outputs did not grow by {count} in {timeout}s"
+            if time.monotonic() > deadline:  # a wait that gives up, as shared.wait_for does
+                raise TimeoutError(f"outputs did not grow by {count} within {timeout}s")
             if not alive():
                 return
             self.poll(0.02)
@@ -440,10 +441,10 @@ def check_transitions(
 @contextlib.contextmanager
 def diagnosed(*workers: WorkerHandle, note: str = "") -> Iterator[None]:
     """Append `note` and what the workers say about themselves to an assertion failing
-    inside."""
+    (or a wait giving up) inside."""
     try:
         yield
-    except AssertionError as exc:
+    except (AssertionError, TimeoutError) as exc:
         notes = "\n".join(w.diagnosis() for w in workers)
         raise AssertionError(f"{exc}\n{note}\n--- workers:\n{notes}") from None
 

@@ -267,14 +267,6 @@ class Checkpoint:
         self.commit_offsets({p.number: p.committed for p in flight.partitions})
         self._step(Step.OFFSETS)
 
-    def settle(self, flight: Flight) -> BaseException | None:
-        """Wait for `flight` without landing it; its error, if any."""
-        try:
-            flight.future.result()
-        except BaseException as exc:
-            return exc
-        return None
-
     def _make_durable(
         self,
         staged: list[tuple[PartitionState, list[ChangelogRecord], StoreBatch]],

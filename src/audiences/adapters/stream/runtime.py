@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import wait
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -518,12 +519,13 @@ class Runtime:
     def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in revoked if tp.partition in self.partitions]
         self._settle_flight()
-        try:
-            if self._deferred is not None:
-                raise self._deferred
-            self.checkpoint.commit([self.partitions[n] for n in numbers], self.writers)
-        except Exception:  # the next owner redoes what is not durable
-            log.warning("checkpoint on revoke failed", exc_info=True)
+        if self._deferred is not None:  # the next owner redoes what is not durable
+            log.warning("no checkpoint on revoke: the one in flight failed (%s)", self._deferred)
+        else:
+            try:
+                self.checkpoint.commit([self.partitions[n] for n in numbers], self.writers)
+            except Exception:  # the next owner redoes what is not durable
+                log.warning("checkpoint on revoke failed", exc_info=True)
         for number in numbers:
             self._release(number, discard=not self._stopping)
         log.info("revoked %s; now %s", numbers, sorted(self.partitions))
@@ -660,7 +662,7 @@ class Runtime:
         state (store + changelog), re-reading input from the durable position. No
         partition is claimed anew: one another worker took meanwhile is dropped."""
         if self._flight is not None:
-            self.checkpoint.settle(self._flight)  # (it failed, or is redone anyway)
+            wait([self._flight.future])  # whatever its outcome: the rewind redoes it
             self._flight = None
         self._deferred = None  # the rewind deals with it
         if backoff_s:
