@@ -148,6 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         duration_s=args.duration,
         hour_ms=args.hour_ms,
         destinations=settings.destinations,
+        seed=args.seed,
     )
 
 
@@ -530,6 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=5_000,
         help="how long one shop 'hour' lasts in ms (default 5000)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the generated shop, to replay the same traffic (default: the clock)",
     )
     _destinations_option(p)
     p.set_defaults(func=cmd_demo)

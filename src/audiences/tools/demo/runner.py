@@ -65,12 +65,12 @@ def _free_port() -> int:
 
 
 def _play_shop(
-    settings: Settings, topic: str, users: int, hour_ms: int, stop: threading.Event
+    settings: Settings, topic: str, config: ShopConfig, stop: threading.Event
 ) -> None:
     producer = Producer({**settings.producer_config(), "linger.ms": 5})
     start = int(time.time() * 1000) + 1000
-    config = ShopConfig(users=users, hour_ms=hour_ms, seed=int(time.time()))
-    for at_ms, event in shop_traffic(config, start, spread_ms=users * hour_ms // 6):
+    spread_ms = config.users * config.hour_ms // 6
+    for at_ms, event in shop_traffic(config, start, spread_ms):
         while not stop.is_set() and (wait := at_ms / 1000 - time.time()) > 0:
             stop.wait(min(wait, 0.2))
         if stop.is_set():
@@ -85,9 +85,14 @@ def run_demo(
     duration_s: float | None = None,
     hour_ms: int = 5_000,
     destinations: str = "",
+    seed: int | None = None,
 ) -> int:
     """Returns the exit code. `destinations`: a validated destinations file the
-    worker delivers the transitions to (SPEC §6), or "" for none."""
+    worker delivers the transitions to (SPEC §6), or "" for none. `seed` fixes the
+    generated shop's traffic (default: a new shop every run)."""
+    shop_config = ShopConfig(
+        users=users, hour_ms=hour_ms, seed=int(time.time()) if seed is None else seed
+    )
     with broker_for(Settings.from_env()) as settings:
         topics = prepared(settings)
         definitions = demo_definitions(hour_ms)
@@ -120,7 +125,7 @@ def run_demo(
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         shop = threading.Thread(
-            target=_play_shop, args=(settings, topics.events, users, hour_ms, stop), daemon=True
+            target=_play_shop, args=(settings, topics.events, shop_config, stop), daemon=True
         )
         shop.start()
         try:
