@@ -64,9 +64,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _play_shop(
-    settings: Settings, topic: str, config: ShopConfig, stop: threading.Event
-) -> None:
+def _play_shop(settings: Settings, topic: str, config: ShopConfig, stop: threading.Event) -> None:
     producer = Producer({**settings.producer_config(), "linger.ms": 5})
     start = int(time.time() * 1000) + 1000
     spread_ms = config.users * config.hour_ms // 6
