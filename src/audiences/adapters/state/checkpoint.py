@@ -69,7 +69,7 @@ from audiences.adapters.state.layout import (
     encode_header,
 )
 from audiences.adapters.state.partition import PartitionState
-from audiences.adapters.state.store import StoreBatch
+from audiences.adapters.state.store import Batch
 from audiences.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class ChangelogWriter:
 class Flight:
     """One checkpoint between its seal (on the loop thread) and its landing."""
 
-    staged: list[tuple[PartitionState, list[ChangelogRecord], StoreBatch]]
+    staged: list[tuple[PartitionState, list[ChangelogRecord], Batch]]
     future: Future[None]
     started: float = field(default_factory=time.perf_counter)
 
@@ -269,7 +269,7 @@ class Checkpoint:
 
     def _make_durable(
         self,
-        staged: list[tuple[PartitionState, list[ChangelogRecord], StoreBatch]],
+        staged: list[tuple[PartitionState, list[ChangelogRecord], Batch]],
         writers: dict[int, ChangelogWriter],
         wait_outputs: Callable[[], None],
     ) -> None:
@@ -286,7 +286,7 @@ class Checkpoint:
 
     def _write_changelog(
         self,
-        staged: list[tuple[PartitionState, list[ChangelogRecord], StoreBatch]],
+        staged: list[tuple[PartitionState, list[ChangelogRecord], Batch]],
         writers: dict[int, ChangelogWriter],
     ) -> None:
         """One transaction per partition; the commits wait side by side. Raises
@@ -330,11 +330,11 @@ class Checkpoint:
 
 def _encode(
     partition: PartitionState,
-) -> tuple[list[ChangelogRecord], StoreBatch, dict[bytes, bytes | None]]:
+) -> tuple[list[ChangelogRecord], Batch, dict[bytes, bytes | None]]:
     """Changelog records, the store batch and the encoded profiles of one partition's
     interval."""
     records: list[ChangelogRecord] = []
-    batch = StoreBatch()
+    batch = partition.store.new_batch()
     profiles: dict[bytes, bytes | None] = {}
     position = partition.position
     for key in list(partition.dirty):

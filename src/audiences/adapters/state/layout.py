@@ -40,6 +40,7 @@ from enum import Enum, StrEnum
 from typing import NamedTuple
 
 NEVER = 1 << 62  # no deadline (same value as core.state.NEVER)
+_pack_due_time = struct.Struct(">Q").pack  # = int.to_bytes(8, "big")
 
 
 class Family(StrEnum):
@@ -97,7 +98,11 @@ def split_changelog_key(key: bytes) -> tuple[bytes, bytes]:
 def due_key(wake_ms: int, profile_key: bytes) -> bytes:
     """A deadline-index key: time-ordered, then by profile. Wakes outside [0, NEVER] are
     clamped so that no value can make the key unencodable."""
-    return min(max(wake_ms, 0), NEVER).to_bytes(8, "big") + profile_key
+    if wake_ms < 0:
+        wake_ms = 0
+    elif wake_ms > NEVER:
+        wake_ms = NEVER
+    return _pack_due_time(wake_ms) + profile_key  # (recovery writes one per profile)
 
 
 def split_due_key(key: bytes) -> tuple[int, bytes]:
@@ -118,6 +123,8 @@ class Header(NamedTuple):
 
 HEADER = "audiences.v1"  # header name; the value is `_HEADER_FORMAT`-packed
 _HEADER_FORMAT = struct.Struct(">qq")
+HEADER_SIZE = _HEADER_FORMAT.size
+unpack_header = _HEADER_FORMAT.unpack  # (position, wake_ms) of a `HEADER` value
 
 
 def encode_header(header: Header) -> list[tuple[str, bytes]]:

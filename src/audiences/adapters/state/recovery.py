@@ -28,6 +28,8 @@ from typing import Protocol
 
 from audiences.adapters.state.layout import (
     FAMILY_OF,
+    HEADER,
+    HEADER_SIZE,
     NEVER,
     Family,
     Kind,
@@ -35,9 +37,10 @@ from audiences.adapters.state.layout import (
     decode_header,
     due_key,
     split_changelog_key,
+    unpack_header,
 )
 from audiences.adapters.state.partition import decode_position
-from audiences.adapters.state.store import StateStore, StoreBatch
+from audiences.adapters.state.store import StateStore
 
 log = logging.getLogger(__name__)
 CHUNK = 5000  # records per store write
@@ -106,7 +109,7 @@ def restore(
         _wipe(store)
         restored = _apply(store, read, partition, fence, session, on_progress)
     restored.rebuilt = reason
-    final = StoreBatch()
+    final = store.new_batch()
     final.put(Family.META, Meta.CHANGELOG_OFFSET.value, str(fence + 1).encode())
     final.put(Family.META, Meta.SESSION.value, session.encode())
     if topic_id:
@@ -141,13 +144,13 @@ def _distrust(store: StateStore, fence: int, topic_id: str | None) -> str | None
 
 
 def _wipe(store: StateStore) -> None:
-    batch = StoreBatch()
+    batch = store.new_batch()
     for family in Family:
         for key, _ in store.scan(family):
             batch.delete(family, key)
             if len(batch) >= CHUNK:
                 store.write(batch)
-                batch = StoreBatch()
+                batch = store.new_batch()
     store.write(batch)
 
 
@@ -165,9 +168,13 @@ def _apply(
     position, stream_time = decode_position(stored_position) if stored_position else (-1, 0)
     restored = Restored(position=None, stream_time_ms=stream_time)
     ahead = restored.ahead
-    batch = StoreBatch()
+    batch = store.new_batch()
+    put, delete = batch.put, batch.delete
     last_report = time.monotonic()
     first = True
+    profiles, due = Family.PROFILES, Family.DUE
+    profile_kind = Kind.PROFILE.value
+    header_size = HEADER_SIZE
     for record in read(start):
         offset = record.offset()
         if first and offset > start:
@@ -180,36 +187,57 @@ def _apply(
             )
         first = False
         restored.records += 1
-        kind, ident = split_changelog_key(record.key() or b"")
-        if kind == Kind.OWNER.value:
+        key = record.key() or b""
+        kind, ident = key[:1], key[1:]
+        if kind == profile_kind:
+            # The bulk of every changelog: inlined (recovery speed is a target, SPEC §12).
+            headers = record.headers()
+            if not headers:
+                continue
+            name, packed = headers[0]
+            if name != HEADER or packed is None or len(packed) != header_size:
+                header = decode_header(headers)
+                if header is None:
+                    continue
+                at, wake = header
+            else:
+                at, wake = unpack_header(packed)
+            value = record.value()
+            restored.keys += 1
+            if value is None:
+                delete(profiles, ident)
+            else:
+                put(profiles, ident, value)
+                if wake < NEVER:
+                    put(due, due_key(wake, ident), b"")
+            if at > position:
+                ahead[ident] = at
+        elif kind == Kind.OWNER.value:
             if offset >= fence:
                 break
             if warm and ident != session.encode():
                 raise _Foreign  # (this ownership's own records, from rewinds, are fine)
             continue
-        header = decode_header(record.headers())
-        family = FAMILY_OF.get(kind)
-        if header is None or family is None:
-            continue  # not a state record of this layout (e.g. a fence of an older version)
-        value = record.value()
-        restored.keys += 1
-        if value is None:
-            batch.delete(family, ident)
         else:
-            batch.put(family, ident, value)
-        if family is Family.PROFILES:
-            if value is not None and header.wake_ms < NEVER:
-                batch.put(Family.DUE, due_key(header.wake_ms, ident), b"")
-            if header.position > position:
-                ahead[ident] = header.position
-        elif family is Family.META and ident == Meta.POSITION.value and value is not None:
-            position, stream_time = decode_position(value)
-            if ahead:
-                for key in [k for k, at in ahead.items() if at <= position]:
-                    del ahead[key]
+            header = decode_header(record.headers())
+            family = FAMILY_OF.get(kind)
+            if header is None or family is None:
+                continue  # not a state record of this layout (e.g. a fence of an older version)
+            value = record.value()
+            restored.keys += 1
+            if value is None:
+                delete(family, ident)
+            else:
+                put(family, ident, value)
+            if family is Family.META and ident == Meta.POSITION.value and value is not None:
+                position, stream_time = decode_position(value)
+                if ahead:
+                    for stale in [k for k, at in ahead.items() if at <= position]:
+                        del ahead[stale]
         if len(batch) >= CHUNK:
             store.write(batch)
-            batch = StoreBatch()
+            batch = store.new_batch()
+            put, delete = batch.put, batch.delete
             if on_progress is not None:
                 on_progress(restored.records)
             now = time.monotonic()
