@@ -40,6 +40,13 @@ class Settings:
     audience_events_dlq_topic: str = field(
         default="audience-events-dlq", metadata={"doc": "undeliverable sink messages"}
     )
+    dlq_retention_hours: int = field(
+        default=168,
+        metadata={
+            "doc": "hours both DLQs keep a record (they hold events and traits, PII included); "
+            "set on the topics at every start"
+        },
+    )
     partitions: int = field(default=4, metadata={"doc": "partitions of topics the worker creates"})
     data_dir: str = field(default="./data", metadata={"doc": "RocksDB state directory"})
     destinations: str = field(default="", metadata={"doc": "destinations file (YAML/JSON)"})

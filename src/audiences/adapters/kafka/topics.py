@@ -7,7 +7,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException, TopicCollection
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+)
 
 from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.settings import Settings
@@ -15,6 +21,7 @@ from audiences.errors import AudiencesError, BrokerError
 
 log = logging.getLogger(__name__)
 COMPACT = {"cleanup.policy": "compact"}
+HOUR_MS = 3_600_000
 
 
 class TopicMismatch(AudiencesError):
@@ -69,16 +76,20 @@ def ensure_topics(settings: Settings, topics: Topics, admin: AdminClient | None 
         raise BrokerError(
             f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}", retriable=True
         ) from exc
+    dlq_config = {"retention.ms": str(settings.dlq_retention_hours * HOUR_MS)}
     wanted = [
         NewTopic(topics.events, settings.partitions, 1),
         NewTopic(topics.audience_events, settings.partitions, 1),
-        NewTopic(topics.events_dlq, settings.partitions, 1),
-        NewTopic(topics.audience_events_dlq, settings.partitions, 1),
+        NewTopic(topics.events_dlq, settings.partitions, 1, config=dlq_config),
+        NewTopic(topics.audience_events_dlq, settings.partitions, 1, config=dlq_config),
         NewTopic(topics.definitions, 1, 1, config=COMPACT),
         NewTopic(topics.progress, 1, 1, config=COMPACT),
         NewTopic(topics.workers, 1, 1, config=COMPACT),
     ]
     _create(admin, [t for t in wanted if t.topic not in existing])
+    for dlq in (topics.events_dlq, topics.audience_events_dlq):
+        if dlq in existing:
+            _set_retention(admin, dlq, dlq_config["retention.ms"])
     events_partitions = partition_count(admin, topics.events) or settings.partitions
     if topics.changelog not in existing:
         _create(admin, [NewTopic(topics.changelog, events_partitions, 1, config=COMPACT)])
@@ -105,6 +116,30 @@ def check_topics(admin: AdminClient, topics: Topics, events_partitions: int) -> 
             f"(kafka-configs --alter --entity-type topics --entity-name {topics.changelog} "
             "--add-config cleanup.policy=compact)"
         )
+
+
+def _set_retention(admin: AdminClient, topic: str, retention_ms: str) -> None:
+    """Keep an existing DLQ's retention as configured (DLQs hold PII: a shorter retention
+    set later must reach topics created before). A broker that refuses is logged, not
+    fatal: the DLQ still works, with the retention it had."""
+    if _config(admin, topic, "retention.ms") == retention_ms:
+        return
+    resource = ConfigResource(
+        ConfigResource.Type.TOPIC,
+        topic,
+        incremental_configs=[
+            ConfigEntry(
+                "retention.ms",
+                retention_ms,
+                incremental_operation=AlterConfigOpType.SET,
+            )
+        ],
+    )
+    try:
+        admin.incremental_alter_configs([resource])[resource].result(timeout=10)
+        log.info("topic %s: retention.ms set to %s", topic, retention_ms)
+    except Exception as exc:
+        log.warning("topic %s: cannot set retention.ms=%s: %s", topic, retention_ms, exc)
 
 
 def _config(admin: AdminClient, topic: str, name: str) -> str | None:
