@@ -370,12 +370,15 @@ def test_a_profile_takes_at_most_100_links() -> None:
     catalog = catalog_of(PLAN)
     state: UserState | None = None
     requests = []
+    refused = []
     for i in range(102):
         result = step(state, linked(T0 + i, f"anon-{i}"), catalog, "u1")
         state = result.state
         requests += [target for target, _record in result.controls]
+        refused += [(r.reason, r.key, r.record["anonymousId"]) for r in result.refused]
     assert state is not None
     assert requests == [f"anon-{i}" for i in range(100)]  # no merge request beyond
+    assert refused == [("merge_limit", "u1", "anon-100"), ("merge_limit", "u1", "anon-101")]
     assert len(state.aliases) == 100
     assert drops(state) == {"aliases": 2}
     again = step(state, linked(T0 + 200, "anon-5"), catalog, "u1")

@@ -392,11 +392,14 @@ class Runtime:
         """One event into its profile, atomically with its outputs (or dead-lettered)."""
         rendered: Rendered = []
         controls: Encoded = []
+        refused: list[tuple[bytes, bytes, str, str]] = []
 
         def accept(result: StepResult) -> None:
             rendered.extend(Emitter.render(result.transitions, result.state))
             if result.controls:
                 controls.extend(self.emitter.encode_controls(result.controls))
+            if result.refused:
+                refused.extend(Emitter.encode_refusals(result.refused))
 
         state: UserState | None = partition.cache.get(key)
         try:
@@ -414,6 +417,8 @@ class Runtime:
         self.emitter.send(rendered, result.transitions)
         if controls:
             self.emitter.send_controls(controls)
+        if refused:
+            self.emitter.send_refusals(refused, msg)
         return result
 
     def owner_of(self, key: bytes) -> int:
