@@ -704,3 +704,42 @@ def test_a_profile_at_every_bound_stays_under_256_kb() -> None:
         "recent_ids",
     }
     roundtrip(state, catalog)
+
+
+def test_trait_numbers_beyond_what_the_codec_writes_are_not_stored_and_state_encodes() -> None:
+    """Ints in orjson's range (up to 2**64 - 1) are stored; beyond it (Python callers,
+    nested values, merges) they are refused, never a failed encode."""
+    catalog = catalog_of(PLAN)
+    traits = {
+        "big": 2**63 + 5,
+        "top": 2**64 - 1,
+        "huge": 2**64,
+        "low": -(2**63) - 1,
+        "nested": {"n": 2**70},
+        "plan": "pro",
+    }
+    result = step(None, identify(T0, **traits), catalog, "u1")
+    state = result.state
+    assert {k: state.traits[k] for k in ("big", "top", "plan")} == {
+        "big": 2**63 + 5,
+        "top": 2**64 - 1,
+        "plan": "pro",
+    }
+    assert "huge" not in state.traits and "low" not in state.traits
+    assert "nested" not in state.traits
+    assert drops(state) == {"non_finite_number": 2, "trait_value_size": 1}
+    decoded = UserState.decode(state.encode())
+    assert decoded.traits["top"] == 2**64 - 1
+    # through a merge: an anonymous profile's traits pass the same bounds
+    anonymous = UserState(anonymous=True)
+    anonymous.traits = {"huge": 2**64, "ok": 2**63}
+    merge = {
+        "type": "merge",
+        "stage": "state",
+        "userId": "u1",
+        "timestamp": iso(T0 + 1),
+        "properties": {"from": "a1", "state": anonymous.to_json()},
+    }
+    merged = step(state, parse_event(merge, T0), catalog, "u1").state
+    assert merged.traits["ok"] == 2**63 and "huge" not in merged.traits
+    merged.encode()

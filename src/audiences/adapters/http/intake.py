@@ -35,6 +35,7 @@ from audiences.core.events import (
     MAX_EVENT_BYTES,
     event_time_ms,
     format_iso,
+    future_timestamp,
     parse_event,
     parse_iso_ms,
 )
@@ -195,16 +196,22 @@ def _record(
     path: str,
 ) -> Record:
     prefix = f"{path}." if path else ""
-    event = enrich(item, kind, shared, received_at_ms, new_id, prefix)
     try:
+        event = enrich(item, kind, shared, received_at_ms, new_id, prefix)
         parsed = parse_event(event, received_at_ms)
     except InvalidEventError as exc:
         field = _FIELD_OF_REASON.get(exc.reason) or exc.detail.split(" ", 1)[0]
         raise bad_request(f"{prefix}{field}: {exc.detail}") from None
+    future = future_timestamp(parsed, received_at_ms)
+    if future is not None:  # SPEC §11: the evaluator would dead-letter it
+        raise bad_request(f"{prefix}timestamp: {future} (future_timestamp)")
     for field in _REQUIRED.get(kind, ()):
         if event.get(field) in (None, ""):
             raise bad_request(f"{prefix}{field}: required for {kind} calls")
-    value = orjson.dumps(event)
+    try:
+        value = orjson.dumps(event)
+    except TypeError as exc:  # (orjson.JSONEncodeError is one) e.g. an int beyond 64 bits
+        raise bad_request(f"{path or 'event'}: cannot be written as JSON: {exc}") from None
     if len(value) > MAX_EVENT_BYTES:
         where = path or "event"
         raise bad_request(

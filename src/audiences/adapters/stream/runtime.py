@@ -61,7 +61,7 @@ from audiences.adapters.stream.definitions import DefinitionsLog
 from audiences.adapters.stream.emitter import Emitter, Encoded, OversizedRecord, Rendered
 from audiences.adapters.stream.queries import QueryPort
 from audiences.core.evaluator import StepResult
-from audiences.core.events import Event, parse_event
+from audiences.core.events import Event, future_timestamp, parse_event
 from audiences.core.state import UserState
 from audiences.errors import BrokerError, InvalidEventError
 
@@ -74,7 +74,6 @@ RECOVERY_IDLE_S = 60.0  # a changelog read that makes no progress this long fail
 MISROUTED_LOG_EVERY_S = 60.0
 LIVE_LAG_RECORDS = 100  # at most this many records waiting ...
 LIVE_RECORD_AGE_MS = 1000  # ... the newest appended this recently: a live partition
-MAX_FUTURE_MS = 24 * 3_600_000  # SPEC §11: later than this after its Kafka time: dead-lettered
 Clock = Callable[[], int]
 
 
@@ -342,13 +341,9 @@ class Runtime:
                 log.exception("parsing failed at %s[%d]@%d", msg.topic(), number, offset)
                 emitter.dead_letter(msg, "parse_error", repr(exc))
                 continue
-            if record_ms >= 0 and event.timestamp_ms > record_ms + MAX_FUTURE_MS:
-                emitter.dead_letter(
-                    msg,
-                    "future_timestamp",
-                    f"event time {event.timestamp_ms} is more than 24 h after the record's "
-                    f"{record_ms}",
-                )
+            future = future_timestamp(event, record_ms)
+            if future is not None:
+                emitter.dead_letter(msg, "future_timestamp", future)
                 continue
             key = event.key.encode()
             owner = self.owner_of(key)
