@@ -743,3 +743,45 @@ def test_trait_numbers_beyond_what_the_codec_writes_are_not_stored_and_state_enc
     merged = step(state, parse_event(merge, T0), catalog, "u1").state
     assert merged.traits["ok"] == 2**63 and "huge" not in merged.traits
     merged.encode()
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"type": "merge", "stage": "refused", "userId": "u1"},
+        {"type": "merge", "stage": "refused", "userId": "u1", "properties": {"from": 5}},
+        {"type": "merge", "stage": "refused", "userId": "u1", "properties": {"from": "a1"}},
+        {"type": "merge", "stage": "request", "anonymousId": "u1", "properties": {"into": "x"}},
+        {
+            "type": "merge",
+            "stage": "request",
+            "anonymousId": "u1",
+            "properties": {"into": "x", "event": "not an object"},
+        },
+        {"type": "delete", "userId": "u1", "properties": {"linkedTo": ["x"]}},
+        {"type": "delete", "userId": "u1", "properties": {"linkedTo": "someone"}},
+    ],
+    ids=[
+        "refused-no-from",
+        "refused-bad-from",
+        "refused-merged-link",
+        "request-for-a-user",
+        "request-bad-event",
+        "delete-bad-linked",
+        "delete-linked-elsewhere",
+    ],
+)
+def test_identity_control_records_never_raise_and_never_move_a_user(record: Any) -> None:
+    """Forged or junk identity records (a producer may write them): a known user is never
+    handed over, merged away or deleted by a cascade that is not its own."""
+    catalog = catalog_of(PLAN)
+    user, _ = feed(catalog, [identify(T0, plan="pro"), linked(T0 + 1, "a1")])
+    assert user is not None
+    user.aliases["a1"] = 1  # (merged)
+    before = user.encode()
+    event = parse_event(orjson.dumps({**record, "timestamp": iso(T0 + 2)}), T0)
+    result = step(user, event, catalog, "u1")
+    assert result.state.encode() == before
+    assert not result.erase and result.transitions == []
+    assert all(r.reason == "merge_refused" for r in result.refused)
+    assert [target for target, _ in result.controls] == ["x"] * len(result.refused)

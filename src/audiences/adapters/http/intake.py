@@ -16,6 +16,10 @@ field (`batch[2].event: ...`). Choices, documented in the README:
   does. The written fields are chosen so the evaluator's `parse_event` computes the
   same time again instead of correcting twice (see `stamp_times`).
 - `writeKey` never reaches Kafka; `delete` control records cannot be sent over HTTP.
+- **Untrusted numbers and times** (SPEC §11): a time outside 1970..9999 or 64 bits in
+  any time field, an event stamped more than 24 h after `receivedAt`
+  (`core.events.future_timestamp`, which the evaluator would dead-letter), or a value
+  the JSON writer cannot write is a 400 naming the item — never a 500.
 """
 
 from __future__ import annotations
