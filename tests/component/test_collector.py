@@ -330,6 +330,31 @@ GOOD = {"userId": "u1", "event": "E"}
         ),
         ("/v1/trak", {"body": GOOD}, 404, "no such endpoint: POST /v1/trak"),
         ("/v2/track", {"body": GOOD}, 404, "Not Found: POST /v2/track"),
+        (  # SPEC §11: numbers outside 64 bits / ISO are invalid input, never a 500
+            "/v1/batch",
+            {
+                "body": {
+                    "batch": [
+                        {**GOOD, "type": "track"},
+                        {**GOOD, "type": "track", "timestamp": 1e20},
+                    ]
+                }
+            },
+            400,
+            "batch[1].timestamp: timestamp is outside 1970..9999",
+        ),
+        (
+            "/v1/track",
+            {"data": b'{"userId": "u", "event": "E", "properties": {"n": 1e400}}'},
+            400,
+            "invalid JSON",
+        ),
+        (
+            "/v1/track",
+            {"body": {**GOOD, "timestamp": "2099-01-01T00:00:00Z"}},
+            400,
+            "(future_timestamp)",
+        ),
     ],
     ids=[
         "bad-key",
@@ -345,6 +370,9 @@ GOOD = {"userId": "u1", "event": "E"}
         "invalid-batch-item",
         "unknown-endpoint",
         "unknown-path",
+        "timestamp-beyond-64-bits",
+        "number-beyond-double",
+        "future-timestamp",
     ],
 )
 def test_rejections_have_their_status_and_message_and_produce_nothing(

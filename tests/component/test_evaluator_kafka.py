@@ -196,3 +196,90 @@ def test_an_evaluation_failure_parks_the_event_and_the_worker_goes_on(
     assert b"simulated bug" in dict(letter.headers())["error"]
     outputs = engine.outputs(1)
     assert outputs[0]["userId"] == "x" and outputs[0]["event"] == "Audience Entered"
+
+
+def test_a_hijacking_alias_and_a_2099_event_are_dead_lettered_and_the_worker_goes_on(
+    engine: Engine,
+) -> None:
+    """SPEC §11 through Kafka: the merge request travels to the victim's partition, which
+    refuses it; the future event never reaches the profile's clock."""
+    engine.apply(FREQUENT)
+    engine.start()
+    engine.send(
+        {
+            "type": "identify",
+            "userId": "victim",
+            "traits": {"email": "victim@example.com"},
+            "timestamp": format_iso(T0),
+            "messageId": "victim-identify",
+        },
+        *(track("victim", "Product Viewed", T0 + i * M) for i in range(3)),
+    )
+    (entered,) = engine.outputs(1)
+    assert (entered["userId"], entered["event"]) == ("victim", "Audience Entered")
+    hijack = {
+        "type": "alias",
+        "userId": "attacker",
+        "previousId": "victim",
+        "timestamp": format_iso(T0 + 10 * M),
+        "messageId": "hijack",
+    }
+    future = {**track("victim", "Product Viewed", 0), "timestamp": "2099-01-01T00:00:00.000Z"}
+    engine.send(hijack, future)
+    engine.send(*(track("other", "Product Viewed", T0 + i * M) for i in range(3)))
+    letters = engine.dead_letters(2)
+    found = {orjson.loads(m.value())["messageId"]: m for m in letters}
+    assert set(found) == {"hijack", future["messageId"]}
+    refused = found["hijack"]
+    assert dict(refused.headers())["error_reason"] == b"merge_refused"
+    assert refused.key() == b"attacker" and orjson.loads(refused.value()) == hijack
+    assert dict(found[future["messageId"]].headers())["error_reason"] == b"future_timestamp"
+    # the victim neither exited nor moved; the other transitions still arrive
+    outputs = engine.outputs(2)
+    assert [(o["userId"], o["event"]) for o in outputs] == [
+        ("victim", "Audience Entered"),
+        ("other", "Audience Entered"),
+    ]
+    assert outputs[0]["context"]["traits"]["email"] == "victim@example.com"
+    # a genuine later event is not late: the window ends an hour after the first view
+    engine.send(track("victim", "Product Viewed", T0 + 30 * M))
+    engine.clock.advance_to(T0 + 2 * H)
+    outputs = engine.outputs(4)
+    assert sorted((o["userId"], o["event"], o["timestamp"]) for o in outputs[2:]) == [
+        ("other", "Audience Exited", format_iso(T0 + H)),
+        ("victim", "Audience Exited", format_iso(T0 + H + M)),  # views at M, 2M, 30M left
+    ]
+
+
+def test_deleting_a_user_deletes_its_linked_anonymous_profile_through_kafka(
+    engine: Engine,
+) -> None:
+    visitors = {
+        "key": "visitors",
+        "condition": {"performed": {"event": "Product Viewed"}},
+        "include_anonymous": True,
+    }
+    engine.apply(visitors)
+    engine.start()
+    anonymous = {**track("x", "Product Viewed", T0), "anonymousId": "a1"}
+    del anonymous["userId"]
+    engine.send(anonymous)
+    engine.send({**track("u1", "Signed Up", T0 + M), "anonymousId": "a1"})
+    outputs = engine.outputs(3)  # a1 entered, a1 exited (merged), u1 entered
+    assert sorted((o.get("userId") or o["anonymousId"], o["event"]) for o in outputs) == [
+        ("a1", "Audience Entered"),
+        ("a1", "Audience Exited"),
+        ("u1", "Audience Entered"),
+    ]
+    engine.send({"type": "delete", "userId": "u1", "timestamp": format_iso(T0 + 2 * M)})
+    outputs = engine.outputs(4)
+    assert (outputs[3]["userId"], outputs[3]["event"]) == ("u1", "Audience Exited")
+    # a later anonymous event neither forwards to the user nor recreates a profile
+    engine.send({**anonymous, "timestamp": format_iso(T0 + 3 * M), "messageId": "later"})
+    engine.send(track("probe", "Product Viewed", T0 + 4 * M))
+    outputs = engine.outputs(5)
+    assert (outputs[4]["userId"], outputs[4]["event"]) == ("probe", "Audience Entered")
+    engine.settle()
+    assert engine.evaluator is not None
+    for partition in engine.evaluator.partitions.values():
+        assert b"a1" not in partition.cache and b"u1" not in partition.cache

@@ -366,8 +366,12 @@ def test_new_audiences_backfill_from_retained_events_without_a_storm(
     engine.send(
         *(track(user, "Product Viewed", T0 + n * S) for n, user in enumerate(["v1", "v2", "v3"])),
         track("v2", "Order Completed", T0 + H, revenue=80),
+        # dead-lettered live (future_timestamp): the backfill must not fold it either
+        {**track("v1", "Order Completed", 0), "timestamp": "2099-01-01T00:00:00.000Z"},
     )
     assert len(engine.outputs(3)) == 3
+    (future,) = engine.dead_letters(1)
+    assert dict(future.headers())["error_reason"] == b"future_timestamp"
     engine.settle()
     # A new audience over an event no audience tracked yet: its history must be replayed.
     # Without it, v2 would enter at once and exit after the replay.

@@ -13,7 +13,7 @@ from typing import Any
 
 from audiences.core.definitions import build_catalog, validate_definition
 from audiences.core.definitions.catalog import Catalog
-from audiences.core.evaluator import Output, Tick, TraitChange, Transition, step
+from audiences.core.evaluator import Output, Refusal, Tick, TraitChange, Transition, step
 from audiences.core.events import Event, format_iso, parse_event
 from audiences.core.state import UserState
 
@@ -128,6 +128,7 @@ class Cluster:
         self.suppressed: set[str] = set()
         self.outputs: list[tuple[str, Output]] = []
         self.erased: list[str] = []
+        self.refused: list[Refusal] = []  # dead-lettered events (links refused)
 
     def send(self, item: dict[str, Any]) -> None:
         import orjson
@@ -148,6 +149,7 @@ class Cluster:
             else:
                 self.states[key] = result.state
             queue += [record for _target, record in result.controls]
+            self.refused += result.refused
 
     def tick_until(self, until_ms: int) -> None:
         """Deliver every wake before `until_ms`, earliest first (the sweeper's job)."""

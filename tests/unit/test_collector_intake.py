@@ -316,3 +316,52 @@ def test_received_at_is_server_time_even_when_the_client_sends_one() -> None:
     event = one("identify", {"userId": "u1", "receivedAt": iso(T0 - 99 * S)})
     assert event["receivedAt"] == iso(T0)
     assert parse_iso_ms(event["timestamp"]) == T0
+
+
+# -- out-of-range numbers and future times (SPEC §11): 400 naming the item, never a 500 -------
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ({"timestamp": 1e20}, "timestamp: timestamp is outside 1970..9999"),
+        ({"timestamp": 2**70}, "timestamp: timestamp is outside 1970..9999"),
+        ({"timestamp": -1}, "timestamp: timestamp is outside 1970..9999"),
+        ({"originalTimestamp": 1e20, "sentAt": iso(T0)}, "timestamp: timestamp is outside"),
+        ({"sentAt": -(2**62), "timestamp": iso(T0)}, "timestamp: sentAt is outside"),
+        ({"timestamp": "99999-01-01T00:00:00Z"}, "timestamp: not an ISO-8601 time"),
+        ({"timestamp": float("nan")}, "timestamp: not an ISO-8601 time"),
+        ({"timestamp": float("inf")}, "timestamp: not an ISO-8601 time"),
+        ({"properties": {"n": 2**64}}, "batch[1]: cannot be written as JSON"),
+    ],
+)
+def test_numbers_outside_64_bits_or_iso_are_400_for_their_item(
+    item: dict[str, Any], message: str
+) -> None:
+    good = {"type": "track", "userId": "u1", "event": "E"}
+    body = {"batch": [good, {**good, **item}]}
+    error = rejected(intake.records, "batch", body, T0, ids())
+    assert error.status == 400
+    expected = message if message.startswith("batch[1]") else f"batch[1].{message}"
+    assert error.message.startswith(expected), error.message
+
+
+def test_uint64_numbers_are_accepted_as_orjson_reads_them() -> None:
+    value = one("track", {"userId": "u1", "event": "E", "properties": {"n": 2**64 - 1}})
+    assert value["properties"]["n"] == 2**64 - 1
+    # beyond that, orjson reads a float (and 1e400, NaN, Infinity are invalid JSON)
+    assert isinstance(orjson.loads(b"18446744073709551616"), float)
+    for data in (b"1e400", b"NaN", b"Infinity"):
+        assert rejected(intake.parse_body, data).status == 400
+
+
+def test_an_event_stamped_more_than_24_h_after_receipt_is_400() -> None:
+    day = 24 * 3600 * S
+    ahead = one("track", {"userId": "u1", "event": "E", "timestamp": iso(T0 + day - 1)})
+    assert ahead["timestamp"] == iso(T0 + day - 1)  # within the tolerance: accepted
+    error = rejected(one, "track", {"userId": "u1", "event": "E", "timestamp": iso(T0 + day + 1)})
+    assert error.status == 400
+    assert error.message.startswith("timestamp: event time") and "future_timestamp" in error.message
+    # a client clock that is ahead is corrected first (sentAt): not a future event
+    skewed = {"userId": "u1", "event": "E", "timestamp": iso(T0 + 2 * day)}
+    assert one("track", {**skewed, "sentAt": iso(T0 + 2 * day)})["timestamp"] == iso(T0)

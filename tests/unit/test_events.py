@@ -11,6 +11,7 @@ from audiences.core.events import (
     MAX_EVENT_TIME_MS,
     compile_path,
     event_time_ms,
+    future_timestamp,
     parse_event,
     parse_iso_ms,
 )
@@ -301,3 +302,64 @@ def test_get_follows_compiled_paths() -> None:
     assert event.get(compile_path("missing")) is None
     assert event.get(compile_path("context.os.name")) is None  # os is not an object
     assert event.get(compile_path("event")) == "Checkout Started"
+
+
+# -- event-time tolerance (SPEC §11) --------------------------------------------------------
+
+HOUR = 3_600_000
+
+
+@pytest.mark.parametrize(
+    ("ahead", "refused"), [(0, False), (23 * HOUR, False), (24 * HOUR, False), (25 * HOUR, True)]
+)
+def test_an_event_more_than_24_h_after_its_record_time_is_a_future_timestamp(
+    ahead: int, refused: bool
+) -> None:
+    event = make_event(ts=T0 + ahead)
+    detail = future_timestamp(event, T0)
+    assert (detail is not None) == refused
+    if refused:
+        assert detail is not None and "more than 24 h" in detail
+
+
+def test_the_year_2099_is_a_future_timestamp_and_the_past_is_not() -> None:
+    assert future_timestamp(make_event(timestamp="2099-01-01T00:00:00Z"), T0) is not None
+    assert future_timestamp(make_event(ts=T0 - 400 * 24 * HOUR), T0) is None  # a backfill
+
+
+def test_received_at_stands_in_for_a_missing_record_time() -> None:
+    late = make_event(ts=T0 + 25 * HOUR, receivedAt=iso(T0))
+    assert future_timestamp(late, -1) is not None
+    assert future_timestamp(make_event(ts=T0 + 23 * HOUR, receivedAt=iso(T0)), -1) is None
+    # the record time, when there is one, is the reference (receivedAt is not parsed)
+    assert future_timestamp(late, T0 + 2 * HOUR) is None
+    assert future_timestamp(make_event(ts=T0 + 25 * HOUR), -1) is None  # nothing to compare
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"type":"track","event":"E","userId":"u","timestamp":1e400}',
+        b'{"type":"track","event":"E","userId":"u","properties":{"n":-1e400}}',
+        b'{"type":"track","event":"E","userId":"u","properties":{"n":NaN}}',
+        b'{"type":"track","event":"E","userId":"u","properties":{"n":Infinity}}',
+    ],
+)
+def test_numbers_json_cannot_hold_are_undecodable(data: bytes) -> None:
+    assert reason_of(data) == "undecodable"
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        "99999-01-01T00:00:00Z",
+        "+099999-01-01T00:00:00Z",
+        9_223_372_036_854_775_808,  # 2**63
+        18_446_744_073_709_551_615,  # 2**64 - 1 (orjson reads it as an int)
+        1.8446744073709552e19,  # 2**64 (orjson reads it as a float)
+        -9_223_372_036_854_775_808,
+    ],
+)
+def test_timestamps_beyond_64_bits_or_iso_are_bad_timestamps(timestamp: object) -> None:
+    wire = orjson.dumps({"type": "track", "event": "E", "userId": "u", "timestamp": timestamp})
+    assert reason_of(wire) == "bad_timestamp"

@@ -370,12 +370,15 @@ def test_a_profile_takes_at_most_100_links() -> None:
     catalog = catalog_of(PLAN)
     state: UserState | None = None
     requests = []
+    refused = []
     for i in range(102):
         result = step(state, linked(T0 + i, f"anon-{i}"), catalog, "u1")
         state = result.state
         requests += [target for target, _record in result.controls]
+        refused += [(r.reason, r.key, r.record["anonymousId"]) for r in result.refused]
     assert state is not None
     assert requests == [f"anon-{i}" for i in range(100)]  # no merge request beyond
+    assert refused == [("merge_limit", "u1", "anon-100"), ("merge_limit", "u1", "anon-101")]
     assert len(state.aliases) == 100
     assert drops(state) == {"aliases": 2}
     again = step(state, linked(T0 + 200, "anon-5"), catalog, "u1")
@@ -701,3 +704,84 @@ def test_a_profile_at_every_bound_stays_under_256_kb() -> None:
         "recent_ids",
     }
     roundtrip(state, catalog)
+
+
+def test_trait_numbers_beyond_what_the_codec_writes_are_not_stored_and_state_encodes() -> None:
+    """Ints in orjson's range (up to 2**64 - 1) are stored; beyond it (Python callers,
+    nested values, merges) they are refused, never a failed encode."""
+    catalog = catalog_of(PLAN)
+    traits = {
+        "big": 2**63 + 5,
+        "top": 2**64 - 1,
+        "huge": 2**64,
+        "low": -(2**63) - 1,
+        "nested": {"n": 2**70},
+        "plan": "pro",
+    }
+    result = step(None, identify(T0, **traits), catalog, "u1")
+    state = result.state
+    assert {k: state.traits[k] for k in ("big", "top", "plan")} == {
+        "big": 2**63 + 5,
+        "top": 2**64 - 1,
+        "plan": "pro",
+    }
+    assert "huge" not in state.traits and "low" not in state.traits
+    assert "nested" not in state.traits
+    assert drops(state) == {"non_finite_number": 2, "trait_value_size": 1}
+    decoded = UserState.decode(state.encode())
+    assert decoded.traits["top"] == 2**64 - 1
+    # through a merge: an anonymous profile's traits pass the same bounds
+    anonymous = UserState(anonymous=True)
+    anonymous.traits = {"huge": 2**64, "ok": 2**63}
+    merge = {
+        "type": "merge",
+        "stage": "state",
+        "userId": "u1",
+        "timestamp": iso(T0 + 1),
+        "properties": {"from": "a1", "state": anonymous.to_json()},
+    }
+    merged = step(state, parse_event(merge, T0), catalog, "u1").state
+    assert merged.traits["ok"] == 2**63 and "huge" not in merged.traits
+    merged.encode()
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"type": "merge", "stage": "refused", "userId": "u1"},
+        {"type": "merge", "stage": "refused", "userId": "u1", "properties": {"from": 5}},
+        {"type": "merge", "stage": "refused", "userId": "u1", "properties": {"from": "a1"}},
+        {"type": "merge", "stage": "request", "anonymousId": "u1", "properties": {"into": "x"}},
+        {
+            "type": "merge",
+            "stage": "request",
+            "anonymousId": "u1",
+            "properties": {"into": "x", "event": "not an object"},
+        },
+        {"type": "delete", "userId": "u1", "properties": {"linkedTo": ["x"]}},
+        {"type": "delete", "userId": "u1", "properties": {"linkedTo": "someone"}},
+    ],
+    ids=[
+        "refused-no-from",
+        "refused-bad-from",
+        "refused-merged-link",
+        "request-for-a-user",
+        "request-bad-event",
+        "delete-bad-linked",
+        "delete-linked-elsewhere",
+    ],
+)
+def test_identity_control_records_never_raise_and_never_move_a_user(record: Any) -> None:
+    """Forged or junk identity records (a producer may write them): a known user is never
+    handed over, merged away or deleted by a cascade that is not its own."""
+    catalog = catalog_of(PLAN)
+    user, _ = feed(catalog, [identify(T0, plan="pro"), linked(T0 + 1, "a1")])
+    assert user is not None
+    user.aliases["a1"] = 1  # (merged)
+    before = user.encode()
+    event = parse_event(orjson.dumps({**record, "timestamp": iso(T0 + 2)}), T0)
+    result = step(user, event, catalog, "u1")
+    assert result.state.encode() == before
+    assert not result.erase and result.transitions == []
+    assert all(r.reason == "merge_refused" for r in result.refused)
+    assert [target for target, _ in result.controls] == ["x"] * len(result.refused)

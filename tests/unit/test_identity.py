@@ -10,7 +10,7 @@ from typing import Any
 
 import factories
 import orjson
-from factories import T0, H, M, S, audience, catalog_of, event_dict, feed, run, summary
+from factories import T0, H, M, S, audience, catalog_of, event_dict, feed, iso, run, summary
 
 from audiences.core.definitions import build_catalog, validate_definition
 from audiences.core.evaluator import Output, Tick, Transition, step
@@ -77,10 +77,10 @@ def test_later_anonymous_events_resolve_to_the_user() -> None:
     assert len(cluster.summary()) == 1
 
 
-def test_alias_merges_a_previous_id() -> None:
+def test_alias_merges_a_previous_anonymous_id() -> None:
     cluster = Cluster(catalog_of(WINDOW_SHOPPERS))
     for minute in range(2):
-        cluster.send(view(T0 + minute * M, userId="old-id"))
+        cluster.send(view(T0 + minute * M, anonymousId="old-id"))
     cluster.send(
         event_dict(ts=T0 + 2 * M, type="alias", event=None, userId="u1", previousId="old-id")
     )
@@ -109,10 +109,17 @@ def test_replayed_merge_records_change_nothing() -> None:
         "properties": {"into": "u2"},
     }
     cluster.send(state_record)  # a duplicate of an applied merge
-    cluster.send(request)  # a1 is merged already: first wins
+    cluster.send(request)  # a1 is merged already: first wins, the second is refused
     assert cluster.states["u1"].encode() == before
     assert cluster.states["a1"].merged_into == "u1"
-    assert "u2" not in cluster.states
+    assert [(r.reason, r.key) for r in cluster.refused] == [("merge_refused", "u2")]
+    u2 = cluster.states.get("u2", UserState())  # (told of the refusal: it gains nothing)
+    assert (u2.aliases, u2.traits, u2.trackers, u2.members) == ({}, {}, {}, {})
+    cluster.send(request)  # a replay refuses the same way
+    assert len(cluster.refused) == 2
+    cluster.send({**request, "properties": {"into": "u1"}})  # a repeated request: nothing
+    assert len(cluster.refused) == 2
+    assert cluster.states["u1"].encode() == before
 
 
 def test_merged_counts_windows_and_traits_combine() -> None:
@@ -150,7 +157,173 @@ def test_merged_counts_windows_and_traits_combine() -> None:
     assert cluster.states["u1"].traits["email"] == "u1@example.com"  # the later value wins
 
 
+# -- identity rules (SPEC §4/§11): anonymous -> user only, at most 100 merges ------------
+
+
+VIP = audience("vip", {"trait": {"name": "plan", "op": "eq", "value": "pro"}})
+
+
+def _victim_and_attacker(cluster: Cluster) -> bytes:
+    """A known user (victim) in two audiences, with an email; an attacker with a view."""
+    cluster.send(
+        event_dict(
+            ts=T0,
+            type="identify",
+            event=None,
+            userId="victim",
+            traits={"email": "victim@example.com", "plan": "pro"},
+        )
+    )
+    for minute in range(3):
+        cluster.send(view(T0 + minute * M, userId="victim"))
+    cluster.send(view(T0 + 3 * M, userId="attacker"))
+    return cluster.states["victim"].encode()
+
+
+def test_an_alias_to_a_known_user_is_refused_and_dead_lettered() -> None:
+    cluster = Cluster(catalog_of(WINDOW_SHOPPERS, VISITORS, VIP))
+    victim_before = _victim_and_attacker(cluster)
+    attacker_before = cluster.states["attacker"]
+    before = cluster.summary()
+    outputs_before = len(cluster.outputs)
+    hijack = event_dict(
+        ts=T0 + 4 * M,
+        type="alias",
+        event=None,
+        userId="attacker",
+        previousId="victim",
+        messageId="hijack",
+    )
+    cluster.send(hijack)
+    # nothing moved, nobody exited or entered
+    assert cluster.summary() == before
+    assert cluster.states["victim"].encode() == victim_before
+    assert cluster.states["victim"].merged_into is None
+    attacker = cluster.states["attacker"]
+    assert "email" not in attacker.traits and "plan" not in attacker.traits
+    assert attacker.aliases == {}  # the refused request is forgotten: it takes no place
+    assert attacker.trackers.keys() == attacker_before.trackers.keys()
+    # the alias is dead-lettered with its reason, keyed as it was sent
+    ((refusal,),) = [cluster.refused]
+    assert (refusal.reason, refusal.key, refusal.record) == ("merge_refused", "attacker", hijack)
+    assert "known user" in refusal.detail
+    # the victim's later events stay the victim's: no forwarding
+    cluster.send(view(T0 + 5 * M, userId="victim"))
+    assert cluster.states["victim"].merged_into is None
+    assert [key for key, _t in cluster.outputs[outputs_before:]] == []  # (the view: no change)
+    # a replay of the same log refuses the same way (same outputs, same dead letters)
+    replay = Cluster(catalog_of(WINDOW_SHOPPERS, VISITORS, VIP))
+    _victim_and_attacker(replay)
+    replay.send(hijack)
+    replay.send(view(T0 + 5 * M, userId="victim"))
+    assert [(k, t.message_id) for k, t in replay.outputs] == [
+        (k, t.message_id) for k, t in cluster.outputs
+    ]
+    assert replay.refused == cluster.refused
+
+
+def test_an_event_linking_a_known_user_as_its_anonymous_id_is_refused() -> None:
+    cluster = Cluster(catalog_of(WINDOW_SHOPPERS, VISITORS, VIP))
+    victim_before = _victim_and_attacker(cluster)
+    linking = view(T0 + 4 * M, userId="attacker", anonymousId="victim")
+    cluster.send(linking)
+    assert cluster.states["victim"].encode() == victim_before
+    assert [(r.reason, r.key, r.record) for r in cluster.refused] == [
+        ("merge_refused", "attacker", linking)
+    ]
+
+
+def test_an_anonymous_id_claimed_by_a_second_user_is_refused() -> None:
+    cluster = Cluster(catalog_of(WINDOW_SHOPPERS))
+    cluster.send(view(T0, anonymousId="a1"))
+    cluster.send(view(T0 + M, userId="u1", anonymousId="a1"))
+    cluster.send(view(T0 + 2 * M, userId="u2", anonymousId="a1"))
+    assert cluster.states["a1"].merged_into == "u1"
+    assert cluster.states["u1"].aliases == {"a1": 1}
+    assert cluster.states["u2"].aliases == {}
+    assert [(r.reason, r.key) for r in cluster.refused] == [("merge_refused", "u2")]
+    assert "another user" in cluster.refused[0].detail
+
+
+def test_a_user_id_linked_before_it_was_seen_keeps_its_own_events() -> None:
+    """An alias naming an id nobody has used yet leaves a forwarding stub; once that id
+    shows up as a userId it is a known user: its events are its own, never forwarded."""
+    cluster = Cluster(catalog_of(WINDOW_SHOPPERS))
+    cluster.send(
+        event_dict(ts=T0, type="alias", event=None, userId="attacker", previousId="future")
+    )
+    assert cluster.states["future"].merged_into == "attacker"
+    for minute in range(1, 4):
+        cluster.send(view(T0 + minute * M, userId="future"))
+    assert cluster.states["future"].merged_into is None
+    assert cluster.summary() == [("future", "window_shoppers", "entered", T0 + 3 * M)]
+    assert cluster.states["attacker"].trackers == {}
+
+
+def test_anonymous_to_user_still_merges() -> None:
+    cluster = Cluster(catalog_of(WINDOW_SHOPPERS, VISITORS))
+    for minute in range(2):
+        cluster.send(view(T0 + minute * M, anonymousId="a1"))
+    cluster.send(event_dict(ts=T0 + 2 * M, type="alias", event=None, userId="u1", previousId="a1"))
+    cluster.send(view(T0 + 3 * M, userId="u1"))
+    assert cluster.refused == []
+    assert cluster.states["u1"].aliases == {"a1": 1}
+    assert ("u1", "window_shoppers", "entered", T0 + 3 * M) in cluster.summary()
+
+
+def test_the_101st_merge_of_a_profile_is_refused_and_dead_lettered() -> None:
+    cluster = Cluster(catalog_of(VISITORS))
+    for n in range(101):
+        cluster.send(view(T0 + n * S, anonymousId=f"anon-{n}"))
+        cluster.send(
+            view(T0 + n * S + 1, userId="u1", anonymousId=f"anon-{n}", messageId=f"link-{n}")
+        )
+    user = cluster.states["u1"]
+    assert len(user.aliases) == 100 and set(user.aliases.values()) == {1}
+    assert "anon-100" not in user.aliases
+    assert cluster.states["anon-99"].merged_into == "u1"
+    assert cluster.states["anon-100"].merged_into is None  # kept: its own profile
+    ((refusal,),) = [cluster.refused]
+    assert (refusal.reason, refusal.key) == ("merge_limit", "u1")
+    assert refusal.record["messageId"] == "link-100"
+
+
 # -- deletion and suppression ----------------------------------------------------------
+
+
+def test_deleting_a_user_deletes_its_linked_anonymous_profiles() -> None:
+    cluster = Cluster(catalog_of(WINDOW_SHOPPERS, VISITORS))
+    cluster.send(view(T0, anonymousId="a1"))
+    cluster.send(view(T0 + M, anonymousId="a2"))
+    cluster.send(view(T0 + 2 * M, userId="u1", anonymousId="a1"))
+    cluster.send(view(T0 + 3 * M, userId="u1", anonymousId="a2"))
+    cluster.send(view(T0 + 4 * M, anonymousId="other"))
+    assert cluster.states["u1"].aliases == {"a1": 1, "a2": 1}
+    cluster.send({"type": "delete", "userId": "u1", "timestamp": iso(T0 + 5 * M)})
+    assert cluster.erased == ["u1", "a1", "a2"]
+    assert {"u1", "a1", "a2"}.isdisjoint(cluster.states)
+    assert "other" in cluster.states  # nobody else's
+    outputs = len(cluster.outputs)
+    for minute in range(6, 9):  # later anonymous events do not recreate the user
+        cluster.send(view(T0 + minute * M, anonymousId="a1"))
+    assert {"u1", "a1"}.isdisjoint(cluster.states)
+    assert len(cluster.outputs) == outputs
+
+
+def test_a_cascading_delete_erases_only_a_stub_of_that_user() -> None:
+    cluster = Cluster(catalog_of(VISITORS))
+    cluster.send(view(T0, userId="someone"))
+    before = cluster.states["someone"].encode()
+    cluster.send(
+        {
+            "type": "delete",
+            "anonymousId": "someone",
+            "timestamp": iso(T0 + M),
+            "properties": {"linkedTo": "u1"},
+        }
+    )
+    assert cluster.erased == []
+    assert cluster.states["someone"].encode() == before
 
 
 def test_delete_exits_current_memberships_and_erases_the_profile() -> None:

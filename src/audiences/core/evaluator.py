@@ -112,6 +112,20 @@ Output = Transition | TraitChange
 
 Control = tuple[str, dict[str, Any]]  # (Kafka key, record) to produce to the events topic
 
+# Identity links refused (SPEC §4/§11), dead-lettered to `events-dlq` by the runtime:
+MERGE_REFUSED = "merge_refused"  # the other id is a known user, or linked to another user
+MERGE_LIMIT = "merge_limit"  # the user already has MAX_ALIASES links
+
+
+class Refusal(NamedTuple):
+    """An event whose identity link was refused: dead-lettered (a copy; the event's own
+    data still counts for the profile that sent it — only the link is refused)."""
+
+    reason: str  # MERGE_REFUSED | MERGE_LIMIT
+    detail: str
+    key: str  # the Kafka key of the refused event (its profile key)
+    record: dict[str, Any]  # the refused event as it was sent
+
 
 class StepResult(NamedTuple):
     state: UserState
@@ -120,6 +134,7 @@ class StepResult(NamedTuple):
     duplicate: bool
     controls: tuple[Control, ...] = ()  # identity records to send (SPEC §4)
     erase: bool = False  # the profile was deleted: remove its state
+    refused: tuple[Refusal, ...] = ()  # events to dead-letter: links refused
 
 
 def _message_hash(message_id: str) -> int:
@@ -428,7 +443,12 @@ def step(
     if state is not None and state.merged_into is not None:
         if isinstance(item, Tick):
             return StepResult(state, [], NEVER, False)
-        return _forward(state, item)
+        if item.user_id is None:
+            return _forward(state, item)
+        # The id is a user's own (events keyed by it carry it as userId): the stub made
+        # when it was linked before it was known forwards nothing of the user's. The
+        # profile starts afresh (nothing had been handed over: the link found no state).
+        state = None
     transitions: list[Output] = []
     fresh = state is None or not state.catalog_fingerprint
     if state is None:
@@ -478,11 +498,23 @@ def step(
         touched_traits,
         everything,
     )
-    controls: tuple[Control, ...] = ()
     link = event.link_id
-    if link is not None and link not in state.aliases and _admit_alias(state, link):
-        state.aliases[link] = 0  # requested: the link's own worker answers with its state
-        controls = ((link, merge_request(link, profile_key, ts)),)
+    if link is None or link in state.aliases:
+        return StepResult(state, transitions, state.wake_ms, False)
+    if len(state.aliases) >= MAX_ALIASES:
+        state.drop("aliases")
+        refusal = Refusal(
+            MERGE_LIMIT,
+            f"{profile_key!r} already has {MAX_ALIASES} identity links; {link!r} is not merged",
+            profile_key,
+            event.raw,
+        )
+        return StepResult(state, transitions, state.wake_ms, False, refused=(refusal,))
+    if not string_fits(link, MAX_ALIAS_ID_BYTES):
+        state.drop("alias_id_size")
+        return StepResult(state, transitions, state.wake_ms, False)
+    state.aliases[link] = 0  # requested: the link's own worker answers (state or refusal)
+    controls = ((link, merge_request(link, profile_key, ts, event.raw)),)
     return StepResult(state, transitions, state.wake_ms, False, controls)
 
 
@@ -552,15 +584,45 @@ def fold_history(
 # -- identity and control records (SPEC §4) -------------------------------------------------
 
 
-def merge_request(link: str, user_id: str, at_ms: int) -> dict[str, Any]:
-    """Asks the worker of profile `link` to hand its state over to `user_id`."""
+def merge_request(
+    link: str, user_id: str, at_ms: int, event: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Asks the worker of profile `link` to hand its state over to `user_id`. It carries
+    the linking `event`, which that worker dead-letters if it refuses the link."""
+    properties: dict[str, Any] = {"into": user_id}
+    if event is not None:
+        properties["event"] = event
     return {
         "type": "merge",
         "stage": "request",
         "anonymousId": link,
         "messageId": f"merge-request:{link}:{user_id}",
         "timestamp": format_iso(at_ms),
-        "properties": {"into": user_id},
+        "properties": properties,
+    }
+
+
+def _merge_refused(link: str, user_id: str, at_ms: int) -> dict[str, Any]:
+    """Tells `user_id`'s worker that `link` will not be merged: it forgets the request."""
+    return {
+        "type": "merge",
+        "stage": "refused",
+        "userId": user_id,
+        "messageId": f"merge-refused:{link}:{user_id}",
+        "timestamp": format_iso(at_ms),
+        "properties": {"from": link},
+    }
+
+
+def _delete_linked(link: str, user_id: str, at_ms: int) -> dict[str, Any]:
+    """Deletes the anonymous profile `link` merged into the deleted `user_id` (its
+    forwarding stub): its later events are dropped instead of recreating the user."""
+    return {
+        "type": "delete",
+        "anonymousId": link,
+        "messageId": f"delete-linked:{link}:{user_id}",
+        "timestamp": format_iso(at_ms),
+        "properties": {"linkedTo": user_id},
     }
 
 
@@ -639,9 +701,16 @@ def _control(
     ts = event.timestamp_ms
     now = max(state.clock_ms, ts) if state is not None else ts
     if event.type == "delete":
+        linked_to = event.properties.get("linkedTo")
+        if linked_to is not None and state is not None and state.merged_into != linked_to:
+            # (a deletion cascading from a user: only a stub that forwards to that user is
+            # the user's; an id refused or released since is somebody else's)
+            return _unchanged(state)
+        cascade: tuple[Control, ...] = ()
         if state is not None:
             _exit_all(state, catalog, profile_key, now, "deleted", event.message_id, out)
-        return StepResult(UserState(), out, NEVER, False, erase=True)
+            cascade = tuple((link, _delete_linked(link, profile_key, ts)) for link in state.aliases)
+        return StepResult(UserState(), out, NEVER, False, cascade, erase=True)
     if event.type == "unsuppress":
         if state is not None:
             return StepResult(state, out, state.wake_ms, False)
@@ -653,8 +722,15 @@ def _control(
     properties = event.properties
     if stage == "request":
         into = properties.get("into")
-        if not isinstance(into, str) or not into or (state and state.merged_into is not None):
+        if not isinstance(into, str) or not into:
             return _unchanged(state)
+        if state is not None:
+            if state.merged_into == into:
+                return _unchanged(state)  # a repeated request
+            if state.merged_into is not None:
+                return _refuse(state, event, profile_key, into, "is linked to another user")
+            if not state.anonymous:  # SPEC §11: two known users are never merged
+                return _refuse(state, event, profile_key, into, "is a known user")
         stub = UserState(anonymous=state.anonymous if state is not None else True)
         stub.merged_into = into
         stub.catalog_fingerprint = catalog.fingerprint
@@ -665,6 +741,11 @@ def _control(
             snapshot = state.to_json()
             controls = ((into, _merge_state(profile_key, into, snapshot, ts)),)
         return StepResult(stub, out, NEVER, False, controls)
+    if stage == "refused":
+        source = properties.get("from")
+        if state is not None and isinstance(source, str) and state.aliases.get(source) == 0:
+            del state.aliases[source]  # the link never happened: it takes no place
+        return _unchanged(state)
     if stage == "state":
         source = properties.get("from")
         if not isinstance(source, str) or (state is not None and state.aliases.get(source) == 1):
@@ -703,6 +784,18 @@ def _control(
         )
         return StepResult(state, out, state.wake_ms, False)
     return _unchanged(state)
+
+
+def _refuse(state: UserState, event: Event, profile_key: str, into: str, why: str) -> StepResult:
+    """A merge request the profile it is for refuses: nothing moves, nobody exits; the
+    linking event is dead-lettered and the requesting user forgets the link."""
+    carried = event.properties.get("event")
+    record = carried if isinstance(carried, dict) else event.raw
+    refusal = Refusal(
+        MERGE_REFUSED, f"{profile_key!r} {why}: not merged into {into!r}", into, record
+    )
+    controls = ((into, _merge_refused(profile_key, into, event.timestamp_ms)),)
+    return StepResult(state, [], state.wake_ms, False, controls, refused=(refusal,))
 
 
 _UNREADABLE = (ValueError, TypeError, IndexError, KeyError, AttributeError)
@@ -757,7 +850,8 @@ def _merged(
 
 
 def _unchanged(state: UserState | None) -> StepResult:
-    state = state if state is not None else UserState()
+    # (no profile yet: an empty one that is no known user — nobody's events made it)
+    state = state if state is not None else UserState(anonymous=True)
     return StepResult(state, [], state.wake_ms, False)
 
 

@@ -30,6 +30,8 @@ MERGE_PREFIX = b'{"type":"merge",'  # how orjson writes the records of `merge_re
 # Anything else is rejected as `bad_timestamp` (SPEC §11: invalid input, never a crash).
 MIN_EVENT_TIME_MS = 0
 MAX_EVENT_TIME_MS = 253_402_300_799_999
+# SPEC §11: an event stamped more than this after its receipt is `future_timestamp`.
+MAX_FUTURE_MS = 24 * 3_600_000
 
 _EMPTY: dict[str, Any] = {}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -185,6 +187,26 @@ def event_time_ms(raw: dict[str, Any], received_at_ms: int) -> int:
     if not is_event_time(received_at_ms):
         raise InvalidEventError("bad_timestamp", f"no event time (record time {received_at_ms})")
     return received_at_ms
+
+
+def future_timestamp(event: Event, record_ms: int) -> str | None:
+    """Why `event` is stamped too far ahead to be evaluated (SPEC §11), or None.
+
+    The reference is the Kafka record time (`record_ms`); a record without one (< 0)
+    falls back to the event's `receivedAt`, and with neither nothing is checked. The
+    record time comes first because it is free (`receivedAt` would cost an ISO parse
+    per event) and, with `message.timestamp.type=LogAppendTime` on the topic, the
+    broker's own clock that no producer can set; the collector stamps `receivedAt`
+    from the clock it produces with, so for its records both agree anyway."""
+    ts = event.timestamp_ms
+    if record_ms >= 0:
+        if ts > record_ms + MAX_FUTURE_MS:
+            return f"event time {format_iso(ts)} is more than 24 h after the record's time"
+        return None
+    received = parse_iso_ms(event.raw.get("receivedAt"))
+    if received is not None and ts > received + MAX_FUTURE_MS:
+        return f"event time {format_iso(ts)} is more than 24 h after its receivedAt"
+    return None
 
 
 def _time_field(value: Any, field: str) -> int:

@@ -289,3 +289,94 @@ def _sequence(body: Mapping[str, Any], seen: list[Event], t: int) -> bool:
         if not negative and follow_ts >= 0:
             return True
     return False
+
+
+# -- identity (SPEC §4/§11), from the log alone ---------------------------------------------
+
+MAX_LINKS = 100  # SPEC §11: a profile takes at most 100 merges
+
+
+class Identities:
+    """Whose history each event is part of over time, by the identity rules alone:
+
+    - an event with a userId U and another id A (`previousId` of an alias, else its
+      `anonymousId`) links A to U: from the event's time on, every event A's profile
+      holds (and A's later events) are U's;
+    - refused (`merge_refused`) when A has been a userId before (a known user) or is
+      linked to another user; refused (`merge_limit`) when U already linked 100 ids;
+      an id U linked before stays U's claim (linking it again does nothing);
+    - an id linked before it was seen, that then sends an event as a userId, is its
+      own profile again from then on (what U held of it stays U's);
+    - deleting U deletes U and the ids linked to it: their events belong to nobody
+      from then on, and later events of theirs are dropped (until `unsuppress`).
+
+    Records are taken in log order, each delivered at once (as the in-memory cluster
+    of the tests does); control records other than `delete`/`unsuppress` are ignored."""
+
+    def __init__(self, log: Sequence[Event]) -> None:
+        self.events: list[Event] = []
+        self.owners: list[list[tuple[int, str | None]]] = []  # per event: (from, profile)
+        self.refused: list[tuple[Event, str]] = []
+        self.deleted_at: dict[str, int] = {}
+        known: set[str] = set()  # ids seen as a userId
+        linked: dict[str, str] = {}  # id -> the user it is linked to now
+        claimed: dict[str, set[str]] = {}  # user -> every id it linked
+        deleted: set[str] = set()
+        for event in log:
+            t = event.timestamp_ms
+            key = event.user_id or event.anonymous_id or ""
+            if event.type == "unsuppress":
+                deleted.discard(key)
+                continue
+            if key in deleted or event.type == "merge":
+                continue
+            if event.type == "delete":
+                gone = {key} | {other for other, user in linked.items() if user == key}
+                self._move(gone, None, t)
+                for other in gone:
+                    linked.pop(other, None)
+                    self.deleted_at[other] = t
+                deleted |= gone
+                claimed.pop(key, None)
+                continue
+            if event.user_id is not None:
+                linked.pop(key, None)  # (its own profile again, if it was linked)
+                known.add(key)
+            self.events.append(event)
+            self.owners.append([(t, linked.get(key, key))])
+            if event.user_id is None:
+                continue
+            target = event.raw.get("previousId") if event.type == "alias" else event.anonymous_id
+            if not isinstance(target, str) or not target or target == key:
+                continue
+            mine = claimed.setdefault(key, set())
+            if target in mine:
+                continue
+            if len(mine) >= MAX_LINKS:
+                self.refused.append((event, "merge_limit"))
+            elif target in known or target in linked:
+                self.refused.append((event, "merge_refused"))
+            else:
+                mine.add(target)
+                if target not in deleted:
+                    linked[target] = key
+                    self._move({target}, key, t)
+
+    def _move(self, profiles: set[str], to: str | None, t: int) -> None:
+        for owners in self.owners:
+            if owners[-1][1] in profiles:
+                owners.append((t, to))
+
+    def history(self, profile: str, t: int) -> list[Event]:
+        """The events profile `profile` is judged on at time `t` (arrival order)."""
+        out = []
+        for event, owners in zip(self.events, self.owners, strict=True):
+            if event.timestamp_ms > t:
+                continue
+            owner = owners[0][1]
+            for since, who in owners:
+                if since <= t:
+                    owner = who
+            if owner == profile:
+                out.append(event)
+        return out

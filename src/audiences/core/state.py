@@ -18,7 +18,7 @@ of the event still counts, and each drop is reported in `UserState.dropped`
 | | a value longer than MAX_TRAIT_VALUE_BYTES (JSON) is not stored: the old value stays | `trait_value_size` |
 | | a value over SMALL_TRAIT_BYTES is stored only while all traits together stay within MAX_TRAITS_BYTES | `traits_size` |
 | | a number the codec cannot write (NaN, infinity, an int beyond 64 bits) is not stored | `non_finite_number` |
-| identity links (`aliases`) | MAX_ALIASES per profile (SPEC §11: at most 100 merges): a further link is refused, no merge is requested (counted per event that carries it) | `aliases` |
+| identity links (`aliases`) | MAX_ALIASES per profile (SPEC §11: at most 100 merges): a further link is refused, no merge is requested, the event is dead-lettered `merge_limit` (counted per event that carries it) | `aliases` |
 | | a linked id longer than MAX_ALIAS_ID_BYTES (JSON) is refused | `alias_id_size` |
 | recent messageIds (dedup) | DEDUP_MAX_IDS: an id still inside the 24 h window pushed out by newer ones | `recent_ids` |
 | timestamps of `performed ... between` | `conditions.MAX_KEPT_TIMESTAMPS`, the most recent: counts above it are capped | `between_timestamps` |

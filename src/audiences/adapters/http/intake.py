@@ -16,6 +16,10 @@ field (`batch[2].event: ...`). Choices, documented in the README:
   does. The written fields are chosen so the evaluator's `parse_event` computes the
   same time again instead of correcting twice (see `stamp_times`).
 - `writeKey` never reaches Kafka; `delete` control records cannot be sent over HTTP.
+- **Untrusted numbers and times** (SPEC §11): a time outside 1970..9999 or 64 bits in
+  any time field, an event stamped more than 24 h after `receivedAt`
+  (`core.events.future_timestamp`, which the evaluator would dead-letter), or a value
+  the JSON writer cannot write is a 400 naming the item — never a 500.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from audiences.core.events import (
     MAX_EVENT_BYTES,
     event_time_ms,
     format_iso,
+    future_timestamp,
     parse_event,
     parse_iso_ms,
 )
@@ -195,16 +200,22 @@ def _record(
     path: str,
 ) -> Record:
     prefix = f"{path}." if path else ""
-    event = enrich(item, kind, shared, received_at_ms, new_id, prefix)
     try:
+        event = enrich(item, kind, shared, received_at_ms, new_id, prefix)
         parsed = parse_event(event, received_at_ms)
     except InvalidEventError as exc:
         field = _FIELD_OF_REASON.get(exc.reason) or exc.detail.split(" ", 1)[0]
         raise bad_request(f"{prefix}{field}: {exc.detail}") from None
+    future = future_timestamp(parsed, received_at_ms)
+    if future is not None:  # SPEC §11: the evaluator would dead-letter it
+        raise bad_request(f"{prefix}timestamp: {future} (future_timestamp)")
     for field in _REQUIRED.get(kind, ()):
         if event.get(field) in (None, ""):
             raise bad_request(f"{prefix}{field}: required for {kind} calls")
-    value = orjson.dumps(event)
+    try:
+        value = orjson.dumps(event)
+    except TypeError as exc:  # (orjson.JSONEncodeError is one) e.g. an int beyond 64 bits
+        raise bad_request(f"{path or 'event'}: cannot be written as JSON: {exc}") from None
     if len(value) > MAX_EVENT_BYTES:
         where = path or "event"
         raise bad_request(

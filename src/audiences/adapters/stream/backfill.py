@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.state.partition import Fold, PartitionState
 from audiences.core.definitions import Catalog
-from audiences.core.events import CONTROL_TYPES, parse_event
+from audiences.core.events import CONTROL_TYPES, future_timestamp, parse_event
 
 log = logging.getLogger(__name__)
 CHUNK = 5000  # history records folded per loop turn (all backfilling partitions)
@@ -135,10 +135,13 @@ class Backfills:
                 read_ahead = True  # not evaluated live yet: folded once it has been
                 break
             backfill.next_offset = msg.offset() + 1
+            record_ms = msg.timestamp()[1]
             try:
-                event = parse_event(msg.value() or b"", msg.timestamp()[1])
+                event = parse_event(msg.value() or b"", record_ms)
             except Exception:  # dead-lettered when it was evaluated live
                 continue
+            if future_timestamp(event, record_ms) is not None:
+                continue  # dead-lettered live too: it never counts
             if event.type not in CONTROL_TYPES:
                 events.append((event.key.encode(), event))
         partition.load({key for key, _ in events}, partition.clock_ms())

@@ -25,7 +25,7 @@ from confluent_kafka import TIMESTAMP_CREATE_TIME, Message, Producer
 from audiences.adapters import metrics
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.state.checkpoint import DurabilityError
-from audiences.core.evaluator import Control, Output, Transition
+from audiences.core.evaluator import Control, Output, Refusal, Transition
 from audiences.core.outputs import render_output
 from audiences.core.state import UserState
 
@@ -119,6 +119,24 @@ class Emitter:
             encoded.append((key, value, self.owner_of(key)))
         return encoded
 
+    @staticmethod
+    def encode_refusals(refused: tuple[Refusal, ...]) -> list[tuple[bytes, bytes, str, str]]:
+        """Events whose identity link was refused, as `events-dlq` records (key, value,
+        reason, detail), checked before anything is sent."""
+        encoded = []
+        for refusal in refused:
+            key = refusal.key.encode()
+            value = orjson.dumps(refusal.record)
+            if len(key) + len(value) > MAX_RECORD_BYTES:
+                raise OversizedRecord(f"a refused event of {len(value)} bytes")
+            encoded.append((key, value, refusal.reason, refusal.detail))
+        return encoded
+
+    def send_refusals(self, encoded: list[tuple[bytes, bytes, str, str]], msg: Message) -> None:
+        """Dead-letter refused events; the source headers name the record that decided."""
+        for key, value, reason, detail in encoded:
+            self._dead_letter(key, value, reason, detail, msg)
+
     def send_controls(self, encoded: Encoded) -> None:
         for key, value, partition in encoded:
             self._produce(self.topics.events, key, value, partition)
@@ -138,10 +156,15 @@ class Emitter:
         )
 
     def dead_letter(self, msg: Message, reason: str, detail: str) -> None:
+        self._dead_letter(msg.key(), msg.value(), reason, detail, msg)
+
+    def _dead_letter(
+        self, key: bytes | None, value: bytes | None, reason: str, detail: str, msg: Message
+    ) -> None:
         self._produce(
             self.topics.events_dlq,
-            msg.key(),
-            msg.value(),
+            key,
+            value,
             headers=[
                 ("error", detail.encode("utf-8", "replace")[:2000]),
                 ("error_reason", reason.encode()),

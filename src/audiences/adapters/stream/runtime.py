@@ -61,7 +61,7 @@ from audiences.adapters.stream.definitions import DefinitionsLog
 from audiences.adapters.stream.emitter import Emitter, Encoded, OversizedRecord, Rendered
 from audiences.adapters.stream.queries import QueryPort
 from audiences.core.evaluator import StepResult
-from audiences.core.events import Event, parse_event
+from audiences.core.events import Event, future_timestamp, parse_event
 from audiences.core.state import UserState
 from audiences.errors import BrokerError, InvalidEventError
 
@@ -74,7 +74,6 @@ RECOVERY_IDLE_S = 60.0  # a changelog read that makes no progress this long fail
 MISROUTED_LOG_EVERY_S = 60.0
 LIVE_LAG_RECORDS = 100  # at most this many records waiting ...
 LIVE_RECORD_AGE_MS = 1000  # ... the newest appended this recently: a live partition
-MAX_FUTURE_MS = 24 * 3_600_000  # SPEC §11: later than this after its Kafka time: dead-lettered
 Clock = Callable[[], int]
 
 
@@ -342,13 +341,9 @@ class Runtime:
                 log.exception("parsing failed at %s[%d]@%d", msg.topic(), number, offset)
                 emitter.dead_letter(msg, "parse_error", repr(exc))
                 continue
-            if record_ms >= 0 and event.timestamp_ms > record_ms + MAX_FUTURE_MS:
-                emitter.dead_letter(
-                    msg,
-                    "future_timestamp",
-                    f"event time {event.timestamp_ms} is more than 24 h after the record's "
-                    f"{record_ms}",
-                )
+            future = future_timestamp(event, record_ms)
+            if future is not None:
+                emitter.dead_letter(msg, "future_timestamp", future)
                 continue
             key = event.key.encode()
             owner = self.owner_of(key)
@@ -392,11 +387,14 @@ class Runtime:
         """One event into its profile, atomically with its outputs (or dead-lettered)."""
         rendered: Rendered = []
         controls: Encoded = []
+        refused: list[tuple[bytes, bytes, str, str]] = []
 
         def accept(result: StepResult) -> None:
             rendered.extend(Emitter.render(result.transitions, result.state))
             if result.controls:
                 controls.extend(self.emitter.encode_controls(result.controls))
+            if result.refused:
+                refused.extend(Emitter.encode_refusals(result.refused))
 
         state: UserState | None = partition.cache.get(key)
         try:
@@ -414,6 +412,8 @@ class Runtime:
         self.emitter.send(rendered, result.transitions)
         if controls:
             self.emitter.send_controls(controls)
+        if refused:
+            self.emitter.send_refusals(refused, msg)
         return result
 
     def owner_of(self, key: bytes) -> int:
