@@ -169,11 +169,11 @@ def test_fold_history_folds_only_the_given_trackers_and_judges_nothing() -> None
     pending = new_trackers(full, old)
     state, _ = feed(old, [make_event(ts=T0 + H, event="Viewed")])
     assert state is not None
-    before = (state.clock_ms, dict(state.members), list(state.recent_ids))
+    before = (state.clock_ms, dict(state.members), state.seen.to_json())
     bought = make_event(ts=T0, event="Bought", properties={"cart": "c1"})
     assert fold_history(state, bought, full, pending)
     assert set(state.trackers) == {full.traits["orders"].id}  # not the funnel's: no cart
-    assert (state.clock_ms, dict(state.members), list(state.recent_ids)) == before
+    assert (state.clock_ms, dict(state.members), state.seen.to_json()) == before
     assert not fold_history(state, make_event(ts=T0, event="Other"), full, pending)
     assert not fold_history(state, bought, full, frozenset())  # (not the buyers' tracker)
 

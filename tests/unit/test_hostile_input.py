@@ -17,7 +17,7 @@ from audiences.core.definitions import build_catalog
 from audiences.core.definitions.catalog import Catalog
 from audiences.core.evaluator import Tick, step
 from audiences.core.events import parse_event
-from audiences.core.state import DROP_REASONS, NEVER, UserState
+from audiences.core.state import DEDUP_MAX_IDS, DROP_REASONS, NEVER, UserState
 
 FOREVER = "99999999999999w"  # ~6e22 ms: any deadline computed with it is beyond 64 bits
 
@@ -245,8 +245,8 @@ PLAN = audience("pro", {"trait": {"name": "plan", "op": "eq", "value": "pro"}})
 
 
 def drops(state: UserState | None) -> dict[str, int] | None:
-    """What was dropped, but the dedup ids that more than 16 events a day push out (the
-    factories give every event a messageId; tested on their own below)."""
+    """What was dropped, but the dedup ids that more than DEDUP_MAX_IDS events a day push
+    out (the factories give every event a messageId; tested on their own below)."""
     assert state is not None
     dropped = {k: v for k, v in (state.dropped or {}).items() if k != "recent_ids"}
     return dropped or None
@@ -456,19 +456,28 @@ def test_long_match_values_and_device_ids_are_stored_as_digests() -> None:
     assert drops(state) is None
 
 
-def test_message_ids_pushed_out_within_24_hours_are_counted() -> None:
+def test_message_ids_beyond_the_bound_within_24_hours_are_forgotten_oldest_first() -> None:
+    """DEDUP_MAX_IDS distinct ids per 24 h are remembered; one more forgets the oldest
+    (counted as `recent_ids`): a copy of it counts again, a copy of the next does not.
+    Ids older than 24 h leave without a count."""
     catalog = catalog_of(PLAN)
-    events = [make_event(ts=T0 + i * H, messageId=f"m{i}") for i in range(20)]
+    events = [make_event(ts=T0 + i, messageId=f"m{i}") for i in range(DEDUP_MAX_IDS)]
     state, _ = feed(catalog, events)
     assert state is not None
-    assert state.dropped == {"recent_ids": 4}
-    state, _ = feed(
-        catalog,
-        [make_event(ts=T0 + 100 * H + i, messageId=f"n{i}") for i in range(17)],
-        state=state,
-    )
+    assert state.dropped is None and len(state.seen) == DEDUP_MAX_IDS
+    state, _ = feed(catalog, [make_event(ts=T0 + 5000, messageId="new")], state=state)
     assert state is not None
-    assert state.dropped == {"recent_ids": 4 + 1}  # ids older than 24 h are no loss
+    assert state.dropped == {"recent_ids": 1} and len(state.seen) == DEDUP_MAX_IDS
+    again = step(state, make_event(ts=T0 + 5001, messageId="m1"), catalog, "u1")
+    assert again.duplicate  # (the second oldest is still known)
+    again = step(again.state, make_event(ts=T0 + 5002, messageId="m0"), catalog, "u1")
+    assert not again.duplicate  # the oldest was forgotten
+    assert again.state.dropped == {"recent_ids": 2}  # (remembering m0 pushed m1 out)
+    later = step(again.state, make_event(ts=T0 + D + 10_000, messageId="n"), catalog, "u1")
+    assert later.state.dropped == {"recent_ids": 2}  # the day has passed: no loss
+    assert not step(
+        later.state, make_event(ts=T0 + D + 10_001, messageId="m5"), catalog, "u1"
+    ).duplicate
 
 
 # -- merge records are data too --------------------------------------------------------
@@ -652,6 +661,7 @@ def worst_events() -> list[bytes]:
     for i in range(20):
         device = {"id": f"{i:02d}" + c * 38, "type": "ios", "token": "t"}
         bodies.append({"event": "Seen", "context": {"device": device}})
+    bodies += [{"event": "Ping"}] * (DEDUP_MAX_IDS + 10)  # messageIds: more than are kept
     out, ts = [], T0
     for n, body in enumerate(bodies):
         ts += 20 * 60_000 if body.get("event") == "Viewed" else 1000
@@ -693,7 +703,7 @@ def test_a_profile_stays_under_256_kb_after_1000_hostile_events(
 def test_a_profile_at_every_bound_stays_under_256_kb() -> None:
     state, catalog, dropped = fed(worst_events())
     size = len(state.encode())
-    assert 150 * 1024 < size < 256 * 1024  # (this catalog's worst case: ~225 KB)
+    assert 150 * 1024 < size < 256 * 1024  # (this catalog's worst case: ~240 KB)
     assert set(dropped) == {
         "traits_size",
         "aliases",

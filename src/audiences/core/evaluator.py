@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import orjson
 
 from audiences.core.definitions.catalog import Catalog
-from audiences.core.definitions.conditions import ALL_EVENTS, route_of
+from audiences.core.definitions.conditions import ALL_EVENTS, Tracker, route_of
 from audiences.core.definitions.traits import is_empty_value
 from audiences.core.events import CONTROL_TYPES, Event, format_iso
 from audiences.core.state import (
-    DEDUP_MAX_IDS,
-    DEDUP_WINDOW_MS,
     INT64_MIN,
     MAX_ALIAS_ID_BYTES,
     MAX_ALIASES,
@@ -39,8 +36,10 @@ from audiences.core.state import (
     NEVER,
     SMALL_TRAIT_BYTES,
     Membership,
+    SeenIds,
     UserState,
     json_size,
+    message_digest,
     string_fits,
 )
 
@@ -137,28 +136,22 @@ class StepResult(NamedTuple):
     refused: tuple[Refusal, ...] = ()  # events to dead-letter: links refused
 
 
-def _message_hash(message_id: str) -> int:
-    data = message_id.encode()
-    return zlib.crc32(data) | (zlib.adler32(data) << 32)  # 64 bits, ~0.3 µs
-
-
 def _is_duplicate(state: UserState, event: Event, now: int) -> bool:
-    """Same messageId for the same profile within 24 h (the last 16 ids are kept)."""
+    """Whether the profile counted the event's messageId within 24 h of its clock `now`
+    (however many events came between: see `SeenIds`); if not, it is remembered. A
+    duplicate still moves the memory's clock (not the profile's): what is remembered
+    depends on the log alone."""
     if event.message_id is None:
         return False
-    digest = _message_hash(event.message_id)
-    recent = state.recent_ids  # flat: [hash, seconds, hash, seconds, ...]
-    if digest in recent:  # (a C-speed scan; almost always false)
-        horizon_s = (now - DEDUP_WINDOW_MS) // 1000
-        for index in range(0, len(recent), 2):
-            if recent[index] == digest and recent[index + 1] > horizon_s:
-                return True
-    recent.append(digest)
-    recent.append(event.timestamp_ms // 1000)
-    if len(recent) > 2 * DEDUP_MAX_IDS:
-        if recent[1] > (now - DEDUP_WINDOW_MS) // 1000:
-            state.drop("recent_ids")  # still inside the 24 h window
-        del recent[:2]
+    return _seen_before(state, state.seen, message_digest(event.message_id), now)
+
+
+def _seen_before(state: UserState, seen: SeenIds, digest: bytes, now: int) -> bool:
+    seen.advance(now)
+    if seen.contains(digest):
+        return True
+    if seen.add(digest):
+        state.drop("recent_ids")  # DEDUP_MAX_IDS within 24 h: the oldest is forgotten
     return False
 
 
@@ -548,6 +541,8 @@ def _adopt_catalog(state: UserState, catalog: Catalog, profile_key: str, out: li
         del state.computed[key]
     for tracker_id in [t for t in state.trackers if t not in catalog.trackers]:
         del state.trackers[tracker_id]  # nothing reads it any more
+    if not catalog.pending:
+        state.history_seen = None  # no backfill runs: its memory is done with
     _refresh_wake(state, catalog)
     state.catalog_fingerprint = catalog.fingerprint
     _evaluate(state, catalog, profile_key, now, 0, out, "definition", None, now, everything=True)
@@ -563,21 +558,36 @@ def fold_history(
 
     `catalog` may be the full or the pending catalog (both hold every tracker). The
     trackers see the event at its own time, as they would have when it was live (for
-    a profile whose events are in time order, exactly so); the profile's clock, traits,
-    memberships and deduplication are left alone, so a duplicate in the log is folded
-    again. Control records and forwarding stubs of merged profiles fold nothing. What
-    a bound drops is counted in `state.dropped`, as in `step`."""
+    a profile whose events are in time order, exactly so); the profile's clock, traits
+    and memberships are left alone. Duplicates are dropped as `step` drops them, with a
+    memory of the run's own (`UserState.history_seen`, tagged with the fingerprint of
+    `catalog`: a new run starts afresh), whose clock is the latest event time folded:
+    a re-sent event in the log is folded once (only events these trackers take are
+    remembered: a copy is expected to be the same event). Control records and forwarding stubs of
+    merged profiles fold nothing. What a bound drops is counted in `state.dropped`, as
+    in `step`."""
     if state.merged_into is not None or event.type in CONTROL_TYPES:
         return False
     route = route_of(event.type, event.name)
-    now = event.timestamp_ms
-    changed = False
+    folded: list[Tracker] = []
     for tracker in catalog.trackers.values():  # (in catalog order: deterministic)
         if tracker.id not in tracker_ids:
             continue
         events = tracker.events
         if (route is not None and route in events) or ALL_EVENTS in events:
-            changed = tracker.update(state, event, now) or changed
+            folded.append(tracker)
+    if not folded:
+        return False
+    now = event.timestamp_ms
+    if event.message_id is not None:
+        history = state.history_seen
+        if history is None or history.tag != catalog.fingerprint:
+            history = state.history_seen = SeenIds(tag=catalog.fingerprint)
+        if _seen_before(state, history, message_digest(event.message_id), now):
+            return False
+    changed = event.message_id is not None  # (the memory changed)
+    for tracker in folded:
+        changed = tracker.update(state, event, now) or changed
     return changed
 
 
@@ -874,13 +884,10 @@ def _absorb(state: UserState, other: UserState, catalog: Catalog, now: int) -> N
             state.trackers[tracker_id] = data
         elif tracker is not None:
             state.trackers[tracker_id] = tracker.merge(mine, data, now, state)
-    recent = state.recent_ids
-    for index in range(0, len(other.recent_ids), 2):
-        digest = other.recent_ids[index]
-        if digest not in recent[0::2]:
-            recent.extend(other.recent_ids[index : index + 2])
-    if len(recent) > 2 * DEDUP_MAX_IDS:
-        del recent[: len(recent) - 2 * DEDUP_MAX_IDS]
+    forgotten = state.seen.union(other.seen)  # either profile's ids count once
+    state.seen.advance(now)
+    if forgotten:
+        state.drop("recent_ids", forgotten)
     for alias in other.aliases:
         if alias in state.aliases or _admit_alias(state, alias):
             state.aliases[alias] = 1

@@ -33,10 +33,41 @@ _COMPARE = {
 }
 
 
+DUPLICATE_WINDOW_S = 24 * 3600
+
+
+def without_duplicates(history: Sequence[Event]) -> list[Event]:
+    """`history` (arrival order) without the events that do not count (SPEC §11: the
+    same messageId for the same profile within 24 h counts once, however many events
+    came between), from the log alone.
+
+    The profile's clock at an event is the latest event time so far, in whole seconds
+    (that event's included, duplicates too); an event does not count when an earlier
+    event with its messageId counted less than 24 h (86,400 s) earlier on that clock.
+    Events without a messageId always count."""
+    counted_at: dict[str, int] = {}  # messageId -> clock second when it last counted
+    clock_s = -(1 << 62)
+    out = []
+    for event in history:
+        clock_s = max(clock_s, event.timestamp_ms // 1000)
+        message_id = event.message_id
+        if message_id is not None:
+            if counted_at.get(message_id, -(1 << 62)) > clock_s - DUPLICATE_WINDOW_S:
+                continue
+            counted_at[message_id] = clock_s
+        out.append(event)
+    return out
+
+
 def is_member(definitions: Definitions, key: str, history: Sequence[Event], t: int) -> bool:
-    """Membership of the profile with `history` (arrival order) in audience `key` at `t`.
-    `definitions` may hold computed traits too (documents with `kind`)."""
-    seen = [e for e in history if e.timestamp_ms <= t]
+    """Membership of the profile with `history` (arrival order, duplicates included) in
+    audience `key` at `t`. `definitions` may hold computed traits too (documents with
+    `kind`)."""
+    seen = [e for e in without_duplicates(history) if e.timestamp_ms <= t]
+    return _is_member(definitions, key, seen, t)
+
+
+def _is_member(definitions: Definitions, key: str, seen: list[Event], t: int) -> bool:
     if not seen:
         return False  # a profile exists from its first event on
     doc = definitions[key]
@@ -57,7 +88,7 @@ def _holds(
     if name == "not":
         return not _holds(definitions, body, seen, t)
     if name == "in_audience":
-        return body in definitions and is_member(definitions, body, seen, t)
+        return body in definitions and _is_member(definitions, body, seen, t)
     if name == "performed":
         return _performed(body, seen, t)
     if name == "trait":
@@ -69,7 +100,7 @@ def _holds(
     if name == "device":
         return _device(body, seen)
     if name == "computed":
-        value = trait_value(definitions[body["name"]], seen, t)
+        value = _trait_value(definitions[body["name"]], seen, t)
         return compile_predicate(body["op"], body.get("value"))(value, t)
     raise ValueError(f"oracle does not know {name!r}")
 
@@ -134,9 +165,14 @@ def _device(body: Mapping[str, Any], seen: list[Event]) -> bool:
     )
 
 
-def trait_value(doc: Mapping[str, Any], seen: list[Event], t: int) -> Any:
-    """A computed trait's value at `t`, from every matching event (SPEC §3; windows
-    use the documented buckets of D/100: an event counts until its bucket start + D)."""
+def trait_value(doc: Mapping[str, Any], history: Sequence[Event], t: int) -> Any:
+    """A computed trait's value at `t`, from every matching event of `history` (arrival
+    order, duplicates included) (SPEC §3; windows use the documented buckets of D/100:
+    an event counts until its bucket start + D)."""
+    return _trait_value(doc, without_duplicates(history), t)
+
+
+def _trait_value(doc: Mapping[str, Any], seen: list[Event], t: int) -> Any:
     kind = doc["kind"]
     where = compile_where(doc.get("where"))
     path = compile_path(doc["property"]) if doc.get("property") else None

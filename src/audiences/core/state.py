@@ -20,7 +20,7 @@ of the event still counts, and each drop is reported in `UserState.dropped`
 | | a number the codec cannot write (NaN, infinity, an int beyond 64 bits) is not stored | `non_finite_number` |
 | identity links (`aliases`) | MAX_ALIASES per profile (SPEC §11: at most 100 merges): a further link is refused, no merge is requested, the event is dead-lettered `merge_limit` (counted per event that carries it) | `aliases` |
 | | a linked id longer than MAX_ALIAS_ID_BYTES (JSON) is refused | `alias_id_size` |
-| recent messageIds (dedup) | DEDUP_MAX_IDS: an id still inside the 24 h window pushed out by newer ones | `recent_ids` |
+| messageIds counted (dedup, `SeenIds`) | the ids of the last 24 h of the profile's clock, at most DEDUP_MAX_IDS: beyond, the oldest id is forgotten (a copy of it would count again) | `recent_ids` |
 | timestamps of `performed ... between` | `conditions.MAX_KEPT_TIMESTAMPS`, the most recent: counts above it are capped | `between_timestamps` |
 | timestamps of `performed ... times N within` | N + 1 (lossless), at most `conditions.MAX_KEPT_TIMESTAMPS` | `window_timestamps` |
 | funnel instances (`sequence` with `match_on`) | `conditions.MAX_SEQUENCE_INSTANCES`, the most recently advanced | `sequence_instances` |
@@ -30,7 +30,8 @@ of the event still counts, and each drop is reported in `UserState.dropped`
 
 The profile's size then depends only on the catalog: with one tracker of each
 kind (tests/unit/test_hostile_input.py) a profile at every bound at once encodes
-to ~225 KB, far below a changelog record's limit.
+to ~240 KB (~14 KB of it the messageIds of the last 24 h), far below a changelog
+record's limit.
 
 `UserState.dropped` is transient (never encoded): None until something is dropped
 during a step (or `fold_history`); the runtime reads it after each and resets it to
@@ -40,16 +41,20 @@ event's `context.traits` carries is counted once per event).
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import zlib
 from typing import Any, final
 
 import orjson
 
-CODEC_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+CODEC_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 NEVER = 1 << 62  # "no deadline": larger than any epoch-ms time
 DEDUP_WINDOW_MS = 24 * 3_600_000
-DEDUP_MAX_IDS = 16
+DEDUP_WINDOW_S = DEDUP_WINDOW_MS // 1000
+DEDUP_HOURS = 24  # whole hours kept before the clock's (see `SeenIds`)
+DEDUP_MAX_IDS = 1024  # messageIds remembered per profile (10 KB in memory)
 
 MAX_TRAITS = 200
 MAX_TRAIT_NAME_BYTES = 128
@@ -112,6 +117,216 @@ def bounded_key(text: str) -> str:
     return "#" + hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def message_digest(message_id: str) -> bytes:
+    """The 64-bit hash `SeenIds` keeps of a messageId: CRC-32 and Adler-32 of its UTF-8,
+    8 bytes little-endian (~0.3 µs; the hash the codec's version 3 kept as an int)."""
+    data = message_id.encode("utf-8", "surrogatepass")
+    return (zlib.crc32(data) | (zlib.adler32(data) << 32)).to_bytes(8, "little")
+
+
+def _by_second(entry: tuple[bytes, int]) -> int:
+    return entry[1]
+
+
+@final
+class SeenIds:
+    """The messageIds a profile counted within the last 24 h, exactly (SPEC §2/§11: the
+    same messageId for the same profile within 24 h counts once, however many other
+    events came between).
+
+    Time is the profile's clock in seconds (`latest_s`: the latest event time seen,
+    duplicates included, see `advance`). An id counted at second c is a duplicate at
+    second `latest_s` while c > latest_s - 86,400. Kept per id: its 64-bit hash
+    (`message_digest`) packed in 8 bytes in `ids`, and the second it counted at as 2
+    bytes in `seconds` (the second within its hour), oldest first, in groups by hour:
+    `hours` is flat [hour, count, hour, count, ...], hours ascending (the clock never
+    goes back, so a new id always joins the last group). Groups of hours more than
+    DEDUP_HOURS before the current one hold only expired ids and are dropped. At most
+    DEDUP_MAX_IDS ids are kept: beyond, the oldest is forgotten (a copy of it would
+    count again) and `add` says so.
+
+    Costs: a lookup is one `bytearray.find` over the packed hashes (C speed, ~1 ns per
+    id kept); adding appends; expired hours are cut from the front. Memory: 10 bytes
+    per id plus two ints per hour; encoded as [latest_s, hours, base64 of the hashes
+    and seconds], ~13 bytes per id. False positives: two different ids of one profile
+    with the same 64-bit hash within one window (at most ~DEDUP_MAX_IDS / 2^64 per
+    event for ids that hash like random strings)."""
+
+    __slots__ = ("hours", "ids", "latest_s", "seconds", "tag")
+
+    def __init__(
+        self,
+        latest_s: int = -1,
+        hours: list[int] | None = None,
+        ids: bytearray | None = None,
+        seconds: bytearray | None = None,
+        tag: str = "",
+    ) -> None:
+        self.latest_s = latest_s
+        self.hours: list[int] = hours if hours is not None else []
+        self.ids: bytearray = ids if ids is not None else bytearray()
+        self.seconds: bytearray = seconds if seconds is not None else bytearray()
+        self.tag = tag  # a backfill's memory: the run it belongs to (see `fold_history`)
+
+    def __len__(self) -> int:
+        return len(self.ids) >> 3
+
+    def advance(self, now_ms: int) -> None:
+        """Move the clock to `now_ms` if it is later, dropping the hours it leaves behind."""
+        now_s = now_ms // 1000
+        if now_s <= self.latest_s:
+            return
+        self.latest_s = now_s
+        hours = self.hours
+        floor = now_s // 3600 - DEDUP_HOURS
+        if hours and hours[0] < floor:
+            index = forgotten = 0
+            while index < len(hours) and hours[index] < floor:
+                forgotten += hours[index + 1]
+                index += 2
+            del hours[:index]
+            del self.ids[: 8 * forgotten]
+            del self.seconds[: 2 * forgotten]
+
+    def contains(self, digest: bytes) -> bool:
+        """Whether `digest` (8 bytes) was counted within 24 h of the clock."""
+        ids = self.ids
+        at = ids.find(digest)
+        while at >= 0:
+            if at & 7:  # straddling two hashes: look further
+                at = ids.find(digest, at + 1)
+                continue
+            if self._second_of(at >> 3) > self.latest_s - DEDUP_WINDOW_S:
+                return True
+            at = ids.find(digest, at + 8)  # expired (in the oldest hour): a later copy?
+        return False
+
+    def _second_of(self, index: int) -> int:
+        seconds = self.seconds
+        within = seconds[2 * index] | (seconds[2 * index + 1] << 8)
+        hours = self.hours
+        for group in range(0, len(hours), 2):
+            if index < hours[group + 1]:
+                return hours[group] * 3600 + within
+            index -= hours[group + 1]
+        return -1
+
+    def add(self, digest: bytes) -> int:
+        """Remember `digest` as counted now (at `latest_s`, after `advance`); returns how
+        many ids within 24 h the bound forgot (0 or 1)."""
+        now_s = self.latest_s
+        hour = now_s // 3600
+        hours = self.hours
+        if hours and hours[-2] == hour:
+            hours[-1] += 1
+        else:
+            hours.append(hour)
+            hours.append(1)
+        ids = self.ids
+        ids.extend(digest)
+        within = now_s - hour * 3600
+        seconds = self.seconds
+        seconds.append(within & 0xFF)
+        seconds.append(within >> 8)
+        if len(ids) <= 8 * DEDUP_MAX_IDS:
+            return 0
+        oldest = self._second_of(0)
+        del ids[:8]
+        del seconds[:2]
+        hours[1] -= 1
+        if not hours[1]:
+            del hours[:2]
+        return int(oldest > now_s - DEDUP_WINDOW_S)  # (an expired id is no loss)
+
+    def entries(self) -> list[tuple[bytes, int]]:
+        """(digest, second counted) of every id kept, oldest first."""
+        out: list[tuple[bytes, int]] = []
+        ids = bytes(self.ids)
+        seconds = self.seconds
+        hours = self.hours
+        index = 0
+        for group in range(0, len(hours), 2):
+            base = hours[group] * 3600
+            for _ in range(hours[group + 1]):
+                within = seconds[2 * index] | (seconds[2 * index + 1] << 8)
+                out.append((ids[8 * index : 8 * index + 8], base + within))
+                index += 1
+        return out
+
+    def union(self, other: SeenIds) -> int:
+        """Add the ids of `other` (an id in both keeps its later second) and take the
+        later clock; returns how many ids the bound forgot."""
+        latest: dict[bytes, int] = {}
+        for digest, second in self.entries() + other.entries():
+            if latest.get(digest, -1) < second:
+                latest[digest] = second
+        now_s = max(self.latest_s, other.latest_s)
+        horizon = now_s - DEDUP_WINDOW_S
+        kept = sorted((e for e in latest.items() if e[1] > horizon), key=_by_second)
+        forgotten = max(0, len(kept) - DEDUP_MAX_IDS)
+        self.latest_s = now_s
+        self.hours = []
+        self.ids = bytearray()
+        self.seconds = bytearray()
+        for digest, second in kept[forgotten:]:
+            self._insert(digest, second)
+        return forgotten
+
+    def _insert(self, digest: bytes, second: int) -> None:
+        """Append an id counted at `second` (not before the last one kept)."""
+        hour = second // 3600
+        hours = self.hours
+        if hours and hours[-2] == hour:
+            hours[-1] += 1
+        else:
+            hours.append(hour)
+            hours.append(1)
+        self.ids.extend(digest)
+        within = second - hour * 3600
+        self.seconds.append(within & 0xFF)
+        self.seconds.append(within >> 8)
+
+    def to_json(self) -> list[Any]:
+        if not self.ids:
+            return []  # (nothing to compare with: the clock need not be kept)
+        encoded = base64.b64encode(self.ids + self.seconds).decode("ascii")
+        if self.tag:
+            return [self.latest_s, self.hours, encoded, self.tag]
+        return [self.latest_s, self.hours, encoded]
+
+    @classmethod
+    def from_json(cls, data: list[Any]) -> SeenIds:
+        """Raises ValueError or TypeError on data that is not of this shape."""
+        if not data:
+            return cls()
+        latest_s, hours = data[0], data[1]
+        packed = base64.b64decode(data[2], validate=True)
+        tag = data[3] if len(data) > 3 else ""
+        if type(latest_s) is not int or type(hours) is not list or len(hours) & 1:
+            raise ValueError("malformed messageId memory")
+        count = sum(hours[1::2])
+        if 10 * count != len(packed) or type(tag) is not str:
+            raise ValueError("malformed messageId memory")
+        ids = bytearray(packed[: 8 * count])
+        return cls(latest_s, hours, ids, bytearray(packed[8 * count :]), tag)
+
+    @classmethod
+    def from_legacy(cls, flat: list[int], clock_ms: int) -> SeenIds:
+        """The codec's versions 2 and 3 kept the last 16 ids as [hash, event seconds, ...]:
+        each counts from its event time, those still within 24 h of `clock_ms`."""
+        seen = cls()
+        pairs = sorted(zip(flat[0::2], flat[1::2], strict=False), key=_second)
+        for digest, second in pairs:
+            seen.advance(second * 1000)
+            seen.add(digest.to_bytes(8, "little"))
+        seen.advance(clock_ms)
+        return seen
+
+
+def _second(pair: tuple[int, int]) -> int:
+    return pair[1]
+
+
 @final
 class Membership:
     """One audience's membership of one user."""
@@ -151,9 +366,10 @@ class UserState:
         "computed",
         "dropped",
         "generation",
+        "history_seen",
         "members",
         "merged_into",
-        "recent_ids",
+        "seen",
         "trackers",
         "trait_times",
         "traits",
@@ -169,7 +385,10 @@ class UserState:
         self.trait_times: dict[str, int] = {}  # per trait: time of the value (for merges)
         self.trackers: dict[str, Any] = {}
         self.members: dict[str, Membership] = {}
-        self.recent_ids: list[int] = []  # flat [messageId hash, event seconds, ...] for dedup
+        self.seen = SeenIds()  # messageIds counted within 24 h (duplicates are dropped)
+        # While a backfill folds history (`fold_history`): the ids it folded within 24 h
+        # of its own history clock; dropped when the full catalog is adopted.
+        self.history_seen: SeenIds | None = None
         self.catalog_fingerprint = ""
         self.wake_ms = NEVER  # earliest time any audience or trait may change without input
         self.computed: dict[str, list[Any]] = {}  # trait key -> [value, seq, wake_ms (0=never)]
@@ -220,7 +439,7 @@ class UserState:
 
     def to_json(self) -> list[Any]:
         """The codec's JSON value (also carried by identity-merge records)."""
-        return [
+        fields = [
             CODEC_VERSION,
             int(self.anonymous),
             self.clock_ms,
@@ -231,7 +450,7 @@ class UserState:
                 k: [int(m.member), m.since_ms, m.seq, 0 if m.wake_ms == NEVER else m.wake_ms]
                 for k, m in self.members.items()
             },
-            self.recent_ids,
+            self.seen.to_json(),
             self.catalog_fingerprint,
             self.computed,
             self.aliases,
@@ -239,6 +458,9 @@ class UserState:
             self.generation,
             self.trait_times,
         ]
+        if self.history_seen is not None:
+            fields.append(self.history_seen.to_json())
+        return fields
 
     @classmethod
     def decode(cls, data: bytes) -> UserState:
@@ -256,7 +478,6 @@ class UserState:
         state.members = {
             k: Membership(bool(v[0]), v[1], v[2], v[3] or NEVER) for k, v in fields[6].items()
         }
-        state.recent_ids = fields[7]
         state.catalog_fingerprint = fields[8]
         if fields[0] >= 3:
             state.computed = fields[9]
@@ -264,5 +485,11 @@ class UserState:
             state.merged_into = fields[11]
             state.generation = fields[12]
             state.trait_times = fields[13]
+        if fields[0] >= 4:
+            state.seen = SeenIds.from_json(fields[7])
+            if len(fields) > 14:
+                state.history_seen = SeenIds.from_json(fields[14])
+        else:
+            state.seen = SeenIds.from_legacy(fields[7], state.clock_ms)
         state.refresh_wake()
         return state
