@@ -561,13 +561,20 @@ def fold_history(
     a profile whose events are in time order, exactly so); the profile's clock, traits
     and memberships are left alone. Duplicates are dropped as `step` drops them, with a
     memory of the run's own (`UserState.history_seen`, tagged with the fingerprint of
-    `catalog`: a new run starts afresh), whose clock is the latest event time folded:
-    a re-sent event in the log is folded once (only events these trackers take are
-    remembered: a copy is expected to be the same event). Control records and forwarding stubs of
-    merged profiles fold nothing. What a bound drops is counted in `state.dropped`, as
-    in `step`."""
+    `catalog`: a new run starts afresh), whose clock is the latest event time of the
+    history so far: a re-sent event in the log is folded once (only the ids of events
+    these trackers take are remembered: a copy is expected to be the same event).
+    Control records and forwarding stubs of merged profiles fold nothing. What a bound
+    drops is counted in `state.dropped`, as in `step`."""
     if state.merged_into is not None or event.type in CONTROL_TYPES:
         return False
+    now = event.timestamp_ms
+    history = state.history_seen
+    if history is None or history.tag != catalog.fingerprint:
+        history = state.history_seen = SeenIds(tag=catalog.fingerprint)
+    before_s = history.latest_s
+    history.advance(now)  # (every event moves its clock, as every event moves the profile's)
+    changed = history.latest_s != before_s
     route = route_of(event.type, event.name)
     folded: list[Tracker] = []
     for tracker in catalog.trackers.values():  # (in catalog order: deterministic)
@@ -577,15 +584,11 @@ def fold_history(
         if (route is not None and route in events) or ALL_EVENTS in events:
             folded.append(tracker)
     if not folded:
-        return False
-    now = event.timestamp_ms
+        return changed
     if event.message_id is not None:
-        history = state.history_seen
-        if history is None or history.tag != catalog.fingerprint:
-            history = state.history_seen = SeenIds(tag=catalog.fingerprint)
         if _seen_before(state, history, message_digest(event.message_id), now):
-            return False
-    changed = event.message_id is not None  # (the memory changed)
+            return changed
+        changed = True
     for tracker in folded:
         changed = tracker.update(state, event, now) or changed
     return changed
