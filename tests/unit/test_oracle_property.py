@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from audiences.core.definitions import build_catalog, validate_definition
 from audiences.core.evaluator import Transition
 from audiences.core.events import Event, parse_event
-from audiences.core.oracle import is_member
+from audiences.core.oracle import is_member, without_duplicates
 
 S = 1_000
 EVENTS = ["Checkout Started", "Order Completed", "Product Viewed"]
@@ -166,3 +166,85 @@ def test_engine_matches_oracle(draws: list[tuple[int, dict[str, Any], bool]]) ->
             engine = next((e for at, e in reversed(timeline) if at <= probe), False)
             expected = is_member(DOCS, key, history, probe)
             assert engine == expected, (key, probe, timeline)
+
+
+# -- re-sent duplicates (SPEC §11): the oracle drops them from the log alone -------------
+
+BIG_GAPS = [23 * 3600, 86_399, 86_400, 86_401, 25 * 3600]  # seconds: around the 24 h
+gap_strategy = st.one_of(
+    st.integers(0, 25), st.integers(0, 25), st.integers(0, 25), st.sampled_from(BIG_GAPS)
+)
+resent_strategy = st.lists(
+    st.tuples(gap_strategy, raw_event, st.booleans(), st.none() | st.integers(0, 1000)),
+    min_size=1,
+    max_size=30,
+)
+
+
+def build_history_with_copies(
+    draws: list[tuple[int, dict[str, Any], bool, int | None]],
+) -> list[Event]:
+    """Events, some of them copies of earlier ones (the same messageId and content)
+    re-sent later, stamped when re-sent: 23 h to 25 h later too."""
+    events, sent, now = [], [], 1_000_000 * S
+    for index, (gap_s, raw, known, copy) in enumerate(draws):
+        now += gap_s * S
+        if copy is not None and sent:
+            body = dict(sent[copy % len(sent)], timestamp=now)
+        else:
+            body = dict(raw, messageId=f"m{index}", timestamp=now, anonymousId="anon1")
+            if known:
+                body["userId"] = "u1"
+            sent.append(body)
+        events.append(parse_event(body, now))
+    return events
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(resent_strategy)
+def test_engine_matches_oracle_with_resent_duplicates(
+    draws: list[tuple[int, dict[str, Any], bool, int | None]],
+) -> None:
+    history = build_history_with_copies(draws)
+    changes = run_engine(history)
+    probes = {e.timestamp_ms for e in history} | {at for at, _, _ in changes}
+    probes |= {p - 1 for p in probes} | {history[-1].timestamp_ms + 200 * S}
+    for key in DOCS:
+        timeline = [(at, entered) for at, k, entered in changes if k == key]
+        for probe in sorted(probes):
+            engine = next((e for at, e in reversed(timeline) if at <= probe), False)
+            expected = is_member(DOCS, key, history, probe)
+            assert engine == expected, (key, probe, timeline)
+
+
+def test_the_oracle_drops_copies_within_24_hours_of_the_profile_clock() -> None:
+    """The rule the property above holds the engine to, on a known log."""
+    body = {"type": "track", "event": "Order Completed", "userId": "u1"}
+
+    def event(message_id: str, at_s: int) -> Event:
+        return parse_event(dict(body, messageId=message_id, timestamp=at_s * S), at_s * S)
+
+    t = 1_000_000
+    log = [
+        event("a", t),
+        event("b", t + 10),
+        *[event(f"x{i}", t + 20 + i) for i in range(40)],  # many events between
+        event("a", t + 100),  # dropped
+        event("c", t + 86_399),
+        event("a", t),  # (its own old time) dropped: the clock says 86,399 s later
+        event("a", t + 86_400),  # 24 h after "a" counted: counts again
+        event("a", t + 86_401),  # dropped: "a" counted again 1 s ago
+        event("b", t + 86_409),  # dropped: "b" counted at t + 10, 86,399 s ago
+        event("b", t + 86_410),  # counts: 86,400 s
+    ]
+    kept = without_duplicates(log)
+    assert [
+        (e.message_id, e.timestamp_ms // S - t) for e in kept if not e.message_id.startswith("x")
+    ] == [
+        ("a", 0),
+        ("b", 10),
+        ("c", 86_399),
+        ("a", 86_400),
+        ("b", 86_410),
+    ]
+    assert len(kept) == 45
