@@ -227,10 +227,16 @@ raw_event = st.fixed_dictionaries(
 )
 
 
-def history_of(draws: list[tuple[int, dict[str, Any]]]) -> list[Event]:
-    events, now = [], T0
-    for index, (gap_s, raw) in enumerate(draws):
+def history_of(draws: list[tuple[int, dict[str, Any], int | None]]) -> list[Event]:
+    """Events; where a draw names an earlier one, that event re-sent as it was (the same
+    messageId, content and time: within 24 h, a duplicate live and in the backfill)."""
+    events: list[Event] = []
+    now = T0
+    for index, (gap_s, raw, copy) in enumerate(draws):
         now += gap_s * S
+        if copy is not None and events:
+            events.append(events[copy % len(events)])
+            continue
         body = {"type": "track", "userId": "u1", "messageId": f"m{index}", "timestamp": now}
         events.append(parse_event(body | raw, now))
     return events
@@ -270,11 +276,15 @@ class Profile:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.lists(st.tuples(st.integers(0, 12), raw_event), min_size=1, max_size=30),
+    st.lists(
+        st.tuples(st.integers(0, 12), raw_event, st.none() | st.none() | st.integers(0, 30)),
+        min_size=1,
+        max_size=30,
+    ),
     st.data(),
 )
 def test_backfill_then_switch_gives_what_the_full_history_implies(
-    draws: list[tuple[int, dict[str, Any]]], data: st.DataObject
+    draws: list[tuple[int, dict[str, Any], int | None]], data: st.DataObject
 ) -> None:
     history = history_of(draws)
     first = data.draw(st.integers(0, len(history)), "new definitions applied before event #")
