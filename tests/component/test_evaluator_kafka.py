@@ -283,3 +283,47 @@ def test_deleting_a_user_deletes_its_linked_anonymous_profile_through_kafka(
     assert engine.evaluator is not None
     for partition in engine.evaluator.partitions.values():
         assert b"a1" not in partition.cache and b"u1" not in partition.cache
+
+
+@pytest.mark.parametrize("wipe", [False, True], ids=["same-data-dir", "wiped-data-dir"])
+def test_a_resent_batch_of_17_does_not_make_a_gte_audience_enter(
+    engine: Engine, wipe: bool
+) -> None:
+    """SPEC §11 (issue 11's probe): the same messageIds re-sent, with other events
+    between, count once — before and after a restart (the memory lives in the profile:
+    RocksDB, or the changelog when the data dir is gone)."""
+    from prometheus_client import REGISTRY
+
+    def duplicates() -> float:
+        return REGISTRY.get_sample_value("audiences_events_duplicate_total") or 0.0
+
+    def orders(n: int) -> dict[str, object]:
+        condition = {"performed": {"event": "Order Completed", "times": {"gte": n}}}
+        return {"key": f"orders_{n}", "condition": condition}
+
+    engine.apply(orders(17), orders(20))
+    engine.start()
+    before = duplicates()
+    batch = [track("r", "Order Completed", T0 + i * S, revenue=i) for i in range(17)]
+    engine.send(*batch)
+    engine.send(*(track("r", "Product Viewed", T0 + M + i * S) for i in range(5)))
+    engine.send(*batch)  # the client re-sends the whole batch
+    engine.send(*(track("r", "Order Completed", T0 + H + i * S) for i in range(2)))  # 19
+    engine.settle()
+    assert [(o["properties"]["audience_key"], o["event"]) for o in engine.outputs(1)] == [
+        ("orders_17", "Audience Entered")
+    ]
+    assert duplicates() - before == 17
+    engine.stop()
+    if wipe:
+        shutil.rmtree(engine.settings.data_dir)
+    engine.start()
+    engine.send(*batch)  # again, after the restart
+    engine.send(track("r", "Order Completed", T0 + 2 * H))  # the 20th order
+    outputs = engine.outputs(2)
+    assert [(o["properties"]["audience_key"], o["event"]) for o in outputs] == [
+        ("orders_17", "Audience Entered"),
+        ("orders_20", "Audience Entered"),
+    ]
+    assert outputs[1]["timestamp"] == format_iso(T0 + 2 * H)
+    assert duplicates() - before == 34
