@@ -424,6 +424,59 @@ def test_new_audiences_backfill_from_retained_events_without_a_storm(
     ]
 
 
+def test_a_backfill_folds_a_resent_batch_in_history_once(engine: Engine, tmp_path: Any) -> None:
+    """A re-sent batch in the retained log (dropped live) is counted once by a newly
+    added `performed ... times` audience (its history is replayed, deduplicated too)."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    engine.apply({"key": "viewers", "condition": {"performed": {"event": "Product Viewed"}}})
+    engine.start()
+    batch = [track("r1", "Order Completed", T0 + n * S, revenue=n) for n in range(17)]
+    engine.send(*batch)
+    engine.send(*(track("r1", "Product Viewed", T0 + M + n * S) for n in range(5)))
+    engine.send(*batch)  # re-sent: duplicates
+    assert [o["event"] for o in engine.outputs(1)] == ["Audience Entered"]  # viewers
+    engine.settle()
+    path = tmp_path / "orders.json"
+    path.write_text(
+        orjson.dumps(
+            [
+                {
+                    "key": f"orders_{n}",
+                    "condition": {"performed": {"event": "Order Completed", "times": {"gte": n}}},
+                }
+                for n in (17, 20)
+            ]
+        ).decode()
+    )
+    env = {
+        **os.environ,
+        **{
+            f"AUDIENCES_{f.name.upper()}": str(getattr(engine.settings, f.name))
+            for f in dataclasses.fields(engine.settings)
+        },
+    }
+    applied = subprocess.run(
+        [sys.executable, "-m", "audiences", "apply", "-f", str(path), "--wait", "--timeout", "60"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert "backfill done" in applied.stdout
+    assert transitions(engine.outputs(2))[1:] == [
+        ("r1", "orders_17", "Entered", format_iso(T0 + M + 4 * S))  # 17 orders, not 34
+    ]
+    engine.send(*(track("r1", "Order Completed", T0 + H + n * S) for n in range(3)))
+    assert transitions(engine.outputs(3))[2:] == [
+        ("r1", "orders_20", "Entered", format_iso(T0 + H + 2 * S))  # the 20th
+    ]
+
+
 def test_audience_sizes_and_profile_counts_are_exported(engine: Engine) -> None:
     from prometheus_client import REGISTRY
 
