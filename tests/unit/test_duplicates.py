@@ -10,11 +10,19 @@ from typing import Any
 import factories
 import orjson
 from factories import T0, H, M, S, audience, catalog_of, event_dict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from audiences.core.definitions.catalog import Catalog
 from audiences.core.evaluator import Output, StepResult, Transition, fold_history, step
 from audiences.core.events import Event, parse_event
-from audiences.core.state import DEDUP_MAX_IDS, UserState
+from audiences.core.state import (
+    DEDUP_MAX_IDS,
+    FILTER_REBUILD_AFTER,
+    SeenIds,
+    UserState,
+    message_hash,
+)
 
 
 def orders(n: int) -> dict[str, Any]:
@@ -214,3 +222,43 @@ def test_a_new_backfill_run_starts_with_an_empty_memory() -> None:
     assert fold_history(state.state, order(T0, "o1"), first.with_pending(run1), run1)
     run2 = frozenset(second.trackers) - frozenset(base.trackers)
     assert fold_history(state.state, order(T0, "o1"), second.with_pending(run2), run2)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0, 0, 1, 60, 3600, 86_399, 86_400, 86_401]),  # seconds later
+            st.integers(0, 299),  # which id
+            st.booleans(),  # through the codec first
+        ),
+        min_size=1,
+        max_size=600,
+    )
+)
+def test_seen_ids_agree_with_a_plain_dict_of_when_each_id_counted(
+    ops: list[tuple[int, int, bool]],
+) -> None:
+    """The packed memory (scan below FILTER_FROM_IDS ids, the bit filter above, through
+    the codec or not) answers as the rule says, read off a dict."""
+    seen, counted_at, now_s = SeenIds(), {}, 1_700_000_000
+    for later_s, which, encode in ops:
+        now_s += later_s
+        if encode:
+            seen = SeenIds.from_json(orjson.loads(orjson.dumps(seen.to_json())))
+        seen.advance(now_s * 1000)
+        expected = which in counted_at and counted_at[which] > now_s - 86_400
+        assert (seen.remember(message_hash(f"id-{which}")) < 0) == expected
+        if not expected:
+            counted_at[which] = now_s
+
+
+def test_the_filter_is_rebuilt_and_a_full_memory_still_answers_exactly() -> None:
+    seen = SeenIds()
+    seen.advance(1_700_000_000_000)
+    for n in range(FILTER_REBUILD_AFTER + 2 * DEDUP_MAX_IDS):
+        assert seen.remember(message_hash(f"n{n}")) == (n >= DEDUP_MAX_IDS)  # (forgot one)
+    last = FILTER_REBUILD_AFTER + 2 * DEDUP_MAX_IDS - 1
+    assert len(seen) == DEDUP_MAX_IDS and seen.filter is not None
+    assert all(seen.remember(message_hash(f"n{last - k}")) < 0 for k in range(DEDUP_MAX_IDS))
+    assert seen.remember(message_hash(f"n{last - DEDUP_MAX_IDS}")) == 1  # forgotten: new

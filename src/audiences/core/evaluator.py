@@ -39,7 +39,7 @@ from audiences.core.state import (
     SeenIds,
     UserState,
     json_size,
-    message_digest,
+    message_hash,
     string_fits,
 )
 
@@ -143,16 +143,15 @@ def _is_duplicate(state: UserState, event: Event, now: int) -> bool:
     depends on the log alone."""
     if event.message_id is None:
         return False
-    return _seen_before(state, state.seen, message_digest(event.message_id), now)
+    return _seen_before(state, state.seen, message_hash(event.message_id), now)
 
 
-def _seen_before(state: UserState, seen: SeenIds, digest: bytes, now: int) -> bool:
+def _seen_before(state: UserState, seen: SeenIds, digest: int, now: int) -> bool:
     seen.advance(now)
-    if seen.contains(digest):
-        return True
-    if seen.add(digest):
+    forgotten = seen.remember(digest)
+    if forgotten > 0:
         state.drop("recent_ids")  # DEDUP_MAX_IDS within 24 h: the oldest is forgotten
-    return False
+    return forgotten < 0
 
 
 def _fold_traits(state: UserState, event: Event) -> bool:
@@ -586,7 +585,7 @@ def fold_history(
     if not folded:
         return changed
     if event.message_id is not None:
-        if _seen_before(state, history, message_digest(event.message_id), now):
+        if _seen_before(state, history, message_hash(event.message_id), now):
             return changed
         changed = True
     for tracker in folded:

@@ -55,6 +55,13 @@ DEDUP_WINDOW_MS = 24 * 3_600_000
 DEDUP_WINDOW_S = DEDUP_WINDOW_MS // 1000
 DEDUP_HOURS = 24  # whole hours kept before the clock's (see `SeenIds`)
 DEDUP_MAX_IDS = 1024  # messageIds remembered per profile (10 KB in memory)
+# Above FILTER_FROM_IDS ids, a lookup first reads two bits of a FILTER_BYTES filter
+# (rebuilt after FILTER_REBUILD_AFTER ids): a new id scans the hashes only when both
+# are set (~2% at the bound), so a lookup costs O(1), not a scan of up to 8 KB.
+FILTER_FROM_IDS = 64
+FILTER_BYTES = 4096
+FILTER_REBUILD_AFTER = 2 * DEDUP_MAX_IDS
+_FILTER_MASK = 8 * FILTER_BYTES - 1
 
 MAX_TRAITS = 200
 MAX_TRAIT_NAME_BYTES = 128
@@ -117,11 +124,11 @@ def bounded_key(text: str) -> str:
     return "#" + hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def message_digest(message_id: str) -> bytes:
-    """The 64-bit hash `SeenIds` keeps of a messageId: CRC-32 and Adler-32 of its UTF-8,
-    8 bytes little-endian (~0.3 µs; the hash the codec's version 3 kept as an int)."""
+def message_hash(message_id: str) -> int:
+    """The 64-bit hash `SeenIds` keeps of a messageId: CRC-32 and Adler-32 of its UTF-8
+    (~0.3 µs; the hash the codec's version 3 kept)."""
     data = message_id.encode("utf-8", "surrogatepass")
-    return (zlib.crc32(data) | (zlib.adler32(data) << 32)).to_bytes(8, "little")
+    return zlib.crc32(data) | (zlib.adler32(data) << 32)
 
 
 def _by_second(entry: tuple[bytes, int]) -> int:
@@ -137,7 +144,7 @@ class SeenIds:
     Time is the profile's clock in seconds (`latest_s`: the latest event time seen,
     duplicates included, see `advance`). An id counted at second c is a duplicate at
     second `latest_s` while c > latest_s - 86,400. Kept per id: its 64-bit hash
-    (`message_digest`) packed in 8 bytes in `ids`, and the second it counted at as 2
+    (`message_hash`) packed in 8 bytes in `ids`, and the second it counted at as 2
     bytes in `seconds` (the second within its hour), oldest first, in groups by hour:
     `hours` is flat [hour, count, hour, count, ...], hours ascending (the clock never
     goes back, so a new id always joins the last group). Groups of hours more than
@@ -145,14 +152,17 @@ class SeenIds:
     DEDUP_MAX_IDS ids are kept: beyond, the oldest is forgotten (a copy of it would
     count again) and `add` says so.
 
-    Costs: a lookup is one `bytearray.find` over the packed hashes (C speed, ~1 ns per
-    id kept); adding appends; expired hours are cut from the front. Memory: 10 bytes
-    per id plus two ints per hour; encoded as [latest_s, hours, base64 of the hashes
-    and seconds], ~13 bytes per id. False positives: two different ids of one profile
+    Costs, per event O(1): up to FILTER_FROM_IDS ids a lookup is a `bytearray.find`
+    over the packed hashes (C speed, at most 512 bytes); beyond, a bit filter answers
+    for almost every new id (see FILTER_FROM_IDS); a duplicate is confirmed by the
+    scan. Adding appends; expired hours are cut from the front. Memory: 10 bytes per
+    id plus two ints per hour (plus the transient filter, FILTER_BYTES, for a profile
+    with more than FILTER_FROM_IDS ids); encoded as [latest_s, hours, base64 of the
+    hashes and seconds], ~13.3 bytes per id. False positives: two different ids of one profile
     with the same 64-bit hash within one window (at most ~DEDUP_MAX_IDS / 2^64 per
     event for ids that hash like random strings)."""
 
-    __slots__ = ("hours", "ids", "latest_s", "seconds", "tag")
+    __slots__ = ("filter", "filtered", "hours", "ids", "latest_s", "seconds", "tag")
 
     def __init__(
         self,
@@ -167,6 +177,10 @@ class SeenIds:
         self.ids: bytearray = ids if ids is not None else bytearray()
         self.seconds: bytearray = seconds if seconds is not None else bytearray()
         self.tag = tag  # a backfill's memory: the run it belongs to (see `fold_history`)
+        # Transient (never encoded): a bit filter in front of the scan, built once
+        # FILTER_FROM_IDS ids are kept, and how many ids it took since it was built.
+        self.filter: bytearray | None = None
+        self.filtered = 0
 
     def __len__(self) -> int:
         return len(self.ids) >> 3
@@ -187,33 +201,32 @@ class SeenIds:
             del hours[:index]
             del self.ids[: 8 * forgotten]
             del self.seconds[: 2 * forgotten]
+            # (the filter keeps their bits: a false positive costs a scan, not a result)
 
-    def contains(self, digest: bytes) -> bool:
-        """Whether `digest` (8 bytes) was counted within 24 h of the clock."""
+    def remember(self, digest: int) -> int:
+        """-1 if the id of hash `digest` was counted within 24 h of the clock (a
+        duplicate: nothing changes); else it is remembered as counted now (at
+        `latest_s`, after `advance`) and the result is how many ids within 24 h the
+        bound forgot (0 or 1)."""
+        data = digest.to_bytes(8, "little")
         ids = self.ids
-        at = ids.find(digest)
-        while at >= 0:
-            if at & 7:  # straddling two hashes: look further
-                at = ids.find(digest, at + 1)
-                continue
-            if self._second_of(at >> 3) > self.latest_s - DEDUP_WINDOW_S:
-                return True
-            at = ids.find(digest, at + 8)  # expired (in the oldest hour): a later copy?
-        return False
-
-    def _second_of(self, index: int) -> int:
-        seconds = self.seconds
-        within = seconds[2 * index] | (seconds[2 * index + 1] << 8)
-        hours = self.hours
-        for group in range(0, len(hours), 2):
-            if index < hours[group + 1]:
-                return hours[group] * 3600 + within
-            index -= hours[group + 1]
-        return -1
-
-    def add(self, digest: bytes) -> int:
-        """Remember `digest` as counted now (at `latest_s`, after `advance`); returns how
-        many ids within 24 h the bound forgot (0 or 1)."""
+        bits = self.filter
+        if bits is None and len(ids) >= 8 * FILTER_FROM_IDS:
+            bits = self._build_filter()
+        if bits is None:
+            if self._kept(data):
+                return -1
+        else:
+            low = digest & _FILTER_MASK
+            high = (digest >> 16) & _FILTER_MASK
+            both = (bits[low >> 3] >> (low & 7)) & 1 and (bits[high >> 3] >> (high & 7)) & 1
+            if both and self._kept(data):  # (scanned for ~2% of new ids: false positives)
+                return -1
+            bits[low >> 3] |= 1 << (low & 7)
+            bits[high >> 3] |= 1 << (high & 7)
+            self.filtered += 1
+            if self.filtered > FILTER_REBUILD_AFTER:
+                self.filter = None  # (full of forgotten ids: rebuilt when next needed)
         now_s = self.latest_s
         hour = now_s // 3600
         hours = self.hours
@@ -222,8 +235,7 @@ class SeenIds:
         else:
             hours.append(hour)
             hours.append(1)
-        ids = self.ids
-        ids.extend(digest)
+        ids.extend(data)
         within = now_s - hour * 3600
         seconds = self.seconds
         seconds.append(within & 0xFF)
@@ -237,6 +249,44 @@ class SeenIds:
         if not hours[1]:
             del hours[:2]
         return int(oldest > now_s - DEDUP_WINDOW_S)  # (an expired id is no loss)
+
+    def _kept(self, data: bytes) -> bool:
+        """Whether the hash `data` (8 bytes) is kept and was counted within 24 h: a scan
+        of the packed hashes (C speed) for a match at a multiple of 8 bytes."""
+        ids = self.ids
+        at = ids.find(data)
+        while at >= 0:
+            if at & 7:  # straddling two hashes: look further
+                at = ids.find(data, at + 1)
+                continue
+            if self._second_of(at >> 3) > self.latest_s - DEDUP_WINDOW_S:
+                return True
+            at = ids.find(data, at + 8)  # expired (in the oldest hour): a later copy?
+        return False
+
+    def _build_filter(self) -> bytearray:
+        """The bit filter of the ids kept (two bits of each hash)."""
+        bits = bytearray(FILTER_BYTES)
+        ids = self.ids
+        for at in range(0, len(ids), 8):
+            digest = int.from_bytes(ids[at : at + 8], "little")
+            low = digest & _FILTER_MASK
+            high = (digest >> 16) & _FILTER_MASK
+            bits[low >> 3] |= 1 << (low & 7)
+            bits[high >> 3] |= 1 << (high & 7)
+        self.filter = bits
+        self.filtered = len(ids) >> 3
+        return bits
+
+    def _second_of(self, index: int) -> int:
+        seconds = self.seconds
+        within = seconds[2 * index] | (seconds[2 * index + 1] << 8)
+        hours = self.hours
+        for group in range(0, len(hours), 2):
+            if index < hours[group + 1]:
+                return hours[group] * 3600 + within
+            index -= hours[group + 1]
+        return -1
 
     def entries(self) -> list[tuple[bytes, int]]:
         """(digest, second counted) of every id kept, oldest first."""
@@ -268,6 +318,7 @@ class SeenIds:
         self.hours = []
         self.ids = bytearray()
         self.seconds = bytearray()
+        self.filter = None
         for digest, second in kept[forgotten:]:
             self._insert(digest, second)
         return forgotten
@@ -318,7 +369,7 @@ class SeenIds:
         pairs = sorted(zip(flat[0::2], flat[1::2], strict=False), key=_second)
         for digest, second in pairs:
             seen.advance(second * 1000)
-            seen.add(digest.to_bytes(8, "little"))
+            seen.remember(digest)
         seen.advance(clock_ms)
         return seen
 
