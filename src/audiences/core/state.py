@@ -62,6 +62,7 @@ FILTER_FROM_IDS = 64
 FILTER_BYTES = 4096
 FILTER_REBUILD_AFTER = 2 * DEDUP_MAX_IDS
 _FILTER_MASK = 8 * FILTER_BYTES - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: the filter's bits depend on all 64
 
 MAX_TRAITS = 200
 MAX_TRAIT_NAME_BYTES = 128
@@ -217,8 +218,9 @@ class SeenIds:
             if self._kept(data):
                 return -1
         else:
-            low = digest & _FILTER_MASK
-            high = (digest >> 16) & _FILTER_MASK
+            mixed = digest * _GOLDEN  # (CRC bits of similar ids are not independent)
+            low = (mixed >> 64) & _FILTER_MASK
+            high = (mixed >> 96) & _FILTER_MASK
             both = (bits[low >> 3] >> (low & 7)) & 1 and (bits[high >> 3] >> (high & 7)) & 1
             if both and self._kept(data):  # (scanned for ~2% of new ids: false positives)
                 return -1
@@ -242,7 +244,7 @@ class SeenIds:
         seconds.append(within >> 8)
         if len(ids) <= 8 * DEDUP_MAX_IDS:
             return 0
-        oldest = self._second_of(0)
+        oldest = hours[0] * 3600 + (seconds[0] | (seconds[1] << 8))
         del ids[:8]
         del seconds[:2]
         hours[1] -= 1
@@ -265,13 +267,13 @@ class SeenIds:
         return False
 
     def _build_filter(self) -> bytearray:
-        """The bit filter of the ids kept (two bits of each hash)."""
+        """The bit filter of the ids kept (two bit positions from each hash, mixed)."""
         bits = bytearray(FILTER_BYTES)
         ids = self.ids
         for at in range(0, len(ids), 8):
-            digest = int.from_bytes(ids[at : at + 8], "little")
-            low = digest & _FILTER_MASK
-            high = (digest >> 16) & _FILTER_MASK
+            mixed = int.from_bytes(ids[at : at + 8], "little") * _GOLDEN
+            low = (mixed >> 64) & _FILTER_MASK
+            high = (mixed >> 96) & _FILTER_MASK
             bits[low >> 3] |= 1 << (low & 7)
             bits[high >> 3] |= 1 << (high & 7)
         self.filter = bits
