@@ -13,7 +13,16 @@ that no longer owns the partition answers 503 (retry). Audience members and
 previews are computed partition by partition on their owners, members paged with
 an opaque cursor.
 
-Errors are JSON `{"error": message}`: 400 unreadable request, 404 unknown
+Every route except `/healthz`, `/readyz` and `/metrics` (those of the Faust web server
+included) needs `Authorization: Bearer TOKEN` with a token of AUDIENCES_API_TOKENS whose
+scope suffices (`auth.required_scope`): 401 + `WWW-Authenticate: Bearer` without a valid
+token, 403 for a weaker scope. Tokens are compared in constant time, each one, so the
+timing of a request tells neither a token nor which one matched. Worker-to-worker calls
+(forwarded reads, internal partition queries) send the first configured token; internal
+routes need only `read`. With no tokens configured the API is open, and the worker binds
+to loopback only (`Settings.web_bind_host`).
+
+Errors are JSON `{"error": message}`: 400 unreadable request, 401/403 above, 404 unknown
 audience, trait or user, 409 key used by the other kind of definition, 422
 invalid definition (with `path` and `suggestion`), 503 Kafka or the owning
 worker unavailable (retry).
@@ -37,6 +46,7 @@ from aiohttp import web
 from confluent_kafka import KafkaException, Producer
 from yarl import URL
 
+from audiences.adapters.http.auth import auth_middleware
 from audiences.adapters.http.openapi import OPENAPI
 from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import Topics
@@ -120,9 +130,14 @@ class ManagementApi:
         self.clock = clock
         self.url = registry.url if registry is not None else settings.advertised_url
         self._session: aiohttp.ClientSession | None = None
+        self._tokens = settings.api_token_list()
+        internal = settings.internal_token
+        self._internal_auth = {"Authorization": f"Bearer {internal}"} if internal else {}
 
     def register(self, app: web.Application) -> None:
-        """Add every route of the API to an aiohttp application."""
+        """Add every route of the API to an aiohttp application, and the token check in
+        front of every route of that application (SPEC §8)."""
+        app.middlewares.append(auth_middleware(self._tokens))
         router = app.router
         for kind in ("audiences", "traits"):
             router.add_get(f"/v1/{kind}", self._list(kind))
@@ -468,7 +483,7 @@ class ManagementApi:
         return self._session
 
     async def _forward(self, request: web.Request, url: str) -> web.StreamResponse:
-        headers = {FORWARDED: self.url}
+        headers = {FORWARDED: self.url, **self._internal_auth}
         if request.content_type:
             headers["Content-Type"] = request.content_type
         try:
@@ -500,7 +515,11 @@ class ManagementApi:
                 url + path,
                 params=params,
                 data=orjson.dumps(body) if body is not None else None,
-                headers={FORWARDED: self.url, "Content-Type": "application/json"},
+                headers={
+                    FORWARDED: self.url,
+                    "Content-Type": "application/json",
+                    **self._internal_auth,
+                },
             ) as response:
                 raw = await response.read()
                 if response.status != 200:

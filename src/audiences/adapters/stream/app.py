@@ -82,14 +82,27 @@ class AudiencesApp(faust.App):
 
 
 def create_app(settings: Settings, ready: Callable[[], bool]) -> AudiencesApp:
-    """The Faust app of one worker process, with /healthz, /readyz (`ready`) and /metrics."""
+    """The Faust app of one worker process, with /healthz, /readyz (`ready`) and /metrics.
+
+    Its web server (the management API's too) listens on `settings.web_bind_host`:
+    loopback only, with a warning, when no API token is configured."""
     os.makedirs(settings.data_dir, exist_ok=True)
+    bind = settings.web_bind_host
+    if not settings.api_token_list():
+        log.warning(
+            "no API tokens configured (AUDIENCES_API_TOKENS): the management API is open, so "
+            "it listens on %s only (AUDIENCES_WEB_HOST=%s ignored); set tokens to serve "
+            "other hosts",
+            bind,
+            settings.web_host,
+        )
     app = AudiencesApp(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
         web_enabled=True,
         web_host=settings.web_host,
+        web_bind=bind,
         web_port=settings.web_port,
         web_in_thread=False,
         topic_partitions=settings.partitions,
