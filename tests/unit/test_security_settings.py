@@ -1,10 +1,12 @@
 """Security settings (SPEC §8, §10): API tokens and their scopes, secrets from files, the
-loopback bind without tokens."""
+loopback bind without tokens, and the Faust app's Kafka credentials."""
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
+import faust
 import pytest
 
 from audiences.adapters.http.auth import TokenCheck, bearer_token, required_scope
@@ -68,6 +70,41 @@ def test_without_tokens_the_web_server_binds_to_loopback_whatever_the_host(
     secured = open_api.replace(api_tokens="t:admin", web_host="0.0.0.0")
     assert create_app(secured, lambda: True).conf.web_bind == "0.0.0.0"
     assert secured.replace(web_host="10.1.2.3").advertised_url == "http://10.1.2.3:6066"
+
+
+def test_the_faust_app_gets_the_kafka_security_settings(tmp_path: Path) -> None:
+    base = Settings(kafka_bootstrap="k:9093", data_dir=str(tmp_path), api_tokens="t:read")
+    sasl = create_app(
+        base.replace(
+            security_protocol="SASL_SSL",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_username="engine-user",
+            sasl_password="engine-secret",
+        ),
+        lambda: True,
+    ).conf.broker_credentials
+    assert isinstance(sasl, faust.SASLCredentials)
+    assert (sasl.username, sasl.password) == ("engine-user", "engine-secret")
+    assert sasl.mechanism.value == "SCRAM-SHA-512" and sasl.protocol.value == "SASL_SSL"
+    assert isinstance(sasl.ssl_context, ssl.SSLContext)
+
+    plain = create_app(
+        base.replace(
+            security_protocol="SASL_PLAINTEXT",
+            sasl_mechanism="PLAIN",
+            sasl_username="u",
+            sasl_password="p",
+        ),
+        lambda: True,
+    ).conf.broker_credentials
+    assert isinstance(plain, faust.SASLCredentials)
+    assert plain.protocol.value == "SASL_PLAINTEXT" and plain.ssl_context is None
+
+    tls = create_app(base.replace(security_protocol="SSL"), lambda: True).conf.broker_credentials
+    assert isinstance(tls, faust.SSLCredentials) and isinstance(tls.context, ssl.SSLContext)
+    assert create_app(base, lambda: True).conf.broker_credentials is None
+    with pytest.raises(SettingsError, match="AUDIENCES_SECURITY_PROTOCOL"):
+        create_app(base.replace(security_protocol="KERBEROS"), lambda: True)
 
 
 @pytest.mark.parametrize(

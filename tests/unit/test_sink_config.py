@@ -129,6 +129,11 @@ def error_for(raw: Any, env: dict[str, str] | None = None) -> DestinationConfigE
             "did you mean 'batch_size'",
         ),
         ({"type": "kafka", "topic": "t", "url": "http://h"}, "url", "unknown key"),
+        (
+            {"type": "kafka", "topic": "t", "sasl_username": "u"},
+            "sasl_username",
+            "only with `bootstrap`",
+        ),
     ],
 )
 def test_invalid_destination_names_destination_and_key(
