@@ -47,11 +47,14 @@ class RejectedRequest(AudiencesError):
     """An HTTP request the collector refuses. `status` is the HTTP status, `code` a short
     machine-readable label (Segment's error body carries both `code` and `message`)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after_s: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # sent as Retry-After (a 429)
 
 
 class DestinationConfigError(AudiencesError):

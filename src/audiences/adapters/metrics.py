@@ -84,6 +84,10 @@ COLLECTOR_EVENTS = Counter(
     "Events the collector got acknowledged by Kafka, by Segment type",
     ["type"],
 )
+COLLECTOR_RATE_LIMITED = Counter(
+    "audiences_collector_rate_limited",
+    "Collector requests refused with 429 because their write key's rate limit was spent",
+)
 COLLECTOR_INFLIGHT_EVENTS = Gauge(
     "audiences_collector_inflight_events", "Events produced and not yet acknowledged by Kafka"
 )
