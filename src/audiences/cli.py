@@ -201,7 +201,11 @@ def _wait_for_backfill(settings: Settings, topics: Any, timeout_s: float) -> int
 def cmd_preview(args: argparse.Namespace) -> int:
     documents = load_documents(Path(args.file))
     url = _api_url(args)
-    reports = _preview_via_api(url, documents, args.sample) if url else _preview(documents, args)
+    reports = (
+        _preview_via_api(url, _api_token(args), documents, args.sample)
+        if url
+        else _preview(documents, args)
+    )
     if reports is None:
         return 2
     for report in reports:
@@ -244,10 +248,12 @@ def _preview(documents: list[tuple[str, Any]], args: argparse.Namespace) -> list
     return reports
 
 
-def _preview_via_api(url: str, documents: list[tuple[str, Any]], sample: int) -> list[Any] | None:
+def _preview_via_api(
+    url: str, token: str, documents: list[tuple[str, Any]], sample: int
+) -> list[Any] | None:
     from audiences.adapters.http.client import ApiClient
 
-    client = ApiClient(url)
+    client = ApiClient(url, token=token)
     reports = []
     for source, doc in documents:
         try:
@@ -263,7 +269,7 @@ def _preview_via_api(url: str, documents: list[tuple[str, Any]], sample: int) ->
 def cmd_get(args: argparse.Namespace) -> int:
     url = _api_url(args)
     if url:
-        return _get_via_api(url, args.key)
+        return _get_via_api(url, _api_token(args), args.key)
     from audiences.adapters.stream.definitions import read_definitions
     from audiences.bootstrap import prepared
 
@@ -281,10 +287,10 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _get_via_api(url: str, key: str | None) -> int:
+def _get_via_api(url: str, token: str, key: str | None) -> int:
     from audiences.adapters.http.client import ApiClient, quote
 
-    client = ApiClient(url)
+    client = ApiClient(url, token=token)
     if key is None:
         listed = client.get("/v1/audiences")["audiences"] + client.get("/v1/traits")["traits"]
         for item in sorted(listed, key=lambda item: item["key"]):
@@ -304,7 +310,7 @@ def _get_via_api(url: str, key: str | None) -> int:
 def cmd_members(args: argparse.Namespace) -> int:
     from audiences.adapters.http.client import ApiClient, quote
 
-    client = ApiClient(_require_api_url(args, "members"))
+    client = ApiClient(_require_api_url(args, "members"), token=_api_token(args))
     printed = 0
     cursor = None
     while args.limit is None or printed < args.limit:
@@ -322,7 +328,7 @@ def cmd_members(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from audiences.adapters.http.client import ApiClient, quote
 
-    client = ApiClient(_require_api_url(args, "explain"))
+    client = ApiClient(_require_api_url(args, "explain"), token=_api_token(args))
     print(
         json.dumps(client.get(f"/v1/users/{quote(args.user)}/explain/{quote(args.key)}"), indent=2)
     )
@@ -331,6 +337,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def _api_url(args: argparse.Namespace) -> str:
     return str(args.url or _settings().api_url)
+
+
+def _api_token(args: argparse.Namespace) -> str:
+    """--token, else AUDIENCES_API_TOKEN (empty: the API has no tokens configured)."""
+    return str(args.token or _settings().api_token)
 
 
 def _require_api_url(args: argparse.Namespace, command: str) -> str:
@@ -458,6 +469,12 @@ def _url_option(parser: argparse.ArgumentParser, text: str) -> None:
         default=None,
         help=f"management API base URL, e.g. http://127.0.0.1:6066 (default: "
         f"AUDIENCES_API_URL): {text}",
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="management API bearer token (default: AUDIENCES_API_TOKEN); needed when the "
+        "workers have AUDIENCES_API_TOKENS",
     )
 
 
@@ -688,9 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env()
-    logs.configure(settings.log_format, settings.log_level)
     try:
+        settings = Settings.from_env()
+        logs.configure(settings.log_format, settings.log_level)
         return int(args.func(args) or 0)
     except AudiencesError as exc:
         print(f"error: {exc}", file=sys.stderr)
