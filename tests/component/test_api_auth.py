@@ -10,18 +10,19 @@ import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
 from aiohttp import web
-from apiserver import Response, call, free_port
+from apiserver import ApiServer, Response, call, free_port
 
 from audiences.adapters.http.openapi import OPENAPI
 from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.settings import Settings
 from audiences.adapters.stream.app import create_app
-from audiences.adapters.stream.queries import QueryPort
+from audiences.adapters.stream.queries import DefinitionsSnapshot, QueryPort
+from audiences.adapters.stream.registry import WorkerRegistry
 from audiences.bootstrap import management_api
 
 READ, WRITE, ADMIN = "r-0Kx8", "w-9Qz1", "a-7Lm3"
@@ -166,3 +167,55 @@ def test_without_tokens_the_api_is_open(tmp_path: Path) -> None:
             assert_let_through(server(method, path), (method, path))
     finally:
         server.stop()
+
+
+class OwnedElsewhere:
+    """A worker registry whose every partition is owned by another worker at `owner`."""
+
+    def __init__(self, url: str, owner: str) -> None:
+        self.url = url
+        self._owner = owner
+
+    def owner(self, partition: int) -> str:
+        return self._owner
+
+
+def test_workers_call_each_other_with_the_first_token(tmp_path: Path) -> None:
+    """A read the first worker cannot answer goes to the owner with the first configured
+    token: accepted by a worker with the same tokens, refused (a clear 503, not the
+    caller's fault) by one whose tokens differ. Two workers with a runtime each:
+    tests/system/test_api_workers.py."""
+    dead = f"127.0.0.1:{free_port()}"
+
+    def server(tokens: str, owner: str | None = None) -> ApiServer:
+        settings = Settings(
+            kafka_bootstrap=dead, data_dir=str(tmp_path), api_tokens=tokens, web_port=free_port()
+        )
+        queries = QueryPort()
+        queries.publish(DefinitionsSnapshot())  # no definitions read
+        queries.partitions = 2  # known, none owned here
+        registry = OwnedElsewhere(settings.advertised_url, owner) if owner else None
+        return ApiServer(settings, queries, cast(WorkerRegistry, registry)).start()
+
+    same, other = server(TOKENS), server(f"{READ}x:read,{ADMIN}:admin")
+    try:
+        # the owner with the same tokens got through its token check: it answers that it
+        # does not own the partition either (forwarded as is, or as a failed page)
+        accepted = {
+            "/v1/users/u1": "does not own partition",
+            "/v1/audiences/preview": "answered 503",
+        }
+        refused = dict.fromkeys(accepted, "AUDIENCES_API_TOKENS differ")
+        for owner, expected in [(same, accepted), (other, refused)]:
+            asking = server(TOKENS, owner.url)
+            try:
+                for path, message in expected.items():
+                    method, body = ("POST", DEFINITION) if "preview" in path else ("GET", None)
+                    answer = asking(method, path, body, headers={"Authorization": f"Bearer {READ}"})
+                    assert answer.status == 503, (path, answer.body)
+                    assert message in answer.json()["error"], (path, answer.json())
+            finally:
+                asking.stop()
+    finally:
+        same.stop()
+        other.stop()

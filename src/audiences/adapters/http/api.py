@@ -494,6 +494,8 @@ class ManagementApi:
                 headers=headers,
             ) as response:
                 body = await response.read()
+                if response.status in (401, 403):
+                    raise self._refused(url, response.status)
                 forward_headers = {
                     k: v for k, v in response.headers.items() if k in (SERVED_BY, "Retry-After")
                 }
@@ -522,12 +524,29 @@ class ManagementApi:
                 },
             ) as response:
                 raw = await response.read()
+                if response.status in (401, 403):
+                    raise self._refused(url, response.status)
                 if response.status != 200:
                     raise ApiError(503, f"the worker at {url} answered {response.status}; retry")
                 data: dict[str, Any] = orjson.loads(raw)
                 return data
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
             raise ApiError(503, f"the worker at {url} is unreachable ({exc}); retry") from exc
+
+    def _refused(self, url: str, status: int) -> ApiError:
+        """Another worker refused this one's token: a deployment whose workers do not
+        share AUDIENCES_API_TOKENS (the caller's own token was fine here)."""
+        log.error(
+            "the worker at %s refused this worker's token (%d): every worker needs the same "
+            "AUDIENCES_API_TOKENS (the first one authenticates worker-to-worker calls)",
+            url,
+            status,
+        )
+        return ApiError(
+            503,
+            f"the worker at {url} refused this worker's token ({status}); the workers' "
+            "AUDIENCES_API_TOKENS differ",
+        )
 
     async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
         """Run blocking Kafka work off the event loop."""
