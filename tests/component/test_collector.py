@@ -467,8 +467,9 @@ def test_a_bad_key_is_refused_before_the_body_is_read(
     start: Callable[..., RunningCollector], headers: dict[str, str], message: str
 ) -> None:
     collector = start()
-    status, _, body = _partial_post(collector.url, "/v1/batch", headers, 500 * 1024)
+    status, fields, body = _partial_post(collector.url, "/v1/batch", headers, 500 * 1024)
     assert (status, body["code"]) == (401, "unauthorized")
+    assert fields["connection"] == "close"  # the rest of the body is not drained either
     assert message in body["message"]
     assert collector.post("/v1/identify", {"userId": "after"}).status_code == 200
 

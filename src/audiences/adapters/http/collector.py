@@ -250,6 +250,10 @@ class Collector:
             log.exception("collector error on %s %s", request.method, request.path)
             response = _error(500, "internal", "internal error")
         response.headers.update(CORS_HEADERS)
+        if not request.content.is_eof():
+            # refused before its body was read (a bad key, a spent rate limit, too large):
+            # close instead of draining the rest of the body for aiohttp's lingering time
+            response.force_close()
         if endpoint != "other":
             metrics.COLLECTOR_REQUESTS.labels(endpoint, str(response.status)).inc()
             metrics.COLLECTOR_REQUEST_DURATION.labels(endpoint).observe(
