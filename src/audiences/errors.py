@@ -34,13 +34,18 @@ class InvalidEventError(AudiencesError):
 
 
 class DefinitionError(AudiencesError):
-    """An invalid audience or computed-trait definition."""
+    """An invalid audience or computed-trait definition. `reason` is a short, bounded
+    label for metrics: `invalid` (the shape), `limits` (deeper, larger or with longer
+    patterns than SPEC §11 allows), `pattern` (a regex RE2 cannot run), `uncompilable`."""
 
-    def __init__(self, path: str, message: str, suggestion: str | None = None) -> None:
+    def __init__(
+        self, path: str, message: str, suggestion: str | None = None, reason: str = "invalid"
+    ) -> None:
         super().__init__(_suggesting(f"{path}: {message}", suggestion))
         self.path = path
         self.message = message
         self.suggestion = suggestion
+        self.reason = reason
 
 
 class RejectedRequest(AudiencesError):

@@ -33,6 +33,7 @@ from audiences.core.definitions.language import (
 from audiences.core.definitions.traits import ComputedTrait, counts_from_ms
 from audiences.core.definitions.validate import find_cycle
 from audiences.core.durations import parse_duration_ms
+from audiences.errors import DefinitionError
 
 
 @dataclass(slots=True)
@@ -381,3 +382,26 @@ def build_catalog(
     catalog.fingerprint = hashlib.sha1("|".join(versions).encode()).hexdigest()[:16]
     catalog.full_fingerprint = catalog.fingerprint
     return plan_dispatch(catalog)
+
+
+def compile_definition(
+    doc: Mapping[str, Any],
+    definitions: Mapping[str, tuple[Mapping[str, Any], int]],
+    version: int = 1,
+) -> Catalog:
+    """The catalog of `definitions` with the validated `doc` applied, compiled as every
+    worker will compile it: apply time runs the workers' compiler, so what cannot be
+    compiled is refused with a DefinitionError instead of reaching the workers (which
+    would leave it out, see `adapters.stream.definitions`)."""
+    key = str(doc["key"])
+    try:
+        catalog = build_catalog({**definitions, key: (doc, version)})
+    except DefinitionError:
+        raise
+    except Exception as exc:  # a bug of the compiler or validation: refuse, do not store
+        raise DefinitionError(
+            "$", f"cannot be compiled: {type(exc).__name__}: {exc}", reason="uncompilable"
+        ) from None
+    if key in catalog.skipped:
+        raise DefinitionError("$.condition", catalog.skipped[key])
+    return catalog

@@ -1,6 +1,7 @@
 """Validation of definition documents with JSON-path errors and suggestions.
 
-`validate_definition` checks one document's shape; `check_references`
+`validate_definition` checks one document's limits (`limits.py`) and shape, and
+compiles its patterns with the engines the compiler uses; `check_references`
 checks it against the other definitions (unknown audiences, cycles). Both raise
 `DefinitionError` whose message names the JSON path, what was expected and,
 for a misspelled key, the closest known one.
@@ -22,9 +23,17 @@ from audiences.core.definitions.language import (
 from audiences.core.definitions.language import (
     is_trait_definition as is_trait_definition,  # re-exported: adapters import it from here
 )
+from audiences.core.definitions.limits import check_limits
 from audiences.core.durations import parse_duration_ms
 from audiences.core.events import parse_iso_ms
-from audiences.core.operators import DURATION_OPERATORS, OPERATORS, UNARY_OPERATORS
+from audiences.core.operators import (
+    DURATION_OPERATORS,
+    OPERATORS,
+    UNARY_OPERATORS,
+    PatternError,
+    Wildcard,
+    compile_predicate,
+)
 from audiences.errors import DefinitionError
 
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -146,15 +155,20 @@ def validate_operator(obj: Mapping[str, Any], path: str) -> None:
         value, str
     ):
         raise DefinitionError(f"{path}.value", f"operator {op!r} needs a string")
-    if op == "matches":
-        try:
-            re.compile(str(value))
-        except re.error as exc:
-            raise DefinitionError(f"{path}.value", f"invalid regular expression: {exc}") from None
+    if op in ("contains", "not_contains", "matches"):
+        try:  # the compiler's own pattern engines: RE2, the wildcard matcher
+            compile_predicate(op, value)
+        except PatternError as exc:
+            raise _pattern_error(f"{path}.value", exc) from None
     if op in ("before", "after") and parse_iso_ms(value) is None:
         raise DefinitionError(f"{path}.value", f"operator {op!r} needs an ISO-8601 date")
     if op in DURATION_OPERATORS:
         _duration(value, f"{path}.value")
+
+
+def _pattern_error(path: str, exc: PatternError) -> DefinitionError:
+    reason = "limits" if exc.reason == "pattern_size" else "pattern"
+    return DefinitionError(path, exc.message, reason=reason)
 
 
 def _times(value: Any, path: str) -> None:
@@ -214,6 +228,11 @@ def validate_condition(value: Any, path: str) -> None:
         for field in ("url", "name"):
             if field in view:
                 _string(view[field], f"{here}.{field}")
+        if "url" in view:
+            try:
+                Wildcard(view["url"], anchored=True)
+            except PatternError as exc:
+                raise _pattern_error(f"{here}.url", exc) from None
         if "where" in view:
             validate_filters(view["where"], f"{here}.where")
         if "within" in view:
@@ -310,6 +329,7 @@ def validate_definition(doc: Any) -> dict[str, Any]:
     """Check an audience or computed-trait document; returns it (as a dict) or raises
     DefinitionError."""
     obj = _object(doc, "$", "a definition")
+    check_limits(obj)  # first: what follows recurses, and compiles patterns
     key = obj.get("key")
     if is_trait_definition(obj):
         _validate_trait(obj)
