@@ -46,6 +46,8 @@ def load_documents(path: Path) -> list[tuple[str, Any]]:
             data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
             raise SystemExit(f"error: {file}: cannot parse: {exc}") from None
+        except RecursionError:  # both parsers recurse per level (definitions: at most 32)
+            raise SystemExit(f"error: {file}: cannot parse: nested too deeply") from None
         for doc in data if isinstance(data, list) else [data]:
             documents.append((str(file), doc))
     return documents

@@ -65,6 +65,12 @@ PROFILES_QUARANTINED = Counter(
     "Profiles that could not be evaluated (undecodable state, failing deadline or re-judging)",
     ["reason"],
 )
+DEFINITIONS_REJECTED = Counter(
+    "audiences_definitions_rejected",
+    "Definitions read from the definitions topic that are not evaluated (written around "
+    "the API, or by an older version): undecodable, invalid, limits, pattern, uncompilable",
+    ["key", "reason"],
+)
 RECOVERY_RECORDS = Counter(
     "audiences_recovery_records", "Changelog records read to restore partitions"
 )

@@ -56,8 +56,8 @@ from audiences.adapters.stream.queries import QueryPort, StateView
 from audiences.adapters.stream.registry import WorkerRegistry
 from audiences.core.definitions import (
     Catalog,
-    build_catalog,
     check_references,
+    compile_definition,
     validate_definition,
 )
 from audiences.core.definitions.conditions import DEVICE_TRACKER_ID
@@ -238,9 +238,7 @@ class ManagementApi:
         sample = _int_param(request, "sample", 10, 0, MAX_PAGE)
         definitions = self._documents()
         check_references(doc, {k: d for k, (d, _) in definitions.items() if k != doc["key"]})
-        catalog = build_catalog({**definitions, doc["key"]: (doc, 1)})
-        if doc["key"] in catalog.skipped:
-            raise DefinitionError("$.condition", catalog.skipped[doc["key"]])
+        compile_definition(doc, definitions)  # as the workers will (preview() does too)
         current = definitions.get(doc["key"])
         total = Preview(doc["key"], current[1] + 1 if current else 1)
         for number in range(await self._partition_count()):
