@@ -232,13 +232,19 @@ def _preview(documents: list[tuple[str, Any]], args: argparse.Namespace) -> list
     from audiences.core.preview import preview
 
     settings = _require_bootstrap(_settings())
+    checked = []
+    for source, raw in documents:  # before reading Kafka: limits, shape, patterns
+        try:
+            checked.append((source, validate_definition(raw)))
+        except DefinitionError as exc:
+            print(f"error: {source}: {exc}", file=sys.stderr)
+            return None
     topics = prepared(settings)
     definitions = read_definitions(settings, topics)
     profiles = read_profiles(settings, topics)
     reports = []
-    for source, raw in documents:
+    for source, doc in checked:
         try:
-            doc = validate_definition(raw)
             others = {k: d for k, (d, _) in definitions.items() if k != doc["key"]}
             check_references(doc, others)
             report = preview(doc, definitions, profiles.items(), args.sample).as_json()
