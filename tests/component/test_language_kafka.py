@@ -10,11 +10,12 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from harness import T0, Engine, H, M, S, track
 
 from audiences.adapters.state.layout import Kind, changelog_key
 from audiences.core.events import format_iso
+from shared import wait_for
 
 pytestmark = pytest.mark.kafka
 D = 24 * H
@@ -460,3 +461,82 @@ def test_a_late_event_is_applied_with_its_own_time_as_effective_at(engine: Engin
     assert entered["event"] == "Audience Entered"
     assert entered["timestamp"] == format_iso(T0 + 2 * H)  # the profile's time
     assert entered["properties"]["effective_at"] == format_iso(T0)  # the late event's
+
+
+def _stored_not_chain(key: str, levels: int) -> bytes:
+    """A definition `levels` deep as a record (orjson writes at most 255 levels)."""
+    text = '{"performed": {"event": "Search"}}'
+    for _ in range(levels - 1):
+        text = '{"not": ' + text + "}"
+    return f'{{"key": "{key}", "version": 1, "condition": {text}}}'.encode()
+
+
+def test_definitions_written_around_the_api_cannot_stop_or_hang_the_worker(
+    engine: Engine,
+) -> None:
+    """SPEC §11 through the real protocol: definitions the API would refuse (600 levels
+    deep, a regex RE2 cannot run, 1,005 nodes, not JSON) are written straight to the
+    definitions topic next to good ones. The worker leaves them out (a log line, a
+    metric), stays up, and the good audiences — among them the patterns that hang a
+    backtracking engine — judge properties of nearly 32 KB (the most an event carries)
+    and produce their transitions."""
+    from prometheus_client import REGISTRY
+
+    def search_where(op: str, value: str) -> dict[str, Any]:
+        where = [{"property": "q", "op": op, "value": value}]
+        return {"performed": {"event": "Search", "where": where}}
+
+    engine.apply(
+        {"key": "glob", "condition": search_where("contains", "*a*a*a*b")},
+        {"key": "regex", "condition": search_where("matches", "^(a+)+$")},
+    )
+    engine.start()
+    runtime = engine.evaluator
+    assert runtime is not None
+    start = runtime.definitions.offset
+
+    def rejected(key: str, reason: str) -> float:
+        labels = {"key": key, "reason": reason}
+        return REGISTRY.get_sample_value("audiences_definitions_rejected_total", labels) or 0.0
+
+    bad = {
+        ("deep", "limits"): _stored_not_chain("deep", 600),
+        ("backref", "pattern"): orjson.dumps(
+            {"key": "backref", "condition": search_where("matches", r"(a+)\1")}
+        ),
+        ("wide", "limits"): orjson.dumps(
+            {"key": "wide", "condition": {"any": [{"performed": {"event": "X"}}] * 1005}}
+        ),
+        ("garbage", "undecodable"): b"{not json",
+    }
+    before = {labels: rejected(*labels) for labels in bad}
+    producer = Producer({"bootstrap.servers": engine.settings.kafka_bootstrap})
+    for (key, _reason), value in bad.items():
+        producer.produce(engine.topics.definitions, key=key.encode(), value=value)
+    buyers = {"key": "buyers", "condition": {"performed": {"event": "Order Completed"}}}
+    producer.produce(engine.topics.definitions, key=b"buyers", value=orjson.dumps(buyers))
+    producer.flush(10)
+    wait_for(
+        lambda: runtime.definitions.offset >= start + len(bad) + 1,
+        30,
+        "the worker to read every record written",
+    )
+    assert runtime.failed is None
+    assert set(runtime.definitions.definitions) == {"glob", "regex", "buyers"}
+    assert [a.key for a in runtime.definitions.catalog.audiences] == ["buyers", "glob", "regex"]
+    for labels, count in before.items():
+        assert rejected(*labels) == count + 1, labels
+
+    many_a = "a" * 32_000  # an event is at most 32 KB (MAX_EVENT_BYTES)
+    engine.send(
+        track("u", "Search", T0, q=many_a + "!"),  # neither pattern matches
+        track("u", "Search", T0 + S, q=many_a + "b"),  # *a*a*a*b
+        track("u", "Search", T0 + 2 * S, q=many_a),  # ^(a+)+$
+        track("u", "Order Completed", T0 + 3 * S),
+    )
+    assert [(a, e) for _u, a, e, _t in transitions(engine.outputs(3))] == [
+        ("glob", "Entered"),
+        ("regex", "Entered"),
+        ("buyers", "Entered"),
+    ]
+    assert runtime.failed is None
