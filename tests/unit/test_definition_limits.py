@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from audiences.adapters.metrics import DEFINITIONS_REJECTED
 from audiences.adapters.stream.definitions import DefinitionsLog, DefinitionsWriter
-from audiences.core.definitions import compile_definition, validate_definition
+from audiences.core.definitions import check_references, compile_definition, validate_definition
 from audiences.core.definitions.limits import MAX_DEPTH, MAX_JSON_DEPTH, MAX_NODES
 from audiences.core.evaluator import Transition
 from audiences.core.operators import (
@@ -200,6 +200,7 @@ def test_pathological_patterns_in_an_audience_are_judged_on_32_kb_properties() -
                 }
             },
         ),
+        audience("url", {"page_viewed": {"url": "*a*a*a*b"}}),
         audience(
             "regex",
             {
@@ -217,10 +218,12 @@ def test_pathological_patterns_in_an_audience_are_judged_on_32_kb_properties() -
             make_event(ts=T0, event="Search", properties={"q": many_a + "!"}),
             make_event(ts=T0 + 1, event="Search", properties={"q": many_a + "b"}),
             make_event(ts=T0 + 2, event="Search", properties={"q": many_a}),
+            make_event(ts=T0 + 3, type="page", event=None, properties={"url": many_a}),
+            make_event(ts=T0 + 4, type="page", event=None, properties={"url": many_a + "b"}),
         ],
     )
     entered = [(o.audience_key, o.at_ms) for o in out if isinstance(o, Transition) and o.entered]
-    assert entered == [("glob", T0 + 1), ("regex", T0 + 2)]
+    assert entered == [("glob", T0 + 1), ("regex", T0 + 2), ("url", T0 + 4)]
 
 
 def test_regex_dialect_is_re2() -> None:
@@ -338,3 +341,24 @@ def test_the_definitions_log_leaves_out_what_it_cannot_use_and_counts_it() -> No
     log._apply(_Record("good", not_json(40, "good"), 10))  # type: ignore[arg-type]
     assert log.definitions == {}
     assert "good" not in log.retired  # not a deletion: members hear no exit
+
+
+def test_a_long_chain_of_audience_references_validates_and_compiles_without_recursion() -> None:
+    """Each definition is small, but 3,000 audiences each in the previous one used to be
+    ordered (and searched for cycles) recursively: a RecursionError in every worker."""
+    chain = {"a0": (validate_definition(audience("a0", LEAF)), 1)}
+    for i in range(1, 3000):
+        chain[f"a{i}"] = (validate_definition(audience(f"a{i}", {"in_audience": f"a{i - 1}"})), 1)
+    last = validate_definition(audience("last", {"in_audience": "a2999"}))
+    check_references(last, {key: doc for key, (doc, _) in chain.items()})
+    catalog = compile_definition(last, chain)
+    assert [a.key for a in catalog.audiences] == [f"a{i}" for i in range(3000)] + ["last"]
+
+    looping = validate_definition(audience("a0", {"in_audience": "a2999"}))
+    with pytest.raises(DefinitionError) as info:
+        check_references(looping, {key: doc for key, (doc, _) in chain.items() if key != "a0"})
+    assert info.value.message.startswith("in_audience forms a cycle: a0 -> a2999 -> a2998")
+    looped = {**chain, "a0": (looping, 1)}
+    with pytest.raises(DefinitionError) as info:  # the workers leave the whole loop out
+        compile_definition(last, looped)
+    assert info.value.message == "refers to missing audience 'a2999'"

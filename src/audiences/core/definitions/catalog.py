@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, final
 
@@ -303,19 +303,24 @@ def build_catalog(
                 del graph[key]
                 changed = True
 
+    # Dependency order (references first), depth-first with an explicit stack: a chain
+    # of thousands of audiences, each referring to the next, needs no recursion.
     order: list[str] = []
     placed: set[str] = set()
-
-    def place(key: str) -> None:
-        if key in placed:
-            return
-        placed.add(key)
-        for ref in sorted(graph[key]):
-            place(ref)
-        order.append(key)
-
-    for key in sorted(graph):
-        place(key)
+    for first in sorted(graph):
+        if first in placed:
+            continue
+        placed.add(first)
+        pending: list[tuple[str, Iterator[str]]] = [(first, iter(sorted(graph[first])))]
+        while pending:
+            current, unplaced = pending[-1]
+            ref = next(unplaced, None)
+            if ref is None:
+                pending.pop()
+                order.append(current)
+            elif ref not in placed:
+                placed.add(ref)
+                pending.append((ref, iter(sorted(graph[ref]))))
 
     compiler = _Compiler()
     catalog = Catalog(skipped=skipped, retired=dict(retired or {}))

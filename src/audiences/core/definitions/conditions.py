@@ -26,9 +26,9 @@ from audiences.core.events import Event, compile_path
 from audiences.core.operators import (
     DURATION_OPERATORS,
     Predicate,
+    Wildcard,
     compile_predicate,
     predicate_change_ms,
-    wildcard_regex,
 )
 from audiences.core.state import MAX_KEY_CHARS, NEVER, UserState, bounded_key
 
@@ -110,7 +110,7 @@ class EventMatcher:
         self.event_type = event_type
         self.event: str | None = spec.get("event") if event_type == "track" else spec.get("name")
         url = spec.get("url")
-        self.url = wildcard_regex(url, anchored=True) if url else None
+        self.url = Wildcard(url, anchored=True) if url else None
         self.filters = compile_filters(spec.get("where"))
         within = spec.get("within")
         self.within_ms = parse_duration_ms(within) if within else None
@@ -131,7 +131,7 @@ class EventMatcher:
         assert self.url is not None
         for path in PAGE_URL_PATHS:
             value = event.get(path)
-            if isinstance(value, str) and self.url.match(value):
+            if isinstance(value, str) and self.url.test(value):
                 return True
         return False
 

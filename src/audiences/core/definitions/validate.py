@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from audiences.core.definitions.language import (
@@ -360,29 +360,28 @@ def validate_definition(doc: Any) -> dict[str, Any]:
 
 
 def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
-    """A cycle of audience keys in `graph` (key -> referenced keys), or None."""
-    state: dict[str, int] = {}
-    trail: list[str] = []
+    """A cycle of audience keys in `graph` (key -> referenced keys), or None.
 
-    def visit(key: str) -> list[str] | None:
-        state[key] = 1
-        trail.append(key)
-        for ref in sorted(graph.get(key, ())):
-            if state.get(ref) == 1:
+    Depth-first with an explicit stack: a chain of thousands of audiences, each
+    referring to the next, is walked without recursion."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in sorted(graph):
+        if root in state:
+            continue
+        state[root] = 1
+        trail: list[str] = [root]
+        pending: list[Iterator[str]] = [iter(sorted(graph.get(root, ())))]
+        while pending:
+            ref = next(pending[-1], None)
+            if ref is None:
+                pending.pop()
+                state[trail.pop()] = 2
+            elif state.get(ref) == 1:
                 return [*trail[trail.index(ref) :], ref]
-            if state.get(ref) is None and ref in graph:
-                cycle = visit(ref)
-                if cycle:
-                    return cycle
-        trail.pop()
-        state[key] = 2
-        return None
-
-    for key in sorted(graph):
-        if key not in state:
-            cycle = visit(key)
-            if cycle:
-                return cycle
+            elif state.get(ref) is None and ref in graph:
+                state[ref] = 1
+                trail.append(ref)
+                pending.append(iter(sorted(graph.get(ref, ()))))
     return None
 
 
