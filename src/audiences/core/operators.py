@@ -155,19 +155,24 @@ def wildcard_regex(pattern: str, *, anchored: bool) -> Any:
     return re2.compile(("^" + body + "$") if anchored else body, _WILDCARD_OPTIONS)
 
 
+_IN, _PREFIX, _SUFFIX, _EQUAL, _GENERAL = range(5)  # shapes of a wildcard alternative
+
+
 @final
 class _Alternative:
     """One `|` alternative: literal pieces separated by runs of `*`/`+`.
 
     `lead`/`trail`: the least number of characters the run before the first piece /
-    after the last one matches (-1: no run there, the piece is at the edge). `gaps[i]`:
-    the least the run between pieces i and i+1 matches (`+` counts one, `*` none; no
-    run is unbounded above). With no piece, `lead` is the whole pattern's run (-1: empty).
+    after the last one matches (-1: no run there, the piece is at the edge of the text;
+    an unanchored pattern has a run of at least 0 at both edges). `gaps[i]`: the least
+    the run between pieces i and i+1 matches (`+` counts one, `*` none; every run is
+    unbounded above). With no piece, `lead` is the whole pattern's run (-1: empty).
+    `shape` names the common one-piece cases, tested with one string method.
     """
 
-    __slots__ = ("gaps", "lead", "pieces", "trail")
+    __slots__ = ("gaps", "lead", "piece", "pieces", "shape", "trail")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, anchored: bool) -> None:
         pieces: list[str] = []
         runs: list[int] = []  # least length of the run before each piece, then the last
         literal: list[str] = []
@@ -187,20 +192,23 @@ class _Alternative:
             pieces.append("".join(literal))
         runs.append(run)
         self.pieces = tuple(pieces)
-        self.lead = runs[0]
-        self.trail = runs[-1] if pieces else runs[0]
         self.gaps = tuple(runs[1:-1])
+        self.lead = runs[0] if anchored else max(runs[0], 0)
+        self.trail = runs[-1] if anchored else max(runs[-1], 0)
+        self.piece = pieces[0] if len(pieces) == 1 else ""
+        shape = _GENERAL
+        if len(pieces) == 1 and self.lead <= 0 and self.trail <= 0:
+            shape = (_EQUAL, _PREFIX, _SUFFIX, _IN)[(self.lead + 1) * 2 + self.trail + 1]
+        self.shape = shape
 
-    def fits(self, text: str, anchored: bool) -> bool:
-        """Whether the alternative matches all of `text` (anchored) or a part of it.
+    def fits(self, text: str) -> bool:
+        """Whether the alternative matches `text` (all of it where the edges have no run).
 
         Greedy and backtracking-free: each piece is placed at its leftmost occurrence
         after the previous one (and the least gap). Every run is unbounded above, so the
         leftmost place leaves the most room for the rest: if any placement fits, this
-        one does."""
+        one does. One `str.find` per piece: O(len(text) * len(pattern)) at worst."""
         lead, trail, pieces = self.lead, self.trail, self.pieces
-        if not anchored:
-            lead, trail = max(lead, 0), max(trail, 0)
         n = len(text)
         count = len(pieces)
         if count == 0:
@@ -240,13 +248,11 @@ class Wildcard:
     def __init__(self, pattern: str, *, anchored: bool) -> None:
         check_pattern_size(pattern)
         self.anchored = anchored
-        self.alternatives = tuple(_Alternative(a) for a in pattern.split("|"))
-        # `contains` with plain text (the common case): substring tests only.
-        plain = not anchored and all(
-            len(a.pieces) == 1 and a.lead < 0 and a.trail < 0 for a in self.alternatives
-        )
+        self.alternatives = tuple(_Alternative(a, anchored) for a in pattern.split("|"))
+        # Substrings only (`contains` of plain text, `*x*` URLs): the common case.
+        plain = all(a.shape == _IN for a in self.alternatives)
         self.literals: tuple[str, ...] | None = (
-            tuple(a.pieces[0] for a in self.alternatives) if plain else None
+            tuple(a.piece for a in self.alternatives) if plain else None
         )
 
     def test(self, text: str) -> bool:
@@ -256,9 +262,19 @@ class Wildcard:
                 if literal in text:
                     return True
             return False
-        anchored = self.anchored
-        for alternative in self.alternatives:  # noqa: SIM110
-            if alternative.fits(text, anchored):
+        for alternative in self.alternatives:
+            shape = alternative.shape
+            if shape == _IN:
+                found = alternative.piece in text
+            elif shape == _PREFIX:
+                found = text.startswith(alternative.piece)
+            elif shape == _SUFFIX:
+                found = text.endswith(alternative.piece)
+            elif shape == _EQUAL:
+                found = text == alternative.piece
+            else:
+                found = alternative.fits(text)
+            if found:
                 return True
         return False
 
