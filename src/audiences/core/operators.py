@@ -155,7 +155,13 @@ def wildcard_regex(pattern: str, *, anchored: bool) -> Any:
     return re2.compile(("^" + body + "$") if anchored else body, _WILDCARD_OPTIONS)
 
 
-_IN, _PREFIX, _SUFFIX, _EQUAL, _GENERAL = range(5)  # shapes of a wildcard alternative
+# Shapes of a wildcard alternative: one piece anywhere / at the start / at the end / the
+# whole text; anything else.
+_IN = 0
+_PREFIX = 1
+_SUFFIX = 2
+_EQUAL = 3
+_GENERAL = 4
 
 
 @final
