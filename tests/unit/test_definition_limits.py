@@ -342,6 +342,12 @@ def test_the_definitions_log_leaves_out_what_it_cannot_use_and_counts_it() -> No
     assert log.definitions == {}
     assert "good" not in log.retired  # not a deletion: members hear no exit
 
+    # ... and undoes no deletion: the members of a deleted audience are still told.
+    log._apply(_Record("gone", orjson.dumps({**audience("gone", LEAF), "version": 3}), 11))  # type: ignore[arg-type]
+    log._apply(_Record("gone", None, 12))  # type: ignore[arg-type]
+    log._apply(_Record("gone", b"{not json", 13))  # type: ignore[arg-type]
+    assert log.retired["gone"] == (3, "gone")
+
 
 def test_a_long_chain_of_audience_references_validates_and_compiles_without_recursion() -> None:
     """Each definition is small, but 3,000 audiences each in the previous one used to be

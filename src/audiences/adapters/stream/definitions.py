@@ -154,12 +154,12 @@ class DefinitionsLog:
 
         A record that cannot be used replaces what the key had like any other: the
         audience is not evaluated (as a fresh worker reading the compacted topic, which
-        may no longer hold the previous version, would conclude too)."""
+        may no longer hold the previous version, would conclude too). It deletes
+        nothing: a deleted audience stays retired (its members are still told)."""
         try:
             decoded = _decode(msg)
         except _Rejected as exc:
             _rejected(exc.key, exc.reason, str(exc), msg.offset())
-            self.retired.pop(exc.key, None)
             return exc.key if self.definitions.pop(exc.key, None) is not None else None
         if decoded is None:
             return None
