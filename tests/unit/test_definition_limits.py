@@ -350,21 +350,22 @@ def test_the_definitions_log_leaves_out_what_it_cannot_use_and_counts_it() -> No
 
 
 def test_a_long_chain_of_audience_references_validates_and_compiles_without_recursion() -> None:
-    """Each definition is small, but 3,000 audiences each in the previous one used to be
+    """Each definition is small, but 3,000 audiences each in the next one used to be
     ordered (and searched for cycles) recursively: a RecursionError in every worker."""
-    chain = {"a0": (validate_definition(audience("a0", LEAF)), 1)}
-    for i in range(1, 3000):
-        chain[f"a{i}"] = (validate_definition(audience(f"a{i}", {"in_audience": f"a{i - 1}"})), 1)
-    last = validate_definition(audience("last", {"in_audience": "a2999"}))
-    check_references(last, {key: doc for key, (doc, _) in chain.items()})
-    catalog = compile_definition(last, chain)
-    assert [a.key for a in catalog.audiences] == [f"a{i}" for i in range(3000)] + ["last"]
+    chain = {"a2999": (validate_definition(audience("a2999", LEAF)), 1)}
+    for i in range(2999):
+        chain[f"a{i}"] = (validate_definition(audience(f"a{i}", {"in_audience": f"a{i + 1}"})), 1)
+    first = validate_definition(audience("first", {"in_audience": "a0"}))
+    check_references(first, {key: doc for key, (doc, _) in chain.items()})
+    catalog = compile_definition(first, chain)
+    assert [a.key for a in catalog.audiences] == [f"a{i}" for i in range(2999, -1, -1)] + ["first"]
 
-    looping = validate_definition(audience("a0", {"in_audience": "a2999"}))
+    looping = validate_definition(audience("a2999", {"in_audience": "a0"}))
+    others = {key: doc for key, (doc, _) in chain.items() if key != "a2999"}
     with pytest.raises(DefinitionError) as info:
-        check_references(looping, {key: doc for key, (doc, _) in chain.items() if key != "a0"})
-    assert info.value.message.startswith("in_audience forms a cycle: a0 -> a2999 -> a2998")
-    looped = {**chain, "a0": (looping, 1)}
+        check_references(looping, others)
+    assert info.value.message.startswith("in_audience forms a cycle: a0 -> a1 -> a2 -> ")
+    looped = {**chain, "a2999": (looping, 1)}
     with pytest.raises(DefinitionError) as info:  # the workers leave the whole loop out
-        compile_definition(last, looped)
-    assert info.value.message == "refers to missing audience 'a2999'"
+        compile_definition(first, looped)
+    assert info.value.message == "refers to missing audience 'a0'"
