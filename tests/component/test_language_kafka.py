@@ -209,24 +209,25 @@ def test_delete_exits_members_tombstones_state_and_drops_later_events(engine: En
         ("gdpr", "window_shoppers", "Entered", format_iso(T0 + 2 * M))
     ]
     engine.send(event("delete", "gdpr", T0 + 5 * M))
-    exited = engine.outputs(2)[1]
+    exited, deleted = engine.outputs(3)[1:]
     assert (exited["event"], exited["properties"]["reason"]["trigger"]) == (
         "Audience Exited",
         "deleted",
     )
+    assert (deleted["event"], deleted["userId"]) == ("User Deleted", "gdpr")
     # later events are dropped: three more views enter nobody
     engine.send(*(track("gdpr", "Product Viewed", T0 + 10 * M + i * S) for i in range(3)))
     engine.settle()
-    assert len(engine.outputs(2)) == 2
+    assert len(engine.outputs(3)) == 3
     profile = changelog_key(Kind.PROFILE, b"gdpr")
     assert _changelog_values(engine, profile)[-1] is None  # the profile is tombstoned
     assert _changelog_values(engine, changelog_key(Kind.SUPPRESSED, b"gdpr"))[-1] == b"1"
     # unsuppressed, the user starts afresh with new messageIds
     engine.send(event("unsuppress", "gdpr", T0 + 20 * M))
     engine.send(*(track("gdpr", "Product Viewed", T0 + 30 * M + i * S) for i in range(3)))
-    outputs = engine.outputs(3)
-    assert outputs[2]["event"] == "Audience Entered"
-    assert outputs[2]["messageId"] != outputs[0]["messageId"]
+    outputs = engine.outputs(4)
+    assert outputs[3]["event"] == "Audience Entered"
+    assert outputs[3]["messageId"] != outputs[0]["messageId"]
 
 
 def test_deleting_an_audience_exits_its_idle_members(engine: Engine) -> None:
@@ -432,7 +433,7 @@ def test_audience_sizes_and_profile_counts_are_exported(engine: Engine) -> None:
     engine.start()
     engine.send(*(track(f"s{n}", "Order Completed", T0 + n * S) for n in range(3)))
     engine.send(event("delete", "s0", T0 + H))
-    assert len(engine.outputs(4)) == 4
+    assert len(engine.outputs(5)) == 5  # 3 entered, s0 exited and deleted
     engine.settle()
     assert REGISTRY.get_sample_value("audiences_audience_size", {"audience": "sized_buyers"}) == 2
     assert engine.evaluator is not None

@@ -107,7 +107,31 @@ class TraitChange:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-Output = Transition | TraitChange
+@dataclass(slots=True)
+class Deletion:
+    """A profile deleted (SPEC §4): destinations are told to delete it too (`User Deleted`,
+    after the `Audience Exited` of the same deletion). Every delete record that is applied
+    makes one, whether or not the engine held state for the id (a destination may hold
+    data the engine no longer has). A deletion cascading to an anonymous id linked to
+    the deleted user makes its own, for the anonymous id, with `linked_to` the user."""
+
+    profile_key: str
+    anonymous: bool
+    at_ms: int
+    trigger_message_id: str  # the delete record's messageId ("" when it had none)
+    linked_to: str | None = None
+    generation: int = 0  # of the profile deleted (non-zero: it was recreated once)
+
+    @property
+    def message_id(self) -> str:
+        """Deterministic: sha256(deleted|profile|generation|delete record's messageId, or
+        its time when it had none): a replay of the same log gives the same id."""
+        cause = self.trigger_message_id or str(self.at_ms)
+        text = f"deleted|{self.profile_key}|{self.generation}|{cause}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+Output = Transition | TraitChange | Deletion
 
 
 Control = tuple[str, dict[str, Any]]  # (Kafka key, record) to produce to the events topic
@@ -707,10 +731,18 @@ def _control(
             # the user's; an id refused or released since is somebody else's)
             return _unchanged(state)
         cascade: tuple[Control, ...] = ()
+        anonymous = event.user_id is None
+        generation = 0
         if state is not None:
             _exit_all(state, catalog, profile_key, now, "deleted", event.message_id, out)
             cascade = tuple((link, _delete_linked(link, profile_key, ts)) for link in state.aliases)
-        return StepResult(UserState(), out, NEVER, False, cascade, erase=True)
+            anonymous, generation = state.anonymous, state.generation
+        linked = linked_to if isinstance(linked_to, str) and linked_to else None
+        out.append(
+            Deletion(profile_key, anonymous, now, event.message_id or "", linked, generation)
+        )
+        erased = UserState(anonymous=anonymous)  # (not kept: the outputs render with it)
+        return StepResult(erased, out, NEVER, False, cascade, erase=True)
     if event.type == "unsuppress":
         if state is not None:
             return StepResult(state, out, state.wake_ms, False)
