@@ -40,6 +40,7 @@ COMMON_KEYS = (
     "max_retry_age",
     "retry_initial_s",
     "retry_max_s",
+    "forward_deletions",
 )
 TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "webhook": ("url", "secret"),
@@ -110,6 +111,8 @@ class Destination:
     api_key: str = field(default="", repr=False)
     write_key: str = field(default="", repr=False)
     kafka_security: dict[str, str] = field(default_factory=dict, repr=False)
+    # `User Deleted` (SPEC §4/§6) is forwarded whatever `audiences` selects, unless false
+    forward_deletions: bool = True
 
     def kafka_security_config(self) -> dict[str, str]:
         """librdkafka security settings of a `kafka` destination's own cluster."""
@@ -222,6 +225,11 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
     hash_pii = values.get("hash_pii", False)
     if not isinstance(hash_pii, bool):
         raise DestinationConfigError(name, "hash_pii", f"expected true or false, got {hash_pii!r}")
+    forward_deletions = values.get("forward_deletions", True)
+    if not isinstance(forward_deletions, bool):
+        raise DestinationConfigError(
+            name, "forward_deletions", f"expected true or false, got {forward_deletions!r}"
+        )
     return Destination(
         name=name,
         type=kind,
@@ -242,6 +250,7 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
         api_key=values.get("api_key", ""),
         write_key=values.get("write_key", ""),
         kafka_security=security,
+        forward_deletions=forward_deletions,
     )
 
 
