@@ -374,6 +374,35 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_users_delete(args: argparse.Namespace) -> int:
+    """`DELETE /v1/users/{id}` (SPEC §4/§8, scope `admin`), after a confirmation."""
+    from audiences.adapters.http.client import ApiClient, quote
+
+    url = _require_api_url(args, "users delete")
+    user = args.id
+    if not args.yes:
+        question = (
+            f"Delete user {user!r}: exit their audiences, erase their state and linked "
+            "anonymous profiles, drop their later events, and tell every destination "
+            "(User Deleted)? [y/N] "
+        )
+        try:
+            answer = input(question)
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print(f"{user}: not deleted", file=sys.stderr)
+            return 1
+    client = ApiClient(url, token=_api_token(args))
+    client.request("DELETE", f"/v1/users/{quote(user)}")
+    print(
+        f"{user}: deletion accepted: the worker owning it exits their audiences, erases "
+        "their state and linked anonymous profiles, and emits `User Deleted` for the "
+        "destinations"
+    )
+    return 0
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     from audiences.tools.tail import tail
 
@@ -620,6 +649,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete", help="delete an audience definition")
     p.add_argument("key", help="audience key")
     p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("users", help="user profiles (through a worker's API)")
+    users = p.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    text = (
+        "delete a user (DELETE /v1/users/ID, token scope admin): their memberships exit, "
+        "their state and linked anonymous profiles are erased, their later events dropped, "
+        "and every destination is told (`User Deleted`: Braze /users/delete, Customer.io "
+        "DELETE customer, webhooks and Segment the message, Kafka a delete record); asks "
+        "for confirmation unless --yes"
+    )
+    u = users.add_parser("delete", help="delete a user everywhere", description=text)
+    u.add_argument("id", help="userId (or anonymousId)")
+    u.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    _url_option(u, "a worker's API (required)")
+    u.set_defaults(func=cmd_users_delete)
 
     p = sub.add_parser("tail", help="print live transitions from the audience-events topic")
     p.add_argument("--from-beginning", action="store_true", help="start at the oldest transition")

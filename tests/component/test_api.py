@@ -329,7 +329,9 @@ def test_reads_are_routed_to_the_owner_across_two_workers(
     assert report.json()["size"] == len(buyers) and report.json()["current_version"] == 1
 
 
-def test_deleting_a_user_exits_their_audiences(two_workers: tuple[Engine, Worker, Worker]) -> None:
+def test_deleting_a_user_exits_their_audiences_then_tells_destinations(
+    two_workers: tuple[Engine, Worker, Worker],
+) -> None:
     engine, first, second = two_workers
     engine.send(track("gone", "Order Completed", T0, revenue=5))
     entered = engine.outputs(2)
@@ -339,10 +341,26 @@ def test_deleting_a_user_exits_their_audiences(two_workers: tuple[Engine, Worker
     for asked in (first, second):  # either worker accepts it; the record is keyed by user
         answer = call("DELETE", f"{asked.url}/v1/users/gone")
         assert (answer.status, answer.json()) == (202, {"userId": "gone", "accepted": True})
-    exits = [o for o in engine.outputs(3) if o["event"] == "Audience Exited"]
-    assert len(exits) == 1
-    assert exits[0]["userId"] == "gone"
-    assert exits[0]["properties"]["reason"]["trigger"] == "deleted"
+    # the exit, then one `User Deleted` per request (the second found no state: it is
+    # honoured all the same, for destinations that hold what the engine no longer has)
+    outputs = engine.outputs(5)[2:]
+    assert [(o["userId"], o["event"]) for o in outputs] == [
+        ("gone", "Audience Exited"),
+        ("gone", "User Deleted"),
+        ("gone", "User Deleted"),
+    ]
+    exit_, *deletions = outputs
+    assert exit_["properties"]["reason"]["trigger"] == "deleted"
+    requests = [d["properties"]["reason"]["messageId"] for d in deletions]
+    assert exit_["properties"]["reason"]["messageId"] == requests[0]
+    assert all(r.startswith("api-delete-") for r in requests) and len(set(requests)) == 2
+    assert len({d["messageId"] for d in deletions}) == 2
+    assert all(d["context"] == {"traits": {}} for d in deletions)
+    # an id the engine never saw: the request is honoured, destinations hear of it
+    answer = call("DELETE", f"{second.url}/v1/users/never%20seen")
+    assert (answer.status, answer.json()) == (202, {"userId": "never seen", "accepted": True})
+    [unknown] = engine.outputs(6)[5:]
+    assert (unknown["userId"], unknown["event"]) == ("never seen", "User Deleted")
     wait_for(
         lambda: call("GET", f"{second.url}/v1/users/gone").status == 404, 10, "the profile to go"
     )
