@@ -215,8 +215,10 @@ OPENAPI: dict[str, Any] = {
             "delete": {
                 "operationId": "delete_user",
                 "summary": "Suppress and delete a user: a delete control record is written "
-                "to `events`; the owning worker exits its audiences (reason.trigger `deleted`) "
-                "and drops its later events",
+                "to `events`; the owning worker exits its audiences (reason.trigger `deleted`), "
+                "erases the user and its linked anonymous profiles, drops their later events "
+                "and emits `User Deleted`, which every destination is sent (unless it sets "
+                "`forward_deletions: false`). Accepted for any id, known or not",
                 "responses": {
                     "202": _json(
                         {
