@@ -30,8 +30,9 @@ anonymous profiles are skipped for them.
 - webhook, segment: the `User Deleted` track message itself (signed, batched as usual);
 - kafka: a `delete` record keyed by the id, `{"type": "delete", "userId" (or
   "anonymousId"), "messageId", "timestamp"}`.
-Braze and Customer.io answer 404 for a user they do not know on some setups:
-for a deletion that is what was asked, so it counts as delivered (`absent_ok`).
+Anonymous ids are skipped for Braze and Customer.io, as for every message. A 404
+(no such user) from Braze or Customer.io to a deletion is what the deletion asked
+for: it counts as delivered (`absent_ok`).
 """
 
 from __future__ import annotations
