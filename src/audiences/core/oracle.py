@@ -295,7 +295,8 @@ def _sequence(body: Mapping[str, Any], seen: list[Event], t: int) -> bool:
                     continue
             else:
                 k = len(times)
-                if is_step(k, e) and (withins[k] is None or ts - times[-1] <= withins[k]):
+                within = withins[k]
+                if is_step(k, e) and (within is None or ts - times[-1] <= within):
                     times.append(ts)
                     continue
             if is_step(0, e):

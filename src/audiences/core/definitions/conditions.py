@@ -236,6 +236,8 @@ class PerformedTracker(Tracker):
 #          event older than it is ignored;
 #   [9:]   the events kept, (time, mask) pairs in event-time order (ties: arrival order);
 #          bit i of a mask: the event matches step i; bit len(steps): the follow-up.
+# State written before funnels went by event time has entries of [0:4] only (same tracker
+# id): nodes read them as they are, the tracker upgrades them when it next touches them.
 _BASE = 4
 _FLOOR = 8
 _KEPT = 9
@@ -291,9 +293,8 @@ class SequenceTracker(Tracker):
         self.horizon_ms = -1 if horizon is None else horizon  # -1: unbounded
         matchers = [*self.steps, *([self.follow] if self.follow else [])]
         self.events = frozenset(m.route for m in matchers if m.route is not None)
-        # "q": the event-time layout; state of the former arrival-order tracker ("s") is
-        # not read (running funnels restart after the upgrade).
-        self.id = tracker_id("q", {**spec, "from_ms": from_ms} if from_ms else dict(spec))
+        # (the id of the former arrival-order tracker: its entries are migrated, `_upgraded`)
+        self.id = tracker_id("s", {**spec, "from_ms": from_ms} if from_ms else dict(spec))
 
     def update(self, state: UserState, event: Event, now: int) -> bool:
         ts = event.timestamp_ms
@@ -320,6 +321,8 @@ class SequenceTracker(Tracker):
             match_key = ""
         instances: dict[str, list[int]] = state.trackers.get(self.id) or {}
         entry = instances.get(match_key)
+        if entry is not None and len(entry) == _OLD_LAYOUT:
+            entry = instances[match_key] = _upgraded(entry)
         if entry is None:
             entry = [0, -1, -1, -1, 0, -1, -1, -1, NO_FLOOR]
             instances[match_key] = entry
@@ -343,11 +346,12 @@ class SequenceTracker(Tracker):
         """Funnels of both profiles. For a match value both have, the events kept by
         both, in event-time order (ties: this profile's first), replayed on the base of
         the one that folded more recent events (exact when neither folded any)."""
-        instances: dict[str, list[int]] = {key: list(entry) for key, entry in other.items()}
-        for key, entry in mine.items():
+        instances: dict[str, list[int]] = {key: _upgraded(entry) for key, entry in other.items()}
+        for key, old in mine.items():
+            entry = _upgraded(old)
             theirs = instances.get(key)
             if theirs is None:
-                instances[key] = list(entry)
+                instances[key] = entry
                 continue
             first = entry if entry[_FLOOR] >= theirs[_FLOOR] else theirs
             merged = first[:_KEPT]  # (the other's base is lost unless it folded nothing)
@@ -427,6 +431,8 @@ class SequenceTracker(Tracker):
     def _collect(self, instances: dict[str, list[int]], now: int, state: UserState) -> None:
         """Fold what left the horizon; drop funnels that can never change or hold again;
         keep the most recently active ones."""
+        for key in [k for k, e in instances.items() if len(e) == _OLD_LAYOUT]:
+            instances[key] = _upgraded(instances[key])
         if self.horizon_ms >= 0:
             cutoff = now - self.horizon_ms
             dead: list[str] = []
@@ -462,6 +468,19 @@ class SequenceTracker(Tracker):
         if self.negative:
             return follow_ms >= 0
         return follow_ms < 0 and at - t0 > self.follow_within
+
+
+_OLD_LAYOUT = 4  # entries written before funnels went by event time
+
+
+def _upgraded(entry: list[int]) -> list[int]:
+    """A copy of a funnel entry in the current layout. An entry of the former layout,
+    `[steps_done, last_ms, t0_ms, follow_ms]` (state written before funnels went by event
+    time), becomes the base, with nothing kept: events arriving later that are older
+    than its newest event are ignored."""
+    if len(entry) != _OLD_LAYOUT:
+        return list(entry)
+    return [*entry, *entry, max(entry[1], entry[3])]
 
 
 def _newest(entry: list[int]) -> int:
