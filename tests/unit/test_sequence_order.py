@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from factories import T0, Cluster, D, H, M, audience, catalog_of, event_dict, feed, run, summary
+from factories import T0, Cluster, D, H, M, S, audience, catalog_of, event_dict, feed, run, summary
 
 from audiences.core.definitions.conditions import (
     MAX_SEQUENCE_HISTORY,
@@ -252,3 +252,29 @@ def test_funnel_state_of_the_former_layout_is_migrated() -> None:
     state.trackers[tracker_id] = {"A": [1, T0, T0, -1]}
     _, outputs = feed(catalog, [order(T0 + 3 * H)], state=state)
     assert summary(outputs) == [("cart_abandoners", "exited", T0 + 3 * H)]
+
+
+def test_an_attempt_past_active_for_takes_no_follow_up() -> None:
+    """Once `active_for` has passed, the attempt is over: an event that matches both the
+    first step and the follow-up starts a new attempt instead of being taken as the old
+    one's follow-up (before funnels went by event time this depended on whether some
+    other event had reached the tracker in between)."""
+    catalog = catalog_of(
+        audience(
+            "quiet",
+            {
+                "sequence": {
+                    "steps": [{"event": "Ping"}],
+                    "then_not": {"event": "Ping", "within": "10s"},
+                    "active_for": "30s",
+                }
+            },
+        )
+    )
+    items = [track(T0, "Ping"), track(T0 + 42 * S, "Ping"), Tick(T0 + 2 * M)]
+    assert summary(run(catalog, items)) == [
+        ("quiet", "entered", T0 + 10 * S),
+        ("quiet", "exited", T0 + 30 * S),
+        ("quiet", "entered", T0 + 52 * S),
+        ("quiet", "exited", T0 + 72 * S),
+    ]
