@@ -7,7 +7,8 @@ driven by events and ticks) against this on random histories.
 The per-value rules of computed traits are modelled (numbers must be finite
 and within 64 bits, strings at most 128 bytes of JSON); the per-profile bounds
 of `state.py` (counts of traits, timestamps, instances, distinct values, sums
-near the 64-bit range) are not: the property tests' histories stay within them.
+near the 64-bit range) are not, nor is a funnel's reordering horizon (events arriving
+later than it are ignored by the engine): the property tests' histories stay within them.
 """
 
 from __future__ import annotations

@@ -339,7 +339,10 @@ class SequenceTracker(Tracker):
             self._fold(entry, entry[_KEPT + 2 * extra - 2] + 1, extra)
         self._derive(entry)
         self._collect(instances, now, state)
-        state.trackers[self.id] = instances
+        if instances:
+            state.trackers[self.id] = instances
+        else:  # (a late event of a value with nothing kept, already over)
+            state.trackers.pop(self.id, None)
         return True
 
     def merge(self, mine: Any, other: Any, now: int, state: UserState) -> Any:
