@@ -541,3 +541,38 @@ def test_definitions_written_around_the_api_cannot_stop_or_hang_the_worker(
         ("buyers", "Entered"),
     ]
     assert runtime.failed is None
+
+
+CART_ABANDONERS = {
+    "key": "cart_abandoners",
+    "condition": {
+        "sequence": {
+            "steps": [{"event": "Checkout Started"}],
+            "then_not": {"event": "Order Completed", "within": "2h"},
+            "match_on": "properties.cart_id",
+            "active_for": "7d",
+        }
+    },
+}
+
+
+def test_an_order_arriving_before_its_checkout_never_makes_an_abandoner(engine: Engine) -> None:
+    """SPEC §11: funnels go by event time. The buyer's order (00:20) reaches Kafka before
+    their checkout (00:00) of the same cart: they never enter; another user's checkout
+    with no order enters at its 2 h deadline and leaves after `active_for`."""
+    engine.apply(CART_ABANDONERS)
+    engine.start()
+    engine.send(
+        track("buyer", "Order Completed", T0 + 20 * M, cart_id="c1"),
+        track("buyer", "Checkout Started", T0, cart_id="c1"),
+        track("abandoner", "Checkout Started", T0, cart_id="c2"),
+    )
+    engine.clock.advance_to(T0 + 3 * H)
+    rows = transitions(engine.outputs(1))
+    assert rows == [("abandoner", "cart_abandoners", "Entered", format_iso(T0 + 2 * H))]
+    engine.clock.advance_to(T0 + 8 * D)
+    rows = transitions(engine.outputs(2))
+    assert rows == [
+        ("abandoner", "cart_abandoners", "Entered", format_iso(T0 + 2 * H)),
+        ("abandoner", "cart_abandoners", "Exited", format_iso(T0 + 7 * D)),
+    ]

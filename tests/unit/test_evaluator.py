@@ -231,9 +231,18 @@ def test_funnel_step_too_late_breaks_the_funnel(added: int, started: int) -> Non
 
 
 def test_funnel_steps_out_of_order_do_not_count() -> None:
+    """Steps count in event-time order (SPEC §11), not in arrival order: a step that
+    happened before the previous one does not count, one that merely arrived first does."""
     catalog = catalog_of(audience("funnel", FUNNEL))
+    reversed_in_time = [
+        make_event(ts=T0 + 1, event="Product Added"),
+        make_event(ts=T0 + 2, event="Product Viewed"),
+        make_event(ts=T0 + 3, event="Checkout Started"),
+    ]
+    assert run(catalog, reversed_in_time) == []
     events = funnel_events(T0 + 1, T0 + 2)
-    assert run(catalog, [events[1], events[0], events[2]]) == []
+    transitions = run(catalog, [events[1], events[0], events[2]])
+    assert summary(transitions) == [("funnel", "entered", T0 + 2)]
 
 
 def test_then_follow_up_must_come_within_w() -> None:
