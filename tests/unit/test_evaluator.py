@@ -540,3 +540,19 @@ def test_render_exit_carries_false_and_the_triggering_message() -> None:
     assert message["properties"]["audience_name"] == "cart_abandoners"  # name defaults to key
     assert message["properties"]["reason"] == {"trigger": "event", "messageId": "m-7"}
     assert message["context"]["traits"] == {"phone": "+15550100"}
+
+
+def test_identify_traits_take_the_latest_event_time_whatever_the_arrival_order() -> None:
+    """free@10, free@20 then a late pro@15: sorted input ends `free`, and so must this
+    (a repeated value still moves the trait's time)."""
+    catalog = catalog_of()
+    state = None
+    for event in (
+        identify(T0 + 10 * M, plan="free"),
+        identify(T0 + 20 * M, plan="free"),
+        identify(T0 + 15 * M, plan="pro", late=True),
+    ):
+        state = step(state, event, catalog, "u1").state
+    assert state is not None
+    assert state.traits["plan"] == "free"
+    assert state.traits["late"] is True  # an older identify still fills what is missing

@@ -187,29 +187,35 @@ def _is_duplicate(state: UserState, event: Event, now: int) -> bool:
 
 
 def _fold_traits(state: UserState, event: Event) -> bool:
-    """Latest value per trait; an identify older than the last one only fills gaps.
+    """Latest value per trait by event time (an identify older than a trait's value
+    leaves it, and fills the traits it lacks).
     Values and names outside the bounds of `state.py` are not stored (counted)."""
     incoming: Any = event.traits if event.type == "identify" else None
     context_traits = event.context.get("traits")
     if incoming is None and context_traits is None:
         return False  # (most events)
     changed = False
-    newer = event.timestamp_ms >= state.traits_at_ms
-    traits = state.traits
+    ts = event.timestamp_ms
+    traits, times = state.traits, state.trait_times
     for source in (context_traits, incoming):
         if not isinstance(source, dict):
             continue
         for name, value in source.items():
-            if newer or name not in traits:
-                if traits.get(name, ...) != value:
-                    if not _admit_trait(state, name, value):
-                        continue
-                    traits[name] = value
-                    changed = True
-                if state.trait_times.get(name, -1) < event.timestamp_ms:
-                    state.trait_times[name] = event.timestamp_ms  # merges: later value wins
-    if changed and newer:
-        state.traits_at_ms = event.timestamp_ms
+            # Per trait, the value of the latest event time wins, whatever the arrival
+            # order (SPEC §11); a repeated value still moves its time.
+            at = times.get(name)
+            if at is None:
+                at = state.traits_at_ms if name in traits else -1
+            if ts < at:
+                continue
+            if traits.get(name, ...) != value:
+                if not _admit_trait(state, name, value):
+                    continue
+                traits[name] = value
+                changed = True
+            times[name] = ts
+    if changed and ts > state.traits_at_ms:
+        state.traits_at_ms = ts
     return changed
 
 

@@ -217,21 +217,17 @@ def _performed(body: Mapping[str, Any], seen: list[Event], t: int) -> bool:
 
 def _trait(body: Mapping[str, Any], seen: list[Event], t: int) -> bool:
     traits: dict[str, Any] = {}
-    latest = 0
-    for event in seen:
-        newer = event.timestamp_ms >= latest
+    times: dict[str, int] = {}  # per trait: the event time of its value
+    for event in seen:  # (arrival order: at equal times the later arrival wins)
         sources = [event.context.get("traits")]
         if event.type == "identify":
             sources.append(event.traits)
-        changed = False
         for source in sources:
             if isinstance(source, dict):
                 for trait, value in source.items():
-                    if (newer or trait not in traits) and traits.get(trait, ...) != value:
+                    if event.timestamp_ms >= times.get(trait, -1):
                         traits[trait] = value
-                        changed = True
-        if changed and newer:
-            latest = event.timestamp_ms
+                        times[trait] = event.timestamp_ms
     node: Any = traits
     for part in body["name"].split("."):
         node = node.get(part) if isinstance(node, dict) else None
