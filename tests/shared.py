@@ -78,6 +78,21 @@ def output_message(
     return render_transition(transition, traits, anonymous=anonymous)
 
 
+def deleted_message(
+    user: str,
+    *,
+    at_ms: int = 1_767_225_600_000,
+    anonymous: bool = False,
+    linked_to: str | None = None,
+    delete_id: str = "api-delete-1",
+) -> dict[str, Any]:
+    """A `User Deleted` message of `audience-events` as the evaluator renders it."""
+    from audiences.core.evaluator import Deletion
+    from audiences.core.outputs import render_deletion
+
+    return render_deletion(Deletion(user, anonymous, at_ms, f"{delete_id}-{user}", linked_to))
+
+
 def wait_for(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
     """Poll `ready` until it holds (for something asynchronous to happen, not to time it);
     raises TimeoutError naming `what` if it never does."""

@@ -46,6 +46,8 @@ def load_documents(path: Path) -> list[tuple[str, Any]]:
             data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
             raise SystemExit(f"error: {file}: cannot parse: {exc}") from None
+        except RecursionError:  # both parsers recurse per level (definitions: at most 32)
+            raise SystemExit(f"error: {file}: cannot parse: nested too deeply") from None
         for doc in data if isinstance(data, list) else [data]:
             documents.append((str(file), doc))
     return documents
@@ -201,7 +203,11 @@ def _wait_for_backfill(settings: Settings, topics: Any, timeout_s: float) -> int
 def cmd_preview(args: argparse.Namespace) -> int:
     documents = load_documents(Path(args.file))
     url = _api_url(args)
-    reports = _preview_via_api(url, documents, args.sample) if url else _preview(documents, args)
+    reports = (
+        _preview_via_api(url, _api_token(args), documents, args.sample)
+        if url
+        else _preview(documents, args)
+    )
     if reports is None:
         return 2
     for report in reports:
@@ -226,13 +232,19 @@ def _preview(documents: list[tuple[str, Any]], args: argparse.Namespace) -> list
     from audiences.core.preview import preview
 
     settings = _require_bootstrap(_settings())
+    checked = []
+    for source, raw in documents:  # before reading Kafka: limits, shape, patterns
+        try:
+            checked.append((source, validate_definition(raw)))
+        except DefinitionError as exc:
+            print(f"error: {source}: {exc}", file=sys.stderr)
+            return None
     topics = prepared(settings)
     definitions = read_definitions(settings, topics)
     profiles = read_profiles(settings, topics)
     reports = []
-    for source, raw in documents:
+    for source, doc in checked:
         try:
-            doc = validate_definition(raw)
             others = {k: d for k, (d, _) in definitions.items() if k != doc["key"]}
             check_references(doc, others)
             report = preview(doc, definitions, profiles.items(), args.sample).as_json()
@@ -244,10 +256,12 @@ def _preview(documents: list[tuple[str, Any]], args: argparse.Namespace) -> list
     return reports
 
 
-def _preview_via_api(url: str, documents: list[tuple[str, Any]], sample: int) -> list[Any] | None:
+def _preview_via_api(
+    url: str, token: str, documents: list[tuple[str, Any]], sample: int
+) -> list[Any] | None:
     from audiences.adapters.http.client import ApiClient
 
-    client = ApiClient(url)
+    client = ApiClient(url, token=token)
     reports = []
     for source, doc in documents:
         try:
@@ -263,7 +277,7 @@ def _preview_via_api(url: str, documents: list[tuple[str, Any]], sample: int) ->
 def cmd_get(args: argparse.Namespace) -> int:
     url = _api_url(args)
     if url:
-        return _get_via_api(url, args.key)
+        return _get_via_api(url, _api_token(args), args.key)
     from audiences.adapters.stream.definitions import read_definitions
     from audiences.bootstrap import prepared
 
@@ -281,10 +295,10 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _get_via_api(url: str, key: str | None) -> int:
+def _get_via_api(url: str, token: str, key: str | None) -> int:
     from audiences.adapters.http.client import ApiClient, quote
 
-    client = ApiClient(url)
+    client = ApiClient(url, token=token)
     if key is None:
         listed = client.get("/v1/audiences")["audiences"] + client.get("/v1/traits")["traits"]
         for item in sorted(listed, key=lambda item: item["key"]):
@@ -304,7 +318,7 @@ def _get_via_api(url: str, key: str | None) -> int:
 def cmd_members(args: argparse.Namespace) -> int:
     from audiences.adapters.http.client import ApiClient, quote
 
-    client = ApiClient(_require_api_url(args, "members"))
+    client = ApiClient(_require_api_url(args, "members"), token=_api_token(args))
     printed = 0
     cursor = None
     while args.limit is None or printed < args.limit:
@@ -322,7 +336,7 @@ def cmd_members(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from audiences.adapters.http.client import ApiClient, quote
 
-    client = ApiClient(_require_api_url(args, "explain"))
+    client = ApiClient(_require_api_url(args, "explain"), token=_api_token(args))
     print(
         json.dumps(client.get(f"/v1/users/{quote(args.user)}/explain/{quote(args.key)}"), indent=2)
     )
@@ -331,6 +345,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def _api_url(args: argparse.Namespace) -> str:
     return str(args.url or _settings().api_url)
+
+
+def _api_token(args: argparse.Namespace) -> str:
+    """--token, else AUDIENCES_API_TOKEN (empty: the API has no tokens configured)."""
+    return str(args.token or _settings().api_token)
 
 
 def _require_api_url(args: argparse.Namespace, command: str) -> str:
@@ -352,6 +371,35 @@ def cmd_delete(args: argparse.Namespace) -> int:
         print(f"error: no audience {args.key!r}", file=sys.stderr)
         return 1
     print(f"{args.key}: deleted")
+    return 0
+
+
+def cmd_users_delete(args: argparse.Namespace) -> int:
+    """`DELETE /v1/users/{id}` (SPEC §4/§8, scope `admin`), after a confirmation."""
+    from audiences.adapters.http.client import ApiClient, quote
+
+    url = _require_api_url(args, "users delete")
+    user = args.id
+    if not args.yes:
+        question = (
+            f"Delete user {user!r}: exit their audiences, erase their state and linked "
+            "anonymous profiles, drop their later events, and tell every destination "
+            "(User Deleted)? [y/N] "
+        )
+        try:
+            answer = input(question)
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print(f"{user}: not deleted", file=sys.stderr)
+            return 1
+    client = ApiClient(url, token=_api_token(args))
+    client.request("DELETE", f"/v1/users/{quote(user)}")
+    print(
+        f"{user}: deletion accepted: the worker owning it exits their audiences, erases "
+        "their state and linked anonymous profiles, and emits `User Deleted` for the "
+        "destinations"
+    )
     return 0
 
 
@@ -458,6 +506,12 @@ def _url_option(parser: argparse.ArgumentParser, text: str) -> None:
         default=None,
         help=f"management API base URL, e.g. http://127.0.0.1:6066 (default: "
         f"AUDIENCES_API_URL): {text}",
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="management API bearer token (default: AUDIENCES_API_TOKEN); needed when the "
+        "workers have AUDIENCES_API_TOKENS",
     )
 
 
@@ -596,6 +650,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", help="audience key")
     p.set_defaults(func=cmd_delete)
 
+    p = sub.add_parser("users", help="user profiles (through a worker's API)")
+    users = p.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    text = (
+        "delete a user (DELETE /v1/users/ID, token scope admin): their memberships exit, "
+        "their state and linked anonymous profiles are erased, their later events dropped, "
+        "and every destination is told (`User Deleted`: Braze /users/delete, Customer.io "
+        "DELETE customer, webhooks and Segment the message, Kafka a delete record); asks "
+        "for confirmation unless --yes"
+    )
+    u = users.add_parser("delete", help="delete a user everywhere", description=text)
+    u.add_argument("id", help="userId (or anonymousId)")
+    u.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    _url_option(u, "a worker's API (required)")
+    u.set_defaults(func=cmd_users_delete)
+
     p = sub.add_parser("tail", help="print live transitions from the audience-events topic")
     p.add_argument("--from-beginning", action="store_true", help="start at the oldest transition")
     p.add_argument("--limit", type=int, default=None, help="stop after N transitions")
@@ -688,9 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env()
-    logs.configure(settings.log_format, settings.log_level)
     try:
+        settings = Settings.from_env()
+        logs.configure(settings.log_format, settings.log_level)
         return int(args.func(args) or 0)
     except AudiencesError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -34,24 +34,32 @@ class InvalidEventError(AudiencesError):
 
 
 class DefinitionError(AudiencesError):
-    """An invalid audience or computed-trait definition."""
+    """An invalid audience or computed-trait definition. `reason` is a short, bounded
+    label for metrics: `invalid` (the shape), `limits` (deeper, larger or with longer
+    patterns than SPEC §11 allows), `pattern` (a regex RE2 cannot run), `uncompilable`."""
 
-    def __init__(self, path: str, message: str, suggestion: str | None = None) -> None:
+    def __init__(
+        self, path: str, message: str, suggestion: str | None = None, reason: str = "invalid"
+    ) -> None:
         super().__init__(_suggesting(f"{path}: {message}", suggestion))
         self.path = path
         self.message = message
         self.suggestion = suggestion
+        self.reason = reason
 
 
 class RejectedRequest(AudiencesError):
     """An HTTP request the collector refuses. `status` is the HTTP status, `code` a short
     machine-readable label (Segment's error body carries both `code` and `message`)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after_s: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # sent as Retry-After (a 429)
 
 
 class DestinationConfigError(AudiencesError):

@@ -42,10 +42,16 @@ class Response:
         return orjson.loads(self.body)
 
 
-def call(method: str, url: str, body: Any = None, raw: bytes | None = None) -> Response:
+def call(
+    method: str,
+    url: str,
+    body: Any = None,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
     """One HTTP request; any status is returned, not raised."""
     data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
-    request = urllib.request.Request(url, data=data, method=method)
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:

@@ -10,6 +10,15 @@ Failures are scripted: `script([500, 500])` answers the next two requests
 500; `script([(429, {"Retry-After": "2"})])` adds headers; `down = True`
 answers nothing until the client gives up; `reject` refuses chosen requests
 with 400 and a JSON error body.
+
+Deletions answer as the vendors document them: Braze `POST /users/delete`
+(`{"external_ids": [...]}`, at most 50, Bearer key) answers 201
+`{"deleted": N, "message": "success"}`, N the users it knew (ids it never saw
+count 0, no error); Customer.io `DELETE /api/v1/customers/{id}` (no body,
+Basic site:key) answers 200 `{}` whether or not the customer existed. A wrong
+key is 401 (Braze `{"message": "Invalid API Key"}`, Customer.io
+`{"meta": {"error": "Unauthorized request"}}`). Users the fake knows (`users`)
+are those a `/users/track` or `PUT` created; `deleted` lists the ids deleted.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
@@ -65,6 +75,11 @@ def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
+def _customer_id(request: web.Request) -> str:
+    """The {id} of /api/v1/customers/{id}[/events], percent-decoded."""
+    return unquote(request.raw_path.split("?", 1)[0].split("/")[4])
+
+
 class FakeDestination:
     """One fake API of `kind` on 127.0.0.1 (ephemeral port); `url` once started."""
 
@@ -77,6 +92,8 @@ class FakeDestination:
         self.violations: list[str] = []
         self.down = False
         self.reject: Callable[[Any], bool] | None = None
+        self.users: set[str] = set()  # braze / customerio: ids created by track or PUT
+        self.deleted: list[str] = []  # ids deleted, in order (repeats included)
         self._script: list[tuple[int, dict[str, str]]] = []
         self._runner: web.AppRunner | None = None
 
@@ -111,10 +128,17 @@ class FakeDestination:
             while self.down:  # no answer: the client times out (released when back up)
                 await asyncio.sleep(0.02)
             return self._answer(call, 503, {"error": "was down"})
+        unauthorized = self._unauthorized(request, headers)
+        if unauthorized is not None:
+            return self._answer(call, 401, unauthorized)
+        if self.kind == "customerio" and request.method == "DELETE":
+            return self._delete_customer(call, request, raw)
         try:
             call.body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return self._answer(call, 400, {"error": "invalid JSON"}, "body is not JSON")
+        if self.kind == "braze" and request.path == "/users/delete":
+            return self._delete_braze_users(call, request, call.body)
         try:
             getattr(self, f"_check_{self.kind}")(request, headers, raw, call.body)
         except Invalid as problem:
@@ -124,6 +148,7 @@ class FakeDestination:
             return self._answer(call, status, {"error": "scripted"}, headers=extra)
         if self.reject is not None and self.reject(call.body):
             return self._answer(call, 400, {"error": "user rejected by test"})
+        self._remember(request, call.body)
         ok = {
             "webhook": (200, {}),
             "braze": (201, {"message": "success"}),
@@ -131,6 +156,65 @@ class FakeDestination:
             "segment": (200, {"success": True}),
         }[self.kind]
         return self._answer(call, *ok)
+
+    def _unauthorized(self, request: web.Request, headers: dict[str, str]) -> Any:
+        """The vendors' 401 for a wrong key (on the deletion routes; elsewhere a wrong key
+        stays a recorded violation, as before)."""
+        authorization = headers.get("authorization")
+        braze = self.kind == "braze" and request.path == "/users/delete"
+        if braze and authorization != f"Bearer {BRAZE_KEY}":
+            return {"message": "Invalid API Key"}
+        customerio = self.kind == "customerio" and request.method == "DELETE"
+        if customerio and authorization != _basic(CIO_SITE, CIO_KEY):
+            return {"meta": {"error": "Unauthorized request"}}
+        return None
+
+    def _remember(self, request: web.Request, body: Any) -> None:
+        if self.kind == "braze" and isinstance(body, dict):
+            for name in ("attributes", "events"):
+                self.users.update(item["external_id"] for item in body.get(name, []))
+        elif self.kind == "customerio" and request.method == "PUT":
+            self.users.add(_customer_id(request))
+
+    def _scripted(self, call: Call) -> web.Response | None:
+        if not self._script:
+            return None
+        status, extra = self._script.pop(0)
+        return self._answer(call, status, {"error": "scripted"}, headers=extra)
+
+    def _delete_braze_users(self, call: Call, request: web.Request, body: Any) -> web.Response:
+        """POST /users/delete: one kind of identifier, at most 50 of them."""
+        try:
+            _check(request.method == "POST", "POST /users/delete")
+            _check(isinstance(body, dict) and len(body) == 1, "exactly one kind of identifier")
+            ids = body.get("external_ids")
+            _check(isinstance(ids, list) and 0 < len(ids) <= 50, "external_ids: 1..50")
+            _check(all(isinstance(i, str) and i for i in ids), "external_ids: strings")
+        except Invalid as problem:
+            return self._answer(call, 400, {"message": str(problem)}, str(problem))
+        scripted = self._scripted(call)
+        if scripted is not None:
+            return scripted
+        known = [i for i in ids if i in self.users]
+        self.users.difference_update(ids)
+        self.deleted += ids
+        return self._answer(call, 201, {"deleted": len(known), "message": "success"})
+
+    def _delete_customer(self, call: Call, request: web.Request, raw: bytes) -> web.Response:
+        """DELETE /api/v1/customers/{id}: no body; 200 `{}` known or not."""
+        parts = request.raw_path.split("?", 1)[0].split("/")
+        try:
+            _check(request.path.startswith("/api/v1/customers/") and len(parts) == 5, "path")
+            _check(raw == b"", "DELETE takes no body")
+        except Invalid as problem:
+            return self._answer(call, 400, {"meta": {"error": str(problem)}}, str(problem))
+        scripted = self._scripted(call)
+        if scripted is not None:
+            return scripted
+        customer = _customer_id(request)
+        self.users.discard(customer)
+        self.deleted.append(customer)
+        return self._answer(call, 200, {})
 
     def _answer(
         self,

@@ -134,8 +134,9 @@ def test_a_store_that_missed_another_owners_deletion_is_not_trusted(
         assert status == "suppressed", status
         # A's store did not resurrect `gone`: its old deadline never fires an exit again
         engine.clock.advance_to(T0 + 2 * 60 * M)
-        outputs = engine.outputs(4)  # only `kept` leaves the window
-        assert [(o["userId"], o["event"]) for o in outputs[3:]] == [("kept", "Audience Exited")]
+        outputs = engine.outputs(5)  # only `kept` leaves the window
+        assert outputs[3]["event"] == "User Deleted"  # (of the deletion of `gone`)
+        assert [(o["userId"], o["event"]) for o in outputs[4:]] == [("kept", "Audience Exited")]
     finally:
         engine.close()
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from apiserver import ApiServer, Worker, call, free_port, wait_for
 from harness import T0, Engine, M, track
+from orjson import loads as json_loads
 
 from audiences.adapters.http.api import SERVED_BY
 from audiences.adapters.kafka.partitioner import partition_for
@@ -115,6 +116,67 @@ def test_invalid_definitions_are_422_with_the_json_path(api: Worker, engine: Eng
     assert api("PUT", "/v1/traits/ltv", LTV).status == 201
     taken = api("PUT", "/v1/audiences/ltv", {**BUYERS, "key": "ltv"})
     assert taken.status == 409 and "computed trait" in taken.json()["error"]
+
+
+def _not_chain(levels: int) -> str:
+    """A condition `levels` deep as JSON text (orjson writes at most 255 levels)."""
+    text = '{"performed": {"event": "A"}}'
+    for _ in range(levels - 1):
+        text = '{"not": ' + text + "}"
+    return text
+
+
+def test_definitions_over_the_limits_are_422_with_the_path(api: Worker, engine: Engine) -> None:
+    """SPEC §11: compiled at apply time, at most 32 levels, 1,000 nodes, 1 KB patterns,
+    regexes RE2 can run; hostile bodies are 4xx, never a 500 or a stuck worker."""
+    leaf = {"performed": {"event": "A"}}
+    for method, path, raw, where in [
+        ("PUT", "/v1/audiences/deep", _not_chain(33), "$.condition" + ".not" * 32),
+        ("POST", "/v1/audiences/preview", _not_chain(33), "$.condition" + ".not" * 32),
+        ("POST", "/v1/internal/partitions/0/preview", _not_chain(33), "$.condition" + ".not" * 32),
+        ("PUT", "/v1/audiences/deep", _not_chain(1000), "$.condition" + ".not" * 32),
+    ]:
+        answer = api(method, path, raw=b'{"key": "deep", "condition": ' + raw.encode() + b"}")
+        assert answer.status == 422, (method, path, answer.body)
+        assert answer.json()["path"] == where
+        assert "deeper than 32 levels" in answer.json()["error"]
+
+    wide = api("PUT", "/v1/audiences/wide", {"key": "wide", "condition": {"any": [leaf] * 1000}})
+    assert (wide.status, wide.json()["path"]) == (422, "$.condition.any[999]")
+    assert "more than 1000 nodes" in wide.json()["error"]
+    filters = [{"property": "p", "op": "exists"}] * 1001
+    trait = api("PUT", "/v1/traits/t", {"kind": "count", "event": "A", "where": filters})
+    assert (trait.status, trait.json()["path"]) == (422, "$.where[1000]")
+
+    def matching(pattern: str) -> dict[str, Any]:
+        return {
+            "key": "re",
+            "condition": {"trait": {"name": "e", "op": "matches", "value": pattern}},
+        }
+
+    long = api("PUT", "/v1/audiences/re", matching("a" * 1025))
+    assert (long.status, long.json()["path"]) == (422, "$.condition.trait.value")
+    assert "1025 bytes" in long.json()["error"]
+    for pattern in (r"(a)\1", "(?=a)"):
+        refused = api("PUT", "/v1/audiences/re", matching(pattern))
+        assert (refused.status, refused.json()["path"]) == (422, "$.condition.trait.value")
+        assert "RE2" in refused.json()["error"]
+    url = {"key": "u", "condition": {"page_viewed": {"url": "*" * 1025}}}
+    refused = api("POST", "/v1/audiences/preview", url)
+    assert (refused.status, refused.json()["path"]) == (422, "$.condition.page_viewed.url")
+
+    # Deeper than the JSON parser goes (1,024 levels): refused as unreadable, not a 500.
+    for raw in (_not_chain(100_000), "[" * 100_000 + "]" * 100_000):
+        body = b'{"key": "deep", "condition": ' + raw.encode() + b"}"
+        answer = api("PUT", "/v1/audiences/deep", raw=body)
+        assert answer.status == 400 and "not JSON" in answer.json()["error"]
+    assert stored(engine) == {}  # nothing was written
+
+    # the limits themselves are allowed, and the worker compiled and serves them
+    fits = {"key": "fits", "condition": json_loads(_not_chain(32))}
+    assert api("PUT", "/v1/audiences/fits", fits).status == 201
+    assert api("GET", "/v1/audiences/fits").json()["version"] == 1
+    assert stored(engine)["fits"][1] == 1
 
 
 def test_unknown_things_are_404(api: Worker, engine: Engine) -> None:
@@ -267,7 +329,9 @@ def test_reads_are_routed_to_the_owner_across_two_workers(
     assert report.json()["size"] == len(buyers) and report.json()["current_version"] == 1
 
 
-def test_deleting_a_user_exits_their_audiences(two_workers: tuple[Engine, Worker, Worker]) -> None:
+def test_deleting_a_user_exits_their_audiences_then_tells_destinations(
+    two_workers: tuple[Engine, Worker, Worker],
+) -> None:
     engine, first, second = two_workers
     engine.send(track("gone", "Order Completed", T0, revenue=5))
     entered = engine.outputs(2)
@@ -277,10 +341,26 @@ def test_deleting_a_user_exits_their_audiences(two_workers: tuple[Engine, Worker
     for asked in (first, second):  # either worker accepts it; the record is keyed by user
         answer = call("DELETE", f"{asked.url}/v1/users/gone")
         assert (answer.status, answer.json()) == (202, {"userId": "gone", "accepted": True})
-    exits = [o for o in engine.outputs(3) if o["event"] == "Audience Exited"]
-    assert len(exits) == 1
-    assert exits[0]["userId"] == "gone"
-    assert exits[0]["properties"]["reason"]["trigger"] == "deleted"
+    # the exit, then one `User Deleted` per request (the second found no state: it is
+    # honoured all the same, for destinations that hold what the engine no longer has)
+    outputs = engine.outputs(5)[2:]
+    assert [(o["userId"], o["event"]) for o in outputs] == [
+        ("gone", "Audience Exited"),
+        ("gone", "User Deleted"),
+        ("gone", "User Deleted"),
+    ]
+    exit_, *deletions = outputs
+    assert exit_["properties"]["reason"]["trigger"] == "deleted"
+    requests = [d["properties"]["reason"]["messageId"] for d in deletions]
+    assert exit_["properties"]["reason"]["messageId"] == requests[0]
+    assert all(r.startswith("api-delete-") for r in requests) and len(set(requests)) == 2
+    assert len({d["messageId"] for d in deletions}) == 2
+    assert all(d["context"] == {"traits": {}} for d in deletions)
+    # an id the engine never saw: the request is honoured, destinations hear of it
+    answer = call("DELETE", f"{second.url}/v1/users/never%20seen")
+    assert (answer.status, answer.json()) == (202, {"userId": "never seen", "accepted": True})
+    [unknown] = engine.outputs(6)[5:]
+    assert (unknown["userId"], unknown["event"]) == ("never seen", "User Deleted")
     wait_for(
         lambda: call("GET", f"{second.url}/v1/users/gone").status == 404, 10, "the profile to go"
     )

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -96,6 +97,33 @@ def test_invalid_definition_is_rejected_with_its_json_path(
     assert result.returncode == 2
     assert "$.condition.sequence.then_not.wihtin" in result.stderr
     assert "did you mean 'within'" in result.stderr
+    assert run(cli_env, "get").stdout.strip() == ""  # nothing was written
+
+
+def test_definitions_over_the_limits_are_rejected_before_anything_is_written(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`apply` and `preview` run the workers' compiler with the limits of SPEC §11."""
+    condition: dict[str, Any] = {"performed": {"event": "A"}}
+    for _ in range(32):
+        condition = {"not": condition}  # 33 levels
+    (tmp_path / "deep.json").write_text(json.dumps({"key": "deep", "condition": condition}))
+    regex = {"trait": {"name": "email", "op": "matches", "value": r"(\w+)@\1"}}
+    (tmp_path / "backref.yaml").write_text(json.dumps({"key": "backref", "condition": regex}))
+    (tmp_path / "huge.json").write_text(
+        '{"key": "huge", "condition": ' + '{"not": ' * 100_000 + "1" + "}" * 100_001
+    )
+    for command in ("apply", "preview"):
+        deep = run(cli_env, command, "-f", str(tmp_path / "deep.json"))
+        assert deep.returncode == 2, deep.stderr
+        assert "$.condition" + ".not" * 32 + ": conditions nested deeper than 32" in deep.stderr
+        backref = run(cli_env, command, "-f", str(tmp_path / "backref.yaml"))
+        assert backref.returncode == 2, backref.stderr
+        assert "$.condition.trait.value: not a regular expression RE2 can run" in backref.stderr
+        huge = run(cli_env, command, "-f", str(tmp_path / "huge.json"))
+        assert huge.returncode == 1
+        assert "cannot parse: nested too deeply" in huge.stderr
+        assert "Traceback" not in huge.stderr
     assert run(cli_env, "get").stdout.strip() == ""  # nothing was written
 
 

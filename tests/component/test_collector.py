@@ -18,6 +18,7 @@ import orjson
 import pytest
 import requests
 from harness import T0, Engine, _TopicReader
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from audiences.adapters.http.collector import Collector
@@ -226,8 +227,27 @@ def test_analytics_js_gets_source_settings_pointing_back_at_the_collector(
         "apiHost": collector.url.removeprefix("http://") + "/v1",
         "protocol": "http",
     }
-    wrong = requests.get(f"{collector.url}/v1/projects/nope/settings", timeout=10)
-    assert wrong.status_code == 401 and wrong.json()["message"] == "invalid write key"
+
+
+def test_the_settings_route_does_not_tell_whether_a_key_is_valid(
+    start: Callable[..., RunningCollector],
+) -> None:
+    """Same status, headers and body (but the echoed key) for a valid and an invalid key:
+    the public settings route is no oracle for guessing write keys."""
+    collector = start()
+    wrong_key = "write-key-X"  # as long as KEY: even Content-Length is the same
+    assert len(wrong_key) == len(KEY)
+    valid = requests.get(f"{collector.url}/v1/projects/{KEY}/settings", timeout=10)
+    invalid = requests.get(f"{collector.url}/v1/projects/{wrong_key}/settings", timeout=10)
+    assert valid.status_code == invalid.status_code == 200
+    assert invalid.content == valid.content.replace(KEY.encode(), wrong_key.encode())
+
+    def headers(response: requests.Response) -> dict[str, str]:
+        return {k: v for k, v in response.headers.items() if k.lower() != "date"}
+
+    assert headers(valid) == headers(invalid)
+    # the calls themselves check the key
+    assert collector.post("/v1/track", GOOD, key=wrong_key).status_code == 401
 
 
 # -- keys, partitions and enrichment ----------------------------------------------------
@@ -395,6 +415,103 @@ def test_rejections_have_their_status_and_message_and_produce_nothing(
     assert collector.post("/v1/identify", {"userId": "after"}).status_code == 200
     [only] = values(events_topic.read(1, 30))  # read() fails if anything more arrived
     assert only["userId"] == "after"
+
+
+def _partial_post(
+    url: str, path: str, headers: dict[str, str], declared: int
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """A POST that declares a `declared`-byte body and sends only its first KB: an answer
+    can only come if the server decided without reading the body (else the socket times
+    out and the test fails)."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    request = (
+        (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {declared}\r\n"
+            f"Content-Type: application/json\r\n{head}\r\n"
+        ).encode()
+        + b"\x1f\x8b"
+        + b"\0" * 1022
+    )
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed without an answer: {answer!r}"
+            answer += chunk
+        header_block, _, body = answer.partition(b"\r\n\r\n")
+        status_line, *lines = header_block.decode().split("\r\n")
+        fields = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        while len(body) < int(fields["content-length"]):
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed in the middle of the answer"
+            body += chunk
+    return int(status_line.split()[1]), fields, orjson.loads(body)
+
+
+def _basic(key: str) -> str:
+    return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"Authorization": _basic("wrong"), "Content-Encoding": "gzip"}, "invalid write key"),
+        ({"Authorization": "Bearer what", "Content-Encoding": "gzip"}, "must be HTTP Basic"),
+        ({"Content-Encoding": "gzip"}, "a compressed body needs the write key in HTTP Basic"),
+    ],
+    ids=["bad-basic-key", "not-basic", "no-key-gzip"],
+)
+def test_a_bad_key_is_refused_before_the_body_is_read(
+    start: Callable[..., RunningCollector], headers: dict[str, str], message: str
+) -> None:
+    collector = start()
+    status, fields, body = _partial_post(collector.url, "/v1/batch", headers, 500 * 1024)
+    assert (status, body["code"]) == (401, "unauthorized")
+    assert fields["connection"] == "close"  # the rest of the body is not drained either
+    assert message in body["message"]
+    assert collector.post("/v1/identify", {"userId": "after"}).status_code == 200
+
+
+def test_a_write_key_over_its_rate_limit_gets_429_with_retry_after(
+    start: Callable[..., RunningCollector], settings: Settings, events_topic: _TopicReader
+) -> None:
+    now = [1000.0]
+    limited = settings.replace(collector_rate_limit=2, collector_rate_burst=3)
+    collector = start(limited, rate_clock=lambda: now[0])
+
+    def scrape() -> float:  # the counter of this process (the collector runs in it)
+        return REGISTRY.get_sample_value("audiences_collector_rate_limited_total") or 0.0
+
+    before = scrape()
+
+    def batch(size: int, key: str = KEY) -> requests.Response:
+        items = [{"type": "track", "userId": f"u{i}", "event": "E"} for i in range(size)]
+        return collector.post("/v1/batch", {"batch": items}, key=key)
+
+    assert batch(3).status_code == 200  # the whole burst
+    refused = collector.post("/v1/track", GOOD)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["code"] == "rate_limited" and refused.headers["Retry-After"] == "1"
+    # the key in the body is limited too, and a spent key is refused before its body is read
+    in_body = collector.post("/v1/track", {**GOOD, "writeKey": KEY}, key=None)
+    assert in_body.status_code == 429
+    status, fields, _ = _partial_post(
+        collector.url, "/v1/batch", {"Authorization": _basic(KEY)}, 400 * 1024
+    )
+    assert (status, fields["retry-after"]) == (429, "1")
+    assert batch(3, OTHER_KEY).status_code == 200  # each key has its own bucket
+
+    now[0] += 0.5  # one event's worth
+    assert collector.post("/v1/track", GOOD).status_code == 200
+    assert collector.post("/v1/track", GOOD).status_code == 429
+    now[0] += 60  # full again: a batch larger than the burst passes once, then the key waits
+    assert batch(5).status_code == 200
+    again = collector.post("/v1/track", GOOD)
+    assert (again.status_code, again.headers["Retry-After"]) == (429, "2")
+    assert scrape() - before == 5
+    assert len(events_topic.read(3 + 3 + 1 + 5, 30)) == 12  # fails if anything more arrived
 
 
 def test_a_get_on_an_endpoint_is_405_json(start: Callable[..., RunningCollector]) -> None:

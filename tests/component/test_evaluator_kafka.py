@@ -272,13 +272,23 @@ def test_deleting_a_user_deletes_its_linked_anonymous_profile_through_kafka(
         ("u1", "Audience Entered"),
     ]
     engine.send({"type": "delete", "userId": "u1", "timestamp": format_iso(T0 + 2 * M)})
-    outputs = engine.outputs(4)
-    assert (outputs[3]["userId"], outputs[3]["event"]) == ("u1", "Audience Exited")
+    # u1 exits, then is deleted; the linked a1 is deleted too (its own `User Deleted`)
+    outputs = engine.outputs(6)
+    assert sorted(
+        (o.get("userId") or o["anonymousId"], o["event"], o["properties"].get("linkedTo"))
+        for o in outputs[3:]
+    ) == [
+        ("a1", "User Deleted", "u1"),
+        ("u1", "Audience Exited", None),
+        ("u1", "User Deleted", None),
+    ]
+    u1 = [o["event"] for o in outputs[3:] if o.get("userId") == "u1"]
+    assert u1 == ["Audience Exited", "User Deleted"]
     # a later anonymous event neither forwards to the user nor recreates a profile
     engine.send({**anonymous, "timestamp": format_iso(T0 + 3 * M), "messageId": "later"})
     engine.send(track("probe", "Product Viewed", T0 + 4 * M))
-    outputs = engine.outputs(5)
-    assert (outputs[4]["userId"], outputs[4]["event"]) == ("probe", "Audience Entered")
+    outputs = engine.outputs(7)
+    assert (outputs[6]["userId"], outputs[6]["event"]) == ("probe", "Audience Entered")
     engine.settle()
     assert engine.evaluator is not None
     for partition in engine.evaluator.partitions.values():

@@ -10,11 +10,12 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from harness import T0, Engine, H, M, S, track
 
 from audiences.adapters.state.layout import Kind, changelog_key
 from audiences.core.events import format_iso
+from shared import wait_for
 
 pytestmark = pytest.mark.kafka
 D = 24 * H
@@ -208,24 +209,25 @@ def test_delete_exits_members_tombstones_state_and_drops_later_events(engine: En
         ("gdpr", "window_shoppers", "Entered", format_iso(T0 + 2 * M))
     ]
     engine.send(event("delete", "gdpr", T0 + 5 * M))
-    exited = engine.outputs(2)[1]
+    exited, deleted = engine.outputs(3)[1:]
     assert (exited["event"], exited["properties"]["reason"]["trigger"]) == (
         "Audience Exited",
         "deleted",
     )
+    assert (deleted["event"], deleted["userId"]) == ("User Deleted", "gdpr")
     # later events are dropped: three more views enter nobody
     engine.send(*(track("gdpr", "Product Viewed", T0 + 10 * M + i * S) for i in range(3)))
     engine.settle()
-    assert len(engine.outputs(2)) == 2
+    assert len(engine.outputs(3)) == 3
     profile = changelog_key(Kind.PROFILE, b"gdpr")
     assert _changelog_values(engine, profile)[-1] is None  # the profile is tombstoned
     assert _changelog_values(engine, changelog_key(Kind.SUPPRESSED, b"gdpr"))[-1] == b"1"
     # unsuppressed, the user starts afresh with new messageIds
     engine.send(event("unsuppress", "gdpr", T0 + 20 * M))
     engine.send(*(track("gdpr", "Product Viewed", T0 + 30 * M + i * S) for i in range(3)))
-    outputs = engine.outputs(3)
-    assert outputs[2]["event"] == "Audience Entered"
-    assert outputs[2]["messageId"] != outputs[0]["messageId"]
+    outputs = engine.outputs(4)
+    assert outputs[3]["event"] == "Audience Entered"
+    assert outputs[3]["messageId"] != outputs[0]["messageId"]
 
 
 def test_deleting_an_audience_exits_its_idle_members(engine: Engine) -> None:
@@ -484,7 +486,7 @@ def test_audience_sizes_and_profile_counts_are_exported(engine: Engine) -> None:
     engine.start()
     engine.send(*(track(f"s{n}", "Order Completed", T0 + n * S) for n in range(3)))
     engine.send(event("delete", "s0", T0 + H))
-    assert len(engine.outputs(4)) == 4
+    assert len(engine.outputs(5)) == 5  # 3 entered, s0 exited and deleted
     engine.settle()
     assert REGISTRY.get_sample_value("audiences_audience_size", {"audience": "sized_buyers"}) == 2
     assert engine.evaluator is not None
@@ -513,3 +515,117 @@ def test_a_late_event_is_applied_with_its_own_time_as_effective_at(engine: Engin
     assert entered["event"] == "Audience Entered"
     assert entered["timestamp"] == format_iso(T0 + 2 * H)  # the profile's time
     assert entered["properties"]["effective_at"] == format_iso(T0)  # the late event's
+
+
+def _stored_not_chain(key: str, levels: int) -> bytes:
+    """A definition `levels` deep as a record (orjson writes at most 255 levels)."""
+    text = '{"performed": {"event": "Search"}}'
+    for _ in range(levels - 1):
+        text = '{"not": ' + text + "}"
+    return f'{{"key": "{key}", "version": 1, "condition": {text}}}'.encode()
+
+
+def test_definitions_written_around_the_api_cannot_stop_or_hang_the_worker(
+    engine: Engine,
+) -> None:
+    """SPEC §11 through the real protocol: definitions the API would refuse (600 levels
+    deep, a regex RE2 cannot run, 1,005 nodes, not JSON) are written straight to the
+    definitions topic next to good ones. The worker leaves them out (a log line, a
+    metric), stays up, and the good audiences — among them the patterns that hang a
+    backtracking engine — judge properties of nearly 32 KB (the most an event carries)
+    and produce their transitions."""
+    from prometheus_client import REGISTRY
+
+    def search_where(op: str, value: str) -> dict[str, Any]:
+        where = [{"property": "q", "op": op, "value": value}]
+        return {"performed": {"event": "Search", "where": where}}
+
+    engine.apply(
+        {"key": "glob", "condition": search_where("contains", "*a*a*a*b")},
+        {"key": "regex", "condition": search_where("matches", "^(a+)+$")},
+    )
+    engine.start()
+    runtime = engine.evaluator
+    assert runtime is not None
+    start = runtime.definitions.offset
+
+    def rejected(key: str, reason: str) -> float:
+        labels = {"key": key, "reason": reason}
+        return REGISTRY.get_sample_value("audiences_definitions_rejected_total", labels) or 0.0
+
+    bad = {
+        ("deep", "limits"): _stored_not_chain("deep", 600),
+        ("backref", "pattern"): orjson.dumps(
+            {"key": "backref", "condition": search_where("matches", r"(a+)\1")}
+        ),
+        ("wide", "limits"): orjson.dumps(
+            {"key": "wide", "condition": {"any": [{"performed": {"event": "X"}}] * 1005}}
+        ),
+        ("garbage", "undecodable"): b"{not json",
+    }
+    before = {labels: rejected(*labels) for labels in bad}
+    producer = Producer({"bootstrap.servers": engine.settings.kafka_bootstrap})
+    for (key, _reason), value in bad.items():
+        producer.produce(engine.topics.definitions, key=key.encode(), value=value)
+    buyers = {"key": "buyers", "condition": {"performed": {"event": "Order Completed"}}}
+    producer.produce(engine.topics.definitions, key=b"buyers", value=orjson.dumps(buyers))
+    producer.flush(10)
+    wait_for(
+        lambda: runtime.definitions.offset >= start + len(bad) + 1,
+        30,
+        "the worker to read every record written",
+    )
+    assert runtime.failed is None
+    assert set(runtime.definitions.definitions) == {"glob", "regex", "buyers"}
+    assert [a.key for a in runtime.definitions.catalog.audiences] == ["buyers", "glob", "regex"]
+    for labels, count in before.items():
+        assert rejected(*labels) == count + 1, labels
+
+    many_a = "a" * 32_000  # an event is at most 32 KB (MAX_EVENT_BYTES)
+    engine.send(
+        track("u", "Search", T0, q=many_a + "!"),  # neither pattern matches
+        track("u", "Search", T0 + S, q=many_a + "b"),  # *a*a*a*b
+        track("u", "Search", T0 + 2 * S, q=many_a),  # ^(a+)+$
+        track("u", "Order Completed", T0 + 3 * S),
+    )
+    assert [(a, e) for _u, a, e, _t in transitions(engine.outputs(3))] == [
+        ("glob", "Entered"),
+        ("regex", "Entered"),
+        ("buyers", "Entered"),
+    ]
+    assert runtime.failed is None
+
+
+CART_ABANDONERS = {
+    "key": "cart_abandoners",
+    "condition": {
+        "sequence": {
+            "steps": [{"event": "Checkout Started"}],
+            "then_not": {"event": "Order Completed", "within": "2h"},
+            "match_on": "properties.cart_id",
+            "active_for": "7d",
+        }
+    },
+}
+
+
+def test_an_order_arriving_before_its_checkout_never_makes_an_abandoner(engine: Engine) -> None:
+    """SPEC §11: funnels go by event time. The buyer's order (00:20) reaches Kafka before
+    their checkout (00:00) of the same cart: they never enter; another user's checkout
+    with no order enters at its 2 h deadline and leaves after `active_for`."""
+    engine.apply(CART_ABANDONERS)
+    engine.start()
+    engine.send(
+        track("buyer", "Order Completed", T0 + 20 * M, cart_id="c1"),
+        track("buyer", "Checkout Started", T0, cart_id="c1"),
+        track("abandoner", "Checkout Started", T0, cart_id="c2"),
+    )
+    engine.clock.advance_to(T0 + 3 * H)
+    rows = transitions(engine.outputs(1))
+    assert rows == [("abandoner", "cart_abandoners", "Entered", format_iso(T0 + 2 * H))]
+    engine.clock.advance_to(T0 + 8 * D)
+    rows = transitions(engine.outputs(2))
+    assert rows == [
+        ("abandoner", "cart_abandoners", "Entered", format_iso(T0 + 2 * H)),
+        ("abandoner", "cart_abandoners", "Exited", format_iso(T0 + 7 * D)),
+    ]

@@ -7,6 +7,7 @@ from pathlib import Path
 from apiserver import ApiServer, free_port
 from openapi_spec_validator import validate
 
+from audiences.adapters.http.auth import required_scope
 from audiences.adapters.http.openapi import OPENAPI
 from audiences.adapters.settings import Settings
 from audiences.bootstrap import worker_app
@@ -74,3 +75,31 @@ def test_the_server_serves_the_document(tmp_path: Path) -> None:
         assert answer.status == 200 and answer.json() == OPENAPI
     finally:
         server.stop()
+
+
+def test_every_operation_declares_the_scope_the_server_enforces() -> None:
+    assert OPENAPI["components"]["securitySchemes"] == {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": OPENAPI["components"]["securitySchemes"]["bearer"]["description"],
+        }
+    }
+    scopes = {}
+    for path, item in OPENAPI["paths"].items():
+        for method in METHODS:
+            if method in item:
+                operation = item[method]
+                expected = required_scope(method.upper(), path)
+                if expected is None:
+                    assert operation["security"] == [], path
+                    assert "401" not in operation["responses"], path
+                else:
+                    assert operation["security"] == [{"bearer": [expected]}], (method, path)
+                    assert {"401", "403"} <= set(operation["responses"]), (method, path)
+                scopes[(method.upper(), path)] = expected
+    assert {p for (_, p), s in scopes.items() if s is None} == {"/healthz", "/readyz", "/metrics"}
+    assert scopes[("DELETE", "/v1/users/{id}")] == "admin"
+    assert scopes[("PUT", "/v1/audiences/{key}")] == scopes[("DELETE", "/v1/traits/{key}")]
+    assert scopes[("PUT", "/v1/audiences/{key}")] == "write"
+    assert scopes[("POST", "/v1/audiences/preview")] == "read"

@@ -38,7 +38,7 @@ from audiences.adapters.sinks.config import Destination, parse_destinations
 from audiences.adapters.sinks.pii import hash_pii
 from audiences.adapters.sinks.worker import SinkWorker
 from audiences.adapters.stream.sinks import prepare_sink_topics
-from shared import isolated_settings, output_message
+from shared import deleted_message, isolated_settings, output_message
 
 pytestmark = pytest.mark.kafka
 EMAIL_HASH = "542d240129883c019e106e3b1b2d3f3cb3537c43c425364de8e951d5a3083345"
@@ -330,6 +330,177 @@ def test_kafka_sink_produces_the_same_messages_keyed_by_user(
     assert all(r.key().decode() == m["userId"] for r, m in zip(records, copied, strict=True))
     assert by_user(copied) == by_user(bench.sent)
     assert sorted(orjson.dumps(m) for m in copied) == sorted(orjson.dumps(m) for m in bench.sent)
+
+
+# -- deletions (SPEC §4/§6) ----------------------------------------------------------------------
+
+
+def _events_of(server: FakeDestination, user: str) -> list[str]:
+    """What a fake Braze / Customer.io was asked about `user`, in order: audience events
+    (by name) and deletions ("deleted")."""
+    found = []
+    for call in server.accepted:
+        braze = call.path == "/users/delete" and user in call.body["external_ids"]
+        customerio = call.method == "DELETE" and call.path == f"/api/v1/customers/{user}"
+        if braze or customerio:
+            found.append("deleted")
+        elif call.path == "/users/track":
+            found += [e["name"] for e in call.body.get("events", []) if e["external_id"] == user]
+        elif call.path == f"/api/v1/customers/{user}/events":
+            found.append(call.body["name"])
+    return found
+
+
+def test_deletions_reach_every_destination_whatever_its_audiences_unless_opted_out(
+    bench: Bench, kafka_bootstrap: str
+) -> None:
+    """u1 was in `vip` (the destinations' selection) and is deleted; u2 was only ever in
+    another audience and is deleted too; a1, an anonymous id linked to u1, is deleted by
+    cascade. A destination that opted out hears nothing of deletions."""
+    target = f"{bench.settings.app_id}-deletions"
+    messages = [
+        output_message("u1", "vip", seq=1),
+        output_message("u1", "vip", entered=False, seq=2),
+        deleted_message("u1"),
+        output_message("u2", "other_audience"),
+        deleted_message("u2"),
+        deleted_message("a1", anonymous=True, linked_to="u1"),
+    ]
+
+    async def scenario() -> tuple[FakeDestination, ...]:
+        servers = [await FakeDestination(kind).start() for kind in KINDS_USED]
+        braze, quiet, cio, hook, segment = servers
+        vip = {"audiences": ["vip"]}
+        destinations = [
+            destination(name="braze", type="braze", url=braze.url, api_key=BRAZE_KEY, **vip),
+            destination(
+                name="quiet",
+                type="braze",
+                url=quiet.url,
+                api_key=BRAZE_KEY,
+                forward_deletions=False,
+                **vip,
+            ),
+            destination(
+                name="cio",
+                type="customerio",
+                url=cio.url,
+                site_id=CIO_SITE,
+                api_key=CIO_KEY,
+                mode="track",
+                **vip,
+            ),
+            destination(name="hook", type="webhook", url=hook.url, secret=WEBHOOK_SECRET, **vip),
+            destination(
+                name="seg", type="segment", url=segment.url, write_key=SEGMENT_WRITE_KEY, **vip
+            ),
+            destination(name="copy", type="kafka", topic=target, **vip),
+        ]
+        bench.publish(*messages)
+        async with bench.running(*destinations) as workers:
+            # each worker has handled all six: delivered, or skipped (not selected; anonymous
+            # for Braze / Customer.io; deletions for the opted-out one)
+            await until(
+                lambda: all(w.delivered + w.skipped + w.dead_lettered >= 6 for w in workers),
+                what="every message handled",
+            )
+            assert [w.dead_lettered for w in workers] == [0] * 6
+        for server in servers:
+            await server.stop()
+        return tuple(servers)
+
+    braze, quiet, cio, hook, segment = run(scenario())
+    for server in (braze, quiet, cio, hook, segment):
+        assert server.violations == []
+    # Braze: u1's exit, then its deletion; u2 deleted though never in `vip`; a1 has no
+    # external id there (skipped)
+    assert _events_of(braze, "u1") == ["Audience Entered", "Audience Exited", "deleted"]
+    assert _events_of(braze, "u2") == ["deleted"]
+    assert braze.deleted == ["u1", "u2"] and braze.users == set()
+    assert _events_of(quiet, "u1") == ["Audience Entered", "Audience Exited"]
+    assert quiet.deleted == [] and quiet.users == {"u1"}
+    assert _events_of(cio, "u1") == ["Audience Entered", "Audience Exited", "deleted"]
+    assert cio.deleted == ["u1", "u2"]
+    # webhook and Segment: the `User Deleted` messages themselves (webhooks signed: no
+    # violation), a1's with its anonymousId and the user it was linked to
+    deletions = [m for m in messages if m["event"] == "User Deleted"]
+
+    def deleted(received: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        found = [m for m in received if m["event"] == "User Deleted"]
+        return sorted(found, key=lambda m: deletions.index(m) if m in deletions else -1)
+
+    assert deleted([c.body for c in hook.accepted]) == deletions
+    assert deleted([m for c in segment.accepted for m in c.body["batch"]]) == deletions
+    # Kafka: a `delete` record per deleted id, keyed by it
+    records = read_topic(kafka_bootstrap, target, 5)
+    copied = [(r.key().decode(), orjson.loads(r.value())) for r in records]
+    assert len(copied) == 5  # u1's two transitions and three deletions
+    expected = []
+    for m in deletions:
+        who = "userId" if "userId" in m else "anonymousId"
+        record = {"type": "delete", who: m[who], "messageId": m["messageId"]}
+        expected.append((m[who], {**record, "timestamp": m["timestamp"]}))
+    deletes = [(key, value) for key, value in copied if value["type"] == "delete"]
+    assert sorted(deletes, key=repr) == sorted(expected, key=repr)
+    u1 = [value.get("event", value["type"]) for key, value in copied if key == "u1"]
+    assert u1 == ["Audience Entered", "Audience Exited", "delete"]  # in order
+
+
+KINDS_USED = ("braze", "braze", "customerio", "webhook", "segment")
+
+
+def test_a_deletion_is_retried_after_5xx_and_a_404_counts_as_delivered(bench: Bench) -> None:
+    async def scenario() -> None:
+        braze = await FakeDestination("braze").start()
+        cio = await FakeDestination("customerio").start()
+        braze.script([500, (503, {"Retry-After": "0"})])
+        cio.script([502, 404])  # then gone: Customer.io has no such customer
+        sinks = [
+            destination(name="braze", type="braze", url=braze.url, api_key=BRAZE_KEY),
+            destination(
+                name="cio", type="customerio", url=cio.url, site_id=CIO_SITE, api_key=CIO_KEY
+            ),
+        ]
+        bench.publish(deleted_message("u1"))
+        async with bench.running(*sinks) as workers:
+            await until(lambda: all(w.delivered >= 1 for w in workers), what="both delivered")
+            assert [w.dead_lettered for w in workers] == [0, 0]
+        await braze.stop()
+        await cio.stop()
+        assert braze.violations == [] and cio.violations == []
+        assert [(c.path, c.status) for c in braze.calls] == [
+            ("/users/delete", 500),
+            ("/users/delete", 503),
+            ("/users/delete", 201),
+        ]
+        assert braze.deleted == ["u1"]
+        assert [(c.method, c.path, c.status) for c in cio.calls] == [
+            ("DELETE", "/api/v1/customers/u1", 502),
+            ("DELETE", "/api/v1/customers/u1", 404),
+        ]
+
+    run(scenario())
+
+
+def test_a_deletion_refused_with_401_is_dead_lettered_with_the_answer(
+    bench: Bench, kafka_bootstrap: str
+) -> None:
+    async def scenario() -> None:
+        braze = await FakeDestination("braze").start()
+        wrong = destination(name="braze", type="braze", url=braze.url, api_key="revoked-key")
+        bench.publish(deleted_message("u1"))
+        async with bench.running(wrong) as [worker]:
+            await until(lambda: worker.dead_lettered >= 1, what="a dead letter")
+        await braze.stop()
+        assert [(c.path, c.status) for c in braze.calls] == [("/users/delete", 401)]
+        assert braze.deleted == []
+
+    run(scenario())
+    [letter] = read_topic(kafka_bootstrap, bench.settings.audience_events_dlq_topic, 1)
+    headers = {k: v.decode() for k, v in letter.headers()}
+    assert orjson.loads(letter.value())["event"] == "User Deleted"
+    assert headers["destination"] == "braze" and headers["status"] == "401"
+    assert "Invalid API Key" in headers["response"]
 
 
 # -- the shared delivery machinery ----------------------------------------------------------------

@@ -107,10 +107,10 @@ def system_settings(
 def workers(system_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def make(data_dir: str | None = None) -> WorkerProcess:
-        settings = (
-            system_settings if data_dir is None else system_settings.replace(data_dir=data_dir)
-        )
+    def make(data_dir: str | None = None, **changes: Any) -> WorkerProcess:
+        settings = system_settings.replace(**changes)
+        if data_dir is not None:
+            settings = settings.replace(data_dir=data_dir)
         worker = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log")
         started.append(worker)
         return worker

@@ -1,10 +1,12 @@
 """The management API and operations endpoints of real `audiences worker` processes:
-readiness during recovery, reads routed between two workers, a parsed /metrics scrape,
-JSON logs."""
+readiness during recovery, reads routed between two workers with API tokens (the
+workers authenticate to each other), the bind address with and without tokens, a parsed
+/metrics scrape, JSON logs."""
 
 from __future__ import annotations
 
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -40,12 +42,39 @@ ENGINE_METRICS = {
 }
 
 
-def get(url: str) -> tuple[int, bytes, dict[str, str]]:
+READ_TOKEN, ADMIN_TOKEN = "sys-read-5f2a", "sys-admin-9c1e"
+
+
+def get(url: str, token: str | None = None) -> tuple[int, bytes, dict[str, str]]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=10
+        ) as response:
             return response.status, response.read(), dict(response.headers)
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), dict(exc.headers)
+
+
+def listening(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on `port` (Linux /proc/net)."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        path = Path("/proc/net") / table
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.rpartition(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A = LISTEN
+                continue
+            raw = bytes.fromhex(address)
+            if len(raw) == 4:
+                found.add(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+            else:  # four little-endian 32-bit words
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                found.add(socket.inet_ntop(socket.AF_INET6, words))
+    return found
 
 
 def readiness_until_ready(port: int, timeout: float = 60) -> list[int]:
@@ -93,12 +122,15 @@ def test_two_worker_processes_route_reads_and_expose_metrics(
         producer.produce(topics.events, key=user.encode(), value=orjson.dumps(event))
     producer.flush(10)
 
-    first = workers().start()
-    statuses = readiness_until_ready(first.port)
+    # with tokens, on every interface: the workers forward to each other with a token
+    secured = {"api_tokens": f"{READ_TOKEN}:read,{ADMIN_TOKEN}:admin", "web_host": "0.0.0.0"}
+    first = workers(**secured).start()
+    statuses = readiness_until_ready(first.port)  # /readyz needs no token
     assert statuses[0] == 503 and statuses[-1] == 200  # not ready until recovered
-    second = workers(data_dir=str(tmp_path / "second")).start()
+    second = workers(data_dir=str(tmp_path / "second"), **secured).start()
     second.wait_ready(90)
     urls = {f"http://127.0.0.1:{w.port}" for w in (first, second)}
+    assert listening(first.port) == listening(second.port) == {"0.0.0.0"}
 
     # every user answers from either worker, served by its partition's owner; once the
     # second worker took its share, both owners appear
@@ -106,7 +138,9 @@ def test_two_worker_processes_route_reads_and_expose_metrics(
         served = set()
         for user in users:
             for worker in (first, second):
-                status, body, headers = get(f"http://127.0.0.1:{worker.port}/v1/users/{user}")
+                status, body, headers = get(
+                    f"http://127.0.0.1:{worker.port}/v1/users/{user}", READ_TOKEN
+                )
                 if status != 200 or [a["key"] for a in orjson.loads(body)["audiences"]] != [
                     "buyers"
                 ]:
@@ -116,14 +150,19 @@ def test_two_worker_processes_route_reads_and_expose_metrics(
 
     wait_for(lambda: all_answer() == urls, 90, "reads were not routed to both workers")
 
-    status, body, _ = get(f"http://127.0.0.1:{second.port}/v1/users/{users[0]}/explain/buyers")
+    explain = f"http://127.0.0.1:{second.port}/v1/users/{users[0]}/explain/buyers"
+    status, body, _ = get(explain, READ_TOKEN)
     assert status == 200 and orjson.loads(body)["member"] is True
+    for token in (None, "sys-read-5f2b"):
+        status, body, headers = get(explain, token)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer"), body
 
     seen: list[str] = []
     cursor = ""
     while True:
         status, body, _ = get(
-            f"http://127.0.0.1:{first.port}/v1/audiences/buyers/members?limit=5{cursor}"
+            f"http://127.0.0.1:{first.port}/v1/audiences/buyers/members?limit=5{cursor}",
+            READ_TOKEN,
         )
         assert status == 200, body
         page = orjson.loads(body)
@@ -161,3 +200,18 @@ def test_two_worker_processes_route_reads_and_expose_metrics(
         for r in records
     )
     assert not [line for line in lines if TEXT_LOG.match(line)]
+
+    # the audience size sums both workers' partitions (an internal call with a token)
+    status, body, _ = get(f"http://127.0.0.1:{second.port}/v1/audiences/buyers", READ_TOKEN)
+    assert status == 200 and orjson.loads(body)["size"] == len(users)
+
+
+def test_without_tokens_a_worker_listens_on_loopback_only_and_says_so(
+    workers: Callable[..., Any],
+) -> None:
+    worker = workers(web_host="0.0.0.0").start()  # asked for every interface
+    worker.wait_ready(90)
+    assert listening(worker.port) == {"127.0.0.1"}
+    assert "no API tokens configured" in worker.log_tail(2000)
+    status, body, _ = get(f"http://127.0.0.1:{worker.port}/v1/audiences")  # open, locally
+    assert status == 200, body

@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from audiences.adapters.settings import PREFIX, SECRET_FIELDS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -126,6 +129,82 @@ def test_dockerfile() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
     assert 'ENTRYPOINT ["audiences"]' in text
+
+
+# --------------------------------------------------------------------------- secrets
+
+SECRET_VARIABLES = {PREFIX + name.upper() for name in SECRET_FIELDS}
+
+
+def committed(path: Path) -> bool:
+    """Whether git tracks `path` or would add it (not ignored)."""
+    relative = str(path.relative_to(ROOT))
+    tracked = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", relative], cwd=ROOT, capture_output=True
+    )
+    ignored = subprocess.run(["git", "check-ignore", "-q", relative], cwd=ROOT)
+    return tracked.returncode == 0 or ignored.returncode != 0
+
+
+def test_compose_sets_tokens_and_write_keys_from_secret_files(compose: dict[str, Any]) -> None:
+    assert "AUDIENCES_API_TOKENS" in SECRET_VARIABLES and "AUDIENCES_WRITE_KEYS" in SECRET_VARIABLES
+    needs = {"worker": "AUDIENCES_API_TOKENS", "collector": "AUDIENCES_WRITE_KEYS"}
+    for name, service in compose["services"].items():
+        env = {k: str(v) for k, v in service.get("environment", {}).items()}
+        assert not SECRET_VARIABLES & set(env), f"{name}: a secret as a plain value"
+        for variable, path in env.items():
+            if variable.removesuffix("_FILE") in SECRET_VARIABLES:
+                secret = path.removeprefix("/run/secrets/")
+                assert path == f"/run/secrets/{secret}", (name, variable, path)
+                assert secret in service["secrets"], (name, secret)
+                source = ROOT / compose["secrets"][secret]["file"]
+                assert source.parent == DEPLOY / "secrets", source
+                assert not committed(source), f"{source} could be committed"
+        if name in needs:
+            assert needs[name] + "_FILE" in env, name
+    worker = compose["services"]["worker"]["environment"]
+    assert worker["AUDIENCES_WEB_HOST"] == "0.0.0.0"  # needs the tokens (else loopback)
+    # only the instructions and the ignore rule can be committed there
+    assert not committed(DEPLOY / "secrets/api_tokens.example")
+    kept = {p.name for p in (DEPLOY / "secrets").iterdir() if committed(p)}
+    assert kept == {".gitignore", "README.md"}, kept
+
+
+def k8s_documents() -> list[dict[str, Any]]:
+    return [
+        doc
+        for path in sorted((DEPLOY / "k8s").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+    return list(spec.get("containers", []))
+
+
+def test_k8s_examples_take_every_secret_from_a_secret() -> None:
+    docs = k8s_documents()
+    assert docs, "no Kubernetes example under deploy/k8s"
+    assert not [d for d in docs if d["kind"] == "Secret"], "a Secret with values is committed"
+    secret_env: dict[str, list[dict[str, Any]]] = {}
+    for doc in docs:
+        for container in containers(doc):
+            for entry in container.get("env", []):
+                if entry["name"] in SECRET_VARIABLES:
+                    assert "value" not in entry, (doc["metadata"]["name"], entry["name"])
+                    reference = entry["valueFrom"]["secretKeyRef"]
+                    assert reference["name"] and reference["key"]
+                    secret_env.setdefault(container["name"], []).append(entry)
+    assert [e["name"] for e in secret_env["worker"]] == ["AUDIENCES_API_TOKENS"]
+    assert [e["name"] for e in secret_env["collector"]] == ["AUDIENCES_WRITE_KEYS"]
+    [worker] = [c for d in docs for c in containers(d) if c["name"] == "worker"]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["AUDIENCES_WEB_HOST"] == "0.0.0.0" and env["AUDIENCES_WEB_ADVERTISED_URL"]
+    # probes use the routes that need no token
+    assert worker["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert worker["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 # --------------------------------------------------------------------------- prometheus, grafana

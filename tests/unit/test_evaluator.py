@@ -231,9 +231,18 @@ def test_funnel_step_too_late_breaks_the_funnel(added: int, started: int) -> Non
 
 
 def test_funnel_steps_out_of_order_do_not_count() -> None:
+    """Steps count in event-time order (SPEC §11), not in arrival order: a step that
+    happened before the previous one does not count, one that merely arrived first does."""
     catalog = catalog_of(audience("funnel", FUNNEL))
+    reversed_in_time = [
+        make_event(ts=T0 + 1, event="Product Added"),
+        make_event(ts=T0 + 2, event="Product Viewed"),
+        make_event(ts=T0 + 3, event="Checkout Started"),
+    ]
+    assert run(catalog, reversed_in_time) == []
     events = funnel_events(T0 + 1, T0 + 2)
-    assert run(catalog, [events[1], events[0], events[2]]) == []
+    transitions = run(catalog, [events[1], events[0], events[2]])
+    assert summary(transitions) == [("funnel", "entered", T0 + 2)]
 
 
 def test_then_follow_up_must_come_within_w() -> None:
@@ -531,3 +540,19 @@ def test_render_exit_carries_false_and_the_triggering_message() -> None:
     assert message["properties"]["audience_name"] == "cart_abandoners"  # name defaults to key
     assert message["properties"]["reason"] == {"trigger": "event", "messageId": "m-7"}
     assert message["context"]["traits"] == {"phone": "+15550100"}
+
+
+def test_identify_traits_take_the_latest_event_time_whatever_the_arrival_order() -> None:
+    """free@10, free@20 then a late pro@15: sorted input ends `free`, and so must this
+    (a repeated value still moves the trait's time)."""
+    catalog = catalog_of()
+    state = None
+    for event in (
+        identify(T0 + 10 * M, plan="free"),
+        identify(T0 + 20 * M, plan="free"),
+        identify(T0 + 15 * M, plan="pro", late=True),
+    ):
+        state = step(state, event, catalog, "u1").state
+    assert state is not None
+    assert state.traits["plan"] == "free"
+    assert state.traits["late"] is True  # an older identify still fills what is missing

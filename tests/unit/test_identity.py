@@ -13,7 +13,7 @@ import orjson
 from factories import T0, H, M, S, audience, catalog_of, event_dict, feed, iso, run, summary
 
 from audiences.core.definitions import build_catalog, validate_definition
-from audiences.core.evaluator import Output, Tick, Transition, step
+from audiences.core.evaluator import Deletion, Output, Tick, Transition, step
 from audiences.core.events import Event, parse_event
 from audiences.core.state import UserState
 
@@ -338,6 +338,87 @@ def test_delete_exits_current_memberships_and_erases_the_profile() -> None:
     }
     assert cluster.erased == ["u1"]
     assert "u1" not in cluster.states
+
+
+def _deleted_u1(delete_id: str = "del-1") -> Cluster:
+    cluster = Cluster(catalog_of(WINDOW_SHOPPERS, VISITORS))
+    cluster.send(view(T0, anonymousId="a1"))
+    for minute in range(1, 4):
+        cluster.send(view(T0 + minute * M, userId="u1", anonymousId="a1"))
+    cluster.send(
+        {"type": "delete", "userId": "u1", "timestamp": iso(T0 + H), "messageId": delete_id}
+    )
+    return cluster
+
+
+def test_delete_emits_the_exits_then_user_deleted_with_a_deterministic_message_id() -> None:
+    from audiences.core.outputs import render_output
+
+    cluster = _deleted_u1()
+    mine = [t for key, t in cluster.outputs if key == "u1"]
+    deletion = mine[-1]
+    assert isinstance(deletion, Deletion)
+    exits = mine[-3:-1]  # the deletion's exits come first, then `User Deleted`
+    assert {(t.audience_key, t.entered, t.trigger) for t in exits if isinstance(t, Transition)} == {
+        ("visitors", False, "deleted"),
+        ("window_shoppers", False, "deleted"),
+    }
+    assert (deletion.profile_key, deletion.anonymous, deletion.at_ms) == ("u1", False, T0 + H)
+    message = render_output(deletion, {"email": "kept@example.com"})
+    assert message == {
+        "type": "track",
+        "event": "User Deleted",
+        "userId": "u1",
+        "messageId": deletion.message_id,
+        "timestamp": iso(T0 + H),
+        "properties": {
+            "reason": {"trigger": "deleted", "messageId": "del-1"},
+            "effective_at": iso(T0 + H),
+        },
+        "context": {"traits": {}},  # no PII of a deleted user
+    }
+    # the same log gives the same ids; another delete request gives another
+    again = [t for _k, t in _deleted_u1().outputs]
+    assert [o.message_id for _k, o in cluster.outputs] == [o.message_id for o in again]
+    other = [t for key, t in _deleted_u1("del-2").outputs if isinstance(t, Deletion)]
+    assert other[0].message_id != deletion.message_id
+    assert len({deletion.message_id, *(t.message_id for t in exits)}) == 3
+
+
+def test_a_linked_anonymous_id_deleted_by_cascade_gets_its_own_user_deleted() -> None:
+    from audiences.core.outputs import render_output
+
+    cluster = _deleted_u1()
+    deletions = [(k, t) for k, t in cluster.outputs if isinstance(t, Deletion)]
+    assert [(k, t.anonymous, t.linked_to) for k, t in deletions] == [
+        ("u1", False, None),
+        ("a1", True, "u1"),
+    ]
+    message = render_output(deletions[1][1], {})
+    assert message["anonymousId"] == "a1" and "userId" not in message
+    assert message["properties"]["linkedTo"] == "u1"
+    assert message["properties"]["reason"]["messageId"] == "delete-linked:a1:u1"
+
+
+def test_deleting_an_id_the_engine_has_no_state_for_still_tells_destinations() -> None:
+    cluster = Cluster(catalog_of(VISITORS))
+    cluster.send({"type": "delete", "userId": "ghost", "timestamp": iso(T0), "messageId": "d"})
+    assert [(k, type(t).__name__) for k, t in cluster.outputs] == [("ghost", "Deletion")]
+    assert cluster.erased == ["ghost"]
+
+
+def test_a_cascading_delete_of_somebody_else_tells_nobody() -> None:
+    cluster = Cluster(catalog_of(VISITORS))
+    cluster.send(view(T0, userId="someone"))
+    cluster.send(
+        {
+            "type": "delete",
+            "anonymousId": "someone",
+            "timestamp": iso(T0 + M),
+            "properties": {"linkedTo": "u1"},
+        }
+    )
+    assert not any(isinstance(t, Deletion) for _k, t in cluster.outputs)
 
 
 def test_unsuppressed_profiles_start_a_new_life_with_new_message_ids() -> None:

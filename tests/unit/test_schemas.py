@@ -391,8 +391,25 @@ TRAIT_COMPUTED = {
 }
 
 
+USER_DELETED = {
+    "type": "track",
+    "event": "User Deleted",
+    "anonymousId": "a1",
+    "messageId": "7" * 64,
+    "timestamp": "2024-05-01T14:00:00.000Z",
+    "properties": {
+        "reason": {"trigger": "deleted", "messageId": "delete-linked:a1:u1"},
+        "linkedTo": "u1",
+        "effective_at": "2024-05-01T14:00:00.000Z",
+    },
+    "context": {"traits": {}},
+}
+
+
 @pytest.mark.parametrize(
-    "event", [ENTERED, exited(), TRAIT_COMPUTED], ids=["entered", "exited", "trait"]
+    "event",
+    [ENTERED, exited(), TRAIT_COMPUTED, USER_DELETED],
+    ids=["entered", "exited", "trait", "deleted"],
 )
 def test_valid_output(event: dict[str, Any]) -> None:
     assert errors("output/audience-event.json", event) == []
@@ -430,6 +447,19 @@ def entered_with(**changes: Any) -> dict[str, Any]:
             {**TRAIT_COMPUTED, "properties": {"lifetime_value": 1}},
             "Trait Computed without trait_key",
         ),
+        ({**USER_DELETED, "properties": {}}, "User Deleted without reason"),
+        (
+            {**USER_DELETED, "context": {"traits": {"email": "a@example.com"}}},
+            "User Deleted carrying PII",
+        ),
+        ({**USER_DELETED, "context": ENTERED["context"]}, "User Deleted with a computation"),
+        (
+            {
+                **USER_DELETED,
+                "properties": {**ENTERED["properties"], "reason": {"trigger": "deleted"}},
+            },
+            "User Deleted with audience properties",
+        ),
     ],
 )
 def test_invalid_output(event: dict[str, Any], why: str) -> None:
@@ -450,6 +480,23 @@ def test_rendered_outputs_match_the_output_schema() -> None:
     assert state is not None and len(outputs) == 2
     for output in outputs:
         message = render_output(output, state.traits)
+        assert errors("output/audience-event.json", message) == []
+        assert errors("events/event.json", message) == []
+
+
+def test_rendered_user_deleted_matches_the_output_schema() -> None:
+    from factories import T0, Cluster, catalog_of, iso
+
+    from audiences.core.evaluator import Deletion
+    from audiences.core.outputs import render_output
+
+    cluster = Cluster(catalog_of())
+    cluster.send({"type": "identify", "userId": "u1", "anonymousId": "a1", "timestamp": iso(T0)})
+    cluster.send({"type": "delete", "userId": "u1", "timestamp": iso(T0 + 1), "messageId": "d1"})
+    deletions = [t for _k, t in cluster.outputs if isinstance(t, Deletion)]
+    assert len(deletions) == 2  # u1, and a1 by cascade
+    for deletion in deletions:
+        message = render_output(deletion, {})
         assert errors("output/audience-event.json", message) == []
         assert errors("events/event.json", message) == []
 

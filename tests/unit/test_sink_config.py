@@ -78,6 +78,15 @@ def test_json_file_and_defaults(tmp_path: Path) -> None:
     assert seg.url == "https://api.segment.io" and seg.batch_size == 100
     assert cio.url == "https://track.customer.io" and cio.modes == ("track", "identify")
     assert topic.max_retry_age_ms == 30 * 60_000
+    assert hook.forward_deletions and seg.forward_deletions  # deletions go everywhere
+    [quiet] = parse_destinations(
+        [{"name": "q", "type": "kafka", "topic": "t", "forward_deletions": False}], {}
+    )
+    assert not quiet.forward_deletions and not list(
+        SCHEMA.iter_errors(
+            [{"name": "q", "type": "kafka", "topic": "t", "forward_deletions": False}]
+        )
+    )
     assert hook.selects("anything") and not parse_destinations(
         [{"name": "x", "type": "webhook", "url": "http://h", "audiences": ["a"]}], {}
     )[0].selects("b")
@@ -124,11 +133,21 @@ def error_for(raw: Any, env: dict[str, str] | None = None) -> DestinationConfigE
         ),
         ({"type": "webhook", "url": "http://h", "hash_pii": "yes"}, "hash_pii", "true or false"),
         (
+            {"type": "braze", "url": "https://b", "api_key": "k", "forward_deletions": "no"},
+            "forward_deletions",
+            "true or false",
+        ),
+        (
             {"type": "webhook", "url": "http://h", "batchsize": 5},
             "batchsize",
             "did you mean 'batch_size'",
         ),
         ({"type": "kafka", "topic": "t", "url": "http://h"}, "url", "unknown key"),
+        (
+            {"type": "kafka", "topic": "t", "sasl_username": "u"},
+            "sasl_username",
+            "only with `bootstrap`",
+        ),
     ],
 )
 def test_invalid_destination_names_destination_and_key(

@@ -20,7 +20,7 @@ from audiences.adapters.sinks.policy import (
     retry_after_s,
 )
 from audiences.adapters.sinks.render import Request
-from shared import output_message
+from shared import deleted_message, output_message
 
 
 @pytest.mark.parametrize(
@@ -237,3 +237,25 @@ def test_metrics_per_destination() -> None:
     assert value("audiences_sink_request_duration_seconds_count") == 3
     assert value("audiences_sink_delivery_lag_seconds_count") == 1
     assert value("audiences_sink_delivery_lag_seconds_sum") >= 2.0
+
+
+def test_404_on_a_deletion_is_delivered_but_on_anything_else_rejected() -> None:
+    braze = {"type": "braze", "url": "http://b", "api_key": "k"}
+    deliverer, _, time = make(braze, [Response(404, '{"message":"not found"}')])
+    outcomes = asyncio.run(deliverer.deliver([deleted_message("u1")], time.wall_ms()))
+    assert [o.kind for o in outcomes] == ["delivered"]
+    deliverer, _, time = make(braze, [Response(404, '{"message":"not found"}')])
+    [outcome] = asyncio.run(deliverer.deliver([output_message("u1")], time.wall_ms()))
+    assert (outcome.kind, outcome.reason, outcome.status) == ("dead", "rejected", 404)
+    deliverer, _, time = make(HOOK, [Response(404, "")])
+    [outcome] = asyncio.run(deliverer.deliver([deleted_message("u1")], time.wall_ms()))
+    assert outcome.kind == "dead"  # a webhook URL that is not there is no deleted user
+
+
+def test_a_deletion_is_retried_on_5xx_like_any_message() -> None:
+    cio = {"type": "customerio", "site_id": "s", "api_key": "k", "retry_initial_s": 1.0}
+    deliverer, script, time = make(cio, [Response(503), Response(500)])
+    outcomes = asyncio.run(deliverer.deliver([deleted_message("u1")], time.wall_ms()))
+    assert [o.kind for o in outcomes] == ["delivered"]
+    assert [call[1].method for call in script.calls] == ["DELETE"] * 3
+    assert len(time.sleeps) == 2

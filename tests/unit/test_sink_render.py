@@ -17,7 +17,7 @@ from audiences.adapters.sinks.render import (
     sign_webhook,
     webhook_headers,
 )
-from shared import output_message
+from shared import deleted_message, output_message
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 EMAIL_HASH = "542d240129883c019e106e3b1b2d3f3cb3537c43c425364de8e951d5a3083345"
@@ -172,3 +172,126 @@ def test_audience_selection_skips_other_audiences(selection: Any) -> None:
     rendered = render_requests(hook, [output_message("u1"), output_message("u2", audience="vip")])
     assert rendered.skipped == (0,)
     assert [r.indexes for r in rendered.requests] == [(1,)]
+
+
+# -- deletions (SPEC §4/§6): forwarded whatever `audiences` selects, unless opted out ----------
+
+
+def test_braze_deletion_is_users_delete_between_the_track_requests_around_it() -> None:
+    braze = destination(type="braze", url="https://rest.braze", api_key="k", audiences=["vip"])
+    messages = [
+        output_message("u1", audience="vip", entered=False),
+        deleted_message("u1"),
+        deleted_message("u2"),  # never in `vip`: deleted there too
+        deleted_message("a9", anonymous=True),  # Braze needs an external id: skipped
+        output_message("u3", audience="vip"),
+    ]
+    rendered = render_requests(braze, messages)
+    assert rendered.skipped == (3,)
+    track, delete, track2 = rendered.requests
+    assert (track.url, track.indexes, track2.indexes) == (
+        "https://rest.braze/users/track",
+        (0,),
+        (4,),
+    )
+    assert (delete.method, delete.url, delete.indexes) == (
+        "POST",
+        "https://rest.braze/users/delete",
+        (1, 2),
+    )
+    assert orjson.loads(delete.body) == {"external_ids": ["u1", "u2"]}
+    assert dict(delete.headers)["Authorization"] == "Bearer k"
+    assert delete.absent_ok and not track.absent_ok
+
+
+def test_braze_deletes_at_most_50_users_per_request() -> None:
+    braze = destination(type="braze", url="https://rest.braze", api_key="k")
+    requests = render_requests(braze, [deleted_message(f"u{i}") for i in range(120)]).requests
+    assert [len(orjson.loads(r.body)["external_ids"]) for r in requests] == [50, 50, 20]
+    assert [i for r in requests for i in r.indexes] == list(range(120))
+
+
+def test_customerio_deletion_is_delete_customer_with_basic_auth() -> None:
+    cio = destination(type="customerio", site_id="s", api_key="k", audiences=["vip"])
+    messages = [deleted_message("user/1"), deleted_message("a1", anonymous=True)]
+    rendered = render_requests(cio, messages)
+    assert rendered.skipped == (1,)
+    [request] = rendered.requests
+    assert (request.method, request.url, request.body) == (
+        "DELETE",
+        "https://track.customer.io/api/v1/customers/user%2F1",
+        b"",
+    )
+    token = base64.b64encode(b"s:k").decode()
+    assert dict(request.headers) == {"Authorization": f"Basic {token}"}
+    assert request.absent_ok
+
+
+@pytest.mark.parametrize("mode", ["track", "identify", "both"])
+def test_webhook_gets_the_user_deleted_message_itself_whatever_its_mode(mode: str) -> None:
+    hook = destination(type="webhook", url="http://h", secret=SECRET, mode=mode, audiences=["vip"])
+    message = deleted_message("a1", anonymous=True, linked_to="u1")
+    [request] = render_requests(hook, [message]).requests
+    assert orjson.loads(request.body) == message
+    assert request.webhook_id == message["messageId"] and not request.absent_ok
+    headers = dict(webhook_headers(hook, request, 1_700_000_000))
+    assert headers["webhook-signature"] == sign_webhook(
+        SECRET, message["messageId"], 1_700_000_000, request.body
+    )
+
+
+def test_segment_forwards_the_user_deleted_track_call_in_its_batch() -> None:
+    segment = destination(type="segment", write_key="wk", mode="both", audiences=["vip"])
+    messages = [output_message("u1", audience="vip"), deleted_message("u1")]
+    [request] = render_requests(segment, messages).requests
+    batch = orjson.loads(request.body)["batch"]
+    assert [(m["type"], m.get("event")) for m in batch] == [
+        ("track", "Audience Entered"),
+        ("identify", None),
+        ("track", "User Deleted"),
+    ]
+    assert batch[2] == messages[1]
+
+
+def test_kafka_deletion_is_a_delete_record_keyed_by_the_id() -> None:
+    kafka = destination(type="kafka", topic="out", mode="both", audiences=["vip"])
+    user, anonymous = deleted_message("u1"), deleted_message("a1", anonymous=True)
+    [request] = render_requests(kafka, [user, anonymous]).requests
+    assert [(key, orjson.loads(value)) for key, value in request.records] == [
+        (
+            b"u1",
+            {
+                "type": "delete",
+                "userId": "u1",
+                "messageId": user["messageId"],
+                "timestamp": user["timestamp"],
+            },
+        ),
+        (
+            b"a1",
+            {
+                "type": "delete",
+                "anonymousId": "a1",
+                "messageId": anonymous["messageId"],
+                "timestamp": anonymous["timestamp"],
+            },
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"type": "webhook", "url": "http://h"},
+        {"type": "braze", "url": "http://b", "api_key": "k"},
+        {"type": "customerio", "site_id": "s", "api_key": "k"},
+        {"type": "segment", "write_key": "w"},
+        {"type": "kafka", "topic": "t"},
+    ],
+)
+def test_forward_deletions_false_skips_deletions_only(raw: dict[str, Any]) -> None:
+    opted_out = destination(**raw, forward_deletions=False)
+    rendered = render_requests(opted_out, [deleted_message("u1"), output_message("u1")])
+    assert rendered.skipped == (0,)
+    assert {i for r in rendered.requests for i in r.indexes} == {1}
+    assert render_requests(destination(**raw), [deleted_message("u1")]).skipped == ()

@@ -65,6 +65,12 @@ PROFILES_QUARANTINED = Counter(
     "Profiles that could not be evaluated (undecodable state, failing deadline or re-judging)",
     ["reason"],
 )
+DEFINITIONS_REJECTED = Counter(
+    "audiences_definitions_rejected",
+    "Definitions read from the definitions topic that are not evaluated (written around "
+    "the API, or by an older version): undecodable, invalid, limits, pattern, uncompilable",
+    ["key", "reason"],
+)
 RECOVERY_RECORDS = Counter(
     "audiences_recovery_records", "Changelog records read to restore partitions"
 )
@@ -83,6 +89,10 @@ COLLECTOR_EVENTS = Counter(
     "audiences_collector_events",
     "Events the collector got acknowledged by Kafka, by Segment type",
     ["type"],
+)
+COLLECTOR_RATE_LIMITED = Counter(
+    "audiences_collector_rate_limited",
+    "Collector requests refused with 429 because their write key's rate limit was spent",
 )
 COLLECTOR_INFLIGHT_EVENTS = Gauge(
     "audiences_collector_inflight_events", "Events produced and not yet acknowledged by Kafka"

@@ -1,7 +1,9 @@
 """Typed settings from `AUDIENCES_*` environment variables (SPEC §10).
 
 Each field documents its variable; `audiences config` prints the effective
-values with secrets redacted.
+values with secrets redacted. A secret (`SECRET_FIELDS`) may instead come from a
+file named by the variable with `_FILE` appended (AUDIENCES_API_TOKENS_FILE), the
+way Docker and Kubernetes mount secrets.
 """
 
 from __future__ import annotations
@@ -12,9 +14,60 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from audiences.errors import AudiencesError
+
 PREFIX = "AUDIENCES_"
 EVENTS_PARTITIONER = "murmur2_random"  # = Java's default: same user, same partition
-SECRET_FIELDS = frozenset({"sasl_password", "write_keys"})
+SECRET_FIELDS = frozenset({"sasl_password", "write_keys", "api_tokens", "api_token"})
+SCOPES = ("read", "write", "admin")  # each scope allows what the ones before it allow
+LOOPBACK = "127.0.0.1"
+
+
+class SettingsError(AudiencesError, ValueError):
+    """An invalid `AUDIENCES_*` value: the message names the variable and what it expects."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """One management API token (`token:scope` in AUDIENCES_API_TOKENS)."""
+
+    token: str = field(repr=False)
+    scope: str
+
+    @property
+    def rank(self) -> int:
+        return SCOPES.index(self.scope)
+
+
+def parse_api_tokens(raw: str) -> tuple[ApiToken, ...]:
+    """`token:scope,token:scope` -> tokens, in order; blanks between commas are ignored."""
+    tokens: list[ApiToken] = []
+    for number, item in enumerate(raw.split(","), 1):
+        item = item.strip()
+        if not item:
+            continue
+        token, colon, scope = item.rpartition(":")
+        if not colon or not token.strip() or scope.strip() not in SCOPES:
+            raise SettingsError(
+                f"{PREFIX}API_TOKENS: item {number} must be TOKEN:SCOPE with SCOPE one of "
+                f"{', '.join(SCOPES)} (got scope {scope.strip()!r})"
+            )
+        tokens.append(ApiToken(token.strip(), scope.strip()))
+    return tuple(tokens)
+
+
+def _secret_file(env: Mapping[str, str], variable: str) -> str | None:
+    """A secret's value from the file `variable` names (Docker/Kubernetes secrets mounted
+    as files: AUDIENCES_API_TOKENS_FILE=/run/secrets/api_tokens), surrounding whitespace
+    removed; None when the variable is unset."""
+    path = env.get(variable)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip()
+    except OSError as exc:
+        raise SettingsError(f"{variable}: cannot read {path}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -52,7 +105,25 @@ class Settings:
     destinations: str = field(default="", metadata={"doc": "destinations file (YAML/JSON)"})
     write_keys: str = field(default="", metadata={"doc": "collector write keys, comma-separated"})
     web_port: int = field(default=6066, metadata={"doc": "worker web port: API, health, metrics"})
-    web_host: str = field(default="127.0.0.1", metadata={"doc": "worker web bind address"})
+    web_host: str = field(
+        default="127.0.0.1",
+        metadata={
+            "doc": "worker web bind address (without API_TOKENS the API binds to 127.0.0.1 "
+            "whatever this says)"
+        },
+    )
+    api_tokens: str = field(
+        default="",
+        metadata={
+            "doc": "management API tokens, comma-separated TOKEN:SCOPE, scopes read < write < "
+            "admin (secret); the first one also authenticates worker-to-worker calls; none = "
+            "the API binds to loopback only"
+        },
+    )
+    api_token: str = field(
+        default="",
+        metadata={"doc": "token the CLI sends to the management API (secret; or --token)"},
+    )
     web_advertised_url: str = field(
         default="",
         metadata={
@@ -75,6 +146,17 @@ class Settings:
     collector_max_inflight_events: int = field(
         default=50_000,
         metadata={"doc": "collector: unacknowledged events held at most; beyond, 503"},
+    )
+    collector_rate_limit: int = field(
+        default=0,
+        metadata={"doc": "collector: events per second accepted per write key; 0 = no limit"},
+    )
+    collector_rate_burst: int = field(
+        default=0,
+        metadata={
+            "doc": "collector: events a write key may send at once above its rate "
+            "(token bucket size; 0 = one second's worth)"
+        },
     )
     collector_max_inflight_bytes: int = field(
         default=64 * 1024 * 1024,
@@ -147,18 +229,31 @@ class Settings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = env.get(PREFIX + f.name.upper())
+            if raw is None and f.name in SECRET_FIELDS:
+                raw = _secret_file(env, PREFIX + f.name.upper() + "_FILE")
             if raw is None:
                 continue
-            values[f.name] = int(raw) if f.type in ("int", int) else raw
+            if f.type in ("int", int):
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise SettingsError(
+                        f"{PREFIX}{f.name.upper()}: expected an integer, got {raw!r}"
+                    ) from None
+            else:
+                values[f.name] = raw
         values.update(overrides)
-        return cls(**values)
+        made = cls(**values)
+        made.api_token_list()  # an invalid AUDIENCES_API_TOKENS stops the process here
+        return made
 
     @property
     def advertised_url(self) -> str:
         """Where this worker's web server is reachable by the others (no trailing /)."""
         if self.web_advertised_url:
             return self.web_advertised_url.rstrip("/")
-        host = self.web_host if self.web_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        host = self.web_bind_host
+        host = host if host not in ("", "0.0.0.0", "::") else LOOPBACK
         return f"http://{host}:{self.web_port}"
 
     def replace(self, **changes: Any) -> Settings:
@@ -168,9 +263,32 @@ class Settings:
         """The collector's write keys (`write_keys`, comma-separated, blanks ignored)."""
         return [key.strip() for key in self.write_keys.split(",") if key.strip()]
 
+    def api_token_list(self) -> tuple[ApiToken, ...]:
+        """The management API's tokens (`api_tokens`); raises SettingsError if malformed."""
+        return parse_api_tokens(self.api_tokens)
+
+    @property
+    def internal_token(self) -> str:
+        """What a worker sends to the others (the first token of API_TOKENS; every worker
+        of a deployment has the same list), empty when none is configured."""
+        tokens = self.api_token_list()
+        return tokens[0].token if tokens else ""
+
+    @property
+    def web_bind_host(self) -> str:
+        """Where the worker's web server listens: WEB_HOST when API tokens are configured,
+        else loopback only (an API without tokens must not be reachable from elsewhere)."""
+        return self.web_host if self.api_token_list() else LOOPBACK
+
     def kafka_config(self) -> dict[str, Any]:
         """librdkafka settings shared by every client."""
         config: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap}
+        config.update(self.kafka_security_config())
+        return config
+
+    def kafka_security_config(self) -> dict[str, Any]:
+        """The librdkafka security settings of the engine's cluster (none when unset)."""
+        config: dict[str, Any] = {}
         if self.security_protocol:
             config["security.protocol"] = self.security_protocol
         if self.sasl_mechanism:

@@ -106,7 +106,31 @@ class TraitChange:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-Output = Transition | TraitChange
+@dataclass(slots=True)
+class Deletion:
+    """A profile deleted (SPEC §4): destinations are told to delete it too (`User Deleted`,
+    after the `Audience Exited` of the same deletion). Every delete record that is applied
+    makes one, whether or not the engine held state for the id (a destination may hold
+    data the engine no longer has). A deletion cascading to an anonymous id linked to
+    the deleted user makes its own, for the anonymous id, with `linked_to` the user."""
+
+    profile_key: str
+    anonymous: bool
+    at_ms: int
+    trigger_message_id: str  # the delete record's messageId ("" when it had none)
+    linked_to: str | None = None
+    generation: int = 0  # of the profile deleted (non-zero: it was recreated once)
+
+    @property
+    def message_id(self) -> str:
+        """Deterministic: sha256(deleted|profile|generation|delete record's messageId, or
+        its time when it had none): a replay of the same log gives the same id."""
+        cause = self.trigger_message_id or str(self.at_ms)
+        text = f"deleted|{self.profile_key}|{self.generation}|{cause}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+Output = Transition | TraitChange | Deletion
 
 
 Control = tuple[str, dict[str, Any]]  # (Kafka key, record) to produce to the events topic
@@ -155,29 +179,35 @@ def _seen_before(state: UserState, seen: SeenIds, digest: int, now: int) -> bool
 
 
 def _fold_traits(state: UserState, event: Event) -> bool:
-    """Latest value per trait; an identify older than the last one only fills gaps.
+    """Latest value per trait by event time (an identify older than a trait's value
+    leaves it, and fills the traits it lacks).
     Values and names outside the bounds of `state.py` are not stored (counted)."""
     incoming: Any = event.traits if event.type == "identify" else None
     context_traits = event.context.get("traits")
     if incoming is None and context_traits is None:
         return False  # (most events)
     changed = False
-    newer = event.timestamp_ms >= state.traits_at_ms
-    traits = state.traits
+    ts = event.timestamp_ms
+    traits, times = state.traits, state.trait_times
     for source in (context_traits, incoming):
         if not isinstance(source, dict):
             continue
         for name, value in source.items():
-            if newer or name not in traits:
-                if traits.get(name, ...) != value:
-                    if not _admit_trait(state, name, value):
-                        continue
-                    traits[name] = value
-                    changed = True
-                if state.trait_times.get(name, -1) < event.timestamp_ms:
-                    state.trait_times[name] = event.timestamp_ms  # merges: later value wins
-    if changed and newer:
-        state.traits_at_ms = event.timestamp_ms
+            # Per trait, the value of the latest event time wins, whatever the arrival
+            # order (SPEC §11); a repeated value still moves its time.
+            at = times.get(name)
+            if at is None:
+                at = state.traits_at_ms if name in traits else -1
+            if ts < at:
+                continue
+            if traits.get(name, ...) != value:
+                if not _admit_trait(state, name, value):
+                    continue
+                traits[name] = value
+                changed = True
+            times[name] = ts
+    if changed and ts > state.traits_at_ms:
+        state.traits_at_ms = ts
     return changed
 
 
@@ -719,10 +749,18 @@ def _control(
             # the user's; an id refused or released since is somebody else's)
             return _unchanged(state)
         cascade: tuple[Control, ...] = ()
+        anonymous = event.user_id is None
+        generation = 0
         if state is not None:
             _exit_all(state, catalog, profile_key, now, "deleted", event.message_id, out)
             cascade = tuple((link, _delete_linked(link, profile_key, ts)) for link in state.aliases)
-        return StepResult(UserState(), out, NEVER, False, cascade, erase=True)
+            anonymous, generation = state.anonymous, state.generation
+        linked = linked_to if isinstance(linked_to, str) and linked_to else None
+        out.append(
+            Deletion(profile_key, anonymous, now, event.message_id or "", linked, generation)
+        )
+        erased = UserState(anonymous=anonymous)  # (not kept: the outputs render with it)
+        return StepResult(erased, out, NEVER, False, cascade, erase=True)
     if event.type == "unsuppress":
         if state is not None:
             return StepResult(state, out, state.wake_ms, False)

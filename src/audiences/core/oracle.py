@@ -7,7 +7,8 @@ driven by events and ticks) against this on random histories.
 The per-value rules of computed traits are modelled (numbers must be finite
 and within 64 bits, strings at most 128 bytes of JSON); the per-profile bounds
 of `state.py` (counts of traits, timestamps, instances, distinct values, sums
-near the 64-bit range) are not: the property tests' histories stay within them.
+near the 64-bit range) are not, nor is a funnel's reordering horizon (events arriving
+later than it are ignored by the engine): the property tests' histories stay within them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from audiences.core.definitions.conditions import EventMatcher, compile_where, device_type
+from audiences.core.definitions.conditions import compile_where, device_type
 from audiences.core.durations import parse_duration_ms
 from audiences.core.events import Event, compile_path
 from audiences.core.operators import compile_predicate, wildcard_regex
@@ -252,21 +253,17 @@ def _performed(body: Mapping[str, Any], seen: list[Event], t: int) -> bool:
 
 def _trait(body: Mapping[str, Any], seen: list[Event], t: int) -> bool:
     traits: dict[str, Any] = {}
-    latest = 0
-    for event in seen:
-        newer = event.timestamp_ms >= latest
+    times: dict[str, int] = {}  # per trait: the event time of its value
+    for event in seen:  # (arrival order: at equal times the later arrival wins)
         sources = [event.context.get("traits")]
         if event.type == "identify":
             sources.append(event.traits)
-        changed = False
         for source in sources:
             if isinstance(source, dict):
                 for trait, value in source.items():
-                    if (newer or trait not in traits) and traits.get(trait, ...) != value:
+                    if event.timestamp_ms >= times.get(trait, -1):
                         traits[trait] = value
-                        changed = True
-        if changed and newer:
-            latest = event.timestamp_ms
+                        times[trait] = event.timestamp_ms
     node: Any = traits
     for part in body["name"].split("."):
         node = node.get(part) if isinstance(node, dict) else None
@@ -274,57 +271,110 @@ def _trait(body: Mapping[str, Any], seen: list[Event], t: int) -> bool:
 
 
 def _sequence(body: Mapping[str, Any], seen: list[Event], t: int) -> bool:
-    steps = [EventMatcher(s) for s in body["steps"]]
-    follow_spec = body.get("then_not") or body.get("then")
-    follow = EventMatcher(follow_spec) if follow_spec else None
+    """SPEC §3 funnels, by event time (§11: arrival order does not matter), from the
+    events themselves — no engine tracker is used.
+
+    The events of one `match_on` value are taken in event-time order (equal times in
+    arrival order). An attempt starts with an event matching the first step; step k + 1
+    is the first later event matching it at most its `within` after step k; t0 is the
+    time of the last step. The follow-up is the first matching event after t0 (for
+    `then`: at most its `within` after t0) while the attempt is not over (before
+    t0 + `active_for`). An event matching the first step that the attempt does not take
+    as a step or as its follow-up starts the next attempt: each value keeps only its
+    latest. At `t` the latest attempt holds if it is complete, t < t0 + `active_for`, and
+    with `then`: its follow-up happened; with `then_not`: t >= t0 + within and none did;
+    with neither: always.
+    """
+    steps = [_filter_of(s) for s in body["steps"]]
     negative = "then_not" in body
+    follow_spec = body.get("then_not") if negative else body.get("then")
+    follow = _filter_of(follow_spec) if follow_spec else None
+    follow_within = parse_duration_ms(follow_spec["within"]) if follow_spec else None
+    withins = [parse_duration_ms(s["within"]) if s.get("within") else None for s in body["steps"]]
     active = parse_duration_ms(body["active_for"]) if body.get("active_for") else None
     path = compile_path(body["match_on"]) if body.get("match_on") else None
-    instances: dict[str, list[int]] = {}
-    for event in seen:
-        if path is not None:
-            value = event.get(path)
-            if value is None or isinstance(value, dict | list):
-                continue
-            match_key = str(value)
-        else:
-            match_key = ""
-        ts = event.timestamp_ms
-        inst = instances.get(match_key)
-        if inst is not None and inst[0] == len(steps) and inst[3] < 0 and follow is not None:
-            assert follow.within_ms is not None
-            if (
-                ts > inst[2]
-                and follow.matches(event)
-                and (negative or ts - inst[2] <= follow.within_ms)
-            ):
-                inst[3] = ts
-                continue
-        if inst is not None and inst[0] < len(steps):
-            nxt = steps[inst[0]]
-            if (
-                ts >= inst[1]
-                and nxt.matches(event)
-                and (nxt.within_ms is None or ts - inst[1] <= nxt.within_ms)
-            ):
-                inst[0] += 1
-                inst[1] = ts
-                if inst[0] == len(steps):
-                    inst[2], inst[3] = ts, -1
-                continue
-        if steps[0].matches(event):
-            instances[match_key] = [1, ts, ts if len(steps) == 1 else -1, -1]
-    for done, _last, t0, follow_ts in instances.values():
-        if done < len(steps) or (active is not None and t >= t0 + active):
+    by_value: dict[str, list[Event]] = {}
+    order = sorted(range(len(seen)), key=lambda i: seen[i].timestamp_ms)  # (stable)
+    for event in (seen[i] for i in order):
+        if path is None:
+            by_value.setdefault("", []).append(event)
+            continue
+        value = event.get(path)
+        if value is not None and not isinstance(value, dict | list):
+            by_value.setdefault(str(value), []).append(event)
+
+    def is_step(k: int, e: Event) -> bool:
+        return _filter_matches(steps[k], e)
+
+    def attempt(events: list[Event], start: int) -> tuple[list[int], int | None, int]:
+        """Step times of the attempt starting at `start`, its follow-up time (None) and
+        the index of the event starting the next attempt (len(events) if none)."""
+        times = [events[start].timestamp_ms]
+        follow_ts: int | None = None
+        for j in range(start + 1, len(events)):
+            e, ts = events[j], events[j].timestamp_ms
+            if len(times) == len(steps):
+                t0 = times[-1]
+                over = active is not None and ts >= t0 + active
+                if (
+                    follow is not None
+                    and follow_ts is None
+                    and not over
+                    and ts > t0
+                    and (negative or ts - t0 <= (follow_within or 0))
+                    and _filter_matches(follow, e)
+                ):
+                    follow_ts = ts
+                    continue
+            else:
+                k = len(times)
+                within = withins[k]
+                if is_step(k, e) and (within is None or ts - times[-1] <= within):
+                    times.append(ts)
+                    continue
+            if is_step(0, e):
+                return times, follow_ts, j
+        return times, follow_ts, len(events)
+
+    for events in by_value.values():
+        starts = [i for i, e in enumerate(events) if is_step(0, e)]
+        if not starts:
+            continue
+        begin = starts[0]
+        while True:
+            times, follow_ts, after = attempt(events, begin)
+            if after >= len(events):
+                break
+            begin = after
+        if len(times) < len(steps):
+            continue
+        t0 = times[-1]
+        if active is not None and t >= t0 + active:
             continue
         if follow is None:
             return True
-        assert follow.within_ms is not None
-        if negative and follow_ts < 0 and t >= t0 + follow.within_ms:
+        assert follow_within is not None
+        if negative and follow_ts is None and t >= t0 + follow_within:
             return True
-        if not negative and follow_ts >= 0:
+        if not negative and follow_ts is not None:
             return True
     return False
+
+
+def _filter_of(spec: Mapping[str, Any]) -> tuple[str, list[tuple[tuple[str, ...], Any]]]:
+    """A step or follow-up: the track event's name and its `where` predicates."""
+    where = [
+        (compile_path(f["property"]), compile_predicate(f["op"], f.get("value")))
+        for f in spec.get("where") or ()
+    ]
+    return spec["event"], where
+
+
+def _filter_matches(spec: tuple[str, list[tuple[tuple[str, ...], Any]]], event: Event) -> bool:
+    name, where = spec
+    if event.type != "track" or event.name != name:
+        return False
+    return all(predicate(event.get(path), event.timestamp_ms) for path, predicate in where)
 
 
 # -- identity (SPEC §4/§11), from the log alone ---------------------------------------------

@@ -4,19 +4,46 @@ from __future__ import annotations
 
 from typing import Any
 
-from audiences.core.evaluator import Output, TraitChange, Transition
+from audiences.core.evaluator import Deletion, Output, TraitChange, Transition
 from audiences.core.events import format_iso
 
 CONTACT_TRAITS = ("email", "phone")
+USER_DELETED = "User Deleted"
 
 
 def render_output(
     output: Output, traits: dict[str, Any], *, anonymous: bool = False
 ) -> dict[str, Any]:
-    """The output message of a membership change or of a computed-trait change."""
+    """The output message of a membership change, a computed-trait change or a deletion."""
     if isinstance(output, TraitChange):
         return render_trait_change(output, traits, anonymous=anonymous)
+    if isinstance(output, Deletion):
+        return render_deletion(output)
     return render_transition(output, traits, anonymous=anonymous)
+
+
+def render_deletion(deletion: Deletion) -> dict[str, Any]:
+    """`User Deleted` (SPEC §4/§6): the Segment-Spec track message telling destinations
+    to delete the profile. It carries no traits (the engine just erased them); an
+    anonymous id deleted because it was linked to a deleted user names that user in
+    `properties.linkedTo`."""
+    reason: dict[str, Any] = {"trigger": "deleted"}
+    if deletion.trigger_message_id:
+        reason["messageId"] = deletion.trigger_message_id
+    properties: dict[str, Any] = {"reason": reason}
+    if deletion.linked_to is not None:
+        properties["linkedTo"] = deletion.linked_to
+    timestamp = format_iso(deletion.at_ms)
+    properties["effective_at"] = timestamp
+    return {
+        "type": "track",
+        "event": USER_DELETED,
+        ("anonymousId" if deletion.anonymous else "userId"): deletion.profile_key,
+        "messageId": deletion.message_id,
+        "timestamp": timestamp,
+        "properties": properties,
+        "context": {"traits": {}},
+    }
 
 
 def render_transition(
@@ -62,7 +89,7 @@ def render_trait_change(
 
 
 def _message(
-    output: Output,
+    output: Transition | TraitChange,
     event: str,
     properties: dict[str, Any],
     computation: tuple[str, str, int],

@@ -12,11 +12,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from audiences.core.definitions import build_catalog
+from audiences.core.definitions import compile_definition
 from audiences.core.definitions.language import is_trait_definition
 from audiences.core.evaluator import Tick, TraitChange, Transition, step
 from audiences.core.state import UserState
-from audiences.errors import DefinitionError
 
 
 @dataclass
@@ -71,9 +70,7 @@ def preview(
     key = doc["key"]
     current = definitions.get(key)
     result = Preview(key, current[1] + 1 if current else 1)
-    catalog = build_catalog({**definitions, key: (doc, result.version)})
-    if key in catalog.skipped:
-        raise DefinitionError("$.condition", catalog.skipped[key])
+    catalog = compile_definition(doc, definitions, result.version)
     trait = is_trait_definition(doc)
     for profile, state in profiles:
         if state.merged_into is not None:

@@ -15,6 +15,8 @@ def describe(output: dict[str, Any]) -> str:
     props = output.get("properties", {})
     user = output.get("userId") or output.get("anonymousId")
     arrow = "+" if output.get("event") == "Audience Entered" else "-"
+    if output.get("event") == "User Deleted":
+        return f"{output.get('timestamp')}  {user:<16} x deleted"
     if output.get("event") == "Trait Computed":
         key = props.get("trait_key")
         return f"{output.get('timestamp')}  {user:<16} = {key}: {props.get(key)!r}"

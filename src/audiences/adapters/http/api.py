@@ -13,7 +13,16 @@ that no longer owns the partition answers 503 (retry). Audience members and
 previews are computed partition by partition on their owners, members paged with
 an opaque cursor.
 
-Errors are JSON `{"error": message}`: 400 unreadable request, 404 unknown
+Every route except `/healthz`, `/readyz` and `/metrics` (those of the Faust web server
+included) needs `Authorization: Bearer TOKEN` with a token of AUDIENCES_API_TOKENS whose
+scope suffices (`auth.required_scope`): 401 + `WWW-Authenticate: Bearer` without a valid
+token, 403 for a weaker scope. Tokens are compared in constant time, each one, so the
+timing of a request tells neither a token nor which one matched. Worker-to-worker calls
+(forwarded reads, internal partition queries) send the first configured token; internal
+routes need only `read`. With no tokens configured the API is open, and the worker binds
+to loopback only (`Settings.web_bind_host`).
+
+Errors are JSON `{"error": message}`: 400 unreadable request, 401/403 above, 404 unknown
 audience, trait or user, 409 key used by the other kind of definition, 422
 invalid definition (with `path` and `suggestion`), 503 Kafka or the owning
 worker unavailable (retry).
@@ -37,6 +46,7 @@ from aiohttp import web
 from confluent_kafka import KafkaException, Producer
 from yarl import URL
 
+from audiences.adapters.http.auth import auth_middleware
 from audiences.adapters.http.openapi import OPENAPI
 from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import Topics
@@ -46,8 +56,8 @@ from audiences.adapters.stream.queries import QueryPort, StateView
 from audiences.adapters.stream.registry import WorkerRegistry
 from audiences.core.definitions import (
     Catalog,
-    build_catalog,
     check_references,
+    compile_definition,
     validate_definition,
 )
 from audiences.core.definitions.conditions import DEVICE_TRACKER_ID
@@ -120,9 +130,14 @@ class ManagementApi:
         self.clock = clock
         self.url = registry.url if registry is not None else settings.advertised_url
         self._session: aiohttp.ClientSession | None = None
+        self._tokens = settings.api_token_list()
+        internal = settings.internal_token
+        self._internal_auth = {"Authorization": f"Bearer {internal}"} if internal else {}
 
     def register(self, app: web.Application) -> None:
-        """Add every route of the API to an aiohttp application."""
+        """Add every route of the API to an aiohttp application, and the token check in
+        front of every route of that application (SPEC §8)."""
+        app.middlewares.append(auth_middleware(self._tokens))
         router = app.router
         for kind in ("audiences", "traits"):
             router.add_get(f"/v1/{kind}", self._list(kind))
@@ -223,9 +238,7 @@ class ManagementApi:
         sample = _int_param(request, "sample", 10, 0, MAX_PAGE)
         definitions = self._documents()
         check_references(doc, {k: d for k, (d, _) in definitions.items() if k != doc["key"]})
-        catalog = build_catalog({**definitions, doc["key"]: (doc, 1)})
-        if doc["key"] in catalog.skipped:
-            raise DefinitionError("$.condition", catalog.skipped[doc["key"]])
+        compile_definition(doc, definitions)  # as the workers will (preview() does too)
         current = definitions.get(doc["key"])
         total = Preview(doc["key"], current[1] + 1 if current else 1)
         for number in range(await self._partition_count()):
@@ -468,7 +481,7 @@ class ManagementApi:
         return self._session
 
     async def _forward(self, request: web.Request, url: str) -> web.StreamResponse:
-        headers = {FORWARDED: self.url}
+        headers = {FORWARDED: self.url, **self._internal_auth}
         if request.content_type:
             headers["Content-Type"] = request.content_type
         try:
@@ -479,6 +492,8 @@ class ManagementApi:
                 headers=headers,
             ) as response:
                 body = await response.read()
+                if response.status in (401, 403):
+                    raise self._refused(url, response.status)
                 forward_headers = {
                     k: v for k, v in response.headers.items() if k in (SERVED_BY, "Retry-After")
                 }
@@ -500,15 +515,36 @@ class ManagementApi:
                 url + path,
                 params=params,
                 data=orjson.dumps(body) if body is not None else None,
-                headers={FORWARDED: self.url, "Content-Type": "application/json"},
+                headers={
+                    FORWARDED: self.url,
+                    "Content-Type": "application/json",
+                    **self._internal_auth,
+                },
             ) as response:
                 raw = await response.read()
+                if response.status in (401, 403):
+                    raise self._refused(url, response.status)
                 if response.status != 200:
                     raise ApiError(503, f"the worker at {url} answered {response.status}; retry")
                 data: dict[str, Any] = orjson.loads(raw)
                 return data
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
             raise ApiError(503, f"the worker at {url} is unreachable ({exc}); retry") from exc
+
+    def _refused(self, url: str, status: int) -> ApiError:
+        """Another worker refused this one's token: a deployment whose workers do not
+        share AUDIENCES_API_TOKENS (the caller's own token was fine here)."""
+        log.error(
+            "the worker at %s refused this worker's token (%d): every worker needs the same "
+            "AUDIENCES_API_TOKENS (the first one authenticates worker-to-worker calls)",
+            url,
+            status,
+        )
+        return ApiError(
+            503,
+            f"the worker at {url} refused this worker's token ({status}); the workers' "
+            "AUDIENCES_API_TOKENS differ",
+        )
 
     async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
         """Run blocking Kafka work off the event loop."""

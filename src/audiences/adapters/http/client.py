@@ -13,9 +13,14 @@ from audiences.errors import AdapterError, ApiError
 
 
 class ApiClient:
-    def __init__(self, base_url: str, timeout: float = 60.0) -> None:
+    """Requests to one worker's API, with `Authorization: Bearer token` when a token is
+    given (SPEC §8). A refused token raises ApiError 401/403 with a message saying what
+    to do."""
+
+    def __init__(self, base_url: str, timeout: float = 60.0, token: str = "") -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.token = token
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
@@ -31,6 +36,8 @@ class ApiClient:
         request = urllib.request.Request(url, data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return orjson.loads(response.read())
@@ -42,6 +49,17 @@ class ApiClient:
                 answer = {"error": raw.decode("utf-8", "replace")[:200] or exc.reason}
             body = answer if isinstance(answer, dict) else {}
             message = str(body.pop("error", None) or f"HTTP {exc.code}")
+            if exc.code == 401:
+                given = "the token was refused" if self.token else "no token was given"
+                message = (
+                    f"the API at {self.base_url} needs a valid token ({given}: {message}); "
+                    "pass --token TOKEN or set AUDIENCES_API_TOKEN"
+                )
+            elif exc.code == 403:
+                message = (
+                    f"the API at {self.base_url} refused this token's scope ({message}); "
+                    "use a token with a stronger scope"
+                )
             raise ApiError(exc.code, message, **body) from None
         except (urllib.error.URLError, OSError) as exc:
             raise AdapterError(

@@ -1,13 +1,15 @@
 """The Segment-compatible HTTP collector (SPEC §7), on aiohttp.
 
 `POST /v1/{track,identify,page,screen,group,alias,batch}` and analytics.js's
-`/v1/{t,i,p,s,g,a,b}`: check the write key, decode, validate and enrich the events
+`/v1/{t,i,p,s,g,a,b}`: check the write key (from HTTP Basic before the body is read;
+a key inside the body only for an uncompressed body) and the key's rate limit (token
+bucket, 429 + `Retry-After`), decode, validate and enrich the events
 (`intake`), produce them to `events` keyed by user and answer 200
 `{"success": true}` only once Kafka acknowledged every one (`AckedProducer`).
 Refusals are JSON `{"success": false, "code", "message"}` (Segment's client
 libraries read `code` and `message`): 400 invalid, 401 bad or missing key, 404
-unknown path, 503 + `Retry-After` when Kafka is slow, down or the in-flight budget
-is full. `/healthz` and `/metrics` are served too. Browsers (analytics.js) get CORS
+unknown path, 429 + `Retry-After` over the key's rate limit, 503 + `Retry-After`
+when Kafka is slow, down or the in-flight budget is full. `/healthz` and `/metrics` are served too. Browsers (analytics.js) get CORS
 headers, and the source settings analytics.js would fetch from Segment's CDN
 (`GET /v1/projects/{writeKey}/settings`), pointing it back at this collector.
 
@@ -73,6 +75,7 @@ class Collector:
         *,
         producer_config: Mapping[str, Any] | None = None,
         clock: Callable[[], int] = wall_clock_ms,
+        rate_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         keys = settings.write_key_list()
         if not keys:
@@ -83,6 +86,9 @@ class Collector:
         self._clients = clients
         self._keys = [key.encode() for key in keys]
         self._clock = clock
+        self._limiter = intake.RateLimiter(
+            settings.collector_rate_limit, settings.collector_rate_burst, rate_clock
+        )
         self._topic = settings.events_topic
         self._ack_timeout_s = settings.collector_ack_timeout_ms / 1000
         self._producer_overrides = dict(producer_config or {})
@@ -140,15 +146,25 @@ class Collector:
         if kind is None:
             raise RejectedRequest(404, "not_found", f"no such endpoint: POST {request.path}")
         authorization = request.headers.get("Authorization")
-        if authorization is not None:  # refuse a bad key before reading the body
-            intake.check_write_key(intake.key_from_authorization(authorization), self._keys)
+        encoding = request.headers.get("Content-Encoding")
+        if authorization is not None:  # a bad key or a spent limit: refused before reading
+            key = intake.key_from_authorization(authorization)
+            intake.check_write_key(key, self._keys)
+            self._limiter.admit(key)
+        elif (encoding or "identity").strip().lower() not in ("", "identity"):
+            # the key would be inside the compressed body: nothing is inflated for an
+            # unauthenticated caller (Segment's libraries that gzip all use HTTP Basic)
+            raise intake.unauthorized(
+                "a compressed body needs the write key in HTTP Basic auth, not in the body"
+            )
         raw = await self._read(request, kind)
-        body = intake.parse_body(
-            intake.decode_body(raw, request.headers.get("Content-Encoding"), kind)
-        )
+        body = intake.parse_body(intake.decode_body(raw, encoding, kind))
         if authorization is None:
-            intake.check_write_key(intake.key_from_body(body), self._keys)
+            key = intake.key_from_body(body)
+            intake.check_write_key(key, self._keys)
+            self._limiter.admit(key)
         records = intake.records(kind, body, self._clock(), _new_message_id)
+        self._limiter.charge(key, len(records))
         if self.producer is None:
             raise DeliveryError("the collector is stopping", retry_after_s=1)
         await self.producer.send(
@@ -174,8 +190,9 @@ class Collector:
     async def _source_settings(self, request: web.Request) -> web.Response:
         """What analytics.js fetches from Segment's CDN before sending anything
         (`{cdnURL}/v1/projects/{writeKey}/settings`): with `cdnURL` set to the collector,
-        its Segment.io integration sends every call here."""
-        intake.check_write_key(request.match_info["write_key"], self._keys)
+        its Segment.io integration sends every call here. The key in the path is not
+        checked: every key gets the same answer (echoing it back), so this public route
+        cannot tell a caller whether a key is valid; the calls themselves are checked."""
         scheme = request.headers.get("X-Forwarded-Proto", request.scheme)
         return web.json_response(
             {
@@ -216,7 +233,12 @@ class Collector:
         try:
             response = await handler(request)
         except RejectedRequest as exc:
-            response = _error(exc.status, exc.code, exc.message)
+            headers: dict[str, str] = {}
+            if exc.retry_after_s is not None:
+                headers["Retry-After"] = str(exc.retry_after_s)
+            if exc.status == 429:
+                metrics.COLLECTOR_RATE_LIMITED.inc()
+            response = _error(exc.status, exc.code, exc.message, **headers)
         except DeliveryError as exc:
             response = _error(
                 503, "unavailable", str(exc), **{"Retry-After": str(exc.retry_after_s)}
@@ -228,6 +250,10 @@ class Collector:
             log.exception("collector error on %s %s", request.method, request.path)
             response = _error(500, "internal", "internal error")
         response.headers.update(CORS_HEADERS)
+        if not request.content.is_eof():
+            # refused before its body was read (a bad key, a spent rate limit, too large):
+            # close instead of draining the rest of the body for aiohttp's lingering time
+            response.force_close()
         if endpoint != "other":
             metrics.COLLECTOR_REQUESTS.labels(endpoint, str(response.status)).inc()
             metrics.COLLECTOR_REQUEST_DURATION.labels(endpoint).observe(

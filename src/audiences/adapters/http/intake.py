@@ -27,6 +27,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import math
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,6 +129,59 @@ def check_write_key(candidate: str, keys: Sequence[bytes]) -> None:
         matched |= hmac.compare_digest(given, key)
     if not matched:
         raise unauthorized("invalid write key")
+
+
+# -- rate limit -------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """A token bucket per write key: `rate` events per second, at most `burst` at once.
+
+    `admit(key)` refuses (429 with Retry-After) a request whose key's bucket is empty,
+    before its body is read when the key came in the Authorization header; `charge(key,
+    n)` takes the request's `n` events once they are known. A charge may overdraw the
+    bucket (a batch larger than the burst is accepted once, then the key waits until the
+    debt is paid back), so no valid batch is refused forever. Keys are the configured
+    write keys only (checked before), so the buckets are bounded."""
+
+    def __init__(
+        self, rate: float, burst: float = 0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst if burst > 0 else max(rate, 1.0)
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    def _tokens(self, key: str) -> float:
+        now = self._clock()
+        tokens, then = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        self._buckets[key] = (tokens, now)
+        return tokens
+
+    def admit(self, key: str) -> None:
+        if not self.enabled:
+            return
+        tokens = self._tokens(key)
+        if tokens < 1:
+            wait = max(1, math.ceil((1 - tokens) / self.rate))
+            raise RejectedRequest(
+                429,
+                "rate_limited",
+                f"rate limit of this write key spent ({self.rate:g} events/s, burst "
+                f"{self.burst:g}); retry in {wait}s",
+                retry_after_s=wait,
+            )
+
+    def charge(self, key: str, events: int) -> None:
+        if not self.enabled:
+            return
+        tokens = self._tokens(key)
+        self._buckets[key] = (tokens - events, self._buckets[key][1])
 
 
 # -- body -------------------------------------------------------------------------------

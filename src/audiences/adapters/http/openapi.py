@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from audiences import __version__
+from audiences.adapters.http.auth import required_scope
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -214,8 +215,10 @@ OPENAPI: dict[str, Any] = {
             "delete": {
                 "operationId": "delete_user",
                 "summary": "Suppress and delete a user: a delete control record is written "
-                "to `events`; the owning worker exits its audiences (reason.trigger `deleted`) "
-                "and drops its later events",
+                "to `events`; the owning worker exits its audiences (reason.trigger `deleted`), "
+                "erases the user and its linked anonymous profiles, drops their later events "
+                "and emits `User Deleted`, which every destination is sent (unless it sets "
+                "`forward_deletions: false`). Accepted for any id, known or not",
                 "responses": {
                     "202": _json(
                         {
@@ -560,3 +563,47 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+
+OPENAPI["components"]["securitySchemes"] = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A token of AUDIENCES_API_TOKENS (`token:scope`). Each operation lists "
+        "the scope it needs: read < write < admin (a stronger scope allows what a weaker "
+        "one does). 401 without a valid token, 403 for a weaker scope. A worker without "
+        "tokens serves the API unauthenticated, on loopback only.",
+    }
+}
+OPENAPI["components"]["responses"]["Unauthorized"] = {
+    "description": "no valid bearer token (`WWW-Authenticate: Bearer`)",
+    "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    "content": {"application/json": {"schema": _ref("Error")}},
+}
+OPENAPI["components"]["responses"]["Forbidden"] = {
+    "description": "the token's scope is weaker than the operation needs",
+    "content": {"application/json": {"schema": _ref("Error")}},
+}
+
+
+def _secure(document: dict[str, Any]) -> None:
+    """`security` on every operation (the scope `auth.required_scope` enforces as the
+    OpenAPI 3.1 role list; an empty list for the open routes), with 401/403 answers."""
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method not in ("get", "put", "post", "delete", "patch"):
+                continue  # path-level `parameters`
+            scope = required_scope(method.upper(), path)
+            if scope is None:
+                operation["security"] = []
+                continue
+            operation["security"] = [{"bearer": [scope]}]
+            operation["responses"].setdefault(
+                "401", {"$ref": "#/components/responses/Unauthorized"}
+            )
+            operation["responses"].setdefault("403", {"$ref": "#/components/responses/Forbidden"})
+            operation["description"] = (
+                operation.get("description", "") + f" Needs a token with scope `{scope}`."
+            ).strip()
+
+
+_secure(OPENAPI)

@@ -13,7 +13,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
 from audiences.adapters.kafka.acked import AckedProducer, ProducerErrors
-from audiences.adapters.settings import Settings
+from audiences.adapters.settings import EVENTS_PARTITIONER, Settings
 from audiences.adapters.state.checkpoint import CHANGELOG_MESSAGE_MAX_BYTES
 
 
@@ -198,21 +198,47 @@ class KafkaClients:
             {**self.settings.producer_config(), "enable.idempotence": True, "linger.ms": 2}
         )
 
-    def destination_producer(self, *, bootstrap: str | None, message_timeout_ms: int) -> Producer:
-        """A `kafka` destination's producer (idempotent, murmur2 keys so that a user's
-        records land where Java's would): on the engine's cluster, or on the destination's
-        own when it names a `bootstrap`; `message_timeout_ms` is its `timeout_s`."""
-        config = self.settings.producer_config()
-        if bootstrap:
-            config["bootstrap.servers"] = bootstrap
+    def destination_producer(
+        self,
+        *,
+        bootstrap: str | None,
+        message_timeout_ms: int,
+        security: Mapping[str, Any] | None = None,
+    ) -> Producer:
+        """A `kafka` destination's producer (see `destination_producer_config`)."""
         return Producer(
-            {
-                **config,
-                "enable.idempotence": True,
-                "linger.ms": 2,
-                "message.timeout.ms": message_timeout_ms,
-            }
+            self.destination_producer_config(
+                bootstrap=bootstrap, message_timeout_ms=message_timeout_ms, security=security
+            )
         )
+
+    def destination_producer_config(
+        self,
+        *,
+        bootstrap: str | None,
+        message_timeout_ms: int,
+        security: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A `kafka` destination's producer settings (idempotent, murmur2 keys so that a
+        user's records land where Java's would): on the engine's cluster with the engine's
+        security settings, or on the destination's own cluster when it names a
+        `bootstrap`, with only the destination's own `security` settings (the engine's
+        SASL credentials never go to another cluster); `message_timeout_ms` is its
+        `timeout_s`."""
+        if bootstrap:
+            config: dict[str, Any] = {
+                "bootstrap.servers": bootstrap,
+                "partitioner": EVENTS_PARTITIONER,
+                **(security or {}),
+            }
+        else:
+            config = self.settings.producer_config()
+        return {
+            **config,
+            "enable.idempotence": True,
+            "linger.ms": 2,
+            "message.timeout.ms": message_timeout_ms,
+        }
 
     def dlq_replay_group(self, destination: str) -> str:
         """The consumer group remembering how far `audiences dlq replay` re-sent one

@@ -40,14 +40,31 @@ COMMON_KEYS = (
     "max_retry_age",
     "retry_initial_s",
     "retry_max_s",
+    "forward_deletions",
 )
 TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "webhook": ("url", "secret"),
     "braze": ("url", "api_key"),
     "customerio": ("url", "site_id", "api_key"),
     "segment": ("url", "write_key"),
-    "kafka": ("topic", "bootstrap"),
+    "kafka": (
+        "topic",
+        "bootstrap",
+        "security_protocol",
+        "sasl_mechanism",
+        "sasl_username",
+        "sasl_password",
+        "ssl_ca_location",
+    ),
 }
+# A `kafka` destination's own cluster security (librdkafka names); only with `bootstrap`.
+KAFKA_SECURITY_KEYS = (
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_username",
+    "sasl_password",
+    "ssl_ca_location",
+)
 REQUIRED: dict[str, tuple[str, ...]] = {
     "webhook": ("url",),
     "braze": ("url", "api_key"),
@@ -93,6 +110,13 @@ class Destination:
     secret: str = field(default="", repr=False)
     api_key: str = field(default="", repr=False)
     write_key: str = field(default="", repr=False)
+    kafka_security: dict[str, str] = field(default_factory=dict, repr=False)
+    # `User Deleted` (SPEC §4/§6) is forwarded whatever `audiences` selects, unless false
+    forward_deletions: bool = True
+
+    def kafka_security_config(self) -> dict[str, str]:
+        """librdkafka security settings of a `kafka` destination's own cluster."""
+        return {key.replace("_", "."): value for key, value in self.kafka_security.items()}
 
     def selects(self, key: str) -> bool:
         return self.audiences is None or key in self.audiences
@@ -160,9 +184,26 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
     for key in REQUIRED[kind]:
         if not values.get(key):
             raise DestinationConfigError(name, key, f"required for a {kind} destination")
-    for key in ("url", "topic", "bootstrap", "site_id", "secret", "api_key", "write_key"):
+    for key in (
+        "url",
+        "topic",
+        "bootstrap",
+        "site_id",
+        "secret",
+        "api_key",
+        "write_key",
+        *KAFKA_SECURITY_KEYS,
+    ):
         if key in values and not isinstance(values[key], str):
             raise DestinationConfigError(name, key, "expected a string")
+    security = {key: values[key] for key in KAFKA_SECURITY_KEYS if values.get(key)}
+    if security and not values.get("bootstrap"):
+        key = next(iter(security))
+        raise DestinationConfigError(
+            name,
+            key,
+            "only with `bootstrap`: on the engine's own cluster the engine's Kafka settings apply",
+        )
     url = values.get("url") or DEFAULT_URL.get(kind, "")
     if kind in HTTP_TYPES:
         parsed = urlparse(url)
@@ -184,6 +225,11 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
     hash_pii = values.get("hash_pii", False)
     if not isinstance(hash_pii, bool):
         raise DestinationConfigError(name, "hash_pii", f"expected true or false, got {hash_pii!r}")
+    forward_deletions = values.get("forward_deletions", True)
+    if not isinstance(forward_deletions, bool):
+        raise DestinationConfigError(
+            name, "forward_deletions", f"expected true or false, got {forward_deletions!r}"
+        )
     return Destination(
         name=name,
         type=kind,
@@ -203,6 +249,8 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
         secret=secret,
         api_key=values.get("api_key", ""),
         write_key=values.get("write_key", ""),
+        kafka_security=security,
+        forward_deletions=forward_deletions,
     )
 
 

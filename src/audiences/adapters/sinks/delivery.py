@@ -5,7 +5,8 @@ one `Outcome` per message. Requests go out one after another in rendering
 order, so a user's messages arrive in order. Per request:
 - wait for the destination's token bucket (and for any `Retry-After` block);
 - send through the `Transport` (aiohttp, or a Kafka producer);
-- 2xx: delivered. Connection error, timeout, 408, 429, 5xx: retry after an
+- 2xx: delivered (and 404 for a deletion: the destination has no such user,
+  which is what the deletion asked for). Connection error, timeout, 408, 429, 5xx: retry after an
   exponential backoff with jitter — or exactly the server's `Retry-After`,
   which also holds every other request to this destination — until the
   oldest message of the batch is older than `max_retry_age` (then
@@ -154,6 +155,8 @@ class Deliverer:
             response = await self.transport.send(request, headers)
             self._request_duration.observe(self.monotonic() - started)
             verdict = classify(response.status, response.retriable)
+            if response.status == 404 and request.absent_ok:
+                verdict = Verdict.DELIVERED
             if verdict is Verdict.DELIVERED:
                 return DELIVERED
             if verdict is Verdict.REJECTED:

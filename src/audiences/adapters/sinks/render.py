@@ -21,6 +21,18 @@ Per type (SPEC §6; payloads follow each vendor's documented API):
 `mode` picks the track message (custom event), an identify message (custom
 attribute `{K: true|false}`), or both. Braze and Customer.io need a user id:
 anonymous profiles are skipped for them.
+
+`User Deleted` (a profile deleted, SPEC §4) goes to every destination whatever its
+`audiences` and `mode`, unless it sets `forward_deletions: false` (then skipped):
+- braze: `POST /users/delete` `{"external_ids": [...]}`, at most 50 per request
+  (Braze's limit), between the `/users/track` requests of the messages around it;
+- customerio: `DELETE /api/v1/customers/{id}`;
+- webhook, segment: the `User Deleted` track message itself (signed, batched as usual);
+- kafka: a `delete` record keyed by the id, `{"type": "delete", "userId" (or
+  "anonymousId"), "messageId", "timestamp"}`.
+Anonymous ids are skipped for Braze and Customer.io, as for every message. A 404
+(no such user) from Braze or Customer.io to a deletion is what the deletion asked
+for: it counts as delivered (`absent_ok`).
 """
 
 from __future__ import annotations
@@ -38,8 +50,10 @@ import orjson
 
 from audiences.adapters.sinks.config import Destination
 from audiences.adapters.sinks.pii import contact_traits
+from audiences.core.outputs import USER_DELETED
 
 SEGMENT_MAX_BATCH_BYTES = 500 * 1024 - 1024  # Segment: 500 KB per batch request; keep a margin
+BRAZE_MAX_DELETIONS = 50  # Braze: up to 50 external_ids per /users/delete request
 JSON = (("Content-Type", "application/json"),)
 
 
@@ -47,13 +61,14 @@ JSON = (("Content-Type", "application/json"),)
 class Request:
     """One call to a destination: an HTTP request, or a set of Kafka records."""
 
-    method: str  # POST | PUT | PRODUCE
+    method: str  # POST | PUT | DELETE | PRODUCE
     url: str  # full URL; the topic for PRODUCE
     indexes: tuple[int, ...]  # the messages (positions in the rendered list) it carries
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
     webhook_id: str = ""  # webhook: signed at send time
     records: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False)
+    absent_ok: bool = False  # a deletion: 404 (no such user) means done
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,11 @@ def subject(message: dict[str, Any]) -> tuple[str, Any] | None:
     if not isinstance(key, str):
         return None
     return key, props.get(key)
+
+
+def is_deletion(message: dict[str, Any]) -> bool:
+    """A `User Deleted` output (SPEC §4): the profile was deleted."""
+    return message.get("type") == "track" and message.get("event") == USER_DELETED
 
 
 def user_id(message: dict[str, Any]) -> str | None:
@@ -121,6 +141,13 @@ def render_requests(destination: Destination, messages: Sequence[dict[str, Any]]
     skipped: list[int] = []
     needs_user = destination.type in ("braze", "customerio")
     for index, message in enumerate(messages):
+        if is_deletion(message):
+            wanted = destination.forward_deletions and profile_id(message) != ""
+            if not wanted or (needs_user and user_id(message) is None):
+                skipped.append(index)
+            else:
+                taken.append(index)
+            continue
         found = subject(message)
         if (
             found is None
@@ -136,6 +163,8 @@ def render_requests(destination: Destination, messages: Sequence[dict[str, Any]]
 
 
 def _units(destination: Destination, message: dict[str, Any]) -> list[dict[str, Any]]:
+    if is_deletion(message):
+        return [message]  # whatever the mode: a deletion is no audience to set
     units = []
     if "track" in destination.modes:
         units.append(track_message(message, destination.hash_pii))
@@ -205,8 +234,44 @@ def _basic(user: str, password: str) -> tuple[str, str]:
 def _render_braze(
     destination: Destination, messages: Sequence[dict[str, Any]], taken: list[int]
 ) -> list[Request]:
-    url = destination.url.rstrip("/") + "/users/track"
+    base = destination.url.rstrip("/")
+    url = base + "/users/track"
     headers = (*JSON, ("Authorization", f"Bearer {destination.api_key}"))
+    requests = []
+    for deleting, run in _runs(messages, taken):
+        if deleting:
+            for chunk in _chunks(run, min(destination.batch_size, BRAZE_MAX_DELETIONS)):
+                ids = list(dict.fromkeys(str(messages[i]["userId"]) for i in chunk))
+                body = orjson.dumps({"external_ids": ids})
+                requests.append(
+                    Request(
+                        "POST", base + "/users/delete", tuple(chunk), body, headers, absent_ok=True
+                    )
+                )
+        else:
+            requests.extend(_braze_track(destination, messages, run, url, headers))
+    return requests
+
+
+def _runs(messages: Sequence[dict[str, Any]], taken: list[int]) -> list[tuple[bool, list[int]]]:
+    """`taken` cut into runs of deletions and of other messages, in order."""
+    runs: list[tuple[bool, list[int]]] = []
+    for i in taken:
+        deleting = is_deletion(messages[i])
+        if runs and runs[-1][0] == deleting:
+            runs[-1][1].append(i)
+        else:
+            runs.append((deleting, [i]))
+    return runs
+
+
+def _braze_track(
+    destination: Destination,
+    messages: Sequence[dict[str, Any]],
+    taken: list[int],
+    url: str,
+    headers: tuple[tuple[str, str], ...],
+) -> list[Request]:
     requests = []
     for chunk in _chunks(taken, destination.batch_size):  # batch_size <= 75 (validated)
         attributes: dict[str, dict[str, Any]] = {}
@@ -253,6 +318,10 @@ def _render_customerio(
     for i in taken:
         message = messages[i]
         customer = base + quote(str(message["userId"]), safe="")
+        if is_deletion(message):
+            auth = (_basic(destination.site_id, destination.api_key),)
+            requests.append(Request("DELETE", customer, (i,), b"", auth, absent_ok=True))
+            continue
         key, value = subject(message) or ("", None)
         if "identify" in destination.modes:
             context = message.get("context")
@@ -313,10 +382,23 @@ def _render_kafka(
         records = tuple(
             (profile_id(messages[i]).encode(), orjson.dumps(unit))
             for i in chunk
-            for unit in _units(destination, messages[i])
+            for unit in _kafka_units(destination, messages[i])
         )
         requests.append(Request("PRODUCE", destination.topic, tuple(chunk), records=records))
     return requests
+
+
+def _kafka_units(destination: Destination, message: dict[str, Any]) -> list[dict[str, Any]]:
+    if not is_deletion(message):
+        return _units(destination, message)
+    who = "userId" if user_id(message) else "anonymousId"
+    record = {
+        "type": "delete",
+        who: profile_id(message),
+        "messageId": message.get("messageId"),
+        "timestamp": message.get("timestamp"),
+    }
+    return [record]
 
 
 _RENDERERS = {

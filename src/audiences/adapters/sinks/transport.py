@@ -106,6 +106,7 @@ def make_transport(destination: Destination, clients: KafkaClients) -> Transport
         producer = clients.destination_producer(
             bootstrap=destination.bootstrap,
             message_timeout_ms=int(destination.timeout_s * 1000),
+            security=destination.kafka_security_config(),
         )
         return KafkaTransport(destination, producer)
     return HttpTransport(destination)

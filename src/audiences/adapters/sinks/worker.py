@@ -105,7 +105,8 @@ class SinkWorker:
         self._pause: set[int] = set()
         self._resume: set[int] = set()
         self._failure: BaseException | None = None
-        self.delivered = 0  # messages delivered / dead-lettered by this worker (tests, logs)
+        self.delivered = 0  # messages delivered / skipped / dead-lettered here (tests, logs)
+        self.skipped = 0
         self.dead_lettered = 0
         self._depth = metrics.SINK_QUEUE_DEPTH.labels(destination=destination.name)
         self._consumer = clients.sink_consumer(destination.name)
@@ -291,6 +292,7 @@ class SinkWorker:
         outcomes = await deliver_items(self._deliverer, batch, first_seen)
         dead = [(item, o) for item, o in zip(batch, outcomes, strict=True) if o.kind == "dead"]
         self.delivered += sum(1 for o in outcomes if o.kind == "delivered")
+        self.skipped += sum(1 for o in outcomes if o.kind == "skipped")
         while dead:
             try:
                 await write_dead_letters(

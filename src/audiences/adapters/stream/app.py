@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,7 @@ import mode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from audiences.adapters.kafka.topics import ensure_topics
-from audiences.adapters.settings import Settings
+from audiences.adapters.settings import Settings, SettingsError
 from audiences.adapters.stream.registry import WorkerRegistry
 from audiences.adapters.stream.runtime import Runtime
 from audiences.logs import logging_config
@@ -81,15 +82,59 @@ class AudiencesApp(faust.App):
             add(web.web_app)
 
 
+def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """The Kafka security settings of the confluent clients (SPEC §10), as Faust's
+    credentials: SASL (PLAIN/SCRAM) with TLS when the protocol is SASL_SSL, or TLS alone
+    (SSL) with the configured CA bundle. None for PLAINTEXT (the default)."""
+    protocol = settings.security_protocol.upper()
+    if protocol in ("", "PLAINTEXT"):
+        if settings.sasl_mechanism:
+            raise SettingsError(
+                "AUDIENCES_SASL_MECHANISM is set but AUDIENCES_SECURITY_PROTOCOL is not "
+                "SASL_PLAINTEXT or SASL_SSL"
+            )
+        return None
+    if protocol not in ("SSL", "SASL_SSL", "SASL_PLAINTEXT"):
+        raise SettingsError(
+            "AUDIENCES_SECURITY_PROTOCOL: expected PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, "
+            f"got {settings.security_protocol!r}"
+        )
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=settings.ssl_ca_location or None)
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return faust.SASLCredentials(
+        username=settings.sasl_username,
+        password=settings.sasl_password,
+        mechanism=settings.sasl_mechanism or "PLAIN",
+        ssl_context=context,
+    )
+
+
 def create_app(settings: Settings, ready: Callable[[], bool]) -> AudiencesApp:
-    """The Faust app of one worker process, with /healthz, /readyz (`ready`) and /metrics."""
+    """The Faust app of one worker process, with /healthz, /readyz (`ready`) and /metrics.
+
+    Its web server (the management API's too) listens on `settings.web_bind_host`:
+    loopback only, with a warning, when no API token is configured."""
     os.makedirs(settings.data_dir, exist_ok=True)
+    bind = settings.web_bind_host
+    if not settings.api_token_list():
+        log.warning(
+            "no API tokens configured (AUDIENCES_API_TOKENS): the management API is open, so "
+            "it listens on %s only (AUDIENCES_WEB_HOST=%s ignored); set tokens to serve "
+            "other hosts",
+            bind,
+            settings.web_host,
+        )
     app = AudiencesApp(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
+        broker_credentials=broker_credentials(settings),
         store="memory://",
         web_enabled=True,
         web_host=settings.web_host,
+        web_bind=bind,
         web_port=settings.web_port,
         web_in_thread=False,
         topic_partitions=settings.partitions,

@@ -18,20 +18,40 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.fence import FENCE_KEY, read_to_end, read_to_fence, write_fences
 from audiences.adapters.kafka.topics import Topics, partition_count
+from audiences.adapters.metrics import DEFINITIONS_REJECTED
 from audiences.adapters.settings import Settings
 from audiences.adapters.state.recovery import profiles_in
 from audiences.adapters.stream.queries import DefinitionsSnapshot as Snapshot
-from audiences.core.definitions import Catalog, build_catalog, check_references, validate_definition
+from audiences.core.definitions import (
+    Catalog,
+    build_catalog,
+    check_references,
+    compile_definition,
+    validate_definition,
+)
+from audiences.core.definitions.validate import KEY_PATTERN
 from audiences.core.events import format_iso
 from audiences.core.state import UserState
-from audiences.errors import BrokerError
+from audiences.errors import BrokerError, DefinitionError
 
 log = logging.getLogger(__name__)
 Definitions = dict[str, tuple[dict[str, Any], int]]
 
 
+class _Rejected(Exception):
+    """A stored definition a worker will not evaluate (see `_decode`)."""
+
+    def __init__(self, key: str, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.key = key
+        self.reason = reason
+
+
 def _decode(msg: Message) -> tuple[str, tuple[dict[str, Any], int] | None] | None:
-    """(key, (document, version)) of a record, (key, None) for a tombstone, None if unusable."""
+    """(key, (document, version)) of a record, (key, None) for a tombstone, None for a
+    record that is no definition (a fence). Raises `_Rejected` for a definition that
+    cannot be used: not JSON, invalid, over the limits (SPEC §11) — it was written
+    around the API (straight to the topic, or by an older version)."""
     raw_key = msg.key()
     if raw_key is None or raw_key == FENCE_KEY:
         return None
@@ -40,11 +60,27 @@ def _decode(msg: Message) -> tuple[str, tuple[dict[str, Any], int] | None] | Non
     if value is None:
         return key, None
     try:
-        doc = validate_definition({k: v for k, v in orjson.loads(value).items()})
+        raw = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise _Rejected(key, "undecodable", f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise _Rejected(key, "undecodable", "not a JSON object")
+    try:
+        doc = validate_definition(raw)
+    except DefinitionError as exc:
+        raise _Rejected(key, exc.reason, str(exc)) from None
     except Exception as exc:  # whatever a stored definition does, the worker goes on
-        log.error("ignoring invalid definition %r at offset %d: %s", key, msg.offset(), exc)
-        return None
+        raise _Rejected(key, "invalid", f"{type(exc).__name__}: {exc}") from None
     return key, (doc, int(doc.get("version", 1)))
+
+
+def _rejected(key: str, reason: str, detail: str, offset: int | None = None) -> None:
+    """Log and count a definition left out (bounded labels: keys of the language, or
+    one label for a record whose key is none)."""
+    where = f" at offset {offset}" if offset is not None else ""
+    log.error("definition %r%s is not evaluated (%s): %s", key, where, reason, detail)
+    label = key if KEY_PATTERN.match(key) else "(invalid key)"
+    DEFINITIONS_REJECTED.labels(key=label, reason=reason).inc()
 
 
 class DefinitionsLog:
@@ -108,14 +144,23 @@ class DefinitionsLog:
                 if entry is not None:
                     self.definitions[key] = entry
                 continue
-            log.error("definition %r cannot be compiled: it is not evaluated", key)
+            _rejected(key, "uncompilable", "compiling it fails")
             return catalog
         log.error("the definitions cannot be compiled: the previous catalog stays")
         return self.catalog
 
     def _apply(self, msg: Message) -> str | None:
-        """Fold one record in; the key it changed (None: nothing changed)."""
-        decoded = _decode(msg)
+        """Fold one record in; the key it changed (None: nothing changed).
+
+        A record that cannot be used replaces what the key had like any other: the
+        audience is not evaluated (as a fresh worker reading the compacted topic, which
+        may no longer hold the previous version, would conclude too). It deletes
+        nothing: a deleted audience stays retired (its members are still told)."""
+        try:
+            decoded = _decode(msg)
+        except _Rejected as exc:
+            _rejected(exc.key, exc.reason, str(exc), msg.offset())
+            return exc.key if self.definitions.pop(exc.key, None) is not None else None
         if decoded is None:
             return None
         key, entry = decoded
@@ -182,7 +227,9 @@ class DefinitionsWriter:
         """Validate and publish `docs` against `current`; returns (key, new version or
         None if unchanged) and the offset of the last record written (-1: none).
 
-        Raises DefinitionError (with the JSON path) before anything is written."""
+        Raises DefinitionError (with the JSON path) before anything is written: each
+        document is validated (limits first), checked against the others and compiled
+        with them by the workers' compiler."""
         merged = {k: d for k, (d, _) in current.items()}
         validated = []
         for doc in docs:
@@ -191,6 +238,9 @@ class DefinitionsWriter:
             validated.append(checked)
         for checked in validated:
             check_references(checked, {k: d for k, d in merged.items() if k != checked["key"]})
+        compiled = {k: (d, 1) for k, d in merged.items()}
+        for checked in validated:  # compiled as the workers will compile it
+            compile_definition(checked, {k: e for k, e in compiled.items() if k != checked["key"]})
         results = []
         records: list[tuple[bytes, bytes | None]] = []
         for checked in validated:

@@ -1,6 +1,11 @@
 """Definitions: validation (JSON-path errors), compilation and the catalog."""
 
-from audiences.core.definitions.catalog import Catalog, CompiledAudience, build_catalog
+from audiences.core.definitions.catalog import (
+    Catalog,
+    CompiledAudience,
+    build_catalog,
+    compile_definition,
+)
 from audiences.core.definitions.validate import check_references, validate_definition
 
 __all__ = [
@@ -8,5 +13,6 @@ __all__ = [
     "CompiledAudience",
     "build_catalog",
     "check_references",
+    "compile_definition",
     "validate_definition",
 ]

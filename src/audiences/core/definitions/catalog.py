@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, final
 
@@ -33,6 +33,7 @@ from audiences.core.definitions.language import (
 from audiences.core.definitions.traits import ComputedTrait, counts_from_ms
 from audiences.core.definitions.validate import find_cycle
 from audiences.core.durations import parse_duration_ms
+from audiences.errors import DefinitionError
 
 
 @dataclass(slots=True)
@@ -302,19 +303,24 @@ def build_catalog(
                 del graph[key]
                 changed = True
 
+    # Dependency order (references first), depth-first with an explicit stack: a chain
+    # of thousands of audiences, each referring to the next, needs no recursion.
     order: list[str] = []
     placed: set[str] = set()
-
-    def place(key: str) -> None:
-        if key in placed:
-            return
-        placed.add(key)
-        for ref in sorted(graph[key]):
-            place(ref)
-        order.append(key)
-
-    for key in sorted(graph):
-        place(key)
+    for first in sorted(graph):
+        if first in placed:
+            continue
+        placed.add(first)
+        pending: list[tuple[str, Iterator[str]]] = [(first, iter(sorted(graph[first])))]
+        while pending:
+            current, unplaced = pending[-1]
+            ref = next(unplaced, None)
+            if ref is None:
+                pending.pop()
+                order.append(current)
+            elif ref not in placed:
+                placed.add(ref)
+                pending.append((ref, iter(sorted(graph[ref]))))
 
     compiler = _Compiler()
     catalog = Catalog(skipped=skipped, retired=dict(retired or {}))
@@ -381,3 +387,26 @@ def build_catalog(
     catalog.fingerprint = hashlib.sha1("|".join(versions).encode()).hexdigest()[:16]
     catalog.full_fingerprint = catalog.fingerprint
     return plan_dispatch(catalog)
+
+
+def compile_definition(
+    doc: Mapping[str, Any],
+    definitions: Mapping[str, tuple[Mapping[str, Any], int]],
+    version: int = 1,
+) -> Catalog:
+    """The catalog of `definitions` with the validated `doc` applied, compiled as every
+    worker will compile it: apply time runs the workers' compiler, so what cannot be
+    compiled is refused with a DefinitionError instead of reaching the workers (which
+    would leave it out, see `adapters.stream.definitions`)."""
+    key = str(doc["key"])
+    try:
+        catalog = build_catalog({**definitions, key: (doc, version)})
+    except DefinitionError:
+        raise
+    except Exception as exc:  # a bug of the compiler or validation: refuse, do not store
+        raise DefinitionError(
+            "$", f"cannot be compiled: {type(exc).__name__}: {exc}", reason="uncompilable"
+        ) from None
+    if key in catalog.skipped:
+        raise DefinitionError("$.condition", catalog.skipped[key])
+    return catalog

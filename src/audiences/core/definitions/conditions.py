@@ -8,7 +8,7 @@ the root gives both membership and the audience's next deadline.
 
 Trackers keep their data bounded (SPEC §11, table in `state.py`): at most
 MAX_KEPT_TIMESTAMPS timestamps per `performed` tracker, MAX_SEQUENCE_INSTANCES
-funnel instances, MAX_DEVICES devices; what they drop is counted in
+funnel instances of MAX_SEQUENCE_HISTORY events each, MAX_DEVICES devices; what they drop is counted in
 `UserState.dropped`.
 """
 
@@ -26,9 +26,9 @@ from audiences.core.events import Event, compile_path
 from audiences.core.operators import (
     DURATION_OPERATORS,
     Predicate,
+    Wildcard,
     compile_predicate,
     predicate_change_ms,
-    wildcard_regex,
 )
 from audiences.core.state import MAX_KEY_CHARS, NEVER, UserState, bounded_key
 
@@ -110,7 +110,7 @@ class EventMatcher:
         self.event_type = event_type
         self.event: str | None = spec.get("event") if event_type == "track" else spec.get("name")
         url = spec.get("url")
-        self.url = wildcard_regex(url, anchored=True) if url else None
+        self.url = Wildcard(url, anchored=True) if url else None
         self.filters = compile_filters(spec.get("where"))
         within = spec.get("within")
         self.within_ms = parse_duration_ms(within) if within else None
@@ -131,7 +131,7 @@ class EventMatcher:
         assert self.url is not None
         for path in PAGE_URL_PATHS:
             value = event.get(path)
-            if isinstance(value, str) and self.url.match(value):
+            if isinstance(value, str) and self.url.test(value):
                 return True
         return False
 
@@ -227,28 +227,88 @@ class PerformedTracker(Tracker):
         return times[self._start(times, now, state) :]
 
 
+# Per match value, a funnel entry is one flat list of ints (compact in the codec):
+#   [0:4]  the funnel as of every event kept: steps_done, last_ms, t0_ms, follow_ms
+#          (steps_done 0: no attempt; t0 the time the last step completed, -1 before;
+#          follow the `then`/`then_not` event after t0, -1 if none yet) — what nodes read;
+#   [4:8]  the same, as of the events folded away (the base the kept events replay on);
+#   [8]    the time of the newest folded event (NO_FLOOR if none): a later-arriving
+#          event older than it is ignored;
+#   [9:]   the events kept, (time, mask) pairs in event-time order (ties: arrival order);
+#          bit i of a mask: the event matches step i; bit len(steps): the follow-up.
+# State written before funnels went by event time has entries of [0:4] only (same tracker
+# id): nodes read them as they are, the tracker upgrades them when it next touches them.
+_BASE = 4
+_FLOOR = 8
+_KEPT = 9
+NO_FLOOR = -(1 << 62)
+# Events kept per match value for reordering (SPEC §11): beyond it the oldest are folded
+# into the base early (counted as `sequence_history`): an event arriving later that is
+# older than them is then ignored.
+MAX_SEQUENCE_HISTORY = 16
+
+
 @final
 class SequenceTracker(Tracker):
-    """Funnel instances, one per `match_on` value: `[steps_done, last_ms, t0_ms, follow_ms]`.
+    """Funnels by event time, one entry per `match_on` value (layout above).
 
-    `t0_ms` is the time the last step completed (-1 before), `follow_ms` the time
-    of the `then`/`then_not` event after t0 (-1 if none yet).
+    The funnel state is derived from the events in event-time order: an attempt starts
+    with an event matching the first step; each next step is the first later event
+    matching it within its step's `within` of the previous step; an event matching the
+    first step that the running attempt does not take (as its next step, or as its
+    follow-up) starts a new attempt, one instance per value. The follow-up is the first
+    matching event after t0 (for `then`, within its `within`) before the attempt is over
+    (`active_for`). Events arriving out of order are put in their place and the state is
+    derived again, so any arrival order within the funnel's horizon gives the state of
+    sorted input. The horizon is the sum of the steps' and the follow-up's `within`s (or
+    `active_for`, if longer); unbounded if a later step has no `within` and there is no
+    `active_for`. Events older than it relative to the profile's clock are folded into
+    the base, at most MAX_SEQUENCE_HISTORY are kept per value, at most
+    MAX_SEQUENCE_INSTANCES values (the most recently active).
     """
 
     def __init__(self, spec: Mapping[str, Any], from_ms: int = 0) -> None:
         self.from_ms = from_ms
         self.steps = [EventMatcher(step) for step in spec["steps"]]
+        self.total = len(self.steps)
+        self.step_within = [-1 if s.within_ms is None else s.within_ms for s in self.steps]
         follow = spec.get("then_not") or spec.get("then")
         self.follow = EventMatcher(follow) if follow else None
+        self.follow_bit = 1 << self.total
+        self.follow_within = -1
+        if self.follow is not None and self.follow.within_ms is not None:
+            self.follow_within = self.follow.within_ms
         self.negative = "then_not" in spec
         self.match_path = compile_path(spec["match_on"]) if spec.get("match_on") else None
         self.active_ms = parse_duration_ms(spec["active_for"]) if spec.get("active_for") else None
+        self.active = -1 if self.active_ms is None else self.active_ms
+        chain: int | None = 0
+        for within in self.step_within[1:]:
+            chain = None if within < 0 or chain is None else chain + within
+        if chain is not None and self.follow_within >= 0:
+            chain += self.follow_within
+        horizon = chain
+        if self.active >= 0:
+            horizon = self.active if chain is None else max(chain, self.active)
+        self.horizon_ms = -1 if horizon is None else horizon  # -1: unbounded
         matchers = [*self.steps, *([self.follow] if self.follow else [])]
         self.events = frozenset(m.route for m in matchers if m.route is not None)
+        # (the id of the former arrival-order tracker: its entries are migrated, `_upgraded`)
         self.id = tracker_id("s", {**spec, "from_ms": from_ms} if from_ms else dict(spec))
 
     def update(self, state: UserState, event: Event, now: int) -> bool:
-        if event.timestamp_ms < self.from_ms:
+        ts = event.timestamp_ms
+        if ts < self.from_ms:
+            return False
+        mask = 0
+        bit = 1
+        for step in self.steps:
+            if step.matches(event):
+                mask |= bit
+            bit <<= 1
+        if self.follow is not None and self.follow.matches(event):
+            mask |= bit
+        if not mask:
             return False
         if self.match_path is not None:
             value = event.get(self.match_path)
@@ -260,78 +320,175 @@ class SequenceTracker(Tracker):
         else:
             match_key = ""
         instances: dict[str, list[int]] = state.trackers.get(self.id) or {}
-        changed = self._advance(instances, match_key, event)
-        if changed or instances:
-            changed = self._collect(instances, now, state) or changed
-        if changed:
+        entry = instances.get(match_key)
+        if entry is not None and len(entry) == _OLD_LAYOUT:
+            entry = instances[match_key] = _upgraded(entry)
+        if entry is None:
+            entry = [0, -1, -1, -1, 0, -1, -1, -1, NO_FLOOR]
+            instances[match_key] = entry
+        elif ts < entry[_FLOOR]:
+            return False  # older than what this funnel already folded away
+        # its place: after every kept event of the same time or earlier
+        index = len(entry)
+        while index > _KEPT and entry[index - 2] > ts:
+            index -= 2
+        entry[index:index] = [ts, mask]
+        if len(entry) - _KEPT > 2 * MAX_SEQUENCE_HISTORY:
+            extra = (len(entry) - _KEPT) // 2 - MAX_SEQUENCE_HISTORY
+            state.drop("sequence_history", extra)
+            self._fold(entry, entry[_KEPT + 2 * extra - 2] + 1, extra)
+        self._derive(entry)
+        self._collect(instances, now, state)
+        if instances:
             state.trackers[self.id] = instances
-        return changed
+        else:  # (a late event of a value with nothing kept, already over)
+            state.trackers.pop(self.id, None)
+        return True
 
     def merge(self, mine: Any, other: Any, now: int, state: UserState) -> Any:
-        """Funnels of both profiles; for the same match value, the more recent one."""
-        instances = {key: list(inst) for key, inst in other.items()}
-        for key, inst in mine.items():
+        """Funnels of both profiles. For a match value both have, the events kept by
+        both, in event-time order (ties: this profile's first), replayed on the base of
+        the one that folded more recent events (exact when neither folded any)."""
+        instances: dict[str, list[int]] = {key: _upgraded(entry) for key, entry in other.items()}
+        for key, old in mine.items():
+            entry = _upgraded(old)
             theirs = instances.get(key)
-            if theirs is None or inst[1] >= theirs[1]:
-                instances[key] = list(inst)
+            if theirs is None:
+                instances[key] = entry
+                continue
+            first = entry if entry[_FLOOR] >= theirs[_FLOOR] else theirs
+            merged = first[:_KEPT]  # (the other's base is lost unless it folded nothing)
+            floor = merged[_FLOOR]
+            kept = [
+                (entry[i], n, entry[i + 1])
+                for n, i in enumerate(range(_KEPT, len(entry), 2))
+                if entry[i] >= floor
+            ]
+            offset = len(kept)
+            kept += [
+                (theirs[i], offset + n, theirs[i + 1])
+                for n, i in enumerate(range(_KEPT, len(theirs), 2))
+                if theirs[i] >= floor
+            ]
+            kept.sort()
+            for ts, _order, mask in kept:
+                merged.append(ts)
+                merged.append(mask)
+            if len(merged) - _KEPT > 2 * MAX_SEQUENCE_HISTORY:
+                extra = (len(merged) - _KEPT) // 2 - MAX_SEQUENCE_HISTORY
+                state.drop("sequence_history", extra)
+                self._fold(merged, merged[_KEPT + 2 * extra - 2] + 1, extra)
+            self._derive(merged)
+            instances[key] = merged
         self._collect(instances, now, state)
         return instances
 
-    def _advance(self, instances: dict[str, list[int]], match_key: str, event: Event) -> bool:
-        ts = event.timestamp_ms
-        steps = self.steps
-        total = len(steps)
-        inst = instances.get(match_key)
-        if inst is not None and inst[0] == total and inst[3] < 0 and self.follow is not None:
-            follow = self.follow
-            if ts > inst[2] and follow.matches(event):
-                assert follow.within_ms is not None
-                if self.negative or ts - inst[2] <= follow.within_ms:
-                    inst[3] = ts
-                    return True
-        if inst is not None and inst[0] < total:
-            step = steps[inst[0]]
+    def _apply(self, inst: list[int], at: int, ts: int, mask: int) -> None:
+        """One event, in event-time order, on the funnel `inst[at:at + 4]`."""
+        total = self.total
+        done = inst[at]
+        if done == total and inst[at + 3] < 0 and mask & self.follow_bit:
+            t0 = inst[at + 2]
             if (
-                ts >= inst[1]
-                and step.matches(event)
-                and (step.within_ms is None or ts - inst[1] <= step.within_ms)
+                ts > t0
+                and (self.active < 0 or ts < t0 + self.active)  # not over yet
+                and (self.negative or ts - t0 <= self.follow_within)
             ):
-                inst[0] += 1
-                inst[1] = ts
-                if inst[0] == total:
-                    inst[2] = ts
-                    inst[3] = -1
-                return True
-        if steps[0].matches(event):
-            instances[match_key] = [1, ts, ts if total == 1 else -1, -1]
-            return True
-        return False
+                inst[at + 3] = ts
+                return
+        if 0 < done < total and mask & (1 << done):
+            within = self.step_within[done]
+            last = inst[at + 1]
+            if ts >= last and (within < 0 or ts - last <= within):
+                inst[at] = done + 1
+                inst[at + 1] = ts
+                if done + 1 == total:
+                    inst[at + 2] = ts
+                    inst[at + 3] = -1
+                return
+        if mask & 1:
+            inst[at] = 1
+            inst[at + 1] = ts
+            inst[at + 2] = ts if total == 1 else -1
+            inst[at + 3] = -1
 
-    def _collect(self, instances: dict[str, list[int]], now: int, state: UserState) -> bool:
-        """Drop instances that can never be true again; keep the most recent ones."""
-        dead = [key for key, inst in instances.items() if self._is_dead(inst, now)]
-        for key in dead:
-            del instances[key]
+    def _derive(self, entry: list[int]) -> None:
+        """The funnel as of every kept event: the base, then the kept events in order."""
+        entry[0:_BASE] = entry[_BASE:_FLOOR]
+        for i in range(_KEPT, len(entry), 2):
+            self._apply(entry, 0, entry[i], entry[i + 1])
+
+    def _fold(self, entry: list[int], before: int, limit: int) -> bool:
+        """Fold kept events older than `before` (at most `limit`) into the base."""
+        end = _KEPT
+        stop = _KEPT + 2 * limit
+        while end < len(entry) and end < stop and entry[end] < before:
+            self._apply(entry, _BASE, entry[end], entry[end + 1])
+            entry[_FLOOR] = entry[end]
+            end += 2
+        if end == _KEPT:
+            return False
+        del entry[_KEPT:end]
+        return True
+
+    def _collect(self, instances: dict[str, list[int]], now: int, state: UserState) -> None:
+        """Fold what left the horizon; drop funnels that can never change or hold again;
+        keep the most recently active ones."""
+        for key in [k for k, e in instances.items() if len(e) == _OLD_LAYOUT]:
+            instances[key] = _upgraded(instances[key])
+        if self.horizon_ms >= 0:
+            cutoff = now - self.horizon_ms
+            dead: list[str] = []
+            for key, entry in instances.items():
+                if len(entry) > _KEPT and entry[_KEPT] < cutoff:
+                    self._fold(entry, cutoff, len(entry))
+                if len(entry) == _KEPT and self._is_over(entry, cutoff):
+                    dead.append(key)
+            for key in dead:
+                del instances[key]
+        else:
+            for key in [k for k, e in instances.items() if len(e) == _KEPT and e[4] == 0]:
+                del instances[key]
         if len(instances) > MAX_SEQUENCE_INSTANCES:
             state.drop("sequence_instances", len(instances) - MAX_SEQUENCE_INSTANCES)
-            for key in sorted(instances, key=lambda k: instances[k][1])[:-MAX_SEQUENCE_INSTANCES]:
+            by_recency = sorted((_newest(entry), key) for key, entry in instances.items())
+            for _newest_ms, key in by_recency[: len(instances) - MAX_SEQUENCE_INSTANCES]:
                 del instances[key]
-            return True
-        return bool(dead)
 
-    def _is_dead(self, inst: list[int], now: int) -> bool:
-        steps_done, last, t0, follow_ms = inst
-        if steps_done < len(self.steps):
-            within = self.steps[steps_done].within_ms
-            return within is not None and now - last > within
-        if self.active_ms is not None and now >= t0 + self.active_ms:
+    def _is_over(self, entry: list[int], at: int) -> bool:
+        """The base (all there is) can never change nor hold for events from `at` on:
+        the same as no funnel."""
+        steps_done, last, t0, follow_ms = entry[4], entry[5], entry[6], entry[7]
+        if steps_done == 0:
+            return True
+        if steps_done < self.total:
+            within = self.step_within[steps_done]
+            return within >= 0 and at - last > within
+        if self.active >= 0 and at >= t0 + self.active:
             return True
         if self.follow is None:
             return False
         if self.negative:
             return follow_ms >= 0
-        assert self.follow.within_ms is not None
-        return follow_ms < 0 and now - t0 > self.follow.within_ms
+        return follow_ms < 0 and at - t0 > self.follow_within
+
+
+_OLD_LAYOUT = 4  # entries written before funnels went by event time
+
+
+def _upgraded(entry: list[int]) -> list[int]:
+    """A copy of a funnel entry in the current layout. An entry of the former layout,
+    `[steps_done, last_ms, t0_ms, follow_ms]` (state written before funnels went by event
+    time), becomes the base, with nothing kept: events arriving later that are older
+    than its newest event are ignored."""
+    if len(entry) != _OLD_LAYOUT:
+        return list(entry)
+    return [*entry, *entry, max(entry[1], entry[3])]
+
+
+def _newest(entry: list[int]) -> int:
+    """The time of the newest event a funnel entry rests on."""
+    return entry[-2] if len(entry) > _KEPT else max(entry[1], entry[_FLOOR])
 
 
 class Node:
@@ -521,9 +678,10 @@ class SequenceNode(Node):
         total = len(tracker.steps)
         active = tracker.active_ms
         value, change = False, NEVER
-        for steps_done, _last, t0, follow_ms in instances.values():
-            if steps_done < total:
+        for inst in instances.values():
+            if inst[0] < total:
                 continue
+            t0, follow_ms = inst[2], inst[3]
             end = t0 + active if active is not None else NEVER
             if now >= end:
                 continue
@@ -556,7 +714,9 @@ class SequenceNode(Node):
                     "completed_ms": t0 if t0 >= 0 else None,
                     "follow_up_ms": follow if follow >= 0 else None,
                 }
-                for key, (done, last, t0, follow) in sorted(instances.items())
+                for key, (done, last, t0, follow) in sorted(
+                    (key, inst[:4]) for key, inst in instances.items() if inst[0] > 0
+                )
             ]
         }
 

@@ -1,6 +1,7 @@
 """Validation of definition documents with JSON-path errors and suggestions.
 
-`validate_definition` checks one document's shape; `check_references`
+`validate_definition` checks one document's limits (`limits.py`) and shape, and
+compiles its patterns with the engines the compiler uses; `check_references`
 checks it against the other definitions (unknown audiences, cycles). Both raise
 `DefinitionError` whose message names the JSON path, what was expected and,
 for a misspelled key, the closest known one.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from audiences.core.definitions.language import (
@@ -22,9 +23,17 @@ from audiences.core.definitions.language import (
 from audiences.core.definitions.language import (
     is_trait_definition as is_trait_definition,  # re-exported: adapters import it from here
 )
+from audiences.core.definitions.limits import check_limits
 from audiences.core.durations import parse_duration_ms
 from audiences.core.events import parse_iso_ms
-from audiences.core.operators import DURATION_OPERATORS, OPERATORS, UNARY_OPERATORS
+from audiences.core.operators import (
+    DURATION_OPERATORS,
+    OPERATORS,
+    UNARY_OPERATORS,
+    PatternError,
+    Wildcard,
+    compile_predicate,
+)
 from audiences.errors import DefinitionError
 
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -146,15 +155,20 @@ def validate_operator(obj: Mapping[str, Any], path: str) -> None:
         value, str
     ):
         raise DefinitionError(f"{path}.value", f"operator {op!r} needs a string")
-    if op == "matches":
-        try:
-            re.compile(str(value))
-        except re.error as exc:
-            raise DefinitionError(f"{path}.value", f"invalid regular expression: {exc}") from None
+    if op in ("contains", "not_contains", "matches"):
+        try:  # the compiler's own pattern engines: RE2, the wildcard matcher
+            compile_predicate(op, value)
+        except PatternError as exc:
+            raise _pattern_error(f"{path}.value", exc) from None
     if op in ("before", "after") and parse_iso_ms(value) is None:
         raise DefinitionError(f"{path}.value", f"operator {op!r} needs an ISO-8601 date")
     if op in DURATION_OPERATORS:
         _duration(value, f"{path}.value")
+
+
+def _pattern_error(path: str, exc: PatternError) -> DefinitionError:
+    reason = "limits" if exc.reason == "pattern_size" else "pattern"
+    return DefinitionError(path, exc.message, reason=reason)
 
 
 def _times(value: Any, path: str) -> None:
@@ -214,6 +228,11 @@ def validate_condition(value: Any, path: str) -> None:
         for field in ("url", "name"):
             if field in view:
                 _string(view[field], f"{here}.{field}")
+        if "url" in view:
+            try:
+                Wildcard(view["url"], anchored=True)
+            except PatternError as exc:
+                raise _pattern_error(f"{here}.url", exc) from None
         if "where" in view:
             validate_filters(view["where"], f"{here}.where")
         if "within" in view:
@@ -310,6 +329,7 @@ def validate_definition(doc: Any) -> dict[str, Any]:
     """Check an audience or computed-trait document; returns it (as a dict) or raises
     DefinitionError."""
     obj = _object(doc, "$", "a definition")
+    check_limits(obj)  # first: what follows recurses, and compiles patterns
     key = obj.get("key")
     if is_trait_definition(obj):
         _validate_trait(obj)
@@ -340,29 +360,28 @@ def validate_definition(doc: Any) -> dict[str, Any]:
 
 
 def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
-    """A cycle of audience keys in `graph` (key -> referenced keys), or None."""
-    state: dict[str, int] = {}
-    trail: list[str] = []
+    """A cycle of audience keys in `graph` (key -> referenced keys), or None.
 
-    def visit(key: str) -> list[str] | None:
-        state[key] = 1
-        trail.append(key)
-        for ref in sorted(graph.get(key, ())):
-            if state.get(ref) == 1:
+    Depth-first with an explicit stack: a chain of thousands of audiences, each
+    referring to the next, is walked without recursion."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in sorted(graph):
+        if root in state:
+            continue
+        state[root] = 1
+        trail: list[str] = [root]
+        pending: list[Iterator[str]] = [iter(sorted(graph.get(root, ())))]
+        while pending:
+            ref = next(pending[-1], None)
+            if ref is None:
+                pending.pop()
+                state[trail.pop()] = 2
+            elif state.get(ref) == 1:
                 return [*trail[trail.index(ref) :], ref]
-            if state.get(ref) is None and ref in graph:
-                cycle = visit(ref)
-                if cycle:
-                    return cycle
-        trail.pop()
-        state[key] = 2
-        return None
-
-    for key in sorted(graph):
-        if key not in state:
-            cycle = visit(key)
-            if cycle:
-                return cycle
+            elif state.get(ref) is None and ref in graph:
+                state[ref] = 1
+                trail.append(ref)
+                pending.append(iter(sorted(graph.get(ref, ()))))
     return None
 
 

@@ -167,6 +167,11 @@ def _show_transitions(
                 out = orjson.loads(msg.value())
                 props = out["properties"]
                 user = out.get("userId") or out.get("anonymousId")
+                if out["event"] == "User Deleted":
+                    for group in members.values():
+                        group.discard(user)
+                    print(f"{out['timestamp'][11:19]}  User Deleted {user}", flush=True)
+                    continue
                 if out["event"] == "Trait Computed":
                     trait = props["trait_key"]
                     print(f"{out['timestamp'][11:19]}  {trait} = {props[trait]!r:<9} {user}")
