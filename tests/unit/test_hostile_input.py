@@ -700,10 +700,11 @@ def test_a_profile_stays_under_256_kb_after_1000_hostile_events(
     roundtrip(state, catalog)
 
 
-def test_a_profile_at_every_bound_stays_under_256_kb() -> None:
+def test_a_profile_at_every_bound_stays_under_288_kb() -> None:
+    """(256 KB until the messageIds of the last 24 h were kept: up to ~14 KB more.)"""
     state, catalog, dropped = fed(worst_events())
     size = len(state.encode())
-    assert 150 * 1024 < size < 256 * 1024  # (this catalog's worst case: ~240 KB)
+    assert 150 * 1024 < size < 288 * 1024  # (this catalog's worst case: ~257 KB)
     assert set(dropped) == {
         "traits_size",
         "aliases",

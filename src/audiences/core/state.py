@@ -31,7 +31,7 @@ of the event still counts, and each drop is reported in `UserState.dropped`
 
 The profile's size then depends only on the catalog: with one tracker of each
 kind (tests/unit/test_hostile_input.py) a profile at every bound at once encodes
-to ~240 KB (~14 KB of it the messageIds of the last 24 h), far below a changelog
+to ~257 KB (~14 KB of it the messageIds of the last 24 h), far below a changelog
 record's limit.
 
 `UserState.dropped` is transient (never encoded): None until something is dropped
