@@ -338,3 +338,34 @@ def test_shuffled_arrival_matches_the_oracle(
     assert mismatches == []
     sorted_members = judged_as_received(history, 200 * S)[1]
     assert members == sorted_members  # (`vip`: identify traits, latest by event time)
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    st.lists(st.tuples(st.integers(0, 25), raw_event, st.booleans()), min_size=1, max_size=16),
+    st.integers(0, 2**32),
+    st.lists(st.tuples(st.integers(0, 100), st.integers(0, 100)), max_size=8),
+)
+def test_shuffled_arrival_with_resent_duplicates_matches_the_oracle(
+    draws: list[tuple[int, dict[str, Any], bool]],
+    seed: int,
+    copies: list[tuple[int, int]],
+) -> None:
+    """Shuffled arrival, and events re-sent as they were (their own old time) after
+    others arrived: after every input every membership is the oracle's (which drops
+    the copies from the log alone), and the end state is that of sorted input without
+    copies."""
+    history = build_history(draws)
+    arrivals = shuffled(history, seed)
+    for which, where in copies:  # a copy of an event that arrived before `where`
+        at = 1 + where % len(arrivals)
+        arrivals.insert(at, arrivals[which % at])
+    assert len(without_duplicates(arrivals)) == len(history)
+    mismatches, members = judged_as_received(arrivals, 200 * S)
+    assert mismatches == []
+    assert members == judged_as_received(history, 200 * S)[1]
