@@ -214,14 +214,31 @@ def test_a_new_backfill_run_starts_with_an_empty_memory() -> None:
     remembered must not hide history from it."""
     base = catalog_of(orders(1))
     first = catalog_of(orders(1), recent_orders(2))
-    second = catalog_of(orders(1), recent_orders(2), recent_orders(2, "7d"))
+    between = {"performed": {"event": "Order Completed", "between": ["1d", "30d"]}}
+    second = catalog_of(orders(1), recent_orders(2), audience("earlier", between))
     state = Profile(base)
     state.send(order(T0, "o1"))
     assert state.state is not None
     run1 = frozenset(first.trackers) - frozenset(base.trackers)
     assert fold_history(state.state, order(T0, "o1"), first.with_pending(run1), run1)
-    run2 = frozenset(second.trackers) - frozenset(base.trackers)
+    run2 = frozenset(second.trackers) - frozenset(first.trackers)
+    assert run2 and not run2 & run1
     assert fold_history(state.state, order(T0, "o1"), second.with_pending(run2), run2)
+
+
+def test_a_backfill_that_goes_on_after_a_catalog_change_keeps_its_memory() -> None:
+    """The catalog changes during a run (another audience edited): the cursor goes on for
+    its trackers under a new pending catalog; what it folded stays remembered."""
+    base = catalog_of(orders(1))
+    first = catalog_of(orders(1), recent_orders(2))
+    run = frozenset(first.trackers) - frozenset(base.trackers)
+    profile = Profile(base)
+    profile.send(order(T0, "o1"))
+    state = profile.state
+    assert state is not None
+    assert fold_history(state, order(T0, "o1"), first.with_pending(run), run)
+    edited = catalog_of(orders(1), recent_orders(2), orders(5))  # (no new tracker)
+    assert not fold_history(state, order(T0, "o1"), edited.with_pending(run), run)
 
 
 def later(n: int) -> int:

@@ -589,18 +589,16 @@ def fold_history(
     trackers see the event at its own time, as they would have when it was live (for
     a profile whose events are in time order, exactly so); the profile's clock, traits
     and memberships are left alone. Duplicates are dropped as `step` drops them, with a
-    memory of the run's own (`UserState.history_seen`, tagged with the fingerprint of
-    `catalog`: a new run starts afresh), whose clock is the latest event time of the
-    history so far: a re-sent event in the log is folded once (only the ids of events
-    these trackers take are remembered: a copy is expected to be the same event).
+    memory of the run's own (`UserState.history_seen`, see `_history_memory`), whose
+    clock is the latest event time of the history so far: a re-sent event in the log is
+    folded once (only the ids of events these trackers take are remembered: a copy is
+    expected to be the same event).
     Control records and forwarding stubs of merged profiles fold nothing. What a bound
     drops is counted in `state.dropped`, as in `step`."""
     if state.merged_into is not None or event.type in CONTROL_TYPES:
         return False
     now = event.timestamp_ms
-    history = state.history_seen
-    if history is None or history.tag != catalog.fingerprint:
-        history = state.history_seen = SeenIds(tag=catalog.fingerprint)
+    history = _history_memory(state, tracker_ids)
     before_s = history.latest_s
     history.advance(now)  # (every event moves its clock, as every event moves the profile's)
     changed = history.latest_s != before_s
@@ -621,6 +619,23 @@ def fold_history(
     for tracker in folded:
         changed = tracker.update(state, event, now) or changed
     return changed
+
+
+def _history_memory(state: UserState, tracker_ids: frozenset[str]) -> SeenIds:
+    """The backfill's messageId memory of this profile, tagged with the trackers it is
+    for. A run that goes on for some of its trackers (the catalog changed meanwhile:
+    `Backfills.plan`) keeps it; a run for other trackers reads the log from its start
+    again: it starts afresh."""
+    tag = ",".join(sorted(tracker_ids))
+    history = state.history_seen
+    if history is not None and history.tag != tag:
+        if tracker_ids <= frozenset(history.tag.split(",")):
+            history.tag = tag  # (the same run, for fewer trackers)
+        else:
+            history = None
+    if history is None:
+        history = state.history_seen = SeenIds(tag=tag)
+    return history
 
 
 # -- identity and control records (SPEC §4) -------------------------------------------------
