@@ -64,7 +64,13 @@ class Backfills:
             # Never recorded: what the catalog tracks was live since this state began.
             partition.record_trackers(replayable(full))
         assert partition.complete_trackers is not None
-        missing = frozenset(replayable(full) - partition.complete_trackers)
+        tracked = replayable(full)
+        if not partition.complete_trackers <= tracked:
+            # Profiles drop the data of trackers the catalog no longer has when they adopt
+            # it: such an id (an edited window's former one) is no longer complete, and
+            # must be backfilled if a later catalog brings it back.
+            partition.record_trackers(partition.complete_trackers & tracked)
+        missing = frozenset(tracked - partition.complete_trackers)
         partition.rejudge_from = b""
         if missing and partition.position > log_start:
             partition.catalog = full.with_pending(missing)
