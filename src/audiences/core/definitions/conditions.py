@@ -221,7 +221,7 @@ class PerformedTracker(Tracker):
         if previous is not None and previous.covers(self):
             self.horizon_ms = previous.horizon_ms
             self.keep = previous.keep
-        kept: dict[str, Any] = {"b": self.base_id, "h": self.horizon_ms}
+        kept: dict[str, Any] = {"b": self.base_id, "h": str(self.horizon_ms)}  # (any size)
         if self.mode == "window":  # (between keeps up to MAX_KEPT_TIMESTAMPS whatever N is)
             kept["k"] = self.keep
         self.id = tracker_id(self.base_id[0], kept)
