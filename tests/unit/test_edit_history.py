@@ -206,6 +206,38 @@ def test_a_widening_edit_is_planned_as_a_backfill_of_the_new_tracker_only() -> N
     assert partition.complete_trackers == set(replayable(old)) & set(full.trackers)
 
 
+def test_a_catalog_change_during_a_backfill_lets_the_cursor_go_on() -> None:
+    """Another edit while a backfill runs must not restart it from the oldest offset: the
+    history already folded into its trackers would be folded twice (12 orders counted as
+    24). Its cursor goes on; trackers new since wait, frozen, for the next backfill."""
+    buyers = {"key": "buyers", "condition": {"performed": {"event": ORDER}}}
+    old = compiled(docs_of(buyers, *GTE3_30D.values()), 1)
+    full = compiled(docs_of(buyers, *GTE10_30D.values()), 2, previous=old)
+    partition = _Partition(set(replayable(old)), position=100, catalog=old)
+    backfills = Backfills(_Consumer(), _Producer(), _TOPICS)  # type: ignore[arg-type]
+    backfills.plan(partition, full, 0)  # type: ignore[arg-type]
+    running = partition.backfill
+    assert running is not None
+    running.next_offset = 60  # history folded up to here
+    renamed = docs_of({**buyers, "name": "Buyers"}, *GTE10_30D.values())
+    again = compiled(renamed, 3, previous=full)
+    backfills.plan(partition, again, 0)  # type: ignore[arg-type]
+    assert partition.backfill is running and running.next_offset == 60
+    assert running.catalog == again.fingerprint
+    # an edit that needs another new tracker: frozen now, backfilled after this one
+    widened = {"key": "buyers", "condition": {"performed": {"event": "Returned"}}}
+    later = compiled(docs_of(widened, *GTE10_30D.values()), 4, previous=again)
+    backfills.plan(partition, later, 0)  # type: ignore[arg-type]
+    assert partition.backfill is running and running.trackers == set(to_backfill(full, old))
+    assert partition.catalog.pending == set(later.trackers)
+    assert partition.catalog.frozen_audiences == {"buyers", "loyal"}
+    running.next_offset = 100  # caught up: the next backfill starts over for the rest
+    backfills.turn({0: partition}, later)  # type: ignore[dict-item, arg-type]
+    follow = partition.backfill
+    assert follow is not None and follow is not running and follow.next_offset == 0
+    assert follow.trackers == set(later.trackers) - set(full.trackers)
+
+
 def test_tracker_ids_name_what_they_keep() -> None:
     def ids(*conditions: dict[str, Any]) -> set[str]:
         docs = docs_of(*({"key": f"a{n}", "condition": c} for n, c in enumerate(conditions)))
@@ -281,6 +313,14 @@ class _Partition:
 
     def record_trackers(self, trackers: set[str]) -> None:
         self.complete_trackers = trackers
+
+
+class _Consumer:
+    def assign(self, partitions: list[Any]) -> None:
+        pass
+
+    def consume(self, count: int, timeout: float) -> list[Any]:
+        return []
 
 
 class _Producer:

@@ -72,7 +72,23 @@ class Backfills:
             partition.record_trackers(partition.complete_trackers & tracked)
         missing = frozenset(tracked - partition.complete_trackers)
         partition.rejudge_from = b""
-        if missing and partition.position > log_start:
+        running = partition.backfill
+        if running is not None and running.trackers & missing:
+            # A catalog change during a backfill (an edit of another audience): the cursor
+            # goes on for the trackers it has folded part of the history into — starting
+            # over would fold that part twice. Trackers new since wait, frozen, for the
+            # next backfill, which `_finish` plans.
+            running.trackers = running.trackers & missing
+            running.catalog = full.fingerprint
+            partition.catalog = full.with_pending(missing)
+            log.info(
+                "partition %d: the catalog changed; the backfill of %d trackers goes on, %d "
+                "more wait for it",
+                partition.number,
+                len(running.trackers),
+                len(missing - running.trackers),
+            )
+        elif missing and partition.position > log_start:
             partition.catalog = full.with_pending(missing)
             partition.backfill = Backfill(full.fingerprint, missing, log_start, log_start)
             log.info(
