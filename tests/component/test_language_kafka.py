@@ -479,6 +479,62 @@ def test_a_backfill_folds_a_resent_batch_in_history_once(engine: Engine, tmp_pat
     ]
 
 
+def test_raising_a_windowed_count_judges_the_orders_a_backfill_brings_back(
+    engine: Engine,
+) -> None:
+    """`gte 3 within 30d` -> `gte 10 within 30d` (issue 11): the running tracker kept 4
+    timestamps per user. The edit gets a new tracker, backfilled from the retained
+    `events`: the user with 12 orders stays in (hears nothing), the one with 5 exits.
+    Narrowing it back needs nothing new: no backfill, and the user with 5 re-enters."""
+    loyal = {
+        "key": "loyal",
+        "condition": {
+            "performed": {"event": "Order Completed", "times": {"gte": 3}, "within": "30d"}
+        },
+    }
+    engine.apply(loyal)
+    engine.start()
+    assert engine.evaluator is not None
+    runtime = engine.evaluator
+    engine.send(
+        *(track("twelve", "Order Completed", T0 - n * D) for n in range(12)),
+        *(track("five", "Order Completed", T0 - n * D) for n in range(5)),
+    )
+    assert sorted(transitions(engine.outputs(2))) == [
+        ("five", "loyal", "Entered", format_iso(T0)),
+        ("twelve", "loyal", "Entered", format_iso(T0)),
+    ]
+    engine.settle()
+
+    def backfilled() -> bool:
+        trackers = set(runtime.definitions.catalog.trackers)
+        return all(
+            p.backfill is None
+            and p.complete_trackers is not None
+            and trackers <= p.complete_trackers
+            for p in list(runtime.partitions.values())
+        )
+
+    before = set(runtime.definitions.catalog.trackers)
+    condition = loyal["condition"]["performed"]
+    engine.apply({**loyal, "condition": {"performed": {**condition, "times": {"gte": 10}}}})
+    rows = transitions(engine.outputs(3))
+    assert rows[2:] == [("five", "loyal", "Exited", format_iso(T0))]
+    engine.settle(until=lambda: runtime.definitions.catalog.audiences[0].version == 2)
+    engine.settle(until=backfilled)
+    edited = set(runtime.definitions.catalog.trackers)
+    assert edited.isdisjoint(before)  # a new tracker, filled from the log
+    assert len(engine.outputs(3)) == 3  # twelve never exited
+
+    engine.apply(loyal)  # narrowing back: the tracker kept for gte 10 answers gte 3
+    rows = transitions(engine.outputs(4))
+    assert rows[3:] == [("five", "loyal", "Entered", format_iso(T0))]
+    engine.settle(until=lambda: runtime.definitions.catalog.audiences[0].version == 3)
+    assert set(runtime.definitions.catalog.trackers) == edited
+    assert all(p.backfill is None for p in runtime.partitions.values())
+    assert len(engine.outputs(4)) == 4
+
+
 def test_audience_sizes_and_profile_counts_are_exported(engine: Engine) -> None:
     from prometheus_client import REGISTRY
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from audiences.core.definitions import compile_definition
+from audiences.core.definitions import build_catalog, compile_definition
 from audiences.core.definitions.language import is_trait_definition
 from audiences.core.evaluator import Tick, TraitChange, Transition, step
 from audiences.core.state import UserState
@@ -70,7 +70,10 @@ def preview(
     key = doc["key"]
     current = definitions.get(key)
     result = Preview(key, current[1] + 1 if current else 1)
-    catalog = compile_definition(doc, definitions, result.version)
+    # Trackers the edit leaves alone or narrows keep their ids, as on the workers (an
+    # edit needing more history than was kept gets a new, empty tracker here, which the
+    # workers backfill when it is applied).
+    catalog = compile_definition(doc, definitions, result.version, build_catalog(definitions))
     trait = is_trait_definition(doc)
     for profile, state in profiles:
         if state.merged_into is not None:

@@ -64,9 +64,31 @@ class Backfills:
             # Never recorded: what the catalog tracks was live since this state began.
             partition.record_trackers(replayable(full))
         assert partition.complete_trackers is not None
-        missing = frozenset(replayable(full) - partition.complete_trackers)
+        tracked = replayable(full)
+        if not partition.complete_trackers <= tracked:
+            # Profiles drop the data of trackers the catalog no longer has when they adopt
+            # it: such an id (an edited window's former one) is no longer complete, and
+            # must be backfilled if a later catalog brings it back.
+            partition.record_trackers(partition.complete_trackers & tracked)
+        missing = frozenset(tracked - partition.complete_trackers)
         partition.rejudge_from = b""
-        if missing and partition.position > log_start:
+        running = partition.backfill
+        if running is not None and running.trackers & missing:
+            # A catalog change during a backfill (an edit of another audience): the cursor
+            # goes on for the trackers it has folded part of the history into — starting
+            # over would fold that part twice. Trackers new since wait, frozen, for the
+            # next backfill, which `_finish` plans.
+            running.trackers = running.trackers & missing
+            running.catalog = full.fingerprint
+            partition.catalog = full.with_pending(missing)
+            log.info(
+                "partition %d: the catalog changed; the backfill of %d trackers goes on, %d "
+                "more wait for it",
+                partition.number,
+                len(running.trackers),
+                len(missing - running.trackers),
+            )
+        elif missing and partition.position > log_start:
             partition.catalog = full.with_pending(missing)
             partition.backfill = Backfill(full.fingerprint, missing, log_start, log_start)
             log.info(

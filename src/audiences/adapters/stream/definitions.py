@@ -131,15 +131,19 @@ class DefinitionsLog:
     def _build_isolating(self, suspects: list[str]) -> Catalog:
         """The catalog of the current definitions. A definition that makes compiling fail
         (it should have been refused when applied) is left out with an error in the log,
-        one suspect at a time, so it cannot stop the worker."""
+        one suspect at a time, so it cannot stop the worker.
+
+        Built from the catalog it replaces: a `performed` tracker an edit narrows keeps
+        what it kept (its id and data, no backfill); one that needs more history gets a
+        new id, which `Backfills.plan` finds missing from each partition and backfills."""
         try:
-            return build_catalog(self.definitions, self.retired)
+            return build_catalog(self.definitions, self.retired, self.catalog)
         except Exception:
             log.exception("compiling the definitions failed; looking for the culprit")
         for key in suspects:
             entry = self.definitions.pop(key, None)
             try:
-                catalog = build_catalog(self.definitions, self.retired)
+                catalog = build_catalog(self.definitions, self.retired, self.catalog)
             except Exception:
                 if entry is not None:
                     self.definitions[key] = entry

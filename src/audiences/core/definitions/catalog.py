@@ -219,6 +219,29 @@ class _Compiler:
     def __init__(self) -> None:
         self.trackers: dict[str, Tracker] = {}
         self.from_ms = 0  # of the audience being compiled (backfill: false)
+        self.performed: list[PerformedNode] = []
+
+    def settle(self, previous: Catalog | None) -> dict[str, str]:
+        """Fix the ids of `performed` trackers now that every leaf was served (see
+        `PerformedTracker.settle`), taking over what the previous catalog's tracker of
+        the same base kept when that covers the need; re-key `trackers` by the settled
+        ids and return the renames (id while compiling -> settled id)."""
+        kept: dict[str, PerformedTracker] = {}
+        if previous is not None:
+            for old in previous.trackers.values():
+                if isinstance(old, PerformedTracker):
+                    kept[old.base_id] = old
+        renames: dict[str, str] = {}
+        settled: dict[str, Tracker] = {}
+        for compiling_id, tracker in self.trackers.items():
+            if isinstance(tracker, PerformedTracker):
+                tracker.settle(kept.get(tracker.base_id))
+                renames[compiling_id] = tracker.id
+            settled[tracker.id] = tracker
+        self.trackers = settled
+        for node in self.performed:
+            node.tracker_id = node.tracker.id
+        return renames
 
     def _share(self, tracker: Tracker) -> Tracker:
         return self.trackers.setdefault(tracker.id, tracker)
@@ -251,7 +274,9 @@ class _Compiler:
             assert isinstance(tracker, PerformedTracker)
             tracker.serve(horizon, count + 1)
             used.add(tracker.id)
-            return PerformedNode(tracker, body, op, count)
+            node = PerformedNode(tracker, body, op, count)
+            self.performed.append(node)
+            return node
         if name == "sequence":
             seq = self._share(SequenceTracker(body, self.from_ms))
             used.add(seq.id)
@@ -273,12 +298,19 @@ class _Compiler:
 def build_catalog(
     definitions: Mapping[str, tuple[Mapping[str, Any], int]],
     retired: Mapping[str, tuple[int, str]] | None = None,
+    previous: Catalog | None = None,
 ) -> Catalog:
     """Compile validated definitions (key -> (document, version)).
 
     Definitions are validated when applied, so this never raises on a single
     bad one: an audience in a reference cycle or referring to a missing audience
     is skipped and reported in `skipped` instead of stopping the worker.
+
+    `previous`, the catalog this one replaces, decides only tracker ids: a `performed`
+    tracker whose need the previous tracker of the same events covers keeps its
+    parameters and id (a narrowing edit reuses the data, nothing to backfill); one that
+    needs more history than was kept gets a new id (its data starts from a backfill).
+    Memberships never depend on it: kept data that covers a leaf answers it exactly.
     """
     trait_docs = {k: v for k, v in definitions.items() if is_trait_definition(v[0])}
     definitions = {k: v for k, v in definitions.items() if k not in trait_docs}
@@ -335,12 +367,17 @@ def build_catalog(
     by_tracker: dict[str, set[str]] = {}
     trait_keys: set[str] = set()
     dependents: dict[str, set[str]] = {}
+    compiled: list[tuple[str, Node, set[str], dict[str, bool]]] = []
     for key in order:
-        doc, version = definitions[key]
+        doc = definitions[key][0]
         used: set[str] = set()
         flags: dict[str, bool] = {}
         compiler.from_ms = counts_from_ms(doc)
-        root = compiler.compile(doc["condition"], used, flags)
+        compiled.append((key, compiler.compile(doc["condition"], used, flags), used, flags))
+    renames = compiler.settle(previous)  # every leaf is served: what each tracker keeps
+    for key, root, compiling_ids, flags in compiled:
+        doc, version = definitions[key]
+        used = {renames.get(tracker_id, tracker_id) for tracker_id in compiling_ids}
         audience = CompiledAudience(
             key=key,
             version=version,
@@ -393,14 +430,16 @@ def compile_definition(
     doc: Mapping[str, Any],
     definitions: Mapping[str, tuple[Mapping[str, Any], int]],
     version: int = 1,
+    previous: Catalog | None = None,
 ) -> Catalog:
     """The catalog of `definitions` with the validated `doc` applied, compiled as every
     worker will compile it: apply time runs the workers' compiler, so what cannot be
     compiled is refused with a DefinitionError instead of reaching the workers (which
-    would leave it out, see `adapters.stream.definitions`)."""
+    would leave it out, see `adapters.stream.definitions`). `previous`: as in
+    `build_catalog`."""
     key = str(doc["key"])
     try:
-        catalog = build_catalog({**definitions, key: (doc, version)})
+        catalog = build_catalog({**definitions, key: (doc, version)}, previous=previous)
     except DefinitionError:
         raise
     except Exception as exc:  # a bug of the compiler or validation: refuse, do not store

@@ -165,6 +165,14 @@ class PerformedTracker(Tracker):
     - "between [D1, D2]": every timestamp younger than the largest D2.
     Either way at most MAX_KEPT_TIMESTAMPS, the most recent: a count above it is
     capped at it (drops counted as `between_timestamps` / `window_timestamps`).
+
+    Identity: `base_id` names what it matches (event, filter, mode); `id`, the key of
+    its data, also names what it keeps — the horizon, and for a window the kept count
+    — so data kept for a narrower need is never read as if it held more (SPEC §3,
+    edits). The compiler sets `id` with `settle` once every leaf was served; an edit
+    whose need the previous tracker of the same base covers keeps that tracker's
+    parameters and so its id and data, one that needs more gets a new id, which the
+    runtime backfills like a new audience's tracker.
     """
 
     def __init__(
@@ -180,15 +188,43 @@ class PerformedTracker(Tracker):
         self.capped = False  # a leaf asks for more timestamps than are kept
         self.from_ms = from_ms  # backfill: false ignores events before the audience existed
         if event_type == "track" and not from_ms:  # the original ids: stored history stays valid
-            self.id = tracker_id("p", {"e": spec["event"], "w": spec.get("where"), "m": mode})
+            self.base_id = tracker_id("p", {"e": spec["event"], "w": spec.get("where"), "m": mode})
         else:
-            self.id = tracker_id(event_type[0], {"s": selector, "m": mode, "f": from_ms})
+            self.base_id = tracker_id(event_type[0], {"s": selector, "m": mode, "f": from_ms})
+        self.id = self.base_id  # until `settle`: leaves share it by what it matches
 
     def serve(self, horizon_ms: int, keep: int) -> None:
         """Widen what is kept so one more leaf can be answered."""
         self.horizon_ms = max(self.horizon_ms, horizon_ms)
         self.capped = self.capped or keep > MAX_KEPT_TIMESTAMPS
         self.keep = min(max(self.keep, keep), MAX_KEPT_TIMESTAMPS)
+
+    def covers(self, other: PerformedTracker) -> bool:
+        """Whether this tracker's data answers every leaf `other` serves: the same events,
+        kept at least as far back and, for a window, at least as many timestamps."""
+        if self.base_id != other.base_id:
+            return False
+        if self.mode == "count":
+            return True
+        if self.horizon_ms < other.horizon_ms:
+            return False
+        return self.mode == "between" or self.keep >= other.keep
+
+    def settle(self, previous: PerformedTracker | None) -> None:
+        """Fix `id` once every leaf was served. When `previous` (the tracker of the same
+        base in the catalog being replaced) covers this one, take over what it keeps,
+        and so its id and its data: no history is needed. Otherwise the id names this
+        tracker's own horizon and kept count: new data, which a backfill fills."""
+        if self.mode == "count":  # a count keeps nothing that depends on the leaves
+            self.id = self.base_id
+            return
+        if previous is not None and previous.covers(self):
+            self.horizon_ms = previous.horizon_ms
+            self.keep = previous.keep
+        kept: dict[str, Any] = {"b": self.base_id, "h": str(self.horizon_ms)}  # (any size)
+        if self.mode == "window":  # (between keeps up to MAX_KEPT_TIMESTAMPS whatever N is)
+            kept["k"] = self.keep
+        self.id = tracker_id(self.base_id[0], kept)
 
     def update(self, state: UserState, event: Event, now: int) -> bool:
         if not self.matcher.matches(event) or event.timestamp_ms < self.from_ms:
@@ -564,7 +600,7 @@ class PerformedNode(Node):
         self, tracker: PerformedTracker, spec: Mapping[str, Any], op: str, count: int
     ) -> None:
         self.tracker = tracker
-        self.tracker_id = tracker.id
+        self.tracker_id = tracker.id  # the compiler sets it again once the tracker settled
         # The comparison as the range of counts that satisfy it: lo <= count <= hi.
         self.lo, self.hi = _COUNT_RANGE[op](count)
         self.window_ms = parse_duration_ms(spec["within"]) if "within" in spec else None
