@@ -562,10 +562,10 @@ def test_a_definition_that_cannot_be_compiled_does_not_stop_the_worker(
 
     real = module.build_catalog
 
-    def fragile(definitions: Any, retired: Any = None) -> Any:
+    def fragile(definitions: Any, retired: Any = None, previous: Any = None) -> Any:
         if "poison" in definitions:
             raise RecursionError("maximum recursion depth exceeded")
-        return real(definitions, retired)
+        return real(definitions, retired, previous)
 
     monkeypatch.setattr(module, "build_catalog", fragile)
     engine.apply(BUYERS)
