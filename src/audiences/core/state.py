@@ -231,28 +231,17 @@ class SeenIds:
             self.filtered += 1
             if self.filtered > FILTER_REBUILD_AFTER:
                 self.filter = None  # (full of forgotten ids: rebuilt when next needed)
-        now_s = self.latest_s
-        hour = now_s // 3600
-        hours = self.hours
-        if hours and hours[-2] == hour:
-            hours[-1] += 1
-        else:
-            hours.append(hour)
-            hours.append(1)
-        ids.extend(data)
-        within = now_s - hour * 3600
-        seconds = self.seconds
-        seconds.append(within & 0xFF)
-        seconds.append(within >> 8)
+        self._insert(data, self.latest_s)
         if len(ids) <= 8 * DEDUP_MAX_IDS:
             return 0
+        hours, seconds = self.hours, self.seconds
         oldest = hours[0] * 3600 + (seconds[0] | (seconds[1] << 8))
         del ids[:8]
         del seconds[:2]
         hours[1] -= 1
         if not hours[1]:
             del hours[:2]
-        return int(oldest > now_s - DEDUP_WINDOW_S)  # (an expired id is no loss)
+        return int(oldest > self.latest_s - DEDUP_WINDOW_S)  # (an expired id is no loss)
 
     def _kept(self, data: bytes) -> bool:
         """Whether the hash `data` (8 bytes) is kept and was counted within 24 h: a scan
