@@ -101,6 +101,17 @@ def test_kill_9_at_random_points_gives_exactly_the_core_transitions(
         check_transitions(outputs.outputs, expected)
 
 
+def slow_worker_env(pause_ms: int) -> dict[str, str]:
+    """Environment of a worker whose every batch takes `pause_ms` longer (`slow_worker/`,
+    a test-only sitecustomize: the product has no such setting)."""
+    return {
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(SLOW_WORKER), os.environ.get("PYTHONPATH")])
+        ),
+        "AUDIENCES_TEST_BATCH_PAUSE_MS": str(pause_ms),
+    }
+
+
 def unfinished_on(
     held: set[int], outputs: OutputLog, expected: dict[str, Any], partition_of: dict[str, int]
 ) -> set[int]:
@@ -127,7 +138,9 @@ def test_two_workers_one_killed_the_other_takes_over(
     tmp_path: Path,
 ) -> None:
     """Two workers split the partitions; one is killed mid-stream: the survivor takes
-    its partitions over (state from the changelog) and the result is exact."""
+    its partitions over (state from the changelog) and the result is exact. Both evaluate
+    two events per batch, each batch 10 ms slower (`slow_worker/`): at full speed the
+    first worker could finish the backlog before the second one joins."""
     rng = random.Random(3)
     settings = fault_settings
     apply_definitions_cli(settings, DEFINITIONS, tmp_path)
@@ -135,7 +148,7 @@ def test_two_workers_one_killed_the_other_takes_over(
     sent = EventProducer(settings).send_all(events)
     partition_of = {str(s.event["userId"]): s.partition for s in sent if s.event}
     expected = expected_outputs(DEFINITIONS, events, now_ms())
-    env = {"AUDIENCES_BATCH_SIZE": "5"}
+    env = {"AUDIENCES_BATCH_SIZE": "2", **slow_worker_env(pause_ms=10)}
     (victim, survivor), owners = two_workers_sharing(
         fault_workers, announcements, tmp_path / "second-data", **env
     )
@@ -169,12 +182,7 @@ def test_scale_1_2_3_then_back_to_1_worker(
     EventProducer(settings).send_all(events)
     expected = expected_outputs(DEFINITIONS, events, now_ms())
     workers: list[WorkerHandle] = []
-    slow = {
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(SLOW_WORKER), os.environ.get("PYTHONPATH")])
-        ),
-        "AUDIENCES_TEST_BATCH_PAUSE_MS": "15",
-    }
+    slow = slow_worker_env(pause_ms=15)
     for n, (batch, interval, pace) in enumerate(
         [("1", "0", slow), ("1", "0", slow), ("50", "100", {})]
     ):
