@@ -15,7 +15,7 @@ from harness import T0, Engine, H, M, S, track
 
 from audiences.adapters.state.layout import Kind, changelog_key
 from audiences.core.events import format_iso
-from shared import wait_for
+from shared import SPEC_CART_ABANDONERS, wait_for
 
 pytestmark = pytest.mark.kafka
 D = 24 * H
@@ -652,24 +652,11 @@ def test_definitions_written_around_the_api_cannot_stop_or_hang_the_worker(
     assert runtime.failed is None
 
 
-CART_ABANDONERS = {
-    "key": "cart_abandoners",
-    "condition": {
-        "sequence": {
-            "steps": [{"event": "Checkout Started"}],
-            "then_not": {"event": "Order Completed", "within": "2h"},
-            "match_on": "properties.cart_id",
-            "active_for": "7d",
-        }
-    },
-}
-
-
 def test_an_order_arriving_before_its_checkout_never_makes_an_abandoner(engine: Engine) -> None:
     """SPEC §11: funnels go by event time. The buyer's order (00:20) reaches Kafka before
     their checkout (00:00) of the same cart: they never enter; another user's checkout
     with no order enters at its 2 h deadline and leaves after `active_for`."""
-    engine.apply(CART_ABANDONERS)
+    engine.apply(SPEC_CART_ABANDONERS)
     engine.start()
     engine.send(
         track("buyer", "Order Completed", T0 + 20 * M, cart_id="c1"),

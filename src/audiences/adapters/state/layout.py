@@ -123,8 +123,6 @@ class Header(NamedTuple):
 
 HEADER = "audiences.v1"  # header name; the value is `_HEADER_FORMAT`-packed
 _HEADER_FORMAT = struct.Struct(">qq")
-HEADER_SIZE = _HEADER_FORMAT.size
-unpack_header = _HEADER_FORMAT.unpack  # (position, wake_ms) of a `HEADER` value
 
 
 def encode_header(header: Header) -> list[tuple[str, bytes]]:

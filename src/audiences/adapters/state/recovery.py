@@ -28,8 +28,6 @@ from typing import Protocol
 
 from audiences.adapters.state.layout import (
     FAMILY_OF,
-    HEADER,
-    HEADER_SIZE,
     NEVER,
     Family,
     Kind,
@@ -37,7 +35,6 @@ from audiences.adapters.state.layout import (
     decode_header,
     due_key,
     split_changelog_key,
-    unpack_header,
 )
 from audiences.adapters.state.partition import decode_position
 from audiences.adapters.state.store import StateStore
@@ -174,7 +171,6 @@ def _apply(
     first = True
     profiles, due = Family.PROFILES, Family.DUE
     profile_kind = Kind.PROFILE.value
-    header_size = HEADER_SIZE
     for record in read(start):
         offset = record.offset()
         if first and offset > start:
@@ -190,18 +186,11 @@ def _apply(
         key = record.key() or b""
         kind, ident = key[:1], key[1:]
         if kind == profile_kind:
-            # The bulk of every changelog: inlined (recovery speed is a target, SPEC §12).
-            headers = record.headers()
-            if not headers:
+            # The bulk of every changelog: its own branch (recovery speed is a target).
+            header = decode_header(record.headers())
+            if header is None:
                 continue
-            name, packed = headers[0]
-            if name != HEADER or packed is None or len(packed) != header_size:
-                header = decode_header(headers)
-                if header is None:
-                    continue
-                at, wake = header
-            else:
-                at, wake = unpack_header(packed)
+            at, wake = header
             value = record.value()
             restored.keys += 1
             if value is None:
