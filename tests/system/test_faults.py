@@ -101,15 +101,19 @@ def test_kill_9_at_random_points_gives_exactly_the_core_transitions(
         check_transitions(outputs.outputs, expected)
 
 
-def slow_worker_env(pause_ms: int) -> dict[str, str]:
+def slow_worker_env(pause_ms: int, while_exists: Path | None = None) -> dict[str, str]:
     """Environment of a worker whose every batch takes `pause_ms` longer (`slow_worker/`,
-    a test-only sitecustomize: the product has no such setting)."""
-    return {
+    a test-only sitecustomize: the product has no such setting); with `while_exists`,
+    only while that file exists."""
+    env = {
         "PYTHONPATH": os.pathsep.join(
             filter(None, [str(SLOW_WORKER), os.environ.get("PYTHONPATH")])
         ),
         "AUDIENCES_TEST_BATCH_PAUSE_MS": str(pause_ms),
     }
+    if while_exists is not None:
+        env["AUDIENCES_TEST_BATCH_PAUSE_WHILE"] = str(while_exists)
+    return env
 
 
 def unfinished_on(
@@ -139,8 +143,9 @@ def test_two_workers_one_killed_the_other_takes_over(
 ) -> None:
     """Two workers split the partitions; one is killed mid-stream: the survivor takes
     its partitions over (state from the changelog) and the result is exact. Both evaluate
-    two events per batch, each batch 10 ms slower (`slow_worker/`): at full speed the
-    first worker could finish the backlog before the second one joins."""
+    two events per batch, each batch 10 ms slower (`slow_worker/`) until the kill: at full
+    speed the first worker could finish the backlog before the second one joins; slowed
+    to the end, the survivor could not finish it within the wait (CI: 314 events left)."""
     rng = random.Random(3)
     settings = fault_settings
     apply_definitions_cli(settings, DEFINITIONS, tmp_path)
@@ -148,7 +153,9 @@ def test_two_workers_one_killed_the_other_takes_over(
     sent = EventProducer(settings).send_all(events)
     partition_of = {str(s.event["userId"]): s.partition for s in sent if s.event}
     expected = expected_outputs(DEFINITIONS, events, now_ms())
-    env = {"AUDIENCES_BATCH_SIZE": "2", **slow_worker_env(pause_ms=10)}
+    slowed = tmp_path / "slowed"
+    slowed.touch()
+    env = {"AUDIENCES_BATCH_SIZE": "2", **slow_worker_env(10, while_exists=slowed)}
     (victim, survivor), owners = two_workers_sharing(
         fault_workers, announcements, tmp_path / "second-data", **env
     )
@@ -156,6 +163,7 @@ def test_two_workers_one_killed_the_other_takes_over(
     held = owners.partitions_of(victim)
     victim.kill()
     assert_unfinished_on(held, outputs, expected, partition_of)
+    slowed.unlink()
     outputs.wait_for_ids(set(expected), timeout=90)
     with diagnosed(survivor):
         check_transitions(outputs.outputs, expected)
