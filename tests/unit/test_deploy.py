@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import promql_parser
 import pytest
@@ -218,6 +219,23 @@ def test_compose_stack(compose: dict[str, Any]) -> None:
     assert (ROOT / worker["build"]["context"] / worker["build"]["dockerfile"]).is_file()
 
 
+COMPOSE_SCHEMA = json.loads((Path(__file__).parent / "fixtures/compose-spec.json").read_text())
+
+
+def compose_errors(config: dict[str, Any]) -> list[str]:
+    """What the Compose Specification's schema finds wrong (tests/unit/fixtures/README.md)."""
+    validator = jsonschema.Draft7Validator(COMPOSE_SCHEMA)
+    return [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(config)]
+
+
+def test_compose_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
+    assert compose_errors(compose) == []
+    changed = json.loads(json.dumps(compose))
+    changed["services"]["worker-2"]["healthcheck"]["intervall"] = "10s"
+    changed["services"]["worker-1"]["depends_on"]["kafka"]["condition"] = "healthy"
+    assert len(compose_errors(changed)) >= 2
+
+
 def test_check_stack_finds_a_broken_worker(compose: dict[str, Any]) -> None:
     """The structural check refuses what would break a worker in the stack."""
     broken = [
@@ -277,6 +295,7 @@ def test_more_workers_recipe(compose: dict[str, Any]) -> None:
     assert added and added <= set(workers(override["services"])), added
     merged["services"].update(override["services"])
     merged["volumes"].update(override.get("volumes") or {})
+    assert compose_errors(override) == []
     check_stack(merged)
     for variable in override["services"][next(iter(added))]["environment"]:
         assert variable in setting_variables(), variable
