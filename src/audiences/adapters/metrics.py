@@ -76,6 +76,9 @@ RECOVERY_RECORDS = Counter(
 )
 CONSUMER_LAG = Gauge("audiences_consumer_lag", "Records behind the end of `events`", ["partition"])
 STATE_USERS = Gauge("audiences_state_users", "Profiles held in the state store", ["partition"])
+# Every metric labelled by `partition` (of `events`): the runtime removes a partition's
+# series when the partition leaves the worker (revoked, lost or fenced).
+PARTITION_SERIES = (CONSUMER_LAG, STATE_USERS)
 BUILD_INFO = Gauge("audiences_build_info", "Build information", ["version"])
 BUILD_INFO.labels(version=__version__).set(1)
 
