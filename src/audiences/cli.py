@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from audiences import __version__, core_build, logs
-from audiences.adapters.settings import Settings
+from audiences.adapters.settings import (
+    Settings,
+    SettingsError,
+    settings_or_exit,
+    warn_unknown_variables,
+)
 from audiences.errors import ApiError, AudiencesError, DefinitionError
 
 MEMBERS_PAGE = 500  # members asked per request by `audiences members`
@@ -757,10 +762,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    settings = settings_or_exit(warn_unknown=False)  # invalid: one line, exit code 2
+    logs.configure(settings.log_format, settings.log_level)
+    warn_unknown_variables()
     try:
-        settings = Settings.from_env()
-        logs.configure(settings.log_format, settings.log_level)
         return int(args.func(args) or 0)
+    except SettingsError as exc:  # e.g. a combination only a command checks
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except AudiencesError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
