@@ -180,21 +180,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _wait_for_backfill(settings: Settings, topics: Any, timeout_s: float) -> int:
-    """A progress bar of the workers' backfill (replay of retained events)."""
+    """A progress bar of the workers' backfill (replay of retained events), on a terminal."""
     from audiences.adapters.stream.definitions import wait_for_backfill
+    from audiences.progress import ProgressBar
+
+    bar = ProgressBar("backfill")
 
     def show(done: int, total: int, finished: int, partitions: int) -> None:
-        share = done / total if total else (1.0 if finished == partitions else 0.0)
-        bar = "#" * int(share * 30)
-        print(
-            f"\rbackfill [{bar:<30}] {share:4.0%}  {done}/{total} events, "
-            f"{finished}/{partitions} partitions done",
-            end="",
-            flush=True,
-        )
+        bar.update(done, total, f"{finished}/{partitions} partitions done")
 
-    ok = wait_for_backfill(settings, topics, timeout_s, show)
-    print()
+    try:
+        ok = wait_for_backfill(settings, topics, timeout_s, show)
+    finally:
+        bar.close()
     if not ok:
         print(
             f"error: backfill not finished after {timeout_s:.0f}s (are workers running?)",
