@@ -35,8 +35,11 @@ def prepare_sink_topics(
         if destination.type == "kafka":
             config: dict[str, object] = dict(settings.kafka_config())
             replicas = settings.replication_factor
-            if destination.bootstrap:  # another cluster: its brokers' default
-                config["bootstrap.servers"] = destination.bootstrap
+            if destination.bootstrap:  # another cluster: its own security, its default
+                config = {
+                    "bootstrap.servers": destination.bootstrap,
+                    **destination.kafka_security_config(),
+                }
                 replicas = -1
             ensure_topic(config, destination.topic, settings.partitions, replicas)
 
