@@ -154,7 +154,7 @@ DELIBERATELY_UNKNOWN = {"AUDIENCES_WEB_HOST_FILE", "AUDIENCES_PARTITONS"}
 def test_every_variable_the_repository_names_is_known() -> None:
     """READ_ELSEWHERE stays complete: a variable read outside `Settings` (and named in the
     code, tests, deployment or docs) would otherwise be warned about as unknown."""
-    files = [ROOT / "Makefile", ROOT / "docker-compose.yml", ROOT / "README.md"]
+    files = [ROOT / name for name in ("Makefile", "docker-compose.yml", "README.md", "setup.py")]
     for folder in ("src", "tests", "deploy", ".ci"):
         files += [
             p for p in (ROOT / folder).rglob("*") if p.is_file() and ".egg-info" not in str(p)
