@@ -185,6 +185,7 @@ class Settings:
         default="",
         metadata={
             "pattern": URL_PATTERN,
+            "expects": "an http:// or https:// URL",
             "doc": "URL other workers use to reach this one's API (default "
             "http://WEB_HOST:WEB_PORT, 0.0.0.0 read as 127.0.0.1)",
         },
@@ -193,6 +194,7 @@ class Settings:
         default="",
         metadata={
             "pattern": URL_PATTERN,
+            "expects": "an http:// or https:// URL",
             "doc": "management API of a worker, for `audiences get/members/explain/preview`",
         },
     )
@@ -499,7 +501,8 @@ def _validated(f: dataclasses.Field[Any], value: Any) -> Any:
         return given
     pattern = meta.get("pattern")
     if pattern is not None and value and not re.match(pattern, value):
-        raise SettingsError(f"{_variable(f)}: expected an http:// or https:// URL, got {value!r}")
+        expects = meta.get("expects", f"a value matching {pattern}")
+        raise SettingsError(f"{_variable(f)}: expected {expects}, got {value!r}")
     return value
 
 
