@@ -7,7 +7,8 @@ carries (`indexes`), so delivery outcomes can be attributed per message.
 Per type (SPEC §6; payloads follow each vendor's documented API):
 - webhook: the message itself (`batch_size: 1`) or a JSON array of messages;
   Standard Webhooks headers are added at send time (`webhook_headers`), since
-  each attempt carries a fresh timestamp and signature.
+  each attempt carries a fresh timestamp and signature; `webhook-id` derives
+  from every messageId of the body (`batch_webhook_id`).
 - braze: `POST /users/track`, Bearer key; `attributes` (one object per user per
   request, later values win, `{external_id, K: true|false}`) and `events`
   (`{external_id, name, time: ISO-8601, properties}`), at most 75 of each.
@@ -15,7 +16,9 @@ Per type (SPEC §6; payloads follow each vendor's documented API):
   with attributes as top-level body keys, `POST /api/v1/customers/{id}/events`
   with `{name, data, timestamp: unix seconds}`. One request per message and mode.
 - segment: `POST /v1/batch`, Basic write_key:, `{"batch": [...]}` of Segment-Spec
-  track / identify messages, split to stay under Segment's 500 KB per request.
+  track / identify messages, split by encoded size to stay within Segment's
+  500,000 bytes per request; a message with an event over 32 KB is not sent
+  (`Rendered.refused`: Segment would drop it).
 - kafka: the same messages, keyed by user, to another topic.
 
 `mode` picks the track message (custom event), an identify message (custom
