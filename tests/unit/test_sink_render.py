@@ -398,3 +398,20 @@ def test_forward_deletions_false_skips_deletions_only(raw: dict[str, Any]) -> No
     assert rendered.skipped == (0,)
     assert {i for r in rendered.requests for i in r.indexes} == {1}
     assert render_requests(destination(**raw), [deleted_message("u1")]).skipped == ()
+
+
+def test_hash_pii_never_sends_a_contact_trait_in_clear() -> None:
+    """A phone given as a JSON number is hashed as its digits; a value that is no string
+    (list, object, float) is left out rather than sent unhashed."""
+    message = output_message("u1")
+    message["context"]["traits"] = {"phone": 14155552671, "email": ["a@b.c"], "plan": "pro"}
+    hook = destination(type="webhook", url="http://h", hash_pii=True, mode="both", batch_size=2)
+    [request] = render_requests(hook, [message]).requests
+    track, identify = orjson.loads(request.body)
+    assert track["context"]["traits"] == {"phone": PHONE_HASH, "plan": "pro"}
+    assert identify["traits"] == {"phone": PHONE_HASH, "cart_abandoners": True}
+    message["context"]["traits"] = {"phone": 4.15e9, "email": {"x": 1}}
+    [request] = render_requests(hook, [message]).requests
+    track, identify = orjson.loads(request.body)
+    assert track["context"]["traits"] == {}
+    assert identify["traits"] == {"cart_abandoners": True}

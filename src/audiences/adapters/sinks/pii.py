@@ -13,6 +13,9 @@ passes through unchanged.
   Snap and TikTok ask the same). Google's Customer Match asks for E.164 with
   the '+' ("+14155552671"), so these digests do not match Google's; one key
   cannot match both, and the digits form is the one most platforms share.
+- with hashing on, a phone given as a JSON integer is read as its digits;
+  any other value that is not a string (a list, an object, a float) is left
+  out rather than sent in clear.
 - a phone that does not parse as a possible number is hashed as its digits
   alone (what a platform's own "digits only" rule makes of it), or, holding
   no digit at all, as its trimmed, lower-cased text (so garbage values stay
@@ -72,10 +75,15 @@ def contact_traits(
     out: dict[str, Any] = {}
     for name in PII_TRAITS:
         value = traits.get(name)
-        if value:
-            if hashed and isinstance(value, str):
-                value = hash_phone(value, phone_region) if name == "phone" else hash_pii(value)
-            out[name] = value
+        if not value:
+            continue
+        if hashed:
+            if name == "phone" and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # a phone sent as a JSON number
+            if not isinstance(value, str):
+                continue  # never sent in clear when hashing is asked for
+            value = hash_phone(value, phone_region) if name == "phone" else hash_pii(value)
+        out[name] = value
     return out
 
 

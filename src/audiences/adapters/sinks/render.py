@@ -52,7 +52,7 @@ from urllib.parse import quote
 import orjson
 
 from audiences.adapters.sinks.config import Destination, webhook_key
-from audiences.adapters.sinks.pii import DEFAULT_PHONE_REGION, contact_traits
+from audiences.adapters.sinks.pii import DEFAULT_PHONE_REGION, PII_TRAITS, contact_traits
 from audiences.core.outputs import USER_DELETED
 
 # Segment's tracking API: a batch request of at most 500 KB and events of at most 32 KB (it
@@ -121,7 +121,11 @@ def track_message(
     if not hashed or not isinstance(context, dict) or not context.get("traits"):
         return message
     traits = dict(context["traits"])
-    traits.update(contact_traits(traits, hashed, phone_region))
+    contact = contact_traits(traits, hashed, phone_region)
+    for name in PII_TRAITS:  # one that cannot be hashed (not a string) is not sent
+        if traits.get(name) and name not in contact:
+            del traits[name]
+    traits.update(contact)
     return {**message, "context": {**context, "traits": traits}}
 
 
