@@ -19,6 +19,18 @@ Basic site:key) answers 200 `{}` whether or not the customer existed. A wrong
 key is 401 (Braze `{"message": "Invalid API Key"}`, Customer.io
 `{"meta": {"error": "Unauthorized request"}}`). Users the fake knows (`users`)
 are those a `/users/track` or `PUT` created; `deleted` lists the ids deleted.
+
+Switches a test flips, answering every request of any route as the vendors do:
+`refuse_auth = 401` (or 403) answers that status with the vendor's error body
+(credentials revoked) until set back to None; `gone = True` answers 410.
+Redirects: `{url base}/redirect/{301|302|303|307|308}` answers that status with
+`Location: {url base}/landing`, a page answering 200 to any method — what a
+moved endpoint looks like to a client that follows redirects.
+
+Webhooks are verified with the official `standardwebhooks` package
+(`Webhook(secret).verify(body, headers)`), the fake's `secret` being the one
+the sink signs with; a failing verification answers 401 (and is a violation).
+Segment answers 400 to a batch over 500,000 bytes or an event over 32 KB.
 """
 
 from __future__ import annotations
@@ -26,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,12 +47,22 @@ from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 BRAZE_KEY = "braze-rest-key"
 CIO_SITE, CIO_KEY = "cio-site", "cio-key"
 SEGMENT_WRITE_KEY = "segment-write-key"
 KINDS = ("webhook", "braze", "customerio", "segment")
+SEGMENT_MAX_BATCH_BYTES = 500_000  # Segment: "a maximum of 500KB per batch request"
+SEGMENT_MAX_EVENT_BYTES = 32 * 1024  # "... and 32KB per call"
+REDIRECTS = (301, 302, 303, 307, 308)
+AUTH_ERROR = {  # each vendor's answer to a revoked key
+    "webhook": {"error": "unauthorized"},
+    "braze": {"message": "Invalid API Key"},
+    "customerio": {"meta": {"error": "Unauthorized request"}},
+    "segment": {"error": "Invalid write key"},
+}
 
 
 @dataclass
@@ -83,10 +104,14 @@ def _customer_id(request: web.Request) -> str:
 class FakeDestination:
     """One fake API of `kind` on 127.0.0.1 (ephemeral port); `url` once started."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, secret: str = WEBHOOK_SECRET) -> None:
         assert kind in KINDS
         self.kind = kind
+        self.secret = secret  # webhook: the Standard Webhooks secret requests must verify with
         self.url = ""
+        self.base = ""  # scheme://host:port
+        self.refuse_auth: int | None = None  # 401 / 403 to everything while set
+        self.gone = False  # 410 to everything while set
         self.calls: list[Call] = []  # every request, in arrival order
         self.accepted: list[Call] = []  # requests answered 2xx
         self.violations: list[str] = []
@@ -108,9 +133,8 @@ class FakeDestination:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}" + (
-            "/hooks/audiences" if self.kind == "webhook" else ""
-        )
+        self.base = f"http://127.0.0.1:{port}"
+        self.url = self.base + ("/hooks/audiences" if self.kind == "webhook" else "")
         return self
 
     async def stop(self) -> None:
@@ -128,6 +152,17 @@ class FakeDestination:
             while self.down:  # no answer: the client times out (released when back up)
                 await asyncio.sleep(0.02)
             return self._answer(call, 503, {"error": "was down"})
+        if request.path.startswith("/redirect/"):
+            status = int(request.path.rsplit("/", 1)[1])
+            assert status in REDIRECTS
+            location = {"Location": self.base + "/landing"}
+            return self._answer(call, status, {"moved": True}, headers=location)
+        if request.path == "/landing":  # where redirects lead: a page taking anything
+            return self._answer(call, 200, {})
+        if self.refuse_auth is not None:
+            return self._answer(call, self.refuse_auth, AUTH_ERROR[self.kind])
+        if self.gone:
+            return self._answer(call, 410, {"error": "this endpoint is gone"})
         unauthorized = self._unauthorized(request, headers)
         if unauthorized is not None:
             return self._answer(call, 401, unauthorized)
@@ -139,6 +174,12 @@ class FakeDestination:
             return self._answer(call, 400, {"error": "invalid JSON"}, "body is not JSON")
         if self.kind == "braze" and request.path == "/users/delete":
             return self._delete_braze_users(call, request, call.body)
+        if self.kind == "webhook":
+            try:
+                Webhook(self.secret).verify(raw, headers)
+            except WebhookVerificationError as exc:
+                problem = f"standardwebhooks: {exc}"
+                return self._answer(call, 401, {"error": problem}, problem)
         try:
             getattr(self, f"_check_{self.kind}")(request, headers, raw, call.body)
         except Invalid as problem:
@@ -236,20 +277,17 @@ class FakeDestination:
     def _check_webhook(
         self, request: web.Request, headers: dict[str, str], raw: bytes, body: Any
     ) -> None:
-        """Standard Webhooks: webhook-id / -timestamp / -signature over `{id}.{ts}.{body}`."""
+        """Standard Webhooks (signature verified in `_handle`); `webhook-id` = the messageId
+        of a single message, `msg_` + hex SHA-256 of the JSON array of a batch's messageIds."""
         _check(request.method == "POST" and request.path == "/hooks/audiences", "POST the URL")
         _check(headers.get("content-type", "").startswith("application/json"), "content-type")
-        msg_id, stamp = headers.get("webhook-id", ""), headers.get("webhook-timestamp", "")
-        _check(bool(msg_id) and stamp.isdigit(), "webhook-id and webhook-timestamp required")
-        _check(abs(int(stamp) - time.time()) < 300, "webhook-timestamp outside 5 minutes")
-        key = base64.b64decode(WEBHOOK_SECRET.removeprefix("whsec_"))
-        expected = base64.b64encode(
-            hmac.new(key, f"{msg_id}.{stamp}.".encode() + raw, hashlib.sha256).digest()
-        ).decode()
-        signatures = [s.split(",", 1)[1] for s in headers.get("webhook-signature", "").split()]
-        _check(any(hmac.compare_digest(expected, s) for s in signatures), "bad webhook-signature")
-        first = body[0] if isinstance(body, list) else body
-        _check(isinstance(first, dict) and first.get("messageId") == msg_id, "webhook-id")
+        items = body if isinstance(body, list) else [body]
+        _check(bool(items) and all(isinstance(m, dict) for m in items), "message objects")
+        ids = [m.get("messageId") for m in items]
+        expected = (
+            ids[0] if len(ids) == 1 else "msg_" + hashlib.sha256(orjson.dumps(ids)).hexdigest()
+        )
+        _check(headers.get("webhook-id") == expected, "webhook-id")
 
     def _check_braze(
         self, request: web.Request, headers: dict[str, str], raw: bytes, body: Any
@@ -296,11 +334,11 @@ class FakeDestination:
         """POST /v1/batch, Basic write_key:, <= 500 KB, <= 2500 messages of <= 32 KB."""
         _check(request.method == "POST" and request.path == "/v1/batch", "POST /v1/batch")
         _check(headers.get("authorization") == _basic(SEGMENT_WRITE_KEY, ""), "write key auth")
-        _check(len(raw) <= 500 * 1024, "batch over 500 KB")
+        _check(len(raw) <= SEGMENT_MAX_BATCH_BYTES, "batch over 500 KB")
         _check(isinstance(body, dict) and isinstance(body.get("batch"), list), "{batch: [...]}")
         _check(0 < len(body["batch"]) <= 2500, "1..2500 messages")
         for message in body["batch"]:
-            _check(len(orjson.dumps(message)) <= 32 * 1024, "message over 32 KB")
+            _check(len(orjson.dumps(message)) <= SEGMENT_MAX_EVENT_BYTES, "message over 32 KB")
             _check(message.get("type") in ("track", "identify"), "type")
             _check(bool(message.get("userId") or message.get("anonymousId")), "no user id")
             _check(bool(message.get("messageId")), "messageId")

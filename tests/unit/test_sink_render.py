@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from typing import Any
 
 import orjson
 import pytest
 
 from audiences.adapters.sinks.config import Destination, parse_destinations
-from audiences.adapters.sinks.pii import hash_pii
+from audiences.adapters.sinks.pii import hash_phone, hash_pii, normalise_phone
 from audiences.adapters.sinks.render import (
     SEGMENT_MAX_BATCH_BYTES,
+    SEGMENT_MAX_EVENT_BYTES,
     identify_message,
     render_requests,
     sign_webhook,
@@ -33,6 +35,67 @@ def test_hash_pii_matches_the_published_test_vector() -> None:
     assert hash_pii(EMAIL_HASH) == EMAIL_HASH  # already hashed: passes through
     assert hash_pii(EMAIL_HASH.upper()) == EMAIL_HASH.upper()
     assert hash_pii("+1 555 0100") != hash_pii("+1 555 0101")
+
+
+# sha256("14155552671"): Meta's `ph` form of +1 415-555-2671 (country code, digits only)
+PHONE_HASH = hashlib.sha256(b"14155552671").hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("phone", "region", "normalised"),
+    [
+        ("+1 415-555-2671", "US", "14155552671"),
+        ("(415) 555-2671", "US", "14155552671"),  # no country code: the region's
+        (" 415.555.2671 ", "US", "14155552671"),
+        ("001 415 555 2671", "GB", "14155552671"),  # 00: the UK's international prefix
+        ("020 7946 0958", "GB", "442079460958"),  # the trunk 0 dropped
+        ("+44 20 7946 0958", "US", "442079460958"),  # its own country code wins
+        ("06 12 34 56 78", "FR", "33612345678"),
+        ("+33 (0)6 12 34 56 78", "US", "33612345678"),
+        ("tel: +1 415 555 2671", "US", "14155552671"),
+        ("12", "US", "12"),  # not a possible number: its digits
+        ("ext. 12-34", "US", "1234"),
+        ("n/a", "US", "n/a"),  # no digit at all: the trimmed lower-cased text
+        (" NONE ", "US", "none"),
+    ],
+)
+def test_phone_numbers_are_normalised_to_e164_digits(
+    phone: str, region: str, normalised: str
+) -> None:
+    assert normalise_phone(phone, region) == normalised
+    assert hash_phone(phone, region) == hashlib.sha256(normalised.encode()).hexdigest()
+
+
+def test_phone_hashing_edge_cases_never_raise() -> None:
+    assert hash_phone(PHONE_HASH) == PHONE_HASH  # already hashed: passes through
+    assert hash_phone(f" {PHONE_HASH.upper()} ") == PHONE_HASH.upper()
+    for junk in ("", " ", "+", "++1", "1" * 10_000, "+" + "9" * 300, "٤١٥٥٥٥٢٦٧١", "\x00"):
+        assert len(hash_phone(junk)) == 64
+
+
+def test_hash_pii_destinations_send_phones_as_hashed_e164_digits_in_their_region() -> None:
+    message = output_message("u1", email="Person@Example.com")
+    message["context"]["traits"]["phone"] = "(415) 555-2671"
+    hook = destination(type="webhook", url="http://h", hash_pii=True)
+    [request] = render_requests(hook, [message]).requests
+    assert orjson.loads(request.body)["context"]["traits"] == {
+        "email": EMAIL_HASH,
+        "phone": PHONE_HASH,
+    }
+    uk = destination(
+        type="segment", write_key="wk", hash_pii=True, phone_region="GB", mode="identify"
+    )
+    message["context"]["traits"]["phone"] = "020 7946 0958"
+    [request] = render_requests(uk, [message]).requests
+    [identify] = orjson.loads(request.body)["batch"]
+    assert identify["traits"]["phone"] == hashlib.sha256(b"442079460958").hexdigest()
+    cio = destination(type="customerio", site_id="s", api_key="k", hash_pii=True, mode="identify")
+    message["context"]["traits"]["phone"] = "+1 415 555 2671"
+    [put] = render_requests(cio, [message]).requests
+    assert orjson.loads(put.body)["phone"] == PHONE_HASH
+    plain = destination(type="webhook", url="http://h")  # no hash_pii: sent as is
+    [request] = render_requests(plain, [message]).requests
+    assert orjson.loads(request.body)["context"]["traits"]["phone"] == "+1 415 555 2671"
 
 
 def test_standard_webhooks_signature_matches_the_reference_vector() -> None:
@@ -59,15 +122,25 @@ def test_webhook_single_message_is_the_output_json_signed_at_send_time() -> None
     assert headers["Content-Type"] == "application/json"
 
 
-def test_webhook_batches_are_arrays_identified_by_their_first_message() -> None:
+def test_webhook_batches_are_arrays_identified_by_all_their_message_ids() -> None:
     hook = destination(type="webhook", url="http://h", batch_size=2, mode="both")
     messages = [output_message(f"u{i}") for i in range(3)]
     first, second = render_requests(hook, messages).requests
     assert first.indexes == (0, 1) and second.indexes == (2,)
     units = orjson.loads(first.body)
     assert [u["type"] for u in units] == ["track", "identify", "track", "identify"]
-    assert first.webhook_id == messages[0]["messageId"]
+    ids = [u["messageId"] for u in units]
+    assert first.webhook_id == "msg_" + hashlib.sha256(orjson.dumps(ids)).hexdigest()
     assert "webhook-signature" not in dict(webhook_headers(hook, first, 1))  # no secret
+    # a batch sharing its first message with another is not the same webhook (a receiver
+    # deduplicating on webhook-id would drop the second one's other messages)
+    [other] = render_requests(hook, [messages[0], output_message("u9")]).requests
+    assert other.webhook_id != first.webhook_id
+    assert render_requests(hook, messages).requests[0].webhook_id == first.webhook_id  # stable
+    # a batch holding one message keeps its messageId
+    tracks = destination(type="webhook", url="http://h", batch_size=2)
+    _, single = render_requests(tracks, messages).requests
+    assert single.webhook_id == messages[2]["messageId"]
 
 
 def test_identify_message_sets_the_audience_trait_with_a_derived_message_id() -> None:
@@ -152,8 +225,38 @@ def test_segment_batch_with_write_key_basic_auth_under_500_kb() -> None:
     heavy = [{**output_message(f"u{i}"), "padding": padding} for i in range(60)]
     requests = render_requests(big, heavy).requests
     assert len(requests) > 1
-    assert all(len(r.body) <= SEGMENT_MAX_BATCH_BYTES + 20 for r in requests)
+    assert all(len(r.body) <= SEGMENT_MAX_BATCH_BYTES for r in requests)
     assert sum(len(r.indexes) for r in requests) == 60
+
+
+def test_segment_batches_fill_up_to_exactly_500000_bytes() -> None:
+    """Events of a size that makes 16 of them fit under 500,000 bytes and 17 not: the
+    body limit is counted to the byte (brackets and commas included)."""
+    big = destination(type="segment", write_key="wk", batch_size=2500)
+    one = len(orjson.dumps({**output_message("u00"), "padding": ""}))
+    padding = "x" * (29_500 - one)
+    heavy = [{**output_message(f"u{i:02}"), "padding": padding} for i in range(40)]
+    assert all(len(orjson.dumps(m)) == 29_500 for m in heavy)
+    requests = render_requests(big, heavy).requests
+    assert [len(r.indexes) for r in requests] == [16, 16, 8]
+    assert len(requests[0].body) == 16 * 29_500 + 15 + len(b'{"batch":[]}')  # 17 would be 501,528
+
+
+def test_segment_refuses_an_event_over_32_kb_instead_of_sending_it() -> None:
+    segment = destination(type="segment", write_key="wk", mode="both")
+    small, huge, after = (output_message(f"u{i}") for i in range(3))
+    huge["properties"] = {**huge["properties"], "padding": "x" * SEGMENT_MAX_EVENT_BYTES}
+    rendered = render_requests(segment, [small, huge, after])
+    [request] = rendered.requests
+    assert request.indexes == (0, 2)
+    [(index, why)] = rendered.refused
+    assert index == 1 and "over Segment's 32768 bytes per event" in why
+    # 32 KB exactly is still sent
+    edge = output_message("u4")
+    size = len(orjson.dumps({**edge, "properties": {**edge["properties"], "padding": ""}}))
+    edge["properties"] = {**edge["properties"], "padding": "x" * (SEGMENT_MAX_EVENT_BYTES - size)}
+    tracks = destination(type="segment", write_key="wk")
+    assert render_requests(tracks, [edge]).refused == ()
 
 
 def test_kafka_records_keyed_by_user_in_the_output_format() -> None:
@@ -295,3 +398,20 @@ def test_forward_deletions_false_skips_deletions_only(raw: dict[str, Any]) -> No
     assert rendered.skipped == (0,)
     assert {i for r in rendered.requests for i in r.indexes} == {1}
     assert render_requests(destination(**raw), [deleted_message("u1")]).skipped == ()
+
+
+def test_hash_pii_never_sends_a_contact_trait_in_clear() -> None:
+    """A phone given as a JSON number is hashed as its digits; a value that is no string
+    (list, object, float) is left out rather than sent unhashed."""
+    message = output_message("u1")
+    message["context"]["traits"] = {"phone": 14155552671, "email": ["a@b.c"], "plan": "pro"}
+    hook = destination(type="webhook", url="http://h", hash_pii=True, mode="both", batch_size=2)
+    [request] = render_requests(hook, [message]).requests
+    track, identify = orjson.loads(request.body)
+    assert track["context"]["traits"] == {"phone": PHONE_HASH, "plan": "pro"}
+    assert identify["traits"] == {"phone": PHONE_HASH, "cart_abandoners": True}
+    message["context"]["traits"] = {"phone": 4.15e9, "email": {"x": 1}}
+    [request] = render_requests(hook, [message]).requests
+    track, identify = orjson.loads(request.body)
+    assert track["context"]["traits"] == {}
+    assert identify["traits"] == {"cart_abandoners": True}

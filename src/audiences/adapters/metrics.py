@@ -143,3 +143,16 @@ SINK_DLQ = Counter(
     "Messages a destination sent to audience-events-dlq, by reason",
     ["destination", "reason"],
 )
+DESTINATION_PAUSED = Gauge(
+    "audiences_destination_paused",
+    "1 while a destination is paused because it refuses our credentials (401/403): its "
+    "messages are held (not dead-lettered) and a request is re-sent every "
+    "auth_probe_interval_s until accepted",
+    ["destination"],
+)
+DESTINATION_STOPPED = Gauge(
+    "audiences_destination_stopped",
+    "1 once a destination answered 410 Gone: nothing more is sent to it until the "
+    "configuration is fixed and the worker restarted (its messages stay in Kafka)",
+    ["destination"],
+)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import phonenumbers
 import yaml
 
 from audiences.core.durations import parse_duration_ms
@@ -41,6 +42,8 @@ COMMON_KEYS = (
     "retry_initial_s",
     "retry_max_s",
     "forward_deletions",
+    "auth_probe_interval_s",
+    "phone_region",
 )
 TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "webhook": ("url", "secret"),
@@ -83,6 +86,13 @@ DEFAULT_MODE = {
     "kafka": ("track",),
 }
 DEFAULT_MAX_RETRY_AGE_MS = 4 * 3_600_000
+DEFAULT_AUTH_PROBE_INTERVAL_S = 60.0
+DEFAULT_PHONE_REGION = "US"
+# Standard Webhooks: secrets of 24 to 64 bytes; the official libraries accept the key with or
+# without the `whsec_` prefix and with or without base64 padding.
+WEBHOOK_SECRET_PREFIX = "whsec_"
+WEBHOOK_SECRET_MIN_BYTES = 24
+_BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 AUDIENCE_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -113,6 +123,10 @@ class Destination:
     kafka_security: dict[str, str] = field(default_factory=dict, repr=False)
     # `User Deleted` (SPEC §4/§6) is forwarded whatever `audiences` selects, unless false
     forward_deletions: bool = True
+    # paused by a 401/403: the held request is sent again this often until accepted
+    auth_probe_interval_s: float = DEFAULT_AUTH_PROBE_INTERVAL_S
+    # `hash_pii`: the region of phone numbers written without a country code
+    phone_region: str = DEFAULT_PHONE_REGION
 
     def kafka_security_config(self) -> dict[str, str]:
         """librdkafka security settings of a `kafka` destination's own cluster."""
@@ -230,6 +244,17 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
         raise DestinationConfigError(
             name, "forward_deletions", f"expected true or false, got {forward_deletions!r}"
         )
+    phone_region = values.get("phone_region", DEFAULT_PHONE_REGION)
+    if (
+        not isinstance(phone_region, str)
+        or phone_region.upper() not in phonenumbers.SUPPORTED_REGIONS
+    ):
+        raise DestinationConfigError(
+            name,
+            "phone_region",
+            f"expected an ISO 3166-1 alpha-2 region with a phone numbering plan (US, GB, FR, ...), "
+            f"got {phone_region!r}",
+        )
     return Destination(
         name=name,
         type=kind,
@@ -251,6 +276,10 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
         write_key=values.get("write_key", ""),
         kafka_security=security,
         forward_deletions=forward_deletions,
+        auth_probe_interval_s=_positive(
+            values, "auth_probe_interval_s", DEFAULT_AUTH_PROBE_INTERVAL_S, name
+        ),
+        phone_region=phone_region.upper(),
     )
 
 
@@ -338,14 +367,31 @@ def _modes(value: Any, kind: str, name: str) -> tuple[str, ...]:
     return tuple(m for m in MODES if m in items)
 
 
-def _check_webhook_secret(name: str, secret: str) -> None:
-    if not secret.startswith("whsec_"):
-        raise DestinationConfigError(name, "secret", "expected 'whsec_' followed by base64")
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret: base64 (padded or not), `whsec_` optional.
+
+    Raises ValueError when it is not base64."""
+    text = secret.removeprefix(WEBHOOK_SECRET_PREFIX)
+    if not _BASE64.match(text):
+        raise ValueError("not base64")
+    text = text.rstrip("=")
     try:
-        key = base64.b64decode(secret[len("whsec_") :], validate=True)
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
+        raise ValueError("not base64") from None
+
+
+def _check_webhook_secret(name: str, secret: str) -> None:
+    try:
+        key = webhook_key(secret)
+    except ValueError:
         raise DestinationConfigError(
-            name, "secret", "the part after 'whsec_' is not base64"
+            name, "secret", "expected base64 (optionally after 'whsec_'), e.g. whsec_<base64>"
         ) from None
-    if len(key) < 16:
-        raise DestinationConfigError(name, "secret", "the key must be at least 16 bytes")
+    if len(key) < WEBHOOK_SECRET_MIN_BYTES:
+        raise DestinationConfigError(
+            name,
+            "secret",
+            f"the key must be at least {WEBHOOK_SECRET_MIN_BYTES} bytes (Standard Webhooks), "
+            f"got {len(key)}",
+        )

@@ -7,7 +7,8 @@ carries (`indexes`), so delivery outcomes can be attributed per message.
 Per type (SPEC §6; payloads follow each vendor's documented API):
 - webhook: the message itself (`batch_size: 1`) or a JSON array of messages;
   Standard Webhooks headers are added at send time (`webhook_headers`), since
-  each attempt carries a fresh timestamp and signature.
+  each attempt carries a fresh timestamp and signature; `webhook-id` derives
+  from every messageId of the body (`batch_webhook_id`).
 - braze: `POST /users/track`, Bearer key; `attributes` (one object per user per
   request, later values win, `{external_id, K: true|false}`) and `events`
   (`{external_id, name, time: ISO-8601, properties}`), at most 75 of each.
@@ -15,7 +16,9 @@ Per type (SPEC §6; payloads follow each vendor's documented API):
   with attributes as top-level body keys, `POST /api/v1/customers/{id}/events`
   with `{name, data, timestamp: unix seconds}`. One request per message and mode.
 - segment: `POST /v1/batch`, Basic write_key:, `{"batch": [...]}` of Segment-Spec
-  track / identify messages, split to stay under Segment's 500 KB per request.
+  track / identify messages, split by encoded size to stay within Segment's
+  500,000 bytes per request; a message with an event over 32 KB is not sent
+  (`Rendered.refused`: Segment would drop it).
 - kafka: the same messages, keyed by user, to another topic.
 
 `mode` picks the track message (custom event), an identify message (custom
@@ -48,11 +51,15 @@ from urllib.parse import quote
 
 import orjson
 
-from audiences.adapters.sinks.config import Destination
-from audiences.adapters.sinks.pii import contact_traits
+from audiences.adapters.sinks.config import Destination, webhook_key
+from audiences.adapters.sinks.pii import DEFAULT_PHONE_REGION, PII_TRAITS, contact_traits
 from audiences.core.outputs import USER_DELETED
 
-SEGMENT_MAX_BATCH_BYTES = 500 * 1024 - 1024  # Segment: 500 KB per batch request; keep a margin
+# Segment's tracking API: a batch request of at most 500 KB and events of at most 32 KB (it
+# answers 400 to a larger batch and drops a larger event); analytics-python keeps batches
+# under 475,000 bytes and events under 32 KiB.
+SEGMENT_MAX_BATCH_BYTES = 500_000
+SEGMENT_MAX_EVENT_BYTES = 32 * 1024
 BRAZE_MAX_DELETIONS = 50  # Braze: up to 50 external_ids per /users/delete request
 JSON = (("Content-Type", "application/json"),)
 
@@ -75,6 +82,9 @@ class Request:
 class Rendered:
     requests: list[Request]
     skipped: tuple[int, ...]  # messages this destination does not take (selection, anonymous)
+    # messages the destination would drop whatever we do (e.g. over Segment's 32 KB):
+    # dead-lettered without a request, (index, why)
+    refused: tuple[tuple[int, str], ...] = ()
 
 
 def subject(message: dict[str, Any]) -> tuple[str, Any] | None:
@@ -103,23 +113,32 @@ def profile_id(message: dict[str, Any]) -> str:
     return str(user_id(message) or message.get("anonymousId") or "")
 
 
-def track_message(message: dict[str, Any], hashed: bool) -> dict[str, Any]:
+def track_message(
+    message: dict[str, Any], hashed: bool, phone_region: str = DEFAULT_PHONE_REGION
+) -> dict[str, Any]:
     """The output message as published, with contact traits hashed when asked to."""
     context = message.get("context")
     if not hashed or not isinstance(context, dict) or not context.get("traits"):
         return message
     traits = dict(context["traits"])
-    traits.update(contact_traits(traits, hashed))
+    contact = contact_traits(traits, hashed, phone_region)
+    for name in PII_TRAITS:  # one that cannot be hashed (not a string) is not sent
+        if traits.get(name) and name not in contact:
+            del traits[name]
+    traits.update(contact)
     return {**message, "context": {**context, "traits": traits}}
 
 
-def identify_message(message: dict[str, Any], hashed: bool) -> dict[str, Any]:
+def identify_message(
+    message: dict[str, Any], hashed: bool, phone_region: str = DEFAULT_PHONE_REGION
+) -> dict[str, Any]:
     """A Segment-Spec identify setting the audience as a trait (`{K: true|false}`).
 
     Its messageId derives from the track message's, so it is deterministic too."""
     key, value = subject(message) or ("", None)
     context = message.get("context") if isinstance(message.get("context"), dict) else {}
-    traits = {**contact_traits((context or {}).get("traits"), hashed), key: value}
+    contact = contact_traits((context or {}).get("traits"), hashed, phone_region)
+    traits = {**contact, key: value}
     identify: dict[str, Any] = {"type": "identify"}
     if user_id(message):
         identify["userId"] = message["userId"]
@@ -157,9 +176,32 @@ def render_requests(destination: Destination, messages: Sequence[dict[str, Any]]
             skipped.append(index)
         else:
             taken.append(index)
+    refused: list[tuple[int, str]] = []
+    if destination.type == "segment":
+        taken, refused = _segment_sized(destination, messages, taken)
     renderer = _RENDERERS[destination.type]
     requests = renderer(destination, messages, taken) if taken else []
-    return Rendered(requests, tuple(skipped))
+    return Rendered(requests, tuple(skipped), tuple(refused))
+
+
+def _segment_sized(
+    destination: Destination, messages: Sequence[dict[str, Any]], taken: list[int]
+) -> tuple[list[int], list[tuple[int, str]]]:
+    """`taken` without the messages Segment would drop (an event over 32 KB), and those."""
+    kept, refused = [], []
+    for i in taken:
+        largest = max(len(orjson.dumps(unit)) for unit in _units(destination, messages[i]))
+        if largest > SEGMENT_MAX_EVENT_BYTES:
+            refused.append(
+                (
+                    i,
+                    f"event of {largest} bytes is over Segment's {SEGMENT_MAX_EVENT_BYTES} "
+                    "bytes per event (Segment would drop it); not sent",
+                )
+            )
+        else:
+            kept.append(i)
+    return kept, refused
 
 
 def _units(destination: Destination, message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -167,9 +209,9 @@ def _units(destination: Destination, message: dict[str, Any]) -> list[dict[str, 
         return [message]  # whatever the mode: a deletion is no audience to set
     units = []
     if "track" in destination.modes:
-        units.append(track_message(message, destination.hash_pii))
+        units.append(track_message(message, destination.hash_pii, destination.phone_region))
     if "identify" in destination.modes:
-        units.append(identify_message(message, destination.hash_pii))
+        units.append(identify_message(message, destination.hash_pii, destination.phone_region))
     return units
 
 
@@ -184,30 +226,38 @@ def _render_webhook(
     if destination.batch_size == 1:
         for i in taken:
             for unit in _units(destination, messages[i]):
-                requests.append(_webhook_request(destination, (i,), orjson.dumps(unit), unit))
+                body = orjson.dumps(unit)
+                requests.append(_webhook_request(destination, (i,), body, batch_webhook_id([unit])))
         return requests
     for chunk in _chunks(taken, destination.batch_size):
         units = [unit for i in chunk for unit in _units(destination, messages[i])]
-        requests.append(_webhook_request(destination, tuple(chunk), orjson.dumps(units), units[0]))
+        requests.append(
+            _webhook_request(
+                destination, tuple(chunk), orjson.dumps(units), batch_webhook_id(units)
+            )
+        )
     return requests
 
 
+def batch_webhook_id(units: Sequence[dict[str, Any]]) -> str:
+    """A batch's `webhook-id`: derived from every messageId it holds, in order, so two
+    batches share an id (and a receiver's dedupe drops one) only if they hold the same
+    messages. A single message keeps its messageId."""
+    ids = [str(unit.get("messageId") or "") for unit in units]
+    if len(ids) == 1:
+        return ids[0]
+    return "msg_" + hashlib.sha256(orjson.dumps(ids)).hexdigest()
+
+
 def _webhook_request(
-    destination: Destination, indexes: tuple[int, ...], body: bytes, first: dict[str, Any]
+    destination: Destination, indexes: tuple[int, ...], body: bytes, webhook_id: str
 ) -> Request:
-    return Request(
-        "POST",
-        destination.url,
-        indexes,
-        body,
-        JSON,
-        webhook_id=str(first.get("messageId") or ""),
-    )
+    return Request("POST", destination.url, indexes, body, JSON, webhook_id=webhook_id)
 
 
 def sign_webhook(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     """Standard Webhooks `v1,<base64 HMAC-SHA256>` over `{id}.{timestamp}.{body}`."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
+    key = webhook_key(secret)
     signed = f"{message_id}.{timestamp}.".encode() + body
     digest = hmac.new(key, signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
@@ -326,7 +376,8 @@ def _render_customerio(
         if "identify" in destination.modes:
             context = message.get("context")
             traits = context.get("traits") if isinstance(context, dict) else None
-            attributes = {**contact_traits(traits, destination.hash_pii), key: value}
+            contact = contact_traits(traits, destination.hash_pii, destination.phone_region)
+            attributes = {**contact, key: value}
             requests.append(Request("PUT", customer, (i,), orjson.dumps(attributes), headers))
         if "track" in destination.modes:
             event: dict[str, Any] = {
@@ -361,9 +412,11 @@ def _render_segment(
 
     for i in taken:
         encoded = [orjson.dumps(unit) for unit in _units(destination, messages[i])]
-        grows = sum(len(e) + 1 for e in encoded)
+        grows = sum(len(e) + 1 for e in encoded)  # each with its comma
+        # the body is `{"batch":[` + the events joined by commas + `]}`: size + 11 bytes
         if indexes and (
-            len(indexes) >= destination.batch_size or size + grows > SEGMENT_MAX_BATCH_BYTES
+            len(indexes) >= destination.batch_size
+            or len(b'{"batch":[]}') - 1 + size + grows > SEGMENT_MAX_BATCH_BYTES
         ):
             close()
             size = 0

@@ -3,6 +3,8 @@
 - `HttpTransport`: one aiohttp `ClientSession` per destination (a pooled
   connector with keep-alive), a total timeout of `timeout_s` per attempt.
   Connection errors and timeouts come back as `Response(status=None)`.
+  Redirects are never followed (`allow_redirects=False`): aiohttp would turn
+  a 301/302/303 POST into a body-less GET whose 2xx would count as delivered.
 - `KafkaTransport`: a confluent-kafka producer (idempotent, acks=all, made by
   `KafkaClients.destination_producer`); a request's records are produced and
   flushed in a worker thread.
@@ -52,11 +54,18 @@ class HttpTransport:
     async def send(self, request: Request, headers: list[tuple[str, str]]) -> Response:
         try:
             async with self._client().request(
-                request.method, request.url, data=request.body, headers=headers
+                request.method,
+                request.url,
+                data=request.body,
+                headers=headers,
+                allow_redirects=False,  # a 3xx is a failure (delivery.py), never followed
             ) as answer:
                 text = await answer.text(errors="replace")
                 return Response(
-                    answer.status, text[:EXCERPT_CHARS], answer.headers.get("Retry-After")
+                    answer.status,
+                    text[:EXCERPT_CHARS],
+                    answer.headers.get("Retry-After"),
+                    location=answer.headers.get("Location"),
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
             return Response(None, error=f"{type(exc).__name__}: {exc}"[:EXCERPT_CHARS])
