@@ -24,11 +24,12 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from audiences.adapters import metrics
+from audiences.adapters.sinks.answers import failed_items, rate_limit_wait_s
 from audiences.adapters.sinks.config import Destination
 from audiences.adapters.sinks.policy import (
     TokenBucket,
@@ -52,6 +53,8 @@ class Response:
     retry_after: str | None = None
     error: str = ""
     retriable: bool = True
+    content: str = ""  # a 2xx body, whole (bounded): per-item errors (answers.py)
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
 
 
 class Transport(Protocol):
@@ -117,19 +120,20 @@ class Deliverer:
         for index in rendered.skipped:
             outcomes[index] = SKIPPED
         for request in rendered.requests:
-            outcome = await self._send(request, first_seen_ms)
+            outcome, refused = await self._send(request, first_seen_ms)
             if outcome.kind == "dead" and outcome.reason == "rejected" and len(request.indexes) > 1:
                 for index in request.indexes:
                     single = render_requests(self.destination, [messages[index]]).requests
                     result = DELIVERED
                     for one in single:
-                        result = await self._send(one, first_seen_ms)
+                        result, alone = await self._send(one, first_seen_ms)
+                        result = alone.get(0, result)
                         if result.kind == "dead":
                             break
                     _record(outcomes, index, result)
                 continue
             for index in request.indexes:
-                _record(outcomes, index, outcome)
+                _record(outcomes, index, refused.get(index, outcome))
         final = [o or DELIVERED for o in outcomes]
         delivered = sum(1 for o in final if o.kind == "delivered")
         if delivered:
@@ -143,7 +147,10 @@ class Deliverer:
             self._outcomes["dead_lettered"].inc(dead)
         return final
 
-    async def _send(self, request: Request, first_seen_ms: int) -> Outcome:
+    async def _send(
+        self, request: Request, first_seen_ms: int
+    ) -> tuple[Outcome, dict[int, Outcome]]:
+        """The request's outcome, and the messages a 2xx answer still refused (answers.py)."""
         destination = self.destination
         attempt = 0
         while True:
@@ -158,7 +165,7 @@ class Deliverer:
             if response.status == 404 and request.absent_ok:
                 verdict = Verdict.DELIVERED
             if verdict is Verdict.DELIVERED:
-                return DELIVERED
+                return DELIVERED, self._refused(request, response)
             if verdict is Verdict.REJECTED:
                 log.warning(
                     "%s: %s %s rejected: %s %s",
@@ -168,9 +175,13 @@ class Deliverer:
                     response.status,
                     response.error or response.body[:200],
                 )
-                return _dead("rejected", response)
+                return _dead("rejected", response), {}
             attempt += 1
             after = retry_after_s(response.retry_after, self.wall_ms() / 1000)
+            if after is None:  # vendor headers: Braze's X-RateLimit-Reset
+                after = rate_limit_wait_s(
+                    destination.type, response.status, response.headers, self.wall_ms() / 1000
+                )
             if after is not None:
                 delay = after
                 self.bucket.block_until(self.monotonic() + after)
@@ -187,7 +198,7 @@ class Deliverer:
                     age_ms / 1000,
                     response.status or response.error,
                 )
-                return _dead("retries_exhausted", response)
+                return _dead("retries_exhausted", response), {}
             self._retries.inc()
             log.info(
                 "%s: attempt %d failed (%s), retrying in %.2f s",
@@ -197,6 +208,21 @@ class Deliverer:
                 delay,
             )
             await self.sleep(delay)
+
+    def _refused(self, request: Request, response: Response) -> dict[int, Outcome]:
+        failures = failed_items(self.destination.type, request.objects, response.content)
+        for index, why in failures.items():
+            log.warning(
+                "%s: message %d refused in a %s answer: %s",
+                self.destination.name,
+                index,
+                response.status,
+                why,
+            )
+        return {
+            index: Outcome("dead", "rejected", response.status, response.body[:EXCERPT_CHARS], why)
+            for index, why in failures.items()
+        }
 
 
 def _dead(reason: str, response: Response) -> Outcome:
