@@ -319,6 +319,8 @@ class FakeDestination:
         try:
             _check(request.method == "POST", "POST /users/delete")
             _check(isinstance(body, dict) and len(body) == 1, "exactly one kind of identifier")
+            if "user_aliases" in body:
+                return self._delete_braze_aliases(call, body["user_aliases"])
             ids = body.get("external_ids")
             _check(isinstance(ids, list) and 0 < len(ids) <= 50, "external_ids: 1..50")
             _check(all(isinstance(i, str) and i for i in ids), "external_ids: strings")
@@ -330,6 +332,26 @@ class FakeDestination:
         known = [i for i in ids if i in self.users]
         self.users.difference_update(ids)
         self.deleted += ids
+        return self._answer(call, 201, {"deleted": len(known), "message": "success"})
+
+    def _delete_braze_aliases(self, call: Call, aliases: Any) -> web.Response:
+        """POST /users/delete `{"user_aliases": [{alias_name, alias_label}]}`, at most 50."""
+        try:
+            _check(isinstance(aliases, list) and 0 < len(aliases) <= 50, "user_aliases: 1..50")
+            for alias in aliases:
+                _check(
+                    isinstance(alias, dict) and set(alias) == {"alias_name", "alias_label"},
+                    "user_aliases: {alias_name, alias_label}",
+                )
+        except Invalid as problem:
+            return self._answer(call, 400, {"message": str(problem)}, str(problem))
+        scripted = self._scripted(call)
+        if scripted is not None:
+            return scripted
+        keys = [(a["alias_name"], a["alias_label"]) for a in aliases]
+        known = [k for k in keys if k in self.aliases]
+        self.aliases.difference_update(keys)
+        self.deleted += [f"alias:{name}" for name, _ in keys]
         return self._answer(call, 201, {"deleted": len(known), "message": "success"})
 
     def _delete_customer(self, call: Call, request: web.Request, raw: bytes) -> web.Response:

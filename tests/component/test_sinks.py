@@ -540,13 +540,17 @@ def test_braze_non_fatal_errors_dead_letter_exactly_the_objects_they_index(
         async with bench.running(braze) as [worker]:
             await until(lambda: worker.delivered + worker.dead_lettered >= 7, what="7 outcomes")
             assert (worker.delivered, worker.dead_lettered) == (5, 2)
+            assert server.aliases == {("anon-1", "audiences_anonymous_id")}
+            bench.publish(deleted_message("anon-1", anonymous=True))
+            await until(lambda: worker.delivered >= 6, what="the alias deletion")
         await server.stop()
         assert server.violations == []
         # answered 201 with errors: never resent, never split into single requests
         assert all(c.status == 201 for c in server.calls)
-        assert sum(len(c.body["events"]) for c in server.calls) == 7  # each message once
+        tracked = [c for c in server.calls if c.path == "/users/track"]
+        assert sum(len(c.body["events"]) for c in tracked) == 7  # each message once
         assert server.users == {"u1", "u3"}
-        assert server.aliases == {("anon-1", "audiences_anonymous_id")}
+        assert server.aliases == set() and server.deleted == ["alias:anon-1"]
 
     run(scenario())
     letters = _dead_letters(kafka_bootstrap, bench.settings.audience_events_dlq_topic, 2)

@@ -133,6 +133,11 @@ def error_for(raw: Any, env: dict[str, str] | None = None) -> DestinationConfigE
             "non-empty",
         ),
         (
+            {"type": "braze", "url": "https://b", "api_key": "k", "objects_per_request": 151},
+            "objects_per_request",
+            "2..150",
+        ),
+        (
             {"type": "webhook", "url": "http://h", "anonymous_alias_label": "x"},
             "anonymous_alias_label",
             "unknown key",

@@ -329,6 +329,12 @@ def test_braze_cuts_requests_by_objects_not_messages() -> None:
         (75, 75),
         (50, 50),
     ]
+    # a contract counting objects combined: 50 objects = 25 messages of two objects
+    combined = destination(
+        type="braze", url="https://b", api_key="k", batch_size=1000, objects_per_request=50
+    )
+    bodies = [orjson.loads(r.body) for r in render_requests(combined, many[:60]).requests]
+    assert [len(b["attributes"]) + len(b["events"]) for b in bodies] == [50, 50, 20]
     # batch_size still caps the messages of one request
     small = destination(type="braze", url="https://b", api_key="k", batch_size=10)
     assert [len(r.indexes) for r in render_requests(small, many[:25]).requests] == [10, 10, 5]
@@ -362,8 +368,14 @@ def test_braze_update_existing_only_and_anonymous_profiles_as_user_alias() -> No
     body = orjson.loads(render_requests(creating, messages).requests[0].body)
     assert "_update_existing_only" not in body["attributes"][0]
     assert body["attributes"][1]["_update_existing_only"] is False
-    # deletions of anonymous profiles are still skipped (see README)
-    assert render_requests(aliased, [deleted_message("anon-1", anonymous=True)]).skipped == (0,)
+    # deleting an anonymous profile deletes its alias (one kind of identifier per request)
+    deletions = [deleted_message("anon-1", anonymous=True), deleted_message("u1")]
+    deletions.append(deleted_message("anon-1", anonymous=True))
+    by_id, by_alias = render_requests(aliased, deletions).requests
+    assert orjson.loads(by_id.body) == {"external_ids": ["u1"]} and by_id.indexes == (1,)
+    assert orjson.loads(by_alias.body) == {"user_aliases": [alias]}
+    assert by_alias.indexes == (0, 2) and by_alias.url == "https://b/users/delete"
+    assert render_requests(plain, deletions[:1]).skipped == (0,)  # no label: skipped
 
 
 def test_customerio_event_id_is_a_ulid_derived_from_the_message_id() -> None:

@@ -44,7 +44,13 @@ COMMON_KEYS = (
 )
 TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "webhook": ("url", "secret"),
-    "braze": ("url", "api_key", "update_existing_only", "anonymous_alias_label"),
+    "braze": (
+        "url",
+        "api_key",
+        "update_existing_only",
+        "anonymous_alias_label",
+        "objects_per_request",
+    ),
     "customerio": ("url", "site_id", "api_key"),
     "segment": ("url", "write_key"),
     "kafka": (
@@ -122,6 +128,9 @@ class Destination:
     update_existing_only: bool | None = None
     # braze: anonymous profiles go as `user_alias {alias_name: anonymousId, alias_label}`
     anonymous_alias_label: str = ""
+    # braze: attributes + events objects per request, for contracts that count them
+    # combined (None: <= 75 of each, the classic limit)
+    objects_per_request: int | None = None
 
     def kafka_security_config(self) -> dict[str, str]:
         """librdkafka security settings of a `kafka` destination's own cluster."""
@@ -247,6 +256,13 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
         raise DestinationConfigError(
             name, "update_existing_only", f"expected true or false, got {update_existing_only!r}"
         )
+    objects = values.get("objects_per_request")
+    if objects is not None:
+        objects = _integer(values, "objects_per_request", 0, name)
+        if not 2 <= objects <= 150:
+            raise DestinationConfigError(
+                name, "objects_per_request", f"expected 2..150 (e.g. 75 or 50), got {objects}"
+            )
     if "anonymous_alias_label" in values and not values["anonymous_alias_label"]:
         raise DestinationConfigError(name, "anonymous_alias_label", "expected a non-empty string")
     forward_deletions = values.get("forward_deletions", True)
@@ -277,6 +293,7 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
         forward_deletions=forward_deletions,
         update_existing_only=update_existing_only,
         anonymous_alias_label=values.get("anonymous_alias_label", ""),
+        objects_per_request=objects,
     )
 
 

@@ -13,6 +13,11 @@ order, so a user's messages arrive in order. Per request:
   `retries_exhausted`). Any other status: `rejected`, at once.
 - A rejected request that carried several messages is retried one message at
   a time, so only the messages the destination refuses are dead-lettered.
+- A 2xx may still refuse some objects (Braze `errors[]`, Customer.io v2 batch
+  `errors[]`): `answers.failed_items` names their messages, which are
+  dead-lettered (`rejected`); the others are delivered. A 429 without
+  `Retry-After` waits for what the vendor's headers say (Braze
+  `X-RateLimit-Reset`, `answers.rate_limit_wait_s`), else the backoff.
 
 Dead-lettering itself (the DLQ record) is the caller's job (`dlq.py`): it must
 be durable before the input offset is committed.
@@ -211,7 +216,7 @@ class Deliverer:
 
     def _refused(self, request: Request, response: Response) -> dict[int, Outcome]:
         failures = failed_items(self.destination.type, request.objects, response.content)
-        for index, why in failures.items():
+        for index, why in failures.items():  # a line per refused message, as for a 4xx
             log.warning(
                 "%s: message %d refused in a %s answer: %s",
                 self.destination.name,

@@ -8,29 +8,36 @@ Per type (SPEC §6; payloads follow each vendor's documented API):
 - webhook: the message itself (`batch_size: 1`) or a JSON array of messages;
   Standard Webhooks headers are added at send time (`webhook_headers`), since
   each attempt carries a fresh timestamp and signature.
-- braze: `POST /users/track`, Bearer key; `attributes` (one object per user per
+- braze: `POST /users/track`, Bearer key; `attributes` (one object per profile per
   request, later values win, `{external_id, K: true|false}`) and `events`
-  (`{external_id, name, time: ISO-8601, properties}`), at most 75 of each.
-- customerio: Track API v1, Basic site_id:api_key; `PUT /api/v1/customers/{id}`
-  with attributes as top-level body keys, `POST /api/v1/customers/{id}/events`
-  with `{name, data, timestamp: unix seconds}`. One request per message and mode.
+  (`{external_id, name, time: ISO-8601, properties}`); requests are cut by objects
+  (<= 75 of each, <= `objects_per_request` together when set), `batch_size` counts
+  messages. Anonymous profiles as `user_alias` when `anonymous_alias_label` is set.
+  `Request.objects` maps each object back to its messages (Braze's `errors[]`).
+- customerio: `batch_size: 1`: Track API v1, Basic site_id:api_key;
+  `PUT /api/v1/customers/{id}` with attributes as top-level body keys,
+  `POST /api/v1/customers/{id}/events` with `{name, id: ULID, data, timestamp:
+  unix seconds}`, one request per message and mode. `batch_size` > 1: Track API v2
+  `POST /api/v2/batch` of person operations (identify / event / delete), < 500 KB.
+  The event `id` (Customer.io's dedupe key, a ULID) derives from the messageId.
 - segment: `POST /v1/batch`, Basic write_key:, `{"batch": [...]}` of Segment-Spec
   track / identify messages, split to stay under Segment's 500 KB per request.
 - kafka: the same messages, keyed by user, to another topic.
 
 `mode` picks the track message (custom event), an identify message (custom
 attribute `{K: true|false}`), or both. Braze and Customer.io need a user id:
-anonymous profiles are skipped for them.
+anonymous profiles are skipped for them (Braze: unless `anonymous_alias_label`).
 
 `User Deleted` (a profile deleted, SPEC §4) goes to every destination whatever its
 `audiences` and `mode`, unless it sets `forward_deletions: false` (then skipped):
-- braze: `POST /users/delete` `{"external_ids": [...]}`, at most 50 per request
-  (Braze's limit), between the `/users/track` requests of the messages around it;
-- customerio: `DELETE /api/v1/customers/{id}`;
+- braze: `POST /users/delete` `{"external_ids": [...]}` (or `{"user_aliases": [...]}`
+  for aliased anonymous profiles), at most 50 per request (Braze's limit), between
+  the `/users/track` requests of the messages around it;
+- customerio: `DELETE /api/v1/customers/{id}` (v2: a `delete` batch item);
 - webhook, segment: the `User Deleted` track message itself (signed, batched as usual);
 - kafka: a `delete` record keyed by the id, `{"type": "delete", "userId" (or
   "anonymousId"), "messageId", "timestamp"}`.
-Anonymous ids are skipped for Braze and Customer.io, as for every message. A 404
+Anonymous ids are skipped for Braze (without aliases) and Customer.io. A 404
 (no such user) from Braze or Customer.io to a deletion is what the deletion asked
 for: it counts as delivered (`absent_ok`).
 """
@@ -154,17 +161,17 @@ def render_requests(destination: Destination, messages: Sequence[dict[str, Any]]
     skipped: list[int] = []
     needs_user = destination.type in ("braze", "customerio")
     for index, message in enumerate(messages):
+        known = user_id(message) is not None or (
+            bool(destination.anonymous_alias_label) and _anonymous_id(message) is not None
+        )
         if is_deletion(message):
             wanted = destination.forward_deletions and profile_id(message) != ""
-            if not wanted or (needs_user and user_id(message) is None):
+            if not wanted or (needs_user and not known):
                 skipped.append(index)
             else:
                 taken.append(index)
             continue
         found = subject(message)
-        known = user_id(message) is not None or (
-            bool(destination.anonymous_alias_label) and _anonymous_id(message) is not None
-        )
         if found is None or not destination.selects(found[0]) or (needs_user and not known):
             skipped.append(index)
         else:
@@ -251,10 +258,21 @@ def _render_braze(
     headers = (*JSON, ("Authorization", f"Bearer {destination.api_key}"))
     requests = []
     for deleting, run in _runs(messages, taken):
-        if deleting:
-            for chunk in _chunks(run, min(destination.batch_size, BRAZE_MAX_DELETIONS)):
+        if deleting:  # one kind of identifier per request: external ids, then aliases
+            known = [i for i in run if user_id(messages[i]) is not None]
+            aliased = [i for i in run if user_id(messages[i]) is None]
+            for chunk in _chunks(known, min(destination.batch_size, BRAZE_MAX_DELETIONS)):
                 ids = list(dict.fromkeys(str(messages[i]["userId"]) for i in chunk))
                 body = orjson.dumps({"external_ids": ids})
+                requests.append(
+                    Request(
+                        "POST", base + "/users/delete", tuple(chunk), body, headers, absent_ok=True
+                    )
+                )
+            for chunk in _chunks(aliased, min(destination.batch_size, BRAZE_MAX_DELETIONS)):
+                aliases = [_braze_who(destination, messages[i])[1]["user_alias"] for i in chunk]
+                unique = list({(a["alias_name"], a["alias_label"]): a for a in aliases}.values())
+                body = orjson.dumps({"user_aliases": unique})
                 requests.append(
                     Request(
                         "POST", base + "/users/delete", tuple(chunk), body, headers, absent_ok=True
@@ -295,8 +313,8 @@ def _braze_track(
     headers: tuple[tuple[str, str], ...],
 ) -> list[Request]:
     """`/users/track` requests cut by objects: <= 75 attributes and <= 75 events each
-    (one attributes object per profile per request, later values win), and at most
-    `batch_size` messages."""
+    (one attributes object per profile per request, later values win), <=
+    `objects_per_request` of both together when set, and at most `batch_size` messages."""
     requests: list[Request] = []
     attributes: dict[str, dict[str, Any]] = {}
     owners: dict[str, list[int]] = {}
@@ -325,10 +343,13 @@ def _braze_track(
         identify = "identify" in destination.modes
         track = "track" in destination.modes
         more_attributes = len(attributes) + (identify and who not in attributes)
+        more_events = len(events) + track
+        combined = destination.objects_per_request
         if carried and (
             len(carried) >= destination.batch_size
             or more_attributes > BRAZE_MAX_OBJECTS
-            or len(events) + track > BRAZE_MAX_OBJECTS
+            or more_events > BRAZE_MAX_OBJECTS
+            or (combined is not None and more_attributes + more_events > combined)
         ):
             close()
             attributes, owners, events, carried = {}, {}, [], []
