@@ -38,6 +38,7 @@ from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.sinks.config import Destination, parse_destinations
 from audiences.adapters.sinks.pii import hash_pii
+from audiences.adapters.sinks.render import event_ulid
 from audiences.adapters.sinks.worker import SinkWorker
 from audiences.adapters.stream.sinks import prepare_sink_topics
 from shared import deleted_message, isolated_settings, output_message
@@ -263,6 +264,7 @@ def test_customerio_sink_puts_attributes_and_posts_events(bench: Bench) -> None:
                 "/api/v1/customers/u 1/events",
                 {
                     "name": "Audience Entered",
+                    "id": event_ulid(messages[0]),
                     "data": messages[0]["properties"],
                     "timestamp": 1_767_225_600,
                 },
@@ -273,6 +275,7 @@ def test_customerio_sink_puts_attributes_and_posts_events(bench: Bench) -> None:
                 "/api/v1/customers/u 1/events",
                 {
                     "name": "Audience Exited",
+                    "id": event_ulid(messages[1]),
                     "data": messages[1]["properties"],
                     "timestamp": 1_767_225_600,
                 },
@@ -482,6 +485,128 @@ def test_a_deletion_is_retried_after_5xx_and_a_404_counts_as_delivered(bench: Be
         ]
 
     run(scenario())
+
+
+def _dead_letters(
+    bootstrap: str, topic: str, count: int
+) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    return [
+        (orjson.loads(m.value()), {k: v.decode() for k, v in m.headers()})
+        for m in read_topic(bootstrap, topic, count)
+    ]
+
+
+def test_braze_non_fatal_errors_dead_letter_exactly_the_objects_they_index(
+    bench: Bench, kafka_bootstrap: str
+) -> None:
+    blocked = "provided external_id is blacklisted and disallowed"
+
+    async def scenario() -> None:
+        server = await FakeDestination("braze").start()
+        server.refuse_object = lambda array, obj: (
+            blocked if obj.get("external_id") == "u2" else None
+        )
+        braze = destination(
+            name="braze",
+            type="braze",
+            url=server.url,
+            api_key=BRAZE_KEY,
+            batch_size=200,
+            anonymous_alias_label="audiences_anonymous_id",
+        )
+        users = ["u1", "u2", "u3"]
+        messages = [output_message(u, seq=s) for s in (1, 2) for u in users]
+        messages.append(output_message("anon-1", anonymous=True))
+        bench.publish(*messages)
+        async with bench.running(braze) as [worker]:
+            await until(lambda: worker.delivered + worker.dead_lettered >= 7, what="7 outcomes")
+            assert (worker.delivered, worker.dead_lettered) == (5, 2)
+            assert server.aliases == {("anon-1", "audiences_anonymous_id")}
+            bench.publish(deleted_message("anon-1", anonymous=True))
+            await until(lambda: worker.delivered >= 6, what="the alias deletion")
+        await server.stop()
+        assert server.violations == []
+        # answered 201 with errors: never resent, never split into single requests
+        assert all(c.status == 201 for c in server.calls)
+        tracked = [c for c in server.calls if c.path == "/users/track"]
+        assert sum(len(c.body["events"]) for c in tracked) == 7  # each message once
+        assert server.users == {"u1", "u3"}
+        assert server.aliases == set() and server.deleted == ["alias:anon-1"]
+
+    run(scenario())
+    letters = _dead_letters(kafka_bootstrap, bench.settings.audience_events_dlq_topic, 2)
+    assert sorted(m["messageId"] for m, _ in letters) == sorted(
+        output_message("u2", seq=s)["messageId"] for s in (1, 2)
+    )
+    for _, headers in letters:
+        assert headers["error_reason"] == "rejected" and headers["status"] == "201"
+        assert blocked in headers["error"] and headers["destination"] == "braze"
+
+
+def test_braze_429_waits_for_x_ratelimit_reset(bench: Bench) -> None:
+    limited_at: list[float] = []
+
+    def rate_limited() -> dict[str, str]:  # Braze's headers, as of the request's arrival
+        limited_at.append(time.time())
+        reset = int(limited_at[0]) + 2  # unix seconds: 1 to 2 s from now
+        return {
+            "X-RateLimit-Limit": "50000",
+            "X-RateLimit-Remaining": "0",
+            "X-RateLimit-Reset": str(reset),
+        }
+
+    async def scenario() -> None:
+        server = await FakeDestination("braze").start()
+        server.script([(429, rate_limited)])
+        braze = destination(name="braze", type="braze", url=server.url, api_key=BRAZE_KEY)
+        bench.publish(output_message("u1"))
+        async with bench.running(braze):
+            await until(lambda: len(server.accepted) >= 1, what="the retried request")
+        await server.stop()
+        first, second = server.calls
+        assert (first.status, second.status) == (429, 201)
+        reset = int(limited_at[0]) + 2
+        # not before the window reset (the generic backoff here would be 0.05 s)
+        assert second.at - first.at >= reset - limited_at[0] - 0.05
+        assert second.at - first.at < reset - limited_at[0] + 1.5
+
+    run(scenario())
+
+
+def test_customerio_batches_through_track_v2_and_dead_letters_refused_items(
+    bench: Bench, kafka_bootstrap: str
+) -> None:
+    async def scenario() -> None:
+        server = await FakeDestination("customerio").start()
+        server.refuse_item = lambda item: (
+            "person is suppressed" if item["identifiers"]["id"] == "u2" else None
+        )
+        cio = destination(
+            name="cio",
+            type="customerio",
+            url=server.url,
+            site_id=CIO_SITE,
+            api_key=CIO_KEY,
+            batch_size=50,
+        )
+        messages = [output_message(u) for u in ("u1", "u2", "u3")] + [deleted_message("u3")]
+        bench.publish(*messages)
+        async with bench.running(cio) as [worker]:
+            await until(lambda: worker.delivered + worker.dead_lettered >= 4, what="4 outcomes")
+            assert (worker.delivered, worker.dead_lettered) == (3, 1)
+        await server.stop()
+        assert server.violations == []
+        assert {c.path for c in server.calls} == {"/api/v2/batch"}
+        assert 207 in {c.status for c in server.calls}
+        assert server.users == {"u1"} and server.deleted == ["u3"]
+        assert sorted(server.event_ids) == sorted(event_ulid(m) for m in (messages[0], messages[2]))
+
+    run(scenario())
+    [(message, headers)] = _dead_letters(
+        kafka_bootstrap, bench.settings.audience_events_dlq_topic, 1
+    )
+    assert message["userId"] == "u2" and headers["error_reason"] == "rejected"
+    assert "person is suppressed" in headers["error"]
 
 
 # -- the shared delivery machinery ----------------------------------------------------------------

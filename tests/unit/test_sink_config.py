@@ -129,9 +129,34 @@ def error_for(raw: Any, env: dict[str, str] | None = None) -> DestinationConfigE
         ),
         ({"type": "webhook", "url": "http://h", "phone_region": "USA"}, "phone_region", "ISO 3166"),
         (
-            {"type": "braze", "url": "https://b", "api_key": "k", "batch_size": 76},
+            {"type": "braze", "url": "https://b", "api_key": "k", "batch_size": 1001},
             "batch_size",
-            "1..75",
+            "1..1000",
+        ),
+        (
+            {"type": "customerio", "site_id": "s", "api_key": "k", "hash_pii": True},
+            "hash_pii",
+            "Customer.io sends email to the `email` attribute",
+        ),
+        (
+            {"type": "braze", "url": "https://b", "api_key": "k", "update_existing_only": 1},
+            "update_existing_only",
+            "true or false",
+        ),
+        (
+            {"type": "braze", "url": "https://b", "api_key": "k", "anonymous_alias_label": ""},
+            "anonymous_alias_label",
+            "non-empty",
+        ),
+        (
+            {"type": "braze", "url": "https://b", "api_key": "k", "objects_per_request": 151},
+            "objects_per_request",
+            "2..150",
+        ),
+        (
+            {"type": "webhook", "url": "http://h", "anonymous_alias_label": "x"},
+            "anonymous_alias_label",
+            "unknown key",
         ),
         ({"type": "webhook", "url": "http://h", "mode": "push"}, "mode", "track, identify"),
         ({"type": "webhook", "url": "http://h", "audiences": []}, "audiences", '"*"'),
@@ -248,3 +273,23 @@ def test_auth_probe_interval_defaults_to_60_seconds() -> None:
     assert parse_destinations([hook], {})[0].auth_probe_interval_s == 60.0
     probe = parse_destinations([{**hook, "auth_probe_interval_s": 0.5}], {})[0]
     assert probe.auth_probe_interval_s == 0.5
+
+
+def test_default_rate_limits_for_braze_and_customerio() -> None:
+    braze, cio, hook, tuned = parse_destinations(
+        [
+            {"name": "b", "type": "braze", "url": "https://b", "api_key": "k"},
+            {"name": "c", "type": "customerio", "site_id": "s", "api_key": "k"},
+            {"name": "w", "type": "webhook", "url": "http://h"},
+            {
+                "name": "t",
+                "type": "braze",
+                "url": "https://b",
+                "api_key": "k",
+                "rate_limit_per_s": 7,
+            },
+        ],
+        {},
+    )
+    assert (braze.rate_limit_per_s, cio.rate_limit_per_s) == (100.0, 100.0)
+    assert hook.rate_limit_per_s is None and tuned.rate_limit_per_s == 7.0

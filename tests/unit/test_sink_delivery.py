@@ -430,3 +430,95 @@ def test_a_segment_event_over_32_kb_is_dead_lettered_unsent() -> None:
     assert "32768" in outcomes[1].error
     [(_, request, _)] = script.calls
     assert [m["userId"] for m in orjson.loads(request.body)["batch"]] == ["u1"]
+
+
+BRAZE = {"type": "braze", "url": "http://b", "api_key": "k", "retry_initial_s": 1.0}
+
+
+def braze_errors(*entries: tuple[str, int, str]) -> Response:
+    errors = [{"type": kind, "input_array": array, "index": i} for array, i, kind in entries]
+    body = orjson.dumps({"message": "success", "errors": errors}).decode()
+    return Response(201, body[:500], content=body)
+
+
+def test_braze_errors_in_a_2xx_dead_letter_exactly_the_objects_they_index() -> None:
+    messages = [output_message("u0"), output_message("u1", seq=1), output_message("u1", seq=2)]
+    messages.append(output_message("u2"))
+    # attributes[1] is u1's one object (two messages); events[3] is u2's event
+    answer = braze_errors(
+        ("attributes", 1, "'external_id' or 'braze_id' or 'user_alias' is required"),
+        ("events", 3, "event name is invalid"),
+    )
+    deliverer, script, time = make(BRAZE, [answer])
+    outcomes = asyncio.run(deliverer.deliver(messages, time.wall_ms()))
+    assert [o.kind for o in outcomes] == ["delivered", "dead", "dead", "dead"]
+    assert len(script.calls) == 1  # a 2xx is never resent
+    assert {(o.reason, o.status) for o in outcomes[1:]} == {("rejected", 201)}
+    assert "user_alias' is required (attributes[1])" in outcomes[1].error
+    assert outcomes[1].error == outcomes[2].error
+    assert outcomes[3].error == "braze: event name is invalid (events[3])"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",
+        "not json",
+        '{"message": "success", "errors": "nope"}',
+        '{"message": "success", "errors": [7, {"index": "1"}, {"input_array": "events"}]}',
+        '{"message": "success", "errors": [{"input_array": "events", "index": 99}]}',
+        '{"message": "success", "errors": [{"input_array": "purchases", "index": 0}]}',
+        '{"message": "success", "errors": [{"input_array": "events", "index": true}]}',
+        "[1, 2]",
+    ],
+)
+def test_braze_answers_that_name_no_object_of_the_request_deliver(content: str) -> None:
+    deliverer, _, time = make(BRAZE, [Response(201, content[:500], content=content)])
+    outcomes = asyncio.run(
+        deliverer.deliver([output_message("u0"), output_message("u1")], time.wall_ms())
+    )
+    assert [o.kind for o in outcomes] == ["delivered", "delivered"]
+
+
+def test_braze_429_waits_until_x_ratelimit_reset() -> None:
+    deliverer, script, time = make(BRAZE, [])
+    reset = str(int(time.now) + 12)
+    script.answers = [Response(429, headers={"x-ratelimit-reset": reset})]
+    asyncio.run(deliverer.deliver([output_message("u1")], time.wall_ms()))
+    (t1, _, _), (t2, _, _) = script.calls
+    assert t2 - t1 == 12.0
+    # Retry-After wins when both are there; a reset in the past means now
+    deliverer, script, time = make(BRAZE, [])
+    script.answers = [
+        Response(429, retry_after="3", headers={"x-ratelimit-reset": str(int(time.now) + 50)}),
+        Response(429, headers={"x-ratelimit-reset": str(int(time.now) - 50)}),
+        Response(429, headers={"x-ratelimit-reset": "soon"}),  # unreadable: the backoff
+    ]
+    asyncio.run(deliverer.deliver([output_message("u1")], time.wall_ms()))
+    assert time.sleeps[:2] == [3.0, 0.0]
+    assert 2.0 <= time.sleeps[2] <= 4.0  # the backoff of attempt 3 (jittered)
+    # only Braze's header: a webhook's X-RateLimit-Reset is no promise
+    deliverer, script, time = make(HOOK, [])
+    script.answers = [Response(429, headers={"x-ratelimit-reset": str(int(time.now) + 50)})]
+    asyncio.run(deliverer.deliver([output_message("u1")], time.wall_ms()))
+    assert time.sleeps[0] <= 1.0
+
+
+def test_x_ratelimit_reset_holds_every_request_to_the_destination() -> None:
+    deliverer, script, time = make({**BRAZE, "batch_size": 1}, [])
+    script.answers = [Response(429, headers={"x-ratelimit-reset": str(int(time.now) + 5)})]
+    asyncio.run(deliverer.deliver([output_message("u1")], time.wall_ms()))
+    assert deliverer.bucket.blocked_until == time.now  # held until the reset
+
+
+def test_customerio_batch_errors_dead_letter_exactly_their_items() -> None:
+    cio = {"type": "customerio", "site_id": "s", "api_key": "k", "batch_size": 10}
+    errors = [{"batch_index": 3, "reason": "invalid", "field": "name", "message": "bad name"}]
+    content = orjson.dumps({"errors": errors}).decode()
+    deliverer, script, time = make(cio, [Response(207, content, content=content)])
+    messages = [output_message(f"u{i}") for i in range(3)]
+    outcomes = asyncio.run(deliverer.deliver(messages, time.wall_ms()))
+    # items: u0 identify, u0 event, u1 identify, u1 event (3), u2 ...
+    assert [o.kind for o in outcomes] == ["delivered", "dead", "delivered"]
+    assert outcomes[1].error == "customerio: bad name (batch[3])"
+    assert outcomes[1].status == 207 and len(script.calls) == 1

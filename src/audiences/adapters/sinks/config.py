@@ -47,7 +47,13 @@ COMMON_KEYS = (
 )
 TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "webhook": ("url", "secret"),
-    "braze": ("url", "api_key"),
+    "braze": (
+        "url",
+        "api_key",
+        "update_existing_only",
+        "anonymous_alias_label",
+        "objects_per_request",
+    ),
     "customerio": ("url", "site_id", "api_key"),
     "segment": ("url", "write_key"),
     "kafka": (
@@ -77,7 +83,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_URL = {"customerio": "https://track.customer.io", "segment": "https://api.segment.io"}
 DEFAULT_BATCH = {"webhook": 1, "braze": 75, "customerio": 1, "segment": 100, "kafka": 500}
-MAX_BATCH = {"webhook": 1000, "braze": 75, "customerio": 100, "segment": 2500, "kafka": 10_000}
+# Braze: `batch_size` counts messages; requests are cut by objects (<= 75 attributes and
+# <= 75 events each, render.py), so a batch may span several requests.
+MAX_BATCH = {"webhook": 1000, "braze": 1000, "customerio": 100, "segment": 2500, "kafka": 10_000}
+# Requests per second when `rate_limit_per_s` is absent (README, "Sending audiences"):
+# Braze and Customer.io both throttle a workspace with 429s well above this.
+DEFAULT_RATE_PER_S = {"braze": 100.0, "customerio": 100.0}
 DEFAULT_MODE = {
     "webhook": ("track",),
     "braze": ("track", "identify"),
@@ -127,6 +138,13 @@ class Destination:
     auth_probe_interval_s: float = DEFAULT_AUTH_PROBE_INTERVAL_S
     # `hash_pii`: the region of phone numbers written without a country code
     phone_region: str = DEFAULT_PHONE_REGION
+    # braze: `_update_existing_only` on every attributes object (None: not sent)
+    update_existing_only: bool | None = None
+    # braze: anonymous profiles go as `user_alias {alias_name: anonymousId, alias_label}`
+    anonymous_alias_label: str = ""
+    # braze: attributes + events objects per request, for contracts that count them
+    # combined (None: <= 75 of each, the classic limit)
+    objects_per_request: int | None = None
 
     def kafka_security_config(self) -> dict[str, str]:
         """librdkafka security settings of a `kafka` destination's own cluster."""
@@ -206,6 +224,7 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
         "secret",
         "api_key",
         "write_key",
+        "anonymous_alias_label",
         *KAFKA_SECURITY_KEYS,
     ):
         if key in values and not isinstance(values[key], str):
@@ -239,6 +258,27 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
     hash_pii = values.get("hash_pii", False)
     if not isinstance(hash_pii, bool):
         raise DestinationConfigError(name, "hash_pii", f"expected true or false, got {hash_pii!r}")
+    if hash_pii and kind == "customerio":
+        raise DestinationConfigError(
+            name,
+            "hash_pii",
+            "not for customerio: Customer.io sends email to the `email` attribute, so a hashed "
+            "one would leave nothing to send to (leave hash_pii off for this destination)",
+        )
+    update_existing_only = values.get("update_existing_only")
+    if update_existing_only is not None and not isinstance(update_existing_only, bool):
+        raise DestinationConfigError(
+            name, "update_existing_only", f"expected true or false, got {update_existing_only!r}"
+        )
+    objects = values.get("objects_per_request")
+    if objects is not None:
+        objects = _integer(values, "objects_per_request", 0, name)
+        if not 2 <= objects <= 150:
+            raise DestinationConfigError(
+                name, "objects_per_request", f"expected 2..150 (e.g. 75 or 50), got {objects}"
+            )
+    if "anonymous_alias_label" in values and not values["anonymous_alias_label"]:
+        raise DestinationConfigError(name, "anonymous_alias_label", "expected a non-empty string")
     forward_deletions = values.get("forward_deletions", True)
     if not isinstance(forward_deletions, bool):
         raise DestinationConfigError(
@@ -263,7 +303,7 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
         batch_size=batch_size,
         timeout_s=_positive(values, "timeout_s", 10.0, name),
         max_retry_age_ms=_age(values.get("max_retry_age"), name),
-        rate_limit_per_s=float(rate) if rate is not None else None,
+        rate_limit_per_s=float(rate) if rate is not None else DEFAULT_RATE_PER_S.get(kind),
         hash_pii=hash_pii,
         retry_initial_s=_positive(values, "retry_initial_s", 0.5, name),
         retry_max_s=_positive(values, "retry_max_s", 60.0, name),
@@ -280,6 +320,9 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
             values, "auth_probe_interval_s", DEFAULT_AUTH_PROBE_INTERVAL_S, name
         ),
         phone_region=phone_region.upper(),
+        update_existing_only=update_existing_only,
+        anonymous_alias_label=values.get("anonymous_alias_label", ""),
+        objects_per_request=objects,
     )
 
 

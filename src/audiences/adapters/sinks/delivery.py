@@ -29,6 +29,11 @@ order, so a user's messages arrive in order. Per request:
   e.g. a Segment event over 32 KB) is dead-lettered (`too_large`), unsent.
 (`hold_auth_failures=False`, for `dlq replay`: 401/403/410 are plain
 rejections, dead-lettered again without splitting.)
+- A 2xx may still refuse some objects (Braze `errors[]`, Customer.io v2 batch
+  `errors[]`): `answers.failed_items` names their messages, which are
+  dead-lettered (`rejected`); the others are delivered. A 429 without
+  `Retry-After` waits for what the vendor's headers say (Braze
+  `X-RateLimit-Reset`, `answers.rate_limit_wait_s`), else the backoff.
 
 Dead-lettering itself (the DLQ record) is the caller's job (`dlq.py`): it must
 be durable before the input offset is committed.
@@ -40,11 +45,12 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from audiences.adapters import metrics
+from audiences.adapters.sinks.answers import failed_items, rate_limit_wait_s
 from audiences.adapters.sinks.config import Destination
 from audiences.adapters.sinks.policy import (
     AUTH_FAILURES,
@@ -73,6 +79,8 @@ class Response:
     error: str = ""
     retriable: bool = True
     location: str | None = None  # a 3xx's Location header
+    content: str = ""  # a 2xx body, whole (bounded): per-item errors (answers.py)
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
 
 
 class DestinationGone(Exception):
@@ -158,7 +166,7 @@ class Deliverer:
         for index, why in rendered.refused:
             outcomes[index] = Outcome("dead", "too_large", error=why)
         for request in rendered.requests:
-            outcome = await self._send(request, first_seen_ms)
+            outcome, refused = await self._send(request, first_seen_ms)
             if (
                 outcome.kind == "dead"
                 and outcome.reason == "rejected"
@@ -169,13 +177,14 @@ class Deliverer:
                     single = render_requests(self.destination, [messages[index]]).requests
                     result = DELIVERED
                     for one in single:
-                        result = await self._send(one, first_seen_ms)
+                        result, alone = await self._send(one, first_seen_ms)
+                        result = alone.get(0, result)
                         if result.kind == "dead":
                             break
                     _record(outcomes, index, result)
                 continue
             for index in request.indexes:
-                _record(outcomes, index, outcome)
+                _record(outcomes, index, refused.get(index, outcome))
         final = [o or DELIVERED for o in outcomes]
         delivered = sum(1 for o in final if o.kind == "delivered")
         if delivered:
@@ -189,7 +198,10 @@ class Deliverer:
             self._outcomes["dead_lettered"].inc(dead)
         return final
 
-    async def _send(self, request: Request, first_seen_ms: int) -> Outcome:
+    async def _send(
+        self, request: Request, first_seen_ms: int
+    ) -> tuple[Outcome, dict[int, Outcome]]:
+        """The request's outcome, and the messages a 2xx answer still refused (answers.py)."""
         destination = self.destination
         attempt = 0
         held_ms = 0  # time spent paused: not counted towards max_retry_age
@@ -238,7 +250,7 @@ class Deliverer:
             if response.status == 404 and request.absent_ok:
                 verdict = Verdict.DELIVERED
             if verdict is Verdict.DELIVERED:
-                return DELIVERED
+                return DELIVERED, self._refused(request, response)
             if verdict is Verdict.REJECTED:
                 log.warning(
                     "%s: %s %s rejected: %s %s",
@@ -249,10 +261,14 @@ class Deliverer:
                     response.error or response.body[:200],
                 )
                 if is_redirect(response.status):
-                    return _redirected(response)
-                return _dead("rejected", response)
+                    return _redirected(response), {}
+                return _dead("rejected", response), {}
             attempt += 1
             after = retry_after_s(response.retry_after, self.wall_ms() / 1000)
+            if after is None:  # vendor headers: Braze's X-RateLimit-Reset
+                after = rate_limit_wait_s(
+                    destination.type, response.status, response.headers, self.wall_ms() / 1000
+                )
             if after is not None:
                 delay = after
                 self.bucket.block_until(self.monotonic() + after)
@@ -269,7 +285,7 @@ class Deliverer:
                     age_ms / 1000,
                     response.status or response.error,
                 )
-                return _dead("retries_exhausted", response)
+                return _dead("retries_exhausted", response), {}
             self._retries.inc()
             log.info(
                 "%s: attempt %d failed (%s), retrying in %.2f s",
@@ -279,6 +295,21 @@ class Deliverer:
                 delay,
             )
             await self.sleep(delay)
+
+    def _refused(self, request: Request, response: Response) -> dict[int, Outcome]:
+        failures = failed_items(self.destination.type, request.objects, response.content)
+        for index, why in failures.items():  # a line per refused message, as for a 4xx
+            log.warning(
+                "%s: message %d refused in a %s answer: %s",
+                self.destination.name,
+                index,
+                response.status,
+                why,
+            )
+        return {
+            index: Outcome("dead", "rejected", response.status, response.body[:EXCERPT_CHARS], why)
+            for index, why in failures.items()
+        }
 
     def _holds_probe(self) -> bool:
         return self._prober is not None and self._prober is asyncio.current_task()

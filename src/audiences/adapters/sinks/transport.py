@@ -24,6 +24,7 @@ from audiences.adapters.sinks.delivery import EXCERPT_CHARS, Response, Transport
 from audiences.adapters.sinks.render import Request
 
 CONNECTIONS_PER_DESTINATION = 16
+MAX_CONTENT_CHARS = 1_000_000  # a 2xx body kept whole for answers.py (Braze `errors[]`)
 # Kafka errors no retry can fix: the record goes to the DLQ at once.
 PERMANENT_KAFKA_ERRORS = frozenset(
     {
@@ -66,6 +67,8 @@ class HttpTransport:
                     text[:EXCERPT_CHARS],
                     answer.headers.get("Retry-After"),
                     location=answer.headers.get("Location"),
+                    content=text[:MAX_CONTENT_CHARS] if 200 <= answer.status < 300 else "",
+                    headers={k.lower(): v for k, v in answer.headers.items()},
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
             return Response(None, error=f"{type(exc).__name__}: {exc}"[:EXCERPT_CHARS])
