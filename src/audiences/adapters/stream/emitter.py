@@ -23,6 +23,7 @@ import orjson
 from confluent_kafka import TIMESTAMP_CREATE_TIME, Message, Producer
 
 from audiences.adapters import metrics
+from audiences.adapters.kafka.deadletter import dead_letter_headers
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.state.checkpoint import DurabilityError
 from audiences.core.evaluator import Control, Output, Refusal, Transition
@@ -165,13 +166,7 @@ class Emitter:
             self.topics.events_dlq,
             key,
             value,
-            headers=[
-                ("error", detail.encode("utf-8", "replace")[:2000]),
-                ("error_reason", reason.encode()),
-                ("source_topic", msg.topic().encode()),
-                ("source_partition", str(msg.partition()).encode()),
-                ("source_offset", str(msg.offset()).encode()),
-            ],
+            headers=dead_letter_headers(reason, detail, msg.topic(), msg.partition(), msg.offset()),
         )
         metrics.EVENTS_INVALID.labels(reason).inc()
 
