@@ -8,7 +8,7 @@ JSON (or not valid gzip), over 500 KB once decoded, not a JSON object, or a batc
 when it comes in HTTP Basic). Everything else is answered 200. Choices, documented in
 the README:
 
-- **Invalid items are dead-lettered, one by one** (`events`): each item of a batch (or
+- **Invalid items are dead-lettered, one by one** (`events-dlq`): each item of a batch (or
   the body of a single call) that cannot become an event — over 32 KB once enriched,
   no `userId`/`anonymousId`, a track without `event`, a group without `groupId`, an
   alias without `previousId`, an unknown `type`, an unreadable or out-of-range time, an
