@@ -67,23 +67,28 @@ class Deliveries:
 
 class Emitter:
     def __init__(
-        self, producer: Producer, topics: Topics, owner_of: Callable[[bytes], int]
+        self,
+        producer: Producer,
+        topics: Topics,
+        owner_of: Callable[[bytes], int],
+        *,
+        space_id: str,
     ) -> None:
         self.producer = producer
         self.topics = topics
         self.owner_of = owner_of  # profile key -> its `events` partition
+        self.space_id = space_id  # outputs' context.personas.space_id (SPEC §5)
         self._deliveries = Deliveries()  # of the current interval
         self._transitions: dict[tuple[str, bool], int] = {}  # flushed to metrics per checkpoint
 
-    @staticmethod
-    def render(outputs: list[Output], state: UserState) -> Rendered:
+    def render(self, outputs: list[Output], state: UserState) -> Rendered:
         """The output messages of one step, all or nothing (a rendering that raises
         sends none of them, so no output exists without the state that implies it)."""
-        traits, anonymous = state.traits, state.anonymous
+        traits, anonymous, space_id = state.traits, state.anonymous, self.space_id
         rendered = [
             (
                 output.profile_key.encode(),
-                orjson.dumps(render_output(output, traits, anonymous=anonymous)),
+                orjson.dumps(render_output(output, traits, space_id=space_id, anonymous=anonymous)),
             )
             for output in outputs
         ]
