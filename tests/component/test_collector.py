@@ -28,6 +28,7 @@ from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.core.events import format_iso
+from audiences.errors import DeliveryError
 from shared import isolated_settings
 
 pytestmark = pytest.mark.kafka
@@ -494,6 +495,29 @@ def test_each_invalid_batch_item_is_dead_lettered_and_its_neighbours_delivered(
             scrape("audiences_collector_invalid_events_total", reason=reason) == before[reason] + 1
         )
     assert scrape("audiences_events_invalid_total", reason="missing_event") == invalid_before + 1
+
+
+def test_a_dead_letter_kafka_does_not_acknowledge_makes_the_request_503(
+    start: Callable[..., RunningCollector], settings: Settings
+) -> None:
+    """200 promises the dead letters too: when `events-dlq` refuses them the client is
+    told to retry (the valid events it re-sends carry the same messageIds)."""
+    collector = start()
+    producer = collector.collector.producer
+    assert producer is not None
+    send = producer.send
+
+    async def refusing_dlq(topic: str, *args: Any, **kwargs: Any) -> None:
+        if topic == settings.events_dlq_topic:
+            raise DeliveryError("Kafka refused the events: injected", retry_after_s=5)
+        await send(topic, *args, **kwargs)
+
+    producer.send = refusing_dlq  # type: ignore[method-assign]
+    batch = {"batch": [{"type": "identify", "userId": "u1"}, {"type": "track", "userId": "u2"}]}
+    response = collector.post("/v1/batch", batch)
+    assert (response.status_code, response.headers["Retry-After"]) == (503, "5"), response.text
+    assert response.json()["code"] == "unavailable"
+    assert collector.post("/v1/batch", {"batch": batch["batch"][:1]}).status_code == 200
 
 
 def test_segment_python_client_batch_with_one_bad_item_delivers_all_the_good_ones(
