@@ -20,7 +20,7 @@ import mode
 from audiences.adapters.http.api import ManagementApi
 from audiences.adapters.http.collector import Collector, serve_until_signalled
 from audiences.adapters.kafka.clients import KafkaClients
-from audiences.adapters.kafka.topics import Topics, ensure_topics
+from audiences.adapters.kafka.topics import Topics, ensure_topics, faust_replication_factor
 from audiences.adapters.settings import Settings
 from audiences.adapters.sinks.config import Destination, load_destinations
 from audiences.adapters.sinks.dlq import ReplayReport, replay_dead_letters
@@ -116,16 +116,21 @@ class CollectorService(mode.Service):
 
 
 def worker_app(
-    settings: Settings, clock: Clock = wall_clock_ms, *, with_collector: bool = False
+    settings: Settings,
+    clock: Clock = wall_clock_ms,
+    *,
+    with_collector: bool = False,
+    replication_factor: int | None = None,
 ) -> AudiencesApp:
     """The Faust app of one worker process: the runtime, the management API on its web
-    server, and (when configured) the collector and destination sinks."""
+    server, and (when configured) the collector and destination sinks.
+    `replication_factor`: of the topics Faust creates itself (see `create_app`)."""
     destinations = (
         load_destinations(settings.destinations, os.environ) if settings.destinations else []
     )
     worker = Worker(settings, clock)
     service = RuntimeService(worker.runtime, worker.registry)
-    app = create_app(settings, lambda: service.ready)
+    app = create_app(settings, lambda: service.ready, replication_factor=replication_factor)
     app.service(service)  # type: ignore[arg-type]  # faust accepts instances too
     app.web_routes.append(worker.api.register)
     app.worker_parts = worker  # type: ignore[attr-defined]
@@ -140,7 +145,8 @@ def worker_app(
 
 def run_worker(settings: Settings, loglevel: str = "info", *, with_collector: bool = False) -> None:
     """Run one worker (and the collector if asked) until SIGTERM/SIGINT (blocks)."""
-    app = worker_app(settings, with_collector=with_collector)
+    replicas = faust_replication_factor(settings, KafkaClients(settings).admin())
+    app = worker_app(settings, with_collector=with_collector, replication_factor=replicas)
     faust.Worker(app, loglevel=loglevel.upper(), quiet=True).execute_from_commandline()
 
 

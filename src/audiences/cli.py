@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from audiences import __version__, core_build, logs
-from audiences.adapters.settings import Settings
+from audiences.adapters.settings import (
+    Settings,
+    SettingsError,
+    settings_or_exit,
+    warn_unknown_variables,
+)
 from audiences.errors import ApiError, AudiencesError, DefinitionError
 
 MEMBERS_PAGE = 500  # members asked per request by `audiences members`
@@ -175,21 +180,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _wait_for_backfill(settings: Settings, topics: Any, timeout_s: float) -> int:
-    """A progress bar of the workers' backfill (replay of retained events)."""
+    """A progress bar of the workers' backfill (replay of retained events), on a terminal."""
     from audiences.adapters.stream.definitions import wait_for_backfill
+    from audiences.progress import ProgressBar
+
+    bar = ProgressBar("backfill")
 
     def show(done: int, total: int, finished: int, partitions: int) -> None:
-        share = done / total if total else (1.0 if finished == partitions else 0.0)
-        bar = "#" * int(share * 30)
-        print(
-            f"\rbackfill [{bar:<30}] {share:4.0%}  {done}/{total} events, "
-            f"{finished}/{partitions} partitions done",
-            end="",
-            flush=True,
-        )
+        bar.update(done, total, f"{finished}/{partitions} partitions done")
 
-    ok = wait_for_backfill(settings, topics, timeout_s, show)
-    print()
+    try:
+        ok = wait_for_backfill(settings, topics, timeout_s, show)
+    finally:
+        bar.close()
     if not ok:
         print(
             f"error: backfill not finished after {timeout_s:.0f}s (are workers running?)",
@@ -757,10 +760,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    settings = settings_or_exit(warn_unknown=False)  # invalid: one line, exit code 2
+    logs.configure(settings.log_format, settings.log_level)
+    warn_unknown_variables()
     try:
-        settings = Settings.from_env()
-        logs.configure(settings.log_format, settings.log_level)
         return int(args.func(args) or 0)
+    except SettingsError as exc:  # e.g. a combination only a command checks
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except AudiencesError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -71,9 +71,10 @@ class Engine:
 
     def start(self, app_id: str | None = None) -> Engine:
         settings = self.settings if app_id is None else self.settings.replace(app_id=app_id)
-        self.evaluator = Runtime(
-            settings, Topics.from_settings(settings), KafkaClients(settings), clock=self.clock
-        )
+        topics = Topics.from_settings(settings)
+        if app_id is not None:  # its own changelog and internal topics, as a worker makes them
+            ensure_topics(settings, topics)
+        self.evaluator = Runtime(settings, topics, KafkaClients(settings), clock=self.clock)
         self._thread = threading.Thread(target=self.evaluator.run, daemon=True)
         self._thread.start()
         if not self.evaluator.ready.wait(60):

@@ -10,6 +10,8 @@ deadline; nothing sleeps on the happy path.
 from __future__ import annotations
 
 import asyncio
+import base64
+import itertools
 import statistics
 import time
 import uuid
@@ -37,6 +39,7 @@ from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.sinks.config import Destination, parse_destinations
 from audiences.adapters.sinks.pii import hash_pii
+from audiences.adapters.sinks.render import event_ulid
 from audiences.adapters.sinks.worker import SinkWorker
 from audiences.adapters.stream.sinks import prepare_sink_topics
 from shared import TEST_SPACE_ID, deleted_message, isolated_settings, output_message
@@ -262,6 +265,7 @@ def test_customerio_sink_puts_attributes_and_posts_events(bench: Bench) -> None:
                 "/api/v1/customers/u 1/events",
                 {
                     "name": "Audience Entered",
+                    "id": event_ulid(messages[0]),
                     "data": messages[0]["properties"],
                     "timestamp": 1_767_225_600,
                 },
@@ -272,6 +276,7 @@ def test_customerio_sink_puts_attributes_and_posts_events(bench: Bench) -> None:
                 "/api/v1/customers/u 1/events",
                 {
                     "name": "Audience Exited",
+                    "id": event_ulid(messages[1]),
                     "data": messages[1]["properties"],
                     "timestamp": 1_767_225_600,
                 },
@@ -516,25 +521,126 @@ def test_a_deletion_is_retried_after_5xx_and_a_404_counts_as_delivered(bench: Be
     run(scenario())
 
 
-def test_a_deletion_refused_with_401_is_dead_lettered_with_the_answer(
+def _dead_letters(
+    bootstrap: str, topic: str, count: int
+) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    return [
+        (orjson.loads(m.value()), {k: v.decode() for k, v in m.headers()})
+        for m in read_topic(bootstrap, topic, count)
+    ]
+
+
+def test_braze_non_fatal_errors_dead_letter_exactly_the_objects_they_index(
+    bench: Bench, kafka_bootstrap: str
+) -> None:
+    blocked = "provided external_id is blacklisted and disallowed"
+
+    async def scenario() -> None:
+        server = await FakeDestination("braze").start()
+        server.refuse_object = lambda array, obj: (
+            blocked if obj.get("external_id") == "u2" else None
+        )
+        braze = destination(
+            name="braze",
+            type="braze",
+            url=server.url,
+            api_key=BRAZE_KEY,
+            batch_size=200,
+            anonymous_alias_label="audiences_anonymous_id",
+        )
+        users = ["u1", "u2", "u3"]
+        messages = [output_message(u, seq=s) for s in (1, 2) for u in users]
+        messages.append(output_message("anon-1", anonymous=True))
+        bench.publish(*messages)
+        async with bench.running(braze) as [worker]:
+            await until(lambda: worker.delivered + worker.dead_lettered >= 7, what="7 outcomes")
+            assert (worker.delivered, worker.dead_lettered) == (5, 2)
+            assert server.aliases == {("anon-1", "audiences_anonymous_id")}
+            bench.publish(deleted_message("anon-1", anonymous=True))
+            await until(lambda: worker.delivered >= 6, what="the alias deletion")
+        await server.stop()
+        assert server.violations == []
+        # answered 201 with errors: never resent, never split into single requests
+        assert all(c.status == 201 for c in server.calls)
+        tracked = [c for c in server.calls if c.path == "/users/track"]
+        assert sum(len(c.body["events"]) for c in tracked) == 7  # each message once
+        assert server.users == {"u1", "u3"}
+        assert server.aliases == set() and server.deleted == ["alias:anon-1"]
+
+    run(scenario())
+    letters = _dead_letters(kafka_bootstrap, bench.settings.audience_events_dlq_topic, 2)
+    assert sorted(m["messageId"] for m, _ in letters) == sorted(
+        output_message("u2", seq=s)["messageId"] for s in (1, 2)
+    )
+    for _, headers in letters:
+        assert headers["error_reason"] == "rejected" and headers["status"] == "201"
+        assert blocked in headers["error"] and headers["destination"] == "braze"
+
+
+def test_braze_429_waits_for_x_ratelimit_reset(bench: Bench) -> None:
+    limited_at: list[float] = []
+
+    def rate_limited() -> dict[str, str]:  # Braze's headers, as of the request's arrival
+        limited_at.append(time.time())
+        reset = int(limited_at[0]) + 2  # unix seconds: 1 to 2 s from now
+        return {
+            "X-RateLimit-Limit": "50000",
+            "X-RateLimit-Remaining": "0",
+            "X-RateLimit-Reset": str(reset),
+        }
+
+    async def scenario() -> None:
+        server = await FakeDestination("braze").start()
+        server.script([(429, rate_limited)])
+        braze = destination(name="braze", type="braze", url=server.url, api_key=BRAZE_KEY)
+        bench.publish(output_message("u1"))
+        async with bench.running(braze):
+            await until(lambda: len(server.accepted) >= 1, what="the retried request")
+        await server.stop()
+        first, second = server.calls
+        assert (first.status, second.status) == (429, 201)
+        reset = int(limited_at[0]) + 2
+        # not before the window reset (the generic backoff here would be 0.05 s)
+        assert second.at - first.at >= reset - limited_at[0] - 0.05
+        assert second.at - first.at < reset - limited_at[0] + 1.5
+
+    run(scenario())
+
+
+def test_customerio_batches_through_track_v2_and_dead_letters_refused_items(
     bench: Bench, kafka_bootstrap: str
 ) -> None:
     async def scenario() -> None:
-        braze = await FakeDestination("braze").start()
-        wrong = destination(name="braze", type="braze", url=braze.url, api_key="revoked-key")
-        bench.publish(deleted_message("u1"))
-        async with bench.running(wrong) as [worker]:
-            await until(lambda: worker.dead_lettered >= 1, what="a dead letter")
-        await braze.stop()
-        assert [(c.path, c.status) for c in braze.calls] == [("/users/delete", 401)]
-        assert braze.deleted == []
+        server = await FakeDestination("customerio").start()
+        server.refuse_item = lambda item: (
+            "person is suppressed" if item["identifiers"]["id"] == "u2" else None
+        )
+        cio = destination(
+            name="cio",
+            type="customerio",
+            url=server.url,
+            site_id=CIO_SITE,
+            api_key=CIO_KEY,
+            batch_size=50,
+        )
+        messages = [output_message(u) for u in ("u1", "u2", "u3")] + [deleted_message("u3")]
+        bench.publish(*messages)
+        async with bench.running(cio) as [worker]:
+            await until(lambda: worker.delivered + worker.dead_lettered >= 4, what="4 outcomes")
+            assert (worker.delivered, worker.dead_lettered) == (3, 1)
+        await server.stop()
+        assert server.violations == []
+        assert {c.path for c in server.calls} == {"/api/v2/batch"}
+        assert 207 in {c.status for c in server.calls}
+        assert server.users == {"u1"} and server.deleted == ["u3"]
+        assert sorted(server.event_ids) == sorted(event_ulid(m) for m in (messages[0], messages[2]))
 
     run(scenario())
-    [letter] = read_topic(kafka_bootstrap, bench.settings.audience_events_dlq_topic, 1)
-    headers = {k: v.decode() for k, v in letter.headers()}
-    assert orjson.loads(letter.value())["event"] == "User Deleted"
-    assert headers["destination"] == "braze" and headers["status"] == "401"
-    assert "Invalid API Key" in headers["response"]
+    [(message, headers)] = _dead_letters(
+        kafka_bootstrap, bench.settings.audience_events_dlq_topic, 1
+    )
+    assert message["userId"] == "u2" and headers["error_reason"] == "rejected"
+    assert "person is suppressed" in headers["error"]
 
 
 # -- the shared delivery machinery ----------------------------------------------------------------
@@ -753,3 +859,234 @@ def test_a_full_lane_pauses_its_partition_and_loses_nothing(bench: Bench) -> Non
         assert by_user(received) == by_user(messages)
 
     run(scenario())
+
+
+# -- responses read as the APIs mean them (SPEC §6) ----------------------------------------------
+
+
+def gauge(name: str, destination_name: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, {"destination": destination_name})
+
+
+def dlq_headers(kafka_bootstrap: str, bench: Bench, count: int) -> list[dict[str, str]]:
+    letters = read_topic(kafka_bootstrap, bench.settings.audience_events_dlq_topic, count)
+    return [{k: v.decode() for k, v in letter.headers()} for letter in letters]
+
+
+def test_redirects_are_never_followed_and_dead_letter_with_the_location(
+    bench: Bench, kafka_bootstrap: str
+) -> None:
+    """Each code answered by a route whose Location answers 200 to anything: following it
+    (aiohttp's default) would count the messages delivered."""
+    codes = (301, 302, 307, 308)
+
+    async def scenario() -> FakeDestination:
+        server = await FakeDestination("webhook").start()
+        hooks = [
+            destination(
+                name=f"moved-{code}",
+                type="webhook",
+                url=f"{server.base}/redirect/{code}",
+                secret=WEBHOOK_SECRET,
+                batch_size=10,
+            )
+            for code in codes
+        ]
+        bench.publish(*(output_message(f"u{i}") for i in range(3)))
+        async with bench.running(*hooks) as workers:
+            await until(lambda: all(w.dead_lettered >= 3 for w in workers), what="dead letters")
+            assert [w.delivered for w in workers] == [0] * len(codes)
+        await server.stop()
+        return server
+
+    server = run(scenario())
+    assert [c.path for c in server.calls if c.path == "/landing"] == []  # never followed
+    assert sorted(c.status for c in server.calls) == sorted(codes)  # one request each: no split
+    headers = dlq_headers(kafka_bootstrap, bench, 3 * len(codes))
+    assert len(headers) == 3 * len(codes)
+    for code in codes:
+        mine = [h for h in headers if h["destination"] == f"moved-{code}"]
+        assert len(mine) == 3
+        for h in mine:
+            assert (h["error_reason"], h["status"]) == ("rejected", str(code))
+            assert f"redirected ({code}) to {server.base}/landing" in h["error"]
+
+
+def test_401_pauses_the_destination_until_a_probe_is_accepted(
+    bench: Bench, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        revoked = await FakeDestination("braze").start()
+        other = await FakeDestination("webhook").start()
+        revoked.refuse_auth = 401
+        braze = destination(
+            name="braze-paused",
+            type="braze",
+            url=revoked.url,
+            api_key=BRAZE_KEY,
+            auth_probe_interval_s=0.2,
+        )
+        hook = destination(name="hook-ok", type="webhook", url=other.url, secret=WEBHOOK_SECRET)
+        messages = shop_messages(users=6, per_user=2)
+        bench.publish(*messages)
+        with caplog.at_level("WARNING"):
+            async with bench.running(braze, hook) as [paused, _]:
+                # probes go on (the held batch, every 0.2 s) and nothing is dead-lettered
+                await until(lambda: len(revoked.calls) >= 5, what="probes")
+                assert gauge("audiences_destination_paused", "braze-paused") == 1.0
+                assert paused.dead_lettered == 0 and paused.delivered == 0
+                assert all(c.status == 401 for c in revoked.calls)
+                probes = revoked.calls[2:]  # after the first request of each lane (two partitions)
+                gaps = [b.at - a.at for a, b in itertools.pairwise(probes)]
+                assert min(gaps) >= 0.19  # the probe interval, not a retry storm
+                # the other destination is not held up
+                await until(lambda: len(other.accepted) >= len(messages), what="the webhooks")
+                assert gauge("audiences_destination_paused", "hook-ok") == 0.0
+                revoked.refuse_auth = None  # the key is valid again
+                await until(lambda: paused.delivered >= len(messages), what="resumed delivery")
+                assert gauge("audiences_destination_paused", "braze-paused") == 0.0
+                assert paused.dead_lettered == 0
+        await revoked.stop()
+        await other.stop()
+        assert revoked.violations == other.violations == []
+        events = [e for c in revoked.accepted for e in c.body["events"]]
+        assert sorted(e["external_id"] for e in events) == sorted(m["userId"] for m in messages)
+        warnings = [r for r in caplog.records if "PAUSED" in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+        assert "braze-paused" in warnings[0].getMessage() and "401" in warnings[0].getMessage()
+
+    run(scenario())
+
+
+def test_a_deletion_refused_with_401_is_held_not_dead_lettered(bench: Bench) -> None:
+    """A revoked key pauses the destination (the deletion waits in Kafka, uncommitted);
+    a worker restarted with the right key deletes the user."""
+
+    async def scenario() -> None:
+        braze = await FakeDestination("braze").start()
+        wrong = destination(
+            name="braze",
+            type="braze",
+            url=braze.url,
+            api_key="revoked-key",
+            auth_probe_interval_s=0.1,
+        )
+        bench.publish(deleted_message("u1"))
+        async with bench.running(wrong) as [worker]:
+            await until(lambda: len(braze.calls) >= 2, what="a probe")
+            assert worker.dead_lettered == 0
+            assert gauge("audiences_destination_paused", "braze") == 1.0
+        assert {(c.path, c.status) for c in braze.calls} == {("/users/delete", 401)}
+        assert braze.deleted == []
+        fixed = destination(name="braze", type="braze", url=braze.url, api_key=BRAZE_KEY)
+        async with bench.running(fixed) as [worker]:
+            await until(lambda: worker.delivered >= 1, what="the deletion")
+            assert worker.dead_lettered == 0
+        await braze.stop()
+        assert braze.deleted == ["u1"]
+
+    run(scenario())
+
+
+def test_410_stops_the_destination_and_keeps_its_messages_in_kafka(
+    bench: Bench, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        server = await FakeDestination("webhook").start()
+        server.gone = True
+        hook = destination(
+            name="hook-gone", type="webhook", url=server.url, secret=WEBHOOK_SECRET, batch_size=10
+        )
+        messages = [output_message(f"u{i}") for i in range(2)]  # one partition each or not
+        bench.publish(*messages)
+        with caplog.at_level("ERROR"):
+            async with bench.running(hook) as [worker]:
+                await until(lambda: worker.gone, what="the stop")
+                assert gauge("audiences_destination_stopped", "hook-gone") == 1.0
+                late = output_message("late")
+                bench.publish(late)  # consumed by nobody while stopped
+                sent = len(server.calls)
+                assert 1 <= sent <= 2  # at most one request per lane, then nothing
+                await until(lambda: worker.queue_depth == 0, what="queues dropped")
+                assert worker.dead_lettered == 0 and worker.delivered == 0
+        assert len(server.calls) == sent
+        errors = [r for r in caplog.records if "STOPPED" in r.getMessage()]
+        assert errors and errors[0].levelname == "ERROR" and "hook-gone" in errors[0].getMessage()
+        # fixed configuration, worker restarted: everything held is delivered, once
+        server.gone = False
+        async with bench.running(hook) as [worker]:
+            await until(
+                lambda: sum(len(c.body) for c in server.accepted) >= 3, what="the held messages"
+            )
+            assert gauge("audiences_destination_stopped", "hook-gone") == 0.0
+        await server.stop()
+        assert server.violations == []
+        got = sorted(m["messageId"] for c in server.accepted for m in c.body)
+        assert got == sorted(m["messageId"] for m in [*messages, late])
+
+    run(scenario())
+
+
+def test_webhook_batches_verify_with_the_official_library_and_an_unpadded_secret(
+    bench: Bench,
+) -> None:
+    """A secret without `whsec_` and without padding; every request verified by
+    `standardwebhooks` in the fake; each batch identified by all its messages."""
+    secret = base64.b64encode(bytes(range(40, 72))).decode().rstrip("=")  # 32 bytes
+
+    async def scenario() -> None:
+        server = await FakeDestination("webhook", secret=secret).start()
+        hook = destination(
+            name="hook", type="webhook", url=server.url, secret=secret, batch_size=3, mode="both"
+        )
+        messages = shop_messages(users=4, per_user=2)
+        bench.publish(*messages)
+        async with bench.running(hook):
+            await until(
+                lambda: sum(len(c.body) for c in server.accepted) >= 2 * len(messages),
+                what="16 units",
+            )
+        await server.stop()
+        assert server.violations == []  # signatures and webhook-ids all verified
+        assert all(c.status == 200 for c in server.calls)
+        ids = [c.headers["webhook-id"] for c in server.accepted]
+        assert len(set(ids)) == len(ids)
+        assert all(i.startswith("msg_") for i in ids)  # 2 units (track, identify) at least
+
+    run(scenario())
+
+
+def test_segment_batches_stay_under_500000_bytes_and_oversized_events_are_dead_lettered(
+    bench: Bench, kafka_bootstrap: str
+) -> None:
+    async def scenario() -> None:
+        server = await FakeDestination("segment").start()
+        segment = destination(
+            name="seg", type="segment", url=server.url, write_key=SEGMENT_WRITE_KEY, batch_size=100
+        )
+        one = len(orjson.dumps(output_message("u00")))
+        messages = []
+        for i in range(36):
+            message = output_message(f"u{i:02}")
+            padding = "x" * (29_500 - one - len(',"padding":""'))
+            message["properties"] = {**message["properties"], "padding": padding}
+            messages.append(message)
+        huge = output_message("huge")
+        huge["properties"] = {**huge["properties"], "padding": "x" * 40_000}
+        bench.publish(*messages, huge)
+        async with bench.running(segment) as [worker]:
+            await until(
+                lambda: worker.delivered >= 36 and worker.dead_lettered >= 1, what="all handled"
+            )
+        await server.stop()
+        assert server.violations == []  # no batch over 500,000 bytes, no event over 32 KB
+        assert all(c.status == 200 for c in server.calls)  # nothing refused, nothing split
+        assert max(len(orjson.dumps(c.body)) for c in server.calls) > 400_000  # batches fill up
+        got = sorted(m["messageId"] for c in server.accepted for m in c.body["batch"])
+        assert got == sorted(m["messageId"] for m in messages)
+
+    run(scenario())
+    [headers] = dlq_headers(kafka_bootstrap, bench, 1)
+    assert headers["error_reason"] == "too_large" and "32768" in headers["error"]

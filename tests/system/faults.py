@@ -42,8 +42,9 @@ def session_timeout_ms(kafka_flavor: str) -> int:
     """Consumer-group session of the workers under test. Every restart waits for the
     dead member's session to expire and for a join (~half a session on the embedded
     broker): 2 s sessions keep 20 restarts affordable there. Apache Kafka refuses
-    sessions under its `group.min.session.timeout.ms` (6 s by default)."""
-    return 2000 if kafka_flavor == "embedded" else 6000
+    sessions under its `group.min.session.timeout.ms`: 6 s by default, 1 s on the
+    `ApacheKafka` the tests start."""
+    return 2000 if kafka_flavor in ("embedded", "apache") else 6000
 
 
 # -- topics -------------------------------------------------------------------------------

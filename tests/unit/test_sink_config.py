@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from jsonschema import Draft202012Validator
+from standardwebhooks.webhooks import Webhook
 
 from audiences.adapters.sinks.config import (
     DEFAULT_MAX_RETRY_AGE_MS,
     load_destinations,
     parse_destinations,
 )
+from audiences.adapters.sinks.render import sign_webhook
 from audiences.errors import AudiencesError, DestinationConfigError
 
 SPEC_EXAMPLE = """
@@ -110,12 +115,48 @@ def error_for(raw: Any, env: dict[str, str] | None = None) -> DestinationConfigE
         ({"type": "braze", "url": "https://b"}, "api_key", "required"),
         ({"type": "brase", "url": "https://b"}, "type", "did you mean 'braze'"),
         ({"type": "webhook", "url": "ftp://h"}, "url", "http(s) URL"),
-        ({"type": "webhook", "url": "http://h", "secret": "abc"}, "secret", "whsec_"),
+        ({"type": "webhook", "url": "http://h", "secret": "abc"}, "secret", "at least 24 bytes"),
         ({"type": "webhook", "url": "http://h", "secret": "whsec_!!"}, "secret", "base64"),
+        (  # 16 bytes: Standard Webhooks asks for 24 to 64
+            {"type": "webhook", "url": "http://h", "secret": "whsec_" + "A" * 22 + "=="},
+            "secret",
+            "at least 24 bytes (Standard Webhooks), got 16",
+        ),
         (
-            {"type": "braze", "url": "https://b", "api_key": "k", "batch_size": 76},
+            {"type": "webhook", "url": "http://h", "auth_probe_interval_s": 0},
+            "auth_probe_interval_s",
+            "> 0",
+        ),
+        ({"type": "webhook", "url": "http://h", "phone_region": "USA"}, "phone_region", "ISO 3166"),
+        (
+            {"type": "braze", "url": "https://b", "api_key": "k", "batch_size": 1001},
             "batch_size",
-            "1..75",
+            "1..1000",
+        ),
+        (
+            {"type": "customerio", "site_id": "s", "api_key": "k", "hash_pii": True},
+            "hash_pii",
+            "Customer.io sends email to the `email` attribute",
+        ),
+        (
+            {"type": "braze", "url": "https://b", "api_key": "k", "update_existing_only": 1},
+            "update_existing_only",
+            "true or false",
+        ),
+        (
+            {"type": "braze", "url": "https://b", "api_key": "k", "anonymous_alias_label": ""},
+            "anonymous_alias_label",
+            "non-empty",
+        ),
+        (
+            {"type": "braze", "url": "https://b", "api_key": "k", "objects_per_request": 151},
+            "objects_per_request",
+            "2..150",
+        ),
+        (
+            {"type": "webhook", "url": "http://h", "anonymous_alias_label": "x"},
+            "anonymous_alias_label",
+            "unknown key",
         ),
         ({"type": "webhook", "url": "http://h", "mode": "push"}, "mode", "track, identify"),
         ({"type": "webhook", "url": "http://h", "audiences": []}, "audiences", '"*"'),
@@ -186,3 +227,69 @@ def test_example_files_are_valid_for_the_parser_and_the_schema(path: Path) -> No
 def test_schema_accepts_the_spec_example() -> None:
     assert [e.message for e in SCHEMA.iter_errors(yaml.safe_load(SPEC_EXAMPLE))] == []
     assert len(EXAMPLES) >= 2
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        SECRET,  # whsec_ + padded base64 of 24 bytes
+        SECRET.removeprefix("whsec_"),  # without the prefix
+        "whsec_" + base64.b64encode(bytes(range(25))).decode().rstrip("="),  # unpadded
+        base64.b64encode(bytes(range(64))).decode().rstrip("="),
+    ],
+)
+def test_webhook_secrets_as_standard_webhooks_libraries_accept_them(secret: str) -> None:
+    """>= 24 bytes of base64, padded or not, `whsec_` optional: signed as the official
+    `standardwebhooks` package signs and verifies."""
+    [hook] = parse_destinations(
+        [{"name": "h", "type": "webhook", "url": "http://h", "secret": secret}], {}
+    )
+    assert hook.secret == secret
+    body = b'{"messageId":"m1"}'
+    signature = sign_webhook(secret, "m1", 1_767_225_600, body)
+    official = Webhook(secret)
+    assert signature == official.sign(
+        "m1", datetime.fromtimestamp(1_767_225_600, UTC), body.decode()
+    )
+    now = int(time.time())
+    headers = {
+        "webhook-id": "m1",
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign_webhook(secret, "m1", now, body),
+    }
+    assert official.verify(body, headers) == {"messageId": "m1"}
+
+
+def test_phone_region_defaults_to_us_and_must_be_a_region_with_a_numbering_plan() -> None:
+    hook = {"name": "h", "type": "webhook", "url": "http://h"}
+    assert parse_destinations([hook], {})[0].phone_region == "US"
+    assert parse_destinations([{**hook, "phone_region": "gb"}], {})[0].phone_region == "GB"
+    error = error_for([{**hook, "phone_region": "XX"}])  # two letters, no such region
+    assert (error.key, "ISO 3166" in str(error)) == ("phone_region", True)
+
+
+def test_auth_probe_interval_defaults_to_60_seconds() -> None:
+    hook = {"name": "h", "type": "webhook", "url": "http://h"}
+    assert parse_destinations([hook], {})[0].auth_probe_interval_s == 60.0
+    probe = parse_destinations([{**hook, "auth_probe_interval_s": 0.5}], {})[0]
+    assert probe.auth_probe_interval_s == 0.5
+
+
+def test_default_rate_limits_for_braze_and_customerio() -> None:
+    braze, cio, hook, tuned = parse_destinations(
+        [
+            {"name": "b", "type": "braze", "url": "https://b", "api_key": "k"},
+            {"name": "c", "type": "customerio", "site_id": "s", "api_key": "k"},
+            {"name": "w", "type": "webhook", "url": "http://h"},
+            {
+                "name": "t",
+                "type": "braze",
+                "url": "https://b",
+                "api_key": "k",
+                "rate_limit_per_s": 7,
+            },
+        ],
+        {},
+    )
+    assert (braze.rate_limit_per_s, cio.rate_limit_per_s) == (100.0, 100.0)
+    assert hook.rate_limit_per_s is None and tuned.rate_limit_per_s == 7.0

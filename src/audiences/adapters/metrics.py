@@ -76,6 +76,9 @@ RECOVERY_RECORDS = Counter(
 )
 CONSUMER_LAG = Gauge("audiences_consumer_lag", "Records behind the end of `events`", ["partition"])
 STATE_USERS = Gauge("audiences_state_users", "Profiles held in the state store", ["partition"])
+# Every metric labelled by `partition` (of `events`): the runtime removes a partition's
+# series when the partition leaves the worker (revoked, lost or fenced).
+PARTITION_SERIES = (CONSUMER_LAG, STATE_USERS)
 BUILD_INFO = Gauge("audiences_build_info", "Build information", ["version"])
 BUILD_INFO.labels(version=__version__).set(1)
 
@@ -145,4 +148,17 @@ SINK_DLQ = Counter(
     "audiences_sink_dlq",
     "Messages a destination sent to audience-events-dlq, by reason",
     ["destination", "reason"],
+)
+DESTINATION_PAUSED = Gauge(
+    "audiences_destination_paused",
+    "1 while a destination is paused because it refuses our credentials (401/403): its "
+    "messages are held (not dead-lettered) and a request is re-sent every "
+    "auth_probe_interval_s until accepted",
+    ["destination"],
+)
+DESTINATION_STOPPED = Gauge(
+    "audiences_destination_stopped",
+    "1 once a destination answered 410 Gone: nothing more is sent to it until the "
+    "configuration is fixed and the worker restarted (its messages stay in Kafka)",
+    ["destination"],
 )

@@ -9,13 +9,18 @@ way Docker and Kubernetes mount secrets.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
+import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from audiences.errors import AudiencesError
 
+log = logging.getLogger(__name__)
 PREFIX = "AUDIENCES_"
 EVENTS_PARTITIONER = "murmur2_random"  # = Java's default: same user, same partition
 SECRET_FIELDS = frozenset({"sasl_password", "write_keys", "api_tokens", "api_token"})
@@ -25,6 +30,41 @@ LOOPBACK = "127.0.0.1"
 
 class SettingsError(AudiencesError, ValueError):
     """An invalid `AUDIENCES_*` value: the message names the variable and what it expects."""
+
+
+# Constraints a field's metadata may declare, checked in one place (`_validated`):
+#   "choices": allowed strings ("normalise": str.upper compares and stores them upper-cased),
+#   "min"/"max": an integer's range, "special": {value: meaning} allowed outside it,
+#   "pattern": a regular expression a non-empty string must match (with "expects").
+# Booleans (fields typed bool) take true/false, 1/0, yes/no, on/off.
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SECURITY_PROTOCOLS = ("", "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+# What both librdkafka and Faust (aiokafka) can do with a user name and a password.
+SASL_MECHANISMS = ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+URL_PATTERN = r"^https?://[^\s/]+"
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
+
+# `AUDIENCES_*` variables read by something other than `Settings`, so an unknown-variable
+# warning skips them. Found by grepping src, tests, deploy, Makefile, docker-compose.yml
+# and .ci for AUDIENCES_ (tests/unit/test_settings_validation.py fails when a new one is
+# missing here). Secrets' `_FILE` variants are derived from SECRET_FIELDS.
+READ_ELSEWHERE = frozenset(
+    {
+        "AUDIENCES_PURE_CORE",  # audiences.core: use the pure-Python core
+        "AUDIENCES_EXPECT_COMPILED_CORE",  # tests: fail unless the compiled core loads
+        "AUDIENCES_PURE_BUILD",  # setup.py: build without compiling the core
+        "AUDIENCES_APACHE_KAFKA_VERSION",  # adapters/kafka/apache.py
+        "AUDIENCES_ROCKSDB_BLOCK_CACHE_MB",  # adapters/state/store.py
+        "AUDIENCES_ROCKSDB_WRITE_BUFFERS_MB",  # adapters/state/store.py
+        "AUDIENCES_BENCH_CONFIG",  # tools/bench: a contender's config file
+        "AUDIENCES_BENCH_LATENCY_TRACE",  # tools/bench/latency.py
+        "AUDIENCES_BENCH_QUIX_PYTHON",  # tools/bench/quix_env.py
+    }
+)
+READ_ELSEWHERE_PREFIXES = ("AUDIENCES_TEST_",)  # test fixtures (tests/conftest.py, tests/system)
+_warned: set[str] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,15 +143,32 @@ class Settings:
     dlq_retention_hours: int = field(
         default=168,
         metadata={
+            "min": 1,
             "doc": "hours both DLQs keep a record (they hold events and traits, PII included); "
-            "set on the topics at every start"
+            "set on the topics at every start",
         },
     )
-    partitions: int = field(default=4, metadata={"doc": "partitions of topics the worker creates"})
+    partitions: int = field(
+        default=4, metadata={"min": 1, "doc": "partitions of topics the worker creates"}
+    )
+    replication_factor: int = field(
+        default=-1,
+        metadata={
+            "min": 1,
+            "max": 32767,
+            "special": {-1: "the broker's default.replication.factor"},
+            "doc": "replication factor of every topic the engine creates (Faust's included); "
+            "-1 = the broker's default. An existing topic with fewer replicas than an "
+            "explicit value is refused",
+        },
+    )
     data_dir: str = field(default="./data", metadata={"doc": "RocksDB state directory"})
     destinations: str = field(default="", metadata={"doc": "destinations file (YAML/JSON)"})
     write_keys: str = field(default="", metadata={"doc": "collector write keys, comma-separated"})
-    web_port: int = field(default=6066, metadata={"doc": "worker web port: API, health, metrics"})
+    web_port: int = field(
+        default=6066,
+        metadata={"min": 1, "max": 65535, "doc": "worker web port: API, health, metrics"},
+    )
     web_host: str = field(
         default="127.0.0.1",
         metadata={
@@ -134,104 +191,154 @@ class Settings:
     web_advertised_url: str = field(
         default="",
         metadata={
+            "pattern": URL_PATTERN,
+            "expects": "an http:// or https:// URL",
             "doc": "URL other workers use to reach this one's API (default "
-            "http://WEB_HOST:WEB_PORT, 0.0.0.0 read as 127.0.0.1)"
+            "http://WEB_HOST:WEB_PORT, 0.0.0.0 read as 127.0.0.1)",
         },
     )
     api_url: str = field(
         default="",
-        metadata={"doc": "management API of a worker, for `audiences get/members/explain/preview`"},
+        metadata={
+            "pattern": URL_PATTERN,
+            "expects": "an http:// or https:// URL",
+            "doc": "management API of a worker, for `audiences get/members/explain/preview`",
+        },
     )
-    collector_port: int = field(default=8088, metadata={"doc": "collector port"})
+    collector_port: int = field(
+        default=8088, metadata={"min": 1, "max": 65535, "doc": "collector port"}
+    )
     collector_host: str = field(
         default="127.0.0.1", metadata={"doc": "collector bind address (0.0.0.0 in containers)"}
     )
     collector_ack_timeout_ms: int = field(
         default=10_000,
-        metadata={"doc": "collector: longest wait for Kafka's acknowledgement before a 503"},
+        metadata={
+            "min": 1,
+            "doc": "collector: longest wait for Kafka's acknowledgement before a 503",
+        },
     )
     collector_max_inflight_events: int = field(
         default=50_000,
-        metadata={"doc": "collector: unacknowledged events held at most; beyond, 503"},
+        metadata={"min": 1, "doc": "collector: unacknowledged events held at most; beyond, 503"},
     )
     collector_rate_limit: int = field(
         default=0,
-        metadata={"doc": "collector: events per second accepted per write key; 0 = no limit"},
+        metadata={
+            "min": 0,
+            "doc": "collector: events per second accepted per write key; 0 = no limit",
+        },
     )
     collector_rate_burst: int = field(
         default=0,
         metadata={
+            "min": 0,
             "doc": "collector: events a write key may send at once above its rate "
-            "(token bucket size; 0 = one second's worth)"
+            "(token bucket size; 0 = one second's worth)",
         },
     )
     collector_max_inflight_bytes: int = field(
         default=64 * 1024 * 1024,
-        metadata={"doc": "collector: unacknowledged event bytes held at most; beyond, 503"},
+        metadata={
+            "min": 1,
+            "doc": "collector: unacknowledged event bytes held at most; beyond, 503",
+        },
     )
-    log_format: str = field(default="text", metadata={"doc": "json | text"})
-    log_level: str = field(default="INFO", metadata={"doc": "logging level"})
+    log_format: str = field(
+        default="text",
+        metadata={"choices": LOG_FORMATS, "normalise": str.lower, "doc": "json | text"},
+    )
+    log_level: str = field(
+        default="INFO",
+        metadata={"choices": LOG_LEVELS, "normalise": str.upper, "doc": "logging level"},
+    )
     session_timeout_ms: int = field(
         default=6000,
-        metadata={"doc": "consumer group session timeout (6 s suits the embedded broker)"},
+        metadata={
+            "min": 1,
+            "doc": "consumer group session timeout (6 s suits the embedded broker)",
+        },
     )
     batch_size: int = field(
-        default=1000, metadata={"doc": "max records consumed per evaluator batch"}
+        default=1000, metadata={"min": 1, "doc": "max records consumed per evaluator batch"}
     )
-    tick_interval_ms: int = field(default=50, metadata={"doc": "deadline sweep interval when idle"})
+    tick_interval_ms: int = field(
+        default=50, metadata={"min": 1, "doc": "deadline sweep interval when idle"}
+    )
     commit_interval_ms: int = field(
         default=100,
         metadata={
+            "min": 1,
             "doc": "how often the evaluator makes its work durable (outputs acknowledged, "
-            "changelog, store, offsets); outputs are sent at once, whatever it is"
+            "changelog, store, offsets); outputs are sent at once, whatever it is",
         },
     )
     sweep_chunk: int = field(
         default=1000,
         metadata={
-            "doc": "due deadlines fired per partition per loop turn (live events flow between)"
+            "min": 1,
+            "doc": "due deadlines fired per partition per loop turn (live events flow between)",
         },
     )
     max_poll_interval_ms: int = field(
         default=300_000,
         metadata={
+            "min": 1,
             "doc": "evaluator max.poll.interval.ms: a loop stuck longer leaves the group and "
-            "its partitions go to another worker"
+            "its partitions go to another worker",
         },
     )
     state_cache_size: int = field(
         default=50_000,
         metadata={
+            "min": 1,
             "doc": "decoded profiles kept in memory per worker (about 1.5 KB each; the others "
-            "are read from RocksDB when their next event comes)"
+            "are read from RocksDB when their next event comes)",
         },
     )
     fetch_wait_ms: int = field(
         default=10,
         metadata={
+            "min": 0,
             "doc": "evaluator fetch.wait.max.ms: the embedded broker answers fetches only "
-            "when it expires, so it bounds event-to-transition latency there"
+            "when it expires, so it bounds event-to-transition latency there",
         },
     )
     sink_fetch_wait_ms: int = field(
         default=50,
         metadata={
+            "min": 0,
             "doc": "sink consumers' fetch.wait.max.ms: the embedded broker answers a fetch "
-            "only when it expires, so it bounds the sinks' added latency"
+            "only when it expires, so it bounds the sinks' added latency",
         },
     )
     security_protocol: str = field(
-        default="", metadata={"doc": "Kafka security.protocol (SASL_SSL, SSL, ...)"}
+        default="",
+        metadata={
+            "choices": SECURITY_PROTOCOLS,
+            "normalise": str.upper,
+            "doc": "Kafka security.protocol (SASL_SSL, SSL, ...)",
+        },
     )
     sasl_mechanism: str = field(
-        default="", metadata={"doc": "Kafka sasl.mechanism (PLAIN, SCRAM-SHA-512, ...)"}
+        default="",
+        metadata={
+            "choices": SASL_MECHANISMS,
+            "normalise": str.upper,
+            "doc": "Kafka sasl.mechanism (PLAIN, SCRAM-SHA-512, ...)",
+        },
     )
     sasl_username: str = field(default="", metadata={"doc": "Kafka SASL user"})
     sasl_password: str = field(default="", metadata={"doc": "Kafka SASL password (secret)"})
     ssl_ca_location: str = field(default="", metadata={"doc": "CA bundle for TLS"})
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, warn_unknown: bool = True, **overrides: Any
+    ) -> Settings:
+        """Settings from `AUDIENCES_*` variables (then `overrides`), every value checked
+        against its field's constraints: SettingsError names the variable and what it
+        expects. Unknown `AUDIENCES_*` variables are logged once (with a did-you-mean)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
@@ -240,18 +347,16 @@ class Settings:
                 raw = _secret_file(env, PREFIX + f.name.upper() + "_FILE")
             if raw is None:
                 continue
-            if f.type in ("int", int):
-                try:
-                    values[f.name] = int(raw)
-                except ValueError:
-                    raise SettingsError(
-                        f"{PREFIX}{f.name.upper()}: expected an integer, got {raw!r}"
-                    ) from None
-            else:
-                values[f.name] = raw
+            values[f.name] = _parsed(f, raw)
         values.update(overrides)
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                values[f.name] = _validated(f, values[f.name])
+        _check_combinations(values)
         made = cls(**values)
         made.api_token_list()  # an invalid AUDIENCES_API_TOKENS stops the process here
+        if warn_unknown:
+            warn_unknown_variables(env, cls)
         return made
 
     @property
@@ -335,3 +440,142 @@ class Settings:
                 value = "***"
             out[PREFIX + f.name.upper()] = {"value": value, "doc": f.metadata.get("doc", "")}
         return out
+
+
+def _variable(f: dataclasses.Field[Any]) -> str:
+    return PREFIX + f.name.upper()
+
+
+def _parsed(f: dataclasses.Field[Any], raw: str) -> Any:
+    """A variable's text as its field's type (int, bool or str)."""
+    if f.type in ("int", int):
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise SettingsError(
+                f"{_variable(f)}: expected an integer{_range_text(f)}, got {raw!r}"
+            ) from None
+    if f.type in ("bool", bool):
+        word = raw.strip().lower()
+        if word in TRUE or word in FALSE:
+            return word in TRUE
+        raise SettingsError(f"{_variable(f)}: expected true or false, got {raw!r}")
+    return raw
+
+
+def _range_text(f: dataclasses.Field[Any]) -> str:
+    low, high = f.metadata.get("min"), f.metadata.get("max")
+    if low is None and high is None:
+        return ""
+    text = (
+        f" from {low} to {high}"
+        if low is not None and high is not None
+        else f" >= {low}"
+        if low is not None
+        else f" <= {high}"
+    )
+    for value, meaning in f.metadata.get("special", {}).items():
+        text += f" (or {value}: {meaning})"
+    return text
+
+
+def _validated(f: dataclasses.Field[Any], value: Any) -> Any:
+    """`value` checked against the constraints in `f.metadata` (normalised: upper-cased
+    choices); raises SettingsError naming the variable and what it expects."""
+    meta = f.metadata
+    if f.type in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(f"{_variable(f)}: expected an integer, got {value!r}")
+        if value in meta.get("special", {}):
+            return value
+        low, high = meta.get("min"), meta.get("max")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise SettingsError(f"{_variable(f)}: expected an integer{_range_text(f)}, got {value}")
+        return value
+    if f.type in ("bool", bool):
+        if not isinstance(value, bool):
+            raise SettingsError(f"{_variable(f)}: expected true or false, got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise SettingsError(f"{_variable(f)}: expected a string, got {value!r}")
+    choices = meta.get("choices")
+    if choices is not None:
+        given = meta.get("normalise", str)(value.strip())
+        if given not in choices:
+            shown = ", ".join(c for c in choices if c)
+            empty = " (or empty)" if "" in choices else ""
+            raise SettingsError(f"{_variable(f)}: expected one of {shown}{empty}, got {value!r}")
+        return given
+    pattern = meta.get("pattern")
+    if pattern is not None and value and not re.match(pattern, value):
+        expects = meta.get("expects", f"a value matching {pattern}")
+        raise SettingsError(f"{_variable(f)}: expected {expects}, got {value!r}")
+    return value
+
+
+def _check_combinations(values: Mapping[str, Any]) -> None:
+    """Settings valid alone but not together. librdkafka uses GSSAPI when a SASL protocol
+    has no mechanism and Faust would use PLAIN, so the mechanism is required."""
+    protocol = values.get("security_protocol", "")
+    mechanism = values.get("sasl_mechanism", "")
+    if mechanism and not protocol.startswith("SASL_"):
+        raise SettingsError(
+            f"{PREFIX}SASL_MECHANISM is set but {PREFIX}SECURITY_PROTOCOL is "
+            f"{protocol or 'unset'}: expected SASL_PLAINTEXT or SASL_SSL with a SASL mechanism"
+        )
+    if protocol.startswith("SASL_") and not mechanism:
+        raise SettingsError(
+            f"{PREFIX}SASL_MECHANISM: expected one of {', '.join(m for m in SASL_MECHANISMS if m)} "
+            f"with {PREFIX}SECURITY_PROTOCOL={protocol}, got nothing"
+        )
+
+
+def known_variables(settings_class: type[Settings] = Settings) -> frozenset[str]:
+    """Every `AUDIENCES_*` variable something reads: the settings' fields, the `_FILE`
+    variants of secrets, and READ_ELSEWHERE."""
+    names = {_variable(f) for f in dataclasses.fields(settings_class)}
+    names |= {PREFIX + name.upper() + "_FILE" for name in SECRET_FIELDS}
+    return frozenset(names | READ_ELSEWHERE)
+
+
+def unknown_variables(
+    env: Mapping[str, str], settings_class: type[Settings] = Settings
+) -> list[tuple[str, str | None]]:
+    """(variable, closest known variable or None) for each `AUDIENCES_*` variable that
+    nothing reads, sorted."""
+    known = known_variables(settings_class)
+    found: list[tuple[str, str | None]] = []
+    for name in sorted(env):
+        if not name.startswith(PREFIX) or name in known:
+            continue
+        if name.startswith(READ_ELSEWHERE_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        found.append((name, close[0] if close else None))
+    return found
+
+
+def warn_unknown_variables(
+    env: Mapping[str, str] | None = None, settings_class: type[Settings] = Settings
+) -> None:
+    """Log a WARNING for each unknown `AUDIENCES_*` variable, once per process."""
+    known = known_variables(settings_class)
+    for name, close in unknown_variables(os.environ if env is None else env, settings_class):
+        if name in _warned:
+            continue
+        _warned.add(name)
+        hint = f"; did you mean {close}?" if close else ""
+        if name.endswith("_FILE") and name.removesuffix("_FILE") in known:
+            secrets = ", ".join(sorted(PREFIX + s.upper() for s in SECRET_FIELDS))
+            hint = f"; only secrets may come from files ({secrets})"
+        log.warning("unknown setting %s is ignored%s", name, hint)
+
+
+def settings_or_exit(env: Mapping[str, str] | None = None, **kwargs: Any) -> Settings:
+    """`Settings.from_env` for an entry point: an invalid value ends the process with
+    exit code 2 and one line, `error: VARIABLE: what it expects`, no traceback."""
+    try:
+        return Settings.from_env(env, **kwargs)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -116,6 +116,9 @@ BROKER_CONFIG: dict[str, str] = {
     "default.replication.factor": "1",
     "min.insync.replicas": "1",
     "group.initial.rebalance.delay.ms": "0",
+    # A development broker: consumers may ask for sessions down to 1 s (the default floor
+    # is 6 s), so a test that kills workers waits that long for the group to notice.
+    "group.min.session.timeout.ms": "1000",
     "offsets.topic.replication.factor": "1",
     "transaction.state.log.replication.factor": "1",
     "transaction.state.log.min.isr": "1",

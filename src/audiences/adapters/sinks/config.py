@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import phonenumbers
 import yaml
 
 from audiences.core.durations import parse_duration_ms
@@ -41,10 +42,18 @@ COMMON_KEYS = (
     "retry_initial_s",
     "retry_max_s",
     "forward_deletions",
+    "auth_probe_interval_s",
+    "phone_region",
 )
 TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "webhook": ("url", "secret"),
-    "braze": ("url", "api_key"),
+    "braze": (
+        "url",
+        "api_key",
+        "update_existing_only",
+        "anonymous_alias_label",
+        "objects_per_request",
+    ),
     "customerio": ("url", "site_id", "api_key"),
     "segment": ("url", "write_key"),
     "kafka": (
@@ -74,7 +83,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_URL = {"customerio": "https://track.customer.io", "segment": "https://api.segment.io"}
 DEFAULT_BATCH = {"webhook": 1, "braze": 75, "customerio": 1, "segment": 100, "kafka": 500}
-MAX_BATCH = {"webhook": 1000, "braze": 75, "customerio": 100, "segment": 2500, "kafka": 10_000}
+# Braze: `batch_size` counts messages; requests are cut by objects (<= 75 attributes and
+# <= 75 events each, render.py), so a batch may span several requests.
+MAX_BATCH = {"webhook": 1000, "braze": 1000, "customerio": 100, "segment": 2500, "kafka": 10_000}
+# Requests per second when `rate_limit_per_s` is absent (README, "Sending audiences"):
+# Braze and Customer.io both throttle a workspace with 429s well above this.
+DEFAULT_RATE_PER_S = {"braze": 100.0, "customerio": 100.0}
 DEFAULT_MODE = {
     "webhook": ("track",),
     "braze": ("track", "identify"),
@@ -83,6 +97,13 @@ DEFAULT_MODE = {
     "kafka": ("track",),
 }
 DEFAULT_MAX_RETRY_AGE_MS = 4 * 3_600_000
+DEFAULT_AUTH_PROBE_INTERVAL_S = 60.0
+DEFAULT_PHONE_REGION = "US"
+# Standard Webhooks: secrets of 24 to 64 bytes; the official libraries accept the key with or
+# without the `whsec_` prefix and with or without base64 padding.
+WEBHOOK_SECRET_PREFIX = "whsec_"
+WEBHOOK_SECRET_MIN_BYTES = 24
+_BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 AUDIENCE_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -113,6 +134,17 @@ class Destination:
     kafka_security: dict[str, str] = field(default_factory=dict, repr=False)
     # `User Deleted` (SPEC §4/§6) is forwarded whatever `audiences` selects, unless false
     forward_deletions: bool = True
+    # paused by a 401/403: the held request is sent again this often until accepted
+    auth_probe_interval_s: float = DEFAULT_AUTH_PROBE_INTERVAL_S
+    # `hash_pii`: the region of phone numbers written without a country code
+    phone_region: str = DEFAULT_PHONE_REGION
+    # braze: `_update_existing_only` on every attributes object (None: not sent)
+    update_existing_only: bool | None = None
+    # braze: anonymous profiles go as `user_alias {alias_name: anonymousId, alias_label}`
+    anonymous_alias_label: str = ""
+    # braze: attributes + events objects per request, for contracts that count them
+    # combined (None: <= 75 of each, the classic limit)
+    objects_per_request: int | None = None
 
     def kafka_security_config(self) -> dict[str, str]:
         """librdkafka security settings of a `kafka` destination's own cluster."""
@@ -192,6 +224,7 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
         "secret",
         "api_key",
         "write_key",
+        "anonymous_alias_label",
         *KAFKA_SECURITY_KEYS,
     ):
         if key in values and not isinstance(values[key], str):
@@ -225,10 +258,42 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
     hash_pii = values.get("hash_pii", False)
     if not isinstance(hash_pii, bool):
         raise DestinationConfigError(name, "hash_pii", f"expected true or false, got {hash_pii!r}")
+    if hash_pii and kind == "customerio":
+        raise DestinationConfigError(
+            name,
+            "hash_pii",
+            "not for customerio: Customer.io sends email to the `email` attribute, so a hashed "
+            "one would leave nothing to send to (leave hash_pii off for this destination)",
+        )
+    update_existing_only = values.get("update_existing_only")
+    if update_existing_only is not None and not isinstance(update_existing_only, bool):
+        raise DestinationConfigError(
+            name, "update_existing_only", f"expected true or false, got {update_existing_only!r}"
+        )
+    objects = values.get("objects_per_request")
+    if objects is not None:
+        objects = _integer(values, "objects_per_request", 0, name)
+        if not 2 <= objects <= 150:
+            raise DestinationConfigError(
+                name, "objects_per_request", f"expected 2..150 (e.g. 75 or 50), got {objects}"
+            )
+    if "anonymous_alias_label" in values and not values["anonymous_alias_label"]:
+        raise DestinationConfigError(name, "anonymous_alias_label", "expected a non-empty string")
     forward_deletions = values.get("forward_deletions", True)
     if not isinstance(forward_deletions, bool):
         raise DestinationConfigError(
             name, "forward_deletions", f"expected true or false, got {forward_deletions!r}"
+        )
+    phone_region = values.get("phone_region", DEFAULT_PHONE_REGION)
+    if (
+        not isinstance(phone_region, str)
+        or phone_region.upper() not in phonenumbers.SUPPORTED_REGIONS
+    ):
+        raise DestinationConfigError(
+            name,
+            "phone_region",
+            f"expected an ISO 3166-1 alpha-2 region with a phone numbering plan (US, GB, FR, ...), "
+            f"got {phone_region!r}",
         )
     return Destination(
         name=name,
@@ -238,7 +303,7 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
         batch_size=batch_size,
         timeout_s=_positive(values, "timeout_s", 10.0, name),
         max_retry_age_ms=_age(values.get("max_retry_age"), name),
-        rate_limit_per_s=float(rate) if rate is not None else None,
+        rate_limit_per_s=float(rate) if rate is not None else DEFAULT_RATE_PER_S.get(kind),
         hash_pii=hash_pii,
         retry_initial_s=_positive(values, "retry_initial_s", 0.5, name),
         retry_max_s=_positive(values, "retry_max_s", 60.0, name),
@@ -251,6 +316,13 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
         write_key=values.get("write_key", ""),
         kafka_security=security,
         forward_deletions=forward_deletions,
+        auth_probe_interval_s=_positive(
+            values, "auth_probe_interval_s", DEFAULT_AUTH_PROBE_INTERVAL_S, name
+        ),
+        phone_region=phone_region.upper(),
+        update_existing_only=update_existing_only,
+        anonymous_alias_label=values.get("anonymous_alias_label", ""),
+        objects_per_request=objects,
     )
 
 
@@ -338,14 +410,31 @@ def _modes(value: Any, kind: str, name: str) -> tuple[str, ...]:
     return tuple(m for m in MODES if m in items)
 
 
-def _check_webhook_secret(name: str, secret: str) -> None:
-    if not secret.startswith("whsec_"):
-        raise DestinationConfigError(name, "secret", "expected 'whsec_' followed by base64")
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret: base64 (padded or not), `whsec_` optional.
+
+    Raises ValueError when it is not base64."""
+    text = secret.removeprefix(WEBHOOK_SECRET_PREFIX)
+    if not _BASE64.match(text):
+        raise ValueError("not base64")
+    text = text.rstrip("=")
     try:
-        key = base64.b64decode(secret[len("whsec_") :], validate=True)
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
+        raise ValueError("not base64") from None
+
+
+def _check_webhook_secret(name: str, secret: str) -> None:
+    try:
+        key = webhook_key(secret)
+    except ValueError:
         raise DestinationConfigError(
-            name, "secret", "the part after 'whsec_' is not base64"
+            name, "secret", "expected base64 (optionally after 'whsec_'), e.g. whsec_<base64>"
         ) from None
-    if len(key) < 16:
-        raise DestinationConfigError(name, "secret", "the key must be at least 16 bytes")
+    if len(key) < WEBHOOK_SECRET_MIN_BYTES:
+        raise DestinationConfigError(
+            name,
+            "secret",
+            f"the key must be at least {WEBHOOK_SECRET_MIN_BYTES} bytes (Standard Webhooks), "
+            f"got {len(key)}",
+        )

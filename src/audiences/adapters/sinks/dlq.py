@@ -1,7 +1,7 @@
 """Dead letters of the sinks (`audience-events-dlq`, SPEC §1) and their replay.
 
 A dead letter is the original record (key and value as on `audience-events`)
-with headers: `destination`, `error_reason` (rejected | retries_exhausted |
+with headers: `destination`, `error_reason` (rejected | retries_exhausted | too_large |
 invalid_message), `status` (HTTP status, empty when there was none),
 `response` (an excerpt of the response body), `error` (one readable line), and
 `source_topic` / `source_partition` / `source_offset` of the original record.
@@ -198,7 +198,13 @@ async def _replay(
     max_retry_age_ms: int,
 ) -> ReplayReport:
     report = ReplayReport()
-    deliverer = Deliverer(replace(destination, max_retry_age_ms=max_retry_age_ms), transport)
+    # a replay is a one-off command: a 401/403/410 dead-letters the letters again (replayable
+    # later) instead of pausing or stopping it
+    deliverer = Deliverer(
+        replace(destination, max_retry_age_ms=max_retry_age_ms),
+        transport,
+        hold_auth_failures=False,
+    )
     dlq_topic = Topics.from_settings(settings).audience_events_dlq
     try:
         for items in per_partition.values():

@@ -1,7 +1,9 @@
 """Retry policy and rate limit, shared by every sink (pure: clocks and randomness injected).
 
 - `classify`: 2xx delivered; connection errors, timeouts, 408, 429 and 5xx
-  retriable; any other status is final (dead-lettered at once).
+  retriable; any other status is final (dead-lettered at once) — 3xx
+  included: redirects are never followed. (401/403 and 410 are final here
+  too; the `Deliverer` pauses or stops the destination on them instead.)
 - `backoff_s`: exponential with "equal jitter" — half the exponential step,
   plus a random half — so retries spread out yet always grow.
 - `retry_after_s`: the `Retry-After` header, seconds or an HTTP date.
@@ -18,6 +20,21 @@ import random
 from enum import Enum
 
 RETRIABLE_STATUSES = frozenset({408, 429})
+# Refusals of our credentials, not of a message: the destination pauses (`Deliverer`).
+AUTH_FAILURES = frozenset({401, 403})
+GONE = 410  # the endpoint is no more: the destination stops
+
+
+def is_redirect(status: int | None) -> bool:
+    """A 3xx: never followed (a POST redirected is re-sent as a body-less GET by most
+    clients, and the 2xx it gets would count as delivered); a failure, final."""
+    return status is not None and 300 <= status < 400
+
+
+def refuses_the_request(status: int | None) -> bool:
+    """A final answer about the request (URL, credentials) rather than its messages: a
+    batch is not worth re-sending message by message."""
+    return is_redirect(status) or status in AUTH_FAILURES or status == GONE
 
 
 class Verdict(Enum):

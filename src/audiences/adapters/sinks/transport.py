@@ -3,6 +3,8 @@
 - `HttpTransport`: one aiohttp `ClientSession` per destination (a pooled
   connector with keep-alive), a total timeout of `timeout_s` per attempt.
   Connection errors and timeouts come back as `Response(status=None)`.
+  Redirects are never followed (`allow_redirects=False`): aiohttp would turn
+  a 301/302/303 POST into a body-less GET whose 2xx would count as delivered.
 - `KafkaTransport`: a confluent-kafka producer (idempotent, acks=all, made by
   `KafkaClients.destination_producer`); a request's records are produced and
   flushed in a worker thread.
@@ -22,6 +24,7 @@ from audiences.adapters.sinks.delivery import EXCERPT_CHARS, Response, Transport
 from audiences.adapters.sinks.render import Request
 
 CONNECTIONS_PER_DESTINATION = 16
+MAX_CONTENT_CHARS = 1_000_000  # a 2xx body kept whole for answers.py (Braze `errors[]`)
 # Kafka errors no retry can fix: the record goes to the DLQ at once.
 PERMANENT_KAFKA_ERRORS = frozenset(
     {
@@ -52,11 +55,20 @@ class HttpTransport:
     async def send(self, request: Request, headers: list[tuple[str, str]]) -> Response:
         try:
             async with self._client().request(
-                request.method, request.url, data=request.body, headers=headers
+                request.method,
+                request.url,
+                data=request.body,
+                headers=headers,
+                allow_redirects=False,  # a 3xx is a failure (delivery.py), never followed
             ) as answer:
                 text = await answer.text(errors="replace")
                 return Response(
-                    answer.status, text[:EXCERPT_CHARS], answer.headers.get("Retry-After")
+                    answer.status,
+                    text[:EXCERPT_CHARS],
+                    answer.headers.get("Retry-After"),
+                    location=answer.headers.get("Location"),
+                    content=text[:MAX_CONTENT_CHARS] if 200 <= answer.status < 300 else "",
+                    headers={k.lower(): v for k, v in answer.headers.items()},
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
             return Response(None, error=f"{type(exc).__name__}: {exc}"[:EXCERPT_CHARS])

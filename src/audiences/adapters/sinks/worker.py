@@ -27,6 +27,14 @@ park and no index to rebuild. Guarantees:
 A down destination backs off its own lanes; past `max_retry_age` (counted
 from the record's timestamp on `audience-events`) the messages go to the DLQ,
 so an outage longer than that costs dead letters (replayable), not progress.
+
+A destination refusing our credentials (401/403) is paused by its `Deliverer`
+(the lanes wait, nothing is committed past the held batch, a probe re-sends
+it); one answering 410 Gone is stopped: the `Deliverer` raises
+`DestinationGone`, the lanes end without committing, every partition is
+paused (and stays paused on assignment), queued messages are dropped — they
+stay in Kafka for a worker restarted with a fixed configuration — and `run()`
+keeps polling, so the group and the other destinations carry on.
 """
 
 from __future__ import annotations
@@ -46,7 +54,12 @@ from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.sinks.config import Destination
-from audiences.adapters.sinks.delivery import Deliverer, Transport, wall_clock_ms
+from audiences.adapters.sinks.delivery import (
+    Deliverer,
+    DestinationGone,
+    Transport,
+    wall_clock_ms,
+)
 from audiences.adapters.sinks.dlq import (
     Item,
     decode,
@@ -105,6 +118,7 @@ class SinkWorker:
         self._pause: set[int] = set()
         self._resume: set[int] = set()
         self._failure: BaseException | None = None
+        self.gone = False  # stopped by a 410: nothing more is consumed or sent
         self.delivered = 0  # messages delivered / skipped / dead-lettered here (tests, logs)
         self.skipped = 0
         self.dead_lettered = 0
@@ -165,6 +179,9 @@ class SinkWorker:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         consumer.incremental_assign(partitions)  # from the committed offsets
+        if self.gone:
+            consumer.pause(partitions)
+            self._paused.update(tp.partition for tp in partitions)
         self._owned.update(tp.partition for tp in partitions)
         self.assigned.set()
         log.info("sink %s: assigned %s", self.destination.name, sorted(self._owned))
@@ -232,6 +249,8 @@ class SinkWorker:
                 lane.task.cancel()  # its records are the new owner's now (sent again there)
 
     def _dispatch(self, messages: list[Message]) -> None:
+        if self.gone:
+            return  # left uncommitted in Kafka
         for msg in messages:
             error = msg.error()
             if error is not None:
@@ -259,6 +278,9 @@ class SinkWorker:
         self._depth.set(self.queue_depth)
 
     def _flow_control(self) -> None:
+        if self.gone:
+            self._pause |= self._owned - self._paused
+            return
         for partition, lane in self._lanes.items():
             size = len(lane.queue)
             if size >= self.queue_limit and partition not in self._paused:
@@ -282,10 +304,21 @@ class SinkWorker:
                 self._depth.set(self.queue_depth)
         except asyncio.CancelledError:
             raise
+        except DestinationGone:
+            self._stop_consuming()
         except BaseException as exc:
             log.exception("sink %s: lane %d failed", self.destination.name, lane.partition)
             self._failure = exc
             self._stop.set()
+
+    def _stop_consuming(self) -> None:
+        """After a 410: drop what is queued (uncommitted, it stays in Kafka); `_flow_control`
+        pauses every partition."""
+        self.gone = True
+        for lane in self._lanes.values():
+            lane.queue.clear()
+            lane.in_flight = 0
+        self._depth.set(0)
 
     async def _deliver(self, batch: list[Item]) -> None:
         first_seen = min(item.timestamp_ms for item in batch)

@@ -112,11 +112,17 @@ def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | No
     )
 
 
-def create_app(settings: Settings, ready: Callable[[], bool]) -> AudiencesApp:
+def create_app(
+    settings: Settings, ready: Callable[[], bool], *, replication_factor: int | None = None
+) -> AudiencesApp:
     """The Faust app of one worker process, with /healthz, /readyz (`ready`) and /metrics.
 
     Its web server (the management API's too) listens on `settings.web_bind_host`:
-    loopback only, with a warning, when no API token is configured."""
+    loopback only, with a warning, when no API token is configured. Faust creates one
+    topic of its own (its assignor's leader topic) with `replication_factor`: Faust cannot
+    ask for the broker's default, so the worker passes the number it read from the broker
+    (`topics.faust_replication_factor`); by default AUDIENCES_REPLICATION_FACTOR, or 1
+    when that is -1."""
     os.makedirs(settings.data_dir, exist_ok=True)
     bind = settings.web_bind_host
     if not settings.api_token_list():
@@ -138,7 +144,11 @@ def create_app(settings: Settings, ready: Callable[[], bool]) -> AudiencesApp:
         web_port=settings.web_port,
         web_in_thread=False,
         topic_partitions=settings.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=(
+            replication_factor
+            if replication_factor is not None
+            else max(1, settings.replication_factor)
+        ),
         broker_session_timeout=settings.session_timeout_ms / 1000,
         broker_heartbeat_interval=1.0,
         consumer_auto_offset_reset="earliest",

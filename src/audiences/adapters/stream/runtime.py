@@ -120,6 +120,7 @@ class Runtime:
         self._misrouted_logged = 0.0
         self._owners: dict[bytes, int] = {}
         self._newest_record_ms: dict[int, int] = {}  # per partition: Kafka time, last batch
+        self._published_audiences: set[str] = set()  # AUDIENCE_SIZE children set
         self.events_partitions = 0
         self._topic_ids: dict[str, str | None] = {}
         self._consumer: Consumer = clients.events_consumer()
@@ -501,6 +502,12 @@ class Runtime:
                 totals[audience] = totals.get(audience, 0) + size
         for audience, size in totals.items():
             metrics.AUDIENCE_SIZE.labels(audience).set(size)
+        for audience in self._published_audiences - totals.keys():
+            # no partition here counts it any more (all moved to other workers): a frozen
+            # value would be summed with the new owners' across the deployment
+            with contextlib.suppress(KeyError):
+                metrics.AUDIENCE_SIZE.remove(audience)
+        self._published_audiences = set(totals)
 
     # -- ownership -------------------------------------------------------------------------
 
@@ -651,9 +658,16 @@ class Runtime:
             partition.store.destroy()
         else:
             partition.store.close()
-        with contextlib.suppress(KeyError):  # never published
-            metrics.STATE_USERS.remove(str(number))
+        self._forget_series(number)
         self._publish_counts()
+
+    def _forget_series(self, number: int) -> None:
+        """Remove partition `number`'s labelled series from /metrics: the worker no longer
+        holds it, and a value frozen at its last update (a lag that never moves again)
+        would be read as this worker's, next to the new owner's."""
+        for gauge in metrics.PARTITION_SERIES:
+            with contextlib.suppress(KeyError):  # never published
+                gauge.remove(str(number))
 
     def _drop(self, number: int) -> None:
         """Another worker owns `number`: forget it without writing anything."""
@@ -682,6 +696,7 @@ class Runtime:
                 log.warning("partition %d was taken over meanwhile; dropping it", number)
                 writer.close()
                 self.open_store(number).destroy()
+                self._forget_series(number)
                 continue
             self._consumer.seek(TopicPartition(self.topics.events, number, reopened.position))
         self._partitions_changed()

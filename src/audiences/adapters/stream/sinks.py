@@ -34,9 +34,14 @@ def prepare_sink_topics(
     for destination in destinations:
         if destination.type == "kafka":
             config: dict[str, object] = dict(settings.kafka_config())
-            if destination.bootstrap:
-                config["bootstrap.servers"] = destination.bootstrap
-            ensure_topic(config, destination.topic, settings.partitions)
+            replicas = settings.replication_factor
+            if destination.bootstrap:  # another cluster: its own security, its default
+                config = {
+                    "bootstrap.servers": destination.bootstrap,
+                    **destination.kafka_security_config(),
+                }
+                replicas = -1
+            ensure_topic(config, destination.topic, settings.partitions, replicas)
 
 
 class SinkService(mode.Service):

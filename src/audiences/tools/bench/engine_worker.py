@@ -39,7 +39,7 @@ from confluent_kafka import Message
 
 from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics
-from audiences.adapters.settings import Settings
+from audiences.adapters.settings import Settings, settings_or_exit
 from audiences.adapters.state.checkpoint import Flight
 from audiences.adapters.stream import runtime as runtime_module
 from audiences.adapters.stream.emitter import Rendered
@@ -109,7 +109,7 @@ class TimedRuntime(Runtime):
 
 
 def settings_of(config: dict[str, Any]) -> Settings:
-    base = Settings.from_env().replace(kafka_bootstrap=config["bootstrap"])
+    base = settings_or_exit().replace(kafka_bootstrap=config["bootstrap"])
     return isolated_settings(
         base,
         config["app_id"],

@@ -67,6 +67,7 @@ from audiences import core_build
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.errors import AudiencesError, BrokerError
+from audiences.progress import ProgressBar
 from audiences.tools.bench.contender import CONFIG_ENV
 from audiences.tools.bench.isolation import isolated_settings
 from audiences.tools.bench.workload import (
@@ -99,29 +100,23 @@ class ContenderFailed(AudiencesError):
 
 
 class _Progress:
-    """A one-line progress bar on stderr (\\r-updated, at most ~10 times a second)."""
+    """A progress bar on stderr when it is a terminal (tqdm); redirected, only the final
+    line (`label  count  note`), so logs of a run stay readable."""
 
     def __init__(self, label: str, total: int) -> None:
         self.label = label
         self.total = max(1, total)
-        self._shown = -1.0
-        self._done = -1
-        self._live = sys.stderr.isatty()  # redirected: only the final line
+        self._bar = ProgressBar(f"  {label:<24}", self.total)
 
-    def update(self, done: int, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and (not self._live or done == self._done or now - self._shown < 0.1):
-            return
-        self._shown, self._done = now, done
-        share = min(1.0, done / self.total)
-        bar = "#" * int(share * 30)
-        sys.stderr.write(f"\r  {self.label:<24} [{bar:<30}] {share:6.1%} {done:>10,}")
-        sys.stderr.flush()
+    def update(self, done: int) -> None:
+        self._bar.update(min(done, self.total))
 
     def finish(self, note: str = "") -> None:
-        self.update(self.total, force=True)
-        sys.stderr.write(f"  {note}\n")
-        sys.stderr.flush()
+        self._bar.update(self.total)
+        self._bar.close(note)
+        if not self._bar.live:
+            sys.stderr.write(f"  {self.label:<24} {self.total:>10,}  {note}\n")
+            sys.stderr.flush()
 
 
 def _say(text: str) -> None:
