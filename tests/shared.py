@@ -32,11 +32,17 @@ SPEC_CART_ABANDONERS: dict[str, Any] = {
 }
 
 
+# The space of the outputs of every test engine (`isolated_settings`), so that the core's
+# outputs (`pure_outputs`) are comparable whatever the app id.
+TEST_SPACE_ID = "spa_test"
+
+
 def isolated_settings(bootstrap: str, name: str, data_dir: str, **overrides: Any) -> Settings:
     """Settings whose topics, groups and state belong to one test only."""
     values: dict[str, Any] = {
         "kafka_bootstrap": bootstrap,
         "app_id": f"{name}-app",
+        "space_id": TEST_SPACE_ID,
         "events_topic": f"{name}-events",
         "audience_events_topic": f"{name}-audience-events",
         "definitions_topic": f"{name}-defs",
@@ -75,7 +81,7 @@ def output_message(
         trigger_message_id=f"m-{user}-{seq}",
     )
     traits = {"email": email} if email else {}
-    return render_transition(transition, traits, anonymous=anonymous)
+    return render_transition(transition, traits, space_id=TEST_SPACE_ID, anonymous=anonymous)
 
 
 def deleted_message(
@@ -123,7 +129,9 @@ def pure_outputs(
 
     def record(result: Any) -> None:
         for t in result.transitions:
-            rendered = render_output(t, result.state.traits, anonymous=result.state.anonymous)
+            rendered = render_output(
+                t, result.state.traits, space_id=TEST_SPACE_ID, anonymous=result.state.anonymous
+            )
             outputs[t.message_id] = orjson.loads(orjson.dumps(rendered))  # as on the topic
 
     for raw in events:

@@ -509,3 +509,31 @@ class FakeDestination:
                 _check(isinstance(message.get("event"), str), "track needs event")
             else:
                 _check(isinstance(message.get("traits"), dict), "identify needs traits")
+
+
+def audience_destination_problems(message: dict[str, Any]) -> list[str]:
+    """What a Segment Actions audience destination would find missing in `message` (an
+    Engage audience event as Segment forwards it): the mappings of LaunchDarkly
+    Audiences' "Sync Engage Audience" action (segmentio/action-destinations,
+    launchdarkly-audiences/syncAudience: every field required) — the audience from
+    `context.personas.computation_key`, the event kept only when
+    `context.personas.computation_class` is `audience`, the user from `userId` else
+    `anonymousId`, membership as the boolean `properties[key]` (track) or `traits[key]`
+    (identify) — and the external audience id that other audience destinations (Dynamic
+    Yield, ...) map from `context.personas.computation_id` and `space_id`."""
+    problems: list[str] = []
+    personas = (message.get("context") or {}).get("personas")
+    if not isinstance(personas, dict):
+        return ["no context.personas"]
+    for field in ("computation_key", "computation_class", "computation_id", "space_id"):
+        if not isinstance(personas.get(field), str) or not personas[field]:
+            problems.append(f"context.personas.{field} missing")
+    if personas.get("computation_class") != "audience":
+        problems.append("computation_class is not 'audience' (LaunchDarkly ignores the event)")
+    if not (message.get("userId") or message.get("anonymousId")):
+        problems.append("no userId or anonymousId (context_key)")
+    values = message.get("properties") if "properties" in message else message.get("traits")
+    key = personas.get("computation_key")
+    if not isinstance(values, dict) or not isinstance(values.get(key), bool):
+        problems.append(f"no boolean membership at properties/traits[{key!r}]")
+    return problems

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.core.events import format_iso
+from audiences.errors import DeliveryError
 from shared import isolated_settings
 
 pytestmark = pytest.mark.kafka
@@ -96,6 +98,17 @@ def events_topic(settings: Settings) -> Iterator[_TopicReader]:
     reader = _TopicReader(settings.kafka_bootstrap, settings.events_topic)
     yield reader
     reader.close()
+
+
+@pytest.fixture
+def dlq_topic(settings: Settings) -> Iterator[_TopicReader]:
+    reader = _TopicReader(settings.kafka_bootstrap, settings.events_dlq_topic)
+    yield reader
+    reader.close()
+
+
+def headers_of(message: Any) -> dict[str, str]:
+    return {name: (value or b"").decode() for name, value in message.headers() or ()}
 
 
 def values(messages: list[Any]) -> list[dict[str, Any]]:
@@ -318,12 +331,8 @@ GOOD = {"userId": "u1", "event": "E"}
             400,
             "body is not valid gzip",
         ),
-        (
-            "/v1/track",
-            {"body": {**GOOD, "properties": {"x": "y" * 33_000}}},
-            400,
-            "event is over the 32 KB limit (32768 bytes)",
-        ),
+        ("/v1/track", {"data": b"[1, 2]"}, 400, "body must be a JSON object"),
+        ("/v1/batch", {"body": {"batch": {"type": "track"}}}, 400, "batch: must be a list"),
         (
             "/v1/batch",
             {
@@ -332,48 +341,21 @@ GOOD = {"userId": "u1", "event": "E"}
                 }
             },
             400,
-            "batch is over the 500 KB limit (512000 bytes)",
+            "body is over the 500 KB limit (512000 bytes)",
         ),
         (
             "/v1/batch",
             {"data": gzip.compress(b'{"batch": [' + b"{}," * 300_000 + b"{}]}")},
             400,
-            "batch is over the 500 KB limit",
-        ),
-        ("/v1/track", {"body": {"event": "E"}}, 400, "userId: userId or anonymousId is required"),
-        ("/v1/track", {"body": {"userId": "u1"}}, 400, "event: track events need a non-empty"),
-        (
-            "/v1/batch",
-            {"body": {"batch": [{**GOOD, "type": "track"}, {"type": "track", "userId": "u"}]}},
-            400,
-            "batch[1].event: track events need a non-empty",
+            "body is over the 500 KB limit",
         ),
         ("/v1/trak", {"body": GOOD}, 404, "no such endpoint: POST /v1/trak"),
         ("/v2/track", {"body": GOOD}, 404, "Not Found: POST /v2/track"),
-        (  # SPEC §11: numbers outside 64 bits / ISO are invalid input, never a 500
-            "/v1/batch",
-            {
-                "body": {
-                    "batch": [
-                        {**GOOD, "type": "track"},
-                        {**GOOD, "type": "track", "timestamp": 1e20},
-                    ]
-                }
-            },
-            400,
-            "batch[1].timestamp: timestamp is outside 1970..9999",
-        ),
         (
             "/v1/track",
             {"data": b'{"userId": "u", "event": "E", "properties": {"n": 1e400}}'},
             400,
             "invalid JSON",
-        ),
-        (
-            "/v1/track",
-            {"body": {**GOOD, "timestamp": "2099-01-01T00:00:00Z"}},
-            400,
-            "(future_timestamp)",
         ),
     ],
     ids=[
@@ -382,22 +364,19 @@ GOOD = {"userId": "u1", "event": "E"}
         "missing-key",
         "invalid-json",
         "gzip-garbage",
-        "oversize-event",
+        "not-an-object",
+        "batch-not-a-list",
         "oversize-batch",
         "oversize-gzipped-batch",
-        "missing-user",
-        "missing-event",
-        "invalid-batch-item",
         "unknown-endpoint",
         "unknown-path",
-        "timestamp-beyond-64-bits",
         "number-beyond-double",
-        "future-timestamp",
     ],
 )
 def test_rejections_have_their_status_and_message_and_produce_nothing(
     start: Callable[..., RunningCollector],
     events_topic: _TopicReader,
+    dlq_topic: _TopicReader,
     path: str,
     kwargs: dict[str, Any],
     status: int,
@@ -415,6 +394,165 @@ def test_rejections_have_their_status_and_message_and_produce_nothing(
     assert collector.post("/v1/identify", {"userId": "after"}).status_code == 200
     [only] = values(events_topic.read(1, 30))  # read() fails if anything more arrived
     assert only["userId"] == "after"
+    assert dlq_topic.read(0, 0) == []  # a refused request dead-letters nothing
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "reason", "error"),
+    [
+        ("/v1/track", {"event": "E"}, "missing_user", "userId: userId or anonymousId is required"),
+        ("/v1/track", {"userId": "u1"}, "missing_event", "event: track events need a non-empty"),
+        ("/v1/group", {"userId": "u1"}, "missing_field", "groupId: required for group calls"),
+        (
+            "/v1/track",
+            {**GOOD, "properties": {"x": "y" * 33_000}},
+            "oversized",
+            "over the 32 KB limit per event (32768 bytes)",
+        ),
+        (
+            "/v1/track",
+            {**GOOD, "timestamp": "2099-01-01T00:00:00Z"},
+            "future_timestamp",
+            "timestamp: event time",
+        ),
+        (  # SPEC §11: numbers outside 64 bits / ISO are invalid input, never a 500
+            "/v1/track",
+            {**GOOD, "timestamp": 1e20},
+            "bad_timestamp",
+            "timestamp: timestamp is outside 1970..9999",
+        ),
+    ],
+    ids=["missing-user", "missing-event", "missing-group-id", "oversize-event", "future", "1e20"],
+)
+def test_an_invalid_single_call_is_answered_200_and_dead_lettered_with_its_reason(
+    start: Callable[..., RunningCollector],
+    events_topic: _TopicReader,
+    dlq_topic: _TopicReader,
+    settings: Settings,
+    path: str,
+    body: dict[str, Any],
+    reason: str,
+    error: str,
+) -> None:
+    collector = start()
+    response = collector.post(path, {**body, "writeKey": KEY}, key=None)
+    assert (response.status_code, response.json()) == (200, {"success": True})
+    [letter] = dlq_topic.read(1, 30)  # read() fails if anything more arrived
+    headers = headers_of(letter)
+    assert headers["error_reason"] == reason
+    assert error in headers["error"], headers["error"]
+    assert headers["source_topic"] == ""
+    assert (headers["source_partition"], headers["source_offset"]) == ("-1", "-1")
+    assert (headers["source"], headers["request_path"]) == ("collector", path)
+    assert orjson.loads(letter.value()) == body  # as sent, without the write key
+    assert letter.key() == (b"u1" if "userId" in body else None)
+    assert collector.post("/v1/identify", {"userId": "after"}).status_code == 200
+    [only] = values(events_topic.read(1, 30))
+    assert only["userId"] == "after"
+
+
+def test_each_invalid_batch_item_is_dead_lettered_and_its_neighbours_delivered(
+    start: Callable[..., RunningCollector],
+    events_topic: _TopicReader,
+    dlq_topic: _TopicReader,
+) -> None:
+    collector = start()
+
+    def scrape(name: str, **labels: str) -> float:  # the collector runs in this process
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {
+        reason: scrape("audiences_collector_invalid_events_total", reason=reason)
+        for reason in ("missing_event", "bad_timestamp", "not_an_object")
+    }
+    invalid_before = scrape("audiences_events_invalid_total", reason="missing_event")
+    good = [
+        {"type": "track", "userId": f"u{n}", "event": "E", "messageId": f"m{n}"} for n in range(4)
+    ]
+    items: list[Any] = [
+        good[0],
+        {"type": "track", "userId": "bad-1"},  # no event
+        good[1],
+        {**good[2], "messageId": "bad-2", "timestamp": 1e20},
+        "not an object",
+        good[2],
+        good[3],
+    ]
+    response = collector.post("/v1/batch", {"batch": items})
+    assert (response.status_code, response.json()) == (200, {"success": True})
+    delivered = values(events_topic.read(4, 30))
+    assert sorted(e["messageId"] for e in delivered) == ["m0", "m1", "m2", "m3"]
+    letters = {headers_of(m)["error"].split(":")[0]: m for m in dlq_topic.read(3, 30)}
+    assert set(letters) == {"batch[1].event", "batch[3].timestamp", "batch[4]"}
+    assert headers_of(letters["batch[1].event"])["error_reason"] == "missing_event"
+    assert letters["batch[1].event"].key() == b"bad-1"
+    assert orjson.loads(letters["batch[1].event"].value()) == items[1]
+    assert headers_of(letters["batch[3].timestamp"])["error_reason"] == "bad_timestamp"
+    assert orjson.loads(letters["batch[4]"].value()) == "not an object"
+    assert letters["batch[4]"].key() is None
+    for reason in before:
+        assert (
+            scrape("audiences_collector_invalid_events_total", reason=reason) == before[reason] + 1
+        )
+    assert scrape("audiences_events_invalid_total", reason="missing_event") == invalid_before + 1
+
+
+def test_a_dead_letter_kafka_does_not_acknowledge_makes_the_request_503(
+    start: Callable[..., RunningCollector], settings: Settings
+) -> None:
+    """200 promises the dead letters too: when `events-dlq` refuses them the client is
+    told to retry (the valid events it re-sends carry the same messageIds)."""
+    collector = start()
+    producer = collector.collector.producer
+    assert producer is not None
+    send = producer.send
+
+    async def refusing_dlq(topic: str, *args: Any, **kwargs: Any) -> None:
+        if topic == settings.events_dlq_topic:
+            raise DeliveryError("Kafka refused the events: injected", retry_after_s=5)
+        await send(topic, *args, **kwargs)
+
+    producer.send = refusing_dlq  # type: ignore[method-assign]
+    batch = {"batch": [{"type": "identify", "userId": "u1"}, {"type": "track", "userId": "u2"}]}
+    response = collector.post("/v1/batch", batch)
+    assert (response.status_code, response.headers["Retry-After"]) == (503, "5"), response.text
+    assert response.json()["code"] == "unavailable"
+    assert collector.post("/v1/batch", {"batch": batch["batch"][:1]}).status_code == 200
+
+
+def test_segment_python_client_batch_with_one_bad_item_delivers_all_the_good_ones(
+    start: Callable[..., RunningCollector],
+    events_topic: _TopicReader,
+    dlq_topic: _TopicReader,
+) -> None:
+    """analytics-python treats a 400 as final and drops the whole batch: one bad item must
+    not cost its neighbours. The library checks what it can; an event stamped two days
+    after the batch's `sentAt` (future_timestamp once skew-corrected) is one it sends."""
+    from segment.analytics import Client
+
+    collector = start()
+    errors: list[Any] = []
+    client = Client(
+        KEY,
+        host=collector.url,
+        gzip=True,
+        sync_mode=False,
+        upload_size=100,  # one batch
+        max_retries=0,
+        on_error=lambda error, batch: errors.append(error),
+    )
+    client.track("user-1", "Checkout Started", {"n": 1})
+    client.track("user-2", "Far Future", timestamp=datetime.now(UTC) + timedelta(days=2))
+    client.identify("user-3", {"plan": "pro"})
+    client.track("user-4", "Checkout Started", {"n": 4})
+    client.flush()
+    client.shutdown()
+    assert errors == []
+    found = values(events_topic.read(3, 30))
+    assert sorted(e["userId"] for e in found) == ["user-1", "user-3", "user-4"]
+    [letter] = dlq_topic.read(1, 30)
+    assert headers_of(letter)["error_reason"] == "future_timestamp"
+    assert orjson.loads(letter.value())["event"] == "Far Future"
 
 
 def _partial_post(

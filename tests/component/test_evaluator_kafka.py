@@ -6,9 +6,10 @@ import shutil
 
 import orjson
 import pytest
-from harness import T0, Engine, H, M, S, by_user, track
+from harness import T0, Engine, H, M, S, by_user, pure_outputs, track
 
 from audiences.core.events import format_iso
+from audiences.core.outputs import computation_id
 from shared import SPEC_CART_ABANDONERS
 
 pytestmark = pytest.mark.kafka
@@ -22,6 +23,26 @@ ENGAGED = {
     "key": "engaged",
     "condition": {"any": [{"in_audience": "cart_abandoners"}, {"in_audience": "frequent_viewers"}]},
 }
+
+
+def test_outputs_carry_context_personas_of_the_app_id_by_default(engine: Engine) -> None:
+    """SPEC §5: `context.personas` with `space_id` = `namespace` = AUDIENCES_SPACE_ID, by
+    default the app id; the messageId is the core's whatever the space."""
+    engine.settings = engine.settings.replace(space_id="")
+    engine.apply(FREQUENT)
+    engine.start()
+    views = [track("u1", "Product Viewed", T0 + n * M) for n in range(3)]
+    engine.send(*views)
+    [entered] = engine.outputs(1)
+    app_id = engine.settings.app_id
+    assert entered["context"]["personas"] == {
+        "computation_class": "audience",
+        "computation_key": "frequent_viewers",
+        "computation_id": computation_id(app_id, "audience", "frequent_viewers"),
+        "space_id": app_id,
+        "namespace": app_id,
+    }
+    assert list(pure_outputs([FREQUENT], views, None)) == [entered["messageId"]]
 
 
 def test_abandoner_enters_at_deadline_while_idle_and_exits_on_late_order(engine: Engine) -> None:
@@ -40,7 +61,9 @@ def test_abandoner_enters_at_deadline_while_idle_and_exits_on_late_order(engine:
     assert entered["timestamp"] == format_iso(T0 + 2 * H)  # exact to the deadline, not the sweep
     assert entered["properties"]["cart_abandoners"] is True
     assert entered["properties"]["audience_version"] == 1
-    assert entered["context"]["audiences"]["computation_key"] == "cart_abandoners"
+    personas = entered["context"]["personas"]
+    assert personas["computation_key"] == "cart_abandoners"
+    assert personas["space_id"] == personas["namespace"] == engine.settings.space_id
 
     engine.send(track("idle", "Order Completed", T0 + 3 * H, cart_id="c1"))
     outputs = engine.outputs(2)

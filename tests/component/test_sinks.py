@@ -30,6 +30,7 @@ from fake_destinations import (
     SEGMENT_WRITE_KEY,
     WEBHOOK_SECRET,
     FakeDestination,
+    audience_destination_problems,
 )
 
 from audiences.adapters.kafka.clients import KafkaClients
@@ -41,7 +42,7 @@ from audiences.adapters.sinks.pii import hash_pii
 from audiences.adapters.sinks.render import event_ulid
 from audiences.adapters.sinks.worker import SinkWorker
 from audiences.adapters.stream.sinks import prepare_sink_topics
-from shared import deleted_message, isolated_settings, output_message
+from shared import TEST_SPACE_ID, deleted_message, isolated_settings, output_message
 
 pytestmark = pytest.mark.kafka
 EMAIL_HASH = "542d240129883c019e106e3b1b2d3f3cb3537c43c425364de8e951d5a3083345"
@@ -312,6 +313,39 @@ def test_segment_sink_batches_track_and_identify_with_the_write_key(bench: Bench
             {"email": " User0@Example.com ", "cart_abandoners": True},
             {"email": " User0@Example.com ", "cart_abandoners": False},
         ]
+
+    run(scenario())
+
+
+def test_segment_sink_forwards_what_segment_actions_audience_destinations_require(
+    bench: Bench,
+) -> None:
+    """LaunchDarkly Audiences (and other Segment Actions audience destinations) read
+    `context.personas` of what the Segment sink forwards: every track and identify
+    message carries it, the same for an audience across versions and users."""
+
+    async def scenario() -> None:
+        server = await FakeDestination("segment").start()
+        segment = destination(
+            name="seg", type="segment", url=server.url, write_key=SEGMENT_WRITE_KEY, mode="both"
+        )
+        messages = [*shop_messages(users=2, per_user=2), output_message("anon-1", anonymous=True)]
+        bench.publish(*messages)
+        async with bench.running(segment):
+            await until(
+                lambda: sum(len(c.body["batch"]) for c in server.accepted) >= 10,
+                what="10 Segment messages",
+            )
+        await server.stop()
+        assert server.violations == []
+        batch = [m for c in server.accepted for m in c.body["batch"]]
+        assert {m["type"] for m in batch} == {"track", "identify"}
+        for message in batch:
+            assert audience_destination_problems(message) == [], message
+        assert {orjson.dumps(m["context"]["personas"]) for m in batch} == {
+            orjson.dumps(messages[0]["context"]["personas"])
+        }
+        assert messages[0]["context"]["personas"]["space_id"] == TEST_SPACE_ID
 
     run(scenario())
 

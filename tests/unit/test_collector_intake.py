@@ -32,8 +32,18 @@ def rejected(call: Any, *args: Any) -> RejectedRequest:
 
 
 def one(kind: str, body: dict[str, Any], received: int = T0) -> dict[str, Any]:
-    [record] = intake.records(kind, body, received, ids())
+    taken = intake.events(kind, body, received, ids())
+    assert not taken.rejected, taken.rejected
+    [record] = taken.records
     return orjson.loads(record.value)
+
+
+def dead(kind: str, body: dict[str, Any], received: int = T0) -> intake.Rejected:
+    """The dead letter of a call whose only event is invalid."""
+    taken = intake.events(kind, body, received, ids())
+    assert taken.records == []
+    [rejected] = taken.rejected
+    return rejected
 
 
 def basic(user: str, password: str = "") -> str:
@@ -103,9 +113,9 @@ def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_gzip_bodies_are_decoded() -> None:
     data = orjson.dumps({"userId": "u1", "event": "E"})
-    assert intake.decode_body(gzip.compress(data), "gzip", "track") == data
-    assert intake.decode_body(data, None, "track") == data
-    assert intake.decode_body(data, "identity", "track") == data
+    assert intake.decode_body(gzip.compress(data), "gzip") == data
+    assert intake.decode_body(data, None) == data
+    assert intake.decode_body(data, "identity") == data
 
 
 @pytest.mark.parametrize(
@@ -116,23 +126,22 @@ def test_gzip_bodies_are_decoded() -> None:
     ],
 )
 def test_gzip_garbage_is_400(raw: bytes, message: str) -> None:
-    error = rejected(intake.decode_body, raw, "gzip", "batch")
+    error = rejected(intake.decode_body, raw, "gzip")
     assert error.status == 400 and message in error.message
 
 
 def test_unknown_content_encoding_is_400() -> None:
-    error = rejected(intake.decode_body, b"{}", "br", "track")
+    error = rejected(intake.decode_body, b"{}", "br")
     assert error.status == 400 and "unsupported Content-Encoding 'br'" in error.message
 
 
 def test_size_limits_apply_to_the_decoded_body_and_stop_inflating() -> None:
     bomb = gzip.compress(b" " * (50 * 1024 * 1024))  # 50 MB of spaces, ~50 KB gzipped
-    error = rejected(intake.decode_body, bomb, "gzip", "batch")
-    assert error.message == "batch is over the 500 KB limit (512000 bytes)"
-    big_event = b" " * (MAX_EVENT_BYTES + 1)
-    error = rejected(intake.decode_body, big_event, None, "track")
-    assert error.message == "event is over the 32 KB limit (32768 bytes)"
-    assert intake.decode_body(b" " * intake.MAX_BATCH_BYTES, None, "batch")
+    error = rejected(intake.decode_body, bomb, "gzip")
+    assert error.message == "body is over the 500 KB limit (512000 bytes)"
+    error = rejected(intake.decode_body, b" " * (intake.MAX_BODY_BYTES + 1), None)
+    assert error.status == 400
+    assert intake.decode_body(b" " * intake.MAX_BODY_BYTES, None)
 
 
 @pytest.mark.parametrize(
@@ -152,12 +161,12 @@ def test_invalid_json_is_400(data: bytes, message: str) -> None:
 
 
 def test_single_call_is_typed_by_its_endpoint_keyed_by_user_and_enriched() -> None:
-    [record] = intake.records(
+    [record] = intake.events(
         "track",
         {"type": "identify", "userId": "u1", "event": "Signed Up", "writeKey": "key-one"},
         T0,
         ids(),
-    )
+    ).records
     event = orjson.loads(record.value)
     assert record.key == b"u1" and record.type == "track"
     assert event["type"] == "track"
@@ -168,7 +177,7 @@ def test_single_call_is_typed_by_its_endpoint_keyed_by_user_and_enriched() -> No
 
 def test_key_is_user_id_else_anonymous_id_as_the_evaluator_reads_it() -> None:
     def key(body: dict[str, Any]) -> bytes:
-        return intake.records("identify", body, T0, ids())[0].key
+        return intake.events("identify", body, T0, ids()).records[0].key
 
     assert key({"userId": "u1", "anonymousId": "a1"}) == b"u1"
     assert key({"userId": "", "anonymousId": "a1"}) == b"a1"
@@ -214,38 +223,45 @@ def test_timestamp_is_skew_corrected_once(
         assert parse_event(orjson.dumps(event), record_time).timestamp_ms == timestamp
 
 
-def test_unreadable_times_are_400_naming_the_field() -> None:
-    error = rejected(one, "track", {"userId": "u1", "event": "E", "sentAt": "yesterday"})
-    assert error.message == "sentAt: not an ISO-8601 time: 'yesterday'"
-    error = rejected(
-        intake.records,
-        "batch",
-        {"batch": [{"type": "page", "userId": "u", "timestamp": []}]},
-        T0,
-        ids(),
-    )
-    assert error.message == "batch[0].timestamp: not an ISO-8601 time: []"
+def test_unreadable_times_are_dead_lettered_naming_the_field() -> None:
+    letter = dead("track", {"userId": "u1", "event": "E", "sentAt": "yesterday"})
+    assert letter.reason == "bad_timestamp"
+    assert letter.detail == "sentAt: not an ISO-8601 time: 'yesterday'"
+    [letter] = intake.events(
+        "batch", {"batch": [{"type": "page", "userId": "u", "timestamp": []}]}, T0, ids()
+    ).rejected
+    assert letter.detail == "batch[0].timestamp: not an ISO-8601 time: []"
 
 
 @pytest.mark.parametrize(
-    ("kind", "body", "message"),
+    ("kind", "body", "reason", "message"),
     [
-        ("track", {"event": "E"}, "userId: userId or anonymousId is required"),
-        ("track", {"userId": "", "anonymousId": None, "event": "E"}, "userId: userId or"),
-        ("track", {"userId": "u1"}, "event: track events need a non-empty `event`"),
-        ("track", {"userId": "u1", "event": ""}, "event: track events need a non-empty"),
-        ("track", {"userId": ["u1"], "event": "E"}, "userId: userId must be a string"),
-        ("track", {"userId": "u1", "event": "E", "properties": 3}, "properties: properties must"),
-        ("page", {"userId": "u1", "name": 5}, "name: name must be a string"),
-        ("group", {"userId": "u1"}, "groupId: required for group calls"),
-        ("alias", {"userId": "u1"}, "previousId: required for alias calls"),
+        ("track", {"event": "E"}, "missing_user", "userId: userId or anonymousId is required"),
+        ("track", {"userId": "", "anonymousId": None, "event": "E"}, "missing_user", "userId: "),
+        ("track", {"userId": "u1"}, "missing_event", "event: track events need a non-empty"),
+        ("track", {"userId": "u1", "event": ""}, "missing_event", "event: track events need"),
+        ("track", {"userId": ["u1"], "event": "E"}, "bad_field", "userId: userId must be a"),
+        ("track", {"userId": "u1", "event": "E", "properties": 3}, "bad_field", "properties: "),
+        ("page", {"userId": "u1", "name": 5}, "bad_field", "name: name must be a string"),
+        ("group", {"userId": "u1"}, "missing_field", "groupId: required for group calls"),
+        ("alias", {"userId": "u1"}, "missing_field", "previousId: required for alias calls"),
     ],
 )
-def test_invalid_events_are_400_naming_the_field(
-    kind: str, body: dict[str, Any], message: str
+def test_an_invalid_single_call_is_dead_lettered_with_its_reason_and_field(
+    kind: str, body: dict[str, Any], reason: str, message: str
 ) -> None:
-    error = rejected(one, kind, body)
-    assert error.status == 400 and error.message.startswith(message), error.message
+    letter = dead(kind, {**body, "writeKey": "key-one"})
+    assert letter.reason == reason
+    assert letter.detail.startswith(message), letter.detail
+    assert orjson.loads(letter.value) == body  # as sent, less the write key
+
+
+def test_dead_letters_are_keyed_by_the_user_they_name() -> None:
+    assert dead("track", {"userId": "u1"}).key == b"u1"
+    assert dead("track", {"userId": 42}).key == b"42"
+    assert dead("track", {"userId": "", "anonymousId": "a1"}).key == b"a1"
+    assert dead("track", {"event": "E"}).key is None
+    assert dead("track", {"userId": True, "event": "E"}).key is None
 
 
 def test_batch_items_get_batch_context_sent_at_and_their_own_paths_in_errors() -> None:
@@ -264,7 +280,7 @@ def test_batch_items_get_batch_context_sent_at_and_their_own_paths_in_errors() -
         "sentAt": iso(T0 + 10 * S),
         "writeKey": "key-one",
     }
-    first, second = (orjson.loads(r.value) for r in intake.records("batch", body, T0, ids()))
+    first, second = (orjson.loads(r.value) for r in intake.events("batch", body, T0, ids()).records)
     assert first["context"] == {"library": {"name": "analytics-python"}, "locale": "en"}
     assert second["context"] == {"library": {"name": "mine"}, "locale": "en", "ip": "1.2.3.4"}
     assert first["integrations"] == second["integrations"] == {"All": True}
@@ -274,42 +290,66 @@ def test_batch_items_get_batch_context_sent_at_and_their_own_paths_in_errors() -
 
 
 @pytest.mark.parametrize(
-    ("body", "message"),
+    "body", [{}, {"batch": {"type": "track"}}, {"batch": "x"}, {"batch": None}]
+)
+def test_a_batch_that_is_not_a_list_is_400(body: dict[str, Any]) -> None:
+    error = rejected(intake.events, "batch", body, T0, ids())
+    assert error.status == 400 and error.message == "batch: must be a list of events"
+
+
+GOOD = {"type": "identify", "userId": "u"}
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason", "message"),
     [
-        ({}, "batch: must be a list of events"),
-        ({"batch": {"type": "track"}}, "batch: must be a list of events"),
-        ({"batch": ["x"]}, "batch[0]: must be an object"),
-        ({"batch": [{"userId": "u"}]}, "batch[0].type: must be one of alias, group, identify"),
-        ({"batch": [{"type": "delete", "userId": "u"}]}, "batch[0].type: must be one of"),
-        (
-            {"batch": [{"type": "identify", "userId": "u"}, {"type": "track", "userId": "u"}]},
-            "batch[1].event: track events need a non-empty `event`",
-        ),
-        (
-            {"batch": [{"type": "identify", "userId": "u"}, {"type": "page"}]},
-            "batch[1].userId: userId or anonymousId is required",
-        ),
+        ("x", "not_an_object", "batch[1]: must be an object"),
+        (None, "not_an_object", "batch[1]: must be an object"),
+        ({"userId": "u"}, "unknown_type", "batch[1].type: must be one of alias, group, identify"),
+        ({"type": "delete", "userId": "u"}, "unknown_type", "batch[1].type: must be one of"),
+        ({"type": "track", "userId": "u"}, "missing_event", "batch[1].event: track events need"),
+        ({"type": "page"}, "missing_user", "batch[1].userId: userId or anonymousId is required"),
+        ({"type": "group", "userId": "u"}, "missing_field", "batch[1].groupId: required"),
     ],
 )
-def test_one_invalid_batch_item_rejects_the_batch_naming_its_path(
-    body: dict[str, Any], message: str
+def test_an_invalid_batch_item_is_dead_lettered_and_its_neighbours_kept(
+    bad: Any, reason: str, message: str
 ) -> None:
-    error = rejected(intake.records, "batch", body, T0, ids())
-    assert error.status == 400 and error.message.startswith(message), error.message
+    body = {"batch": [GOOD, bad, {**GOOD, "userId": "v"}], "writeKey": "key-one"}
+    taken = intake.events("batch", body, T0, ids())
+    assert [r.key for r in taken.records] == [b"u", b"v"]
+    [letter] = taken.rejected
+    assert letter.reason == reason
+    assert letter.detail.startswith(message), letter.detail
+    assert orjson.loads(letter.value) == bad  # the item as sent, not enriched
+
+
+def test_every_invalid_item_of_a_batch_is_dead_lettered_in_order() -> None:
+    items = [{"type": "track", "userId": f"u{n}"} for n in range(3)]
+    taken = intake.events("batch", {"batch": [*items, GOOD]}, T0, ids())
+    assert [r.key for r in taken.records] == [b"u"]
+    assert [r.detail.split(":")[0] for r in taken.rejected] == [
+        "batch[0].event",
+        "batch[1].event",
+        "batch[2].event",
+    ]
 
 
 def test_empty_batch_has_no_records() -> None:
-    assert intake.records("batch", {"batch": []}, T0, ids()) == []
+    assert intake.events("batch", {"batch": []}, T0, ids()) == intake.Intake([], [])
 
 
-def test_event_over_32_kb_once_enriched_is_400() -> None:
+def test_event_over_32_kb_once_enriched_is_dead_lettered_as_oversized() -> None:
     body = {"userId": "u1", "event": "E", "properties": {"blob": "x" * (MAX_EVENT_BYTES - 80)}}
-    error = rejected(one, "track", body)
-    assert error.status == 400
-    assert "over the 32 KB limit per event (32768 bytes)" in error.message
-    batch = {"batch": [{"type": "identify", "userId": "u"}, {**body, "type": "track"}]}
-    error = rejected(intake.records, "batch", batch, T0, ids())
-    assert error.message.startswith("batch[1]: ") and "over the 32 KB limit" in error.message
+    letter = dead("track", body)
+    assert letter.reason == "oversized" and letter.key == b"u1"
+    assert "over the 32 KB limit per event (32768 bytes)" in letter.detail
+    assert orjson.loads(letter.value) == body
+    batch = {"batch": [GOOD, {**body, "type": "track"}]}
+    taken = intake.events("batch", batch, T0, ids())
+    assert len(taken.records) == 1
+    [letter] = taken.rejected
+    assert letter.detail.startswith("batch[1]: ") and "over the 32 KB limit" in letter.detail
 
 
 def test_received_at_is_server_time_even_when_the_client_sends_one() -> None:
@@ -318,32 +358,35 @@ def test_received_at_is_server_time_even_when_the_client_sends_one() -> None:
     assert parse_iso_ms(event["timestamp"]) == T0
 
 
-# -- out-of-range numbers and future times (SPEC §11): 400 naming the item, never a 500 -------
+# -- out-of-range numbers and future times (SPEC §11): dead letters naming the item, never a 500
 
 
 @pytest.mark.parametrize(
-    ("item", "message"),
+    ("item", "reason", "message"),
     [
-        ({"timestamp": 1e20}, "timestamp: timestamp is outside 1970..9999"),
-        ({"timestamp": 2**70}, "timestamp: timestamp is outside 1970..9999"),
-        ({"timestamp": -1}, "timestamp: timestamp is outside 1970..9999"),
-        ({"originalTimestamp": 1e20, "sentAt": iso(T0)}, "timestamp: timestamp is outside"),
-        ({"sentAt": -(2**62), "timestamp": iso(T0)}, "timestamp: sentAt is outside"),
-        ({"timestamp": "99999-01-01T00:00:00Z"}, "timestamp: not an ISO-8601 time"),
-        ({"timestamp": float("nan")}, "timestamp: not an ISO-8601 time"),
-        ({"timestamp": float("inf")}, "timestamp: not an ISO-8601 time"),
-        ({"properties": {"n": 2**64}}, "batch[1]: cannot be written as JSON"),
+        ({"timestamp": 1e20}, "bad_timestamp", "timestamp: timestamp is outside 1970..9999"),
+        ({"timestamp": 2**70}, "bad_timestamp", "timestamp: timestamp is outside 1970..9999"),
+        ({"timestamp": -1}, "bad_timestamp", "timestamp: timestamp is outside 1970..9999"),
+        ({"originalTimestamp": 1e20, "sentAt": iso(T0)}, "bad_timestamp", "timestamp: timestamp"),
+        ({"sentAt": -(2**62), "timestamp": iso(T0)}, "bad_timestamp", "timestamp: sentAt is"),
+        ({"timestamp": "99999-01-01T00:00:00Z"}, "bad_timestamp", "timestamp: not an ISO-8601"),
+        ({"timestamp": float("nan")}, "bad_timestamp", "timestamp: not an ISO-8601 time"),
+        ({"timestamp": float("inf")}, "bad_timestamp", "timestamp: not an ISO-8601 time"),
+        ({"properties": {"n": 2**64}}, "bad_field", "batch[1]: cannot be written as JSON"),
     ],
 )
-def test_numbers_outside_64_bits_or_iso_are_400_for_their_item(
-    item: dict[str, Any], message: str
+def test_numbers_outside_64_bits_or_iso_are_dead_lettered_for_their_item(
+    item: dict[str, Any], reason: str, message: str
 ) -> None:
     good = {"type": "track", "userId": "u1", "event": "E"}
     body = {"batch": [good, {**good, **item}]}
-    error = rejected(intake.records, "batch", body, T0, ids())
-    assert error.status == 400
+    taken = intake.events("batch", body, T0, ids())
+    assert len(taken.records) == 1
+    [letter] = taken.rejected
     expected = message if message.startswith("batch[1]") else f"batch[1].{message}"
-    assert error.message.startswith(expected), error.message
+    assert letter.reason == reason
+    assert letter.detail.startswith(expected), letter.detail
+    assert letter.key == b"u1" and letter.value  # written whatever the numbers
 
 
 def test_uint64_numbers_are_accepted_as_orjson_reads_them() -> None:
@@ -355,13 +398,13 @@ def test_uint64_numbers_are_accepted_as_orjson_reads_them() -> None:
         assert rejected(intake.parse_body, data).status == 400
 
 
-def test_an_event_stamped_more_than_24_h_after_receipt_is_400() -> None:
+def test_an_event_stamped_more_than_24_h_after_receipt_is_dead_lettered() -> None:
     day = 24 * 3600 * S
     ahead = one("track", {"userId": "u1", "event": "E", "timestamp": iso(T0 + day - 1)})
     assert ahead["timestamp"] == iso(T0 + day - 1)  # within the tolerance: accepted
-    error = rejected(one, "track", {"userId": "u1", "event": "E", "timestamp": iso(T0 + day + 1)})
-    assert error.status == 400
-    assert error.message.startswith("timestamp: event time") and "future_timestamp" in error.message
+    letter = dead("track", {"userId": "u1", "event": "E", "timestamp": iso(T0 + day + 1)})
+    assert letter.reason == "future_timestamp"
+    assert letter.detail.startswith("timestamp: event time")
     # a client clock that is ahead is corrected first (sentAt): not a future event
     skewed = {"userId": "u1", "event": "E", "timestamp": iso(T0 + 2 * day)}
     assert one("track", {**skewed, "sentAt": iso(T0 + 2 * day)})["timestamp"] == iso(T0)

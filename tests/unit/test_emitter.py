@@ -26,7 +26,7 @@ class FakeProducer:
 def emitter() -> tuple[Emitter, FakeProducer]:
     producer = FakeProducer()
     topics = Topics.from_settings(Settings())
-    return Emitter(producer, topics, lambda key: partition_for(key, 8)), producer  # type: ignore[arg-type]
+    return Emitter(producer, topics, lambda key: partition_for(key, 8), space_id="spa_1"), producer  # type: ignore[arg-type]
 
 
 def test_control_records_go_to_the_partition_owning_their_profile() -> None:
@@ -77,7 +77,7 @@ class _Msg:
 
 def test_a_sealed_interval_waits_for_its_own_records_only() -> None:
     producer = AckingProducer()
-    sender = Emitter(producer, Topics.from_settings(Settings()), lambda key: 0)  # type: ignore[arg-type]
+    sender = Emitter(producer, Topics.from_settings(Settings()), lambda key: 0, space_id="spa_1")  # type: ignore[arg-type]
     sender.send([(b"a", b"1"), (b"b", b"2")], [])
     wait_first = sender.seal()
     producer.fail = {b"c"}
@@ -95,7 +95,7 @@ def test_an_interval_whose_records_are_not_acknowledged_in_time_fails(
 
     monkeypatch.setattr(module, "ACK_TIMEOUT_S", 0.05)
     producer = AckingProducer()
-    sender = Emitter(producer, Topics.from_settings(Settings()), lambda key: 0)  # type: ignore[arg-type]
+    sender = Emitter(producer, Topics.from_settings(Settings()), lambda key: 0, space_id="spa_1")  # type: ignore[arg-type]
     sender.send([(b"a", b"1")], [])
     producer.pending.clear()  # its report never comes
     wait = sender.seal()

@@ -25,7 +25,7 @@ from factories import (
 from audiences.core import evaluator
 from audiences.core.evaluator import Tick, Transition, step
 from audiences.core.events import Event
-from audiences.core.outputs import render_transition
+from audiences.core.outputs import computation_id, render_transition
 from audiences.core.state import NEVER, UserState
 from audiences.errors import DefinitionError
 
@@ -354,7 +354,7 @@ def test_late_event_is_emitted_now_with_its_own_effective_time() -> None:
     assert (entered.at_ms, entered.effective_at_ms) == (T0 + H, T0)
     assert entered.trigger_message_id == "late"
     assert state is not None and state.wake_ms == T0 + D  # the late one is the oldest
-    rendered = render_transition(entered, {})
+    rendered = render_transition(entered, {}, space_id="spa_1")
     assert rendered["timestamp"] == iso(T0 + H)
     assert rendered["properties"]["effective_at"] == iso(T0)
 
@@ -502,7 +502,7 @@ def test_render_transition_matches_the_spec() -> None:
     catalog = catalog_of(audience("cart_abandoners", ABANDONED, name="Cart abandoners"), version=3)
     (entered,) = run(catalog, [checkout(T0, messageId="m-42"), Tick(T0 + 2 * H)])
     traits = {"email": "ann@example.com", "phone": "", "plan": "pro"}
-    message = render_transition(entered, traits)
+    message = render_transition(entered, traits, space_id="spa_1")
     digest = hashlib.sha256(b"cart_abandoners|3|u1|1|entered").hexdigest()
     assert message == {
         "type": "track",
@@ -520,10 +520,14 @@ def test_render_transition_matches_the_spec() -> None:
         },
         "context": {
             "traits": {"email": "ann@example.com"},
-            "audiences": {
+            "personas": {
                 "computation_class": "audience",
                 "computation_key": "cart_abandoners",
-                "version": 3,
+                "computation_id": hashlib.sha256(b"spa_1|audience|cart_abandoners").hexdigest()[
+                    :32
+                ],
+                "space_id": "spa_1",
+                "namespace": "spa_1",
             },
         },
     }
@@ -533,13 +537,39 @@ def test_render_exit_carries_false_and_the_triggering_message() -> None:
     catalog = catalog_of(audience("cart_abandoners", ABANDONED))
     items = [checkout(T0), Tick(T0 + 2 * H), order(T0 + 3 * H, messageId="m-7")]
     exited = run(catalog, items)[-1]
-    message = render_transition(exited, {"phone": "+15550100"})
+    message = render_transition(exited, {"phone": "+15550100"}, space_id="spa_1")
     assert message["event"] == "Audience Exited"
     assert message["messageId"] == hashlib.sha256(b"cart_abandoners|1|u1|2|exited").hexdigest()
     assert message["properties"]["cart_abandoners"] is False
     assert message["properties"]["audience_name"] == "cart_abandoners"  # name defaults to key
     assert message["properties"]["reason"] == {"trigger": "event", "messageId": "m-7"}
     assert message["context"]["traits"] == {"phone": "+15550100"}
+
+
+def test_personas_name_the_space_and_a_stable_computation_id_outside_the_message_id() -> None:
+    """`computation_id` is the same for every version and user of a definition, differs
+    between spaces and between an audience and a trait of the same key; neither it nor
+    the space enters the messageId (replays into another space give the same ids)."""
+    catalog = catalog_of(audience("cart_abandoners", ABANDONED))
+    v1 = run(catalog, [checkout(T0), Tick(T0 + 2 * H)])[0]
+    v2 = catalog_of(audience("cart_abandoners", ABANDONED), version=2)
+    later = run(v2, [checkout(T0, userId="u2"), Tick(T0 + 2 * H)], user="u2")[0]
+    assert (later.audience_version, later.profile_key) == (2, "u2")
+    here = [render_transition(t, {}, space_id="spa_a") for t in (v1, later)]
+    there = render_transition(v1, {}, space_id="spa_b")
+    assert here[0]["context"]["personas"] == here[1]["context"]["personas"]
+    assert here[0]["context"]["personas"]["space_id"] == "spa_a"
+    assert here[0]["context"]["personas"]["namespace"] == "spa_a"
+    assert (
+        there["context"]["personas"]["computation_id"]
+        != here[0]["context"]["personas"]["computation_id"]
+    )
+    assert {k: v for k, v in there.items() if k != "context"} == {
+        k: v for k, v in here[0].items() if k != "context"
+    }
+    assert computation_id("spa_a", "audience", "k") != computation_id(
+        "spa_a", "computed_trait", "k"
+    )
 
 
 def test_identify_traits_take_the_latest_event_time_whatever_the_arrival_order() -> None:

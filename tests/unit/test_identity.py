@@ -364,7 +364,7 @@ def test_delete_emits_the_exits_then_user_deleted_with_a_deterministic_message_i
         ("window_shoppers", False, "deleted"),
     }
     assert (deletion.profile_key, deletion.anonymous, deletion.at_ms) == ("u1", False, T0 + H)
-    message = render_output(deletion, {"email": "kept@example.com"})
+    message = render_output(deletion, {"email": "kept@example.com"}, space_id="spa_1")
     assert message == {
         "type": "track",
         "event": "User Deleted",
@@ -394,7 +394,7 @@ def test_a_linked_anonymous_id_deleted_by_cascade_gets_its_own_user_deleted() ->
         ("u1", False, None),
         ("a1", True, "u1"),
     ]
-    message = render_output(deletions[1][1], {})
+    message = render_output(deletions[1][1], {}, space_id="spa_1")
     assert message["anonymousId"] == "a1" and "userId" not in message
     assert message["properties"]["linkedTo"] == "u1"
     assert message["properties"]["reason"]["messageId"] == "delete-linked:a1:u1"

@@ -26,7 +26,7 @@ from factories import (
 from audiences.core.definitions import validate_definition
 from audiences.core.definitions.language import KINDS
 from audiences.core.evaluator import Tick
-from audiences.core.outputs import render_output
+from audiences.core.outputs import computation_id, render_output
 from audiences.errors import DefinitionError
 
 
@@ -345,14 +345,20 @@ def test_trait_computed_output_format() -> None:
     catalog = catalog_of(trait("lifetime_value", "sum"))
     state, outputs = feed(catalog, [identify(T0, email="a@example.com"), *orders((T0 + S, 42))])
     assert state is not None
-    message = render_output(outputs[0], state.traits)
+    message = render_output(outputs[0], state.traits, space_id="spa_1")
     assert message["event"] == "Trait Computed"
     assert message["userId"] == "u1"
     assert message["timestamp"] == iso(T0 + S)
     assert message["properties"]["trait_key"] == "lifetime_value"
     assert message["properties"]["lifetime_value"] == 42
     assert message["context"]["traits"] == {"email": "a@example.com"}
-    assert message["context"]["audiences"]["computation_class"] == "trait"
+    assert message["context"]["personas"] == {
+        "computation_class": "computed_trait",
+        "computation_key": "lifetime_value",
+        "computation_id": computation_id("spa_1", "computed_trait", "lifetime_value"),
+        "space_id": "spa_1",
+        "namespace": "spa_1",
+    }
     assert len(message["messageId"]) == 64
     # deterministic: the same history gives the same id
     again = run(catalog, [identify(T0, email="a@example.com"), *orders((T0 + S, 42))])

@@ -358,10 +358,12 @@ ENTERED = {
     },
     "context": {
         "traits": {"email": "ada@example.com"},
-        "audiences": {
+        "personas": {
             "computation_class": "audience",
             "computation_key": "cart_abandoners",
-            "version": 3,
+            "computation_id": "4d1c" * 8,
+            "space_id": "spa_w5s6z9mhj6",
+            "namespace": "spa_w5s6z9mhj6",
         },
     },
 }
@@ -382,10 +384,12 @@ TRAIT_COMPUTED = {
     "timestamp": "2024-05-01T14:00:00Z",
     "properties": {"trait_key": "lifetime_value", "lifetime_value": 159.7},
     "context": {
-        "audiences": {
-            "computation_class": "trait",
+        "personas": {
+            "computation_class": "computed_trait",
             "computation_key": "lifetime_value",
-            "version": 1,
+            "computation_id": "0a" * 16,
+            "space_id": "audiences",
+            "namespace": "audiences",
         }
     },
 }
@@ -438,8 +442,14 @@ def entered_with(**changes: Any) -> dict[str, Any]:
         (entered_with(properties__audience_version=None), "no audience_version"),
         (entered_with(messageId="not-a-hash"), "messageId not sha256 hex"),
         (entered_with(event="Audience Joined"), "unknown output event"),
-        (entered_with(context__audiences=None), "no context.audiences"),
-        (entered_with(context__audiences__computation_class="trait"), "class mismatch"),
+        (entered_with(context__personas=None), "no context.personas"),
+        (entered_with(context__personas__computation_class="computed_trait"), "class mismatch"),
+        (entered_with(context__personas__computation_id=None), "no computation_id"),
+        (entered_with(context__personas__computation_id="aud_1"), "computation_id not an id"),
+        (entered_with(context__personas__space_id=None), "no space_id"),
+        (entered_with(context__personas__space_id=""), "empty space_id"),
+        (entered_with(context__personas__namespace=None), "no namespace"),
+        (entered_with(context__personas__version=3), "a field Segment does not write"),
         (entered_with(userId=None), "no user"),
         (entered_with(timestamp=None), "no timestamp"),
         ({**ENTERED, "event": "Audience Exited"}, "Exited carrying true"),
@@ -479,7 +489,7 @@ def test_rendered_outputs_match_the_output_schema() -> None:
     state, outputs = feed(catalog, [identify(T0, email="a@example.com"), order])
     assert state is not None and len(outputs) == 2
     for output in outputs:
-        message = render_output(output, state.traits)
+        message = render_output(output, state.traits, space_id="spa_1")
         assert errors("output/audience-event.json", message) == []
         assert errors("events/event.json", message) == []
 
@@ -496,7 +506,7 @@ def test_rendered_user_deleted_matches_the_output_schema() -> None:
     deletions = [t for _k, t in cluster.outputs if isinstance(t, Deletion)]
     assert len(deletions) == 2  # u1, and a1 by cascade
     for deletion in deletions:
-        message = render_output(deletion, {})
+        message = render_output(deletion, {}, space_id="spa_1")
         assert errors("output/audience-event.json", message) == []
         assert errors("events/event.json", message) == []
 

@@ -152,6 +152,8 @@ def test_identify_message_sets_the_audience_trait_with_a_derived_message_id() ->
     assert identify["timestamp"] == message["timestamp"]
     assert len(identify["messageId"]) == 64 and identify["messageId"] != message["messageId"]
     assert identify_message(message, hashed=False)["messageId"] == identify["messageId"]
+    # as Engage's identify calls: the audience's context.personas, no contact traits twice
+    assert identify["context"] == {"personas": message["context"]["personas"]}
 
 
 def test_braze_users_track_with_attributes_per_user_and_events() -> None:

@@ -93,6 +93,12 @@ COLLECTOR_EVENTS = Counter(
     "Events the collector got acknowledged by Kafka, by Segment type",
     ["type"],
 )
+COLLECTOR_INVALID = Counter(
+    "audiences_collector_invalid_events",
+    "Items the collector dead-lettered to events-dlq instead of producing them (the request "
+    "is still answered 200), by reason; also counted in audiences_events_invalid_total",
+    ["reason"],
+)
 COLLECTOR_RATE_LIMITED = Counter(
     "audiences_collector_rate_limited",
     "Collector requests refused with 429 because their write key's rate limit was spent",

@@ -120,6 +120,13 @@ class Settings:
         default="audiences",
         metadata={"doc": "Faust app id: consumer groups and internal topic prefix"},
     )
+    space_id: str = field(
+        default="",
+        metadata={
+            "doc": "space of the outputs' context.personas (space_id and namespace, as Segment "
+            "Engage writes them; SPEC §5); empty = the app id"
+        },
+    )
     events_topic: str = field(default="events", metadata={"doc": "input Segment events"})
     audience_events_topic: str = field(
         default="audience-events", metadata={"doc": "output transitions (SPEC §5)"}

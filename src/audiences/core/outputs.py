@@ -1,7 +1,16 @@
-"""Output events of `audience-events` (SPEC §5), rendered from transitions."""
+"""Output events of `audience-events` (SPEC §5), rendered from transitions.
+
+Membership and trait messages carry `context.personas` as Segment Engage writes it, so
+Segment Actions audience destinations (which map `computation_key`,
+`computation_class`, `computation_id` and `space_id` from there) take them unchanged.
+The space is the caller's (the runtime passes `AUDIENCES_SPACE_ID`, else the app id):
+the core reads no setting. `context` never enters a `messageId`.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from functools import lru_cache
 from typing import Any
 
 from audiences.core.evaluator import Deletion, Output, TraitChange, Transition
@@ -9,17 +18,37 @@ from audiences.core.events import format_iso
 
 CONTACT_TRAITS = ("email", "phone")
 USER_DELETED = "User Deleted"
+AUDIENCE = "audience"  # computation_class of an audience (Segment Engage's names)
+COMPUTED_TRAIT = "computed_trait"
+
+
+@lru_cache(maxsize=4096)
+def computation_id(space_id: str, computation_class: str, key: str) -> str:
+    """The stable id of a definition in a space: the same for every version of it, on
+    every worker and replay; distinct across spaces and classes (32 hex digits)."""
+    return hashlib.sha256(f"{space_id}|{computation_class}|{key}".encode()).hexdigest()[:32]
+
+
+def personas(space_id: str, computation_class: str, key: str) -> dict[str, str]:
+    """`context.personas` of an output (SPEC §5)."""
+    return {
+        "computation_class": computation_class,
+        "computation_key": key,
+        "computation_id": computation_id(space_id, computation_class, key),
+        "space_id": space_id,
+        "namespace": space_id,
+    }
 
 
 def render_output(
-    output: Output, traits: dict[str, Any], *, anonymous: bool = False
+    output: Output, traits: dict[str, Any], *, space_id: str, anonymous: bool = False
 ) -> dict[str, Any]:
     """The output message of a membership change, a computed-trait change or a deletion."""
     if isinstance(output, TraitChange):
-        return render_trait_change(output, traits, anonymous=anonymous)
+        return render_trait_change(output, traits, space_id=space_id, anonymous=anonymous)
     if isinstance(output, Deletion):
         return render_deletion(output)
-    return render_transition(output, traits, anonymous=anonymous)
+    return render_transition(output, traits, space_id=space_id, anonymous=anonymous)
 
 
 def render_deletion(deletion: Deletion) -> dict[str, Any]:
@@ -47,7 +76,7 @@ def render_deletion(deletion: Deletion) -> dict[str, Any]:
 
 
 def render_transition(
-    transition: Transition, traits: dict[str, Any], *, anonymous: bool = False
+    transition: Transition, traits: dict[str, Any], *, space_id: str, anonymous: bool = False
 ) -> dict[str, Any]:
     """The Segment-Spec track message announcing one membership change.
 
@@ -62,14 +91,14 @@ def render_transition(
             "audience_name": transition.audience_name,
             "audience_version": transition.audience_version,
         },
-        ("audience", key, transition.audience_version),
+        personas(space_id, AUDIENCE, key),
         traits,
         anonymous,
     )
 
 
 def render_trait_change(
-    change: TraitChange, traits: dict[str, Any], *, anonymous: bool = False
+    change: TraitChange, traits: dict[str, Any], *, space_id: str, anonymous: bool = False
 ) -> dict[str, Any]:
     """`Trait Computed` (SPEC §5): `properties: {"trait_key": K, K: value}`."""
     key = change.trait_key
@@ -82,7 +111,7 @@ def render_trait_change(
             "trait_name": change.trait_name,
             "trait_version": change.trait_version,
         },
-        ("trait", key, change.trait_version),
+        personas(space_id, COMPUTED_TRAIT, key),
         traits,
         anonymous,
     )
@@ -92,7 +121,7 @@ def _message(
     output: Transition | TraitChange,
     event: str,
     properties: dict[str, Any],
-    computation: tuple[str, str, int],
+    computation: dict[str, str],
     traits: dict[str, Any],
     anonymous: bool,
 ) -> dict[str, Any]:
@@ -104,7 +133,6 @@ def _message(
         timestamp if output.effective_at_ms == output.at_ms else format_iso(output.effective_at_ms)
     )
     properties["reason"] = reason
-    computation_class, computation_key, version = computation
     return {
         "type": "track",
         "event": event,
@@ -114,10 +142,6 @@ def _message(
         "properties": properties,
         "context": {
             "traits": {name: traits[name] for name in CONTACT_TRAITS if traits.get(name)},
-            "audiences": {
-                "computation_class": computation_class,
-                "computation_key": computation_key,
-                "version": version,
-            },
+            "personas": computation,
         },
     }

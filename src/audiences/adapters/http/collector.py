@@ -4,10 +4,12 @@
 `/v1/{t,i,p,s,g,a,b}`: check the write key (from HTTP Basic before the body is read;
 a key inside the body only for an uncompressed body) and the key's rate limit (token
 bucket, 429 + `Retry-After`), decode, validate and enrich the events
-(`intake`), produce them to `events` keyed by user and answer 200
-`{"success": true}` only once Kafka acknowledged every one (`AckedProducer`).
+(`intake`), produce them to `events` keyed by user, dead-letter each invalid item to
+`events-dlq` with its reason (as the evaluator does), and answer 200
+`{"success": true}` only once Kafka acknowledged every one of both (`AckedProducer`).
 Refusals are JSON `{"success": false, "code", "message"}` (Segment's client
-libraries read `code` and `message`): 400 invalid, 401 bad or missing key, 404
+libraries read `code` and `message`): 400 for a body that is not JSON, over 500 KB or
+not an object (or a `batch` that is not a list), 401 bad or missing key, 404
 unknown path, 429 + `Retry-After` over the key's rate limit, 503 + `Retry-After`
 when Kafka is slow, down or the in-flight budget is full. `/healthz` and `/metrics` are served too. Browsers (analytics.js) get CORS
 headers, and the source settings analytics.js would fetch from Segment's CDN
@@ -36,6 +38,7 @@ from audiences.adapters import metrics
 from audiences.adapters.http import intake
 from audiences.adapters.kafka.acked import AckedProducer
 from audiences.adapters.kafka.clients import KafkaClients
+from audiences.adapters.kafka.deadletter import dead_letter_headers
 from audiences.adapters.settings import Settings
 from audiences.errors import AudiencesError, DeliveryError, RejectedRequest
 
@@ -90,6 +93,7 @@ class Collector:
             settings.collector_rate_limit, settings.collector_rate_burst, rate_clock
         )
         self._topic = settings.events_topic
+        self._dlq_topic = settings.events_dlq_topic
         self._ack_timeout_s = settings.collector_ack_timeout_ms / 1000
         self._producer_overrides = dict(producer_config or {})
         self.producer: AckedProducer | None = None
@@ -157,34 +161,65 @@ class Collector:
             raise intake.unauthorized(
                 "a compressed body needs the write key in HTTP Basic auth, not in the body"
             )
-        raw = await self._read(request, kind)
-        body = intake.parse_body(intake.decode_body(raw, encoding, kind))
+        raw = await self._read(request)
+        body = intake.parse_body(intake.decode_body(raw, encoding))
         if authorization is None:
             key = intake.key_from_body(body)
             intake.check_write_key(key, self._keys)
             self._limiter.admit(key)
-        records = intake.records(kind, body, self._clock(), _new_message_id)
-        self._limiter.charge(key, len(records))
+        taken = intake.events(kind, body, self._clock(), _new_message_id)
+        records, rejected = taken.records, taken.rejected
+        self._limiter.charge(key, len(records) + len(rejected))
         if self.producer is None:
             raise DeliveryError("the collector is stopping", retry_after_s=1)
-        await self.producer.send(
-            self._topic, [(r.key, r.value) for r in records], self._ack_timeout_s
-        )
+        await self._produce(records, rejected, request.path)
         for record in records:
             metrics.COLLECTOR_EVENTS.labels(record.type).inc()
+        for item in rejected:
+            metrics.COLLECTOR_INVALID.labels(item.reason).inc()
+            metrics.EVENTS_INVALID.labels(item.reason).inc()
         return web.json_response({"success": True})
 
+    async def _produce(
+        self, records: list[intake.Record], rejected: list[intake.Rejected], path: str
+    ) -> None:
+        """Valid records to `events`, invalid items to `events-dlq` (with their reason and
+        the path of the request), both acknowledged before returning."""
+        assert self.producer is not None
+        sends = [
+            self.producer.send(
+                self._topic, [(r.key, r.value) for r in records], self._ack_timeout_s
+            )
+        ]
+        if rejected:
+            source = [("source", b"collector"), ("request_path", path.encode())]
+            sends.append(
+                self.producer.send(
+                    self._dlq_topic,
+                    [(item.key, item.value) for item in rejected],
+                    self._ack_timeout_s,
+                    [
+                        [*dead_letter_headers(item.reason, item.detail), *source]
+                        for item in rejected
+                    ],
+                )
+            )
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
     @staticmethod
-    async def _read(request: web.Request, kind: str) -> bytes:
-        """The raw body, refused as soon as it is certainly over the call's limit."""
-        cap = intake.body_limit(kind) + intake.GZIP_SLACK_BYTES
+    async def _read(request: web.Request) -> bytes:
+        """The raw body, refused as soon as it is certainly over the limit."""
+        cap = intake.MAX_BODY_BYTES + intake.GZIP_SLACK_BYTES
         if request.content_length is not None and request.content_length > cap:
-            raise intake.too_large(kind)
+            raise intake.too_large()
         data = bytearray()
         async for chunk in request.content.iter_any():
             data += chunk
             if len(data) > cap:
-                raise intake.too_large(kind)
+                raise intake.too_large()
         return bytes(data)
 
     async def _source_settings(self, request: web.Request) -> web.Response:

@@ -1,25 +1,37 @@
 """What the collector does with a request, without I/O (SPEC §7): endpoints, write-key
 check, body decoding and limits, and turning Segment calls into `events` records.
 
-Every refusal raises `RejectedRequest` with the HTTP status and a message naming the
-field (`batch[2].event: ...`). Choices, documented in the README:
+A refused request raises `RejectedRequest` with the HTTP status. As Segment's HTTP API
+does, only what makes the whole request unusable is refused (400): a body that is not
+JSON (or not valid gzip), over 500 KB once decoded, not a JSON object, or a batch whose
+`batch` is not a list; a bad or missing write key is 401 (checked before the body is read
+when it comes in HTTP Basic). Everything else is answered 200. Choices, documented in
+the README:
 
-- **One invalid item rejects the whole batch** (400 naming `batch[i].field`), so a
-  client never has to work out which half of a batch was kept. Segment's own API
-  drops bad items silently; its client libraries never send such items anyway.
+- **Invalid items are dead-lettered, one by one** (`events-dlq`): each item of a batch (or
+  the body of a single call) that cannot become an event — over 32 KB once enriched,
+  no `userId`/`anonymousId`, a track without `event`, a group without `groupId`, an
+  alias without `previousId`, an unknown `type`, an unreadable or out-of-range time, an
+  event stamped more than 24 h after `receivedAt` — becomes a `Rejected` for
+  `events-dlq` with the evaluator's reason (`missing_user`, `oversized`, ...) and a
+  detail naming the item and field (`batch[2].event: ...`); the valid items go through.
+  Segment's client libraries treat a 400 as final and drop the whole batch, so a 400
+  for one bad item would lose its neighbours.
 - **Sizes** are of what goes to Kafka: a record over 32 KB would be dead-lettered by
-  the evaluator (`core.events.MAX_EVENT_BYTES`), so it is refused here, after
-  enrichment; a batch body over 500 KB (after gzip decoding) is refused whole.
+  the evaluator (`core.events.MAX_EVENT_BYTES`), so it is dead-lettered here, after
+  enrichment; a body over 500 KB (after gzip decoding) is refused whole.
 - **Time**: `receivedAt` is stamped once per request; `timestamp` becomes the
   skew-corrected event time computed by `core.events.event_time_ms` (the evaluator's
   own rule), and the client's clock value moves to `originalTimestamp`, as Segment
   does. The written fields are chosen so the evaluator's `parse_event` computes the
   same time again instead of correcting twice (see `stamp_times`).
-- `writeKey` never reaches Kafka; `delete` control records cannot be sent over HTTP.
+- `writeKey` never reaches Kafka (nor the DLQ); `delete` control records cannot be sent
+  over HTTP (`unknown_type`).
 - **Untrusted numbers and times** (SPEC §11): a time outside 1970..9999 or 64 bits in
-  any time field, an event stamped more than 24 h after `receivedAt`
-  (`core.events.future_timestamp`, which the evaluator would dead-letter), or a value
-  the JSON writer cannot write is a 400 naming the item — never a 500.
+  any time field (`bad_timestamp`), an event stamped more than 24 h after `receivedAt`
+  (`future_timestamp`, `core.events.future_timestamp`, which the evaluator would
+  dead-letter), or a value the JSON writer cannot write (`bad_field`) is dead-lettered
+  for its item — never a 500.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import math
 import time
 import zlib
@@ -47,7 +60,7 @@ from audiences.core.events import (
 )
 from audiences.errors import InvalidEventError, RejectedRequest
 
-MAX_BATCH_BYTES = 500 * 1024
+MAX_BODY_BYTES = 500 * 1024  # any call, as decoded (Segment's batch limit)
 GZIP_SLACK_BYTES = 1024  # a gzip body of incompressible data is a little larger than its content
 
 # Path segment after /v1/ -> the call. analytics.js uses the one-letter forms.
@@ -68,6 +81,7 @@ _FIELD_OF_REASON = {
     "unknown_type": "type",
     "bad_timestamp": "timestamp",
 }
+_KEY_FIELDS = ("userId", "anonymousId")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +93,35 @@ class Record:
     type: str
 
 
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """One item that cannot become an event, for `events-dlq`: the item as the client
+    sent it (without `writeKey`), keyed by its user when it names one, with the reason
+    the evaluator would give and a detail naming the item and field."""
+
+    key: bytes | None
+    value: bytes
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """What one call brings: records for `events`, and items for `events-dlq`."""
+
+    records: list[Record]
+    rejected: list[Rejected]
+
+
+class _Invalid(Exception):
+    """An item is invalid (internal: becomes a `Rejected`)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
 def bad_request(message: str) -> RejectedRequest:
     return RejectedRequest(400, "invalid_request", message)
 
@@ -87,15 +130,8 @@ def unauthorized(message: str) -> RejectedRequest:
     return RejectedRequest(401, "unauthorized", message)
 
 
-def body_limit(kind: str) -> int:
-    """Largest decoded body accepted for a call."""
-    return MAX_BATCH_BYTES if kind == "batch" else MAX_EVENT_BYTES
-
-
-def too_large(kind: str) -> RejectedRequest:
-    if kind == "batch":
-        return bad_request(f"batch is over the 500 KB limit ({MAX_BATCH_BYTES} bytes)")
-    return bad_request(f"event is over the 32 KB limit ({MAX_EVENT_BYTES} bytes)")
+def too_large() -> RejectedRequest:
+    return bad_request(f"body is over the 500 KB limit ({MAX_BODY_BYTES} bytes)")
 
 
 # -- auth -------------------------------------------------------------------------------
@@ -187,10 +223,10 @@ class RateLimiter:
 # -- body -------------------------------------------------------------------------------
 
 
-def decode_body(raw: bytes, content_encoding: str | None, kind: str) -> bytes:
-    """The request body, gunzipped when `Content-Encoding: gzip`, within the call's limit
+def decode_body(raw: bytes, content_encoding: str | None) -> bytes:
+    """The request body, gunzipped when `Content-Encoding: gzip`, within 500 KB
     (decompression stops past the limit: no gzip bomb inflates in memory)."""
-    limit = body_limit(kind)
+    limit = MAX_BODY_BYTES
     encoding = (content_encoding or "identity").strip().lower()
     if encoding in ("", "identity"):
         data = raw
@@ -205,7 +241,7 @@ def decode_body(raw: bytes, content_encoding: str | None, kind: str) -> bytes:
     else:
         raise bad_request(f"unsupported Content-Encoding {content_encoding!r} (use gzip)")
     if len(data) > limit:
-        raise too_large(kind)
+        raise too_large()
     return data
 
 
@@ -222,28 +258,66 @@ def parse_body(data: bytes) -> dict[str, Any]:
 # -- events -----------------------------------------------------------------------------
 
 
-def records(
+def events(
     kind: str, body: dict[str, Any], received_at_ms: int, new_id: Callable[[], str]
-) -> list[Record]:
-    """The records of one call: one for /v1/track etc., one per item for /v1/batch."""
+) -> Intake:
+    """The records of one call (one for /v1/track etc., one per item for /v1/batch) and
+    the items to dead-letter instead. Only a `batch` that is not a list refuses the call."""
     if kind != "batch":
-        return [_record(body, kind, {}, received_at_ms, new_id, "")]
+        return _split([(body, kind, "")], {}, received_at_ms, new_id)
     items = body.get("batch")
     if not isinstance(items, list):
         raise bad_request("batch: must be a list of events")
     shared = {name: body[name] for name in (*_SHARED_OBJECTS, "sentAt") if name in body}
-    out = []
-    for index, item in enumerate(items):
-        path = f"batch[{index}]"
-        if not isinstance(item, dict):
-            raise bad_request(f"{path}: must be an object")
-        item_kind = item.get("type")
-        if item_kind not in EVENT_TYPES:
-            raise bad_request(
-                f"{path}.type: must be one of {', '.join(sorted(EVENT_TYPES))}, got {item_kind!r}"
-            )
-        out.append(_record(item, item_kind, shared, received_at_ms, new_id, path))
-    return out
+    return _split(
+        [
+            (item, item.get("type") if isinstance(item, dict) else None, f"batch[{index}]")
+            for index, item in enumerate(items)
+        ],
+        shared,
+        received_at_ms,
+        new_id,
+    )
+
+
+def _split(
+    items: list[tuple[Any, Any, str]],
+    shared: dict[str, Any],
+    received_at_ms: int,
+    new_id: Callable[[], str],
+) -> Intake:
+    records: list[Record] = []
+    rejected: list[Rejected] = []
+    for item, kind, path in items:
+        try:
+            if not isinstance(item, dict):
+                raise _Invalid("not_an_object", f"{path}: must be an object")
+            if kind not in EVENT_TYPES:
+                raise _Invalid(
+                    "unknown_type",
+                    f"{path}.type: must be one of {', '.join(sorted(EVENT_TYPES))}, got {kind!r}",
+                )
+            records.append(_record(item, kind, shared, received_at_ms, new_id, path))
+        except _Invalid as exc:
+            rejected.append(_rejected(item, exc))
+    return Intake(records, rejected)
+
+
+def _rejected(item: Any, invalid: _Invalid) -> Rejected:
+    """The dead letter of an invalid item: the item as sent (less `writeKey`)."""
+    key: bytes | None = None
+    if isinstance(item, dict):
+        item = {name: value for name, value in item.items() if name != "writeKey"}
+        for field in _KEY_FIELDS:
+            value = item.get(field)
+            if isinstance(value, str | int) and not isinstance(value, bool) and value != "":
+                key = str(value).encode()
+                break
+    try:
+        value = orjson.dumps(item)
+    except TypeError:  # an int beyond 64 bits: the standard library writes it
+        value = json.dumps(item, separators=(",", ":"), default=repr).encode()
+    return Rejected(key, value, invalid.reason, invalid.detail)
 
 
 def _record(
@@ -260,21 +334,24 @@ def _record(
         parsed = parse_event(event, received_at_ms)
     except InvalidEventError as exc:
         field = _FIELD_OF_REASON.get(exc.reason) or exc.detail.split(" ", 1)[0]
-        raise bad_request(f"{prefix}{field}: {exc.detail}") from None
+        raise _Invalid(exc.reason, f"{prefix}{field}: {exc.detail}") from None
     future = future_timestamp(parsed, received_at_ms)
     if future is not None:  # SPEC §11: the evaluator would dead-letter it
-        raise bad_request(f"{prefix}timestamp: {future} (future_timestamp)")
+        raise _Invalid("future_timestamp", f"{prefix}timestamp: {future}")
     for field in _REQUIRED.get(kind, ()):
         if event.get(field) in (None, ""):
-            raise bad_request(f"{prefix}{field}: required for {kind} calls")
+            raise _Invalid("missing_field", f"{prefix}{field}: required for {kind} calls")
     try:
         value = orjson.dumps(event)
     except TypeError as exc:  # (orjson.JSONEncodeError is one) e.g. an int beyond 64 bits
-        raise bad_request(f"{path or 'event'}: cannot be written as JSON: {exc}") from None
+        raise _Invalid(
+            "bad_field", f"{path or 'event'}: cannot be written as JSON: {exc}"
+        ) from None
     if len(value) > MAX_EVENT_BYTES:
         where = path or "event"
-        raise bad_request(
-            f"{where}: {len(value)} bytes, over the 32 KB limit per event ({MAX_EVENT_BYTES} bytes)"
+        raise _Invalid(
+            "oversized",
+            f"{where}: {len(value)} bytes, over the 32 KB limit per event ({MAX_EVENT_BYTES} bytes)",
         )
     return Record(key=parsed.key.encode(), value=value, type=kind)
 
@@ -320,7 +397,7 @@ def stamp_times(event: dict[str, Any], received_at_ms: int, prefix: str = "") ->
     for name in _TIME_FIELDS:
         value = event.get(name)
         if value is not None and parse_iso_ms(value) is None:
-            raise bad_request(f"{prefix}{name}: not an ISO-8601 time: {value!r}")
+            raise _Invalid("bad_timestamp", f"{prefix}{name}: not an ISO-8601 time: {value!r}")
     event["receivedAt"] = format_iso(received_at_ms)
     corrected_ms = event_time_ms(event, received_at_ms)
     if event.get("sentAt") is not None:

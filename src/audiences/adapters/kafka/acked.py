@@ -126,16 +126,21 @@ class AckedProducer:
         return len(self._producer)
 
     async def send(
-        self, topic: str, records: Sequence[tuple[bytes, bytes]], timeout_s: float
+        self,
+        topic: str,
+        records: Sequence[tuple[bytes | None, bytes]],
+        timeout_s: float,
+        headers: Sequence[list[tuple[str, bytes]]] | None = None,
     ) -> None:
-        """Produce `records` (key, value) and return when Kafka acknowledged all of them."""
+        """Produce `records` (key, value; with `headers[i]` for the i-th when given) and
+        return when Kafka acknowledged all of them."""
         if self.failure is not None:
             raise DeliveryError(
                 f"Kafka producer failed: {self.failure}", retry_after_s=RETRY_LATER_S
             )
         if not records:
             return
-        size = sum(len(key) + len(value) for key, value in records)
+        size = sum(len(key or b"") + len(value) for key, value in records)
         self._reserve(len(records), size)
         pending = _Pending(asyncio.get_running_loop(), len(records))
         produced = 0
@@ -145,12 +150,17 @@ class AckedProducer:
             pending.settle(1, None if err is None else str(err))
 
         try:
-            for key, value in records:
-                self._producer.produce(topic, value, key, on_delivery=delivered)
-                produced += 1
+            if headers is None:
+                for key, value in records:
+                    self._producer.produce(topic, value, key, on_delivery=delivered)
+                    produced += 1
+            else:
+                for (key, value), extra in zip(records, headers, strict=True):
+                    self._producer.produce(topic, value, key, on_delivery=delivered, headers=extra)
+                    produced += 1
         except (BufferError, KafkaException) as exc:
             unsent = records[produced:]
-            self._release(len(unsent), sum(len(k) + len(v) for k, v in unsent))
+            self._release(len(unsent), sum(len(k or b"") + len(v) for k, v in unsent))
             pending.settle(len(unsent), str(exc))
             raise DeliveryError(
                 f"Kafka producer queue is full ({exc})", retry_after_s=RETRY_SOON_S

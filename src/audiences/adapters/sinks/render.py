@@ -169,8 +169,8 @@ def identify_message(
     ).hexdigest()
     identify["timestamp"] = message.get("timestamp")
     identify["traits"] = traits
-    if context and "audiences" in context:
-        identify["context"] = {"audiences": context["audiences"]}
+    if context and "personas" in context:
+        identify["context"] = {"personas": context["personas"]}
     return identify
 
 

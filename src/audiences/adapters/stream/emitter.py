@@ -23,6 +23,7 @@ import orjson
 from confluent_kafka import TIMESTAMP_CREATE_TIME, Message, Producer
 
 from audiences.adapters import metrics
+from audiences.adapters.kafka.deadletter import dead_letter_headers
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.state.checkpoint import DurabilityError
 from audiences.core.evaluator import Control, Output, Refusal, Transition
@@ -66,23 +67,28 @@ class Deliveries:
 
 class Emitter:
     def __init__(
-        self, producer: Producer, topics: Topics, owner_of: Callable[[bytes], int]
+        self,
+        producer: Producer,
+        topics: Topics,
+        owner_of: Callable[[bytes], int],
+        *,
+        space_id: str,
     ) -> None:
         self.producer = producer
         self.topics = topics
         self.owner_of = owner_of  # profile key -> its `events` partition
+        self.space_id = space_id  # outputs' context.personas.space_id (SPEC §5)
         self._deliveries = Deliveries()  # of the current interval
         self._transitions: dict[tuple[str, bool], int] = {}  # flushed to metrics per checkpoint
 
-    @staticmethod
-    def render(outputs: list[Output], state: UserState) -> Rendered:
+    def render(self, outputs: list[Output], state: UserState) -> Rendered:
         """The output messages of one step, all or nothing (a rendering that raises
         sends none of them, so no output exists without the state that implies it)."""
-        traits, anonymous = state.traits, state.anonymous
+        traits, anonymous, space_id = state.traits, state.anonymous, self.space_id
         rendered = [
             (
                 output.profile_key.encode(),
-                orjson.dumps(render_output(output, traits, anonymous=anonymous)),
+                orjson.dumps(render_output(output, traits, space_id=space_id, anonymous=anonymous)),
             )
             for output in outputs
         ]
@@ -165,13 +171,7 @@ class Emitter:
             self.topics.events_dlq,
             key,
             value,
-            headers=[
-                ("error", detail.encode("utf-8", "replace")[:2000]),
-                ("error_reason", reason.encode()),
-                ("source_topic", msg.topic().encode()),
-                ("source_partition", str(msg.partition()).encode()),
-                ("source_offset", str(msg.offset()).encode()),
-            ],
+            headers=dead_letter_headers(reason, detail, msg.topic(), msg.partition(), msg.offset()),
         )
         metrics.EVENTS_INVALID.labels(reason).inc()
 

@@ -126,7 +126,9 @@ class Runtime:
         self._consumer: Consumer = clients.events_consumer()
         self._changelog_reader = clients.changelog_reader()
         self._producer = clients.output_producer()
-        self.emitter = Emitter(self._producer, topics, self.owner_of)
+        self.emitter = Emitter(
+            self._producer, topics, self.owner_of, space_id=settings.space_id or settings.app_id
+        )
         self.checkpoint = Checkpoint(self.emitter.seal, self._commit_offsets)
         self._flight: Flight | None = None  # the checkpoint in flight, if any
         self._deferred: BaseException | None = None  # a failure met in a rebalance callback
@@ -391,7 +393,7 @@ class Runtime:
         refused: list[tuple[bytes, bytes, str, str]] = []
 
         def accept(result: StepResult) -> None:
-            rendered.extend(Emitter.render(result.transitions, result.state))
+            rendered.extend(self.emitter.render(result.transitions, result.state))
             if result.controls:
                 controls.extend(self.emitter.encode_controls(result.controls))
             if result.refused:

@@ -120,7 +120,10 @@ def create_app(config: dict[str, Any]) -> Any:
                 profiles[key] = result.state.encode()
                 for transition in result.transitions:
                     output = render_output(
-                        transition, result.state.traits, anonymous=result.state.anonymous
+                        transition,
+                        result.state.traits,
+                        space_id=config["app_id"],
+                        anonymous=result.state.anonymous,
                     )
                     await outputs.send(
                         key=transition.profile_key.encode(), value=orjson.dumps(output)
