@@ -188,7 +188,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     flavor = config.stash.get(_FLAVOR, None)
     if flavor:
         note = config.stash.get(_FALLBACK, "")
-        terminalreporter.write_line(f"Kafka tests ran on: {flavor}" + (f" ({note})" if note else ""))
+        terminalreporter.write_line(
+            f"Kafka tests ran on: {flavor}" + (f" ({note})" if note else "")
+        )
 
 
 @pytest.fixture
