@@ -94,6 +94,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "AUDIENCES_AUDIENCE_EVENTS_DLQ_TOPIC": s.audience_events_dlq_topic,
         "AUDIENCES_PARTITIONS": str(s.partitions),
         "AUDIENCES_DATA_DIR": s.data_dir,
+        "AUDIENCES_SPACE_ID": s.space_id,  # outputs' context.personas, as the pure core's
         # the management API: tokens (none = open, on loopback only) and the bind address
         "AUDIENCES_API_TOKENS": s.api_tokens,
         "AUDIENCES_WEB_HOST": s.web_host,

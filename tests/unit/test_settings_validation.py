@@ -227,3 +227,10 @@ def test_the_cli_warns_about_unknown_variables_after_configuring_logs(
     )
     warn_unknown_variables()  # already said
     assert capsys.readouterr().err == ""
+
+
+def test_a_commit_interval_of_0_checkpoints_every_turn_and_is_accepted() -> None:
+    """0 is meaningful (a checkpoint after every loop turn; the fault suite uses it)."""
+    assert Settings.from_env({"AUDIENCES_COMMIT_INTERVAL_MS": "0"}).commit_interval_ms == 0
+    with pytest.raises(SettingsError, match="AUDIENCES_COMMIT_INTERVAL_MS"):
+        Settings.from_env({"AUDIENCES_COMMIT_INTERVAL_MS": "-1"})

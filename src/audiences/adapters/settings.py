@@ -268,9 +268,10 @@ class Settings:
     commit_interval_ms: int = field(
         default=100,
         metadata={
-            "min": 1,
+            "min": 0,
             "doc": "how often the evaluator makes its work durable (outputs acknowledged, "
-            "changelog, store, offsets); outputs are sent at once, whatever it is",
+            "changelog, store, offsets; 0 = after every loop turn); outputs are sent at "
+            "once, whatever it is",
         },
     )
     sweep_chunk: int = field(
