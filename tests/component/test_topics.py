@@ -20,7 +20,7 @@ from audiences.adapters.kafka.topics import (
     faust_replication_factor,
     replica_counts,
 )
-from shared import isolated_settings
+from shared import isolated_settings, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -51,10 +51,11 @@ def test_dlqs_keep_records_as_long_as_configured_and_follow_a_later_change(
     shorter = settings.replace(dlq_retention_hours=1)
     ensure_topics(shorter, topics)
     for dlq in (topics.events_dlq, topics.audience_events_dlq):
-        deadline = time.monotonic() + 10
-        while _retention_ms(apache_kafka_bootstrap, dlq) != str(3_600_000):
-            assert time.monotonic() < deadline, _retention_ms(apache_kafka_bootstrap, dlq)
-            time.sleep(0.05)
+        wait_for(
+            lambda dlq=dlq: _retention_ms(apache_kafka_bootstrap, dlq) == str(3_600_000),
+            30,
+            f"{dlq}: retention.ms 3600000",
+        )
 
 
 def test_dlq_retention_on_the_embedded_broker_does_not_stop_a_start(

@@ -125,7 +125,9 @@ class Script:
         pass
 
 
-def make(dest: dict[str, Any], answers: list[Response]) -> tuple[Deliverer, Script, FakeTime]:
+def make(
+    dest: dict[str, Any], answers: list[Response], hold_auth_failures: bool = True
+) -> tuple[Deliverer, Script, FakeTime]:
     destination: Destination = parse_destinations([{"name": "d", **dest}], {})[0]
     time = FakeTime()
     script = Script(answers, time)
@@ -136,6 +138,7 @@ def make(dest: dict[str, Any], answers: list[Response]) -> tuple[Deliverer, Scri
         monotonic=time.monotonic,
         sleep=time.sleep,
         rng=random.Random(1),
+        hold_auth_failures=hold_auth_failures,
     )
     return deliverer, script, time
 
@@ -403,16 +406,8 @@ def test_410_stops_the_destination_for_good(caplog: pytest.LogCaptureFixture) ->
 def test_without_holding_auth_failures_they_are_rejections_of_the_whole_batch() -> None:
     """`dlq replay`: a 401/410 dead-letters again (replayable later), without a split."""
     for status in (401, 403, 410):
-        destination = parse_destinations([{"name": "d", **HOOK, "batch_size": 10}], {})[0]
-        time = FakeTime()
-        script = Script([Response(status)], time)
-        deliverer = Deliverer(
-            destination,
-            script,
-            wall_ms=time.wall_ms,
-            monotonic=time.monotonic,
-            sleep=time.sleep,
-            hold_auth_failures=False,
+        deliverer, script, time = make(
+            {**HOOK, "batch_size": 10}, [Response(status)], hold_auth_failures=False
         )
         messages = [output_message(f"u{i}") for i in range(3)]
         outcomes = asyncio.run(deliverer.deliver(messages, time.wall_ms()))
