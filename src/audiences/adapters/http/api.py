@@ -48,7 +48,6 @@ from yarl import URL
 
 from audiences.adapters.http.auth import auth_middleware
 from audiences.adapters.http.openapi import OPENAPI
-from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.stream.definitions import Definitions, DefinitionsWriter
@@ -64,6 +63,7 @@ from audiences.core.definitions.conditions import DEVICE_TRACKER_ID
 from audiences.core.definitions.validate import is_trait_definition
 from audiences.core.events import format_iso
 from audiences.core.explain import explain
+from audiences.core.partitioning import partition_for
 from audiences.core.preview import Preview, preview
 from audiences.core.state import NEVER, UserState
 from audiences.errors import ApiError, BrokerError, DefinitionError
