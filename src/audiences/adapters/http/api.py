@@ -291,7 +291,13 @@ class ManagementApi:
         key = request.match_info["key"]
         limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
         number, start = _decode_cursor(request.query.get("cursor"), key)
-        _existing(self._documents(), key, "audiences")
+        doc, _version = _existing(self._documents(), key, "audiences")
+        if is_priority_list(doc):
+            raise ApiError(
+                422,
+                f"{key!r} is a priority list: it has no members of its own; ask for those "
+                f"of its audiences ({', '.join(doc['audiences'])})",
+            )
         partitions = await self._partition_count()
         found: list[dict[str, Any]] = []
         resume: bytes | None = None
