@@ -316,3 +316,37 @@ def test_api_lists_a_priority_list_with_its_audiences_and_union_size() -> None:
     assert summary_["size"] == 3
     assert _size(VIP, sizes) == 2
     assert _size(doc, None) is None
+
+
+# -- backfill ------------------------------------------------------------------------------
+
+
+def test_a_pending_backfill_freezes_the_whole_list() -> None:
+    old = catalog_of(VIP, ACTIVE, SHOPPER)
+    full = catalog_of(VIP, ACTIVE, SHOPPER, RECENT, plist("vip", "recent", "active"))
+    pending = frozenset(full.trackers) - frozenset(old.trackers)  # `recent`'s window
+    frozen = full.with_pending(pending)
+    # `vip` has nothing pending, but judged alone it could hold a profile `recent` holds
+    assert frozen.frozen_audiences == {"vip", "recent", "active"}
+    assert "shopper" not in frozen.frozen_audiences
+    assert catalog_of(VIP, ACTIVE, SHOPPER, RECENT).with_pending(pending).frozen_audiences == {
+        "recent"
+    }
+
+
+# -- the definition schema -----------------------------------------------------------------
+
+
+def test_the_definition_schema_knows_priority_lists() -> None:
+    from test_schemas import errors
+
+    assert errors("definition.json", plist("vip", "active")) == []
+    assert errors("definition.json", plist("vip", "active", name="Win-back", version=2)) == []
+    for bad in (
+        plist(),
+        plist("vip", "vip"),
+        plist("Vip"),
+        {**plist("vip"), "condition": {"in_audience": "vip"}},
+        {"key": "p", "kind": "priority_list"},
+    ):
+        assert errors("definition.json", bad), bad

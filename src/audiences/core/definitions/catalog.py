@@ -131,7 +131,8 @@ class Catalog:
         - live events do not update them (`trackers_by_event` leaves them out), but
           `trackers` keeps them, so adopting this catalog keeps their data;
         - every audience that depends on one — directly, through a computed trait that
-          uses one, or through `in_audience` of such an audience — and every computed
+          uses one, or through `in_audience` of such an audience; every audience of a
+          priority list that has such an audience — and every computed
           trait whose tracker is pending is *frozen*: `step` neither judges it nor emits
           for it, and leaves its membership or value and its deadline as they are
           (adopting this catalog keeps them too: no exit, no deletion);
@@ -149,9 +150,18 @@ class Catalog:
         frozen: set[str] = set()
         for key in frozen_traits:
             frozen |= self.trait_dependents.get(key, frozenset())
-        for audience in self.audiences:  # in dependency order: references come first
-            if audience.tracker_ids & pending or audience.references & frozen:
-                frozen.add(audience.key)
+        while True:
+            before = len(frozen)
+            for audience in self.audiences:  # in dependency order: references come first
+                if audience.tracker_ids & pending or audience.references & frozen:
+                    frozen.add(audience.key)
+            # A priority list freezes whole: its audiences judged apart could hold a
+            # profile in two of them until the backfill ends.
+            for listed in self.priority_lists.values():
+                if frozen.intersection(listed):
+                    frozen.update(listed)
+            if len(frozen) == before:
+                break
         by_event = {
             route: [t for t in trackers if t.id not in pending]
             for route, trackers in self.trackers_by_event.items()
