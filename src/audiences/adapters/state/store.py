@@ -99,7 +99,7 @@ _BLOCK_CACHE_BYTES = int(os.environ.get("AUDIENCES_ROCKSDB_BLOCK_CACHE_MB", "32"
 _WRITE_BUFFERS_BYTES = int(os.environ.get("AUDIENCES_ROCKSDB_WRITE_BUFFERS_MB", "16")) * _MB
 _block_cache: Cache | None = None
 _UNLOGGED = WriteOptions()
-_UNLOGGED.disable_wal = True
+_UNLOGGED.disable_wal = True  # type: ignore[method-assign,assignment]  # (a property; the stubs say method)
 
 
 def _options() -> Options:
