@@ -48,6 +48,7 @@ from yarl import URL
 
 from audiences.adapters.http.auth import auth_middleware
 from audiences.adapters.http.openapi import OPENAPI
+from audiences.adapters.http.ui import register_console
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.stream.definitions import Definitions, DefinitionsWriter
@@ -160,6 +161,7 @@ class ManagementApi:
             "/v1/internal/partitions/{partition}/preview", _errors_as_json(self.internal_preview)
         )
         router.add_get("/openapi.json", _errors_as_json(self.openapi))
+        register_console(app, self)  # /ui, and the live stream and destinations it reads
         app.on_cleanup.append(self._close)
 
     async def _close(self, _app: web.Application) -> None:

@@ -21,6 +21,7 @@ from aiohttp.typedefs import Middleware
 from audiences.adapters.settings import SCOPES, ApiToken
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # no token needed (SPEC §8)
+# and the console (`/ui`, `/ui/...`): static files only, its data comes from the API
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 READ_POSTS = frozenset({"/v1/audiences/preview"})  # POSTs that only read (a preview)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -39,8 +40,8 @@ def required_scope(method: str, path: str) -> str | None:
     """The scope a request needs (None: an open route). User deletion needs `admin`,
     other changes (PUT/DELETE of definitions) `write`, reads (previews and internal
     partition queries included) `read`."""
-    if path.rstrip("/") in OPEN_PATHS:
-        return None
+    if path.rstrip("/") in OPEN_PATHS or path == "/ui" or path.startswith("/ui/"):
+        return None  # the console's shell and assets hold no data: its API calls need tokens
     if method == "DELETE" and path.startswith("/v1/users/"):
         return "admin"
     if method in READ_METHODS or path in READ_POSTS:
