@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apiserver import Worker
+from apiserver import Worker, wait_for
 from harness import T0, Engine, track
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -83,6 +83,16 @@ def shoot(page: Any, name: str) -> None:
     page.set_viewport_size({"width": 1280, "height": 900})
 
 
+def settled(worker: Worker) -> None:
+    """The three users' events are evaluated (buyers: ann and bob; browsers: cid)."""
+
+    def sizes() -> bool:
+        answer = worker("GET", "/v1/audiences", headers=auth()).json()["audiences"]
+        return {a["key"]: a["size"] for a in answer} == {"buyers": 2, "browsers": 1}
+
+    wait_for(sizes, 60, "the events to be evaluated")
+
+
 def row(page: Any, key: str) -> Any:
     return page.locator(f"tr[data-key='{key}']")
 
@@ -90,15 +100,16 @@ def row(page: Any, key: str) -> Any:
 def test_audiences_page_asks_for_a_token_and_shows_sizes_then_an_audience_chart(
     worker: Worker, engine: Engine, browser: Any
 ) -> None:
-    engine.settle(lambda: worker("GET", "/v1/audiences/buyers", headers=auth()).json()["size"] == 2)
+    settled(worker)
     page = open_page(browser, token=None)
     page.goto(worker.url + "/ui")
     dialog = page.get_by_role("dialog", name="API token")
     expect(dialog).to_be_visible()  # the API answered 401: the console asks once
-    page.get_by_label("Token").fill(ADMIN)
+    dialog.get_by_label("Token", exact=True).fill(ADMIN)
     page.get_by_role("button", name="Use token").click()
     expect(row(page, "buyers").locator("[data-col=size]")).to_have_text("2")
     expect(row(page, "browsers").locator("[data-col=size]")).to_have_text("1")
+    expect(row(page, "buyers").locator("[data-col=entered]")).to_have_text("2")  # history
     page.get_by_label("Filter").fill("brow")
     expect(row(page, "buyers")).to_have_count(0)
     expect(row(page, "browsers")).to_have_count(1)
@@ -137,7 +148,7 @@ def auth(token: str = ADMIN) -> dict[str, str]:
 def test_the_editor_previews_then_saves_a_new_version(
     worker: Worker, engine: Engine, browser: Any
 ) -> None:
-    engine.settle(lambda: worker("GET", "/v1/audiences/buyers", headers=auth()).json()["size"] == 2)
+    settled(worker)
     page = open_page(browser)
     page.goto(worker.url + "/ui/new?key=buyers")
     editor = page.get_by_label("Definition (JSON)")
@@ -176,7 +187,7 @@ def test_the_editor_previews_then_saves_a_new_version(
 def test_a_user_page_explains_why_and_the_live_feed_shows_a_new_transition(
     worker: Worker, engine: Engine, browser: Any
 ) -> None:
-    engine.settle(lambda: worker("GET", "/v1/audiences/buyers", headers=auth()).json()["size"] == 2)
+    settled(worker)
     page = open_page(browser)
     page.goto(worker.url + "/ui")
     page.get_by_label("User id or anonymous id").fill("ann")
@@ -184,7 +195,7 @@ def test_a_user_page_explains_why_and_the_live_feed_shows_a_new_transition(
     expect(page).to_have_url(re.compile(r"/ui/users/ann$"))
     members_of = page.get_by_role("table", name="Audiences")
     expect(members_of.get_by_role("link", name="Buyers")).to_be_visible()
-    members_of.get_by_role("button", name="Why?").click()
+    members_of.get_by_role("button", name="Why in Buyers?").click()
     tree = page.get_by_test_id("explain-tree")
     expect(page.get_by_role("heading", name="Why in buyers")).to_be_visible()
     expect(tree.locator(".pill").first).to_have_text("true")

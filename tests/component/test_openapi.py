@@ -12,8 +12,9 @@ from audiences.adapters.http.openapi import OPENAPI
 from audiences.adapters.settings import Settings
 from audiences.bootstrap import worker_app
 
-# Faust's own blueprints (table/router introspection, index page): not part of our API.
-FAUST_BUILTIN = ("/router", "/table")
+# Faust's own blueprints (table/router introspection, index page): not part of our API; nor
+# is the console (`/ui`: static HTML, CSS and JavaScript over this API).
+FAUST_BUILTIN = ("/router", "/table", "/ui")
 METHODS = ("get", "put", "post", "delete", "patch")
 
 

@@ -407,6 +407,78 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/transitions/stream": {
+            "get": {
+                "operationId": "transitions_stream",
+                "summary": "Live transitions as server-sent events (the console's live feed): a "
+                "`ready` event once positioned at the end of audience-events, then one "
+                "`transition` event per output record from then on (data: the record as "
+                "`audiences tail --json` prints it), `: heartbeat` comments, and a `failure` "
+                "event if Kafka fails (reconnect). Read with fetch (EventSource sends no token).",
+                "parameters": [
+                    _query_param(
+                        "audience",
+                        "only the transitions of this audience or computed trait",
+                        {"type": "string"},
+                    )
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "503": UNAVAILABLE,
+                },
+            }
+        },
+        "/v1/destinations": {
+            "get": {
+                "operationId": "list_destinations",
+                "summary": "The destinations this worker delivers to and what its sinks "
+                "counted since it started (the sink metrics): delivered, dead-lettered, "
+                "skipped, retried requests, queued, paused. Per worker: each counts what it "
+                "delivered itself.",
+                "parameters": [
+                    _query_param(
+                        "audience",
+                        "only the destinations that receive this audience",
+                        {"type": "string"},
+                    )
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "since": {"type": "string"},
+                                "destinations": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "name": {"type": "string"},
+                                            "type": {"type": ["string", "null"]},
+                                            "audiences": {
+                                                "type": ["array", "null"],
+                                                "items": {"type": "string"},
+                                            },
+                                            "delivered": {"type": "integer"},
+                                            "dead_lettered": {"type": "integer"},
+                                            "skipped": {"type": "integer"},
+                                            "retries": {"type": "integer"},
+                                            "queue_depth": {"type": "integer"},
+                                            "paused": {"type": "boolean"},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                        "destinations and their delivery counts",
+                    ),
+                    "503": _error("the destinations file cannot be read"),
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",

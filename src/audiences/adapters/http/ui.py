@@ -32,6 +32,8 @@ from aiohttp import web
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import REGISTRY
 
+from audiences.errors import AudiencesError
+
 if TYPE_CHECKING:
     from audiences.adapters.http.api import ManagementApi
 
@@ -238,7 +240,7 @@ async def destinations(request: web.Request, api: ManagementApi) -> web.StreamRe
 
         try:
             loaded = load_destinations(api.settings.destinations, os.environ)
-        except Exception as exc:  # the worker already refused it at start; say why here too
+        except (AudiencesError, OSError, ValueError) as exc:  # the worker refused it at start
             unreadable = {"error": f"the destinations file cannot be read: {exc}"}
             return web.json_response(unreadable, status=503)
         configured = [
@@ -252,7 +254,9 @@ async def destinations(request: web.Request, api: ManagementApi) -> web.StreamRe
     counts = _sink_counts()
     known = {d["name"] for d in configured}
     configured += [
-        {"name": name, "type": None, "audiences": None} for name in sorted(counts) if name not in known
+        {"name": name, "type": None, "audiences": None}
+        for name in sorted(counts)
+        if name not in known
     ]
     items = []
     for entry in configured:
@@ -271,4 +275,3 @@ async def destinations(request: web.Request, api: ManagementApi) -> web.StreamRe
             }
         )
     return web.json_response({"destinations": items, "since": "worker start"})
-

@@ -105,8 +105,8 @@ async function audiencesPage(url) {
   let sort = url.searchParams.get("sort") || "name", desc = url.searchParams.get("desc") === "1";
   const filter = h("input", { id: "filter", type: "search", value: url.searchParams.get("q") || "", placeholder: "name or key" });
   const tbody = h("tbody");
-  const columns = [["name", "Name"], ["key", "Key"], ["type", "Type"], ["version", "Version", "num"], ["size", "Size", "num"],
-    ["entered", "Entered 1h", "num"], ["exited", "Exited 1h", "num"]];
+  const columns = [["name", "Name"], ["key", "Key", "hide-narrow"], ["type", "Type", "hide-narrow"], ["version", "Version", "num"],
+    ["size", "Size", "num"], ["entered", "Entered 1h", "num hide-narrow"], ["exited", "Exited 1h", "num hide-narrow"]];
   const headRow = h("tr");
   function draw() {
     const q = filter.value.trim().toLowerCase();
@@ -118,9 +118,10 @@ async function audiencesPage(url) {
     });
     tbody.replaceChildren(...shown.map((r) => h("tr", { "data-key": r.key },
       h("td", {}, r.type.startsWith("trait") ? r.name : link(`/ui/audiences/${enc(r.key)}`, r.name)),
-      h("td", {}, h("code", {}, r.key)), h("td", {}, r.type), h("td", { class: "num" }, r.version),
+      h("td", { class: "hide-narrow" }, h("code", {}, r.key)), h("td", { class: "hide-narrow" }, r.type), h("td", { class: "num" }, r.version),
       h("td", { class: "num", "data-col": "size" }, fmt(r.size)),
-      h("td", { class: "num" }, fmt(r.entered)), h("td", { class: "num" }, fmt(r.exited)),
+      h("td", { class: "num hide-narrow", "data-col": "entered" }, fmt(r.entered)),
+      h("td", { class: "num hide-narrow", "data-col": "exited" }, fmt(r.exited)),
       h("td", { class: "hide-narrow" }, r.points === null ? "" : r.points.length ? sparkline(r.points, `size of ${r.name} over the last hour`) : noHistory()))));
     headRow.replaceChildren(...columns.map(([key, label, cls]) => h("th", { class: cls, "aria-sort": key === sort ? (desc ? "descending" : "ascending") : "none", scope: "col" },
       h("button", { type: "button", onclick: () => { desc = key === sort ? !desc : false; sort = key; keep(); draw(); } }, label, key === sort ? (desc ? " ▼" : " ▲") : ""))),
@@ -410,7 +411,7 @@ async function userPage(url, id) {
     h("p", { class: "muted" }, `Partition ${partition} · last event ${when(updated_at)}`, merged_into ? ` · merged into ${merged_into}` : ""),
     h("div", { class: "grid2" },
       h("section", {}, h("h2", {}, "Audiences"), table("Audiences", ["Audience", "Entered at", ""], audiences.map((a) =>
-        [link(`/ui/audiences/${enc(a.key)}`, a.name), when(a.entered_at), h("button", { type: "button", class: "secondary", onclick: () => explainIt(a.key) }, `Why?`)]))),
+        [link(`/ui/audiences/${enc(a.key)}`, a.name), when(a.entered_at), h("button", { type: "button", class: "secondary", "aria-label": `Why in ${a.name}?`, onclick: () => explainIt(a.key) }, "Why?")]))),
       h("section", {}, h("h2", {}, "Why (not)?"), h("div", { class: "toolbar" }, h("label", { for: "why-key" }, "Audience"), pick,
         h("button", { type: "button", onclick: () => explainIt(pick.value) }, "Explain")), why)),
     h("div", { class: "grid2" },

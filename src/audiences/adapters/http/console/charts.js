@@ -42,7 +42,7 @@ export function chart(points) {
     t.textContent = points[i].t.replace("T", " ").slice(0, 16);
     svg.append(t);
   }
-  for (const [key, color] of SERIES) {
+  for (const [key, color] of [...SERIES].reverse()) {  // size drawn last: on top
     svg.append(el("path", { d: path(points.map((p) => p[key]), x, y), fill: "none", stroke: color,
       "stroke-width": key === "size" ? 2 : 1.5, "data-series": key }));
   }
