@@ -11,7 +11,8 @@ CORE_RECORD := src/audiences/core/_build.json
 # C compiler, Python headers and mypyc (else the run says it is pure and why).
 AUDIENCES_EXPECT_COMPILED_CORE ?= auto
 
-.PHONY: demo test lint bench core apache-kafka clean
+.PHONY: demo test lint bench core apache-kafka clean chromium
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1  # Playwright drives the system chromium, never its own
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,13 +36,18 @@ EMBEDDED_SMOKE := tests/component/test_embedded_broker.py tests/component/test_e
 	tests/component/test_state_protocol_kafka.py tests/component/test_collector.py \
 	tests/system/test_worker_crash.py
 
-test: core  ## lint, type-check, every test on the compiled core (Kafka: Apache Kafka when Java 17 and Maven are here), a smoke subset on the embedded broker, the unit tests on the pure core
+test: core chromium  ## lint, type-check, every test on the compiled core (Kafka: Apache Kafka when Java 17 and Maven are here), a smoke subset on the embedded broker, the unit tests on the pure core
 	$(BIN)/ruff check src tests setup.py
 	$(BIN)/mypy
 	AUDIENCES_EXPECT_COMPILED_CORE=$(AUDIENCES_EXPECT_COMPILED_CORE) $(BIN)/python -m pytest
 	AUDIENCES_TEST_BROKER=embedded AUDIENCES_EXPECT_COMPILED_CORE=$(AUDIENCES_EXPECT_COMPILED_CORE) \
 		$(BIN)/python -m pytest $(EMBEDDED_SMOKE)
 	AUDIENCES_PURE_CORE=1 AUDIENCES_EXPECT_COMPILED_CORE=0 $(BIN)/python -m pytest tests/unit
+
+chromium:  ## Debian's chromium for the console's browser tests (installed when missing and root; else they skip)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && apt-get install -y -qq chromium; } || \
+		echo "no chromium (apt-get install chromium): the console's browser tests will be skipped"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests setup.py

@@ -16,6 +16,8 @@ import pytest
 from apiserver import Worker, wait_for
 from harness import T0, Engine, track
 
+from audiences.tools.demo.runner import demo_definitions
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.kafka,
@@ -39,13 +41,14 @@ BROWSERS = {
     "name": "Browsers",
     "condition": {"performed": {"event": "Product Viewed"}},
 }
+DEMO = demo_definitions(5_000)  # `audiences demo`'s audiences and computed traits
 ARTIFACTS = Path(os.environ.get("AUDIENCES_TEST_ARTIFACTS") or "build/artifacts/console")
 WIDTHS = (1280, 390)
 
 
 @pytest.fixture
 def worker(engine: Engine, tmp_path: Path) -> Iterator[Worker]:
-    engine.apply(BUYERS, BROWSERS)
+    engine.apply(*DEMO, BUYERS, BROWSERS)
     settings = engine.settings.replace(api_tokens=f"{ADMIN}:admin,{READER}:read")
     started = Worker(settings, tmp_path / "worker", engine.clock).start().wait_ready()
     engine.send(
@@ -88,7 +91,8 @@ def settled(worker: Worker) -> None:
 
     def sizes() -> bool:
         answer = worker("GET", "/v1/audiences", headers=auth()).json()["audiences"]
-        return {a["key"]: a["size"] for a in answer} == {"buyers": 2, "browsers": 1}
+        sizes = {a["key"]: a["size"] for a in answer}
+        return (sizes["buyers"], sizes["browsers"]) == (2, 1)
 
     wait_for(sizes, 60, "the events to be evaluated")
 
@@ -110,6 +114,9 @@ def test_audiences_page_asks_for_a_token_and_shows_sizes_then_an_audience_chart(
     expect(row(page, "buyers").locator("[data-col=size]")).to_have_text("2")
     expect(row(page, "browsers").locator("[data-col=size]")).to_have_text("1")
     expect(row(page, "buyers").locator("[data-col=entered]")).to_have_text("2")  # history
+    for doc in DEMO:  # the demo's audiences with their sizes, and its computed traits
+        size = row(page, doc["key"]).locator("[data-col=size]")
+        expect(size).to_have_text(re.compile(r"^\d+$") if "condition" in doc else "—")
     page.get_by_label("Filter").fill("brow")
     expect(row(page, "buyers")).to_have_count(0)
     expect(row(page, "browsers")).to_have_count(1)
@@ -117,7 +124,7 @@ def test_audiences_page_asks_for_a_token_and_shows_sizes_then_an_audience_chart(
     expect(row(page, "buyers").get_by_role("img")).to_have_count(1)  # its sparkline
     shoot(page, "audiences")
 
-    page.get_by_role("link", name="Buyers").click()
+    page.get_by_role("link", name="Buyers", exact=True).click()
     expect(page).to_have_url(re.compile(r"/ui/audiences/buyers$"))
     expect(page.get_by_role("heading", name="Buyers", level=1)).to_be_visible()
     expect(page.get_by_test_id("size")).to_have_text("2")
@@ -194,7 +201,7 @@ def test_a_user_page_explains_why_and_the_live_feed_shows_a_new_transition(
     page.get_by_role("button", name="Find").click()
     expect(page).to_have_url(re.compile(r"/ui/users/ann$"))
     members_of = page.get_by_role("table", name="Audiences")
-    expect(members_of.get_by_role("link", name="Buyers")).to_be_visible()
+    expect(members_of.get_by_role("link", name="Buyers", exact=True)).to_be_visible()
     members_of.get_by_role("button", name="Why in Buyers?").click()
     tree = page.get_by_test_id("explain-tree")
     expect(page.get_by_role("heading", name="Why in buyers")).to_be_visible()

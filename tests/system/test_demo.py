@@ -56,6 +56,7 @@ def test_demo_shows_abandoners_entering_after_the_window_and_exiting_on_late_ord
     )
     out = result.stdout
     assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"console: http://127\.0\.0\.1:\d+/ui", out), out[:2000]
     entered = re.findall(r"Audience Entered\s+cart_abandoners\s+(\S+)", out)
     exited = re.findall(r"Audience Exited\s+cart_abandoners\s+(\S+)", out)
     assert entered, out[-3000:]

@@ -102,16 +102,18 @@ def run_demo(
         for doc in definitions:
             kind = "audience" if "condition" in doc else "trait   "
             print(f"  {kind} {doc['key']:<16} {doc.get('description', '')}", flush=True)
+        web_port = _free_port()
         env = {
             **os.environ,
             "AUDIENCES_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
             "AUDIENCES_DATA_DIR": settings.data_dir,
-            "AUDIENCES_WEB_PORT": str(_free_port()),
+            "AUDIENCES_WEB_PORT": str(web_port),
             "AUDIENCES_DESTINATIONS": destinations,
         }
         os.makedirs(settings.data_dir, exist_ok=True)
         log_path = os.path.join(settings.data_dir, "worker.log")
         print(f"  worker log: {log_path}", flush=True)
+        print(f"  console: http://127.0.0.1:{web_port}/ui   (API: /v1, /openapi.json)", flush=True)
         with open(log_path, "ab") as log_file:
             worker = subprocess.Popen(
                 [sys.executable, "-m", "audiences", "worker"],
