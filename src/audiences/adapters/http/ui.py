@@ -44,6 +44,7 @@ ASSET_TYPES = {
     ".svg": "image/svg+xml",
 }
 HEARTBEAT_S = 15.0  # an SSE comment this often: proxies keep the stream, dead clients show
+CLIENT_CHECK_S = 1.0  # how soon a stream whose client went away ends
 STREAM_POLL_S = 0.25  # one consume call at most this long (how soon a closed stream stops)
 SINK_SAMPLES = {
     "audiences_sink_deliveries_total": "outcome",
@@ -86,7 +87,16 @@ def register_console(app: web.Application, api: ManagementApi) -> None:
     router.add_get("/ui", page)
     router.add_get("/ui/assets/{name}", asset)
     router.add_get("/ui/{tail:.*}", page)
-    router.add_get("/v1/transitions/stream", lambda request: transitions_stream(request, api))
+    streams: set[_Tail] = set()
+
+    async def end_streams(_app: web.Application) -> None:
+        for tail in list(streams):  # before the server waits for its handlers to finish
+            tail.end()
+
+    app.on_shutdown.append(end_streams)
+    router.add_get(
+        "/v1/transitions/stream", lambda request: transitions_stream(request, api, streams)
+    )
     router.add_get("/v1/destinations", lambda request: destinations(request, api))
 
 
@@ -125,6 +135,12 @@ class _Tail:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def end(self) -> None:
+        """Ends the stream (the worker shuts down): its handler returns."""
+        self.stop()
+        if not self.queue.full():
+            self.queue.put_nowait(None)
 
     def _deliver(self, item: bytes | Exception | None) -> None:
         def put() -> None:
@@ -172,10 +188,13 @@ class _Tail:
             consumer.close()
 
 
-async def transitions_stream(request: web.Request, api: ManagementApi) -> web.StreamResponse:
+async def transitions_stream(
+    request: web.Request, api: ManagementApi, streams: set[_Tail]
+) -> web.StreamResponse:
     audience = request.query.get("audience") or None
     tail = _Tail(api, asyncio.get_running_loop())
     tail.start()
+    streams.add(tail)
     try:
         try:
             await asyncio.wait_for(tail.ready, 20)
@@ -191,13 +210,22 @@ async def transitions_stream(request: web.Request, api: ManagementApi) -> web.St
         )
         await response.prepare(request)
         await response.write(b"event: ready\ndata: {}\n\n")
+        quiet_s = 0.0
         while True:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                break  # the client went away
             try:
-                item = await asyncio.wait_for(tail.queue.get(), HEARTBEAT_S)
+                item = await asyncio.wait_for(tail.queue.get(), CLIENT_CHECK_S)
             except TimeoutError:
-                await response.write(b": heartbeat\n\n")
+                quiet_s += CLIENT_CHECK_S
+                if quiet_s >= HEARTBEAT_S:
+                    await response.write(b": heartbeat\n\n")
+                    quiet_s = 0.0
                 continue
-            if item is None or isinstance(item, Exception):
+            if item is None:
+                break  # the worker shuts down
+            if isinstance(item, Exception):
                 message = orjson.dumps({"error": f"the stream stopped: {item}"})
                 await response.write(b"event: failure\ndata: " + message + b"\n\n")
                 break
@@ -210,6 +238,7 @@ async def transitions_stream(request: web.Request, api: ManagementApi) -> web.St
             await response.write(b"event: transition\ndata: " + orjson.dumps(output) + b"\n\n")
         return response
     finally:
+        streams.discard(tail)
         tail.stop()
 
 
