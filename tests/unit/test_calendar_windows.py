@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from factories import D, H, M, audience, catalog_of, feed, iso, make_event, run, summary
+from factories import D, H, audience, catalog_of, feed, iso, make_event, run, summary
 from factories import trait_values as values_of
 
 from audiences.core.calendar import (
@@ -207,7 +207,7 @@ def test_page_and_screen_views_take_calendar_windows() -> None:
     at = utc("2026-03-08T20:00:00Z")  # 16:00 EDT on the 23-hour 8 Mar
     page = make_event(ts=at, type="page", event=None, properties={"url": "https://x/pricing"})
     screen = make_event(ts=at, type="screen", event=None, name="Home")
-    state, outputs = feed(catalog, [page, screen, Tick(utc("2026-03-10T12:00:00Z"))])
+    _, outputs = feed(catalog, [page, screen, Tick(utc("2026-03-10T12:00:00Z"))])
     assert summary(outputs) == [
         ("pricing_today", "entered", at),
         ("home_2d", "entered", at),
