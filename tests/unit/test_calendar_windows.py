@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from factories import D, H, audience, catalog_of, feed, iso, make_event, run, summary
+from factories import D, H, M, audience, catalog_of, feed, iso, make_event, run, summary
 from factories import trait_values as values_of
 
 from audiences.core.calendar import (
@@ -369,3 +369,22 @@ def test_valid_calendar_windows_compile() -> None:
     ]
     catalog = build_catalog({d["key"]: (validate_definition(d), 1) for d in docs})
     assert set(catalog.index) == {"a"} and set(catalog.traits) == {"t"}
+
+
+def test_preview_judges_a_calendar_window_on_stored_profiles() -> None:
+    from audiences.core.preview import preview
+
+    fixed = audience("recent", {"performed": {"event": "Checkout Started", "within": "3d"}})
+    stored = catalog_of(fixed)
+    late_evening = utc("2026-03-29T21:30:00Z")  # 23:30 CEST on 29 Mar
+    profiles = []
+    for user, clock in [("today", late_evening), ("past_midnight", BERLIN_MAR_30 + 30 * M)]:
+        items = [checkout(late_evening), make_event(ts=clock, event="App Opened", userId=user)]
+        state, _ = feed(stored, items, user=user)
+        assert state is not None
+        profiles.append((user, state))
+    doc = validate_definition(
+        audience("today", {"performed": {"event": "Checkout Started", "within": calendar(1)}})
+    )
+    report = preview(doc, {"recent": (validate_definition(fixed), 1)}, profiles)
+    assert (report.size, report.entering, report.would_enter) == (1, 1, ["today"])
