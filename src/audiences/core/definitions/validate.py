@@ -206,8 +206,10 @@ def _event_filter(value: Any, path: str, fields: tuple[str, ...]) -> Mapping[str
     _string(obj.get("event"), f"{path}.event")
     if "where" in obj:
         validate_filters(obj["where"], f"{path}.where")
-    if "within" in obj:  # a calendar window only on `performed` (not on funnel steps)
-        (_window if fields is PERFORMED_FIELDS else _duration)(obj["within"], f"{path}.within")
+    if "within" in obj and "between" in fields:  # `performed`: a calendar window too
+        _window(obj["within"], f"{path}.within")
+    elif "within" in obj:  # funnel steps and follow-ups: a duration
+        _duration(obj["within"], f"{path}.within")
     return obj
 
 
