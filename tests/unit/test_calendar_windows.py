@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from factories import D, H, M, audience, catalog_of, feed, iso, make_event, run, summary
 from factories import trait_values as values_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from audiences.core.calendar import (
     day_start_ms,
@@ -388,3 +390,45 @@ def test_preview_judges_a_calendar_window_on_stored_profiles() -> None:
     )
     report = preview(doc, {"recent": (validate_definition(fixed), 1)}, profiles)
     assert (report.size, report.entering, report.would_enter) == (1, 1, ["today"])
+
+
+# -- hostile input ---------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=80),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["calendar_days", "timezone", "days", "tz"]), json_values, max_size=3
+    )
+    | st.fixed_dictionaries(
+        {
+            "calendar_days": st.integers(-5, 4000) | json_values,
+            "timezone": st.sampled_from(
+                ["UTC", "Europe/Berlin", "../x", "/etc/localtime", "", "Europe/", "Etc/GMT+5"]
+            )
+            | st.text(max_size=300),
+        }
+    )
+)
+def test_any_within_object_is_accepted_or_refused_with_a_path_never_crashes(within: Any) -> None:
+    doc = audience("a", {"performed": {"event": "Checkout Started", "within": within}})
+    try:
+        checked = validate_definition(doc)
+    except DefinitionError as exc:
+        assert exc.path.startswith("$.condition.performed.within")
+        return
+    catalog = build_catalog({"a": (checked, 1)})  # what validation accepts compiles and runs
+    assert step(None, checkout(BERLIN_MAR_29), catalog, "u1").transitions
+
+
+@pytest.mark.parametrize("ts", [-(2**62), -1, 0, 2**62, 253_402_300_799_999])
+def test_extreme_event_times_never_raise(ts: int) -> None:
+    for tz in (BERLIN, NEW_YORK, zone("Pacific/Kiritimati"), zone("Etc/GMT+12")):
+        assert window_start(ts, 3650, tz) <= next_boundary(ts, tz)
+        assert leave_ms(ts, 3650, tz) > window_start(ts, 3650, tz)

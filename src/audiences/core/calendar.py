@@ -31,7 +31,7 @@ DAY_MS = 86_400_000
 _ZONES: dict[str, ZoneInfo] = {}  # name -> zone (names are validated before they get here)
 _MAX_ZONES = 1024
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MIN_MS = -62_135_596_800_000 + 2 * DAY_MS  # 0001-01-03 (room for the local date)
+_MIN_MS = -62_135_596_800_000 + (MAX_CALENDAR_DAYS + 2) * DAY_MS  # room for N days before
 _MAX_MS = 253_402_300_799_999 - (MAX_CALENDAR_DAYS + 2) * DAY_MS  # room for N days after
 
 
