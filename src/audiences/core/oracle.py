@@ -14,7 +14,9 @@ later than it are ignored by the engine): the property tests' histories stay wit
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -122,8 +124,19 @@ def _holds(
     raise ValueError(f"oracle does not know {name!r}")
 
 
+def _in_calendar_days(within: Mapping[str, Any], ts: int, t: int) -> bool:
+    """A calendar window, read straight off the calendar: the event's local date is
+    one of the N local dates ending with t's (SPEC §3), and it is not after t."""
+    zone = ZoneInfo(within["timezone"])
+    event_day = datetime.fromtimestamp(ts // 1000, zone).date()
+    today = datetime.fromtimestamp(t // 1000, zone).date()
+    return ts <= t and 0 <= (today - event_day).days < within["calendar_days"]
+
+
 def _count_matches(times: list[int], body: Mapping[str, Any], t: int) -> bool:
-    if "within" in body:
+    if isinstance(body.get("within"), dict):
+        count = sum(1 for ts in times if _in_calendar_days(body["within"], ts, t))
+    elif "within" in body:
         window = parse_duration_ms(body["within"])
         assert window is not None
         count = sum(1 for ts in times if t - window < ts <= t)
@@ -193,7 +206,9 @@ def _trait_value(doc: Mapping[str, Any], seen: list[Event], t: int) -> Any:
     kind = doc["kind"]
     where = compile_where(doc.get("where"))
     path = compile_path(doc["property"]) if doc.get("property") else None
-    window = parse_duration_ms(doc["within"]) if doc.get("within") else None
+    within = doc.get("within")
+    calendar = within if isinstance(within, dict) else None
+    window = parse_duration_ms(within) if isinstance(within, str) else None
     rows: list[tuple[int, int, Any]] = []
     for index, e in enumerate(seen):
         ts = e.timestamp_ms
@@ -205,6 +220,8 @@ def _trait_value(doc: Mapping[str, Any], seen: list[Event], t: int) -> Any:
             bucket = max(1_000, window // 100)
             if ts - ts % bucket + window <= t:
                 continue
+        if calendar is not None and not _in_calendar_days(calendar, ts, t):
+            continue  # (exact: calendar windows keep a bucket per local day)
         value = e.get(path) if path is not None else None
         numeric = isinstance(value, int | float) and not isinstance(value, bool)
         if isinstance(value, int | float) and not -(2**63) <= value < 2**63:

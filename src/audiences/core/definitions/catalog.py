@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, final
 
+from audiences.core.calendar import horizon_ms
 from audiences.core.definitions.conditions import (
     ALL_EVENTS,
     AllNode,
@@ -284,7 +285,7 @@ class _Compiler:
             event_type = "track" if name == "performed" else name.split("_")[0]
             ((op, count),) = (body.get("times") or {"gte": 1}).items()
             if "within" in body:
-                mode, horizon = "window", parse_duration_ms(body["within"]) or 0
+                mode, horizon = "window", horizon_ms(body["within"])  # (a calendar window too)
             elif "between" in body:
                 mode, horizon = "between", parse_duration_ms(body["between"][1]) or 0
             else:

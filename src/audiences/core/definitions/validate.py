@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from audiences.core.calendar import validate_calendar_window
 from audiences.core.definitions.language import (
     CONDITIONS,
     KINDS,
@@ -121,6 +122,15 @@ def _duration(value: Any, path: str) -> int:
     return ms
 
 
+def _window(value: Any, path: str) -> None:
+    """A `within` of performed / page_viewed / screen_viewed / a computed trait: a
+    duration or a calendar window `{"calendar_days": N, "timezone": TZ}`."""
+    if isinstance(value, dict):
+        validate_calendar_window(value, path)
+    else:
+        _duration(value, path)
+
+
 def _string(value: Any, path: str) -> str:
     if not isinstance(value, str) or not value:
         raise DefinitionError(path, f"expected a non-empty string, got {_type(value)}")
@@ -196,7 +206,9 @@ def _event_filter(value: Any, path: str, fields: tuple[str, ...]) -> Mapping[str
     _string(obj.get("event"), f"{path}.event")
     if "where" in obj:
         validate_filters(obj["where"], f"{path}.where")
-    if "within" in obj:
+    if "within" in obj and "between" in fields:  # `performed`: a calendar window too
+        _window(obj["within"], f"{path}.within")
+    elif "within" in obj:  # funnel steps and follow-ups: a duration
         _duration(obj["within"], f"{path}.within")
     return obj
 
@@ -242,7 +254,7 @@ def validate_condition(value: Any, path: str) -> None:
         if "where" in view:
             validate_filters(view["where"], f"{here}.where")
         if "within" in view:
-            _duration(view["within"], f"{here}.within")
+            _window(view["within"], f"{here}.within")
         _counted(view, here)
     elif name == "device":
         device = _object(body, here, "a device condition {type, push_enabled?}")
@@ -328,7 +340,7 @@ def _validate_trait(obj: Mapping[str, Any]) -> None:
     if "where" in obj:
         validate_filters(obj["where"], "$.where")
     if "within" in obj:
-        _duration(obj["within"], "$.within")
+        _window(obj["within"], "$.within")
 
 
 def validate_definition(doc: Any) -> dict[str, Any]:
