@@ -8,6 +8,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, final
 
+from audiences.core.definitions.buckets import (
+    Holdout,
+    RandomBucketNode,
+    definition_salt,
+    holdout_of,
+)
 from audiences.core.definitions.conditions import (
     ALL_EVENTS,
     AllNode,
@@ -48,6 +54,7 @@ class CompiledAudience:
     uses_traits: bool = False
     references: frozenset[str] = frozenset()
     backfill: bool = True
+    holdout: Holdout | None = None  # SPEC §3 `holdout` (definitions/buckets.py)
 
 
 @final
@@ -219,6 +226,7 @@ class _Compiler:
     def __init__(self) -> None:
         self.trackers: dict[str, Tracker] = {}
         self.from_ms = 0  # of the audience being compiled (backfill: false)
+        self.salt = ""  # of the audience being compiled (random_bucket)
         self.performed: list[PerformedNode] = []
 
     def settle(self, previous: Catalog | None) -> dict[str, str]:
@@ -292,6 +300,8 @@ class _Compiler:
             return DeviceNode(body)
         if name == "computed":
             return ComputedNode(body)
+        if name == "random_bucket":  # no tracker: constant per profile (buckets.py)
+            return RandomBucketNode(body, self.salt)
         raise ValueError(f"condition {name!r} cannot be compiled")
 
 
@@ -373,6 +383,7 @@ def build_catalog(
         used: set[str] = set()
         flags: dict[str, bool] = {}
         compiler.from_ms = counts_from_ms(doc)
+        compiler.salt = definition_salt(doc)
         compiled.append((key, compiler.compile(doc["condition"], used, flags), used, flags))
     renames = compiler.settle(previous)  # every leaf is served: what each tracker keeps
     for key, root, compiling_ids, flags in compiled:
@@ -389,6 +400,7 @@ def build_catalog(
             uses_traits=bool(flags.get("traits")),
             references=frozenset(graph[key]),
             backfill=bool(doc.get("backfill", True)),
+            holdout=holdout_of(doc),
         )
         for trait_key in trait_references(doc["condition"]):
             trait_dependents.setdefault(trait_key, set()).add(key)
