@@ -433,3 +433,46 @@ def test_the_holdout_is_the_buckets_below_percent_times_100() -> None:
         [entered] = run(catalog, [make_event(ts=T0, userId=user, event="A")], user)
         assert isinstance(entered, Transition)
         assert entered.holdout is held is in_holdout(doc, user), bucket
+
+
+# -- the published JSON schemas -----------------------------------------------------------------
+
+
+def test_the_schemas_accept_buckets_and_holdouts_as_the_validator_does() -> None:
+    from test_schemas import errors
+
+    good = [
+        audience("a", {"random_bucket": {"lt": 5000}}, salt="exp-1"),
+        audience("b", {"not": {"random_bucket": {"gte": 10, "lt": 20}}}),
+        audience("c", {"performed": {"event": "A"}}, holdout={"percent": 12.34, "salt": "s"}),
+    ]
+    for doc in good:
+        validate_definition(doc)
+        assert errors("definition.json", doc) == [], doc
+    bad = [
+        audience("a", {"random_bucket": {"lt": 10001}}),
+        audience("a", {"random_bucket": {}}),
+        audience("a", {"random_bucket": {"lte": 5}}),
+        audience("a", {"random_bucket": {"lt": 5}}, salt=""),
+        audience("a", {"random_bucket": {"lt": 5}}, holdout={"percent": 100}),
+        audience("a", {"random_bucket": {"lt": 5}}, holdout={"percent": 0}),
+        audience("a", {"random_bucket": {"lt": 5}}, holdout={"salt": "s"}),
+        audience("a", {"random_bucket": {"lt": 5}}, holdout={"percent": 5, "x": 1}),
+    ]
+    for doc in bad:
+        assert errors("definition.json", doc), doc
+        with pytest.raises(DefinitionError):
+            validate_definition(doc)
+
+
+def test_rendered_holdout_outputs_match_the_output_schema() -> None:
+    from test_schemas import errors
+
+    catalog = catalog_of(HELD)
+    user = next(u for u in (f"u{n}" for n in range(100)) if in_holdout(HELD, u))
+    [entered] = run(catalog, [make_event(ts=T0, userId=user, event="Order Completed")], user)
+    message = render_output(entered, {}, space_id="spa_1")
+    assert message["properties"]["holdout"] is True
+    assert errors("output/audience-event.json", message) == []
+    message["properties"]["holdout"] = False  # only ever present as true
+    assert errors("output/audience-event.json", message)
