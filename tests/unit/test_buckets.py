@@ -476,3 +476,15 @@ def test_rendered_holdout_outputs_match_the_output_schema() -> None:
     assert errors("output/audience-event.json", message) == []
     message["properties"]["holdout"] = False  # only ever present as true
     assert errors("output/audience-event.json", message)
+
+
+def test_the_demo_holds_out_a_tenth_of_its_cart_abandoners() -> None:
+    from audiences.core.definitions import build_catalog
+    from audiences.tools.demo.runner import demo_definitions
+
+    docs = {doc["key"]: validate_definition(doc) for doc in demo_definitions(1000)}
+    assert docs["cart_abandoners"]["holdout"] == {"percent": 10}
+    catalog = build_catalog({key: (doc, 1) for key, doc in docs.items()})
+    held = catalog.audience("cart_abandoners")
+    assert held is not None and held.holdout is not None and held.holdout.threshold == 1000
+    assert all(a.holdout is None for a in catalog.audiences if a.key != "cart_abandoners")

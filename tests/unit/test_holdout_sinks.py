@@ -114,3 +114,13 @@ def test_the_deliverer_skips_and_counts_holdouts_per_destination_and_audience() 
     assert [r.indexes for r in transport.requests] == [(1,)]  # u2's message alone was sent
     assert count("held-hook", "cart_abandoners") == 1
     assert count("held-hook", "vip") == 2
+
+
+def test_the_destinations_schema_takes_include_holdout_on_kafka_only() -> None:
+    from test_sink_config import SCHEMA
+
+    kafka = {"name": "copy", "type": "kafka", "topic": "t"}
+    assert list(SCHEMA.iter_errors([{**kafka, "include_holdout": True}])) == []
+    assert list(SCHEMA.iter_errors([{**kafka, "include_holdout": "yes"}]))
+    hook = {"name": "hook", "type": "webhook", "url": "http://h", "include_holdout": True}
+    assert list(SCHEMA.iter_errors([hook]))
