@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from apiserver import Worker
 from confluent_kafka import Consumer, TopicPartition
 from fake_destinations import SEGMENT_WRITE_KEY, WEBHOOK_SECRET, FakeDestination
 from harness import T0, Engine, S, track
@@ -21,6 +23,7 @@ from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.sinks.config import Destination, parse_destinations
 from audiences.adapters.sinks.worker import SinkWorker
 from audiences.adapters.stream.sinks import prepare_sink_topics
+from audiences.core.oracle import bucket as oracle_bucket
 from audiences.core.oracle import in_holdout
 
 pytestmark = pytest.mark.kafka
@@ -155,3 +158,38 @@ def test_replaying_the_log_reproduces_ids_and_holdout_flags(engine: Engine) -> N
 
     assert sorted(map(brief, first)) == sorted(map(brief, second))
     assert {h for *_rest, h in map(brief, first)} == {True, False}
+
+
+def test_the_api_validates_explains_and_previews_buckets_and_holdouts(
+    engine: Engine, tmp_path: Path
+) -> None:
+    worker = Worker(engine.settings, tmp_path / "worker", engine.clock).start().wait_ready()
+    try:
+        bad = {**BUYERS, "holdout": {"percent": 100}}
+        refused = worker("PUT", "/v1/audiences/buyers", bad)
+        assert (refused.status, refused.json()["path"]) == (422, "$.holdout.percent")
+        wrong = {"key": "split", "condition": {"random_bucket": {"lt": 10001}}}
+        refused = worker("POST", "/v1/audiences/preview", wrong)
+        assert (refused.status, refused.json()["path"]) == (422, "$.condition.random_bucket.lt")
+
+        assert worker("PUT", "/v1/audiences/buyers", BUYERS).status == 201
+        users = USERS[:8]
+        for n, user in enumerate(users):
+            engine.send(track(user, "Order Completed", T0 + n * S))
+        engine.outputs(len(users))
+        for user in users:
+            answer = worker("GET", f"/v1/users/{user}/explain/buyers")
+            assert answer.status == 200, answer.body
+            holdout = answer.json()["holdout"]
+            assert holdout["salt"] == "buyers:holdout" and holdout["percent"] == 30
+            assert holdout["bucket"] == oracle_bucket("buyers:holdout", user)
+            assert holdout["in_holdout"] is in_holdout(BUYERS, user)
+
+        split = {"key": "split", "condition": {"random_bucket": {"lt": 5000}}, "salt": "exp"}
+        report = worker("POST", "/v1/audiences/preview", split)
+        assert report.status == 200, report.body
+        expected = sorted(u for u in users if oracle_bucket("exp", u) < 5000)
+        assert report.json()["size"] == len(expected)
+        assert sorted(report.json()["would_enter"]) == expected
+    finally:
+        worker.stop()

@@ -210,7 +210,10 @@ def test_the_bucket_needs_no_tracker_and_events_never_move_it() -> None:
     catalog = catalog_of(SPLIT, both)
     split = catalog.audience("split")
     assert split is not None and split.tracker_ids == frozenset()
-    assert all("split" not in str(route) for route in catalog.routes)
+    bit = 1 << catalog.index["split"]  # no event's plan re-judges it: no per-event work
+    plans = [*catalog.routes.values(), catalog.unrouted]
+    assert plans and not any(d.audiences & bit for plan in plans for d in plan)
+    assert any(d.audiences & (1 << catalog.index["treated_buyers"]) for p in plans for d in p)
     inside = next(
         u for u in (f"u{n}" for n in range(100)) if reference_bucket("treated_buyers", u) < 5000
     )
