@@ -468,6 +468,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ("plain_loop", args.skip_plain),
             ("latency", args.skip_latency),
             ("recovery", args.skip_recovery),
+            ("memory", args.skip_memory),
         )
         if flag
     }
@@ -483,6 +484,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         faust_events=args.faust_events,
         latency_rate=args.latency_rate,
         latency_seconds=args.latency_seconds,
+        memory_profiles=args.memory_profiles,
     )
 
 
@@ -744,6 +746,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-latency", action="store_true", help="skip the latency phase")
     p.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)  # now the default
     p.add_argument("--skip-recovery", action="store_true", help="skip the recovery phase")
+    p.add_argument(
+        "--skip-memory", action="store_true", help="skip the memory phase (1M profiles held)"
+    )
+    p.add_argument(
+        "--memory-profiles",
+        type=int,
+        default=1_000_000,
+        help="profiles the memory phase's worker holds, one event each (default 1000000)",
+    )
     p.add_argument(
         "--latency-rate",
         type=float,

@@ -312,6 +312,7 @@ def _evaluate(
     dependents = catalog.dependents_masks
     anonymous = state.anonymous
     generation = state.generation
+    first = len(out) if catalog.exclusive_mask else -1  # (priority lists: see _exits_first)
     # Dependents come later in dependency order: walking the lowest bit first judges
     # every audience after the ones it refers to, and each once.
     while pending:
@@ -360,8 +361,33 @@ def _evaluate(
         more = dependents[position]
         if more:
             pending |= more & ~frozen
+    if first >= 0 and len(out) - first > 1:
+        _exits_first(out, first, catalog)
     if stale_wake:
         _refresh_wake(state, catalog)
+
+
+def _exits_first(out: list[Output], first: int, catalog: Catalog) -> None:
+    """Within one judging pass, the transitions of each priority list's audiences in
+    `out[first:]` are put exits first (a move reads Exited of the old audience, then
+    Entered of the new one, whichever way it goes), each group in dependency order —
+    in the places those transitions held, other outputs staying where they are."""
+    lists = catalog.priority_of
+    places: dict[str, list[int]] = {}
+    for place in range(first, len(out)):
+        output = out[place]
+        if isinstance(output, Transition):
+            list_key = lists.get(output.audience_key)
+            if list_key is not None:
+                places.setdefault(list_key, []).append(place)
+    for group in places.values():
+        if len(group) < 2:
+            continue
+        moved = [out[p] for p in group]
+        ordered = [t for t in moved if isinstance(t, Transition) and not t.entered]
+        ordered += [t for t in moved if isinstance(t, Transition) and t.entered]
+        for place, output in zip(group, ordered, strict=True):
+            out[place] = output
 
 
 def _refresh_wake(state: UserState, catalog: Catalog) -> None:

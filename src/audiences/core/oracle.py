@@ -71,6 +71,22 @@ def is_member(definitions: Definitions, key: str, history: Sequence[Event], t: i
 
 
 def _is_member(definitions: Definitions, key: str, seen: list[Event], t: int) -> bool:
+    """Membership: the audience's own condition, and — for an audience in a priority
+    list (SPEC §3) — qualifying for none of the audiences listed before it."""
+    if not _qualifies(definitions, key, seen, t):
+        return False
+    for list_key in sorted(definitions):
+        listed = definitions[list_key].get("audiences")
+        if definitions[list_key].get("kind") != "priority_list" or not isinstance(listed, list):
+            continue
+        if key in listed:
+            before = listed[: listed.index(key)]
+            return not any(k in definitions and _qualifies(definitions, k, seen, t) for k in before)
+    return True
+
+
+def _qualifies(definitions: Definitions, key: str, seen: list[Event], t: int) -> bool:
+    """The audience's own condition (and its anonymous rule), priority lists aside."""
     if not seen:
         return False  # a profile exists from its first event on
     doc = definitions[key]

@@ -48,7 +48,6 @@ from yarl import URL
 
 from audiences.adapters.http.auth import auth_middleware
 from audiences.adapters.http.openapi import OPENAPI
-from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.stream.definitions import Definitions, DefinitionsWriter
@@ -61,9 +60,11 @@ from audiences.core.definitions import (
     validate_definition,
 )
 from audiences.core.definitions.conditions import DEVICE_TRACKER_ID
+from audiences.core.definitions.language import is_priority_list
 from audiences.core.definitions.validate import is_trait_definition
 from audiences.core.events import format_iso
 from audiences.core.explain import explain
+from audiences.core.partitioning import partition_for
 from audiences.core.preview import Preview, preview
 from audiences.core.state import NEVER, UserState
 from audiences.errors import ApiError, BrokerError, DefinitionError
@@ -191,7 +192,7 @@ class ManagementApi:
             body = {**doc, "version": version}
             if kind == "audiences":
                 sizes = await self._sizes()
-                body["size"] = sizes.get(key, 0) if sizes is not None else None
+                body["size"] = _size(doc, sizes)
             return _json(body)
 
         return _errors_as_json(handler)
@@ -290,7 +291,13 @@ class ManagementApi:
         key = request.match_info["key"]
         limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
         number, start = _decode_cursor(request.query.get("cursor"), key)
-        _existing(self._documents(), key, "audiences")
+        doc, _version = _existing(self._documents(), key, "audiences")
+        if is_priority_list(doc):
+            raise ApiError(
+                422,
+                f"{key!r} is a priority list: it has no members of its own; ask for those "
+                f"of its audiences ({', '.join(doc['audiences'])})",
+            )
         partitions = await self._partition_count()
         found: list[dict[str, Any]] = []
         resume: bytes | None = None
@@ -601,9 +608,22 @@ def _summary(doc: dict[str, Any], version: int, sizes: dict[str, int] | None) ->
     }
     if is_trait_definition(doc):
         summary["kind"] = doc["kind"]
-    else:
-        summary["size"] = sizes.get(doc["key"], 0) if sizes is not None else None
+        return summary
+    if is_priority_list(doc):
+        summary["kind"] = doc["kind"]
+        summary["audiences"] = list(doc["audiences"])
+    summary["size"] = _size(doc, sizes)
     return summary
+
+
+def _size(doc: Mapping[str, Any], sizes: dict[str, int] | None) -> int | None:
+    """An audience's size; a priority list's is the size of the union of its audiences
+    (they are disjoint: the sum of their sizes)."""
+    if sizes is None:
+        return None
+    if is_priority_list(doc):
+        return sum(sizes.get(key, 0) for key in doc["audiences"])
+    return sizes.get(doc["key"], 0)
 
 
 def _user_view(user: str, number: int, state: UserState, catalog: Catalog) -> dict[str, Any]:

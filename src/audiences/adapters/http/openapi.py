@@ -394,14 +394,16 @@ OPENAPI: dict[str, Any] = {
             },
             "Definition": {
                 "type": "object",
-                "description": "An audience (`condition`) or a computed trait (`kind`); see "
-                "the README for the language. `key` defaults to the URL's.",
+                "description": "An audience (`condition`), a computed trait (`kind`) or a "
+                "priority list (`kind: priority_list` with `audiences`); see the README for "
+                "the language. `key` defaults to the URL's.",
                 "properties": {
                     "key": {"type": "string"},
                     "name": {"type": "string"},
                     "description": {"type": "string"},
                     "condition": {"type": "object"},
                     "kind": {"type": "string"},
+                    "audiences": {"type": "array", "items": {"type": "string"}},
                     "include_anonymous": {"type": "boolean"},
                     "backfill": {"type": "boolean"},
                 },
@@ -432,7 +434,13 @@ OPENAPI: dict[str, Any] = {
                     "name": {"type": "string"},
                     "version": {"type": "integer"},
                     "created_at": {"type": ["string", "null"]},
-                    "size": {"type": ["integer", "null"]},
+                    "size": {
+                        "type": ["integer", "null"],
+                        "description": "a priority list: the members of its audiences "
+                        "(disjoint: the sum of their sizes)",
+                    },
+                    "kind": {"type": "string", "description": "priority_list for a list"},
+                    "audiences": {"type": "array", "items": {"type": "string"}},
                 },
                 "required": ["key", "version"],
             },

@@ -23,12 +23,18 @@ from audiences.core.definitions.language import (
     CONDITIONS,
     KINDS,
     audience_references,
+    is_priority_list,
     trait_references,
 )
 from audiences.core.definitions.language import (
     is_trait_definition as is_trait_definition,  # re-exported: adapters import it from here
 )
 from audiences.core.definitions.limits import check_limits
+from audiences.core.definitions.priority import (
+    check_priority_references,
+    priority_edges,
+    validate_priority_list,
+)
 from audiences.core.durations import parse_duration_ms
 from audiences.core.events import parse_iso_ms
 from audiences.core.operators import (
@@ -342,6 +348,8 @@ def validate_definition(doc: Any) -> dict[str, Any]:
     key = obj.get("key")
     if is_trait_definition(obj):
         _validate_trait(obj)
+    elif is_priority_list(obj):
+        validate_priority_list(obj)
     else:
         _check_fields(obj, AUDIENCE_FIELDS, "$")
     if not isinstance(key, str) or not KEY_PATTERN.match(key):
@@ -360,7 +368,7 @@ def validate_definition(doc: Any) -> dict[str, Any]:
         isinstance(obj["version"], bool) or not isinstance(obj["version"], int)
     ):
         raise DefinitionError("$.version", f"expected an integer, got {_type(obj['version'])}")
-    if is_trait_definition(obj):
+    if is_trait_definition(obj) or is_priority_list(obj):
         return dict(obj)
     if "condition" not in obj:
         raise DefinitionError("$.condition", "a definition needs a condition")
@@ -402,10 +410,13 @@ def check_references(doc: Mapping[str, Any], existing: Mapping[str, Mapping[str,
     """Reject unknown in_audience / computed keys and reference cycles, given the other
     definitions (audiences and computed traits share one key space)."""
     other = existing.get(doc["key"])
-    if other is not None and is_trait_definition(other) != is_trait_definition(doc):
-        kind = "a computed trait" if is_trait_definition(other) else "an audience"
-        raise DefinitionError("$.key", f"{doc['key']!r} is already {kind}")
+    if other is not None and _kind_of(other) != _kind_of(doc):
+        raise DefinitionError("$.key", f"{doc['key']!r} is already {_kind_of(other)}")
     if is_trait_definition(doc):
+        return
+    if is_priority_list(doc):
+        check_priority_references(doc, existing)
+        _check_cycles(doc, existing, "$.audiences")
         return
     traits = {key for key, d in existing.items() if is_trait_definition(d)}
     for ref in sorted(trait_references(doc["condition"])):
@@ -415,18 +426,46 @@ def check_references(doc: Mapping[str, Any], existing: Mapping[str, Mapping[str,
                 f"computed refers to unknown computed trait {ref!r}",
                 _suggest(ref, traits),
             )
+    lists = {k for k, d in existing.items() if is_priority_list(d)}
     existing = {k: d for k, d in existing.items() if not is_trait_definition(d)}
     refs = audience_references(doc["condition"])
-    known = set(existing) | {doc["key"]}
+    known = set(existing) - lists | {doc["key"]}
     for ref in sorted(refs):
+        if ref in lists:
+            raise DefinitionError(
+                "$.condition",
+                f"in_audience refers to priority list {ref!r}; refer to one of its audiences",
+            )
         if ref not in known:
             raise DefinitionError(
                 "$.condition",
                 f"in_audience refers to unknown audience {ref!r}",
                 _suggest(ref, known),
             )
-    graph = {key: audience_references(other["condition"]) for key, other in existing.items()}
-    graph[doc["key"]] = refs
+    _check_cycles(doc, existing, "$.condition")
+
+
+def _kind_of(doc: Mapping[str, Any]) -> str:
+    if is_trait_definition(doc):
+        return "a computed trait"
+    return "a priority list" if is_priority_list(doc) else "an audience"
+
+
+def _check_cycles(
+    doc: Mapping[str, Any], existing: Mapping[str, Mapping[str, Any]], path: str
+) -> None:
+    """No cycle through `in_audience` and priority lists (an audience listed after K
+    depends on K) once `doc` replaces its key in `existing` (audiences and lists)."""
+    documents = {k: d for k, d in existing.items() if not is_trait_definition(d)}
+    documents[doc["key"]] = doc
+    graph = {
+        key: audience_references(other["condition"])
+        for key, other in documents.items()
+        if not is_priority_list(other)
+    }
+    for key, higher in priority_edges(documents).items():
+        graph.setdefault(key, set()).update(higher)
     cycle = find_cycle(graph)
     if cycle:
-        raise DefinitionError("$.condition", "in_audience forms a cycle: " + " -> ".join(cycle))
+        what = "in_audience" if path == "$.condition" else "the priority list"
+        raise DefinitionError(path, f"{what} forms a cycle: " + " -> ".join(cycle))
