@@ -491,3 +491,33 @@ def test_the_demo_holds_out_a_tenth_of_its_cart_abandoners() -> None:
     held = catalog.audience("cart_abandoners")
     assert held is not None and held.holdout is not None and held.holdout.threshold == 1000
     assert all(a.holdout is None for a in catalog.audiences if a.key != "cart_abandoners")
+
+
+def test_a_priority_move_carries_each_audiences_own_holdout_flag() -> None:
+    """A split inside a priority list: each transition is flagged by its own
+    audience's holdout, so a move between a held-out and a sent audience leaves
+    destinations consistent (they see the audience the user is sent for)."""
+    vip = audience(
+        "vip", {"trait": {"name": "plan", "op": "eq", "value": "pro"}}, holdout={"percent": 50}
+    )
+    active = audience("active", {"performed": {"event": "Login"}}, holdout={"percent": 50})
+    listed = {"key": "winback", "kind": "priority_list", "audiences": ["vip", "active"]}
+    catalog = catalog_of(vip, active, listed)
+    seen = set()
+    for n in range(40):
+        user = f"u{n}"
+        items = [
+            make_event(ts=T0, event="Login", userId=user),
+            make_event(ts=T0 + S, type="identify", event=None, userId=user, traits={"plan": "pro"}),
+        ]
+        out = [t for t in run(catalog, items, user) if isinstance(t, Transition)]
+        assert summary(out) == [
+            ("active", "entered", T0),
+            ("active", "exited", T0 + S),
+            ("vip", "entered", T0 + S),
+        ]
+        for t in out:
+            doc = vip if t.audience_key == "vip" else active
+            assert t.holdout is in_holdout(doc, user)
+        seen.add((out[0].holdout, out[2].holdout))
+    assert len(seen) == 4  # every combination of the two independent holdouts occurred
