@@ -413,6 +413,7 @@ class UserState:
         "history_seen",
         "members",
         "merged_into",
+        "profile_key",
         "seen",
         "trackers",
         "trait_times",
@@ -446,6 +447,9 @@ class UserState:
         # Transient, never encoded: what bounds dropped since the runtime last reset it
         # (reason -> count, reasons from DROP_REASONS); None when nothing was dropped.
         self.dropped: dict[str, int] | None = None
+        # Transient, never encoded: the key of the profile being judged (its userId, or
+        # anonymousId), set by `evaluator._evaluate` (and explain) for `random_bucket`.
+        self.profile_key = ""
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count something a bound kept out of the profile (see the module docstring)."""

@@ -15,6 +15,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from audiences.core.calendar import validate_calendar_window
+from audiences.core.definitions.buckets import (
+    validate_holdout,
+    validate_random_bucket,
+    validate_salt,
+)
 from audiences.core.definitions.language import (
     CONDITIONS,
     KINDS,
@@ -53,6 +58,8 @@ AUDIENCE_FIELDS = (
     "backfill",
     "version",
     "created_at",
+    "salt",
+    "holdout",
 )
 TRAIT_DEFINITION_FIELDS = (
     "key",
@@ -281,6 +288,8 @@ def validate_condition(value: Any, path: str) -> None:
         _check_fields(trait, TRAIT_FIELDS, here)
         _string(trait.get("name"), f"{here}.name")
         validate_operator(trait, here)
+    elif name == "random_bucket":
+        validate_random_bucket(body, here)
     elif name == "in_audience":
         if not isinstance(body, str) or not KEY_PATTERN.match(body):
             raise DefinitionError(here, f"expected an audience key, got {body!r}")
@@ -375,6 +384,10 @@ def validate_definition(doc: Any) -> dict[str, Any]:
         return dict(obj)
     if "condition" not in obj:
         raise DefinitionError("$.condition", "a definition needs a condition")
+    if "salt" in obj:
+        validate_salt(obj["salt"], "$.salt")
+    if "holdout" in obj:
+        validate_holdout(obj["holdout"], "$.holdout")
     validate_condition(obj["condition"], "$.condition")
     return dict(obj)
 
