@@ -336,6 +336,19 @@ def cmd_members(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from audiences.adapters.http.client import ApiClient, quote
+    from audiences.adapters.http.history import render
+
+    client = ApiClient(_require_api_url(args, "history"), token=_api_token(args))
+    points = client.get(
+        f"/v1/audiences/{quote(args.key)}/history",
+        **{"from": args.start, "to": args.end, "step": args.step},
+    )
+    print(render(args.key, points))
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from audiences.adapters.http.client import ApiClient, quote
 
@@ -641,6 +654,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="print at most N members")
     _url_option(p, "a worker's API (required)")
     p.set_defaults(func=cmd_members)
+
+    p = sub.add_parser(
+        "history",
+        help="an audience's size history as a sparkline (through a worker's API)",
+        description="Size at the end of each step (one block character per step), with the "
+        "smallest, largest and current size and the users who entered and exited in the range "
+        "(GET /v1/audiences/KEY/history).",
+    )
+    p.add_argument("key", help="audience key")
+    p.add_argument(
+        "--from",
+        dest="start",
+        default=None,
+        help="start: ISO-8601 or epoch ms (default: an hour before --to)",
+    )
+    p.add_argument(
+        "--to", dest="end", default=None, help="end: ISO-8601 or epoch ms (default: now)"
+    )
+    p.add_argument("--step", default=None, help="step: 1m (default), 5m, 1h, 1d, ...")
+    _url_option(p, "a worker's API (required)")
+    p.set_defaults(func=cmd_history)
 
     p = sub.add_parser(
         "explain",

@@ -434,6 +434,7 @@ def test_api_reads_write_nothing_to_kafka(engine: Engine, tmp_path: Path) -> Non
                 "/v1/users/u1",
                 "/v1/users/u1/explain/buyers",
                 "/v1/audiences/buyers/members",
+                "/v1/audiences/buyers/history",
             ):
                 assert worker("GET", path).status == 200, path
             assert worker("POST", "/v1/audiences/preview", BUYERS).status == 200

@@ -47,11 +47,13 @@ from confluent_kafka import KafkaException, Producer
 from yarl import URL
 
 from audiences.adapters.http.auth import auth_middleware
+from audiences.adapters.http.history import parse_query, series
 from audiences.adapters.http.openapi import OPENAPI
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
+from audiences.adapters.state.history import merge_buckets
 from audiences.adapters.stream.definitions import Definitions, DefinitionsWriter
-from audiences.adapters.stream.queries import QueryPort, StateView
+from audiences.adapters.stream.queries import PartitionHistory, QueryPort, StateView
 from audiences.adapters.stream.registry import WorkerRegistry
 from audiences.core.definitions import (
     Catalog,
@@ -148,6 +150,8 @@ class ManagementApi:
             router.add_put(f"/v1/{kind}/{{key}}", self._put(kind))
             router.add_delete(f"/v1/{kind}/{{key}}", self._delete(kind))
         router.add_get("/v1/audiences/{key}/members", _errors_as_json(self.members))
+        router.add_get("/v1/audiences/{key}/history", _errors_as_json(self.history))
+        router.add_get("/v1/internal/history/{key}", _errors_as_json(self.internal_history))
         router.add_get("/v1/users/{id}", _errors_as_json(self.user))
         router.add_delete("/v1/users/{id}", _errors_as_json(self.delete_user))
         router.add_get("/v1/users/{id}/explain/{key}", _errors_as_json(self.explain))
@@ -368,6 +372,52 @@ class ManagementApi:
 
     async def internal_sizes(self, request: web.Request) -> web.StreamResponse:
         body = {"partitions": await self._local_sizes()}
+        return _json(body, headers={SERVED_BY: self.url})
+
+    # -- size history -------------------------------------------------------------------------
+
+    async def history(self, request: web.Request) -> web.StreamResponse:
+        """Size, entered and exited per step (adapters/http/history.py), over every
+        partition: this worker's, and the others' through their internal route."""
+        key = request.match_info["key"]
+        _existing(self._documents(), key, "audiences")
+        query = parse_query(request.query, self.clock())
+        partitions = await self._partition_count()
+        parts = await self._local_history(key, query.start_ms)
+        missing = set(range(partitions)) - set(parts)
+        owners = {self.registry.owner(p) for p in missing} if self.registry else set()
+        for url in sorted(u for u in owners if u is not None and u != self.url):
+            path = f"/v1/internal/history/{quote(key, safe='')}"
+            data = await self._request("GET", url, path, {"from": str(query.start_ms)})
+            for number, part in data["partitions"].items():
+                if int(number) in missing:
+                    parts[int(number)] = _history_from_json(part)
+        if set(range(partitions)) - set(parts):
+            raise ApiError(
+                503, "the history of some partitions is not available (a rebalance?); retry"
+            )
+        size = sum(part.size for part in parts.values())
+        buckets = merge_buckets(part.buckets for part in parts.values())
+        return _json(series(size, buckets, query))
+
+    async def _local_history(self, key: str, from_ms: int) -> dict[int, PartitionHistory]:
+        if not self.queries.serving:
+            return {}
+        return await self.queries.ask(lambda view: view.history(key, from_ms))
+
+    async def internal_history(self, request: web.Request) -> web.StreamResponse:
+        key = request.match_info["key"]
+        from_ms = _int_param(request, "from", 0, 0, 1 << 62)
+        parts = await self._local_history(key, from_ms)
+        body = {
+            "partitions": {
+                number: {
+                    "size": part.size,
+                    "buckets": [[m, e, x] for m, (e, x) in sorted(part.buckets.items())],
+                }
+                for number, part in parts.items()
+            }
+        }
         return _json(body, headers={SERVED_BY: self.url})
 
     # -- users --------------------------------------------------------------------------------
@@ -744,6 +794,11 @@ def _int_path(request: web.Request, name: str) -> int:
         return int(request.match_info[name])
     except ValueError:
         raise ApiError(400, f"{name} must be an integer") from None
+
+
+def _history_from_json(part: dict[str, Any]) -> PartitionHistory:
+    buckets = {int(m): (int(e), int(x)) for m, e, x in part["buckets"]}
+    return PartitionHistory(int(part["size"]), buckets)
 
 
 def _not_owner(number: int) -> ApiError:

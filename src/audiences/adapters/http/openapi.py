@@ -199,6 +199,45 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/audiences/{key}/history": {
+            "get": {
+                "operationId": "audience_history",
+                "summary": "Size history over every partition: per step, its start `t`, the "
+                "size at its end and the transitions that entered and exited in it (by their "
+                "event time). Kept per minute for 30 days; minutes before the audience existed "
+                "(or older than 30 days) are empty.",
+                "parameters": [
+                    _path_param("key", "audience key"),
+                    _query_param(
+                        "from",
+                        "start (ISO-8601 or epoch milliseconds; default one hour before `to`); "
+                        "rounded down to a multiple of `step`",
+                        {"type": "string"},
+                    ),
+                    _query_param(
+                        "to",
+                        "end (ISO-8601 or epoch milliseconds; default now)",
+                        {"type": "string"},
+                    ),
+                    _query_param(
+                        "step",
+                        "step length, at least 1m, whole minutes: 1m (default), 5m, 1h, 1d "
+                        "(at most 10000 steps)",
+                        {"type": "string", "pattern": "^[0-9]+(s|m|min|h|d)$"},
+                    ),
+                ],
+                "responses": {
+                    "200": _json(
+                        {"type": "array", "items": _ref("HistoryPoint")}, "one point per step"
+                    ),
+                    "400": _error(
+                        "unreadable from/to/step, from after to, step under 1m, or too many steps"
+                    ),
+                    "404": _error("no such audience"),
+                    "503": UNAVAILABLE,
+                },
+            }
+        },
         "/v1/users/{id}": {
             "parameters": [USER],
             "get": {
@@ -268,6 +307,45 @@ OPENAPI: dict[str, Any] = {
                         },
                         "sizes by partition",
                     )
+                },
+            }
+        },
+        "/v1/internal/history/{key}": {
+            "get": {
+                "operationId": "internal_history",
+                "tags": ["internal"],
+                "summary": "An audience's member count and minute buckets ([minute_ms, entered, "
+                "exited], from `from` on) of each partition this worker owns",
+                "parameters": [
+                    _path_param("key", "audience key"),
+                    _query_param("from", "first minute (epoch milliseconds)", {"type": "integer"}),
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "partitions": {
+                                    "type": "object",
+                                    "additionalProperties": {
+                                        "type": "object",
+                                        "properties": {
+                                            "size": {"type": "integer"},
+                                            "buckets": {
+                                                "type": "array",
+                                                "items": {
+                                                    "type": "array",
+                                                    "items": {"type": "integer"},
+                                                },
+                                            },
+                                        },
+                                    },
+                                }
+                            },
+                        },
+                        "buckets by partition",
+                    ),
+                    "400": _error("bad from"),
                 },
             }
         },
@@ -488,6 +566,16 @@ OPENAPI: dict[str, Any] = {
                     "entered_at": {"type": "string", "format": "date-time"},
                 },
                 "required": ["id", "entered_at"],
+            },
+            "HistoryPoint": {
+                "type": "object",
+                "properties": {
+                    "t": {"type": "string", "format": "date-time"},
+                    "size": {"type": "integer"},
+                    "entered": {"type": "integer"},
+                    "exited": {"type": "integer"},
+                },
+                "required": ["t", "size", "entered", "exited"],
             },
             "MembersPage": {
                 "type": "object",

@@ -58,7 +58,7 @@ from audiences.adapters.stream import timers
 from audiences.adapters.stream.backfill import Backfills
 from audiences.adapters.stream.definitions import DefinitionsLog
 from audiences.adapters.stream.emitter import Emitter, Encoded, OversizedRecord, Rendered
-from audiences.adapters.stream.queries import QueryPort
+from audiences.adapters.stream.queries import PartitionHistory, QueryPort
 from audiences.core.evaluator import StepResult
 from audiences.core.events import Event, future_timestamp, parse_event
 from audiences.core.partitioning import partition_for
@@ -765,6 +765,14 @@ class _View:
 
     def sizes(self) -> dict[int, dict[str, int]]:
         return {n: dict(p.counts.sizes) for n, p in self._runtime.partitions.items()}
+
+    def history(self, audience: str, from_ms: int) -> dict[int, PartitionHistory]:
+        return {
+            n: PartitionHistory(
+                p.counts.sizes.get(audience, 0), p.history.buckets(audience, from_ms)
+            )
+            for n, p in self._runtime.partitions.items()
+        }
 
     def now(self) -> int:
         return self._runtime.clock()
