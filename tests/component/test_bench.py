@@ -115,7 +115,8 @@ def test_bench_runs_every_contender_and_reports_each_figure(
     assert (held["profiles"], held["events"]) == (2500, 2500)
     assert held["peak_rss_mb"] >= held["rss_start_mb"] > 0
     assert data["rss_mb_at_1m_profiles"] == pytest.approx(
-        (held["peak_rss_mb"] - held["rss_start_mb"]) * 400, abs=0.1 * 400  # (rounded MB)
+        (held["peak_rss_mb"] - held["rss_start_mb"]) * 400,
+        abs=0.1 * 400,  # (rounded MB)
     )
     assert "profiles held" in out
 

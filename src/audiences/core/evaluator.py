@@ -68,6 +68,9 @@ class Transition:
     trigger: str  # event | deadline | definition | merge | deleted
     trigger_message_id: str | None
     generation: int = 0  # non-zero for a profile recreated after deletion
+    # In the audience's holdout (SPEC §3 `holdout`): the output carries
+    # `properties.holdout: true` and destinations skip it. Not part of the messageId.
+    holdout: bool = False
 
     @property
     def message_id(self) -> str:
@@ -270,6 +273,7 @@ def _evaluate(
     in dependency order. Computed traits (`touched_traits`, a bit mask of places in
     `catalog.trait_order`, and those due) are judged first: audiences comparing a trait
     that changed are re-judged too."""
+    state.profile_key = profile_key  # (random_bucket reads it; transient)
     stale_wake = False
     if catalog.trait_order:
         affected, stale_wake = _judge_traits(
@@ -337,6 +341,7 @@ def _evaluate(
         membership.member = value
         membership.since_ms = now
         membership.seq += 1
+        holdout = audience.holdout
         out.append(
             Transition(
                 key,
@@ -350,6 +355,7 @@ def _evaluate(
                 trigger,
                 trigger_id,
                 generation,
+                holdout is not None and holdout.holds(profile_key),
             )
         )
         more = dependents[position]
@@ -734,7 +740,19 @@ def _exit_all(
             continue
         audience = catalog.audience(key)
         known = (audience.version, audience.name) if audience else catalog.retired.get(key)
-        _exit(state, membership, key, known or (0, key), profile_key, now, trigger, trigger_id, out)
+        holdout = audience.holdout if audience else None
+        _exit(
+            state,
+            membership,
+            key,
+            known or (0, key),
+            profile_key,
+            now,
+            trigger,
+            trigger_id,
+            out,
+            holdout is not None and holdout.holds(profile_key),
+        )
 
 
 def _exit(
@@ -747,6 +765,7 @@ def _exit(
     trigger: str,
     trigger_id: str | None,
     out: list[Output],
+    holdout: bool = False,
 ) -> None:
     """`Audience Exited` for a member, outside of judging (deletions, merges)."""
     version, name = audience
@@ -765,6 +784,7 @@ def _exit(
             trigger,
             trigger_id,
             state.generation,
+            holdout,
         )
     )
 

@@ -441,7 +441,7 @@ class ManagementApi:
         now = self.clock()
 
         def view(number: int, state: UserState) -> dict[str, Any]:
-            return {"userId": user, **explain(state, catalog, key, now)}
+            return {"userId": user, **explain(state, catalog, key, now, user)}
 
         return await self._on_owner(request, user, view)
 

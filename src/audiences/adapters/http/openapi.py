@@ -720,6 +720,17 @@ OPENAPI: dict[str, Any] = {
                     "next_check": {"type": ["string", "null"]},
                     "value": {"type": "boolean"},
                     "anonymous_excluded": {"type": "boolean"},
+                    "holdout": {
+                        "type": "object",
+                        "description": "only for an audience with a holdout: the profile's "
+                        "bucket under the holdout salt and whether it is in the holdout",
+                        "properties": {
+                            "percent": {"type": "number"},
+                            "salt": {"type": "string"},
+                            "bucket": {"type": "integer"},
+                            "in_holdout": {"type": "boolean"},
+                        },
+                    },
                     "condition": {
                         "type": "object",
                         "description": "the tree: each node's kind, value, next change, "

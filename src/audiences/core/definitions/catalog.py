@@ -8,6 +8,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, final
 
+from audiences.core.calendar import horizon_ms
+from audiences.core.definitions.buckets import (
+    Holdout,
+    RandomBucketNode,
+    definition_salt,
+    holdout_of,
+)
 from audiences.core.definitions.conditions import (
     ALL_EVENTS,
     AllNode,
@@ -50,6 +57,7 @@ class CompiledAudience:
     uses_traits: bool = False
     references: frozenset[str] = frozenset()
     backfill: bool = True
+    holdout: Holdout | None = None  # SPEC §3 `holdout` (definitions/buckets.py)
 
 
 @final
@@ -238,6 +246,7 @@ class _Compiler:
     def __init__(self) -> None:
         self.trackers: dict[str, Tracker] = {}
         self.from_ms = 0  # of the audience being compiled (backfill: false)
+        self.salt = ""  # of the audience being compiled (random_bucket)
         self.performed: list[PerformedNode] = []
 
     def settle(self, previous: Catalog | None) -> dict[str, str]:
@@ -284,7 +293,7 @@ class _Compiler:
             event_type = "track" if name == "performed" else name.split("_")[0]
             ((op, count),) = (body.get("times") or {"gte": 1}).items()
             if "within" in body:
-                mode, horizon = "window", parse_duration_ms(body["within"]) or 0
+                mode, horizon = "window", horizon_ms(body["within"])  # (a calendar window too)
             elif "between" in body:
                 mode, horizon = "between", parse_duration_ms(body["between"][1]) or 0
             else:
@@ -311,6 +320,8 @@ class _Compiler:
             return DeviceNode(body)
         if name == "computed":
             return ComputedNode(body)
+        if name == "random_bucket":  # no tracker: constant per profile (buckets.py)
+            return RandomBucketNode(body, self.salt)
         raise ValueError(f"condition {name!r} cannot be compiled")
 
 
@@ -420,6 +431,7 @@ def build_catalog(
         used: set[str] = set()
         flags: dict[str, bool] = {}
         compiler.from_ms = counts_from_ms(doc)
+        compiler.salt = definition_salt(doc)
         root = compiler.compile(doc["condition"], used, flags)
         if key in owner:  # a listed audience: exclusive in its list's order
             root = PriorityNode(root, higher[key], owner[key])
@@ -440,6 +452,7 @@ def build_catalog(
             uses_traits=bool(flags.get("traits")),
             references=frozenset(graph[key]),
             backfill=bool(doc.get("backfill", True)),
+            holdout=holdout_of(doc),
         )
         for trait_key in trait_references(doc["condition"]):
             trait_dependents.setdefault(trait_key, set()).add(key)

@@ -22,6 +22,7 @@ CONDITIONS = (
     "screen_viewed",
     "device",
     "computed",
+    "random_bucket",
 )
 # Kinds of computed traits (SPEC §3).
 KINDS = (

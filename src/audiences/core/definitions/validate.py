@@ -14,6 +14,12 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from audiences.core.calendar import validate_calendar_window
+from audiences.core.definitions.buckets import (
+    validate_holdout,
+    validate_random_bucket,
+    validate_salt,
+)
 from audiences.core.definitions.language import (
     CONDITIONS,
     KINDS,
@@ -52,6 +58,8 @@ AUDIENCE_FIELDS = (
     "backfill",
     "version",
     "created_at",
+    "salt",
+    "holdout",
 )
 TRAIT_DEFINITION_FIELDS = (
     "key",
@@ -119,6 +127,15 @@ def _duration(value: Any, path: str) -> int:
             path, f"expected a duration like '2h' (<int><s|m|h|d|w>), got {value!r}"
         )
     return ms
+
+
+def _window(value: Any, path: str) -> None:
+    """A `within` of performed / page_viewed / screen_viewed / a computed trait: a
+    duration or a calendar window `{"calendar_days": N, "timezone": TZ}`."""
+    if isinstance(value, dict):
+        validate_calendar_window(value, path)
+    else:
+        _duration(value, path)
 
 
 def _string(value: Any, path: str) -> str:
@@ -196,7 +213,9 @@ def _event_filter(value: Any, path: str, fields: tuple[str, ...]) -> Mapping[str
     _string(obj.get("event"), f"{path}.event")
     if "where" in obj:
         validate_filters(obj["where"], f"{path}.where")
-    if "within" in obj:
+    if "within" in obj and "between" in fields:  # `performed`: a calendar window too
+        _window(obj["within"], f"{path}.within")
+    elif "within" in obj:  # funnel steps and follow-ups: a duration
         _duration(obj["within"], f"{path}.within")
     return obj
 
@@ -242,7 +261,7 @@ def validate_condition(value: Any, path: str) -> None:
         if "where" in view:
             validate_filters(view["where"], f"{here}.where")
         if "within" in view:
-            _duration(view["within"], f"{here}.within")
+            _window(view["within"], f"{here}.within")
         _counted(view, here)
     elif name == "device":
         device = _object(body, here, "a device condition {type, push_enabled?}")
@@ -269,6 +288,8 @@ def validate_condition(value: Any, path: str) -> None:
         _check_fields(trait, TRAIT_FIELDS, here)
         _string(trait.get("name"), f"{here}.name")
         validate_operator(trait, here)
+    elif name == "random_bucket":
+        validate_random_bucket(body, here)
     elif name == "in_audience":
         if not isinstance(body, str) or not KEY_PATTERN.match(body):
             raise DefinitionError(here, f"expected an audience key, got {body!r}")
@@ -328,7 +349,7 @@ def _validate_trait(obj: Mapping[str, Any]) -> None:
     if "where" in obj:
         validate_filters(obj["where"], "$.where")
     if "within" in obj:
-        _duration(obj["within"], "$.within")
+        _window(obj["within"], "$.within")
 
 
 def validate_definition(doc: Any) -> dict[str, Any]:
@@ -363,6 +384,10 @@ def validate_definition(doc: Any) -> dict[str, Any]:
         return dict(obj)
     if "condition" not in obj:
         raise DefinitionError("$.condition", "a definition needs a condition")
+    if "salt" in obj:
+        validate_salt(obj["salt"], "$.salt")
+    if "holdout" in obj:
+        validate_holdout(obj["holdout"], "$.holdout")
     validate_condition(obj["condition"], "$.condition")
     return dict(obj)
 
