@@ -50,6 +50,7 @@ from audiences.adapters.http.auth import auth_middleware
 from audiences.adapters.http.history import parse_query, series
 from audiences.adapters.http.openapi import OPENAPI
 from audiences.adapters.http.ui import register_console
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.state.history import merge_buckets
@@ -165,7 +166,8 @@ class ManagementApi:
             "/v1/internal/partitions/{partition}/preview", _errors_as_json(self.internal_preview)
         )
         router.add_get("/openapi.json", _errors_as_json(self.openapi))
-        register_console(app, self)  # /ui, and the live stream and destinations it reads
+        clients = KafkaClients(self.settings)  # /ui, and the live stream and destinations it reads
+        register_console(app, self.settings, self.topics, lambda: clients.reader("console"))
         app.on_cleanup.append(self._close)
 
     async def _close(self, _app: web.Application) -> None:

@@ -24,18 +24,18 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import REGISTRY
 
+from audiences.adapters.kafka.topics import Topics
+from audiences.adapters.settings import Settings
 from audiences.errors import AudiencesError
-
-if TYPE_CHECKING:
-    from audiences.adapters.http.api import ManagementApi
 
 ASSET_TYPES = {
     ".js": "text/javascript",
@@ -61,7 +61,10 @@ def _assets() -> dict[str, bytes]:
     return {entry.name: entry.read_bytes() for entry in root.iterdir() if entry.is_file()}
 
 
-def register_console(app: web.Application, api: ManagementApi) -> None:
+def register_console(
+    app: web.Application, settings: Settings, topics: Topics, reader: Callable[[], Consumer]
+) -> None:
+    """`reader()`: a new consumer used by assignment only (`KafkaClients.reader`)."""
     assets = _assets()
     shell = assets["index.html"]
 
@@ -95,9 +98,10 @@ def register_console(app: web.Application, api: ManagementApi) -> None:
 
     app.on_shutdown.append(end_streams)
     router.add_get(
-        "/v1/transitions/stream", lambda request: transitions_stream(request, api, streams)
+        "/v1/transitions/stream",
+        lambda request: transitions_stream(request, topics, reader, streams),
     )
-    router.add_get("/v1/destinations", lambda request: destinations(request, api))
+    router.add_get("/v1/destinations", lambda request: destinations(request, settings))
 
 
 # -- live transitions ---------------------------------------------------------------------------
@@ -117,13 +121,11 @@ class _Tail:
     partition on; records go to an asyncio queue. `stop()` ends the thread, which closes
     the consumer (a consumer is only ever used by that thread)."""
 
-    def __init__(self, api: ManagementApi, loop: asyncio.AbstractEventLoop) -> None:
-        self.topic = api.topics.audience_events
-        self.config = {
-            **api.settings.kafka_config(),
-            "group.id": f"{api.settings.app_id}-console",
-            "enable.auto.commit": False,
-        }
+    def __init__(
+        self, topic: str, reader: Callable[[], Consumer], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.topic = topic
+        self.reader = reader
         self.loop = loop
         self.queue: asyncio.Queue[bytes | Exception | None] = asyncio.Queue(maxsize=1000)
         self.ready: asyncio.Future[None] = loop.create_future()
@@ -161,7 +163,7 @@ class _Tail:
 
     def _run(self) -> None:
         try:
-            consumer = Consumer(self.config)
+            consumer = self.reader()
         except KafkaException as exc:
             self._set_ready(exc)
             return
@@ -189,10 +191,10 @@ class _Tail:
 
 
 async def transitions_stream(
-    request: web.Request, api: ManagementApi, streams: set[_Tail]
+    request: web.Request, topics: Topics, reader: Callable[[], Consumer], streams: set[_Tail]
 ) -> web.StreamResponse:
     audience = request.query.get("audience") or None
-    tail = _Tail(api, asyncio.get_running_loop())
+    tail = _Tail(topics.audience_events, reader, asyncio.get_running_loop())
     tail.start()
     streams.add(tail)
     try:
@@ -261,14 +263,14 @@ def _sink_counts() -> dict[str, dict[str, float]]:
     return counts
 
 
-async def destinations(request: web.Request, api: ManagementApi) -> web.StreamResponse:
+async def destinations(request: web.Request, settings: Settings) -> web.StreamResponse:
     audience = request.query.get("audience") or None
     configured: list[dict[str, Any]] = []
-    if api.settings.destinations:
+    if settings.destinations:
         from audiences.adapters.sinks.config import load_destinations
 
         try:
-            loaded = load_destinations(api.settings.destinations, os.environ)
+            loaded = load_destinations(settings.destinations, os.environ)
         except (AudiencesError, OSError, ValueError) as exc:  # the worker refused it at start
             unreadable = {"error": f"the destinations file cannot be read: {exc}"}
             return web.json_response(unreadable, status=503)
