@@ -117,6 +117,13 @@ def test_audiences_page_asks_for_a_token_and_shows_sizes_then_an_audience_chart(
     for doc in DEMO:  # the demo's audiences with their sizes, and its computed traits
         size = row(page, doc["key"]).locator("[data-col=size]")
         expect(size).to_have_text(re.compile(r"^\d+$") if "condition" in doc else "—")
+    size_header = page.get_by_role("button", name="Size", exact=True)
+    size_header.click()  # sort by size, then again: largest first
+    expect(page.locator("th[aria-sort=ascending]")).to_contain_text("Size")
+    size_header.click()
+    expect(page.locator("th[aria-sort=descending]")).to_contain_text("Size")
+    expect(page.locator("tbody tr").first.locator("[data-col=size]")).to_have_text("2")
+    expect(page).to_have_url(re.compile(r"sort=size&desc=1$"))
     page.get_by_label("Filter").fill("brow")
     expect(row(page, "buyers")).to_have_count(0)
     expect(row(page, "browsers")).to_have_count(1)
@@ -188,6 +195,11 @@ def test_the_editor_previews_then_saves_a_new_version(
     expect(note).to_contain_text("write")
     expect(reader.get_by_role("button", name="Save")).to_have_attribute("aria-disabled", "true")
     shoot(reader, "editor-read-only")
+    # nor delete a user (that needs admin)
+    reader.goto(worker.url + "/ui/users/ann")
+    reader.get_by_role("button", name="Delete this user…").click()
+    reader.get_by_role("button", name="Delete", exact=True).click()
+    expect(reader.get_by_text("Cannot delete with this token")).to_contain_text("admin")
     assert worker("GET", "/v1/audiences/buyers", headers=auth()).json()["version"] == 2
 
 
@@ -209,6 +221,18 @@ def test_a_user_page_explains_why_and_the_live_feed_shows_a_new_transition(
     expect(tree).to_contain_text("performed")
     expect(tree).to_contain_text("Order Completed")
     shoot(page, "user")
+    # deletion, after a confirmation
+    page.goto(worker.url + "/ui/users/cid")
+    page.get_by_role("button", name="Delete this user…").click()
+    confirm = page.get_by_role("dialog", name="Delete cid?")
+    expect(confirm).to_be_visible()
+    confirm.get_by_role("button", name="Cancel").click()
+    expect(confirm).to_be_hidden()
+    assert worker("GET", "/v1/users/cid", headers=auth()).status == 200  # cancelled: kept
+    page.get_by_role("button", name="Delete this user…").click()
+    confirm.get_by_role("button", name="Delete", exact=True).click()
+    expect(page.get_by_text("Deletion accepted")).to_be_visible()
+    wait_for(lambda: worker("GET", "/v1/users/cid", headers=auth()).status == 404, 60, "cid gone")
 
     page.get_by_role("link", name="Live").click()
     page.get_by_label("Show").select_option("browsers")

@@ -111,9 +111,10 @@ async function audiencesPage(url) {
   function draw() {
     const q = filter.value.trim().toLowerCase();
     const shown = rows.filter((r) => !q || r.key.toLowerCase().includes(q) || String(r.name).toLowerCase().includes(q));
-    shown.sort((a, b) => {
+    shown.sort((a, b) => {  // rows without a value (traits have no size) last either way
       const x = a[sort], y = b[sort];
-      const c = x === null ? 1 : y === null ? -1 : typeof x === "number" ? x - y : String(x).localeCompare(String(y));
+      if (x === null || y === null) return (x === null) - (y === null);
+      const c = typeof x === "number" ? x - y : String(x).localeCompare(String(y));
       return desc ? -c : c;
     });
     tbody.replaceChildren(...shown.map((r) => h("tr", { "data-key": r.key },
@@ -124,7 +125,7 @@ async function audiencesPage(url) {
       h("td", { class: "num hide-narrow", "data-col": "exited" }, fmt(r.exited)),
       h("td", { class: "hide-narrow" }, r.points === null ? "" : r.points.length ? sparkline(r.points, `size of ${r.name} over the last hour`) : noHistory()))));
     headRow.replaceChildren(...columns.map(([key, label, cls]) => h("th", { class: cls, "aria-sort": key === sort ? (desc ? "descending" : "ascending") : "none", scope: "col" },
-      h("button", { type: "button", onclick: () => { desc = key === sort ? !desc : false; sort = key; keep(); draw(); } }, label, key === sort ? (desc ? " ▼" : " ▲") : ""))),
+      h("button", { type: "button", onclick: () => { desc = key === sort ? !desc : false; sort = key; keep(); draw(); } }, label, key === sort ? h("span", { "aria-hidden": "true" }, desc ? " ▼" : " ▲") : ""))),
       h("th", { class: "hide-narrow", scope: "col" }, "Size, last hour"));
   }
   function keep() {
