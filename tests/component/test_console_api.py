@@ -16,6 +16,7 @@ import pytest
 from apiserver import ApiServer, Worker, call, free_port
 from harness import T0, Engine, track
 
+from audiences.adapters.http import ui
 from audiences.adapters.metrics import SINK_DELIVERIES, SINK_DLQ, SINK_QUEUE_DEPTH, SINK_RETRIES
 from audiences.adapters.settings import Settings
 
@@ -105,6 +106,14 @@ def test_destinations_report_what_the_sinks_counted(offline: ApiServer) -> None:
     assert "hooks" not in names and stray in names
     buyers = call("GET", offline.url + "/v1/destinations?audience=buyers", headers=AUTH)
     assert "hooks" in {d["name"] for d in orjson.loads(buyers.body)["destinations"]}
+
+
+def test_live_streams_are_capped_per_worker(
+    offline: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ui, "MAX_STREAMS", 0)
+    answer = call("GET", offline.url + "/v1/transitions/stream", headers=AUTH)
+    assert answer.status == 503 and "live streams are open" in orjson.loads(answer.body)["error"]
 
 
 def read_event(response: http.client.HTTPResponse) -> tuple[str, object]:

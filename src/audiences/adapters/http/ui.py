@@ -44,6 +44,7 @@ ASSET_TYPES = {
     ".svg": "image/svg+xml",
 }
 HEARTBEAT_S = 15.0  # an SSE comment this often: proxies keep the stream, dead clients show
+MAX_STREAMS = 32  # open live streams per worker (each holds a consumer and a thread)
 CLIENT_CHECK_S = 1.0  # how soon a stream whose client went away ends
 STREAM_POLL_S = 0.25  # one consume call at most this long (how soon a closed stream stops)
 SINK_SAMPLES = {
@@ -194,6 +195,9 @@ async def transitions_stream(
     request: web.Request, topics: Topics, reader: Callable[[], Consumer], streams: set[_Tail]
 ) -> web.StreamResponse:
     audience = request.query.get("audience") or None
+    if len(streams) >= MAX_STREAMS:
+        body = {"error": f"{MAX_STREAMS} live streams are open on this worker already; retry"}
+        return web.json_response(body, status=503, headers={"Retry-After": "5"})
     tail = _Tail(topics.audience_events, reader, asyncio.get_running_loop())
     tail.start()
     streams.add(tail)

@@ -138,7 +138,7 @@ async function audiencesPage(url) {
   filter.addEventListener("input", () => { keep(); draw(); });
   page("Audiences",
     h("div", { class: "toolbar" }, h("label", { for: "filter" }, "Filter"), filter,
-      h("span", { class: "muted" }, `${audiences.length} audiences, ${traits.length} computed traits`), link("/ui/new", "New audience")),
+      h("span", { class: "muted" }, `${audiences.length} audience${audiences.length === 1 ? "" : "s"}, ${traits.length} computed trait${traits.length === 1 ? "" : "s"}`), link("/ui/new", "New audience")),
     h("div", { class: "table-wrap" }, h("table", { "aria-label": "Audiences and computed traits" }, h("thead", {}, headRow), tbody)));
   draw();
   await Promise.all(rows.filter((r) => !r.type.startsWith("trait")).map(async (r) => {
