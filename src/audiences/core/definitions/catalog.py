@@ -8,6 +8,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, final
 
+from audiences.core.definitions.accounts import (
+    GroupTracker,
+    account_parts,
+    compile_account,
+    hidden_key,
+    is_account_definition,
+)
 from audiences.core.definitions.conditions import (
     ALL_EVENTS,
     AllNode,
@@ -48,6 +55,8 @@ class CompiledAudience:
     uses_traits: bool = False
     references: frozenset[str] = frozenset()
     backfill: bool = True
+    subject: str = "user"  # or "account" (accounts.py)
+    hidden: bool = False  # the per-user predicate of an account audience: never announced
 
 
 @final
@@ -111,6 +120,10 @@ class Catalog:
     trait_dependents_masks: list[int] = field(default_factory=list)  # place -> audiences
     frozen_mask: int = 0
     frozen_traits_mask: int = 0
+    # Account audiences (accounts.py): hidden per-user audience key -> account audience
+    # key, and the positions of account audiences. Empty: `step` does nothing more.
+    account_hidden: dict[str, str] = field(default_factory=dict)
+    account_positions: tuple[int, ...] = ()
 
     def audience(self, key: str) -> CompiledAudience | None:
         position = self.index.get(key)
@@ -314,7 +327,21 @@ def build_catalog(
     """
     trait_docs = {k: v for k, v in definitions.items() if is_trait_definition(v[0])}
     definitions = {k: v for k, v in definitions.items() if k not in trait_docs}
+    account_hidden: dict[str, str] = {}
+    for key, (doc, version) in list(definitions.items()):
+        if not is_account_definition(doc):
+            continue
+        for n, (_quantifier, inner) in enumerate(account_parts(doc["condition"])):
+            hidden = hidden_key(key, n)
+            account_hidden[hidden] = key
+            hidden_doc = {"key": hidden, "name": hidden, "condition": inner}
+            for option in ("include_anonymous", "backfill", "created_at"):
+                if option in doc:
+                    hidden_doc[option] = doc[option]
+            definitions[hidden] = (hidden_doc, version)
     graph = {key: audience_references(doc["condition"]) for key, (doc, _) in definitions.items()}
+    for hidden, key in account_hidden.items():
+        graph[key].add(hidden)  # (a skipped predicate skips its account audience)
     skipped: dict[str, str] = {}
     for key, (doc, _) in definitions.items():
         missing_traits = sorted(trait_references(doc["condition"]) - set(trait_docs))
@@ -373,6 +400,9 @@ def build_catalog(
         used: set[str] = set()
         flags: dict[str, bool] = {}
         compiler.from_ms = counts_from_ms(doc)
+        if is_account_definition(doc):
+            compiled.append((key, compile_account(key, doc["condition"]), used, flags))
+            continue
         compiled.append((key, compiler.compile(doc["condition"], used, flags), used, flags))
     renames = compiler.settle(previous)  # every leaf is served: what each tracker keeps
     for key, root, compiling_ids, flags in compiled:
@@ -389,6 +419,8 @@ def build_catalog(
             uses_traits=bool(flags.get("traits")),
             references=frozenset(graph[key]),
             backfill=bool(doc.get("backfill", True)),
+            subject="account" if is_account_definition(doc) else "user",
+            hidden=key in account_hidden,
         )
         for trait_key in trait_references(doc["condition"]):
             trait_dependents.setdefault(trait_key, set()).add(key)
@@ -400,6 +432,13 @@ def build_catalog(
         for ref in graph[key]:
             dependents.setdefault(ref, set()).add(key)
     catalog.index = {audience.key: i for i, audience in enumerate(catalog.audiences)}
+    catalog.account_hidden = {h: k for h, k in account_hidden.items() if h in catalog.index}
+    catalog.account_positions = tuple(
+        i for i, audience in enumerate(catalog.audiences) if audience.subject == "account"
+    )
+    if catalog.account_positions:
+        group_tracker = GroupTracker()
+        compiler.trackers[group_tracker.id] = group_tracker
     catalog.trackers = compiler.trackers
     for tracker in compiler.trackers.values():
         for event_name in tracker.events:

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from audiences.core.definitions.accounts import validate_account_condition
 from audiences.core.definitions.language import (
     CONDITIONS,
     KINDS,
@@ -46,7 +47,9 @@ AUDIENCE_FIELDS = (
     "backfill",
     "version",
     "created_at",
+    "subject",
 )
+SUBJECTS = ("user", "account")
 TRAIT_DEFINITION_FIELDS = (
     "key",
     "name",
@@ -263,6 +266,10 @@ def validate_condition(value: Any, path: str) -> None:
         _check_fields(trait, TRAIT_FIELDS, here)
         _string(trait.get("name"), f"{here}.name")
         validate_operator(trait, here)
+    elif name == "account":
+        raise DefinitionError(
+            here, 'account conditions are only allowed in definitions with "subject": "account"'
+        )
     elif name == "in_audience":
         if not isinstance(body, str) or not KEY_PATTERN.match(body):
             raise DefinitionError(here, f"expected an audience key, got {body!r}")
@@ -355,7 +362,19 @@ def validate_definition(doc: Any) -> dict[str, Any]:
         return dict(obj)
     if "condition" not in obj:
         raise DefinitionError("$.condition", "a definition needs a condition")
-    validate_condition(obj["condition"], "$.condition")
+    subject = obj.get("subject", "user")
+    if subject not in SUBJECTS:
+        raise DefinitionError(
+            "$.subject",
+            f"expected one of {', '.join(SUBJECTS)}, got {subject!r}",
+            _suggest(str(subject), SUBJECTS),
+        )
+    if subject == "account":
+        validate_account_condition(
+            obj["condition"], "$.condition", validate_condition, validate_operator, _suggest
+        )
+    else:
+        validate_condition(obj["condition"], "$.condition")
     return dict(obj)
 
 
