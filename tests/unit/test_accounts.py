@@ -352,3 +352,61 @@ def test_no_account_audience_no_group_tracking() -> None:
     cluster.send(group(T0, "u1", "shop1"))
     assert "@groups" not in cluster.states["u1"].trackers
     assert cluster.states.keys() == {"u1"}
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {},
+        {"user": 3, "seq": [0, 1], "linked": True, "values": {}},
+        {"user": "u1", "seq": "1", "linked": True, "values": {}},
+        {"user": "u1", "seq": [0, 1.5], "linked": True, "values": {}},
+        {"user": "u1", "seq": [0, 1], "linked": True, "values": ["active_shops.0"]},
+        {"user": "u1", "traits": "pro"},
+        {"user": "u1", "traits": {"plan": float("inf")}},
+    ],
+)
+def test_malformed_account_records_change_nothing_and_never_raise(
+    properties: dict[str, Any],
+) -> None:
+    catalog = catalog_of(ACTIVE_SHOPS, PRO_SHOPS)
+    for stage in ("member", "traits", "other", None):
+        raw = {
+            "type": "account",
+            "stage": stage,
+            "userId": "group:shop1",
+            "timestamp": factories.iso(T0),
+            "properties": properties,
+        }
+        event = parse_event(raw, T0)  # (a dict: the non-finite number reaches the core)
+        result = step(None, event, catalog, "group:shop1")
+        assert result.transitions == []
+
+
+def test_an_account_remembers_a_bounded_number_of_users() -> None:
+    from audiences.core import evaluator
+
+    catalog = catalog_of(ACTIVE_SHOPS)
+    state = None
+    for n in range(evaluator.MAX_ACCOUNT_USERS + 2):
+        raw = {
+            "type": "account",
+            "stage": "member",
+            "userId": "group:shop1",
+            "timestamp": factories.iso(T0),
+            "properties": {"user": f"u{n}", "seq": [0, 1], "linked": True, "values": {}},
+        }
+        result = step(state, parse_event(raw, T0), catalog, "group:shop1")
+        state = result.state
+    assert state is not None
+    assert len(state.trackers["@account"]["u"]) == evaluator.MAX_ACCOUNT_USERS
+    assert state.dropped == {"account_users": 2}
+
+
+def test_a_user_whose_id_begins_with_group_is_not_taken_for_an_account() -> None:
+    cluster = Cluster(catalog_of(ACTIVE_SHOPS))
+    cluster.send(order(T0, "group:shop1"))  # a user: its profile is not an account's
+    cluster.send(group(T0 + M, "u1", "shop1"))
+    cluster.send(order(T0 + 2 * M, "u1"))
+    assert cluster.account_log() == []  # the account's records reach a user's profile: ignored
+    assert "@account" not in cluster.states["group:shop1"].trackers

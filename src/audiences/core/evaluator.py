@@ -969,7 +969,7 @@ def _absorb(state: UserState, other: UserState, catalog: Catalog, now: int) -> N
 
 # -- account audiences (SPEC §3 "subject": "account"; definitions/accounts.py) ---------------
 
-MAX_ACCOUNT_USERS = 5000  # users one account remembers (linked or unlinked); more: dropped
+MAX_ACCOUNT_USERS = 1000  # users one account remembers (linked or unlinked); more: dropped
 
 
 def _predicates(state: UserState | None, hidden: dict[str, str]) -> dict[str, bool]:
@@ -1162,7 +1162,9 @@ def _apply_member(state: UserState, properties: dict[str, Any]) -> bool:
     old = users.get(user)
     if old is not None and [old[0], old[1]] >= order:
         return False  # a record seen before (a replay), or older than the one kept
-    if old is None and len(users) >= MAX_ACCOUNT_USERS:
+    if old is None and (
+        len(users) >= MAX_ACCOUNT_USERS or not string_fits(user, MAX_ALIAS_ID_BYTES)
+    ):
         state.drop("account_users")
         return False
     kept = {k: True for k, v in values.items() if v is True} if linked else None
