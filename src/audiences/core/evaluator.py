@@ -26,6 +26,7 @@ from audiences.core.definitions.accounts import (
     ACCOUNT_PREFIX,
     GROUPS_DATA,
     group_of,
+    linked_users,
     user_groups,
 )
 from audiences.core.definitions.catalog import Catalog
@@ -76,6 +77,7 @@ class Transition:
     trigger_message_id: str | None
     generation: int = 0  # non-zero for a profile recreated after deletion
     group_id: str | None = None  # an account audience's transition (profile group:{id})
+    users: tuple[str, ...] = ()  # of an account's transition: its linked users, sorted
 
     @property
     def message_id(self) -> str:
@@ -1203,6 +1205,7 @@ def _judge_accounts(
     group_id = profile_key[len(ACCOUNT_PREFIX) :]
     members = state.members
     frozen = catalog.frozen_mask
+    linked: tuple[str, ...] | None = None
     for position in catalog.account_positions:
         if frozen >> position & 1:
             continue
@@ -1219,6 +1222,9 @@ def _judge_accounts(
         membership.member = value
         membership.since_ms = now
         membership.seq += 1
+        if linked is None:
+            users = linked_users(state) or {}
+            linked = tuple(sorted(u for u, entry in users.items() if entry[2] is not None))
         out.append(
             Transition(
                 key,
@@ -1233,6 +1239,7 @@ def _judge_accounts(
                 trigger_id,
                 state.generation,
                 group_id,
+                linked,
             )
         )
 
@@ -1266,6 +1273,11 @@ def _adopt_account_catalog(
                     None,
                     state.generation,
                     group_id,
+                    tuple(
+                        sorted(
+                            u for u, e in (linked_users(state) or {}).items() if e[2] is not None
+                        )
+                    ),
                 )
             )
         del state.members[key]

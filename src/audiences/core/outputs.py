@@ -93,6 +93,7 @@ def render_transition(
                 key: transition.entered,
                 "audience_name": transition.audience_name,
                 "audience_version": transition.audience_version,
+                "linked_users": list(transition.users),
             },
             personas(space_id, ACCOUNT_AUDIENCE, key),
             {},

@@ -129,6 +129,45 @@ def _anonymous_id(message: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def group_id(message: dict[str, Any]) -> str | None:
+    """The account of an account audience's output (SPEC §5: `groupId`, no user id)."""
+    value = message.get("groupId")
+    if not isinstance(value, str) or not value or "userId" in message or "anonymousId" in message:
+        return None
+    return value
+
+
+def group_messages(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """Segment-Spec `group` calls setting an account audience as a group trait
+    (`{K: true|false}`): one per user linked to the account (`properties.linked_users`;
+    Segment's group call needs a user), or one with `anonymousId` `group:{groupId}` when
+    none is linked. Their messageIds derive from the output's: deterministic."""
+    gid = group_id(message) or ""
+    key, value = subject(message) or ("", None)
+    props = message.get("properties")
+    users = props.get("linked_users") if isinstance(props, dict) else None
+    who: list[tuple[str, str]] = [
+        ("userId", u) for u in (users if isinstance(users, list) else []) if isinstance(u, str)
+    ] or [("anonymousId", "group:" + gid)]
+    context = message.get("context")
+    out = []
+    for field, ident in who:
+        call: dict[str, Any] = {
+            "type": "group",
+            field: ident,
+            "groupId": gid,
+            "messageId": hashlib.sha256(
+                f"{message.get('messageId')}|group|{ident}".encode()
+            ).hexdigest(),
+            "timestamp": message.get("timestamp"),
+            "traits": {key: value},
+        }
+        if isinstance(context, dict) and "personas" in context:
+            call["context"] = {"personas": context["personas"]}
+        out.append(call)
+    return out
+
+
 def profile_id(message: dict[str, Any]) -> str:
     return str(user_id(message) or message.get("anonymousId") or "")
 
@@ -191,7 +230,12 @@ def render_requests(destination: Destination, messages: Sequence[dict[str, Any]]
                 taken.append(index)
             continue
         found = subject(message)
-        if found is None or not destination.selects(found[0]) or (needs_user and not known):
+        if (
+            found is None
+            or not destination.selects(found[0])
+            or (needs_user and not known)
+            or not _has_units(destination, message)
+        ):
             skipped.append(index)
         else:
             taken.append(index)
@@ -223,9 +267,27 @@ def _segment_sized(
     return kept, refused
 
 
+def _has_units(destination: Destination, message: dict[str, Any]) -> bool:
+    """Whether the destination's modes make anything of an audience message: account
+    audiences' outputs go to Segment only as `group` calls (Segment needs a user for a
+    track), to webhooks and Kafka as the track message; user outputs need track or
+    identify."""
+    modes = destination.modes
+    if group_id(message) is not None:
+        return "group" in modes or ("track" in modes and destination.type != "segment")
+    return "track" in modes or "identify" in modes
+
+
 def _units(destination: Destination, message: dict[str, Any]) -> list[dict[str, Any]]:
     if is_deletion(message):
         return [message]  # whatever the mode: a deletion is no audience to set
+    if group_id(message) is not None:
+        account: list[dict[str, Any]] = []
+        if "track" in destination.modes and destination.type != "segment":
+            account.append(message)
+        if "group" in destination.modes:
+            account.extend(group_messages(message))
+        return account
     units = []
     if "track" in destination.modes:
         units.append(track_message(message, destination.hash_pii, destination.phone_region))
@@ -585,12 +647,17 @@ def _render_kafka(
     requests = []
     for chunk in _chunks(taken, destination.batch_size):
         records = tuple(
-            (profile_id(messages[i]).encode(), orjson.dumps(unit))
+            ((profile_id(messages[i]) or _account_key(messages[i])).encode(), orjson.dumps(unit))
             for i in chunk
             for unit in _kafka_units(destination, messages[i])
         )
         requests.append(Request("PRODUCE", destination.topic, tuple(chunk), records=records))
     return requests
+
+
+def _account_key(message: dict[str, Any]) -> str:
+    gid = group_id(message)
+    return "" if gid is None else "group:" + gid
 
 
 def _kafka_units(destination: Destination, message: dict[str, Any]) -> list[dict[str, Any]]:
