@@ -151,10 +151,10 @@ def group_messages(message: dict[str, Any]) -> list[dict[str, Any]]:
     ] or [("anonymousId", "group:" + gid)]
     context = message.get("context")
     out = []
-    for field, ident in who:
+    for id_field, ident in who:
         call: dict[str, Any] = {
             "type": "group",
-            field: ident,
+            id_field: ident,
             "groupId": gid,
             "messageId": hashlib.sha256(
                 f"{message.get('messageId')}|group|{ident}".encode()
