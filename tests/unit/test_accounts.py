@@ -410,3 +410,39 @@ def test_a_user_whose_id_begins_with_group_is_not_taken_for_an_account() -> None
     cluster.send(order(T0 + 2 * M, "u1"))
     assert cluster.account_log() == []  # the account's records reach a user's profile: ignored
     assert "@account" not in cluster.states["group:shop1"].trackers
+
+
+def test_preview_of_an_edited_account_audience_judges_the_accounts() -> None:
+    """Preview judges the accounts' profiles on the values their users sent; a brand-new
+    account audience has none yet (its users report once it is applied)."""
+    from audiences.core.preview import preview
+
+    catalog = catalog_of(ACTIVE_SHOPS)
+    cluster = Cluster(catalog)
+    cluster.send(group(T0, "u1", "shop1"))
+    cluster.send(group(T0, "u2", "shop1"))
+    cluster.send(group(T0, "u2", "shop2"))
+    cluster.send(order(T0 + M, "u1"))
+    definitions = {"active_shops": (validate_definition(ACTIVE_SHOPS), 1)}
+    edited = {**ACTIVE_SHOPS, "condition": {"account": {"all": ORDERED}}}
+    result = preview(edited, definitions, sorted(cluster.states.items()))
+    assert (result.entering, result.exiting) == (0, 1)
+    assert result.would_exit == ["group:shop1"]
+    assert result.size == 0
+
+
+def test_account_definitions_and_outputs_match_the_json_schemas() -> None:
+    from test_schemas import errors
+
+    for doc in (ACTIVE_SHOPS, ALL_ORDERED, NONE_ORDERED, PRO_SHOPS):
+        assert errors("definition.json", doc) == []
+    assert errors("definition.json", account("a", ORDERED))  # a user condition at the top
+    cluster = Cluster(catalog_of(ACTIVE_SHOPS))
+    cluster.send(group(T0, "u1", "shop1"))
+    cluster.send(order(T0 + M, "u1"))
+    ((key, transition),) = cluster.outputs
+    message = orjson.loads(
+        orjson.dumps(render_output(transition, cluster.states[key].traits, space_id="space"))
+    )
+    assert errors("output/account-audience-event.json", message) == []
+    assert errors("output/account-audience-event.json", {**message, "userId": "u1"})
