@@ -65,15 +65,54 @@ def test_segment_group_call_of_an_account_without_users_is_anonymous() -> None:
     assert call["anonymousId"] == "group:shop1" and call["traits"] == {"active_shops": False}
 
 
-def test_destinations_without_a_mode_for_accounts_skip_them() -> None:
-    message = account_message(("u1",))
-    for skipping in (
-        destination(type="segment", write_key="wk"),  # track only
+def test_destinations_without_a_way_to_send_an_account_skip_it() -> None:
+    segment = destination(type="segment", write_key="wk")  # track only: needs a user
+    rendered = render_requests(segment, [account_message(("u1",))])
+    assert rendered.requests == [] and rendered.skipped == (0,)
+    for per_user in (
         destination(type="braze", url="https://b", api_key="k"),
         destination(type="customerio", site_id="s", api_key="k"),
     ):
-        rendered = render_requests(skipping, [message])
+        rendered = render_requests(per_user, [account_message(())])  # nobody linked
         assert rendered.requests == [] and rendered.skipped == (0,)
+
+
+def test_braze_sets_the_account_audience_on_each_linked_user() -> None:
+    braze = destination(type="braze", url="https://b", api_key="k")
+    user_output = {**account_message(()), "userId": "u9"}
+    del user_output["groupId"]
+    messages = [account_message(("u1", "u2")), user_output]
+    [request] = render_requests(braze, messages).requests
+    assert request.indexes == (0, 1)
+    body = orjson.loads(request.body)
+    assert body["attributes"] == [
+        {"external_id": "u1", "active_shops": True},
+        {"external_id": "u2", "active_shops": True},
+        {"external_id": "u9", "active_shops": True},
+    ]
+    assert [(e["external_id"], e["properties"].get("groupId")) for e in body["events"]] == [
+        ("u1", "shop1"),
+        ("u2", "shop1"),
+        ("u9", None),
+    ]
+    # an object Braze refuses dead-letters the output it came from
+    assert request.objects["attributes"] == ((0,), (0,), (1,))
+    assert request.objects["events"] == ((0,), (0,), (1,))
+
+
+def test_customerio_sets_the_account_audience_on_each_linked_user() -> None:
+    cio = destination(type="customerio", site_id="s", api_key="k")
+    requests = render_requests(cio, [account_message(("u1", "u2"), entered=False)]).requests
+    assert [(r.method, r.url.rsplit("/customers/", 1)[1]) for r in requests] == [
+        ("PUT", "u1"),
+        ("POST", "u1/events"),
+        ("PUT", "u2"),
+        ("POST", "u2/events"),
+    ]
+    assert all(r.indexes == (0,) for r in requests)
+    assert orjson.loads(requests[0].body) == {"active_shops": False}
+    first, second = (orjson.loads(r.body)["id"] for r in (requests[1], requests[3]))
+    assert first != second  # Customer.io dedupes on the id: one per user
 
 
 def test_webhooks_and_kafka_carry_the_account_output_keyed_by_the_account() -> None:

@@ -51,7 +51,7 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -213,8 +213,74 @@ def identify_message(
     return identify
 
 
+def per_user_messages(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """An account audience's output as one message per linked user (Braze, Customer.io:
+    the account's membership set on each of its users): `userId` the user, the account
+    in `properties.groupId`, a messageId derived from the output's and the user."""
+    gid = group_id(message) or ""
+    props = message.get("properties")
+    props = props if isinstance(props, dict) else {}
+    users = props.get("linked_users")
+    out = []
+    for user in users if isinstance(users, list) else []:
+        if not isinstance(user, str) or not user:
+            continue
+        per = {k: v for k, v in message.items() if k != "groupId"}
+        per["userId"] = user
+        per["messageId"] = hashlib.sha256(
+            f"{message.get('messageId')}|user|{user}".encode()
+        ).hexdigest()
+        per["properties"] = {k: v for k, v in props.items() if k != "linked_users"} | {
+            "groupId": gid
+        }
+        out.append(per)
+    return out
+
+
 def render_requests(destination: Destination, messages: Sequence[dict[str, Any]]) -> Rendered:
     """The requests carrying `messages` to `destination`, in sending order."""
+    if destination.type in ("braze", "customerio") and any(
+        group_id(m) is not None and not is_deletion(m) for m in messages
+    ):
+        return _fanned_out(destination, messages)
+    return _render_requests(destination, messages)
+
+
+def _fanned_out(destination: Destination, messages: Sequence[dict[str, Any]]) -> Rendered:
+    """Account outputs sent per linked user (`per_user_messages`), rendered as user
+    outputs, with every request's messages mapped back to the outputs they came from
+    (an output with no linked user is skipped)."""
+    expanded: list[dict[str, Any]] = []
+    origin: list[int] = []
+    for i, message in enumerate(messages):
+        parts = (
+            per_user_messages(message)
+            if group_id(message) is not None and not is_deletion(message)
+            else [message]
+        )
+        expanded.extend(parts)
+        origin.extend(i for _ in parts)
+    rendered = _render_requests(destination, expanded)
+
+    def back(indexes: Sequence[int]) -> tuple[int, ...]:
+        return tuple(dict.fromkeys(origin[j] for j in indexes))
+
+    requests = [
+        replace(
+            r,
+            indexes=back(r.indexes),
+            objects={name: tuple(back(o) for o in objs) for name, objs in r.objects.items()},
+        )
+        for r in rendered.requests
+    ]
+    carried = {i for r in requests for i in r.indexes}
+    refused = tuple(dict.fromkeys((origin[j], why) for j, why in rendered.refused))
+    refused_ids = {i for i, _ in refused}
+    skipped = tuple(i for i in range(len(messages)) if i not in carried and i not in refused_ids)
+    return Rendered(requests, skipped, refused)
+
+
+def _render_requests(destination: Destination, messages: Sequence[dict[str, Any]]) -> Rendered:
     taken: list[int] = []
     skipped: list[int] = []
     needs_user = destination.type in ("braze", "customerio")
