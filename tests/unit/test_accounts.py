@@ -446,3 +446,17 @@ def test_account_definitions_and_outputs_match_the_json_schemas() -> None:
     )
     assert errors("output/account-audience-event.json", message) == []
     assert errors("output/account-audience-event.json", {**message, "userId": "u1"})
+
+
+def test_the_demo_shops_enter_the_demo_account_audience() -> None:
+    from audiences.tools.demo.runner import demo_definitions
+    from audiences.tools.simulation import ShopConfig, shop_traffic
+
+    docs = demo_definitions(1000)
+    catalog = build_catalog({d["key"]: (validate_definition(d), 1) for d in docs})
+    cluster = Cluster(catalog)
+    for at_ms, record in shop_traffic(ShopConfig(users=40, hour_ms=1000, seed=3), T0, 6000):
+        cluster.tick_until(at_ms)
+        cluster.send(record)
+    shops = {t.group_id for _key, t in cluster.outputs if isinstance(t, Transition) and t.group_id}
+    assert shops and all(s.startswith("shop-") for s in shops)
