@@ -5,9 +5,12 @@ events topic (SPEC §3, §5)."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+from apiserver import Worker, call
 from harness import T0, Engine, M, track
 
 from audiences.adapters.kafka.partitioner import partition_for
@@ -81,3 +84,28 @@ def test_an_account_on_another_partition_follows_its_users_and_replays_alike(
     assert [(o["messageId"], o["event"]) for o in replayed] == [
         (o["messageId"], o["event"]) for o in first
     ]
+
+
+def test_explain_an_account_over_http_names_the_users_that_decided_it(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """GET /v1/users/group:{groupId}/explain/{key}: the account's profile (its own
+    partition), with each linked user's value and the group traits."""
+    engine.apply(ACTIVE_SHOPS)
+    worker = Worker(engine.settings, tmp_path / "worker", engine.clock).start().wait_ready()
+    try:
+        engine.send(group("ann", "shop9", T0, plan="pro"), group("bob", "shop9", T0))
+        engine.send(track("bob", "Order Completed", T0 + M))
+        (entered,) = engine.outputs(1)
+        assert entered["properties"]["linked_users"] == ["ann", "bob"]
+        answer = call("GET", f"{worker.url}/v1/users/{quote('group:shop9')}/explain/active_shops")
+        assert answer.status == 200
+        explained = answer.json()
+        assert explained["member"] is explained["value"] is True
+        tree = explained["condition"]
+        assert tree["users"] == {"ann": False, "bob": True}
+        assert tree["account"]["group_traits"] == {"plan": "pro"}
+        user = call("GET", f"{worker.url}/v1/users/bob/explain/active_shops").json()
+        assert user["value"] is False and user["condition"]["account"] is None
+    finally:
+        worker.stop()
