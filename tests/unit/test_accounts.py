@@ -460,3 +460,38 @@ def test_the_demo_shops_enter_the_demo_account_audience() -> None:
         cluster.send(record)
     shops = {t.group_id for _key, t in cluster.outputs if isinstance(t, Transition) and t.group_id}
     assert shops and all(s.startswith("shop-") for s in shops)
+
+
+def test_links_found_by_a_backfill_are_told_to_the_account_with_false_values_too() -> None:
+    """A new account audience: its trackers (links included) are backfilled from the log
+    while live events flow; when the full catalog is adopted, every user tells each
+    account it is linked to — also the users for whom c is false (`all` needs them)."""
+    from audiences.core.evaluator import fold_history
+
+    full = catalog_of(ALL_ORDERED)
+    pending = full.with_pending(frozenset(full.trackers))
+    assert pending.pending
+    cluster = Cluster(pending)
+    history = [group(T0, "u1", "shop1"), group(T0, "u2", "shop1"), order(T0 + M, "u1")]
+    cluster.send(event_dict(ts=T0 + 2 * M, event="Signed In", userId="u1"))  # live
+    cluster.send(event_dict(ts=T0 + 2 * M, event="Signed In", userId="u2"))
+    assert cluster.account_log() == []
+    for raw in history:
+        event = parse_event(raw, T0)
+        fold_history(cluster.states[event.key], event, pending, pending.pending)
+    cluster.catalog = full
+    for user in ("u1", "u2"):  # the re-judging pass
+        result = step(cluster.states[user], factories.Tick(T0 + 3 * M), full, user)
+        cluster.states[user] = result.state
+        for _target, record in result.controls:
+            cluster.send(record)
+    users = cluster.states["group:shop1"].trackers["@account"]["u"]
+    assert {u: entry[2] for u, entry in users.items()} == {
+        "u1": {"all_ordered.0": True},
+        "u2": {},
+    }
+    # u2 never ordered: not all of them did (the account heard of u1 first: the users'
+    # records arrive one by one, so it entered until u2's arrived)
+    assert not cluster.states["group:shop1"].members["all_ordered"].member
+    cluster.send(order(T0 + 4 * M, "u2"))
+    assert cluster.account_log()[-1] == ("group:shop1", "all_ordered", "entered", T0 + 4 * M)

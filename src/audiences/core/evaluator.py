@@ -1080,8 +1080,15 @@ def _with_accounts(
                     ),
                 )
             )
+    told: list[str] = []
     for group_id in sorted(linked_after):
-        if group_id not in linked_before or values_after != values_before:
+        # a link the account has not heard of (new, or found by a backfill), or new values
+        if (
+            not linked_after[group_id]
+            or group_id not in linked_before
+            or (values_after != values_before)
+        ):
+            told.append(group_id)
             sent += 1
             controls.append(
                 (
@@ -1109,6 +1116,8 @@ def _with_accounts(
         data = after_state.trackers.get(GROUPS_DATA)
         if isinstance(data, dict):
             data["n"] = sent
+            for group_id in told:
+                data["g"][group_id] = 1
     return result._replace(transitions=transitions, controls=tuple(controls))
 
 

@@ -34,7 +34,8 @@ from audiences.errors import DefinitionError
 ACCOUNT = "account"  # the `subject` of account definitions
 ACCOUNT_PREFIX = "group:"  # profile key of an account: group:{groupId}
 ACCOUNT_DATA = "@account"  # state.trackers entry of an account profile: {"u": {user: [...]}}
-GROUPS_DATA = "@groups"  # state.trackers entry of a user: {"g": {groupId: 1}, "n": seq}
+# state.trackers entry of a user: {"g": {groupId: 1 if its account was told, else 0}, "n": seq}
+GROUPS_DATA = "@groups"
 QUANTIFIERS = ("any", "all", "none")
 ACCOUNT_FIELDS = ("any", "all", "none", "trait")
 TRAIT_FIELDS = ("name", "op", "value")
@@ -282,7 +283,8 @@ def group_of(event: Event) -> tuple[str, bool] | None:
 
 
 def user_groups(state: UserState | None) -> dict[str, Any]:
-    """A user's links: {"g": {groupId: 1}, "n": records sent so far} (empty when none)."""
+    """A user's links: {"g": {groupId: 1 once the account was told of the link, 0 before
+    (a link found by a backfill, or just made)}, "n": records sent so far}, or {}."""
     if state is None:
         return {}
     data = state.trackers.get(GROUPS_DATA)
@@ -322,7 +324,7 @@ class GroupTracker(Tracker):
         if not string_fits(group_id, MAX_GROUP_ID_BYTES):
             state.drop("group_id_size")
             return False
-        groups[group_id] = 1
+        groups[group_id] = 0  # the account is told by the step (evaluator._with_accounts)
         return True
 
     def merge(self, mine: Any, other: Any, now: int, state: UserState) -> Any:
@@ -332,6 +334,6 @@ class GroupTracker(Tracker):
         if isinstance(theirs, dict):
             for group_id in sorted(theirs):
                 if group_id not in groups and len(groups) < MAX_GROUPS:
-                    groups[group_id] = 1
+                    groups[group_id] = 0  # (the user tells the account: a new member)
         count = mine.get("n", 0) if isinstance(mine, dict) else 0
         return {"g": groups, "n": count}
