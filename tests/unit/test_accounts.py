@@ -495,3 +495,22 @@ def test_links_found_by_a_backfill_are_told_to_the_account_with_false_values_too
     assert not cluster.states["group:shop1"].members["all_ordered"].member
     cluster.send(order(T0 + 4 * M, "u2"))
     assert cluster.account_log()[-1] == ("group:shop1", "all_ordered", "entered", T0 + 4 * M)
+
+
+def test_deleting_an_account_exits_its_audiences_and_drops_its_later_records() -> None:
+    cluster = Cluster(catalog_of(ACTIVE_SHOPS))
+    cluster.send(group(T0, "u1", "shop1"))
+    cluster.send(order(T0 + M, "u1"))
+    cluster.send(
+        {
+            "type": "delete",
+            "userId": "group:shop1",
+            "messageId": "d",
+            "timestamp": factories.iso(T0 + H),
+        }
+    )
+    assert cluster.account_log()[-1] == ("group:shop1", "active_shops", "exited", T0 + H)
+    assert cluster.outputs[-1][1].group_id == "shop1"  # no User Deleted for an account
+    assert "group:shop1" in cluster.erased and "group:shop1" not in cluster.states
+    cluster.send(group(T0 + 2 * H, "u2", "shop1"))  # u2's record for the account: dropped
+    assert "group:shop1" not in cluster.states

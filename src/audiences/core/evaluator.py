@@ -1041,6 +1041,8 @@ def _with_accounts(
         return _account_record(state, item, catalog, profile_key)
     if state is not None and ACCOUNT_DATA in state.trackers:
         out: list[Output] = []
+        if isinstance(item, Event) and item.type == "delete":
+            return _delete_account(state, item, catalog, profile_key)
         if state.catalog_fingerprint != catalog.fingerprint:
             _adopt_account_catalog(state, catalog, profile_key, out)
         return StepResult(state, out, NEVER, False)
@@ -1119,6 +1121,46 @@ def _with_accounts(
             for group_id in told:
                 data["g"][group_id] = 1
     return result._replace(transitions=transitions, controls=tuple(controls))
+
+
+def _delete_account(
+    state: UserState, event: Event, catalog: Catalog, profile_key: str
+) -> StepResult:
+    """Deleting an account's profile (`DELETE /v1/users/group:{groupId}`): it exits its
+    account audiences and its state is erased (its users' later records are dropped
+    while the key is suppressed, as for a user). No `User Deleted`: no destination holds
+    a user of that id."""
+    out: list[Output] = []
+    now = max(state.clock_ms, event.timestamp_ms)
+    group_id = profile_key[len(ACCOUNT_PREFIX) :]
+    for key, membership in state.members.items():
+        if not membership.member:
+            continue
+        audience = catalog.audience(key)
+        version, name = (
+            (audience.version, audience.name)
+            if audience
+            else (catalog.retired.get(key) or (0, key))
+        )
+        membership.member = False
+        membership.seq += 1
+        out.append(
+            Transition(
+                key,
+                version,
+                name,
+                profile_key,
+                False,
+                now,
+                membership.seq,
+                now,
+                "deleted",
+                event.message_id,
+                state.generation,
+                group_id,
+            )
+        )
+    return StepResult(UserState(), out, NEVER, False, erase=True)
 
 
 def _account_record(
