@@ -107,5 +107,7 @@ def test_explain_an_account_over_http_names_the_users_that_decided_it(
         assert tree["account"]["group_traits"] == {"plan": "pro"}
         user = call("GET", f"{worker.url}/v1/users/bob/explain/active_shops").json()
         assert user["value"] is False and user["condition"]["account"] is None
+        inner = call("GET", f"{worker.url}/v1/users/bob/explain/active_shops.0").json()
+        assert inner["value"] is True  # bob's own value of the inner condition
     finally:
         worker.stop()

@@ -325,6 +325,10 @@ def test_explain_an_account_shows_the_users_that_decided_it_and_group_traits() -
     assert tree["account"]["users"] == {"u1": [], "u2": ["active_shops.0"]}
     user = explain(cluster.states["u2"], catalog, "active_shops", T0 + M)
     assert user["value"] is False and user["condition"]["account"] is None
+    # the user's own value of the inner condition: the hidden predicate `{key}.{n}`
+    inner = explain(cluster.states["u2"], catalog, "active_shops.0", T0 + M)
+    assert inner["value"] is True and inner["condition"]["condition"] == "performed"
+    assert explain(cluster.states["u1"], catalog, "active_shops.0", T0 + M)["value"] is False
 
 
 def test_deleting_the_account_definition_exits_its_members() -> None:
