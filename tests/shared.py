@@ -63,8 +63,10 @@ def output_message(
     at_ms: int = 1_767_225_600_000,
     email: str | None = None,
     anonymous: bool = False,
+    holdout: bool = False,
 ) -> dict[str, Any]:
-    """An `audience-events` message (SPEC §5) as the evaluator renders it."""
+    """An `audience-events` message (SPEC §5) as the evaluator renders it (`holdout`: of a
+    member of the audience's holdout, SPEC §3)."""
     from audiences.core.evaluator import Transition
     from audiences.core.outputs import render_transition
 
@@ -79,6 +81,7 @@ def output_message(
         effective_at_ms=at_ms,
         trigger="event",
         trigger_message_id=f"m-{user}-{seq}",
+        holdout=holdout,
     )
     traits = {"email": email} if email else {}
     return render_transition(transition, traits, space_id=TEST_SPACE_ID, anonymous=anonymous)

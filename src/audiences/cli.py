@@ -336,6 +336,19 @@ def cmd_members(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from audiences.adapters.http.client import ApiClient, quote
+    from audiences.adapters.http.history import render
+
+    client = ApiClient(_require_api_url(args, "history"), token=_api_token(args))
+    points = client.get(
+        f"/v1/audiences/{quote(args.key)}/history",
+        **{"from": args.start, "to": args.end, "step": args.step},
+    )
+    print(render(args.key, points))
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from audiences.adapters.http.client import ApiClient, quote
 
@@ -468,6 +481,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ("plain_loop", args.skip_plain),
             ("latency", args.skip_latency),
             ("recovery", args.skip_recovery),
+            ("memory", args.skip_memory),
         )
         if flag
     }
@@ -483,6 +497,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         faust_events=args.faust_events,
         latency_rate=args.latency_rate,
         latency_seconds=args.latency_seconds,
+        memory_profiles=args.memory_profiles,
     )
 
 
@@ -641,6 +656,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_members)
 
     p = sub.add_parser(
+        "history",
+        help="an audience's size history as a sparkline (through a worker's API)",
+        description="Size at the end of each step (one block character per step), with the "
+        "smallest, largest and current size and the users who entered and exited in the range "
+        "(GET /v1/audiences/KEY/history).",
+    )
+    p.add_argument("key", help="audience key")
+    p.add_argument(
+        "--from",
+        dest="start",
+        default=None,
+        help="start: ISO-8601 or epoch ms (default: an hour before --to)",
+    )
+    p.add_argument(
+        "--to", dest="end", default=None, help="end: ISO-8601 or epoch ms (default: now)"
+    )
+    p.add_argument("--step", default=None, help="step: 1m (default), 5m, 1h, 1d, ...")
+    _url_option(p, "a worker's API (required)")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser(
         "explain",
         help="why a user is (not) in an audience: the condition tree (through a worker's API)",
     )
@@ -744,6 +780,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-latency", action="store_true", help="skip the latency phase")
     p.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)  # now the default
     p.add_argument("--skip-recovery", action="store_true", help="skip the recovery phase")
+    p.add_argument(
+        "--skip-memory", action="store_true", help="skip the memory phase (1M profiles held)"
+    )
+    p.add_argument(
+        "--memory-profiles",
+        type=int,
+        default=1_000_000,
+        help="profiles the memory phase's worker holds, one event each (default 1000000)",
+    )
     p.add_argument(
         "--latency-rate",
         type=float,

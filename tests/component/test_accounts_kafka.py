@@ -13,8 +13,8 @@ import pytest
 from apiserver import Worker, call
 from harness import T0, Engine, M, track
 
-from audiences.adapters.kafka.partitioner import partition_for
 from audiences.core.events import format_iso
+from audiences.core.partitioning import partition_for
 
 pytestmark = pytest.mark.kafka
 

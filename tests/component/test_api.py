@@ -13,9 +13,9 @@ from harness import T0, Engine, M, track
 from orjson import loads as json_loads
 
 from audiences.adapters.http.api import SERVED_BY
-from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.stream.definitions import read_definitions
 from audiences.core.events import format_iso
+from audiences.core.partitioning import partition_for
 from shared import SPEC_CART_ABANDONERS, isolated_settings
 
 pytestmark = pytest.mark.kafka

@@ -21,6 +21,7 @@ from audiences.tools.bench.workload import (
     generate,
     make_definitions,
     make_events,
+    one_per_user,
 )
 
 HEADLINE = (
@@ -66,7 +67,7 @@ def test_bench_runs_every_contender_and_reports_each_figure(
     data, out = bench(
         kafka_bootstrap,
         *("--events", "3000", "--users", "600", "--faust-events", "3000"),
-        *("--latency-rate", "200", "--latency-seconds", "2"),
+        *("--latency-rate", "200", "--latency-seconds", "2", "--memory-profiles", "2500"),
     )
     for key in HEADLINE:
         assert key in data, key
@@ -109,6 +110,15 @@ def test_bench_runs_every_contender_and_reports_each_figure(
     assert data["rss_mb_per_1m_profiles"] >= 0 and data["engine_peak_rss_mb"] > 0
     assert "rss_marginal_mb_per_1m_profiles" in data and "steal_pct" in data["machine"]
     assert data["engine_checkpoints"] > 0 and data["engine_checkpoint_mean_ms"] > 0
+    # the memory phase's worker held every one of its users' profiles, measured, not scaled
+    held = data["memory"]
+    assert (held["profiles"], held["events"]) == (2500, 2500)
+    assert held["peak_rss_mb"] >= held["rss_start_mb"] > 0
+    assert data["rss_mb_at_1m_profiles"] == pytest.approx(
+        (held["peak_rss_mb"] - held["rss_start_mb"]) * 400,
+        abs=0.1 * 400,  # (rounded MB)
+    )
+    assert "profiles held" in out
 
     recovery = data["recovery"]
     assert recovery["keys"] >= data["workload"]["active_users"]  # every profile came back
@@ -131,7 +141,7 @@ def test_bench_skips_contenders_and_runs_the_heavy_workload(kafka_bootstrap: str
     data, out = bench(
         kafka_bootstrap,
         *("--events", "2000", "--users", "200", "--workload", "heavy"),
-        *("--skip-quix", "--skip-faust", "--skip-latency", "--skip-recovery"),
+        *("--skip-quix", "--skip-faust", "--skip-latency", "--skip-recovery", "--skip-memory"),
     )
     assert data["workload"]["name"] == "heavy"
     assert data["engine_events_per_s"] > 0 and data["plain_loop_events_per_s"] > 0
@@ -141,6 +151,7 @@ def test_bench_skips_contenders_and_runs_the_heavy_workload(kafka_bootstrap: str
     assert data["unavailable"] == {"quix": "skipped", "faust_table": "skipped"}
     assert data["latency"] is None and data["p99_enter_ms"] is None
     assert data["recovery"] is None
+    assert data["memory"] is None and data["rss_mb_at_1m_profiles"] is None
     assert "skipped" in out
 
 
@@ -163,6 +174,14 @@ def test_workload_is_deterministic_and_valid() -> None:
         assert len({key for key, _ in first}) <= 50
         sizes = [len(value) for _, value in first]
         assert 120 <= sum(sizes) / len(sizes) <= 300
+
+
+def test_the_memory_workload_gives_every_event_its_own_user() -> None:
+    rows = one_per_user(3000).rows
+    assert sorted(row[1] for row in rows) == list(range(3000))
+    assert [row[0] for row in rows] == sorted(row[0] for row in rows)
+    kinds = {row[2] for row in rows}
+    assert len(kinds) >= 4  # the workload's mix of identify, page and track events
 
 
 def test_activity_is_zipf_distributed() -> None:

@@ -24,10 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from audiences.adapters.http.collector import Collector
 from audiences.adapters.kafka.clients import KafkaClients
-from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.core.events import format_iso
+from audiences.core.partitioning import partition_for
 from audiences.errors import DeliveryError
 from shared import isolated_settings
 

@@ -9,8 +9,8 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.settings import Settings
+from audiences.core.partitioning import partition_for
 
 pytestmark = pytest.mark.kafka
 

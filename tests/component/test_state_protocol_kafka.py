@@ -19,13 +19,13 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from harness import T0, Engine, H, M, S, assert_same_as_core, pure_outputs, track
 
 from audiences.adapters.kafka.clients import KafkaClients
-from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import TopicMismatch, Topics, ensure_topics
 from audiences.adapters.state.checkpoint import DurabilityError, Step
 from audiences.adapters.state.layout import Kind, changelog_key
 from audiences.adapters.state.store import RocksDictStore
 from audiences.adapters.stream.runtime import Runtime
 from audiences.core.events import format_iso
+from audiences.core.partitioning import partition_for
 from audiences.core.state import UserState
 from shared import isolated_settings, wait_for
 
@@ -434,6 +434,7 @@ def test_api_reads_write_nothing_to_kafka(engine: Engine, tmp_path: Path) -> Non
                 "/v1/users/u1",
                 "/v1/users/u1/explain/buyers",
                 "/v1/audiences/buyers/members",
+                "/v1/audiences/buyers/history",
             ):
                 assert worker("GET", path).status == 200, path
             assert worker("POST", "/v1/audiences/preview", BUYERS).status == 200

@@ -49,9 +49,9 @@ from faults import (
     read_whole_topic,
 )
 
-from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.settings import Settings
 from audiences.core.events import format_iso, parse_event
+from audiences.core.partitioning import partition_for
 from audiences.errors import InvalidEventError
 
 pytestmark = [pytest.mark.kafka, pytest.mark.system]

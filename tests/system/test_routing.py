@@ -31,9 +31,9 @@ from faults import (
     two_workers_sharing,
 )
 
-from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.settings import Settings
 from audiences.core.events import format_iso
+from audiences.core.partitioning import partition_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.system]
 

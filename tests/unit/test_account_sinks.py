@@ -35,8 +35,8 @@ def account_message(users: tuple[str, ...], entered: bool = True) -> dict[str, A
         "account",
         None,
         0,
-        "shop1",
-        users,
+        group_id="shop1",
+        users=users,
     )
     return render_output(transition, {}, space_id="space")
 

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.state.checkpoint import DurabilityError
 from audiences.adapters.stream.emitter import MAX_RECORD_BYTES, Emitter, OversizedRecord
 from audiences.core.evaluator import merge_request
+from audiences.core.partitioning import partition_for
 
 
 class FakeProducer:

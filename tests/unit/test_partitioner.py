@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from audiences.adapters.kafka.partitioner import murmur2, partition_for
+from audiences.core.partitioning import murmur2, partition_for
 
 
 @pytest.mark.parametrize(

@@ -251,12 +251,26 @@ COMPUTED_TRAITS = [
         "where": [{"property": "properties.category", "op": "not_exists"}],
         "within": "4w",
     },
+    {
+        "key": "orders_this_week",
+        "kind": "count",
+        "event": "Order Completed",
+        "within": {"calendar_days": 7, "timezone": "Europe/Berlin"},
+    },
 ]
+CALENDAR = {"calendar_days": 7, "timezone": "Europe/Berlin"}
 
 
 @pytest.mark.parametrize(
     "definition",
-    [CART_ABANDONERS, PUSH_REENGAGE, *COMPUTED_TRAITS],
+    [
+        CART_ABANDONERS,
+        PUSH_REENGAGE,
+        *COMPUTED_TRAITS,
+        {"key": "today", "condition": {"performed": {"event": "X", "within": CALENDAR}}},
+        {"key": "views_2d", "condition": {"page_viewed": {"url": "*", "within": CALENDAR}}},
+        {"key": "home_2d", "condition": {"screen_viewed": {"name": "H", "within": CALENDAR}}},
+    ],
     ids=lambda d: d["key"],
 )
 def test_valid_definition(definition: dict[str, Any]) -> None:
@@ -322,6 +336,10 @@ def performed(**fields: Any) -> dict[str, Any]:
             "follow-up without within",
         ),
         (performed(within="0h"), "zero duration"),
+        (performed(within={"calendar_days": 0, "timezone": "UTC"}), "zero calendar days"),
+        (performed(within={"calendar_days": 3651, "timezone": "UTC"}), "too many days"),
+        (performed(within={"calendar_days": 7}), "calendar days without a timezone"),
+        (performed(within={"calendar_days": 7, "timezone": "UTC", "x": 1}), "calendar extra"),
         (
             audience({"trait": {"name": "email", "op": "contains", "value": 1}}),
             "contains non-string",

@@ -425,10 +425,73 @@ def test_restore_streams_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     commit(partition, log)
     store = MemoryStore()
     original = store.write
-    store.write = lambda batch: (writes.append(len(batch)), original(batch))[1]  # type: ignore[method-assign]
+    store.write = lambda batch, **kw: (writes.append(len(batch)), original(batch, **kw))[1]  # type: ignore[method-assign]
     partition_over(store, log, session="s2")
     assert max(writes) <= 7 + 1 and len(writes) > 10
     assert profiles(store) == {k: s.to_json() for k, s in pure([e for _, e in stream]).items()}
+
+
+def test_a_wipe_cut_short_leaves_a_store_that_is_never_trusted() -> None:
+    from audiences.adapters.state import recovery
+
+    log = FakeChangelog()
+    store = MemoryStore()
+    partition = partition_over(store, log)
+    feed(partition, [(i, event(f"u{i}", "Product Viewed", T0 + i)) for i in range(20)])
+    commit(partition, log)
+    original, writes = store.write, []
+
+    def crash_after_first(batch: Any, **kw: Any) -> None:
+        if writes:
+            raise OSError("killed")
+        writes.append(batch)
+        original(batch, **kw)
+
+    store.write = crash_after_first  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        recovery._wipe(store)
+    store.write = original  # type: ignore[method-assign]
+    # the profiles are still there, but the store no longer claims any checkpoint
+    assert len(profiles(store)) == 20
+    assert recovery._distrust(store, 10_000, "topic-a") == "a restore was cut short"
+
+
+RESTORE_THEN_DIE = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from test_state_protocol import FakeChangelog, event, feed, commit, partition_over, T0
+from audiences.adapters.state.recovery import restore
+from audiences.adapters.state.store import MemoryStore, RocksDictStore
+from pathlib import Path
+log = FakeChangelog()
+partition = partition_over(MemoryStore(), log)
+feed(partition, [(i, event(f"u{{i}}", "Product Viewed", T0 + i)) for i in range(500)])
+commit(partition, log)
+store = RocksDictStore(Path({path!r}))
+restore(store, log.read, partition=0, fence=log.claim("s2"), session="s2", topic_id="t")
+os._exit(0)  # as kill -9 would: no close, nothing flushed on the way out
+"""
+
+
+def test_a_restore_is_on_disk_when_it_returns(tmp_path: Any) -> None:
+    """Recovery writes without RocksDB's log (speed): it flushes before it says done, so
+    a worker killed right after a restore finds every profile and a trustworthy store."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from audiences.adapters.state import recovery
+    from audiences.adapters.state.store import RocksDictStore
+
+    path = tmp_path / "store"
+    script = RESTORE_THEN_DIE.format(tests=str(Path(__file__).parent), path=str(path))
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    store = RocksDictStore(path)
+    try:
+        assert recovery._distrust(store, 10_000, "t") is None
+        assert len(store.scan(Family.PROFILES)) == 500
+    finally:
+        store.close()
 
 
 def test_records_of_other_layouts_are_ignored() -> None:
@@ -573,3 +636,63 @@ def test_a_partition_fenced_in_flight_gives_the_others_their_interval_back() -> 
     assert profiles(stores[0]) == {k: s.to_json() for k, s in pure([e for _, e in stream]).items()}
     again = partition_over(MemoryStore(), logs[0], session="s2")
     assert again.position == 8
+
+
+def test_size_history_is_checkpointed_restored_and_the_same_on_replay() -> None:
+    """Buckets of entered per audience-minute (the transition's own time) go to the
+    changelog with the checkpoint, come back on a restore into an empty store, and a
+    replay of the same input writes the same records."""
+
+    def run(log: FakeChangelog) -> PartitionState:
+        partition = partition_over(MemoryStore(), log)
+        stream = [
+            (0, event("ann", "Product Viewed", T0)),
+            (1, event("ann", "Product Viewed", T0 + 10_000)),  # enters in minute 0
+            (2, event("bob", "Product Viewed", T0 + 30_000)),
+            (3, event("bob", "Product Viewed", T0 + 2 * M)),  # enters in minute 2
+        ]
+        feed(partition, stream[:2])
+        commit(partition, log)
+        feed(partition, stream[2:])
+        commit(partition, log)
+        return partition
+
+    log = FakeChangelog()
+    partition = run(log)
+    expected = {T0: (1, 0), T0 + 2 * M: (1, 0)}
+    assert partition.history.buckets("viewers", 0) == expected
+    history_records = [
+        (r.key(), r.value()) for r in log.records if (r.key() or b"")[:1] == Kind.HISTORY.value
+    ]
+    assert len(history_records) == 2
+    restored = partition_over(MemoryStore(), log, session="s2")
+    assert restored.history.buckets("viewers", 0) == expected
+    assert restored.counts.sizes == {"viewers": 2}
+
+    replayed = FakeChangelog()
+    run(replayed)
+    assert [
+        (r.key(), r.value()) for r in replayed.records if (r.key() or b"")[:1] == Kind.HISTORY.value
+    ] == history_records
+
+
+def test_a_failed_checkpoint_writes_the_size_history_again() -> None:
+    log = FakeChangelog()
+    partition = partition_over(MemoryStore(), log)
+    feed(
+        partition,
+        [(0, event("ann", "Product Viewed", T0)), (1, event("ann", "Product Viewed", T0 + 1))],
+    )
+    with pytest.raises(DurabilityError):
+        commit(partition, log, fail_after=Step.OUTPUTS)
+    # the runtime rewinds: the partition is reopened from durable state and re-fed
+    again = partition_over(MemoryStore(), log, session="s1")
+    assert again.history.buckets("viewers", 0) == {}
+    feed(
+        again,
+        [(0, event("ann", "Product Viewed", T0)), (1, event("ann", "Product Viewed", T0 + 1))],
+    )
+    commit(again, log)
+    assert partition_over(MemoryStore(), log, session="s3").history.buckets("viewers", 0) == {
+        T0: (1, 0)
+    }

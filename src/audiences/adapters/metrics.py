@@ -117,6 +117,11 @@ COLLECTOR_REQUEST_DURATION = Histogram(
 )
 
 # -- destination sinks (label `destination` = the configured name) ----------------------------
+HOLDOUT_SKIPPED = Counter(
+    "audiences_holdout_skipped",
+    "Holdout outputs (properties.holdout: true) a destination skipped, by audience",
+    ["destination", "audience"],
+)
 SINK_DELIVERIES = Counter(
     "audiences_sink_deliveries",
     "Output messages handled by a destination, by outcome (delivered, dead_lettered, skipped)",

@@ -76,6 +76,9 @@ class Transition:
     trigger: str  # event | deadline | definition | merge | deleted
     trigger_message_id: str | None
     generation: int = 0  # non-zero for a profile recreated after deletion
+    # In the audience's holdout (SPEC §3 `holdout`): the output carries
+    # `properties.holdout: true` and destinations skip it. Not part of the messageId.
+    holdout: bool = False
     group_id: str | None = None  # an account audience's transition (profile group:{id})
     users: tuple[str, ...] = ()  # of an account's transition: its linked users, sorted
 
@@ -280,6 +283,7 @@ def _evaluate(
     in dependency order. Computed traits (`touched_traits`, a bit mask of places in
     `catalog.trait_order`, and those due) are judged first: audiences comparing a trait
     that changed are re-judged too."""
+    state.profile_key = profile_key  # (random_bucket reads it; transient)
     stale_wake = False
     if catalog.trait_order:
         affected, stale_wake = _judge_traits(
@@ -318,6 +322,7 @@ def _evaluate(
     dependents = catalog.dependents_masks
     anonymous = state.anonymous
     generation = state.generation
+    first = len(out) if catalog.exclusive_mask else -1  # (priority lists: see _exits_first)
     # Dependents come later in dependency order: walking the lowest bit first judges
     # every audience after the ones it refers to, and each once.
     while pending:
@@ -346,6 +351,7 @@ def _evaluate(
         membership.member = value
         membership.since_ms = now
         membership.seq += 1
+        holdout = audience.holdout
         out.append(
             Transition(
                 key,
@@ -359,13 +365,39 @@ def _evaluate(
                 trigger,
                 trigger_id,
                 generation,
+                holdout is not None and holdout.holds(profile_key),
             )
         )
         more = dependents[position]
         if more:
             pending |= more & ~frozen
+    if first >= 0 and len(out) - first > 1:
+        _exits_first(out, first, catalog)
     if stale_wake:
         _refresh_wake(state, catalog)
+
+
+def _exits_first(out: list[Output], first: int, catalog: Catalog) -> None:
+    """Within one judging pass, the transitions of each priority list's audiences in
+    `out[first:]` are put exits first (a move reads Exited of the old audience, then
+    Entered of the new one, whichever way it goes), each group in dependency order —
+    in the places those transitions held, other outputs staying where they are."""
+    lists = catalog.priority_of
+    places: dict[str, list[int]] = {}
+    for place in range(first, len(out)):
+        output = out[place]
+        if isinstance(output, Transition):
+            list_key = lists.get(output.audience_key)
+            if list_key is not None:
+                places.setdefault(list_key, []).append(place)
+    for group in places.values():
+        if len(group) < 2:
+            continue
+        moved = [out[p] for p in group]
+        ordered = [t for t in moved if isinstance(t, Transition) and not t.entered]
+        ordered += [t for t in moved if isinstance(t, Transition) and t.entered]
+        for place, output in zip(group, ordered, strict=True):
+            out[place] = output
 
 
 def _refresh_wake(state: UserState, catalog: Catalog) -> None:
@@ -729,7 +761,19 @@ def _exit_all(
             continue
         audience = catalog.audience(key)
         known = (audience.version, audience.name) if audience else catalog.retired.get(key)
-        _exit(state, membership, key, known or (0, key), profile_key, now, trigger, trigger_id, out)
+        holdout = audience.holdout if audience else None
+        _exit(
+            state,
+            membership,
+            key,
+            known or (0, key),
+            profile_key,
+            now,
+            trigger,
+            trigger_id,
+            out,
+            holdout is not None and holdout.holds(profile_key),
+        )
 
 
 def _exit(
@@ -742,6 +786,7 @@ def _exit(
     trigger: str,
     trigger_id: str | None,
     out: list[Output],
+    holdout: bool = False,
 ) -> None:
     """`Audience Exited` for a member, outside of judging (deletions, merges)."""
     version, name = audience
@@ -760,6 +805,7 @@ def _exit(
             trigger,
             trigger_id,
             state.generation,
+            holdout,
         )
     )
 
@@ -1157,7 +1203,7 @@ def _delete_account(
                 "deleted",
                 event.message_id,
                 state.generation,
-                group_id,
+                group_id=group_id,
             )
         )
     return StepResult(UserState(), out, NEVER, False, erase=True)
@@ -1289,8 +1335,8 @@ def _judge_accounts(
                 trigger,
                 trigger_id,
                 state.generation,
-                group_id,
-                linked,
+                group_id=group_id,
+                users=linked,
             )
         )
 
@@ -1323,8 +1369,8 @@ def _adopt_account_catalog(
                     "deleted",
                     None,
                     state.generation,
-                    group_id,
-                    tuple(
+                    group_id=group_id,
+                    users=tuple(
                         sorted(
                             u for u, e in (linked_users(state) or {}).items() if e[2] is not None
                         )

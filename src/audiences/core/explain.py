@@ -11,16 +11,26 @@ from __future__ import annotations
 from typing import Any
 
 from audiences.core.definitions import Catalog
+from audiences.core.definitions.buckets import Holdout
 from audiences.core.events import format_iso
 from audiences.core.state import NEVER, UserState
 
 
-def explain(state: UserState, catalog: Catalog, audience_key: str, now: int) -> dict[str, Any]:
-    """Raises KeyError for an audience the catalog does not evaluate."""
+def explain(
+    state: UserState,
+    catalog: Catalog,
+    audience_key: str,
+    now: int,
+    profile_key: str | None = None,
+) -> dict[str, Any]:
+    """Raises KeyError for an audience the catalog does not evaluate. `profile_key`: the
+    profile's userId (or anonymousId), which `random_bucket` and holdouts hash."""
     audience = catalog.audience(audience_key)
     if audience is None:
         raise KeyError(audience_key)
     profile = UserState.decode(state.encode())  # nodes read only, but never risk the live one
+    if profile_key is not None:
+        profile.profile_key = profile_key
     at = max(now, profile.clock_ms)
     membership = profile.members.get(audience_key)
     tree = _with_iso(audience.root.explain(profile, at))
@@ -37,6 +47,22 @@ def explain(state: UserState, catalog: Catalog, audience_key: str, now: int) -> 
         "value": tree["value"] and not anonymous_excluded,
         "anonymous_excluded": anonymous_excluded,
         "condition": tree,
+        **_holdout(audience.holdout, profile.profile_key),
+    }
+
+
+def _holdout(holdout: Holdout | None, profile_key: str) -> dict[str, Any]:
+    """The profile's place in the audience's holdout (SPEC §3), if it has one."""
+    if holdout is None:
+        return {}
+    bucket = holdout.bucket(profile_key)
+    return {
+        "holdout": {
+            "percent": holdout.percent,
+            "salt": holdout.salt,
+            "bucket": bucket,
+            "in_holdout": bucket < holdout.threshold,
+        }
     }
 
 

@@ -13,8 +13,12 @@ later than it are ignored by the engine): the property tests' histories stay wit
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -69,13 +73,29 @@ def is_member(definitions: Definitions, key: str, history: Sequence[Event], t: i
 
 
 def _is_member(definitions: Definitions, key: str, seen: list[Event], t: int) -> bool:
+    """Membership: the audience's own condition, and — for an audience in a priority
+    list (SPEC §3) — qualifying for none of the audiences listed before it."""
+    if not _qualifies(definitions, key, seen, t):
+        return False
+    for list_key in sorted(definitions):
+        listed = definitions[list_key].get("audiences")
+        if definitions[list_key].get("kind") != "priority_list" or not isinstance(listed, list):
+            continue
+        if key in listed:
+            before = listed[: listed.index(key)]
+            return not any(k in definitions and _qualifies(definitions, k, seen, t) for k in before)
+    return True
+
+
+def _qualifies(definitions: Definitions, key: str, seen: list[Event], t: int) -> bool:
+    """The audience's own condition (and its anonymous rule), priority lists aside."""
     if not seen:
         return False  # a profile exists from its first event on
     doc = definitions[key]
     anonymous = all(e.user_id is None for e in seen)
     if anonymous and not doc.get("include_anonymous", False):
         return False
-    return _holds(definitions, doc["condition"], seen, t)
+    return _holds(definitions, _salted(doc, doc["condition"], seen), seen, t)
 
 
 def _holds(
@@ -103,11 +123,24 @@ def _holds(
     if name == "computed":
         value = _trait_value(definitions[body["name"]], seen, t)
         return compile_predicate(body["op"], body.get("value"))(value, t)
+    if name == "random_bucket":  # (salted by `_salted`: the bucket itself)
+        return int(body.get("gte", 0)) <= int(body["bucket"]) < int(body.get("lt", 10000))
     raise ValueError(f"oracle does not know {name!r}")
 
 
+def _in_calendar_days(within: Mapping[str, Any], ts: int, t: int) -> bool:
+    """A calendar window, read straight off the calendar: the event's local date is
+    one of the N local dates ending with t's (SPEC §3), and it is not after t."""
+    zone = ZoneInfo(within["timezone"])
+    event_day = datetime.fromtimestamp(ts // 1000, zone).date()
+    today = datetime.fromtimestamp(t // 1000, zone).date()
+    return ts <= t and 0 <= (today - event_day).days < within["calendar_days"]
+
+
 def _count_matches(times: list[int], body: Mapping[str, Any], t: int) -> bool:
-    if "within" in body:
+    if isinstance(body.get("within"), dict):
+        count = sum(1 for ts in times if _in_calendar_days(body["within"], ts, t))
+    elif "within" in body:
         window = parse_duration_ms(body["within"])
         assert window is not None
         count = sum(1 for ts in times if t - window < ts <= t)
@@ -177,7 +210,9 @@ def _trait_value(doc: Mapping[str, Any], seen: list[Event], t: int) -> Any:
     kind = doc["kind"]
     where = compile_where(doc.get("where"))
     path = compile_path(doc["property"]) if doc.get("property") else None
-    window = parse_duration_ms(doc["within"]) if doc.get("within") else None
+    within = doc.get("within")
+    calendar = within if isinstance(within, dict) else None
+    window = parse_duration_ms(within) if isinstance(within, str) else None
     rows: list[tuple[int, int, Any]] = []
     for index, e in enumerate(seen):
         ts = e.timestamp_ms
@@ -189,6 +224,8 @@ def _trait_value(doc: Mapping[str, Any], seen: list[Event], t: int) -> Any:
             bucket = max(1_000, window // 100)
             if ts - ts % bucket + window <= t:
                 continue
+        if calendar is not None and not _in_calendar_days(calendar, ts, t):
+            continue  # (exact: calendar windows keep a bucket per local day)
         value = e.get(path) if path is not None else None
         numeric = isinstance(value, int | float) and not isinstance(value, bool)
         if isinstance(value, int | float) and not -(2**63) <= value < 2**63:
@@ -563,3 +600,46 @@ def account_is_member(
         return not any(values)
 
     return holds(doc["condition"])
+
+
+# -- random buckets and holdouts (SPEC §3) -----------------------------------------------------
+
+
+def profile_id(seen: Sequence[Event]) -> str:
+    """The id a profile's buckets hash, from its events alone (SPEC §3): its userId, or
+    for a profile that never sent one, its anonymousId."""
+    for event in seen:
+        if event.user_id is not None:
+            return event.user_id
+    return next((e.anonymous_id for e in seen if e.anonymous_id is not None), "")
+
+
+def bucket(salt: str, profile: str) -> int:
+    """The first 64 bits of sha256("{salt}|{profile}"), big-endian, modulo 10,000."""
+    hex_digits = hashlib.sha256((salt + "|" + profile).encode("utf-8", "surrogatepass")).hexdigest()
+    return int(hex_digits[:16], 16) % 10000
+
+
+def in_holdout(doc: Mapping[str, Any], profile: str) -> bool:
+    """Whether `profile` is in audience `doc`'s holdout (False without a holdout)."""
+    holdout = doc.get("holdout")
+    if not holdout:
+        return False
+    salt = holdout.get("salt") or doc["key"] + ":holdout"
+    return bucket(salt, profile) < Decimal(str(holdout["percent"])) * 100
+
+
+def _salted(doc: Mapping[str, Any], condition: Any, seen: Sequence[Event]) -> Any:
+    """`condition` with each `random_bucket` body given the profile's bucket under the
+    definition's salt (`salt`, else its key)."""
+    if isinstance(condition, list):
+        return [_salted(doc, c, seen) for c in condition]
+    if not isinstance(condition, dict):
+        return condition
+    ((name, body),) = condition.items()
+    if name == "random_bucket":
+        salt = doc.get("salt") or doc["key"]
+        return {name: {**body, "bucket": bucket(salt, profile_id(seen))}}
+    if name in ("all", "any", "not"):
+        return {name: _salted(doc, body, seen)}
+    return condition

@@ -102,15 +102,18 @@ def render_transition(
         del message["userId"]
         message["groupId"] = transition.group_id
         return message
+    properties: dict[str, Any] = {
+        "audience_key": key,
+        key: transition.entered,
+        "audience_name": transition.audience_name,
+        "audience_version": transition.audience_version,
+    }
+    if transition.holdout:  # (absent for everyone else: SPEC §3 `holdout`)
+        properties["holdout"] = True
     return _message(
         transition,
         "Audience Entered" if transition.entered else "Audience Exited",
-        {
-            "audience_key": key,
-            key: transition.entered,
-            "audience_name": transition.audience_name,
-            "audience_version": transition.audience_version,
-        },
+        properties,
         personas(space_id, AUDIENCE, key),
         traits,
         anonymous,

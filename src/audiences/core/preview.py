@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from audiences.core.definitions import build_catalog, compile_definition
-from audiences.core.definitions.language import is_trait_definition
+from audiences.core.definitions.language import is_priority_list, is_trait_definition
 from audiences.core.evaluator import Tick, TraitChange, Transition, step
 from audiences.core.state import UserState
 
@@ -75,13 +75,18 @@ def preview(
     # workers backfill when it is applied).
     catalog = compile_definition(doc, definitions, result.version, build_catalog(definitions))
     trait = is_trait_definition(doc)
+    # A priority list is previewed over its audiences: size is the members of any of
+    # them (disjoint: each member counted once), entering/exiting count their
+    # transitions (a move between two of them is one exit and one entry).
+    listed = catalog.priority_lists.get(key, ()) if is_priority_list(doc) else (key,)
+    judged = frozenset(listed)
     for profile, state in profiles:
         if state.merged_into is not None:
             continue
         result.profiles += 1
         outputs = step(state, Tick(state.clock_ms), catalog, profile).transitions
         for output in outputs:
-            if isinstance(output, Transition) and output.audience_key == key:
+            if isinstance(output, Transition) and output.audience_key in judged:
                 target = result.would_enter if output.entered else result.would_exit
                 if output.entered:
                     result.entering += 1
@@ -97,8 +102,8 @@ def preview(
                 if len(result.sample) < sample_size:
                     result.sample.append([profile, entry[0]])
             continue
-        membership = state.members.get(key)
-        if membership is not None and membership.member:
+        memberships = (state.members.get(k) for k in listed)
+        if any(m is not None and m.member for m in memberships):
             result.size += 1
             if len(result.sample) < sample_size:
                 result.sample.append(profile)

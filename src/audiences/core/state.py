@@ -22,14 +22,14 @@ of the event still counts, and each drop is reported in `UserState.dropped`
 | | a linked id longer than MAX_ALIAS_ID_BYTES (JSON) is refused | `alias_id_size` |
 | messageIds counted (dedup, `SeenIds`) | the ids of the last 24 h of the profile's clock, at most DEDUP_MAX_IDS: beyond, the oldest id is forgotten (a copy of it would count again) | `recent_ids` |
 | timestamps of `performed ... between` | `conditions.MAX_KEPT_TIMESTAMPS`, the most recent: counts above it are capped | `between_timestamps` |
-| timestamps of `performed ... times N within` | N + 1 (lossless), at most `conditions.MAX_KEPT_TIMESTAMPS` | `window_timestamps` |
+| timestamps of `performed ... times N within` | N + 1 (lossless), at most `conditions.MAX_KEPT_TIMESTAMPS` (a calendar window too: kept N_days + 1 days) | `window_timestamps` |
 | funnel instances (`sequence` with `match_on`) | `conditions.MAX_SEQUENCE_INSTANCES`, the most recently active | `sequence_instances` |
 | events a funnel instance keeps to reorder late arrivals | `conditions.MAX_SEQUENCE_HISTORY` within the funnel's horizon: the oldest beyond are folded in early (a later-arriving event older than them is ignored); ~20 KB per funnel at both bounds | `sequence_history` |
 | devices | `conditions.MAX_DEVICES`, the most recently seen | `devices` |
 | `match_on` values and device ids as keys | longer than MAX_KEY_CHARS: stored as a digest (`bounded_key`) | (nothing lost) |
 | account links of a user (`group` calls, account audiences only) | `accounts.MAX_GROUPS` accounts; a groupId longer than `accounts.MAX_GROUP_ID_BYTES` is not linked | `groups`, `group_id_size` |
 | users an account's profile remembers | `evaluator.MAX_ACCOUNT_USERS` (linked or unlinked); a user id longer than MAX_ALIAS_ID_BYTES is not taken | `account_users` |
-| computed traits | see `definitions/traits.py`: distinct values, value sizes, finite numbers | `distinct_values`, `computed_value_size`, `non_finite_number` |
+| computed traits | see `definitions/traits.py`: distinct values, value sizes, finite numbers; a calendar window keeps a bucket per local day with events, at most calendar_days + 1 | `distinct_values`, `computed_value_size`, `non_finite_number` |
 
 The profile's size then depends only on the catalog: with one tracker of each
 kind (tests/unit/test_hostile_input.py) a profile at every bound at once encodes
@@ -418,6 +418,7 @@ class UserState:
         "history_seen",
         "members",
         "merged_into",
+        "profile_key",
         "seen",
         "trackers",
         "trait_times",
@@ -451,6 +452,9 @@ class UserState:
         # Transient, never encoded: what bounds dropped since the runtime last reset it
         # (reason -> count, reasons from DROP_REASONS); None when nothing was dropped.
         self.dropped: dict[str, int] | None = None
+        # Transient, never encoded: the key of the profile being judged (its userId, or
+        # anonymousId), set by `evaluator._evaluate` (and explain) for `random_bucket`.
+        self.profile_key = ""
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count something a bound kept out of the profile (see the module docstring)."""

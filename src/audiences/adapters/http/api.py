@@ -47,12 +47,13 @@ from confluent_kafka import KafkaException, Producer
 from yarl import URL
 
 from audiences.adapters.http.auth import auth_middleware
+from audiences.adapters.http.history import parse_query, series
 from audiences.adapters.http.openapi import OPENAPI
-from audiences.adapters.kafka.partitioner import partition_for
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
+from audiences.adapters.state.history import merge_buckets
 from audiences.adapters.stream.definitions import Definitions, DefinitionsWriter
-from audiences.adapters.stream.queries import QueryPort, StateView
+from audiences.adapters.stream.queries import PartitionHistory, QueryPort, StateView
 from audiences.adapters.stream.registry import WorkerRegistry
 from audiences.core.definitions import (
     Catalog,
@@ -61,9 +62,11 @@ from audiences.core.definitions import (
     validate_definition,
 )
 from audiences.core.definitions.conditions import DEVICE_TRACKER_ID
+from audiences.core.definitions.language import is_priority_list
 from audiences.core.definitions.validate import is_trait_definition
 from audiences.core.events import format_iso
 from audiences.core.explain import explain
+from audiences.core.partitioning import partition_for
 from audiences.core.preview import Preview, preview
 from audiences.core.state import NEVER, UserState
 from audiences.errors import ApiError, BrokerError, DefinitionError
@@ -147,6 +150,8 @@ class ManagementApi:
             router.add_put(f"/v1/{kind}/{{key}}", self._put(kind))
             router.add_delete(f"/v1/{kind}/{{key}}", self._delete(kind))
         router.add_get("/v1/audiences/{key}/members", _errors_as_json(self.members))
+        router.add_get("/v1/audiences/{key}/history", _errors_as_json(self.history))
+        router.add_get("/v1/internal/history/{key}", _errors_as_json(self.internal_history))
         router.add_get("/v1/users/{id}", _errors_as_json(self.user))
         router.add_delete("/v1/users/{id}", _errors_as_json(self.delete_user))
         router.add_get("/v1/users/{id}/explain/{key}", _errors_as_json(self.explain))
@@ -191,7 +196,7 @@ class ManagementApi:
             body = {**doc, "version": version}
             if kind == "audiences":
                 sizes = await self._sizes()
-                body["size"] = sizes.get(key, 0) if sizes is not None else None
+                body["size"] = _size(doc, sizes)
             return _json(body)
 
         return _errors_as_json(handler)
@@ -290,7 +295,13 @@ class ManagementApi:
         key = request.match_info["key"]
         limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
         number, start = _decode_cursor(request.query.get("cursor"), key)
-        _existing(self._documents(), key, "audiences")
+        doc, _version = _existing(self._documents(), key, "audiences")
+        if is_priority_list(doc):
+            raise ApiError(
+                422,
+                f"{key!r} is a priority list: it has no members of its own; ask for those "
+                f"of its audiences ({', '.join(doc['audiences'])})",
+            )
         partitions = await self._partition_count()
         found: list[dict[str, Any]] = []
         resume: bytes | None = None
@@ -363,6 +374,52 @@ class ManagementApi:
         body = {"partitions": await self._local_sizes()}
         return _json(body, headers={SERVED_BY: self.url})
 
+    # -- size history -------------------------------------------------------------------------
+
+    async def history(self, request: web.Request) -> web.StreamResponse:
+        """Size, entered and exited per step (adapters/http/history.py), over every
+        partition: this worker's, and the others' through their internal route."""
+        key = request.match_info["key"]
+        _existing(self._documents(), key, "audiences")
+        query = parse_query(request.query, self.clock())
+        partitions = await self._partition_count()
+        parts = await self._local_history(key, query.start_ms)
+        missing = set(range(partitions)) - set(parts)
+        owners = {self.registry.owner(p) for p in missing} if self.registry else set()
+        for url in sorted(u for u in owners if u is not None and u != self.url):
+            path = f"/v1/internal/history/{quote(key, safe='')}"
+            data = await self._request("GET", url, path, {"from": str(query.start_ms)})
+            for number, part in data["partitions"].items():
+                if int(number) in missing:
+                    parts[int(number)] = _history_from_json(part)
+        if set(range(partitions)) - set(parts):
+            raise ApiError(
+                503, "the history of some partitions is not available (a rebalance?); retry"
+            )
+        size = sum(part.size for part in parts.values())
+        buckets = merge_buckets(part.buckets for part in parts.values())
+        return _json(series(size, buckets, query))
+
+    async def _local_history(self, key: str, from_ms: int) -> dict[int, PartitionHistory]:
+        if not self.queries.serving:
+            return {}
+        return await self.queries.ask(lambda view: view.history(key, from_ms))
+
+    async def internal_history(self, request: web.Request) -> web.StreamResponse:
+        key = request.match_info["key"]
+        from_ms = _int_param(request, "from", 0, 0, 1 << 62)
+        parts = await self._local_history(key, from_ms)
+        body = {
+            "partitions": {
+                number: {
+                    "size": part.size,
+                    "buckets": [[m, e, x] for m, (e, x) in sorted(part.buckets.items())],
+                }
+                for number, part in parts.items()
+            }
+        }
+        return _json(body, headers={SERVED_BY: self.url})
+
     # -- users --------------------------------------------------------------------------------
 
     async def user(self, request: web.Request) -> web.StreamResponse:
@@ -382,7 +439,7 @@ class ManagementApi:
         now = self.clock()
 
         def view(number: int, state: UserState) -> dict[str, Any]:
-            return {"userId": user, **explain(state, catalog, key, now)}
+            return {"userId": user, **explain(state, catalog, key, now, user)}
 
         return await self._on_owner(request, user, view)
 
@@ -601,9 +658,22 @@ def _summary(doc: dict[str, Any], version: int, sizes: dict[str, int] | None) ->
     }
     if is_trait_definition(doc):
         summary["kind"] = doc["kind"]
-    else:
-        summary["size"] = sizes.get(doc["key"], 0) if sizes is not None else None
+        return summary
+    if is_priority_list(doc):
+        summary["kind"] = doc["kind"]
+        summary["audiences"] = list(doc["audiences"])
+    summary["size"] = _size(doc, sizes)
     return summary
+
+
+def _size(doc: Mapping[str, Any], sizes: dict[str, int] | None) -> int | None:
+    """An audience's size; a priority list's is the size of the union of its audiences
+    (they are disjoint: the sum of their sizes)."""
+    if sizes is None:
+        return None
+    if is_priority_list(doc):
+        return sum(sizes.get(key, 0) for key in doc["audiences"])
+    return sizes.get(doc["key"], 0)
 
 
 def _user_view(user: str, number: int, state: UserState, catalog: Catalog) -> dict[str, Any]:
@@ -724,6 +794,11 @@ def _int_path(request: web.Request, name: str) -> int:
         return int(request.match_info[name])
     except ValueError:
         raise ApiError(400, f"{name} must be an integer") from None
+
+
+def _history_from_json(part: dict[str, Any]) -> PartitionHistory:
+    buckets = {int(m): (int(e), int(x)) for m, e, x in part["buckets"]}
+    return PartitionHistory(int(part["size"]), buckets)
 
 
 def _not_owner(number: int) -> ApiError:

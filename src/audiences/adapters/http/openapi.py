@@ -199,6 +199,45 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/audiences/{key}/history": {
+            "get": {
+                "operationId": "audience_history",
+                "summary": "Size history over every partition: per step, its start `t`, the "
+                "size at its end and the transitions that entered and exited in it (by their "
+                "event time). Kept per minute for 30 days; minutes before the audience existed "
+                "(or older than 30 days) are empty.",
+                "parameters": [
+                    _path_param("key", "audience key"),
+                    _query_param(
+                        "from",
+                        "start (ISO-8601 or epoch milliseconds; default one hour before `to`); "
+                        "rounded down to a multiple of `step`",
+                        {"type": "string"},
+                    ),
+                    _query_param(
+                        "to",
+                        "end (ISO-8601 or epoch milliseconds; default now)",
+                        {"type": "string"},
+                    ),
+                    _query_param(
+                        "step",
+                        "step length, at least 1m, whole minutes: 1m (default), 5m, 1h, 1d "
+                        "(at most 10000 steps)",
+                        {"type": "string", "pattern": "^[0-9]+(s|m|min|h|d)$"},
+                    ),
+                ],
+                "responses": {
+                    "200": _json(
+                        {"type": "array", "items": _ref("HistoryPoint")}, "one point per step"
+                    ),
+                    "400": _error(
+                        "unreadable from/to/step, from after to, step under 1m, or too many steps"
+                    ),
+                    "404": _error("no such audience"),
+                    "503": UNAVAILABLE,
+                },
+            }
+        },
         "/v1/users/{id}": {
             "parameters": [USER],
             "get": {
@@ -268,6 +307,45 @@ OPENAPI: dict[str, Any] = {
                         },
                         "sizes by partition",
                     )
+                },
+            }
+        },
+        "/v1/internal/history/{key}": {
+            "get": {
+                "operationId": "internal_history",
+                "tags": ["internal"],
+                "summary": "An audience's member count and minute buckets ([minute_ms, entered, "
+                "exited], from `from` on) of each partition this worker owns",
+                "parameters": [
+                    _path_param("key", "audience key"),
+                    _query_param("from", "first minute (epoch milliseconds)", {"type": "integer"}),
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "partitions": {
+                                    "type": "object",
+                                    "additionalProperties": {
+                                        "type": "object",
+                                        "properties": {
+                                            "size": {"type": "integer"},
+                                            "buckets": {
+                                                "type": "array",
+                                                "items": {
+                                                    "type": "array",
+                                                    "items": {"type": "integer"},
+                                                },
+                                            },
+                                        },
+                                    },
+                                }
+                            },
+                        },
+                        "buckets by partition",
+                    ),
+                    "400": _error("bad from"),
                 },
             }
         },
@@ -394,14 +472,16 @@ OPENAPI: dict[str, Any] = {
             },
             "Definition": {
                 "type": "object",
-                "description": "An audience (`condition`) or a computed trait (`kind`); see "
-                "the README for the language. `key` defaults to the URL's.",
+                "description": "An audience (`condition`), a computed trait (`kind`) or a "
+                "priority list (`kind: priority_list` with `audiences`); see the README for "
+                "the language. `key` defaults to the URL's.",
                 "properties": {
                     "key": {"type": "string"},
                     "name": {"type": "string"},
                     "description": {"type": "string"},
                     "condition": {"type": "object"},
                     "kind": {"type": "string"},
+                    "audiences": {"type": "array", "items": {"type": "string"}},
                     "include_anonymous": {"type": "boolean"},
                     "backfill": {"type": "boolean"},
                 },
@@ -432,7 +512,13 @@ OPENAPI: dict[str, Any] = {
                     "name": {"type": "string"},
                     "version": {"type": "integer"},
                     "created_at": {"type": ["string", "null"]},
-                    "size": {"type": ["integer", "null"]},
+                    "size": {
+                        "type": ["integer", "null"],
+                        "description": "a priority list: the members of its audiences "
+                        "(disjoint: the sum of their sizes)",
+                    },
+                    "kind": {"type": "string", "description": "priority_list for a list"},
+                    "audiences": {"type": "array", "items": {"type": "string"}},
                 },
                 "required": ["key", "version"],
             },
@@ -480,6 +566,16 @@ OPENAPI: dict[str, Any] = {
                     "entered_at": {"type": "string", "format": "date-time"},
                 },
                 "required": ["id", "entered_at"],
+            },
+            "HistoryPoint": {
+                "type": "object",
+                "properties": {
+                    "t": {"type": "string", "format": "date-time"},
+                    "size": {"type": "integer"},
+                    "entered": {"type": "integer"},
+                    "exited": {"type": "integer"},
+                },
+                "required": ["t", "size", "entered", "exited"],
             },
             "MembersPage": {
                 "type": "object",
@@ -552,6 +648,17 @@ OPENAPI: dict[str, Any] = {
                     "next_check": {"type": ["string", "null"]},
                     "value": {"type": "boolean"},
                     "anonymous_excluded": {"type": "boolean"},
+                    "holdout": {
+                        "type": "object",
+                        "description": "only for an audience with a holdout: the profile's "
+                        "bucket under the holdout salt and whether it is in the holdout",
+                        "properties": {
+                            "percent": {"type": "number"},
+                            "salt": {"type": "string"},
+                            "bucket": {"type": "integer"},
+                            "in_holdout": {"type": "boolean"},
+                        },
+                    },
                     "condition": {
                         "type": "object",
                         "description": "the tree: each node's kind, value, next change, "

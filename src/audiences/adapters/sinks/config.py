@@ -58,6 +58,7 @@ TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "segment": ("url", "write_key"),
     "kafka": (
         "topic",
+        "include_holdout",
         "bootstrap",
         "security_protocol",
         "sasl_mechanism",
@@ -145,6 +146,9 @@ class Destination:
     # braze: attributes + events objects per request, for contracts that count them
     # combined (None: <= 75 of each, the classic limit)
     objects_per_request: int | None = None
+    # kafka: also forward holdout outputs (`properties.holdout: true`, SPEC §3), which
+    # every destination skips by default
+    include_holdout: bool = False
 
     def kafka_security_config(self) -> dict[str, str]:
         """librdkafka security settings of a `kafka` destination's own cluster."""
@@ -284,6 +288,11 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
         raise DestinationConfigError(
             name, "forward_deletions", f"expected true or false, got {forward_deletions!r}"
         )
+    include_holdout = values.get("include_holdout", False)
+    if not isinstance(include_holdout, bool):
+        raise DestinationConfigError(
+            name, "include_holdout", f"expected true or false, got {include_holdout!r}"
+        )
     phone_region = values.get("phone_region", DEFAULT_PHONE_REGION)
     if (
         not isinstance(phone_region, str)
@@ -323,6 +332,7 @@ def parse_destination(raw: Any, env: Mapping[str, str], index: int = 0) -> Desti
         update_existing_only=update_existing_only,
         anonymous_alias_label=values.get("anonymous_alias_label", ""),
         objects_per_request=objects,
+        include_holdout=include_holdout,
     )
 
 

@@ -51,7 +51,7 @@ from typing import Any, Protocol
 
 from audiences.adapters import metrics
 from audiences.adapters.sinks.answers import failed_items, rate_limit_wait_s
-from audiences.adapters.sinks.config import Destination
+from audiences.adapters.sinks.config import AUDIENCE_KEY, Destination
 from audiences.adapters.sinks.policy import (
     AUTH_FAILURES,
     GONE,
@@ -163,6 +163,9 @@ class Deliverer:
         outcomes: list[Outcome | None] = [None] * len(messages)
         for index in rendered.skipped:
             outcomes[index] = SKIPPED
+        for _index, audience in rendered.holdout:  # (a label only for an audience key)
+            label = audience if AUDIENCE_KEY.match(audience) else "invalid"
+            metrics.HOLDOUT_SKIPPED.labels(destination=self.destination.name, audience=label).inc()
         for index, why in rendered.refused:
             outcomes[index] = Outcome("dead", "too_large", error=why)
         for request in rendered.requests:

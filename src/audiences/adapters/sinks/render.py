@@ -31,6 +31,11 @@ Per type (SPEC §6; payloads follow each vendor's documented API):
 attribute `{K: true|false}`), or both. Braze and Customer.io need a user id:
 anonymous profiles are skipped for them (Braze: unless `anonymous_alias_label`).
 
+Holdout outputs (`properties.holdout: true`, SPEC §3: the audience's control group) are
+skipped by every destination — `Rendered.holdout` names them, the deliverer counts them
+in `audiences_holdout_skipped_total{destination, audience}` — except a `kafka`
+destination with `include_holdout: true`, which forwards them like any other.
+
 `User Deleted` (a profile deleted, SPEC §4) goes to every destination whatever its
 `audiences` and `mode`, unless it sets `forward_deletions: false` (then skipped):
 - braze: `POST /users/delete` `{"external_ids": [...]}` (or `{"user_aliases": [...]}`
@@ -100,6 +105,8 @@ class Rendered:
     # messages the destination would drop whatever we do (e.g. over Segment's 32 KB):
     # dead-lettered without a request, (index, why)
     refused: tuple[tuple[int, str], ...] = ()
+    # the skipped messages it would take but for the holdout (SPEC §3): (index, audience)
+    holdout: tuple[tuple[int, str], ...] = ()
 
 
 def subject(message: dict[str, Any]) -> tuple[str, Any] | None:
@@ -112,6 +119,12 @@ def subject(message: dict[str, Any]) -> tuple[str, Any] | None:
     if not isinstance(key, str):
         return None
     return key, props.get(key)
+
+
+def is_holdout(message: dict[str, Any]) -> bool:
+    """An output for a member of the audience's holdout (`properties.holdout: true`)."""
+    props = message.get("properties")
+    return isinstance(props, dict) and props.get("holdout") is True
 
 
 def is_deletion(message: dict[str, Any]) -> bool:
@@ -283,6 +296,7 @@ def _fanned_out(destination: Destination, messages: Sequence[dict[str, Any]]) ->
 def _render_requests(destination: Destination, messages: Sequence[dict[str, Any]]) -> Rendered:
     taken: list[int] = []
     skipped: list[int] = []
+    holdout: list[tuple[int, str]] = []
     needs_user = destination.type in ("braze", "customerio")
     for index, message in enumerate(messages):
         known = user_id(message) is not None or (
@@ -303,6 +317,9 @@ def _render_requests(destination: Destination, messages: Sequence[dict[str, Any]
             or not _has_units(destination, message)
         ):
             skipped.append(index)
+        elif is_holdout(message) and not destination.include_holdout:
+            skipped.append(index)
+            holdout.append((index, found[0]))
         else:
             taken.append(index)
     refused: list[tuple[int, str]] = []
@@ -310,7 +327,7 @@ def _render_requests(destination: Destination, messages: Sequence[dict[str, Any]
         taken, refused = _segment_sized(destination, messages, taken)
     renderer = _RENDERERS[destination.type]
     requests = renderer(destination, messages, taken) if taken else []
-    return Rendered(requests, tuple(skipped), tuple(refused))
+    return Rendered(requests, tuple(skipped), tuple(refused), tuple(holdout))
 
 
 def _segment_sized(

@@ -380,6 +380,12 @@ def _encode(
             batch.put(Family.QUARANTINE, key, value)  # (its deadlines: dropped by the sweep)
     for stale in partition.stale_due:
         batch.delete(Family.DUE, stale)
+    for bucket, value in partition.history.seal(partition.clock_ms()):
+        records.append((changelog_key(Kind.HISTORY, bucket), value, Header(position, NEVER)))
+        if value is None:
+            batch.delete(Family.HISTORY, bucket)
+        else:
+            batch.put(Family.HISTORY, bucket, value)
     counts = partition.counts.encode()
     if counts != partition.counts_written:
         partition.meta_changes[Meta.COUNTS] = counts

@@ -14,6 +14,7 @@ namespace:
 | `suppressed` | profile key                   | empty: a deleted user, events dropped   |
 | `quarantine` | profile key                   | JSON `{reason, at_ms, state}`           |
 | `meta`       | a `Meta` name                 | a partition-level value (see `Meta`)    |
+| `history`    | audience + NUL + be64(minute) | be64 entered + be64 exited (history.py) |
 
 The changelog topic (`{app_id}-users-changelog`, compacted, partition N = state
 of `events` partition N) mirrors it. Its record key is one namespace byte and
@@ -26,6 +27,7 @@ profile's next wake-up:
 | `s` + key      | `b"1"` / tombstone             | suppression marker on / lifted            |
 | `q` + key      | quarantine JSON / tombstone    | a profile that cannot be evaluated        |
 | `m` + name     | meta value                     | partition meta (`Meta`)                   |
+| `h` + bucket   | entered/exited / tombstone     | size history of one audience-minute (tombstone = older than 30 days) |
 | `o` + session  | owner JSON                     | a worker took the partition (never compacted away: one key per ownership) |
 
 Every record is written inside a Kafka transaction of the partition's own
@@ -51,6 +53,7 @@ class Family(StrEnum):
     SUPPRESSED = "suppressed"
     QUARANTINE = "quarantine"
     META = "meta"
+    HISTORY = "history"
 
 
 class Meta(bytes, Enum):
@@ -74,6 +77,7 @@ class Kind(bytes, Enum):
     SUPPRESSED = b"s"
     QUARANTINE = b"q"
     META = b"m"
+    HISTORY = b"h"
     OWNER = b"o"
 
 
@@ -83,6 +87,7 @@ FAMILY_OF: dict[bytes, Family] = {
     Kind.SUPPRESSED.value: Family.SUPPRESSED,
     Kind.QUARANTINE.value: Family.QUARANTINE,
     Kind.META.value: Family.META,
+    Kind.HISTORY.value: Family.HISTORY,
 }
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from audiences.adapters import metrics
+from audiences.adapters.state.history import History
 from audiences.adapters.state.layout import NEVER, Family, Meta, due_key, split_due_key
 from audiences.adapters.state.store import StateStore
 from audiences.core.definitions import Catalog
@@ -159,6 +160,7 @@ class PartitionState:
         self.rejudge_from: bytes | None = None  # next profile key to re-judge, None = done
         self.backfill: Any = None  # stream.backfill.Backfill while one runs
         self.dropped: dict[str, int] = {}  # bounded-state drops, flushed to metrics
+        self.history = History(store)  # entered/exited per audience and minute
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -314,6 +316,7 @@ class PartitionState:
         for output in result.transitions:
             if isinstance(output, Transition):
                 self.count_transition(output.audience_key, output.entered)
+                self.history.count(output.audience_key, output.at_ms, output.entered)
         self._count_drops(result.state)
         return result
 
@@ -448,6 +451,7 @@ class PartitionState:
         self.committed_stream_time_ms = sealed.stream_time_ms
         if self.ahead and self.committed >= max(self.ahead.values()):
             self.ahead.clear()
+        self.history.landed()
         cache = self.cache
         excess = len(cache) - self.cache_limit
         if excess > 0:
@@ -475,6 +479,7 @@ class PartitionState:
         sealed.meta_changes.update(self.meta_changes)
         self.meta_changes = sealed.meta_changes
         self.counts_written = b""  # write the counts again
+        self.history.unseal()
 
     def observe(self, event_time_ms: int) -> None:
         """Note an evaluated event's time; the stream time follows the recent ones.

@@ -106,6 +106,7 @@ def restore(
         _wipe(store)
         restored = _apply(store, read, partition, fence, session, on_progress)
     restored.rebuilt = reason
+    store.flush()  # the restore's writes skipped the log: on disk before the store says done
     final = store.new_batch()
     final.put(Family.META, Meta.CHANGELOG_OFFSET.value, str(fence + 1).encode())
     final.put(Family.META, Meta.SESSION.value, session.encode())
@@ -141,14 +142,19 @@ def _distrust(store: StateStore, fence: int, topic_id: str | None) -> str | None
 
 
 def _wipe(store: StateStore) -> None:
+    # The session first, logged: a crash part way leaves a store that says it was cut
+    # short (wiped again), never a checkpoint over half its profiles.
+    forget = store.new_batch()
+    forget.delete(Family.META, Meta.SESSION.value)
+    store.write(forget)
     batch = store.new_batch()
     for family in Family:
         for key, _ in store.scan(family):
             batch.delete(family, key)
             if len(batch) >= CHUNK:
-                store.write(batch)
+                store.write(batch, logged=False)
                 batch = store.new_batch()
-    store.write(batch)
+    store.write(batch, logged=False)
 
 
 def _apply(
@@ -224,7 +230,7 @@ def _apply(
                     for stale in [k for k, at in ahead.items() if at <= position]:
                         del ahead[stale]
         if len(batch) >= CHUNK:
-            store.write(batch)
+            store.write(batch, logged=False)  # (see `restore`: flushed before it is done)
             batch = store.new_batch()
             put, delete = batch.put, batch.delete
             if on_progress is not None:
@@ -239,7 +245,7 @@ def _apply(
                     offset,
                     fence,
                 )
-    store.write(batch)
+    store.write(batch, logged=False)
     if on_progress is not None:
         on_progress(restored.records)
     restored.position = position if position >= 0 else None

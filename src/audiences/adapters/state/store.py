@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
 from audiences.adapters.state.layout import Family
 
@@ -73,7 +73,14 @@ class StateStore(Protocol):
         `StoreBatch`)."""
         ...
 
-    def write(self, batch: Batch) -> None: ...
+    def write(self, batch: Batch, *, logged: bool = True) -> None:
+        """Apply `batch` atomically. `logged=False` skips RocksDB's write-ahead log
+        (recovery's bulk writes): such writes survive a crash only once `flush` returned."""
+        ...
+
+    def flush(self) -> None:
+        """Make every write so far durable without its log (memtables to disk)."""
+        ...
 
     def is_empty(self) -> bool: ...
 
@@ -91,6 +98,8 @@ _MB = 1 << 20
 _BLOCK_CACHE_BYTES = int(os.environ.get("AUDIENCES_ROCKSDB_BLOCK_CACHE_MB", "32")) * _MB
 _WRITE_BUFFERS_BYTES = int(os.environ.get("AUDIENCES_ROCKSDB_WRITE_BUFFERS_MB", "16")) * _MB
 _block_cache: Cache | None = None
+_UNLOGGED = WriteOptions()
+_UNLOGGED.disable_wal = True  # type: ignore[method-assign,assignment]  # (a property; the stubs say method)
 
 
 def _options() -> Options:
@@ -183,10 +192,10 @@ class RocksDictStore:
     def new_batch(self) -> Batch:
         return _RocksBatch(self._handles)
 
-    def write(self, batch: Batch) -> None:
+    def write(self, batch: Batch, *, logged: bool = True) -> None:
         if isinstance(batch, _RocksBatch):
             if len(batch):
-                self._db.write(batch.native)
+                self._db.write(batch.native, None if logged else _UNLOGGED)
             return
         assert isinstance(batch, StoreBatch)
         if not batch.ops:
@@ -198,7 +207,11 @@ class RocksDictStore:
                 native.delete(key, handles[family])
             else:
                 native.put(key, value, handles[family])
-        self._db.write(native)
+        self._db.write(native, None if logged else _UNLOGGED)
+
+    def flush(self) -> None:
+        for family in self._families.values():
+            family.flush(True)
 
     def is_empty(self) -> bool:
         return all(not self.scan(family, limit=1) for family in Family)
@@ -250,10 +263,13 @@ class MemoryStore:
     def new_batch(self) -> Batch:
         return StoreBatch()
 
-    def write(self, batch: Batch) -> None:
+    def write(self, batch: Batch, *, logged: bool = True) -> None:
         assert isinstance(batch, StoreBatch)
         with self._lock:
             self._write(batch)
+
+    def flush(self) -> None:
+        """(Every write is as durable as this store gets already.)"""
 
     def _write(self, batch: StoreBatch) -> None:
         for family, key, value in batch.ops:

@@ -8,7 +8,7 @@ that implies them is written (see state/checkpoint.py).
 Records the engine writes to `events` for a profile (merge requests, state
 hand-overs, events re-sent to a merged profile's user, records found on the
 wrong partition) go to the partition that owns the profile *by the engine's
-rule*, murmur2 of the key (`kafka/partitioner.py`), named explicitly: routing
+rule*, murmur2 of the key (`core/partitioning.py`), named explicitly: routing
 never depends on a producer's partitioner setting.
 """
 

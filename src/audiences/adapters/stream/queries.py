@@ -27,6 +27,14 @@ T = TypeVar("T")
 SERVE_BUDGET_S = 0.05  # longest time one loop turn spends answering queries
 
 
+@dataclass(frozen=True)
+class PartitionHistory:
+    """One partition's share of an audience's size history (state/history.py)."""
+
+    size: int
+    buckets: dict[int, tuple[int, int]]  # minute (epoch ms) -> (entered, exited)
+
+
 class StateView(Protocol):
     """What a query may read, on the runtime thread. Profiles are fresh copies."""
 
@@ -49,6 +57,11 @@ class StateView(Protocol):
 
     def sizes(self) -> dict[int, dict[str, int]]:
         """Members per audience, per owned partition."""
+        ...
+
+    def history(self, audience: str, from_ms: int) -> dict[int, PartitionHistory]:
+        """Per owned partition: the audience's current member count and its
+        (entered, exited) per minute from the minute of `from_ms` on."""
         ...
 
     def now(self) -> int: ...

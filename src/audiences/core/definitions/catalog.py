@@ -8,12 +8,19 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, final
 
+from audiences.core.calendar import horizon_ms
 from audiences.core.definitions.accounts import (
     GroupTracker,
     account_parts,
     compile_account,
     hidden_key,
     is_account_definition,
+)
+from audiences.core.definitions.buckets import (
+    Holdout,
+    RandomBucketNode,
+    definition_salt,
+    holdout_of,
 )
 from audiences.core.definitions.conditions import (
     ALL_EVENTS,
@@ -34,9 +41,11 @@ from audiences.core.definitions.conditions import (
 )
 from audiences.core.definitions.language import (
     audience_references,
+    is_priority_list,
     is_trait_definition,
     trait_references,
 )
+from audiences.core.definitions.priority import PriorityNode, listed_audiences
 from audiences.core.definitions.traits import ComputedTrait, counts_from_ms
 from audiences.core.definitions.validate import find_cycle
 from audiences.core.durations import parse_duration_ms
@@ -57,6 +66,7 @@ class CompiledAudience:
     backfill: bool = True
     subject: str = "user"  # or "account" (accounts.py)
     hidden: bool = False  # the per-user predicate of an account audience: never announced
+    holdout: Holdout | None = None  # SPEC §3 `holdout` (definitions/buckets.py)
 
 
 @final
@@ -124,6 +134,12 @@ class Catalog:
     # key, and the positions of account audiences. Empty: `step` does nothing more.
     account_hidden: dict[str, str] = field(default_factory=dict)
     account_positions: tuple[int, ...] = ()
+    # Priority lists (SPEC §3): list key -> its audiences as compiled (in list order),
+    # listed audience -> its list, and the listed audiences as a bit mask of positions
+    # (zero without lists: `step` then does nothing more).
+    priority_lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    priority_of: dict[str, str] = field(default_factory=dict)
+    exclusive_mask: int = 0
 
     def audience(self, key: str) -> CompiledAudience | None:
         position = self.index.get(key)
@@ -136,7 +152,8 @@ class Catalog:
         - live events do not update them (`trackers_by_event` leaves them out), but
           `trackers` keeps them, so adopting this catalog keeps their data;
         - every audience that depends on one — directly, through a computed trait that
-          uses one, or through `in_audience` of such an audience — and every computed
+          uses one, or through `in_audience` of such an audience; every audience of a
+          priority list that has such an audience — and every computed
           trait whose tracker is pending is *frozen*: `step` neither judges it nor emits
           for it, and leaves its membership or value and its deadline as they are
           (adopting this catalog keeps them too: no exit, no deletion);
@@ -154,9 +171,18 @@ class Catalog:
         frozen: set[str] = set()
         for key in frozen_traits:
             frozen |= self.trait_dependents.get(key, frozenset())
-        for audience in self.audiences:  # in dependency order: references come first
-            if audience.tracker_ids & pending or audience.references & frozen:
-                frozen.add(audience.key)
+        while True:
+            before = len(frozen)
+            for audience in self.audiences:  # in dependency order: references come first
+                if audience.tracker_ids & pending or audience.references & frozen:
+                    frozen.add(audience.key)
+            # A priority list freezes whole: its audiences judged apart could hold a
+            # profile in two of them until the backfill ends.
+            for listed in self.priority_lists.values():
+                if frozen.intersection(listed):
+                    frozen.update(listed)
+            if len(frozen) == before:
+                break
         by_event = {
             route: [t for t in trackers if t.id not in pending]
             for route, trackers in self.trackers_by_event.items()
@@ -225,6 +251,7 @@ def plan_dispatch(catalog: Catalog) -> Catalog:
     catalog.frozen_traits_mask = 0
     for key in catalog.frozen_traits:
         catalog.frozen_traits_mask |= 1 << places[key]
+    catalog.exclusive_mask = audience_mask(index[key] for key in catalog.priority_of)
     return catalog
 
 
@@ -232,6 +259,7 @@ class _Compiler:
     def __init__(self) -> None:
         self.trackers: dict[str, Tracker] = {}
         self.from_ms = 0  # of the audience being compiled (backfill: false)
+        self.salt = ""  # of the audience being compiled (random_bucket)
         self.performed: list[PerformedNode] = []
 
     def settle(self, previous: Catalog | None) -> dict[str, str]:
@@ -278,7 +306,7 @@ class _Compiler:
             event_type = "track" if name == "performed" else name.split("_")[0]
             ((op, count),) = (body.get("times") or {"gte": 1}).items()
             if "within" in body:
-                mode, horizon = "window", parse_duration_ms(body["within"]) or 0
+                mode, horizon = "window", horizon_ms(body["within"])  # (a calendar window too)
             elif "between" in body:
                 mode, horizon = "between", parse_duration_ms(body["between"][1]) or 0
             else:
@@ -305,6 +333,8 @@ class _Compiler:
             return DeviceNode(body)
         if name == "computed":
             return ComputedNode(body)
+        if name == "random_bucket":  # no tracker: constant per profile (buckets.py)
+            return RandomBucketNode(body, self.salt)
         raise ValueError(f"condition {name!r} cannot be compiled")
 
 
@@ -326,7 +356,10 @@ def build_catalog(
     Memberships never depend on it: kept data that covers a leaf answers it exactly.
     """
     trait_docs = {k: v for k, v in definitions.items() if is_trait_definition(v[0])}
-    definitions = {k: v for k, v in definitions.items() if k not in trait_docs}
+    list_docs = {k: v for k, v in definitions.items() if is_priority_list(v[0])}
+    definitions = {
+        k: v for k, v in definitions.items() if k not in trait_docs and k not in list_docs
+    }
     account_hidden: dict[str, str] = {}
     for key, (doc, version) in list(definitions.items()):
         if not is_account_definition(doc):
@@ -338,11 +371,26 @@ def build_catalog(
             for option in ("include_anonymous", "backfill", "created_at"):
                 if option in doc:
                     hidden_doc[option] = doc[option]
+            hidden_doc["salt"] = doc.get("salt", key)  # (random buckets: the account's)
             definitions[hidden] = (hidden_doc, version)
     graph = {key: audience_references(doc["condition"]) for key, (doc, _) in definitions.items()}
     for hidden, key in account_hidden.items():
         graph[key].add(hidden)  # (a skipped predicate skips its account audience)
     skipped: dict[str, str] = {}
+    # Priority lists: each listed audience depends on those listed before it (judged
+    # after them, re-judged when their membership changes). Audiences that no longer
+    # exist are left out of the list; an audience claimed by two lists (validation
+    # prevents it) stays in the first by key.
+    higher: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
+    for list_key in sorted(list_docs):
+        present = [
+            k for k in listed_audiences(list_docs[list_key][0]) if k in graph and k not in owner
+        ]
+        for place, key in enumerate(present):
+            owner[key] = list_key
+            higher[key] = present[:place]
+            graph[key] = graph[key] | set(present[:place])
     for key, (doc, _) in definitions.items():
         missing_traits = sorted(trait_references(doc["condition"]) - set(trait_docs))
         if missing_traits:
@@ -381,6 +429,17 @@ def build_catalog(
                 placed.add(ref)
                 pending.append((ref, iter(sorted(graph[ref]))))
 
+    lists: dict[str, tuple[str, ...]] = {}
+    for list_key in sorted(list_docs):  # what is left of each list (in dependency order)
+        kept = tuple(
+            k for k in listed_audiences(list_docs[list_key][0]) if owner.get(k) == list_key
+        )
+        if any(k not in graph for k in kept):
+            skipped[list_key] = next(skipped[k] for k in kept if k not in graph)
+        lists[list_key] = tuple(k for k in kept if k in graph)
+    for key in owner:
+        higher[key] = [k for k in higher[key] if k in graph]
+
     compiler = _Compiler()
     catalog = Catalog(skipped=skipped, retired=dict(retired or {}))
     for key in sorted(trait_docs):
@@ -403,7 +462,12 @@ def build_catalog(
         if is_account_definition(doc):
             compiled.append((key, compile_account(key, doc["condition"]), used, flags))
             continue
-        compiled.append((key, compiler.compile(doc["condition"], used, flags), used, flags))
+        compiler.salt = definition_salt(doc)
+        root = compiler.compile(doc["condition"], used, flags)
+        if key in owner:  # a listed audience: exclusive in its list's order
+            root = PriorityNode(root, higher[key], owner[key])
+            root.condition = doc["condition"]
+        compiled.append((key, root, used, flags))
     renames = compiler.settle(previous)  # every leaf is served: what each tracker keeps
     for key, root, compiling_ids, flags in compiled:
         doc, version = definitions[key]
@@ -421,6 +485,7 @@ def build_catalog(
             backfill=bool(doc.get("backfill", True)),
             subject="account" if is_account_definition(doc) else "user",
             hidden=key in account_hidden,
+            holdout=holdout_of(doc),
         )
         for trait_key in trait_references(doc["condition"]):
             trait_dependents.setdefault(trait_key, set()).add(key)
@@ -460,9 +525,17 @@ def build_catalog(
     }
     versions = [f"{a.key}:{a.version}" for a in catalog.audiences]
     versions += [f"trait {t.key}:{t.version}" for t in catalog.traits.values()]
+    # (a list's membership order is the document's: an edit of the list changes it)
+    versions += [f"priority {k}:{list_docs[k][1]}:{','.join(v)}" for k, v in lists.items()]
+    catalog.priority_lists = lists
+    catalog.priority_of = {k: owner[k] for k in lists_members(lists)}
     catalog.fingerprint = hashlib.sha1("|".join(versions).encode()).hexdigest()[:16]
     catalog.full_fingerprint = catalog.fingerprint
     return plan_dispatch(catalog)
+
+
+def lists_members(lists: Mapping[str, tuple[str, ...]]) -> list[str]:
+    return [key for listed in lists.values() for key in listed]
 
 
 def compile_definition(
@@ -486,5 +559,6 @@ def compile_definition(
             "$", f"cannot be compiled: {type(exc).__name__}: {exc}", reason="uncompilable"
         ) from None
     if key in catalog.skipped:
-        raise DefinitionError("$.condition", catalog.skipped[key])
+        path = "$.audiences" if is_priority_list(doc) else "$.condition"
+        raise DefinitionError(path, catalog.skipped[key])
     return catalog

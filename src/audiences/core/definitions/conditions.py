@@ -15,12 +15,13 @@ funnel instances of MAX_SEQUENCE_HISTORY events each, MAX_DEVICES devices; what 
 from __future__ import annotations
 
 import hashlib
-from bisect import bisect_right, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Mapping
 from typing import Any, final
 
 import orjson
 
+from audiences.core.calendar import CalendarWindow, calendar_window
 from audiences.core.durations import parse_duration_ms
 from audiences.core.events import Event, compile_path
 from audiences.core.operators import (
@@ -603,7 +604,10 @@ class PerformedNode(Node):
         self.tracker_id = tracker.id  # the compiler sets it again once the tracker settled
         # The comparison as the range of counts that satisfy it: lo <= count <= hi.
         self.lo, self.hi = _COUNT_RANGE[op](count)
-        self.window_ms = parse_duration_ms(spec["within"]) if "within" in spec else None
+        within = spec.get("within")
+        self.window_ms = parse_duration_ms(within) if isinstance(within, str) else None
+        # `{"calendar_days": N, "timezone": TZ}`: judged after the fixed windows (no cost)
+        self.calendar = calendar_window(within)
         between = spec.get("between")
         self.near_ms = parse_duration_ms(between[0]) if between else None
         self.far_ms = parse_duration_ms(between[1]) if between else None
@@ -630,6 +634,9 @@ class PerformedNode(Node):
             if inside > hi >= lo:
                 return False, times[start + inside - hi - 1] + window
             return False, NEVER
+        calendar = self.calendar
+        if calendar is not None:
+            return self._calendar_evaluate(data, calendar, now)
         near, far = self.near_ms, self.far_ms
         if near is None or far is None:
             count = data or 0
@@ -646,11 +653,34 @@ class PerformedNode(Node):
                 change = leave
         return lo <= inside <= hi, change
 
+    def _calendar_evaluate(
+        self, data: list[int] | None, calendar: CalendarWindow, now: int
+    ) -> tuple[bool, int]:
+        """As a fixed window, but times count from the window's start (a local midnight)
+        and a time at `ts` leaves at the midnight that starts local date(ts) + N."""
+        lo, hi = self.lo, self.hi
+        if not data:
+            return lo <= 0 <= hi, NEVER
+        times = data
+        start = bisect_left(times, calendar.start(now))
+        inside = len(times) - start
+        if lo <= inside <= hi:
+            if lo <= 0:
+                return True, NEVER
+            return True, max(now + 1, calendar.leave(times[start + inside - lo]))
+        if inside > hi >= lo:
+            return False, max(now + 1, calendar.leave(times[start + inside - hi - 1]))
+        return False, NEVER
+
     def evidence(self, state: UserState, now: int) -> dict[str, Any]:
         data = state.trackers.get(self.tracker.id)
         if self.tracker.mode == "count":
             return {"count": data or 0}
         times: list[int] = data or []
+        if self.calendar is not None:
+            window = self.calendar.describe(now)
+            counted = [ts for ts in times if window["window_start_ms"] <= ts <= now]
+            return {"count": len(counted), "event_times_ms": counted, "window": window}
         if self.window_ms is not None:
             counted = [ts for ts in times if now - self.window_ms < ts <= now]
         elif self.near_ms is not None and self.far_ms is not None:

@@ -23,6 +23,7 @@ CONDITIONS = (
     "device",
     "computed",
     "account",  # only in definitions with "subject": "account" (accounts.py)
+    "random_bucket",
 )
 # Kinds of computed traits (SPEC §3).
 KINDS = (
@@ -40,9 +41,19 @@ KINDS = (
 NUMERIC_KINDS = frozenset({"sum", "avg", "min", "max"})
 
 
+PRIORITY_LIST = "priority_list"  # the `kind` of a priority list (SPEC §3)
+
+
 def is_trait_definition(doc: Mapping[str, Any]) -> bool:
-    """Computed traits share the definitions topic; they have `kind`, not `condition`."""
-    return "kind" in doc
+    """Computed traits share the definitions topic; they have `kind`, not `condition`
+    (a priority list has `kind` too, and is no computed trait)."""
+    return "kind" in doc and doc["kind"] != PRIORITY_LIST
+
+
+def is_priority_list(doc: Mapping[str, Any]) -> bool:
+    """A priority list (`"kind": "priority_list"`): an audience-like definition without
+    a condition, making its listed audiences exclusive (see `priority.py`)."""
+    return doc.get("kind") == PRIORITY_LIST
 
 
 def leaf_values(condition: Any, leaf: str, pick: Callable[[Any], str]) -> set[str]:

@@ -16,7 +16,11 @@ time buckets `[start_ms, aggregate]`:
   of them). A bucket expires at `start + D`: an event leaves the window at
   most D/100 (1 s for D <= 100 s) before its exact time, never after, and the
   value changes at that moment with no new event (a deadline, like windows of
-  audiences).
+  audiences);
+- with `within {"calendar_days": N, "timezone": TZ}` (`calendar.py`), one bucket
+  per local day, started at its local midnight (UTC ms): exact, it expires at
+  the midnight that starts local day + N, and at most N + 1 days with events are
+  kept (a sum stays within 1/4096 of the range per bucket, for up to 3651 of them).
 
 Values: count and unique_count are integers (0 when empty); sum is a number
 (0 when empty); avg, min, max, first, last, most_frequent are None when no
@@ -51,6 +55,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, final
 
+from audiences.core.calendar import calendar_window
 from audiences.core.definitions.conditions import EventMatcher, Tracker, tracker_id
 from audiences.core.definitions.language import NUMERIC_KINDS
 from audiences.core.durations import parse_duration_ms
@@ -64,6 +69,7 @@ BUCKET_FRACTION = 100
 FOREVER = -1  # start of the single bucket of a trait without a window
 _FLOAT_MAX = sys.float_info.max
 _WINDOW_SHARE = 128  # a windowed bucket's sum stays within 1/128 of the range (<= 101 buckets)
+_CALENDAR_SHARE = 4096  # ... of a calendar window's (<= MAX_CALENDAR_DAYS + 1 buckets)
 _DISTINCT_KINDS = frozenset({"most_frequent", "unique_list", "unique_count"})
 _AGGREGATE = operator.itemgetter(1)  # of a bucket [start, aggregate]
 
@@ -95,13 +101,14 @@ def _refusal(kind: str, value: Any) -> str | None:
     return None if value_type is bool else ""
 
 
-def _bounded_sum(total: Any, windowed: bool) -> bool:
+def _bounded_sum(total: Any, share: int) -> bool:
     """Whether a bucket's sum is a number the codec writes exactly, with room for the
-    sum of every bucket of a window (NaN compares false)."""
+    sum of every bucket of a window: within 1/`share` of the range (0: no window) (NaN
+    compares false)."""
     if type(total) is int:
-        bound = INT64_MAX // _WINDOW_SHARE if windowed else INT64_MAX
+        bound = INT64_MAX // share if share else INT64_MAX
         return -bound <= total <= bound
-    limit = _FLOAT_MAX / _WINDOW_SHARE if windowed else _FLOAT_MAX
+    limit = _FLOAT_MAX / share if share else _FLOAT_MAX
     return bool(-limit <= total <= limit)
 
 
@@ -215,7 +222,15 @@ class ComputedTrait(Tracker):
         prop = doc.get("property")
         self.path = compile_path(prop) if prop else None
         within = doc.get("within")
-        self.window_ms = parse_duration_ms(within) if within else None
+        self.window_ms = parse_duration_ms(within) if isinstance(within, str) else None
+        self.calendar = calendar_window(within)  # or None
+        self.sum_share = (
+            _CALENDAR_SHARE
+            if self.calendar is not None
+            else _WINDOW_SHARE
+            if self.window_ms is not None
+            else 0
+        )
         self.bucket_ms = (
             max(1_000, self.window_ms // BUCKET_FRACTION) if self.window_ms is not None else 0
         )
@@ -249,13 +264,20 @@ class ComputedTrait(Tracker):
                 return False
         buckets: list[list[Any]] = state.trackers.get(self.id) or []
         window = self.window_ms
-        if window is None:
-            start = FOREVER
-        else:
+        calendar = self.calendar
+        if window is not None:
             start = ts - ts % self.bucket_ms
             if start + window <= now:
                 return False  # late, and already outside the window
             buckets = [b for b in buckets if b[0] + window > now]
+        elif calendar is not None:
+            start = calendar.day_start(ts)  # the bucket of the event's local day
+            cutoff = calendar.start(now)  # (buckets start at local midnights)
+            if start < cutoff:
+                return False  # late, and already outside the window
+            buckets = [b for b in buckets if b[0] >= cutoff]
+        else:
+            start = FOREVER
         for bucket in buckets:
             if bucket[0] == start:
                 created = False
@@ -284,7 +306,7 @@ class ComputedTrait(Tracker):
         if type(agg if kind == "sum" else agg[0]) not in (int, float):
             agg = _empty(kind)  # a sum stored as null before the bounds: not counted
         total = (agg if kind == "sum" else agg[0]) + value
-        if not _bounded_sum(total, self.window_ms is not None):
+        if not _bounded_sum(total, self.sum_share):
             state.drop("non_finite_number")
             return False
         bucket[1] = total if kind == "sum" else [total, agg[1] + 1]
@@ -311,7 +333,7 @@ class ComputedTrait(Tracker):
         if len(agg) >= MAX_DISTINCT:
             state.drop("distinct_values")
             return False
-        if self.window_ms is not None:
+        if self.sum_share:  # windowed (fixed or calendar)
             excess = sum(map(len, map(_AGGREGATE, buckets))) + 1 - MAX_DISTINCT_ENTRIES
             while excess > 0:  # the oldest buckets go first: they are the next to expire
                 oldest = buckets[0]
@@ -332,8 +354,16 @@ class ComputedTrait(Tracker):
         """(value at `now`, next time it may change with no new event)."""
         buckets: list[list[Any]] = state.trackers.get(self.id) or []
         window = self.window_ms
+        calendar = self.calendar
         if window is not None:
             buckets = [b for b in buckets if b[0] + window > now]
+        elif calendar is not None:
+            cutoff = calendar.start(now)
+            buckets = [b for b in buckets if b[0] >= cutoff]
+            if buckets:  # the oldest day's bucket leaves first, at a local midnight
+                change = max(now + 1, calendar.leave(buckets[0][0]))
+                return _finish(self.kind, self._total(buckets)), change
+            return _finish(self.kind, _empty(self.kind)), NEVER
         agg = _empty(self.kind)
         for _start, bucket_agg in buckets:
             try:
@@ -342,6 +372,15 @@ class ComputedTrait(Tracker):
                 continue
         change = buckets[0][0] + window if window is not None and buckets else NEVER
         return _finish(self.kind, agg), change
+
+    def _total(self, buckets: list[list[Any]]) -> Any:
+        agg = _empty(self.kind)
+        for _start, bucket_agg in buckets:
+            try:
+                agg = _merge(self.kind, agg, bucket_agg)
+            except TypeError:  # (null sums stored before the bounds)
+                continue
+        return agg
 
     def merge(self, mine: Any, other: Any, now: int, state: UserState) -> Any:
         """Buckets of two profiles as one (identity merges), within the bounds: a sum
@@ -359,7 +398,7 @@ class ComputedTrait(Tracker):
             except TypeError:  # (null sums stored before the bounds)
                 continue
             if kind in ("sum", "avg") and not _bounded_sum(
-                combined if kind == "sum" else combined[0], window is not None
+                combined if kind == "sum" else combined[0], self.sum_share
             ):
                 state.drop("non_finite_number")
                 continue
@@ -369,8 +408,12 @@ class ComputedTrait(Tracker):
                 if lost:
                     state.drop("distinct_values", len(lost))
             merged[start] = combined
-        starts = [s for s in sorted(merged) if window is None or s + window > now]
-        if kind in _DISTINCT_KINDS and window is not None:
+        if self.calendar is not None:
+            cutoff = self.calendar.start(now)
+            starts = [s for s in sorted(merged) if s >= cutoff]
+        else:
+            starts = [s for s in sorted(merged) if window is None or s + window > now]
+        if kind in _DISTINCT_KINDS and self.sum_share:
             excess = sum(len(merged[s]) for s in starts) - MAX_DISTINCT_ENTRIES
             for start in starts:
                 if excess <= 0:

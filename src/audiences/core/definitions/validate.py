@@ -14,17 +14,29 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from audiences.core.calendar import validate_calendar_window
 from audiences.core.definitions.accounts import validate_account_condition
+from audiences.core.definitions.buckets import (
+    validate_holdout,
+    validate_random_bucket,
+    validate_salt,
+)
 from audiences.core.definitions.language import (
     CONDITIONS,
     KINDS,
     audience_references,
+    is_priority_list,
     trait_references,
 )
 from audiences.core.definitions.language import (
     is_trait_definition as is_trait_definition,  # re-exported: adapters import it from here
 )
 from audiences.core.definitions.limits import check_limits
+from audiences.core.definitions.priority import (
+    check_priority_references,
+    priority_edges,
+    validate_priority_list,
+)
 from audiences.core.durations import parse_duration_ms
 from audiences.core.events import parse_iso_ms
 from audiences.core.operators import (
@@ -48,6 +60,8 @@ AUDIENCE_FIELDS = (
     "version",
     "created_at",
     "subject",
+    "salt",
+    "holdout",
 )
 SUBJECTS = ("user", "account")
 TRAIT_DEFINITION_FIELDS = (
@@ -116,6 +130,15 @@ def _duration(value: Any, path: str) -> int:
             path, f"expected a duration like '2h' (<int><s|m|h|d|w>), got {value!r}"
         )
     return ms
+
+
+def _window(value: Any, path: str) -> None:
+    """A `within` of performed / page_viewed / screen_viewed / a computed trait: a
+    duration or a calendar window `{"calendar_days": N, "timezone": TZ}`."""
+    if isinstance(value, dict):
+        validate_calendar_window(value, path)
+    else:
+        _duration(value, path)
 
 
 def _string(value: Any, path: str) -> str:
@@ -193,7 +216,9 @@ def _event_filter(value: Any, path: str, fields: tuple[str, ...]) -> Mapping[str
     _string(obj.get("event"), f"{path}.event")
     if "where" in obj:
         validate_filters(obj["where"], f"{path}.where")
-    if "within" in obj:
+    if "within" in obj and "between" in fields:  # `performed`: a calendar window too
+        _window(obj["within"], f"{path}.within")
+    elif "within" in obj:  # funnel steps and follow-ups: a duration
         _duration(obj["within"], f"{path}.within")
     return obj
 
@@ -239,7 +264,7 @@ def validate_condition(value: Any, path: str) -> None:
         if "where" in view:
             validate_filters(view["where"], f"{here}.where")
         if "within" in view:
-            _duration(view["within"], f"{here}.within")
+            _window(view["within"], f"{here}.within")
         _counted(view, here)
     elif name == "device":
         device = _object(body, here, "a device condition {type, push_enabled?}")
@@ -270,6 +295,8 @@ def validate_condition(value: Any, path: str) -> None:
         raise DefinitionError(
             here, 'account conditions are only allowed in definitions with "subject": "account"'
         )
+    elif name == "random_bucket":
+        validate_random_bucket(body, here)
     elif name == "in_audience":
         if not isinstance(body, str) or not KEY_PATTERN.match(body):
             raise DefinitionError(here, f"expected an audience key, got {body!r}")
@@ -329,7 +356,7 @@ def _validate_trait(obj: Mapping[str, Any]) -> None:
     if "where" in obj:
         validate_filters(obj["where"], "$.where")
     if "within" in obj:
-        _duration(obj["within"], "$.within")
+        _window(obj["within"], "$.within")
 
 
 def validate_definition(doc: Any) -> dict[str, Any]:
@@ -340,6 +367,8 @@ def validate_definition(doc: Any) -> dict[str, Any]:
     key = obj.get("key")
     if is_trait_definition(obj):
         _validate_trait(obj)
+    elif is_priority_list(obj):
+        validate_priority_list(obj)
     else:
         _check_fields(obj, AUDIENCE_FIELDS, "$")
     if not isinstance(key, str) or not KEY_PATTERN.match(key):
@@ -358,7 +387,7 @@ def validate_definition(doc: Any) -> dict[str, Any]:
         isinstance(obj["version"], bool) or not isinstance(obj["version"], int)
     ):
         raise DefinitionError("$.version", f"expected an integer, got {_type(obj['version'])}")
-    if is_trait_definition(obj):
+    if is_trait_definition(obj) or is_priority_list(obj):
         return dict(obj)
     if "condition" not in obj:
         raise DefinitionError("$.condition", "a definition needs a condition")
@@ -375,6 +404,10 @@ def validate_definition(doc: Any) -> dict[str, Any]:
         )
     else:
         validate_condition(obj["condition"], "$.condition")
+    if "salt" in obj:
+        validate_salt(obj["salt"], "$.salt")
+    if "holdout" in obj:
+        validate_holdout(obj["holdout"], "$.holdout")
     return dict(obj)
 
 
@@ -408,10 +441,13 @@ def check_references(doc: Mapping[str, Any], existing: Mapping[str, Mapping[str,
     """Reject unknown in_audience / computed keys and reference cycles, given the other
     definitions (audiences and computed traits share one key space)."""
     other = existing.get(doc["key"])
-    if other is not None and is_trait_definition(other) != is_trait_definition(doc):
-        kind = "a computed trait" if is_trait_definition(other) else "an audience"
-        raise DefinitionError("$.key", f"{doc['key']!r} is already {kind}")
+    if other is not None and _kind_of(other) != _kind_of(doc):
+        raise DefinitionError("$.key", f"{doc['key']!r} is already {_kind_of(other)}")
     if is_trait_definition(doc):
+        return
+    if is_priority_list(doc):
+        check_priority_references(doc, existing)
+        _check_cycles(doc, existing, "$.audiences")
         return
     traits = {key for key, d in existing.items() if is_trait_definition(d)}
     for ref in sorted(trait_references(doc["condition"])):
@@ -421,18 +457,46 @@ def check_references(doc: Mapping[str, Any], existing: Mapping[str, Mapping[str,
                 f"computed refers to unknown computed trait {ref!r}",
                 _suggest(ref, traits),
             )
+    lists = {k for k, d in existing.items() if is_priority_list(d)}
     existing = {k: d for k, d in existing.items() if not is_trait_definition(d)}
     refs = audience_references(doc["condition"])
-    known = set(existing) | {doc["key"]}
+    known = set(existing) - lists | {doc["key"]}
     for ref in sorted(refs):
+        if ref in lists:
+            raise DefinitionError(
+                "$.condition",
+                f"in_audience refers to priority list {ref!r}; refer to one of its audiences",
+            )
         if ref not in known:
             raise DefinitionError(
                 "$.condition",
                 f"in_audience refers to unknown audience {ref!r}",
                 _suggest(ref, known),
             )
-    graph = {key: audience_references(other["condition"]) for key, other in existing.items()}
-    graph[doc["key"]] = refs
+    _check_cycles(doc, existing, "$.condition")
+
+
+def _kind_of(doc: Mapping[str, Any]) -> str:
+    if is_trait_definition(doc):
+        return "a computed trait"
+    return "a priority list" if is_priority_list(doc) else "an audience"
+
+
+def _check_cycles(
+    doc: Mapping[str, Any], existing: Mapping[str, Mapping[str, Any]], path: str
+) -> None:
+    """No cycle through `in_audience` and priority lists (an audience listed after K
+    depends on K) once `doc` replaces its key in `existing` (audiences and lists)."""
+    documents = {k: d for k, d in existing.items() if not is_trait_definition(d)}
+    documents[doc["key"]] = doc
+    graph = {
+        key: audience_references(other["condition"])
+        for key, other in documents.items()
+        if not is_priority_list(other)
+    }
+    for key, higher in priority_edges(documents).items():
+        graph.setdefault(key, set()).update(higher)
     cycle = find_cycle(graph)
     if cycle:
-        raise DefinitionError("$.condition", "in_audience forms a cycle: " + " -> ".join(cycle))
+        what = "in_audience" if path == "$.condition" else "the priority list"
+        raise DefinitionError(path, f"{what} forms a cycle: " + " -> ".join(cycle))

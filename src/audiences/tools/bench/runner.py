@@ -76,6 +76,7 @@ from audiences.tools.bench.workload import (
     generate,
     make_definitions,
     make_events,
+    one_per_user,
 )
 
 __all__ = ["make_definitions", "make_events", "run_bench"]
@@ -420,6 +421,36 @@ def engine_recovery(run: Run, engine: Worker) -> dict[str, Any]:
         worker.stop()
 
 
+def engine_memory(run: Run, profiles: int, workload: str) -> dict[str, Any]:
+    """A fresh engine worker fed one event for each of `profiles` distinct users (its own
+    topic): RSS growth while it holds them all, not extrapolated from fewer."""
+    topic = f"{run.run}-memory-events"
+    _create_topics(run.settings, [topic], run.partitions)
+    ends = produce_events(run.settings, topic, one_per_user(profiles, workload).records(), profiles)
+    for number in range(run.partitions):
+        ends.setdefault(number, 0)
+    config = run.config(
+        "memory",
+        mode="catchup",
+        input_topic=topic,
+        ends={str(n): end for n, end in ends.items()},
+        expected=profiles,
+    )
+    settings = isolated_settings(
+        run.settings, config["app_id"], topic, run.partitions, Path(config["data_dir"])
+    )
+    topics = Topics.from_settings(settings)
+    ensure_topics(settings, topics)
+    from audiences.adapters.stream.definitions import apply_definitions
+
+    apply_definitions(settings, topics, run.definitions)
+    worker = spawn("memory", ["-m", "audiences.tools.bench.engine_worker"], config, run.work_dir)
+    try:
+        return await_result(worker, f"{LABELS['engine']}, {profiles:,} users", profiles)
+    finally:
+        worker.kill()
+
+
 def plain_loop(run: Run, rules: list[dict[str, Any]]) -> dict[str, Any]:
     config = run.config("plain", rules=rules, output_topic=run.output_topic("plain"))
     worker = spawn("plain_loop", ["-m", "audiences.tools.bench.plain_loop"], config, run.work_dir)
@@ -585,6 +616,7 @@ def results(
     measured: dict[str, dict[str, Any]],
     recovery: dict[str, Any] | None,
     latencies: dict[str, Any] | None,
+    memory: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON line: headline keys first, then the details."""
     data: dict[str, Any] = {}
@@ -621,6 +653,23 @@ def results(
     marginal = marginal_mb_per_profile(engine.get("memory") or [])
     data["rss_marginal_mb_per_1m_profiles"] = (
         None if marginal is None else round(marginal * 1_000_000, 1)
+    )
+    # Measured, not scaled: the memory phase's worker holding that many profiles.
+    held = (memory or {}).get("profiles") or 0
+    data["rss_mb_at_1m_profiles"] = (
+        round(max(0.0, memory["peak_rss_mb"] - memory["rss_start_mb"]) * 1_000_000 / held, 1)
+        if memory is not None and held
+        else None
+    )
+    data["memory"] = (
+        None
+        if memory is None
+        else {
+            "profiles": held,
+            "events": memory["events"],
+            "rss_start_mb": round(memory["rss_start_mb"], 1),
+            "peak_rss_mb": round(memory["peak_rss_mb"], 1),
+        }
     )
     for name in CONTENDERS:
         result = measured.get(name)
@@ -710,6 +759,14 @@ def render_table(data: dict[str, Any]) -> str:
         f"{num(data['rss_marginal_mb_per_1m_profiles'], ',.0f')} MB per 1M); checkpoints "
         f"{num(data['engine_checkpoints'], ',')} (mean {data['engine_checkpoint_mean_ms']:.2f} ms)",
     ]
+    held = data.get("memory")
+    if held is not None:
+        lines.append(
+            f"engine holding {held['profiles']:,} profiles (one event each): peak RSS "
+            f"{held['peak_rss_mb']:,.0f} MB, +{held['peak_rss_mb'] - held['rss_start_mb']:,.0f} MB "
+            f"over its first event = {num(data['rss_mb_at_1m_profiles'], ',.0f')} MB per 1M "
+            "profiles held"
+        )
     recovery = data.get("recovery")
     if recovery is not None:
         lines.append(
@@ -768,13 +825,15 @@ def run_bench(
     faust_events: int = 50_000,
     latency_rate: float | None = None,
     latency_seconds: float = 10.0,
+    memory_profiles: int = 1_000_000,
 ) -> int:
     """Run the benchmark, print the table (and the JSON line); returns the exit code."""
     from audiences.tools.bench.quix_env import quix_python
 
-    if events < 1 or users < 1 or audiences < 1 or partitions < 1 or faust_events < 1:
+    if min(events, users, audiences, partitions, faust_events, memory_profiles) < 1:
         raise SystemExit(
-            "error: --events, --users, --audiences, --partitions and --faust-events must be >= 1"
+            "error: --events, --users, --audiences, --partitions, --faust-events and "
+            "--memory-profiles must be >= 1"
         )
     skipped = set(skip)
     run = f"bench-{uuid.uuid4().hex[:8]}"
@@ -800,6 +859,7 @@ def run_bench(
     errors: dict[str, str] = {}
     recovery: dict[str, Any] | None = None
     latencies: dict[str, Any] | None = None
+    memory: dict[str, Any] | None = None
     with (
         open_broker(broker) as (settings, broker_name),
         tempfile.TemporaryDirectory(prefix="audiences-bench-") as tmp,
@@ -844,6 +904,12 @@ def run_bench(
             except (ContenderFailed, AudiencesError) as exc:
                 errors["engine"] = f"latency: {exc}"
                 _say(f"\nerror: {exc}")
+        if "memory" not in skipped:
+            try:
+                memory = engine_memory(bench, memory_profiles, workload)
+            except ContenderFailed as exc:
+                errors["engine"] = f"memory: {exc}"
+                _say(f"\nerror: {exc}")
         if broker_name == "external":
             _delete_topics(settings, run)
         batch_size = settings.batch_size
@@ -872,7 +938,7 @@ def run_bench(
         "unavailable": unavailable,
         "errors": errors,
     }
-    data = results(info, measured, recovery, latencies)
+    data = results(info, measured, recovery, latencies, memory)
     print(render_table(data))
     if as_json:
         print(orjson.dumps(data).decode())

@@ -248,6 +248,15 @@ class Workload:
             yield render(seq, row)
 
 
+def one_per_user(profiles: int, workload: str = "realistic", seed: int = SEED) -> Workload:
+    """`profiles` events of as many distinct users (the memory phase: every event makes a
+    profile): the workload's events, in time order, each given to the next user."""
+    rows = generate(profiles, profiles, workload, seed).rows
+    return Workload(
+        workload, profiles, [(ms, n, kind, a, b) for n, (ms, _user, kind, a, b) in enumerate(rows)]
+    )
+
+
 def zipf_picker(users: int, rng: random.Random, s: float = ZIPF_S) -> Iterator[int]:
     """User numbers drawn forever with weight 1/rank^s (rank = number + 1)."""
     cum = list(accumulate(rank**-s for rank in range(1, users + 1)))

@@ -179,7 +179,11 @@ def _show_transitions(
                 key = props["audience_key"]
                 group = members.setdefault(key, set())
                 (group.add if props.get(key) else group.discard)(user)
-                print(f"{out['timestamp'][11:19]}  {out['event']:<16} {key:<16} {user}", flush=True)
+                held = "  (holdout: not sent to destinations)" if props.get("holdout") else ""
+                print(
+                    f"{out['timestamp'][11:19]}  {out['event']:<16} {key:<16} {user}{held}",
+                    flush=True,
+                )
             if time.monotonic() - last_sizes >= 5:
                 last_sizes = time.monotonic()
                 sizes = "  ".join(f"{key}={len(group)}" for key, group in members.items())
