@@ -128,3 +128,12 @@ def test_group_mode_is_for_segment_only() -> None:
     with pytest.raises(DestinationConfigError):
         destination(type="braze", url="https://b", api_key="k", mode=["group"])
     assert destination(type="segment", write_key="wk", mode="both").modes == ("track", "identify")
+
+
+def test_a_held_out_account_is_skipped_and_counted_once_per_output() -> None:
+    braze = destination(type="braze", url="https://b", api_key="k")
+    message = account_message(("u1", "u2"))
+    message["properties"]["holdout"] = True
+    rendered = render_requests(braze, [message])
+    assert rendered.requests == [] and rendered.skipped == (0,)
+    assert rendered.holdout == ((0, "active_shops"),)

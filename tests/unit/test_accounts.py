@@ -518,3 +518,21 @@ def test_deleting_an_account_exits_its_audiences_and_drops_its_later_records() -
     assert "group:shop1" in cluster.erased and "group:shop1" not in cluster.states
     cluster.send(group(T0 + 2 * H, "u2", "shop1"))  # u2's record for the account: dropped
     assert "group:shop1" not in cluster.states
+
+
+def test_a_holdout_on_an_account_audience_holds_out_a_stable_share_of_accounts() -> None:
+    held = {**ACTIVE_SHOPS, "holdout": {"percent": 50}}
+    cluster = Cluster(catalog_of(held))
+    for n in range(40):
+        cluster.send(group(T0, f"u{n}", f"shop{n}"))
+        cluster.send(order(T0 + M, f"u{n}"))
+    flags = {t.group_id: t.holdout for _key, t in cluster.outputs if isinstance(t, Transition)}
+    assert len(flags) == 40 and 0 < sum(flags.values()) < 40
+    again = Cluster(catalog_of(held))
+    for n in range(40):
+        again.send(group(T0, f"u{n}", f"shop{n}"))
+        again.send(order(T0 + M, f"u{n}"))
+    assert {t.group_id: t.holdout for _k, t in again.outputs} == flags
+    ((_key, first),) = cluster.outputs[:1]
+    message = render_output(first, {}, space_id="space")
+    assert message["properties"].get("holdout", False) is first.holdout

@@ -1322,6 +1322,7 @@ def _judge_accounts(
         if linked is None:
             users = linked_users(state) or {}
             linked = tuple(sorted(u for u, entry in users.items() if entry[2] is not None))
+        holdout = audience.holdout  # (SPEC §3: a stable share of the accounts, by groupId)
         out.append(
             Transition(
                 key,
@@ -1335,6 +1336,7 @@ def _judge_accounts(
                 trigger,
                 trigger_id,
                 state.generation,
+                holdout is not None and holdout.holds(profile_key),
                 group_id=group_id,
                 users=linked,
             )

@@ -101,6 +101,8 @@ def render_transition(
         )
         del message["userId"]
         message["groupId"] = transition.group_id
+        if transition.holdout:  # (SPEC §3 `holdout`: destinations skip it)
+            message["properties"]["holdout"] = True
         return message
     properties: dict[str, Any] = {
         "audience_key": key,

@@ -290,7 +290,8 @@ def _fanned_out(destination: Destination, messages: Sequence[dict[str, Any]]) ->
     refused = tuple(dict.fromkeys((origin[j], why) for j, why in rendered.refused))
     refused_ids = {i for i, _ in refused}
     skipped = tuple(i for i in range(len(messages)) if i not in carried and i not in refused_ids)
-    return Rendered(requests, skipped, refused)
+    holdout = tuple(dict.fromkeys((origin[j], key) for j, key in rendered.holdout))
+    return Rendered(requests, skipped, refused, holdout)
 
 
 def _render_requests(destination: Destination, messages: Sequence[dict[str, Any]]) -> Rendered:
