@@ -21,6 +21,14 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from audiences.core.definitions.accounts import (
+    ACCOUNT_DATA,
+    ACCOUNT_PREFIX,
+    GROUPS_DATA,
+    group_of,
+    linked_users,
+    user_groups,
+)
 from audiences.core.definitions.catalog import Catalog
 from audiences.core.definitions.conditions import ALL_EVENTS, Tracker, route_of
 from audiences.core.definitions.traits import is_empty_value
@@ -71,6 +79,8 @@ class Transition:
     # In the audience's holdout (SPEC §3 `holdout`): the output carries
     # `properties.holdout: true` and destinations skip it. Not part of the messageId.
     holdout: bool = False
+    group_id: str | None = None  # an account audience's transition (profile group:{id})
+    users: tuple[str, ...] = ()  # of an account's transition: its linked users, sorted
 
     @property
     def message_id(self) -> str:
@@ -492,6 +502,14 @@ def step(
     state: UserState | None, item: Event | Tick, catalog: Catalog, profile_key: str
 ) -> StepResult:
     """Fold one input into a profile. Never raises on data."""
+    if catalog.account_positions:  # (empty unless an account audience exists)
+        return _with_accounts(state, item, catalog, profile_key)
+    return _step(state, item, catalog, profile_key)
+
+
+def _step(
+    state: UserState | None, item: Event | Tick, catalog: Catalog, profile_key: str
+) -> StepResult:
     if isinstance(item, Event) and item.type in CONTROL_TYPES:
         return _control(state, item, catalog, profile_key)
     if state is not None and state.merged_into is not None:
@@ -590,6 +608,9 @@ def _adopt_catalog(state: UserState, catalog: Catalog, profile_key: str, out: li
     "deleted"); unchanged members of edited audiences hear nothing. Audiences and
     traits a pending backfill freezes keep their memberships, values and the data of
     their trackers: they are judged when the full catalog is adopted."""
+    if ACCOUNT_DATA in state.trackers:  # an account: judged by its own rules
+        _adopt_account_catalog(state, catalog, profile_key, out)
+        return
     now = state.clock_ms
     for key, membership in list(state.members.items()):
         if key in catalog.index:
@@ -992,3 +1013,373 @@ def _absorb(state: UserState, other: UserState, catalog: Catalog, now: int) -> N
     for alias in other.aliases:
         if alias in state.aliases or _admit_alias(state, alias):
             state.aliases[alias] = 1
+
+
+# -- account audiences (SPEC §3 "subject": "account"; definitions/accounts.py) ---------------
+
+MAX_ACCOUNT_USERS = 1000  # users one account remembers (linked or unlinked); more: dropped
+
+
+def _predicates(state: UserState | None, hidden: dict[str, str]) -> dict[str, bool]:
+    """A user's values of the hidden per-user predicates (only the true ones)."""
+    if state is None:
+        return {}
+    members = state.members
+    found: dict[str, bool] = {}
+    for key in hidden:
+        membership = members.get(key)
+        if membership is not None and membership.member:
+            found[key] = True
+    return found
+
+
+def _account_member_record(
+    group_id: str,
+    user: str,
+    order: tuple[int, int],
+    linked: bool,
+    values: dict[str, bool],
+    at_ms: int,
+) -> dict[str, Any]:
+    """Tells account `group_id` what user `user` now is for it: linked or not, and the
+    value of every hidden predicate. `seq` orders the user's records: the account keeps
+    the latest, so a replayed (re-sent) record changes nothing."""
+    generation, seq = order
+    return {
+        "type": "account",
+        "stage": "member",
+        "userId": ACCOUNT_PREFIX + group_id,
+        "groupId": group_id,
+        "messageId": f"account-member:{group_id}:{user}:{generation}:{seq}",
+        "timestamp": format_iso(at_ms),
+        "properties": {
+            "user": user,
+            "seq": [generation, seq],
+            "linked": linked,
+            "values": values,
+        },
+    }
+
+
+def _account_traits_record(
+    group_id: str, user: str, traits: dict[str, Any], at_ms: int, cause: str
+) -> dict[str, Any]:
+    """Forwards the traits of a `group` call to its account (latest by event time wins)."""
+    return {
+        "type": "account",
+        "stage": "traits",
+        "userId": ACCOUNT_PREFIX + group_id,
+        "groupId": group_id,
+        "messageId": f"account-traits:{group_id}:{cause}",
+        "timestamp": format_iso(at_ms),
+        "properties": {"user": user, "traits": traits},
+    }
+
+
+def _with_accounts(
+    state: UserState | None, item: Event | Tick, catalog: Catalog, profile_key: str
+) -> StepResult:
+    """`step` while account audiences exist. An account's own records and profile are
+    judged by the account rules; for a user, `_step` runs as always, the hidden
+    predicates' transitions are kept out of the outputs, and every change of the user's
+    links or predicate values becomes a record for each account concerned."""
+    if isinstance(item, Event) and item.type == "account":
+        return _account_record(state, item, catalog, profile_key)
+    if state is not None and ACCOUNT_DATA in state.trackers:
+        out: list[Output] = []
+        if isinstance(item, Event) and item.type == "delete":
+            return _delete_account(state, item, catalog, profile_key)
+        if state.catalog_fingerprint != catalog.fingerprint:
+            _adopt_account_catalog(state, catalog, profile_key, out)
+        return StepResult(state, out, NEVER, False)
+    hidden = catalog.account_hidden
+    before = user_groups(state)
+    linked_before: dict[str, int] = dict(before.get("g", {}))
+    sent: int = before.get("n", 0)
+    generation = state.generation if state is not None else 0
+    values_before = _predicates(state, hidden)
+    result = _step(state, item, catalog, profile_key)
+    after_state = result.state
+    gone = result.erase or after_state.merged_into is not None
+    linked_after: dict[str, int] = {} if gone else dict(user_groups(after_state).get("g", {}))
+    values_after: dict[str, bool] = {} if gone else _predicates(after_state, hidden)
+    transitions = result.transitions
+    if any(isinstance(t, Transition) and t.audience_key in hidden for t in transitions):
+        transitions = [
+            t for t in transitions if not (isinstance(t, Transition) and t.audience_key in hidden)
+        ]
+    if not linked_before and not linked_after:
+        if transitions is result.transitions:
+            return result
+        return result._replace(transitions=transitions)
+    at = item.at_ms if isinstance(item, Tick) else item.timestamp_ms
+    if not gone:
+        at = max(at, after_state.clock_ms)
+    controls = list(result.controls)
+    full = {key: key in values_after for key in hidden}
+    for group_id in sorted(linked_before):
+        if group_id not in linked_after:
+            sent += 1
+            controls.append(
+                (
+                    ACCOUNT_PREFIX + group_id,
+                    _account_member_record(
+                        group_id, profile_key, (generation, sent), False, {}, at
+                    ),
+                )
+            )
+    told: list[str] = []
+    for group_id in sorted(linked_after):
+        # a link the account has not heard of (new, or found by a backfill), or new values
+        if (
+            not linked_after[group_id]
+            or group_id not in linked_before
+            or (values_after != values_before)
+        ):
+            told.append(group_id)
+            sent += 1
+            controls.append(
+                (
+                    ACCOUNT_PREFIX + group_id,
+                    _account_member_record(
+                        group_id, profile_key, (after_state.generation, sent), True, full, at
+                    ),
+                )
+            )
+    if isinstance(item, Event) and not result.duplicate:
+        found = group_of(item)
+        if found is not None and not found[1] and found[0] in linked_after:
+            traits = {k: v for k, v in item.traits.items() if k != "removed"}
+            if traits:
+                cause = item.message_id or f"{profile_key}:{item.timestamp_ms}"
+                controls.append(
+                    (
+                        ACCOUNT_PREFIX + found[0],
+                        _account_traits_record(
+                            found[0], profile_key, traits, item.timestamp_ms, cause
+                        ),
+                    )
+                )
+    if not gone and len(controls) > len(result.controls):
+        data = after_state.trackers.get(GROUPS_DATA)
+        if isinstance(data, dict):
+            data["n"] = sent
+            for group_id in told:
+                data["g"][group_id] = 1
+    return result._replace(transitions=transitions, controls=tuple(controls))
+
+
+def _delete_account(
+    state: UserState, event: Event, catalog: Catalog, profile_key: str
+) -> StepResult:
+    """Deleting an account's profile (`DELETE /v1/users/group:{groupId}`): it exits its
+    account audiences and its state is erased (its users' later records are dropped
+    while the key is suppressed, as for a user). No `User Deleted`: no destination holds
+    a user of that id."""
+    out: list[Output] = []
+    now = max(state.clock_ms, event.timestamp_ms)
+    group_id = profile_key[len(ACCOUNT_PREFIX) :]
+    for key, membership in state.members.items():
+        if not membership.member:
+            continue
+        audience = catalog.audience(key)
+        version, name = (
+            (audience.version, audience.name)
+            if audience
+            else (catalog.retired.get(key) or (0, key))
+        )
+        membership.member = False
+        membership.seq += 1
+        out.append(
+            Transition(
+                key,
+                version,
+                name,
+                profile_key,
+                False,
+                now,
+                membership.seq,
+                now,
+                "deleted",
+                event.message_id,
+                state.generation,
+                group_id=group_id,
+            )
+        )
+    return StepResult(UserState(), out, NEVER, False, erase=True)
+
+
+def _account_record(
+    state: UserState | None, event: Event, catalog: Catalog, profile_key: str
+) -> StepResult:
+    """A record of a user for its account (`_account_member_record`, `_account_traits_record`):
+    the account keeps each user's latest values and its group traits, and judges its
+    audiences. Never raises on data."""
+    if state is not None and ACCOUNT_DATA not in state.trackers:
+        return _unchanged(state)  # a user whose own id begins with "group:": not an account
+    out: list[Output] = []
+    if state is None:
+        state = UserState()
+        state.trackers[ACCOUNT_DATA] = {"u": {}}
+        state.catalog_fingerprint = catalog.fingerprint
+        changed = False
+    elif state.catalog_fingerprint != catalog.fingerprint:
+        _adopt_account_catalog(state, catalog, profile_key, out)
+        changed = False
+    else:
+        changed = False
+    ts = event.timestamp_ms
+    now = max(state.clock_ms, ts)
+    state.clock_ms = now
+    stage = event.raw.get("stage")
+    properties = event.properties
+    if stage == "member":
+        changed = _apply_member(state, properties)
+    elif stage == "traits":
+        traits = properties.get("traits")
+        if isinstance(traits, dict):
+            changed = _fold_group_traits(state, traits, ts)
+    if changed:
+        _judge_accounts(state, catalog, profile_key, now, out, event.message_id)
+    return StepResult(state, out, NEVER, False)
+
+
+def _apply_member(state: UserState, properties: dict[str, Any]) -> bool:
+    user = properties.get("user")
+    order = properties.get("seq")
+    values = properties.get("values")
+    linked = properties.get("linked") is True
+    if (
+        not isinstance(user, str)
+        or not isinstance(order, list)
+        or len(order) != 2
+        or not all(type(part) is int for part in order)
+        or not isinstance(values, dict)
+    ):
+        return False
+    users: dict[str, Any] = state.trackers[ACCOUNT_DATA]["u"]
+    old = users.get(user)
+    if old is not None and [old[0], old[1]] >= order:
+        return False  # a record seen before (a replay), or older than the one kept
+    if old is None and (
+        len(users) >= MAX_ACCOUNT_USERS or not string_fits(user, MAX_ALIAS_ID_BYTES)
+    ):
+        state.drop("account_users")
+        return False
+    kept = {k: True for k, v in values.items() if v is True} if linked else None
+    users[user] = [order[0], order[1], kept]
+    return old is None or old[2] != kept
+
+
+def _fold_group_traits(state: UserState, traits: dict[str, Any], ts: int) -> bool:
+    """The account's group traits: per trait, the value of the latest event time."""
+    changed = False
+    values, times = state.traits, state.trait_times
+    for name, value in traits.items():
+        if ts < times.get(name, -1):
+            continue
+        if values.get(name, ...) != value:
+            if not _admit_trait(state, name, value):
+                continue
+            values[name] = value
+            changed = True
+        times[name] = ts
+    if changed and ts > state.traits_at_ms:
+        state.traits_at_ms = ts
+    return changed
+
+
+def _judge_accounts(
+    state: UserState,
+    catalog: Catalog,
+    profile_key: str,
+    now: int,
+    out: list[Output],
+    trigger_id: str | None,
+    trigger: str = "account",
+) -> None:
+    """Judge every account audience of an account's profile; announce the changes."""
+    group_id = profile_key[len(ACCOUNT_PREFIX) :]
+    members = state.members
+    frozen = catalog.frozen_mask
+    linked: tuple[str, ...] | None = None
+    for position in catalog.account_positions:
+        if frozen >> position & 1:
+            continue
+        audience = catalog.audiences[position]
+        key = audience.key
+        value, _change = audience.root.evaluate(state, now)
+        membership = members.get(key)
+        if membership is None:
+            if not value:
+                continue
+            membership = members[key] = Membership()
+        if value == membership.member:
+            continue
+        membership.member = value
+        membership.since_ms = now
+        membership.seq += 1
+        if linked is None:
+            users = linked_users(state) or {}
+            linked = tuple(sorted(u for u, entry in users.items() if entry[2] is not None))
+        holdout = audience.holdout  # (SPEC §3: a stable share of the accounts, by groupId)
+        out.append(
+            Transition(
+                key,
+                audience.version,
+                audience.name,
+                profile_key,
+                value,
+                now,
+                membership.seq,
+                now,
+                trigger,
+                trigger_id,
+                state.generation,
+                holdout is not None and holdout.holds(profile_key),
+                group_id=group_id,
+                users=linked,
+            )
+        )
+
+
+def _adopt_account_catalog(
+    state: UserState, catalog: Catalog, profile_key: str, out: list[Output]
+) -> None:
+    """New, edited or deleted definitions, for an account: members of a deleted account
+    audience exit; every account audience is judged (unchanged members hear nothing)."""
+    now = state.clock_ms
+    group_id = profile_key[len(ACCOUNT_PREFIX) :]
+    for key, membership in list(state.members.items()):
+        if key in catalog.index:
+            continue
+        retired = catalog.retired.get(key)
+        if membership.member and retired is not None:
+            membership.member = False
+            membership.seq += 1
+            version, name = retired
+            out.append(
+                Transition(
+                    key,
+                    version,
+                    name,
+                    profile_key,
+                    False,
+                    now,
+                    membership.seq,
+                    now,
+                    "deleted",
+                    None,
+                    state.generation,
+                    group_id=group_id,
+                    users=tuple(
+                        sorted(
+                            u for u, e in (linked_users(state) or {}).items() if e[2] is not None
+                        )
+                    ),
+                )
+            )
+        del state.members[key]
+    state.catalog_fingerprint = catalog.fingerprint
+    state.wake_ms = NEVER
+    _judge_accounts(state, catalog, profile_key, now, out, None, "definition")

@@ -22,7 +22,7 @@ MAX_EVENT_BYTES = 32 * 1024
 EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
 # Control records on the events topic (SPEC §4): `delete` and `unsuppress` from
 # users and the API; `merge` written by workers to move anonymous profiles.
-CONTROL_TYPES = frozenset({"delete", "unsuppress", "merge"})
+CONTROL_TYPES = frozenset({"delete", "unsuppress", "merge", "account"})
 MAX_CONTROL_BYTES = 1024 * 1024  # a merge record carries a whole profile
 MERGE_PREFIX = b'{"type":"merge",'  # how orjson writes the records of `merge_request` & co
 # Event times are epoch ms in [0, MAX_EVENT_TIME_MS]: 1970-01-01 .. 9999-12-31T23:59:59.999Z,

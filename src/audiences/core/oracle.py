@@ -505,6 +505,103 @@ class Identities:
         return out
 
 
+# -- account audiences (SPEC §3 "subject": "account"), from the whole log -------------------
+
+
+def account_is_member(
+    definitions: Definitions, key: str, log: Sequence[Event], group_id: str, t: int
+) -> bool:
+    """Membership of account `group_id` in account audience `key` at `t`, from the whole
+    log (arrival order) of its users, for known users (no identity merges):
+
+    - a user is linked to the account when its last counted `group` call naming the
+      account (arrival order, duplicates dropped as `without_duplicates` drops them) did
+      not carry `traits.removed: true`, and no `delete` of the user came after it;
+    - each linked user's value of an inner condition c is its membership, at `t`, in an
+      audience whose condition is c (on its own history, `is_member`);
+    - a group trait has the value of the latest (event time; the later arrival on a
+      tie) counted `group` call naming the account that carries it, of any user, that
+      is not a removal;
+    - any: a linked user satisfies c; all: at least one user is linked and all do;
+      none: no linked user does;
+    - an account nobody ever linked is no member of anything."""
+    doc = definitions[key]
+    lives: dict[str, list[tuple[int, Event]]] = {}  # user -> (arrival, event) since its delete
+    deleted: set[str] = set()
+    counted: list[tuple[int, Event]] = []  # counted group calls naming the account
+
+    def close(user: str) -> tuple[list[Event], list[Event]]:
+        life = lives.pop(user, [])
+        kept = {id(e) for e in without_duplicates([e for _i, e in life])}
+        counted.extend(
+            (i, e)
+            for i, e in life
+            if id(e) in kept and e.type == "group" and str(e.raw.get("groupId")) == group_id
+        )
+        return [e for _i, e in life], [e for _i, e in life if id(e) in kept]
+
+    for index, event in enumerate(log):
+        user = event.user_id or event.anonymous_id or ""
+        if event.type == "unsuppress":
+            deleted.discard(user)
+            continue
+        if user in deleted or event.type in ("merge", "account"):
+            continue
+        if event.type == "delete":
+            close(user)
+            deleted.add(user)
+            continue
+        lives.setdefault(user, []).append((index, event))
+    by_user = {user: close(user) for user in sorted(lives)}
+    linked: list[str] = []
+    for user, (_raw, events) in by_user.items():
+        last = [e for e in events if e.type == "group" and str(e.raw.get("groupId")) == group_id]
+        last = [e for e in last if e.timestamp_ms <= t]
+        if last and last[-1].traits.get("removed") is not True:
+            linked.append(user)
+    calls = [(i, e) for i, e in counted if e.timestamp_ms <= t]
+    if not any(e.traits.get("removed") is not True for _i, e in calls):
+        return False  # nobody ever linked it: the account has no profile
+    traits: dict[str, tuple[tuple[int, int], Any]] = {}
+    for i, e in calls:
+        if e.traits.get("removed") is True:
+            continue
+        for name, value in e.traits.items():
+            order = (e.timestamp_ms, i)
+            if name not in traits or order >= traits[name][0]:
+                traits[name] = (order, value)
+    group_traits = {name: value for name, (_at, value) in traits.items()}
+
+    def holds(condition: Mapping[str, Any]) -> bool:
+        ((name, body),) = condition.items()
+        if name == "all":
+            return all(holds(c) for c in body)
+        if name == "any":
+            return any(holds(c) for c in body)
+        if name == "not":
+            return not holds(body)
+        ((field, inner),) = body.items()
+        if field == "trait":
+            value: Any = group_traits
+            for part in str(inner["name"]).split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            return bool(compile_predicate(inner["op"], inner.get("value"))(value, t))
+        inner_doc = {
+            "key": "?",
+            "condition": inner,
+            "include_anonymous": doc.get("include_anonymous", False),
+        }
+        scope = {**definitions, "?": inner_doc}
+        values = [is_member(scope, "?", by_user[user][0], t) for user in linked]
+        if field == "any":
+            return any(values)
+        if field == "all":
+            return bool(values) and all(values)
+        return not any(values)
+
+    return holds(doc["condition"])
+
+
 # -- random buckets and holdouts (SPEC §3) -----------------------------------------------------
 
 

@@ -20,6 +20,7 @@ CONTACT_TRAITS = ("email", "phone")
 USER_DELETED = "User Deleted"
 AUDIENCE = "audience"  # computation_class of an audience (Segment Engage's names)
 COMPUTED_TRAIT = "computed_trait"
+ACCOUNT_AUDIENCE = "account_audience"  # an account audience's transitions (SPEC §5)
 
 
 @lru_cache(maxsize=4096)
@@ -80,8 +81,29 @@ def render_transition(
 ) -> dict[str, Any]:
     """The Segment-Spec track message announcing one membership change.
 
-    Anonymous profiles (audiences with `include_anonymous`) carry `anonymousId`."""
+    Anonymous profiles (audiences with `include_anonymous`) carry `anonymousId`; an
+    account audience's transitions carry `groupId` instead of a user id."""
     key = transition.audience_key
+    if transition.group_id is not None:
+        message = _message(
+            transition,
+            "Audience Entered" if transition.entered else "Audience Exited",
+            {
+                "audience_key": key,
+                key: transition.entered,
+                "audience_name": transition.audience_name,
+                "audience_version": transition.audience_version,
+                "linked_users": list(transition.users),
+            },
+            personas(space_id, ACCOUNT_AUDIENCE, key),
+            {},
+            False,
+        )
+        del message["userId"]
+        message["groupId"] = transition.group_id
+        if transition.holdout:  # (SPEC §3 `holdout`: destinations skip it)
+            message["properties"]["holdout"] = True
+        return message
     properties: dict[str, Any] = {
         "audience_key": key,
         key: transition.entered,

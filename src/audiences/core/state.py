@@ -27,6 +27,8 @@ of the event still counts, and each drop is reported in `UserState.dropped`
 | events a funnel instance keeps to reorder late arrivals | `conditions.MAX_SEQUENCE_HISTORY` within the funnel's horizon: the oldest beyond are folded in early (a later-arriving event older than them is ignored); ~20 KB per funnel at both bounds | `sequence_history` |
 | devices | `conditions.MAX_DEVICES`, the most recently seen | `devices` |
 | `match_on` values and device ids as keys | longer than MAX_KEY_CHARS: stored as a digest (`bounded_key`) | (nothing lost) |
+| account links of a user (`group` calls, account audiences only) | `accounts.MAX_GROUPS` accounts; a groupId longer than `accounts.MAX_GROUP_ID_BYTES` is not linked | `groups`, `group_id_size` |
+| users an account's profile remembers | `evaluator.MAX_ACCOUNT_USERS` (linked or unlinked); a user id longer than MAX_ALIAS_ID_BYTES is not taken | `account_users` |
 | computed traits | see `definitions/traits.py`: distinct values, value sizes, finite numbers; a calendar window keeps a bucket per local day with events, at most calendar_days + 1 | `distinct_values`, `computed_value_size`, `non_finite_number` |
 
 The profile's size then depends only on the catalog: with one tracker of each
@@ -91,6 +93,9 @@ DROP_REASONS = (
     "devices",
     "distinct_values",
     "computed_value_size",
+    "groups",
+    "group_id_size",
+    "account_users",
 )
 _UNENCODABLE = 1 << 62
 

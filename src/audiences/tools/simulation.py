@@ -29,6 +29,9 @@ class ShopConfig:
     late_order_rate: float = 0.2  # of those, share ordered after the 2h window
 
 
+SHOPS = 8  # accounts the demo's shoppers belong to
+
+
 def _event(kind: str, user: str, at_ms: int, seq: int, **fields: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "type": kind,
@@ -61,6 +64,10 @@ def shopper_journey(
         traits={"email": f"{user}@example.com", "plan": rng.choice(["free", "free", "pro"])},
         context={"device": {"type": rng.choice(["ios", "android"]), "token": f"tok-{user}"}},
     )
+    # The shop the shopper belongs to (an account: the demo's account audience), chosen
+    # from the id so that the random journey is the same as without it.
+    shop = sum(user.encode()) % SHOPS
+    add(t, "group", groupId=f"shop-{shop}", traits={"name": f"Shop {shop}"})
     for _ in range(rng.randint(1, 5)):
         t += rng.randint(1, 6) * hour // 60
         add(

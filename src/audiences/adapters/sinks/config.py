@@ -27,7 +27,7 @@ from audiences.core.durations import parse_duration_ms
 from audiences.errors import DestinationConfigError
 
 TYPES = ("webhook", "braze", "customerio", "segment", "kafka")
-MODES = ("track", "identify")
+MODES = ("track", "identify", "group")  # group: Segment group calls of account audiences
 HTTP_TYPES = frozenset({"webhook", "braze", "customerio", "segment"})
 COMMON_KEYS = (
     "name",
@@ -411,11 +411,15 @@ def _modes(value: Any, kind: str, name: str) -> tuple[str, ...]:
     if value is None:
         return DEFAULT_MODE[kind]
     if value == "both":
-        return MODES
+        return ("track", "identify")
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items or any(m not in MODES for m in items):
         raise DestinationConfigError(
-            name, "mode", f"expected track, identify, both or a list of them, got {value!r}"
+            name, "mode", f"expected track, identify, group, both or a list of them, got {value!r}"
+        )
+    if "group" in items and kind != "segment":
+        raise DestinationConfigError(
+            name, "mode", "group (Segment group calls of account audiences) is for segment"
         )
     return tuple(m for m in MODES if m in items)
 

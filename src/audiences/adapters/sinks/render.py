@@ -56,7 +56,7 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -142,6 +142,45 @@ def _anonymous_id(message: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def group_id(message: dict[str, Any]) -> str | None:
+    """The account of an account audience's output (SPEC §5: `groupId`, no user id)."""
+    value = message.get("groupId")
+    if not isinstance(value, str) or not value or "userId" in message or "anonymousId" in message:
+        return None
+    return value
+
+
+def group_messages(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """Segment-Spec `group` calls setting an account audience as a group trait
+    (`{K: true|false}`): one per user linked to the account (`properties.linked_users`;
+    Segment's group call needs a user), or one with `anonymousId` `group:{groupId}` when
+    none is linked. Their messageIds derive from the output's: deterministic."""
+    gid = group_id(message) or ""
+    key, value = subject(message) or ("", None)
+    props = message.get("properties")
+    users = props.get("linked_users") if isinstance(props, dict) else None
+    who: list[tuple[str, str]] = [
+        ("userId", u) for u in (users if isinstance(users, list) else []) if isinstance(u, str)
+    ] or [("anonymousId", "group:" + gid)]
+    context = message.get("context")
+    out = []
+    for id_field, ident in who:
+        call: dict[str, Any] = {
+            "type": "group",
+            id_field: ident,
+            "groupId": gid,
+            "messageId": hashlib.sha256(
+                f"{message.get('messageId')}|group|{ident}".encode()
+            ).hexdigest(),
+            "timestamp": message.get("timestamp"),
+            "traits": {key: value},
+        }
+        if isinstance(context, dict) and "personas" in context:
+            call["context"] = {"personas": context["personas"]}
+        out.append(call)
+    return out
+
+
 def profile_id(message: dict[str, Any]) -> str:
     return str(user_id(message) or message.get("anonymousId") or "")
 
@@ -187,8 +226,75 @@ def identify_message(
     return identify
 
 
+def per_user_messages(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """An account audience's output as one message per linked user (Braze, Customer.io:
+    the account's membership set on each of its users): `userId` the user, the account
+    in `properties.groupId`, a messageId derived from the output's and the user."""
+    gid = group_id(message) or ""
+    props = message.get("properties")
+    props = props if isinstance(props, dict) else {}
+    users = props.get("linked_users")
+    out = []
+    for user in users if isinstance(users, list) else []:
+        if not isinstance(user, str) or not user:
+            continue
+        per = {k: v for k, v in message.items() if k != "groupId"}
+        per["userId"] = user
+        per["messageId"] = hashlib.sha256(
+            f"{message.get('messageId')}|user|{user}".encode()
+        ).hexdigest()
+        per["properties"] = {k: v for k, v in props.items() if k != "linked_users"} | {
+            "groupId": gid
+        }
+        out.append(per)
+    return out
+
+
 def render_requests(destination: Destination, messages: Sequence[dict[str, Any]]) -> Rendered:
     """The requests carrying `messages` to `destination`, in sending order."""
+    if destination.type in ("braze", "customerio") and any(
+        group_id(m) is not None and not is_deletion(m) for m in messages
+    ):
+        return _fanned_out(destination, messages)
+    return _render_requests(destination, messages)
+
+
+def _fanned_out(destination: Destination, messages: Sequence[dict[str, Any]]) -> Rendered:
+    """Account outputs sent per linked user (`per_user_messages`), rendered as user
+    outputs, with every request's messages mapped back to the outputs they came from
+    (an output with no linked user is skipped)."""
+    expanded: list[dict[str, Any]] = []
+    origin: list[int] = []
+    for i, message in enumerate(messages):
+        parts = (
+            per_user_messages(message)
+            if group_id(message) is not None and not is_deletion(message)
+            else [message]
+        )
+        expanded.extend(parts)
+        origin.extend(i for _ in parts)
+    rendered = _render_requests(destination, expanded)
+
+    def back(indexes: Sequence[int]) -> tuple[int, ...]:
+        return tuple(dict.fromkeys(origin[j] for j in indexes))
+
+    requests = [
+        replace(
+            r,
+            indexes=back(r.indexes),
+            objects={name: tuple(back(o) for o in objs) for name, objs in r.objects.items()},
+        )
+        for r in rendered.requests
+    ]
+    carried = {i for r in requests for i in r.indexes}
+    refused = tuple(dict.fromkeys((origin[j], why) for j, why in rendered.refused))
+    refused_ids = {i for i, _ in refused}
+    skipped = tuple(i for i in range(len(messages)) if i not in carried and i not in refused_ids)
+    holdout = tuple(dict.fromkeys((origin[j], key) for j, key in rendered.holdout))
+    return Rendered(requests, skipped, refused, holdout)
+
+
+def _render_requests(destination: Destination, messages: Sequence[dict[str, Any]]) -> Rendered:
     taken: list[int] = []
     skipped: list[int] = []
     holdout: list[tuple[int, str]] = []
@@ -205,7 +311,12 @@ def render_requests(destination: Destination, messages: Sequence[dict[str, Any]]
                 taken.append(index)
             continue
         found = subject(message)
-        if found is None or not destination.selects(found[0]) or (needs_user and not known):
+        if (
+            found is None
+            or not destination.selects(found[0])
+            or (needs_user and not known)
+            or not _has_units(destination, message)
+        ):
             skipped.append(index)
         elif is_holdout(message) and not destination.include_holdout:
             skipped.append(index)
@@ -240,9 +351,27 @@ def _segment_sized(
     return kept, refused
 
 
+def _has_units(destination: Destination, message: dict[str, Any]) -> bool:
+    """Whether the destination's modes make anything of an audience message: account
+    audiences' outputs go to Segment only as `group` calls (Segment needs a user for a
+    track), to webhooks and Kafka as the track message; user outputs need track or
+    identify."""
+    modes = destination.modes
+    if group_id(message) is not None:
+        return "group" in modes or ("track" in modes and destination.type != "segment")
+    return "track" in modes or "identify" in modes
+
+
 def _units(destination: Destination, message: dict[str, Any]) -> list[dict[str, Any]]:
     if is_deletion(message):
         return [message]  # whatever the mode: a deletion is no audience to set
+    if group_id(message) is not None:
+        account: list[dict[str, Any]] = []
+        if "track" in destination.modes and destination.type != "segment":
+            account.append(message)
+        if "group" in destination.modes:
+            account.extend(group_messages(message))
+        return account
     units = []
     if "track" in destination.modes:
         units.append(track_message(message, destination.hash_pii, destination.phone_region))
@@ -602,12 +731,17 @@ def _render_kafka(
     requests = []
     for chunk in _chunks(taken, destination.batch_size):
         records = tuple(
-            (profile_id(messages[i]).encode(), orjson.dumps(unit))
+            ((profile_id(messages[i]) or _account_key(messages[i])).encode(), orjson.dumps(unit))
             for i in chunk
             for unit in _kafka_units(destination, messages[i])
         )
         requests.append(Request("PRODUCE", destination.topic, tuple(chunk), records=records))
     return requests
+
+
+def _account_key(message: dict[str, Any]) -> str:
+    gid = group_id(message)
+    return "" if gid is None else "group:" + gid
 
 
 def _kafka_units(destination: Destination, message: dict[str, Any]) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import logging
 
 from audiences.adapters import metrics
 from audiences.adapters.state.partition import PartitionState
-from audiences.adapters.stream.emitter import Emitter, Rendered
+from audiences.adapters.stream.emitter import Emitter, Encoded, Rendered
 from audiences.core.evaluator import StepResult, Tick
 from audiences.core.state import UserState
 
@@ -91,15 +91,22 @@ def apply(
     item: Tick,
     emitter: Emitter,
 ) -> StepResult:
-    """Step a Tick into a profile and send what it emits (all or nothing)."""
+    """Step a Tick into a profile and send what it emits (all or nothing): outputs, and
+    the records a deadline makes for other profiles (a user's new value of an account
+    audience's predicate, for its accounts)."""
     rendered: Rendered = []
+    controls: Encoded = []
 
     def accept(result: StepResult) -> None:
         rendered.extend(emitter.render(result.transitions, result.state))
+        if result.controls:
+            controls.extend(emitter.encode_controls(result.controls))
 
     result = partition.apply(key, state, item, key.decode(), accept)
     assert result is not None
     emitter.send(rendered, result.transitions)
+    if controls:
+        emitter.send_controls(controls)
     return result
 
 

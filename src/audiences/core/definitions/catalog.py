@@ -9,6 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any, final
 
 from audiences.core.calendar import horizon_ms
+from audiences.core.definitions.accounts import (
+    GroupTracker,
+    account_parts,
+    compile_account,
+    hidden_key,
+    is_account_definition,
+)
 from audiences.core.definitions.buckets import (
     Holdout,
     RandomBucketNode,
@@ -57,6 +64,8 @@ class CompiledAudience:
     uses_traits: bool = False
     references: frozenset[str] = frozenset()
     backfill: bool = True
+    subject: str = "user"  # or "account" (accounts.py)
+    hidden: bool = False  # the per-user predicate of an account audience: never announced
     holdout: Holdout | None = None  # SPEC §3 `holdout` (definitions/buckets.py)
 
 
@@ -121,6 +130,10 @@ class Catalog:
     trait_dependents_masks: list[int] = field(default_factory=list)  # place -> audiences
     frozen_mask: int = 0
     frozen_traits_mask: int = 0
+    # Account audiences (accounts.py): hidden per-user audience key -> account audience
+    # key, and the positions of account audiences. Empty: `step` does nothing more.
+    account_hidden: dict[str, str] = field(default_factory=dict)
+    account_positions: tuple[int, ...] = ()
     # Priority lists (SPEC §3): list key -> its audiences as compiled (in list order),
     # listed audience -> its list, and the listed audiences as a bit mask of positions
     # (zero without lists: `step` then does nothing more).
@@ -347,7 +360,22 @@ def build_catalog(
     definitions = {
         k: v for k, v in definitions.items() if k not in trait_docs and k not in list_docs
     }
+    account_hidden: dict[str, str] = {}
+    for key, (doc, version) in list(definitions.items()):
+        if not is_account_definition(doc):
+            continue
+        for n, (_quantifier, inner) in enumerate(account_parts(doc["condition"])):
+            hidden = hidden_key(key, n)
+            account_hidden[hidden] = key
+            hidden_doc = {"key": hidden, "name": hidden, "condition": inner}
+            for option in ("include_anonymous", "backfill", "created_at"):
+                if option in doc:
+                    hidden_doc[option] = doc[option]
+            hidden_doc["salt"] = doc.get("salt", key)  # (random buckets: the account's)
+            definitions[hidden] = (hidden_doc, version)
     graph = {key: audience_references(doc["condition"]) for key, (doc, _) in definitions.items()}
+    for hidden, key in account_hidden.items():
+        graph[key].add(hidden)  # (a skipped predicate skips its account audience)
     skipped: dict[str, str] = {}
     # Priority lists: each listed audience depends on those listed before it (judged
     # after them, re-judged when their membership changes). Audiences that no longer
@@ -431,6 +459,9 @@ def build_catalog(
         used: set[str] = set()
         flags: dict[str, bool] = {}
         compiler.from_ms = counts_from_ms(doc)
+        if is_account_definition(doc):
+            compiled.append((key, compile_account(key, doc["condition"]), used, flags))
+            continue
         compiler.salt = definition_salt(doc)
         root = compiler.compile(doc["condition"], used, flags)
         if key in owner:  # a listed audience: exclusive in its list's order
@@ -452,6 +483,8 @@ def build_catalog(
             uses_traits=bool(flags.get("traits")),
             references=frozenset(graph[key]),
             backfill=bool(doc.get("backfill", True)),
+            subject="account" if is_account_definition(doc) else "user",
+            hidden=key in account_hidden,
             holdout=holdout_of(doc),
         )
         for trait_key in trait_references(doc["condition"]):
@@ -464,6 +497,13 @@ def build_catalog(
         for ref in graph[key]:
             dependents.setdefault(ref, set()).add(key)
     catalog.index = {audience.key: i for i, audience in enumerate(catalog.audiences)}
+    catalog.account_hidden = {h: k for h, k in account_hidden.items() if h in catalog.index}
+    catalog.account_positions = tuple(
+        i for i, audience in enumerate(catalog.audiences) if audience.subject == "account"
+    )
+    if catalog.account_positions:
+        group_tracker = GroupTracker()
+        compiler.trackers[group_tracker.id] = group_tracker
     catalog.trackers = compiler.trackers
     for tracker in compiler.trackers.values():
         for event_name in tracker.events:

@@ -22,6 +22,7 @@ CONDITIONS = (
     "screen_viewed",
     "device",
     "computed",
+    "account",  # only in definitions with "subject": "account" (accounts.py)
     "random_bucket",
 )
 # Kinds of computed traits (SPEC §3).
@@ -66,6 +67,8 @@ def leaf_values(condition: Any, leaf: str, pick: Callable[[Any], str]) -> set[st
             stack.extend(body)
         elif name == "not":
             stack.append(body)
+        elif name == "account":  # the user condition of an account audience
+            stack.extend(body[q] for q in ("any", "all", "none") if q in body)
         elif name == leaf:
             found.add(pick(body))
     return found

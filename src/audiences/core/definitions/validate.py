@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from audiences.core.calendar import validate_calendar_window
+from audiences.core.definitions.accounts import validate_account_condition
 from audiences.core.definitions.buckets import (
     validate_holdout,
     validate_random_bucket,
@@ -58,9 +59,11 @@ AUDIENCE_FIELDS = (
     "backfill",
     "version",
     "created_at",
+    "subject",
     "salt",
     "holdout",
 )
+SUBJECTS = ("user", "account")
 TRAIT_DEFINITION_FIELDS = (
     "key",
     "name",
@@ -288,6 +291,10 @@ def validate_condition(value: Any, path: str) -> None:
         _check_fields(trait, TRAIT_FIELDS, here)
         _string(trait.get("name"), f"{here}.name")
         validate_operator(trait, here)
+    elif name == "account":
+        raise DefinitionError(
+            here, 'account conditions are only allowed in definitions with "subject": "account"'
+        )
     elif name == "random_bucket":
         validate_random_bucket(body, here)
     elif name == "in_audience":
@@ -384,11 +391,23 @@ def validate_definition(doc: Any) -> dict[str, Any]:
         return dict(obj)
     if "condition" not in obj:
         raise DefinitionError("$.condition", "a definition needs a condition")
+    subject = obj.get("subject", "user")
+    if subject not in SUBJECTS:
+        raise DefinitionError(
+            "$.subject",
+            f"expected one of {', '.join(SUBJECTS)}, got {subject!r}",
+            _suggest(str(subject), SUBJECTS),
+        )
+    if subject == "account":
+        validate_account_condition(
+            obj["condition"], "$.condition", validate_condition, validate_operator, _suggest
+        )
+    else:
+        validate_condition(obj["condition"], "$.condition")
     if "salt" in obj:
         validate_salt(obj["salt"], "$.salt")
     if "holdout" in obj:
         validate_holdout(obj["holdout"], "$.holdout")
-    validate_condition(obj["condition"], "$.condition")
     return dict(obj)
 
 

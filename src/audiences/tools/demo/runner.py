@@ -168,7 +168,7 @@ def _show_transitions(
                     continue
                 out = orjson.loads(msg.value())
                 props = out["properties"]
-                user = out.get("userId") or out.get("anonymousId")
+                user = out.get("userId") or out.get("anonymousId") or out.get("groupId")
                 if out["event"] == "User Deleted":
                     for group in members.values():
                         group.discard(user)
