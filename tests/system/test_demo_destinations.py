@@ -76,7 +76,8 @@ def test_demo_delivers_its_transitions_to_a_webhook(tmp_path: Path) -> None:
     assert f"destination demo-webhook (webhook) -> {url}" in out
     shown = set(re.findall(r"(Audience \w+)\s+(\w+)\s+(\S+)$", out, re.MULTILINE))
     received = [
-        (m["event"], m["properties"]["audience_key"], m["userId"])
+        # (account audiences carry the account's groupId instead of a userId)
+        (m["event"], m["properties"]["audience_key"], m.get("userId") or m["groupId"])
         for m in receiver.messages
         if m["event"] != "Trait Computed"  # the demo's lifetime_value trait is sent too
     ]
