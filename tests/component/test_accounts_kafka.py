@@ -5,12 +5,13 @@ events topic (SPEC §3, §5)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-from apiserver import Worker, call
+from apiserver import Worker, call, wait_for
 from harness import T0, Engine, M, track
 
 from audiences.core.events import format_iso
@@ -111,3 +112,59 @@ def test_explain_an_account_over_http_names_the_users_that_decided_it(
         assert inner["value"] is True  # bob's own value of the inner condition
     finally:
         worker.stop()
+
+
+def test_an_account_owned_by_another_worker_follows_its_users(
+    kafka_bootstrap: str, unique_name: Callable[..., str], tmp_path: Path
+) -> None:
+    """Two workers of one group: the users' partition is owned by one, the account's by
+    the other. The users' values travel as records through Kafka (no shared memory): the
+    account enters with its first qualifying user and exits when the last stops, at the
+    deadline, on the other worker."""
+    engine = Engine(kafka_bootstrap, unique_name("acct2"), tmp_path / "engine", partitions=4)
+    engine.apply(ACTIVE_SHOPS)
+    workers = (
+        Worker(engine.settings, tmp_path / "w1", engine.clock).start(),
+        Worker(engine.settings, tmp_path / "w2", engine.clock).start(),
+    )
+    try:
+
+        def split() -> bool:
+            owned = [w.owned() for w in workers]
+            return all(owned) and owned[0] | owned[1] == {0, 1, 2, 3} and not owned[0] & owned[1]
+
+        wait_for(split, 90, "both workers to own partitions")
+        mine, theirs = workers[0].owned(), workers[1].owned()
+        users = [
+            u for u in (f"user{n}" for n in range(500)) if partition_for(u.encode(), 4) in mine
+        ]
+        shop = next(
+            f"shop{n}" for n in range(500) if partition_for(f"group:shop{n}".encode(), 4) in theirs
+        )
+        u1, u2 = users[:2]
+        engine.send(group(u1, shop, T0), group(u2, shop, T0))
+        engine.send(track(u1, "Order Completed", T0 + M), track(u2, "Order Completed", T0 + 2 * M))
+        (entered,) = engine.outputs(1)
+        assert (entered["event"], entered["groupId"]) == ("Audience Entered", shop)
+        assert entered["timestamp"] == format_iso(T0 + M)
+        assert entered["properties"]["linked_users"] == sorted([u1, u2])
+        explain = f"{workers[0].url}/v1/users/{quote('group:' + shop)}/explain/active_shops"
+
+        def account_sees(expected: dict[str, bool]) -> Callable[[], bool]:
+            # (asked of the users' worker: it routes the read to the account's owner)
+            return lambda: call("GET", explain).json()["condition"].get("users") == expected
+
+        wait_for(account_sees({u1: True, u2: True}), 30, "the account to hear from both users")
+        engine.clock.advance_to(T0 + M + 30 * D + M // 2)  # u1's order left the window, u2's not
+        wait_for(account_sees({u1: False, u2: True}), 30, "the account to hear u1 dropped out")
+        engine.clock.advance_to(T0 + 2 * M + 30 * D + M)  # the last one: the account exits
+        exited = engine.outputs(2)[1]
+        assert (exited["event"], exited["groupId"]) == ("Audience Exited", shop)
+        assert exited["timestamp"] == format_iso(T0 + 2 * M + 30 * D)
+        assert exited["messageId"] != entered["messageId"]
+    finally:
+        for running in workers:
+            running.evaluator.stop()
+        for running in workers:
+            running.stop()
+        engine.close()

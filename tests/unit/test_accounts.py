@@ -42,14 +42,15 @@ def catalog_of(*docs: dict[str, Any], version: int = 1) -> Catalog:
 
 
 class Cluster(factories.Cluster):
-    def tick_until(self, until_ms: int) -> None:
-        """As the sweeper does; the records a deadline's step returns are delivered too."""
+    def tick_until(self, until_ms: int, late_ms: int = 0) -> None:
+        """As the sweeper does (`late_ms` after each deadline: a sweep notices it later);
+        the records a deadline's step returns are delivered too."""
         while True:
             due = [(s.wake_ms, k) for k, s in self.states.items() if s.wake_ms < until_ms]
             if not due:
                 return
             wake, key = min(due)
-            result = step(self.states[key], factories.Tick(wake), self.catalog, key)
+            result = step(self.states[key], factories.Tick(wake + late_ms), self.catalog, key)
             self.states[key] = result.state
             self._record(key, result.transitions)
             for _target, record in result.controls:
@@ -153,6 +154,17 @@ def test_any_enters_with_the_first_user_and_exits_with_the_last() -> None:
     ]
     # nothing about the hidden per-user predicate ever leaves a user
     assert all(key == "group:shop1" for key, _ in cluster.outputs)
+
+
+def test_an_account_changes_at_its_users_deadline_however_late_the_sweep() -> None:
+    cluster = Cluster(catalog_of(ACTIVE_SHOPS))
+    cluster.send(group(T0, "u1", "shop1"))
+    cluster.send(order(T0 + H, "u1"))
+    cluster.tick_until(T0 + H + 31 * D, late_ms=5 * M)  # the sweep runs 5 minutes late
+    assert cluster.account_log() == [
+        ("group:shop1", "active_shops", "entered", T0 + H),
+        ("group:shop1", "active_shops", "exited", T0 + H + 30 * D),  # the deadline's own time
+    ]
 
 
 def test_all_needs_every_linked_user_and_is_false_with_none() -> None:

@@ -1115,6 +1115,15 @@ def _with_accounts(
     at = item.at_ms if isinstance(item, Tick) else item.timestamp_ms
     if not gone:
         at = max(at, after_state.clock_ms)
+    # The values changed when the last hidden predicate did: a deadline's own time, not
+    # the moment a sweep noticed it (the account's transition is then exact and replays
+    # alike whenever the sweep runs).
+    changed_at = -1
+    for change in result.transitions:
+        if isinstance(change, Transition) and change.audience_key in hidden:
+            changed_at = max(changed_at, change.at_ms)
+    if changed_at >= 0:
+        at = changed_at
     controls = list(result.controls)
     full = {key: key in values_after for key in hidden}
     for group_id in sorted(linked_before):
