@@ -55,6 +55,14 @@ def worker(engine: Engine, tmp_path: Path) -> Iterator[Worker]:
         track("ann", "Order Completed", T0 - 60_000, revenue=30),
         track("bob", "Order Completed", T0 - 50_000, revenue=10),
         track("cid", "Product Viewed", T0 - 40_000),
+        {  # ann works for a shop (the demo has an account audience of shops)
+            "type": "group",
+            "userId": "ann",
+            "groupId": "shop1",
+            "traits": {"name": "Shop 1"},
+            "timestamp": "2025-12-31T23:58:30.000Z",
+            "messageId": "ann-group-shop1",
+        },
     )
     yield started
     started.stop()
@@ -220,6 +228,9 @@ def test_a_user_page_explains_why_and_the_live_feed_shows_a_new_transition(
     expect(tree.locator(".pill").first).to_have_text("true")
     expect(tree).to_contain_text("performed")
     expect(tree).to_contain_text("Order Completed")
+    accounts = page.get_by_role("table", name="Accounts")
+    expect(accounts).to_contain_text("shop1")
+    expect(accounts.get_by_role("link", name="group:shop1")).to_be_visible()
     shoot(page, "user")
     # deletion, after a confirmation
     page.goto(worker.url + "/ui/users/cid")

@@ -63,6 +63,7 @@ from audiences.core.definitions import (
     compile_definition,
     validate_definition,
 )
+from audiences.core.definitions.accounts import ACCOUNT_PREFIX, user_groups
 from audiences.core.definitions.conditions import DEVICE_TRACKER_ID
 from audiences.core.definitions.language import is_priority_list
 from audiences.core.definitions.validate import is_trait_definition
@@ -716,6 +717,12 @@ def _user_view(user: str, number: int, state: UserState, catalog: Catalog) -> di
         "computed_traits": {key: entry[0] for key, entry in sorted(state.computed.items())},
         "audiences": audiences,
         "devices": devices,
+        # the accounts (`group` calls) it is linked to, kept while an account audience exists;
+        # each account's own profile is `group:{groupId}`
+        "accounts": [
+            {"groupId": group_id, "profile": ACCOUNT_PREFIX + group_id}
+            for group_id in sorted(user_groups(state).get("g", {}))
+        ],
         "updated_at": format_iso(state.clock_ms) if state.clock_ms else None,
     }
 

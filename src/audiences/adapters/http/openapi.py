@@ -704,6 +704,19 @@ OPENAPI: dict[str, Any] = {
                             },
                         },
                     },
+                    "accounts": {
+                        "type": "array",
+                        "description": "accounts the user is linked to by `group` calls (kept "
+                        "while an account audience exists); each account's profile is "
+                        "`group:{groupId}`",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "groupId": {"type": "string"},
+                                "profile": {"type": "string"},
+                            },
+                        },
+                    },
                     "updated_at": {"type": ["string", "null"]},
                 },
                 "required": ["userId", "traits", "computed_traits", "audiences"],

@@ -398,7 +398,7 @@ async function userPage(url, id) {
         h("ul", { class: "tree", "data-testid": "explain-tree" }, explainNode(e.condition)));
     } catch (error) { why.replaceChildren(failure(error, "explain")); }
   }
-  const { userId, partition, anonymous, merged_into, anonymous_ids, traits, computed_traits, audiences, devices, updated_at, ...rest } = user;
+  const { userId, partition, anonymous, merged_into, anonymous_ids, traits, computed_traits, audiences, devices, accounts, updated_at, ...rest } = user;
   const note = h("p", { role: "status" });
   const confirmBox = h("dialog", { "aria-labelledby": "del-h" }, h("form", { method: "dialog" },
     h("h2", { id: "del-h" }, `Delete ${id}?`), h("p", {}, "Every worker forgets this profile and destinations are told (User Deleted). This cannot be undone."),
@@ -421,6 +421,7 @@ async function userPage(url, id) {
     h("div", { class: "grid2" },
       h("section", {}, h("h2", {}, "Devices"), table("Devices", ["Device", "Type", "Push", "Last seen"], (devices || []).map((d) => [d.id, d.type, d.push_enabled ? "on" : "off", when(d.last_seen)]))),
       h("section", {}, h("h2", {}, "Linked ids"), table("Linked ids", ["Anonymous id", "Merged"], (anonymous_ids || []).map((a) => [a.id, a.merged ? "yes" : "pending"])))),
+    h("section", {}, h("h2", {}, "Accounts"), table("Accounts", ["Account", "Profile"], (accounts || []).map((a) => [a.groupId, link(`/ui/users/${enc(a.profile)}`, a.profile)]))),
     Object.keys(rest).length ? h("section", {}, h("h2", {}, "More"), Object.entries(rest).map(([k, v]) => h("div", {}, h("h3", {}, k), h("pre", {}, JSON.stringify(v, null, 2))))) : "",
     h("h2", {}, "Delete"), h("p", {}, h("button", { type: "button", class: "danger", onclick: () => confirmBox.showModal() }, "Delete this user…")), note, confirmBox);
   const asked = url.searchParams.get("why");
