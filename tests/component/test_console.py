@@ -228,6 +228,8 @@ def test_a_user_page_explains_why_and_the_live_feed_shows_a_new_transition(
     expect(tree.locator(".pill").first).to_have_text("true")
     expect(tree).to_contain_text("performed")
     expect(tree).to_contain_text("Order Completed")
+    # an account audience's per-user predicate is no audience of the user's
+    expect(members_of).not_to_contain_text("active_shops.0")
     accounts = page.get_by_role("table", name="Accounts")
     expect(accounts).to_contain_text("shop1")
     expect(accounts.get_by_role("link", name="group:shop1")).to_be_visible()

@@ -683,8 +683,9 @@ def _size(doc: Mapping[str, Any], sizes: dict[str, int] | None) -> int | None:
 
 def _user_view(user: str, number: int, state: UserState, catalog: Catalog) -> dict[str, Any]:
     audiences = []
+    hidden = catalog.account_hidden  # an account audience's per-user predicates: not audiences
     for key, membership in sorted(state.members.items()):
-        if membership.member:
+        if membership.member and key not in hidden:
             audience = catalog.audience(key)
             audiences.append(
                 {

@@ -491,10 +491,12 @@ class Runtime:
 
     def _publish_counts(self) -> None:
         totals: dict[str, int] = {}
+        hidden = self.definitions.catalog.account_hidden  # (per-user predicates: not audiences)
         for partition in self.partitions.values():
             metrics.STATE_USERS.labels(str(partition.number)).set(partition.counts.users)
             for audience, size in partition.counts.sizes.items():
-                totals[audience] = totals.get(audience, 0) + size
+                if audience not in hidden:
+                    totals[audience] = totals.get(audience, 0) + size
         for audience, size in totals.items():
             metrics.AUDIENCE_SIZE.labels(audience).set(size)
         for audience in self._published_audiences - totals.keys():
