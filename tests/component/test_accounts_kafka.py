@@ -152,7 +152,11 @@ def test_an_account_owned_by_another_worker_follows_its_users(
 
         def account_sees(expected: dict[str, bool]) -> Callable[[], bool]:
             # (asked of the users' worker: it routes the read to the account's owner)
-            return lambda: call("GET", explain).json()["condition"].get("users") == expected
+            def check() -> bool:  # (404 until the account exists; 503 until routes are known)
+                answer = call("GET", explain)
+                return answer.status == 200 and answer.json()["condition"].get("users") == expected
+
+            return check
 
         wait_for(account_sees({u1: True, u2: True}), 30, "the account to hear from both users")
         engine.clock.advance_to(T0 + M + 30 * D + M // 2)  # u1's order left the window, u2's not
