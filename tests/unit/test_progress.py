@@ -30,10 +30,15 @@ def terminal() -> Iterator[tuple[TextIO, Callable[[], str]]]:
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
     stream = os.fdopen(follower, "w", encoding="utf-8")
 
+    # poll, not select: after the whole suite the process holds over 1,024 descriptors,
+    # and select() refuses any numbered above that
+    waiting = select.poll()
+    waiting.register(leader, select.POLLIN)
+
     def read() -> str:
         stream.flush()
         chunks = []
-        while select.select([leader], [], [], 0)[0]:
+        while waiting.poll(0):
             chunks.append(os.read(leader, 65536))
         return b"".join(chunks).decode()
 
