@@ -548,3 +548,20 @@ def test_a_holdout_on_an_account_audience_holds_out_a_stable_share_of_accounts()
     ((_key, first),) = cluster.outputs[:1]
     message = render_output(first, {}, space_id="space")
     assert message["properties"].get("holdout", False) is first.holdout
+    # deleting a held-out account: its Exited is flagged too (destinations never saw it enter)
+    held_out = next(group_id for group_id, flag in flags.items() if flag)
+    cluster.send(
+        {
+            "type": "delete",
+            "userId": f"group:{held_out}",
+            "messageId": "d",
+            "timestamp": factories.iso(T0 + H),
+        }
+    )
+    ((_key, last),) = cluster.outputs[-1:]
+    assert (last.group_id, last.entered, last.trigger, last.holdout) == (
+        held_out,
+        False,
+        "deleted",
+        True,
+    )

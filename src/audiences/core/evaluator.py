@@ -755,6 +755,7 @@ def _exit_all(
     trigger: str,
     trigger_id: str | None,
     out: list[Output],
+    group_id: str | None = None,
 ) -> None:
     for key, membership in state.members.items():
         if not membership.member:
@@ -773,6 +774,7 @@ def _exit_all(
             trigger_id,
             out,
             holdout is not None and holdout.holds(profile_key),
+            group_id,
         )
 
 
@@ -787,8 +789,10 @@ def _exit(
     trigger_id: str | None,
     out: list[Output],
     holdout: bool = False,
+    group_id: str | None = None,
 ) -> None:
-    """`Audience Exited` for a member, outside of judging (deletions, merges)."""
+    """`Audience Exited` for a member, outside of judging (deletions, merges); `group_id`
+    for an account's profile."""
     version, name = audience
     membership.member = False
     membership.seq += 1
@@ -806,6 +810,7 @@ def _exit(
             trigger_id,
             state.generation,
             holdout,
+            group_id,
         )
     )
 
@@ -1188,33 +1193,7 @@ def _delete_account(
     out: list[Output] = []
     now = max(state.clock_ms, event.timestamp_ms)
     group_id = profile_key[len(ACCOUNT_PREFIX) :]
-    for key, membership in state.members.items():
-        if not membership.member:
-            continue
-        audience = catalog.audience(key)
-        version, name = (
-            (audience.version, audience.name)
-            if audience
-            else (catalog.retired.get(key) or (0, key))
-        )
-        membership.member = False
-        membership.seq += 1
-        out.append(
-            Transition(
-                key,
-                version,
-                name,
-                profile_key,
-                False,
-                now,
-                membership.seq,
-                now,
-                "deleted",
-                event.message_id,
-                state.generation,
-                group_id=group_id,
-            )
-        )
+    _exit_all(state, catalog, profile_key, now, "deleted", event.message_id, out, group_id)
     return StepResult(UserState(), out, NEVER, False, erase=True)
 
 
