@@ -26,6 +26,7 @@ from audiences.adapters.state.store import StateStore
 MINUTE_MS = 60_000
 RETENTION_MS = 30 * 24 * 3_600_000  # buckets kept (stream time)
 PRUNE_EVERY_MS = 10 * MINUTE_MS  # how often (stream time) old buckets are looked for
+NEVER_MS = 2**62
 CACHE_LIMIT = 50_000  # recent buckets kept decoded in memory per partition
 _VALUE = struct.Struct(">qq")
 _MINUTE = struct.Struct(">q")
@@ -68,9 +69,14 @@ class History:
         self.dirty: set[bytes] = set()
         self.sealed: set[bytes] = set()
         self.pruned_at_ms = 0  # stream time of the last search for expired buckets
+        # The oldest minute in `values` (a bound: it may be older than what is left):
+        # while it is inside the retention, a search has nothing in memory to look at.
+        self.oldest_minute_ms = NEVER_MS
 
     def count(self, audience: str, at_ms: int, entered: bool) -> None:
         key = bucket_key(audience, at_ms)
+        if at_ms < self.oldest_minute_ms:
+            self.oldest_minute_ms = max(0, at_ms) // MINUTE_MS * MINUTE_MS
         value = self.values.get(key)
         if value is None:
             data = self.store.get(Family.HISTORY, key)
@@ -114,7 +120,13 @@ class History:
         cutoff = now_ms - RETENTION_MS
         if cutoff <= 0:
             return set()
-        expired = {k for k in self.values if split_bucket_key(k)[1] < cutoff}
+        expired: set[bytes] = set()
+        if self.oldest_minute_ms < cutoff:
+            expired = {k for k in self.values if split_bucket_key(k)[1] < cutoff}
+            self.oldest_minute_ms = min(
+                (split_bucket_key(k)[1] for k in self.values if k not in expired),
+                default=NEVER_MS,
+            )
         start = b""
         while True:
             first = self.store.scan(Family.HISTORY, start, limit=1)
