@@ -28,6 +28,8 @@ from typing import Protocol
 
 from audiences.adapters.state.layout import (
     FAMILY_OF,
+    HEADER,
+    HEADER_FORMAT,
     NEVER,
     Family,
     Kind,
@@ -177,6 +179,8 @@ def _apply(
     first = True
     profiles, due = Family.PROFILES, Family.DUE
     profile_kind = Kind.PROFILE.value
+    unpack_header, header_size = HEADER_FORMAT.unpack, HEADER_FORMAT.size
+    records = keys = 0
     for record in read(start):
         offset = record.offset()
         if first and offset > start:
@@ -188,17 +192,25 @@ def _apply(
                 start,
             )
         first = False
-        restored.records += 1
+        records += 1
         key = record.key() or b""
         kind, ident = key[:1], key[1:]
         if kind == profile_kind:
-            # The bulk of every changelog: its own branch (recovery speed is a target).
-            header = decode_header(record.headers())
-            if header is None:
-                continue
-            at, wake = header
+            # The bulk of every changelog: its own branch (recovery speed is a target),
+            # the header read inline when it is the only one.
+            headers = record.headers()
+            if headers and len(headers) == 1 and headers[0][0] == HEADER:
+                packed = headers[0][1]
+                if packed is None or len(packed) != header_size:
+                    continue
+                at, wake = unpack_header(packed)
+            else:
+                header = decode_header(headers)
+                if header is None:
+                    continue
+                at, wake = header
             value = record.value()
-            restored.keys += 1
+            keys += 1
             if value is None:
                 delete(profiles, ident)
             else:
@@ -219,7 +231,7 @@ def _apply(
             if header is None or family is None:
                 continue  # not a state record of this layout (e.g. a fence of an older version)
             value = record.value()
-            restored.keys += 1
+            keys += 1
             if value is None:
                 delete(family, ident)
             else:
@@ -234,20 +246,21 @@ def _apply(
             batch = store.new_batch()
             put, delete = batch.put, batch.delete
             if on_progress is not None:
-                on_progress(restored.records)
+                on_progress(records)
             now = time.monotonic()
             if now - last_report >= PROGRESS_EVERY_S:
                 last_report = now
                 log.info(
                     "partition %d: restoring, %d changelog records read, at offset %d of %d",
                     partition,
-                    restored.records,
+                    records,
                     offset,
                     fence,
                 )
     store.write(batch, logged=False)
+    restored.records, restored.keys = records, keys
     if on_progress is not None:
-        on_progress(restored.records)
+        on_progress(records)
     restored.position = position if position >= 0 else None
     restored.stream_time_ms = stream_time
     return restored

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import wait
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -52,7 +52,7 @@ from audiences.adapters.state.checkpoint import (
     owner_record,
 )
 from audiences.adapters.state.partition import PartitionState
-from audiences.adapters.state.recovery import restore
+from audiences.adapters.state.recovery import Restored, restore
 from audiences.adapters.state.store import RocksDictStore, StateStore
 from audiences.adapters.stream import timers
 from audiences.adapters.stream.backfill import Backfills
@@ -70,10 +70,13 @@ CONSUME_WAIT_S = 0.005  # longest wait for a batch to fill (latency)
 REJUDGE_CHUNK = 1000  # profiles re-judged per partition per loop turn
 MAX_UNCOMMITTED = 50_000  # inputs applied since the last checkpoint that force the next
 MAX_LOOP_FAILURES = 5  # consecutive failed turns before the worker gives up
+RESTORE_THREADS = 2  # partitions restored at once (see _open_all)
 RECOVERY_IDLE_S = 60.0  # a changelog read that makes no progress this long fails
 MISROUTED_LOG_EVERY_S = 60.0
 LIVE_LAG_RECORDS = 100  # at most this many records waiting ...
 LIVE_RECORD_AGE_MS = 1000  # ... the newest appended this recently: a live partition
+# A restored partition, before the runtime takes it: number, store, writer, session.
+Recovered = tuple[int, StateStore, ChangelogWriter, str, Restored]
 Clock = Callable[[], int]
 
 
@@ -123,7 +126,8 @@ class Runtime:
         self.events_partitions = 0
         self._topic_ids: dict[str, str | None] = {}
         self._consumer: Consumer = clients.events_consumer()
-        self._changelog_reader = clients.changelog_reader()
+        # Changelog readers of the restores (more are made when partitions restore at once).
+        self._changelog_readers = [clients.changelog_reader()]
         self._producer = clients.output_producer()
         self.emitter = Emitter(
             self._producer, topics, self.owner_of, space_id=settings.space_id or settings.app_id
@@ -217,7 +221,8 @@ class Runtime:
             self._consumer.close()
         except Exception:  # closing must not hide the first error
             log.warning("closing the consumer failed", exc_info=True)
-        self._changelog_reader.close()
+        for reader in self._changelog_readers:
+            reader.close()
         self.backfills.close()
         self.definitions.close()
         self._producer.flush(10)
@@ -512,9 +517,8 @@ class Runtime:
         self.ready.clear()
         self._settle_flight()
         start = []
-        for tp in assigned:
-            partition = self._open(tp.partition)
-            start.append(TopicPartition(tp.topic, tp.partition, partition.position))
+        for partition in self._open_all([tp.partition for tp in assigned]):
+            start.append(TopicPartition(self.topics.events, partition.number, partition.position))
         consumer.incremental_assign(start)
         gc.collect()
         gc.freeze()  # recovered state and catalog are long-lived: keep them out of GC scans
@@ -549,6 +553,43 @@ class Runtime:
         if self.on_partitions is not None:
             self.on_partitions(sorted(self.partitions))
 
+    def _open_all(self, numbers: list[int]) -> list[PartitionState]:
+        """Take the partitions the group just assigned. Their restores run side by side,
+        up to RESTORE_THREADS at once, each with a changelog reader of its own: a restore
+        waits on the broker and the disk about half of its time (GIL released), so the
+        others use it. Every partition that restored is taken even if another failed;
+        then the first failure is raised."""
+        if len(numbers) <= 1:
+            return [self._open(number) for number in numbers]
+        threads = min(RESTORE_THREADS, len(numbers))
+        while len(self._changelog_readers) < threads:
+            self._changelog_readers.append(self.clients.changelog_reader())
+        idle = list(self._changelog_readers[:threads])
+        lock = threading.Lock()
+
+        def recover(number: int) -> Recovered:
+            with lock:
+                reader = idle.pop()
+            try:
+                return self._recover(number, None, reader)
+            finally:
+                with lock:
+                    idle.append(reader)
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="restore") as pool:
+            futures = [pool.submit(recover, number) for number in numbers]
+            outcomes = [future.exception() or future.result() for future in futures]
+        opened: list[PartitionState] = []
+        failure: BaseException | None = None
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                failure = failure or outcome
+            else:
+                opened.append(self._adopt(*outcome))
+        if failure is not None:
+            raise failure
+        return opened
+
     def _open(
         self, number: int, rewind: tuple[ChangelogWriter, str] | None = None
     ) -> PartitionState:
@@ -557,6 +598,14 @@ class Runtime:
         ownership session), re-read this owner's durable state instead, fencing nobody:
         a worker that lost the partition without knowing yet is refused (PartitionFenced)
         rather than taking it back from the new owner."""
+        return self._adopt(*self._recover(number, rewind, self._changelog_readers[0]))
+
+    def _recover(
+        self, number: int, rewind: tuple[ChangelogWriter, str] | None, reader: Consumer
+    ) -> Recovered:
+        """Open partition `number`'s store, claim (or mark) its changelog and restore the
+        store from it (safe to run for several partitions at once: it touches nothing
+        else of the runtime)."""
         store = self.open_store(number)
         try:
             if rewind is None:
@@ -575,9 +624,7 @@ class Runtime:
                 fence = writer.mark(session.encode(), record)
             restored = restore(
                 store,
-                read_until(
-                    self._changelog_reader, self.topics.changelog, number, fence, RECOVERY_IDLE_S
-                ),
+                read_until(reader, self.topics.changelog, number, fence, RECOVERY_IDLE_S),
                 partition=number,
                 fence=fence,
                 session=session,
@@ -586,6 +633,17 @@ class Runtime:
         except BaseException:
             store.close()
             raise
+        return number, store, writer, session, restored
+
+    def _adopt(
+        self,
+        number: int,
+        store: StateStore,
+        writer: ChangelogWriter,
+        session: str,
+        restored: Restored,
+    ) -> PartitionState:
+        """The restored partition becomes this runtime's: its state, position and writer."""
         metrics.RECOVERY_RECORDS.inc(restored.records)
         partition = PartitionState(
             number,
