@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, final
 
 import orjson
 
@@ -82,6 +82,38 @@ class Transition:
     group_id: str | None = None  # an account audience's transition (profile group:{id})
     users: tuple[str, ...] = ()  # of an account's transition: its linked users, sorted
 
+    def __init__(  # written out: the one `dataclass` generates runs interpreted under mypyc
+        self,
+        audience_key: str,
+        audience_version: int,
+        audience_name: str,
+        profile_key: str,
+        entered: bool,
+        at_ms: int,
+        seq: int,
+        effective_at_ms: int,
+        trigger: str,
+        trigger_message_id: str | None,
+        generation: int = 0,
+        holdout: bool = False,
+        group_id: str | None = None,
+        users: tuple[str, ...] = (),
+    ) -> None:
+        self.audience_key = audience_key
+        self.audience_version = audience_version
+        self.audience_name = audience_name
+        self.profile_key = profile_key
+        self.entered = entered
+        self.at_ms = at_ms
+        self.seq = seq
+        self.effective_at_ms = effective_at_ms
+        self.trigger = trigger
+        self.trigger_message_id = trigger_message_id
+        self.generation = generation
+        self.holdout = holdout
+        self.group_id = group_id
+        self.users = users
+
     @property
     def message_id(self) -> str:
         """Deterministic: sha256(key|version|user|seq|direction[|generation])."""
@@ -109,6 +141,32 @@ class TraitChange:
     trigger: str
     trigger_message_id: str | None
     generation: int = 0
+
+    def __init__(  # written out: the one `dataclass` generates runs interpreted under mypyc
+        self,
+        trait_key: str,
+        trait_version: int,
+        trait_name: str,
+        profile_key: str,
+        value: Any,
+        at_ms: int,
+        seq: int,
+        effective_at_ms: int,
+        trigger: str,
+        trigger_message_id: str | None,
+        generation: int = 0,
+    ) -> None:
+        self.trait_key = trait_key
+        self.trait_version = trait_version
+        self.trait_name = trait_name
+        self.profile_key = profile_key
+        self.value = value
+        self.at_ms = at_ms
+        self.seq = seq
+        self.effective_at_ms = effective_at_ms
+        self.trigger = trigger
+        self.trigger_message_id = trigger_message_id
+        self.generation = generation
 
     @property
     def message_id(self) -> str:
@@ -163,14 +221,47 @@ class Refusal(NamedTuple):
     record: dict[str, Any]  # the refused event as it was sent
 
 
-class StepResult(NamedTuple):
-    state: UserState
-    transitions: list[Output]
-    next_wake_ms: int
-    duplicate: bool
-    controls: tuple[Control, ...] = ()  # identity records to send (SPEC §4)
-    erase: bool = False  # the profile was deleted: remove its state
-    refused: tuple[Refusal, ...] = ()  # events to dead-letter: links refused
+@final
+class StepResult:
+    """What `step` did (treat as immutable; a native class: a NamedTuple's constructor
+    runs interpreted under mypyc)."""
+
+    def __init__(
+        self,
+        state: UserState,
+        transitions: list[Output],
+        next_wake_ms: int,
+        duplicate: bool,
+        controls: tuple[Control, ...] = (),
+        erase: bool = False,
+        refused: tuple[Refusal, ...] = (),
+    ) -> None:
+        self.state = state
+        self.transitions = transitions
+        self.next_wake_ms = next_wake_ms
+        self.duplicate = duplicate
+        self.controls = controls  # identity records to send (SPEC §4)
+        self.erase = erase  # the profile was deleted: remove its state
+        self.refused = refused  # events to dead-letter: links refused
+
+    def but(self, transitions: list[Output], controls: tuple[Control, ...]) -> StepResult:
+        """A copy with other transitions and controls."""
+        return StepResult(
+            self.state,
+            transitions,
+            self.next_wake_ms,
+            self.duplicate,
+            controls,
+            self.erase,
+            self.refused,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"StepResult(state={self.state!r}, transitions={self.transitions!r}, "
+            f"next_wake_ms={self.next_wake_ms}, duplicate={self.duplicate}, "
+            f"controls={self.controls!r}, erase={self.erase}, refused={self.refused!r})"
+        )
 
 
 def _is_duplicate(state: UserState, event: Event, now: int) -> bool:
@@ -1116,7 +1207,7 @@ def _with_accounts(
     if not linked_before and not linked_after:
         if transitions is result.transitions:
             return result
-        return result._replace(transitions=transitions)
+        return result.but(transitions, result.controls)
     at = item.at_ms if isinstance(item, Tick) else item.timestamp_ms
     if not gone:
         at = max(at, after_state.clock_ms)
@@ -1180,7 +1271,7 @@ def _with_accounts(
             data["n"] = sent
             for group_id in told:
                 data["g"][group_id] = 1
-    return result._replace(transitions=transitions, controls=tuple(controls))
+    return result.but(transitions, tuple(controls))
 
 
 def _delete_account(

@@ -54,6 +54,30 @@ class Event:
     context: dict[str, Any]
     raw: dict[str, Any]
 
+    def __init__(  # written out: the one `dataclass` generates runs interpreted under mypyc
+        self,
+        type: str,
+        user_id: str | None,
+        anonymous_id: str | None,
+        name: str | None,
+        message_id: str | None,
+        timestamp_ms: int,
+        properties: dict[str, Any],
+        traits: dict[str, Any],
+        context: dict[str, Any],
+        raw: dict[str, Any],
+    ) -> None:
+        self.type = type
+        self.user_id = user_id
+        self.anonymous_id = anonymous_id
+        self.name = name
+        self.message_id = message_id
+        self.timestamp_ms = timestamp_ms
+        self.properties = properties
+        self.traits = traits
+        self.context = context
+        self.raw = raw
+
     @property
     def link_id(self) -> str | None:
         """The other id an event links to its userId: `previousId` of an alias, else the
