@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -457,7 +458,7 @@ class PartitionState:
         if excess > 0:
             excess += self.cache_limit // 10
             dirty = self.dirty  # changed since the seal: only the cache holds them
-            for key in [k for k in cache if k not in dirty][:excess]:
+            for key in list(islice((k for k in cache if k not in dirty), excess)):
                 del cache[key]
 
     def unseal(self) -> None:

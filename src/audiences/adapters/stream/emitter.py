@@ -38,6 +38,7 @@ MAX_RECORD_BYTES = 1_000_000 - 64 * 1024
 ACK_TIMEOUT_S = 60.0  # a checkpoint waiting longer for its outputs fails (and is redone)
 Rendered = list[tuple[bytes, bytes]]  # (key, value) of outputs, rendered before anything is sent
 Encoded = list[tuple[bytes, bytes, int]]  # (key, value, partition) of control records
+Refused = list[tuple[bytes, bytes, str, str]]  # (key, value, reason, detail) of refused events
 
 
 class OversizedRecord(ValueError):
@@ -126,7 +127,7 @@ class Emitter:
         return encoded
 
     @staticmethod
-    def encode_refusals(refused: tuple[Refusal, ...]) -> list[tuple[bytes, bytes, str, str]]:
+    def encode_refusals(refused: tuple[Refusal, ...]) -> Refused:
         """Events whose identity link was refused, as `events-dlq` records (key, value,
         reason, detail), checked before anything is sent."""
         encoded = []
@@ -138,7 +139,7 @@ class Emitter:
             encoded.append((key, value, refusal.reason, refusal.detail))
         return encoded
 
-    def send_refusals(self, encoded: list[tuple[bytes, bytes, str, str]], msg: Message) -> None:
+    def send_refusals(self, encoded: Refused, msg: Message) -> None:
         """Dead-letter refused events; the source headers name the record that decided."""
         for key, value, reason, detail in encoded:
             self._dead_letter(key, value, reason, detail, msg)

@@ -57,7 +57,13 @@ from audiences.adapters.state.store import RocksDictStore, StateStore
 from audiences.adapters.stream import timers
 from audiences.adapters.stream.backfill import Backfills
 from audiences.adapters.stream.definitions import DefinitionsLog
-from audiences.adapters.stream.emitter import Emitter, Encoded, OversizedRecord, Rendered
+from audiences.adapters.stream.emitter import (
+    Emitter,
+    Encoded,
+    OversizedRecord,
+    Refused,
+    Rendered,
+)
 from audiences.adapters.stream.queries import PartitionHistory, QueryPort
 from audiences.core.evaluator import StepResult
 from audiences.core.events import Event, future_timestamp, parse_event
@@ -134,6 +140,8 @@ class Runtime:
         )
         self.checkpoint = Checkpoint(self.emitter.seal, self._commit_offsets)
         self._flight: Flight | None = None  # the checkpoint in flight, if any
+        # What the last event's step sends: rendered outputs, control and refused records.
+        self._accepted: tuple[Rendered | None, Encoded | None, Refused | None] = (None, None, None)
         self._deferred: BaseException | None = None  # a failure met in a rebalance callback
         self.definitions = DefinitionsLog(
             topics.definitions, clients.definitions_consumer(), clients.producer({"linger.ms": 0})
@@ -392,20 +400,8 @@ class Runtime:
         self, partition: PartitionState, key: bytes, event: Event, msg: Message
     ) -> StepResult | None:
         """One event into its profile, atomically with its outputs (or dead-lettered)."""
-        rendered: Rendered = []
-        controls: Encoded = []
-        refused: list[tuple[bytes, bytes, str, str]] = []
-
-        def accept(result: StepResult) -> None:
-            rendered.extend(self.emitter.render(result.transitions, result.state))
-            if result.controls:
-                controls.extend(self.emitter.encode_controls(result.controls))
-            if result.refused:
-                refused.extend(Emitter.encode_refusals(result.refused))
-
-        state: UserState | None = partition.cache.get(key)
         try:
-            result = partition.apply(key, state, event, event.key, accept)
+            result = partition.apply(key, partition.cache.get(key), event, event.key, self._accept)
         except OversizedRecord as exc:
             self.emitter.dead_letter(msg, "oversized_output", str(exc))
             return None
@@ -416,12 +412,26 @@ class Runtime:
             self.emitter.dead_letter(msg, "evaluation_error", repr(exc))
             return None
         assert result is not None
-        self.emitter.send(rendered, result.transitions)
+        rendered, controls, refused = self._accepted
+        if rendered:
+            self.emitter.send(rendered, result.transitions)
         if controls:
             self.emitter.send_controls(controls)
         if refused:
             self.emitter.send_refusals(refused, msg)
         return result
+
+    def _accept(self, result: StepResult) -> None:
+        """Encode what an event's step sends, before its profile records the step (a
+        failure here rolls the profile back: no state without its outputs, and no
+        outputs without their state); `_apply` sends it once the step is recorded.
+        A method, not a closure per event: this runs for every event."""
+        emitter = self.emitter
+        self._accepted = (
+            emitter.render(result.transitions, result.state) if result.transitions else None,
+            emitter.encode_controls(result.controls) if result.controls else None,
+            Emitter.encode_refusals(result.refused) if result.refused else None,
+        )
 
     def owner_of(self, key: bytes) -> int:
         """The `events` partition that owns a profile key: murmur2, as Java's default
