@@ -591,3 +591,85 @@ def test_a_definition_that_cannot_be_compiled_does_not_stop_the_worker(
     wait_for(lambda: runtime.definitions.offset >= 3, 10, "the runtime to read both")
     assert runtime.failed is None
     assert set(runtime.definitions.definitions) == {"buyers"}
+
+
+# -- 5. partitions assigned together restore side by side --------------------------------
+
+
+def test_partitions_assigned_together_restore_side_by_side(
+    kafka_bootstrap: str,
+    unique_name: Callable[..., str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that lost its disk restores its four partitions two at a time, each with
+    a changelog reader of its own, to exactly the pure core's state; a partition whose
+    restore fails does not keep the others from being taken, and its error is raised."""
+    from audiences.adapters.state.layout import Family
+    from audiences.adapters.stream import runtime as runtime_module
+    from audiences.core.definitions import build_catalog, validate_definition
+    from audiences.core.evaluator import step
+    from audiences.core.events import parse_event
+
+    engine = Engine(kafka_bootstrap, unique_name("restore"), tmp_path / "a", partitions=4)
+    engine.apply(FREQUENT, BUYERS)
+    sent = [event for i in range(16) for event in views(f"u{i}", T0 + i * S, 3)]
+    runtime: Runtime | None = None
+    try:
+        engine.start()
+        engine.send(*sent)
+        engine.settle()
+        engine.stop()
+        # Partitions 0 and 1 restore at the same time, or this barrier breaks (20 s).
+        together = threading.Barrier(2, timeout=20)
+        restore = runtime_module.restore
+
+        def restore_side_by_side(*args: Any, **kwargs: Any) -> Any:
+            if kwargs["partition"] in (0, 1):
+                together.wait()
+            return restore(*args, **kwargs)
+
+        monkeypatch.setattr(runtime_module, "restore", restore_side_by_side)
+        engine.settings = engine.settings.replace(data_dir=str(tmp_path / "b"))
+        engine.start()
+        assert sorted(engine.evaluator.partitions) == [0, 1, 2, 3]  # type: ignore[union-attr]
+        engine.stop()
+        catalog = build_catalog({d["key"]: (validate_definition(d), 1) for d in (FREQUENT, BUYERS)})
+        expected: dict[str, UserState] = {}
+        for raw in sent:
+            event = parse_event(raw, T0)
+            expected[event.key] = step(expected.get(event.key), event, catalog, event.key).state
+        assert {partition_for(user.encode(), 4) for user in expected} == {0, 1, 2, 3}
+        for user, state in expected.items():
+            number = partition_for(user.encode(), 4)
+            store = RocksDictStore(tmp_path / "b" / engine.settings.app_id / f"p{number}")
+            try:
+                stored = store.get(Family.PROFILES, user.encode())
+            finally:
+                store.close()
+            assert stored is not None, user
+            assert UserState.decode(stored).to_json() == state.to_json(), user
+
+        # A third worker whose store of partition 3 cannot be opened takes the other three.
+        monkeypatch.setattr(runtime_module, "restore", restore)
+        settings = engine.settings.replace(data_dir=str(tmp_path / "c"))
+        runtime = Runtime(settings, engine.topics, KafkaClients(settings), clock=engine.clock)
+        open_store = runtime.open_store
+
+        def failing_store(number: int) -> Any:
+            if number == 3:
+                raise OSError("the disk of partition 3 is gone")
+            return open_store(number)
+
+        runtime.open_store = failing_store
+        with pytest.raises(OSError, match="partition 3"):
+            runtime._open_all([0, 1, 2, 3])
+        assert sorted(runtime.partitions) == [0, 1, 2]
+        assert all(p.counts.users > 0 for p in runtime.partitions.values())
+    finally:
+        if runtime is not None:
+            for number in list(runtime.partitions):
+                runtime._release(number)
+            for reader in runtime._changelog_readers:
+                reader.close()
+        engine.close()
