@@ -602,7 +602,7 @@ def test_partitions_assigned_together_restore_side_by_side(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A worker that lost its disk restores its four partitions two at a time, each with
+    """A worker that lost its disk restores its four partitions side by side, each with
     a changelog reader of its own, to exactly the pure core's state; a partition whose
     restore fails does not keep the others from being taken, and its error is raised."""
     from audiences.adapters.state.layout import Family

@@ -61,9 +61,10 @@ class KafkaClients:
                 "isolation.level": "read_committed",
                 "fetch.wait.max.ms": self.settings.fetch_wait_ms,
                 "enable.partition.eof": False,
-                # Recovery reads whole logs: big fetches, a deep prefetch queue.
+                # Recovery reads whole logs: big fetches, a deep prefetch queue (64 MB:
+                # up to RESTORE_THREADS of these read at once, see runtime._open_all).
                 "max.partition.fetch.bytes": 16 * 1024 * 1024,
-                "queued.max.messages.kbytes": 256 * 1024,
+                "queued.max.messages.kbytes": 64 * 1024,
             }
         )
 
