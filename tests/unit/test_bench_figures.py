@@ -27,3 +27,14 @@ def test_steal_is_a_share_of_the_cpu_time_since_a_snapshot() -> None:
     share = steal_pct((steal, total - 1000))  # as if 1000 jiffies passed without steal
     assert share is not None and 0 <= share <= 100
     assert steal_pct((steal, total + 10**9)) is None  # nothing passed since
+
+
+def test_recovery_time_is_the_union_of_restores_that_overlap() -> None:
+    """Partitions restore side by side: the bench's restore time is the time any restore
+    ran, not the sum of their durations (which would halve the keys/s it reports)."""
+    from audiences.tools.bench.engine_worker import covered
+
+    assert covered([]) == 0.0
+    assert covered([(0.0, 2.0), (1.0, 3.0)]) == 3.0  # overlapping
+    assert covered([(5.0, 6.0), (0.0, 1.0)]) == 2.0  # apart, any order
+    assert covered([(0.0, 4.0), (1.0, 2.0)]) == 4.0  # one inside the other
