@@ -20,13 +20,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from audiences.adapters.state.layout import Family
+from audiences.adapters.state.layout import NEVER, Family
 from audiences.adapters.state.store import StateStore
 
 MINUTE_MS = 60_000
 RETENTION_MS = 30 * 24 * 3_600_000  # buckets kept (stream time)
 PRUNE_EVERY_MS = 10 * MINUTE_MS  # how often (stream time) old buckets are looked for
-NEVER_MS = 2**62
 CACHE_LIMIT = 50_000  # recent buckets kept decoded in memory per partition
 _VALUE = struct.Struct(">qq")
 _MINUTE = struct.Struct(">q")
@@ -71,7 +70,7 @@ class History:
         self.pruned_at_ms = 0  # stream time of the last search for expired buckets
         # The oldest minute in `values` (a bound: it may be older than what is left):
         # while it is inside the retention, a search has nothing in memory to look at.
-        self.oldest_minute_ms = NEVER_MS
+        self.oldest_minute_ms = NEVER
 
     def count(self, audience: str, at_ms: int, entered: bool) -> None:
         key = bucket_key(audience, at_ms)
@@ -122,11 +121,14 @@ class History:
             return set()
         expired: set[bytes] = set()
         if self.oldest_minute_ms < cutoff:
-            expired = {k for k in self.values if split_bucket_key(k)[1] < cutoff}
-            self.oldest_minute_ms = min(
-                (split_bucket_key(k)[1] for k in self.values if k not in expired),
-                default=NEVER_MS,
-            )
+            oldest = NEVER
+            for key in self.values:
+                minute = split_bucket_key(key)[1]
+                if minute < cutoff:
+                    expired.add(key)
+                elif minute < oldest:
+                    oldest = minute
+            self.oldest_minute_ms = oldest
         start = b""
         while True:
             first = self.store.scan(Family.HISTORY, start, limit=1)

@@ -126,18 +126,19 @@ class Header(NamedTuple):
     wake_ms: int
 
 
-HEADER = "audiences.v1"  # header name; the value is `HEADER_FORMAT`-packed
-HEADER_FORMAT = struct.Struct(">qq")
+HEADER = "audiences.v1"  # header name; the value is `_HEADER_FORMAT`-packed
+_HEADER_FORMAT = struct.Struct(">qq")
 
 
 def encode_header(header: Header) -> list[tuple[str, bytes]]:
-    return [(HEADER, HEADER_FORMAT.pack(header.position, min(max(header.wake_ms, 0), NEVER)))]
+    return [(HEADER, _HEADER_FORMAT.pack(header.position, min(max(header.wake_ms, 0), NEVER)))]
 
 
-def decode_header(headers: list[tuple[str, bytes]] | None) -> Header | None:
-    """The state header of a record; None when it has none (or an unreadable one)."""
+def decode_header(headers: list[tuple[str, bytes]] | None) -> tuple[int, int] | None:
+    """(position, wake_ms) of a record's state header; None when it has none (or an
+    unreadable one). A plain tuple, not a `Header`: recovery reads one per record."""
     for name, value in headers or ():
-        if name == HEADER and value is not None and len(value) == HEADER_FORMAT.size:
-            position, wake = HEADER_FORMAT.unpack(value)
-            return Header(position, wake)
+        if name == HEADER and value is not None and len(value) == _HEADER_FORMAT.size:
+            position, wake = _HEADER_FORMAT.unpack(value)
+            return position, wake
     return None

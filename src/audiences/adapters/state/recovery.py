@@ -28,8 +28,6 @@ from typing import Protocol
 
 from audiences.adapters.state.layout import (
     FAMILY_OF,
-    HEADER,
-    HEADER_FORMAT,
     NEVER,
     Family,
     Kind,
@@ -179,7 +177,6 @@ def _apply(
     first = True
     profiles, due = Family.PROFILES, Family.DUE
     profile_kind = Kind.PROFILE.value
-    unpack_header, header_size = HEADER_FORMAT.unpack, HEADER_FORMAT.size
     records = keys = 0
     for record in read(start):
         offset = record.offset()
@@ -196,19 +193,11 @@ def _apply(
         key = record.key() or b""
         kind, ident = key[:1], key[1:]
         if kind == profile_kind:
-            # The bulk of every changelog: its own branch (recovery speed is a target),
-            # the header read inline when it is the only one.
-            headers = record.headers()
-            if headers and len(headers) == 1 and headers[0][0] == HEADER:
-                packed = headers[0][1]
-                if packed is None or len(packed) != header_size:
-                    continue
-                at, wake = unpack_header(packed)
-            else:
-                header = decode_header(headers)
-                if header is None:
-                    continue
-                at, wake = header
+            # The bulk of every changelog: its own branch (recovery speed is a target).
+            header = decode_header(record.headers())
+            if header is None:
+                continue
+            at, wake = header
             value = record.value()
             keys += 1
             if value is None:

@@ -30,6 +30,7 @@ import contextlib
 import gc
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
@@ -574,17 +575,16 @@ class Runtime:
         threads = min(RESTORE_THREADS, len(numbers))
         while len(self._changelog_readers) < threads:
             self._changelog_readers.append(self.clients.changelog_reader())
-        idle = list(self._changelog_readers[:threads])
-        lock = threading.Lock()
+        idle: queue.SimpleQueue[Consumer] = queue.SimpleQueue()
+        for reader in self._changelog_readers[:threads]:
+            idle.put(reader)
 
         def recover(number: int) -> Recovered:
-            with lock:
-                reader = idle.pop()
+            reader = idle.get()  # (one is free: no more tasks run than readers)
             try:
                 return self._recover(number, None, reader)
             finally:
-                with lock:
-                    idle.append(reader)
+                idle.put(reader)
 
         with ThreadPoolExecutor(threads, thread_name_prefix="restore") as pool:
             futures = [pool.submit(recover, number) for number in numbers]
