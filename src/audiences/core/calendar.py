@@ -20,19 +20,19 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from audiences.core.durations import parse_duration_ms
 from audiences.errors import DefinitionError
 
-MAX_CALENDAR_DAYS = 3650
-DAY_MS = 86_400_000
+MAX_CALENDAR_DAYS: Final = 3650
+DAY_MS: Final = 86_400_000
 _ZONES: dict[str, ZoneInfo] = {}  # name -> zone (names are validated before they get here)
-_MAX_ZONES = 1024
+_MAX_ZONES: Final = 1024
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MIN_MS = -62_135_596_800_000 + (MAX_CALENDAR_DAYS + 2) * DAY_MS  # room for N days before
-_MAX_MS = 253_402_300_799_999 - (MAX_CALENDAR_DAYS + 2) * DAY_MS  # room for N days after
+_MIN_MS: Final = -62_135_596_800_000 + (MAX_CALENDAR_DAYS + 2) * DAY_MS  # room for N days before
+_MAX_MS: Final = 253_402_300_799_999 - (MAX_CALENDAR_DAYS + 2) * DAY_MS  # room for N days after
 
 
 def zone(name: str) -> ZoneInfo:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, final
+from typing import Any, Final, NamedTuple, final
 
 import orjson
 
@@ -51,7 +51,7 @@ from audiences.core.state import (
     string_fits,
 )
 
-_UINT64_MAX = (1 << 64) - 1  # the largest int the codec (orjson) writes
+_UINT64_MAX: Final = (1 << 64) - 1  # the largest int the codec (orjson) writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +207,8 @@ Output = Transition | TraitChange | Deletion
 Control = tuple[str, dict[str, Any]]  # (Kafka key, record) to produce to the events topic
 
 # Identity links refused (SPEC §4/§11), dead-lettered to `events-dlq` by the runtime:
-MERGE_REFUSED = "merge_refused"  # the other id is a known user, or linked to another user
-MERGE_LIMIT = "merge_limit"  # the user already has MAX_ALIASES links
+MERGE_REFUSED: Final = "merge_refused"  # the other id is a known user, or linked to another user
+MERGE_LIMIT: Final = "merge_limit"  # the user already has MAX_ALIASES links
 
 
 class Refusal(NamedTuple):
@@ -1113,7 +1113,7 @@ def _absorb(state: UserState, other: UserState, catalog: Catalog, now: int) -> N
 
 # -- account audiences (SPEC §3 "subject": "account"; definitions/accounts.py) ---------------
 
-MAX_ACCOUNT_USERS = 1000  # users one account remembers (linked or unlinked); more: dropped
+MAX_ACCOUNT_USERS: Final = 1000  # users one account remembers (linked or unlinked); more: dropped
 
 
 def _predicates(state: UserState | None, hidden: dict[str, str]) -> dict[str, bool]:

@@ -12,26 +12,26 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
 from audiences.errors import InvalidEventError
 
-MAX_EVENT_BYTES = 32 * 1024
+MAX_EVENT_BYTES: Final = 32 * 1024
 EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
 # Control records on the events topic (SPEC §4): `delete` and `unsuppress` from
 # users and the API; `merge` written by workers to move anonymous profiles.
 CONTROL_TYPES = frozenset({"delete", "unsuppress", "merge", "account"})
-MAX_CONTROL_BYTES = 1024 * 1024  # a merge record carries a whole profile
-MERGE_PREFIX = b'{"type":"merge",'  # how orjson writes the records of `merge_request` & co
+MAX_CONTROL_BYTES: Final = 1024 * 1024  # a merge record carries a whole profile
+MERGE_PREFIX: Final = b'{"type":"merge",'  # how orjson writes the records of `merge_request` & co
 # Event times are epoch ms in [0, MAX_EVENT_TIME_MS]: 1970-01-01 .. 9999-12-31T23:59:59.999Z,
 # the range ISO-8601 (and `format_iso`, the state codec, the due-index) can represent.
 # Anything else is rejected as `bad_timestamp` (SPEC §11: invalid input, never a crash).
-MIN_EVENT_TIME_MS = 0
-MAX_EVENT_TIME_MS = 253_402_300_799_999
+MIN_EVENT_TIME_MS: Final = 0
+MAX_EVENT_TIME_MS: Final = 253_402_300_799_999
 # SPEC §11: an event stamped more than this after its receipt is `future_timestamp`.
-MAX_FUTURE_MS = 24 * 3_600_000
+MAX_FUTURE_MS: Final = 24 * 3_600_000
 
 _EMPTY: dict[str, Any] = {}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -18,7 +18,7 @@ Both kinds of pattern are at most MAX_PATTERN_BYTES long (UTF-8).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, final
+from typing import Any, Final, final
 
 import re2
 
@@ -28,7 +28,7 @@ from audiences.core.state import NEVER
 
 Predicate = Callable[[Any, int], bool]
 
-OPERATORS = (
+OPERATORS: Final = (
     "eq",
     "neq",
     "gt",
@@ -67,7 +67,7 @@ def _equal(actual: Any, expected: Any) -> bool:
     return _kind(actual) == _kind(expected) and actual == expected
 
 
-MAX_PATTERN_BYTES = 1024  # a `matches` regex or a wildcard pattern, UTF-8 encoded
+MAX_PATTERN_BYTES: Final = 1024  # a `matches` regex or a wildcard pattern, UTF-8 encoded
 _RE2_OPTIONS: Any = re2.Options()
 _RE2_OPTIONS.log_errors = False  # a refused pattern is reported to the caller, not on stderr
 _RE2_OPTIONS.never_capture = True  # `matches` asks whether, never where
@@ -157,11 +157,11 @@ def wildcard_regex(pattern: str, *, anchored: bool) -> Any:
 
 # Shapes of a wildcard alternative: one piece anywhere / at the start / at the end / the
 # whole text; anything else.
-_IN = 0
-_PREFIX = 1
-_SUFFIX = 2
-_EQUAL = 3
-_GENERAL = 4
+_IN: Final = 0
+_PREFIX: Final = 1
+_SUFFIX: Final = 2
+_EQUAL: Final = 3
+_GENERAL: Final = 4
 
 
 @final

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from audiences.core.evaluator import Deletion, Output, TraitChange, Transition
 from audiences.core.events import format_iso
 
 CONTACT_TRAITS = ("email", "phone")
-USER_DELETED = "User Deleted"
-AUDIENCE = "audience"  # computation_class of an audience (Segment Engage's names)
-COMPUTED_TRAIT = "computed_trait"
-ACCOUNT_AUDIENCE = "account_audience"  # an account audience's transitions (SPEC §5)
+USER_DELETED: Final = "User Deleted"
+AUDIENCE: Final = "audience"  # computation_class of an audience (Segment Engage's names)
+COMPUTED_TRAIT: Final = "computed_trait"
+ACCOUNT_AUDIENCE: Final = "account_audience"  # an account audience's transitions (SPEC §5)
 
 
 @lru_cache(maxsize=4096)

@@ -47,37 +47,40 @@ from __future__ import annotations
 import base64
 import hashlib
 import zlib
-from typing import Any, final
+from typing import Any, Final, final
 
 import orjson
 
-CODEC_VERSION = 4
+CODEC_VERSION: Final = 4
 READABLE_VERSIONS = (2, 3, 4)
-NEVER = 1 << 62  # "no deadline": larger than any epoch-ms time
-DEDUP_WINDOW_MS = 24 * 3_600_000
-DEDUP_WINDOW_S = DEDUP_WINDOW_MS // 1000
-DEDUP_HOURS = 24  # whole hours kept before the clock's (see `SeenIds`)
-DEDUP_MAX_IDS = 1024  # messageIds remembered per profile (10 KB in memory)
+# "No deadline": larger than any epoch-ms time, and the largest int compiled code keeps
+# unboxed (mypyc's short ints end at 2**62 - 1: at 1 << 62, every comparison with it took
+# the slow path). Stored deadlines of 1 << 62, from before, still read as none (`< NEVER`).
+NEVER: Final = (1 << 62) - 1
+DEDUP_WINDOW_MS: Final = 24 * 3_600_000
+DEDUP_WINDOW_S: Final = DEDUP_WINDOW_MS // 1000
+DEDUP_HOURS: Final = 24  # whole hours kept before the clock's (see `SeenIds`)
+DEDUP_MAX_IDS: Final = 1024  # messageIds remembered per profile (10 KB in memory)
 # Above FILTER_FROM_IDS ids, a lookup first reads two bits of a FILTER_BYTES filter
 # (rebuilt after FILTER_REBUILD_AFTER ids): a new id scans the hashes only when both
 # are set (~2% at the bound), so a lookup costs O(1), not a scan of up to 8 KB.
-FILTER_FROM_IDS = 64
-FILTER_BYTES = 4096
-FILTER_REBUILD_AFTER = 2 * DEDUP_MAX_IDS
-_FILTER_MASK = 8 * FILTER_BYTES - 1
-_GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: the filter's bits depend on all 64
+FILTER_FROM_IDS: Final = 64
+FILTER_BYTES: Final = 4096
+FILTER_REBUILD_AFTER: Final = 2 * DEDUP_MAX_IDS
+_FILTER_MASK: Final = 8 * FILTER_BYTES - 1
+_GOLDEN: Final = 0x9E3779B97F4A7C15  # Fibonacci hashing: the filter's bits depend on all 64
 
-MAX_TRAITS = 200
-MAX_TRAIT_NAME_BYTES = 128
-MAX_TRAIT_VALUE_BYTES = 1024
-SMALL_TRAIT_BYTES = 64
-MAX_TRAITS_BYTES = 32 * 1024
-MAX_ALIASES = 100
-MAX_ALIAS_ID_BYTES = 128
-MAX_KEY_CHARS = 40  # (a UUID has 36); a length test only: this is on the hot path
+MAX_TRAITS: Final = 200
+MAX_TRAIT_NAME_BYTES: Final = 128
+MAX_TRAIT_VALUE_BYTES: Final = 1024
+SMALL_TRAIT_BYTES: Final = 64
+MAX_TRAITS_BYTES: Final = 32 * 1024
+MAX_ALIASES: Final = 100
+MAX_ALIAS_ID_BYTES: Final = 128
+MAX_KEY_CHARS: Final = 40  # (a UUID has 36); a length test only: this is on the hot path
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 # Every reason `UserState.dropped` may hold (a bounded label set for the metric).
-DROP_REASONS = (
+DROP_REASONS: Final = (
     "traits",
     "trait_name_size",
     "trait_value_size",
@@ -97,7 +100,7 @@ DROP_REASONS = (
     "group_id_size",
     "account_users",
 )
-_UNENCODABLE = 1 << 62
+_UNENCODABLE: Final = 1 << 62
 
 
 def json_size(value: Any) -> int:

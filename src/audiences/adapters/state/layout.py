@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import struct
 from enum import Enum, StrEnum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
-NEVER = 1 << 62  # no deadline (same value as core.state.NEVER)
+NEVER: Final = (1 << 62) - 1  # no deadline (same value as core.state.NEVER; see there)
 _pack_due_time = struct.Struct(">Q").pack  # = int.to_bytes(8, "big")
 
 

@@ -16,7 +16,7 @@ false); `none` — no linked user satisfies c (true for an account with no users
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, final
+from typing import Any, Final, final
 
 from audiences.core.definitions.conditions import (
     ALL_EVENTS,
@@ -31,11 +31,11 @@ from audiences.core.events import Event
 from audiences.core.state import NEVER, UserState, string_fits
 from audiences.errors import DefinitionError
 
-ACCOUNT = "account"  # the `subject` of account definitions
-ACCOUNT_PREFIX = "group:"  # profile key of an account: group:{groupId}
-ACCOUNT_DATA = "@account"  # state.trackers entry of an account profile: {"u": {user: [...]}}
+ACCOUNT: Final = "account"  # the `subject` of account definitions
+ACCOUNT_PREFIX: Final = "group:"  # profile key of an account: group:{groupId}
+ACCOUNT_DATA: Final = "@account"  # state.trackers entry of an account profile: {"u": {user: [...]}}
 # state.trackers entry of a user: {"g": {groupId: 1 if its account was told, else 0}, "n": seq}
-GROUPS_DATA = "@groups"
+GROUPS_DATA: Final = "@groups"
 QUANTIFIERS = ("any", "all", "none")
 ACCOUNT_FIELDS = ("any", "all", "none", "trait")
 TRAIT_FIELDS = ("name", "op", "value")
@@ -266,8 +266,8 @@ def compile_account(key: str, condition: Mapping[str, Any]) -> Node:
 
 # -- the user side: links to accounts -------------------------------------------------------
 
-MAX_GROUPS = 100  # accounts one user may be linked to (more are dropped and counted)
-MAX_GROUP_ID_BYTES = 256
+MAX_GROUPS: Final = 100  # accounts one user may be linked to (more are dropped and counted)
+MAX_GROUP_ID_BYTES: Final = 256
 
 
 def group_of(event: Event) -> tuple[str, bool] | None:

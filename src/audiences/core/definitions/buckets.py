@@ -25,15 +25,15 @@ import difflib
 import hashlib
 import math
 from collections.abc import Mapping
-from typing import Any, final
+from typing import Any, Final, final
 
 from audiences.core.definitions.conditions import Node
 from audiences.core.state import NEVER, UserState
 from audiences.errors import DefinitionError
 
-BUCKETS = 10_000
-MAX_SALT_CHARS = 200
-HOLDOUT_SALT_SUFFIX = ":holdout"
+BUCKETS: Final = 10_000
+MAX_SALT_CHARS: Final = 200
+HOLDOUT_SALT_SUFFIX: Final = ":holdout"
 RANDOM_BUCKET_FIELDS = ("gte", "lt")
 HOLDOUT_FIELDS = ("percent", "salt")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Mapping
-from typing import Any, final
+from typing import Any, Final, final
 
 import orjson
 
@@ -34,13 +34,13 @@ from audiences.core.operators import (
 from audiences.core.state import MAX_KEY_CHARS, NEVER, UserState, bounded_key
 
 EventFilter = Callable[[Event], bool]
-MAX_SEQUENCE_INSTANCES = 64
+MAX_SEQUENCE_INSTANCES: Final = 64
 # Timestamps one `performed` tracker keeps: for `between`, the most recent ones, so a
 # count above it is capped at it; for `times N within`, N + 1 suffice (see
 # PerformedTracker), so only a definition asking for N >= MAX_KEPT_TIMESTAMPS is capped.
-MAX_KEPT_TIMESTAMPS = 1000
+MAX_KEPT_TIMESTAMPS: Final = 1000
 
-_ANY_COUNT = 1 << 62
+_ANY_COUNT: Final = (1 << 62) - 1  # more than any count (and an unboxed int compiled)
 _COUNT_RANGE: dict[str, Callable[[int], tuple[int, int]]] = {
     "eq": lambda n: (n, n),
     "gte": lambda n: (n, _ANY_COUNT),
@@ -275,14 +275,14 @@ class PerformedTracker(Tracker):
 #          bit i of a mask: the event matches step i; bit len(steps): the follow-up.
 # State written before funnels went by event time has entries of [0:4] only (same tracker
 # id): nodes read them as they are, the tracker upgrades them when it next touches them.
-_BASE = 4
-_FLOOR = 8
-_KEPT = 9
-NO_FLOOR = -(1 << 62)
+_BASE: Final = 4
+_FLOOR: Final = 8
+_KEPT: Final = 9
+NO_FLOOR: Final = -(1 << 62)
 # Events kept per match value for reordering (SPEC §11): beyond it the oldest are folded
 # into the base early (counted as `sequence_history`): an event arriving later that is
 # older than them is then ignored.
-MAX_SEQUENCE_HISTORY = 16
+MAX_SEQUENCE_HISTORY: Final = 16
 
 
 @final
@@ -510,7 +510,7 @@ class SequenceTracker(Tracker):
         return follow_ms < 0 and at - t0 > self.follow_within
 
 
-_OLD_LAYOUT = 4  # entries written before funnels went by event time
+_OLD_LAYOUT: Final = 4  # entries written before funnels went by event time
 
 
 def _upgraded(entry: list[int]) -> list[int]:
@@ -787,10 +787,10 @@ class SequenceNode(Node):
         }
 
 
-ALL_EVENTS = "\0*"  # route of trackers that look at every event
-DEVICE_TRACKER_ID = "dev"
-MAX_DEVICES = 16
-DISABLE_PUSH_EVENT = "Push Notifications Disabled"
+ALL_EVENTS: Final = "\0*"  # route of trackers that look at every event
+DEVICE_TRACKER_ID: Final = "dev"
+MAX_DEVICES: Final = 16
+DISABLE_PUSH_EVENT: Final = "Push Notifications Disabled"
 
 
 def device_type(device: Mapping[str, Any], os_info: Mapping[str, Any], context: Any) -> str | None:

@@ -18,13 +18,13 @@ on documents that passed it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from audiences.errors import DefinitionError
 
-MAX_DEPTH = 32
-MAX_NODES = 1000
-MAX_JSON_DEPTH = 100
+MAX_DEPTH: Final = 32
+MAX_NODES: Final = 1000
+MAX_JSON_DEPTH: Final = 100
 _COMPOSITES = ("all", "any")
 _NODE_LISTS = ("where", "steps")  # each item a node
 _NODE_OBJECTS = ("then", "then_not")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping
-from typing import Any, final
+from typing import Any, Final, final
 
 from audiences.core.definitions.conditions import Node
 from audiences.core.definitions.language import PRIORITY_LIST, is_priority_list
@@ -27,7 +27,7 @@ from audiences.core.state import NEVER, UserState
 from audiences.errors import DefinitionError
 
 PRIORITY_FIELDS = ("key", "name", "description", "kind", "audiences", "version", "created_at")
-MAX_PRIORITY_AUDIENCES = 64
+MAX_PRIORITY_AUDIENCES: Final = 64
 _KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 

@@ -53,7 +53,7 @@ import math
 import operator
 import sys
 from collections.abc import Mapping
-from typing import Any, final
+from typing import Any, Final, final
 
 from audiences.core.calendar import calendar_window
 from audiences.core.definitions.conditions import EventMatcher, Tracker, tracker_id
@@ -62,14 +62,16 @@ from audiences.core.durations import parse_duration_ms
 from audiences.core.events import Event, compile_path, parse_iso_ms
 from audiences.core.state import INT64_MAX, INT64_MIN, NEVER, UserState, string_fits
 
-MAX_DISTINCT = 100  # values kept per bucket by most_frequent and unique_*
-MAX_DISTINCT_ENTRIES = 500  # values kept over all buckets of a windowed one
-MAX_COMPUTED_VALUE_BYTES = 128  # longer strings are not counted
-BUCKET_FRACTION = 100
-FOREVER = -1  # start of the single bucket of a trait without a window
+MAX_DISTINCT: Final = 100  # values kept per bucket by most_frequent and unique_*
+MAX_DISTINCT_ENTRIES: Final = 500  # values kept over all buckets of a windowed one
+MAX_COMPUTED_VALUE_BYTES: Final = 128  # longer strings are not counted
+BUCKET_FRACTION: Final = 100
+FOREVER: Final = -1  # start of the single bucket of a trait without a window
 _FLOAT_MAX = sys.float_info.max
-_WINDOW_SHARE = 128  # a windowed bucket's sum stays within 1/128 of the range (<= 101 buckets)
-_CALENDAR_SHARE = 4096  # ... of a calendar window's (<= MAX_CALENDAR_DAYS + 1 buckets)
+_WINDOW_SHARE: Final = (
+    128  # a windowed bucket's sum stays within 1/128 of the range (<= 101 buckets)
+)
+_CALENDAR_SHARE: Final = 4096  # ... of a calendar window's (<= MAX_CALENDAR_DAYS + 1 buckets)
 _DISTINCT_KINDS = frozenset({"most_frequent", "unique_list", "unique_count"})
 _AGGREGATE = operator.itemgetter(1)  # of a bucket [start, aggregate]
 
