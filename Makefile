@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # The compiled core (mypyc, see setup.py): built in place next to the sources, rebuilt when
 # one of them changes. Its build record says what was compiled (or why not).
-CORE_SRC    := $(shell find src/audiences/core -name '*.py')
+CORE_SRC    := $(shell find src/audiences/core -name '*.py') src/audiences/_core_build.py \
+               $(addprefix src/audiences/,$(shell sed -n 's/^    "\(adapters\/.*\.py\)",$$/\1/p' src/audiences/_core_build.py))
 CORE_RECORD := src/audiences/core/_build.json
 # `make test`: 1 = the compiled core must be active; auto = must be when the build found a
 # C compiler, Python headers and mypyc (else the run says it is pure and why).

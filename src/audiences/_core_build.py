@@ -1,8 +1,11 @@
 """Which `audiences.core` runs: the mypyc-compiled extension modules or the pure sources.
 
-`setup.py` compiles `audiences.core` with mypyc when it can and writes a build record
-(`core/_build.json`) next to the compiled modules: the kind, why not compiled, the
-extension suffix and a digest of the core's sources as compiled. At import, `audiences`
+`setup.py` compiles `audiences.core` with mypyc when it can, and with it the runtime's
+per-event path (`COMPILED_ADAPTERS`: the partition state, its history, the emitter and
+the batch evaluation), and writes a build record (`core/_build.json`) next to the
+compiled modules: the kind, why not compiled, the extension suffix and a digest of the
+sources as compiled. "The core" below means all of them: they are compiled, found stale
+and run pure together. At import, `audiences`
 calls `select_core` once, before any module of the core is imported:
 
 - ``AUDIENCES_PURE_CORE=1``, no record, a record of a pure build, modules compiled for
@@ -37,6 +40,16 @@ RECORD = "_build.json"
 PACKAGE = "audiences.core"
 REBUILD = "`make core` (or `python setup.py build_ext --inplace`)"
 
+# The runtime's per-event path, compiled with the core (paths under the package). They stay
+# adapters (they do I/O); they are compiled in a group of their own, which sees the core as
+# ordinary Python modules: module attributes such as `partition.step` stay patchable.
+COMPILED_ADAPTERS = (
+    "adapters/state/history.py",
+    "adapters/state/partition.py",
+    "adapters/stream/emitter.py",
+    "adapters/stream/evaluation.py",
+)
+
 log = logging.getLogger("audiences.core_build")
 
 
@@ -55,28 +68,43 @@ class CoreBuild:
         return "compiled with mypyc" if self.compiled else f"pure Python — {self.reason}"
 
 
+def adapter_sources(core_dir: Path) -> list[Path]:
+    """The `COMPILED_ADAPTERS` next to `core_dir` (none in a copy of the core alone)."""
+    package = core_dir.parent
+    return [package / name for name in COMPILED_ADAPTERS if (package / name).is_file()]
+
+
 def source_digest(core_dir: Path) -> str:
-    """sha256 over the core's `.py` files (relative path and content, in path order)."""
+    """sha256 over the core's `.py` files and the compiled adapters (path relative to the
+    package and content, core first, each in path order)."""
     digest = hashlib.sha256()
-    for path in sorted(core_dir.rglob("*.py"), key=lambda p: p.relative_to(core_dir).as_posix()):
-        digest.update(path.relative_to(core_dir).as_posix().encode() + b"\0")
+    core = sorted(core_dir.rglob("*.py"), key=lambda p: p.relative_to(core_dir).as_posix())
+    for path in [*core, *adapter_sources(core_dir)]:
+        digest.update(path.relative_to(core_dir.parent).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
 def module_names(core_dir: Path) -> list[str]:
-    """The core's modules that are compiled: all but the packages' `__init__` (a compiled
-    package would import mypyc's shared library from inside itself while initialising)."""
-    return [
-        ".".join((PACKAGE, *path.relative_to(core_dir).with_suffix("").parts))
-        for path in sorted(core_dir.rglob("*.py"))
-        if path.name != "__init__.py"
-    ]
+    """The modules that are compiled: all of the core but the packages' `__init__` (a
+    compiled package would import mypyc's shared library from inside itself while
+    initialising), then the compiled adapters."""
+    core = [path for path in sorted(core_dir.rglob("*.py")) if path.name != "__init__.py"]
+    return [_module_name(core_dir.parent, path) for path in [*core, *adapter_sources(core_dir)]]
+
+
+def _module_name(package_dir: Path, path: Path) -> str:
+    return ".".join(("audiences", *path.relative_to(package_dir).with_suffix("").parts))
 
 
 def extension_path(core_dir: Path, module: str, suffix: str) -> Path:
-    *packages, name = module.split(".")[2:]
-    return core_dir.joinpath(*packages, name + suffix)
+    *packages, name = module.split(".")[1:]
+    return core_dir.parent.joinpath(*packages, name + suffix)
+
+
+_ADAPTER_MODULES = frozenset(
+    "audiences." + name.removesuffix(".py").replace("/", ".") for name in COMPILED_ADAPTERS
+)
 
 
 def decide(core_dir: Path, environ: Mapping[str, str]) -> CoreBuild:
@@ -110,12 +138,17 @@ def decide(core_dir: Path, environ: Mapping[str, str]) -> CoreBuild:
 
 
 class PureCoreFinder(MetaPathFinder):
-    """Finds `audiences.core` and its modules as `.py` sources, never as extensions."""
+    """Finds `audiences.core` and its modules, and the compiled adapters, as `.py` sources,
+    never as extensions."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != PACKAGE and not fullname.startswith(PACKAGE + "."):
+        if (
+            fullname != PACKAGE
+            and not fullname.startswith(PACKAGE + ".")
+            and fullname not in _ADAPTER_MODULES
+        ):
             return None
         name = fullname.rpartition(".")[2]
         for entry in path or ():

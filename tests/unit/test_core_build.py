@@ -16,14 +16,22 @@ import pytest
 
 import audiences
 from audiences import _core_build
-from audiences._core_build import PURE_ENV, RECORD, decide, module_names, source_digest
+from audiences._core_build import (
+    COMPILED_ADAPTERS,
+    PURE_ENV,
+    RECORD,
+    decide,
+    module_names,
+    source_digest,
+)
 
 PACKAGE_DIR = Path(audiences.__file__).resolve().parent
 CORE_DIR = PACKAGE_DIR / "core"
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 PROBE = (
     "import audiences, audiences.core.evaluator as e, audiences.core.definitions.conditions as c;"
-    "print(audiences.core_build().kind, e.__file__, c.__file__)"
+    "import audiences.adapters.stream.evaluation as v;"
+    "print(audiences.core_build().kind, e.__file__, c.__file__, v.__file__)"
 )
 
 
@@ -66,6 +74,27 @@ def test_a_new_source_file_makes_it_stale_too(tmp_path: Path) -> None:
     assert decide(core, {}).stale
 
 
+def test_the_runtimes_per_event_path_is_compiled_and_checked_with_the_core(
+    tmp_path: Path,
+) -> None:
+    core = tmp_path / "core"
+    fake_build(core)
+    adapter = tmp_path / "adapters" / "stream" / "evaluation.py"
+    adapter.parent.mkdir(parents=True)
+    adapter.write_text("Z = 1\n")
+    assert "adapters/stream/evaluation.py" in COMPILED_ADAPTERS
+    assert module_names(core)[-1] == "audiences.adapters.stream.evaluation"
+    assert decide(core, {}).stale  # compiled without it: its digest differs
+    record = json.loads((core / RECORD).read_text())
+    record["modules"], record["sources_sha256"] = module_names(core), source_digest(core)
+    (core / RECORD).write_text(json.dumps(record))
+    assert "another Python" in decide(core, {}).reason  # its extension is missing
+    adapter.with_suffix(SUFFIX).write_bytes(b"")
+    assert decide(core, {}).kind == "compiled"
+    adapter.write_text("Z = 2\n")  # an edited adapter: the whole build is stale
+    assert decide(core, {}).stale
+
+
 def test_pure_when_forced_unbuilt_or_built_for_another_python(tmp_path: Path) -> None:
     core = tmp_path / "core"
     fake_build(core)
@@ -103,18 +132,20 @@ def run_probe(env: dict[str, str], path: Path | None = None) -> subprocess.Compl
 
 def test_pure_core_env_loads_the_python_sources() -> None:
     env = {k: v for k, v in os.environ.items() if k != PURE_ENV}
-    kind, evaluator, conditions = run_probe({**env, PURE_ENV: "1"}).stdout.split()
+    kind, evaluator, conditions, evaluation = run_probe({**env, PURE_ENV: "1"}).stdout.split()
     assert kind == "pure"
     assert evaluator.endswith("evaluator.py") and conditions.endswith("conditions.py")
+    assert evaluation.endswith("evaluation.py")
 
 
 def test_by_default_a_built_core_runs_compiled() -> None:
     env = {k: v for k, v in os.environ.items() if k != PURE_ENV}
     expected = decide(CORE_DIR, env)
-    kind, evaluator, conditions = run_probe(env).stdout.split()
+    kind, evaluator, conditions, evaluation = run_probe(env).stdout.split()
     assert kind == expected.kind
     suffix = SUFFIX if expected.compiled else ".py"
     assert evaluator.endswith(suffix) and conditions.endswith(suffix)
+    assert evaluation.endswith(suffix)
 
 
 def test_an_edited_copy_of_a_compiled_build_runs_pure_and_says_so(tmp_path: Path) -> None:
@@ -127,8 +158,9 @@ def test_an_edited_copy_of_a_compiled_build_runs_pure_and_says_so(tmp_path: Path
     conditions = copy / "core" / "definitions" / "conditions.py"
     conditions.write_text(conditions.read_text() + "\n# edited\n")
     done = run_probe(env, tmp_path)
-    kind, evaluator, conditions_file = done.stdout.split()
+    kind, evaluator, conditions_file, evaluation = done.stdout.split()
     assert kind == "pure"
     assert evaluator == str(copy / "core" / "evaluator.py")
+    assert evaluation == str(copy / "adapters" / "stream" / "evaluation.py")
     assert conditions_file == str(conditions)
     assert "stale" in done.stderr and done.stderr.count("stale") == 1

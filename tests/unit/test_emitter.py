@@ -11,8 +11,9 @@ from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.state.checkpoint import DurabilityError
 from audiences.adapters.stream.emitter import MAX_RECORD_BYTES, Emitter, OversizedRecord
-from audiences.core.evaluator import merge_request
+from audiences.core.evaluator import Transition, merge_request
 from audiences.core.partitioning import partition_for
+from audiences.core.state import UserState
 
 
 class FakeProducer:
@@ -101,3 +102,15 @@ def test_an_interval_whose_records_are_not_acknowledged_in_time_fails(
     wait = sender.seal()
     with pytest.raises(DurabilityError, match="1 not acknowledged"):
         wait()
+
+
+def test_outputs_sent_counts_every_output_record_produced() -> None:
+    """The bench reads this count (no wrapper around `send` on the measured path)."""
+    sender, producer = emitter()
+    entered = Transition("vip", 1, "VIP", "u1", True, 1_000, 1, 1_000, "event", "m1")
+    exited = Transition("vip", 1, "VIP", "u2", False, 2_000, 2, 2_000, "deadline", None)
+    state = UserState()
+    sender.send(sender.render([entered], state), [entered])
+    sender.send(sender.render([entered, exited], state), [entered, exited])
+    assert sender.outputs_sent == 3 == len(producer.sent)
+    assert {record["topic"] for record in producer.sent} == {"audience-events"}

@@ -65,17 +65,14 @@ from audiences.adapters.state.layout import (
     Kind,
     Meta,
     changelog_key,
-    due_key,
     encode_header,
 )
-from audiences.adapters.state.partition import PartitionState
+from audiences.adapters.state.partition import ChangelogRecord, PartitionState
 from audiences.adapters.state.store import Batch
 from audiences.errors import BrokerError
 
 log = logging.getLogger(__name__)
-MAX_STATE_BYTES = 900_000  # a changelog record stays under Kafka's 1 MB message limit
 CHANGELOG_MESSAGE_MAX_BYTES = 1_000_000
-ChangelogRecord = tuple[bytes, bytes | None, Header]
 
 
 class Step(StrEnum):
@@ -241,7 +238,7 @@ class Checkpoint:
         changed = [p for p in partitions if p.changed]
         if not changed:
             return None
-        encoded = [(p, *_encode(p)) for p in changed]
+        encoded = [(p, *p.encode_interval()) for p in changed]
         self._step(Step.ENCODE)
         for partition, _records, _batch, profiles in encoded:
             partition.seal(profiles)
@@ -326,78 +323,6 @@ class Checkpoint:
     def _step(self, step: Step) -> None:
         if self.after_step is not None:
             self.after_step(step)
-
-
-def _encode(
-    partition: PartitionState,
-) -> tuple[list[ChangelogRecord], Batch, dict[bytes, bytes | None]]:
-    """Changelog records, the store batch and the encoded profiles of one partition's
-    interval."""
-    records: list[ChangelogRecord] = []
-    batch = partition.store.new_batch()
-    profiles: dict[bytes, bytes | None] = {}
-    position = partition.position
-    for key in list(partition.dirty):
-        state = partition.dirty.get(key, ...)
-        if state is ...:
-            continue  # quarantined meanwhile
-        value: bytes | None = None
-        wake = NEVER
-        if state is not None:
-            try:
-                value = state.encode()
-                if len(value) > MAX_STATE_BYTES:
-                    raise ValueError(f"{len(value)} bytes > {MAX_STATE_BYTES}")
-            except Exception as exc:  # any encoding failure: quarantine
-                partition.quarantine(key, f"unencodable_state: {exc}", state.clock_ms, None)
-                continue
-            wake = state.wake_ms
-        records.append((changelog_key(Kind.PROFILE, key), value, Header(position, wake)))
-        profiles[key] = value
-        if value is None:
-            batch.delete(Family.PROFILES, key)
-        else:
-            batch.put(Family.PROFILES, key, value)
-        old = partition.durable_wakes.get(key, NEVER)
-        if old != wake or value is None:
-            if old < NEVER:
-                batch.delete(Family.DUE, due_key(old, key))
-            if wake < NEVER and value is not None:
-                batch.put(Family.DUE, due_key(wake, key), b"")
-    for key, on in partition.suppression_changes.items():
-        marker = b"1" if on else None
-        records.append((changelog_key(Kind.SUPPRESSED, key), marker, Header(position, NEVER)))
-        if on:
-            batch.put(Family.SUPPRESSED, key, b"")
-        else:
-            batch.delete(Family.SUPPRESSED, key)
-    for key, quarantine in partition.quarantine_changes.items():
-        value = quarantine.encode() if quarantine is not None else None
-        records.append((changelog_key(Kind.QUARANTINE, key), value, Header(position, NEVER)))
-        if value is None:
-            batch.delete(Family.QUARANTINE, key)
-        else:
-            batch.put(Family.QUARANTINE, key, value)  # (its deadlines: dropped by the sweep)
-    for stale in partition.stale_due:
-        batch.delete(Family.DUE, stale)
-    for bucket, value in partition.history.seal(partition.clock_ms()):
-        records.append((changelog_key(Kind.HISTORY, bucket), value, Header(position, NEVER)))
-        if value is None:
-            batch.delete(Family.HISTORY, bucket)
-        else:
-            batch.put(Family.HISTORY, bucket, value)
-    counts = partition.counts.encode()
-    if counts != partition.counts_written:
-        partition.meta_changes[Meta.COUNTS] = counts
-        partition.counts_written = counts
-    # The position goes last: on a broker without read_committed, its record landing
-    # means every earlier record of this checkpoint landed (one producer, in order).
-    partition.meta_changes.pop(Meta.POSITION, None)
-    partition.meta_changes[Meta.POSITION] = partition.position_record()
-    for name, value in partition.meta_changes.items():
-        records.append((changelog_key(Kind.META, name.value), value, Header(position, NEVER)))
-        batch.put(Family.META, name.value, value)
-    return records, batch, profiles
 
 
 def owner_record(worker: str, session: str, at_ms: int) -> bytes:

@@ -27,8 +27,17 @@ import orjson
 
 from audiences.adapters import metrics
 from audiences.adapters.state.history import History
-from audiences.adapters.state.layout import NEVER, Family, Meta, due_key, split_due_key
-from audiences.adapters.state.store import StateStore
+from audiences.adapters.state.layout import (
+    NEVER,
+    Family,
+    Header,
+    Kind,
+    Meta,
+    changelog_key,
+    due_key,
+    split_due_key,
+)
+from audiences.adapters.state.store import Batch, StateStore
 from audiences.core.definitions import Catalog
 from audiences.core.evaluator import StepResult, Tick, Transition, fold_history, step
 from audiences.core.events import Event
@@ -36,6 +45,8 @@ from audiences.core.state import UserState
 
 log = logging.getLogger(__name__)
 RECENT_TIMES = 256  # event times the stream time is a low percentile of
+MAX_STATE_BYTES = 900_000  # a changelog record stays under Kafka's 1 MB message limit
+ChangelogRecord = tuple[bytes, bytes | None, Header]  # (key, value, header)
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,6 +429,77 @@ class PartitionState:
             or self.stream_time_ms
             != (sealed.stream_time_ms if sealed else self.committed_stream_time_ms)
         )
+
+    def encode_interval(
+        self,
+    ) -> tuple[list[ChangelogRecord], Batch, dict[bytes, bytes | None]]:
+        """Changelog records, the store batch and the encoded profiles of the interval (the
+        checkpoint's ENCODE step, on the loop thread)."""
+        records: list[ChangelogRecord] = []
+        batch = self.store.new_batch()
+        profiles: dict[bytes, bytes | None] = {}
+        position = self.position
+        for key in list(self.dirty):
+            state = self.dirty.get(key, ...)
+            if state is ...:
+                continue  # quarantined meanwhile
+            value: bytes | None = None
+            wake = NEVER
+            if state is not None:
+                try:
+                    value = state.encode()
+                    if len(value) > MAX_STATE_BYTES:
+                        raise ValueError(f"{len(value)} bytes > {MAX_STATE_BYTES}")
+                except Exception as exc:  # any encoding failure: quarantine
+                    self.quarantine(key, f"unencodable_state: {exc}", state.clock_ms, None)
+                    continue
+                wake = state.wake_ms
+            records.append((changelog_key(Kind.PROFILE, key), value, Header(position, wake)))
+            profiles[key] = value
+            if value is None:
+                batch.delete(Family.PROFILES, key)
+            else:
+                batch.put(Family.PROFILES, key, value)
+            old = self.durable_wakes.get(key, NEVER)
+            if old != wake or value is None:
+                if old < NEVER:
+                    batch.delete(Family.DUE, due_key(old, key))
+                if wake < NEVER and value is not None:
+                    batch.put(Family.DUE, due_key(wake, key), b"")
+        for key, on in self.suppression_changes.items():
+            marker = b"1" if on else None
+            records.append((changelog_key(Kind.SUPPRESSED, key), marker, Header(position, NEVER)))
+            if on:
+                batch.put(Family.SUPPRESSED, key, b"")
+            else:
+                batch.delete(Family.SUPPRESSED, key)
+        for key, quarantine in self.quarantine_changes.items():
+            value = quarantine.encode() if quarantine is not None else None
+            records.append((changelog_key(Kind.QUARANTINE, key), value, Header(position, NEVER)))
+            if value is None:
+                batch.delete(Family.QUARANTINE, key)
+            else:
+                batch.put(Family.QUARANTINE, key, value)  # (its deadlines: dropped by the sweep)
+        for stale in self.stale_due:
+            batch.delete(Family.DUE, stale)
+        for bucket, value in self.history.seal(self.clock_ms()):
+            records.append((changelog_key(Kind.HISTORY, bucket), value, Header(position, NEVER)))
+            if value is None:
+                batch.delete(Family.HISTORY, bucket)
+            else:
+                batch.put(Family.HISTORY, bucket, value)
+        counts = self.counts.encode()
+        if counts != self.counts_written:
+            self.meta_changes[Meta.COUNTS] = counts
+            self.counts_written = counts
+        # The position goes last: on a broker without read_committed, its record landing
+        # means every earlier record of this checkpoint landed (one producer, in order).
+        self.meta_changes.pop(Meta.POSITION, None)
+        self.meta_changes[Meta.POSITION] = self.position_record()
+        for name, value in self.meta_changes.items():
+            records.append((changelog_key(Kind.META, name.value), value, Header(position, NEVER)))
+            batch.put(Family.META, name.value, value)
+        return records, batch, profiles
 
     def seal(self, encoded: dict[bytes, bytes | None]) -> None:
         """Hand the interval over to the durability thread (`encoded`: its profiles as

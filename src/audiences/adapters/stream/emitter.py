@@ -81,6 +81,7 @@ class Emitter:
         self.space_id = space_id  # outputs' context.personas.space_id (SPEC §5)
         self._deliveries = Deliveries()  # of the current interval
         self._transitions: dict[tuple[str, bool], int] = {}  # flushed to metrics per checkpoint
+        self.outputs_sent = 0  # output records produced since the start (the bench reads it)
 
     def render(self, outputs: list[Output], state: UserState) -> Rendered:
         """The output messages of one step, all or nothing (a rendering that raises
@@ -102,6 +103,7 @@ class Emitter:
         topic = self.topics.audience_events
         produce, delivered = self.producer.produce, self._deliveries
         delivered.sent += len(rendered)
+        self.outputs_sent += len(rendered)
         for key, value in rendered:
             try:  # the hot path: no optional arguments (each costs microseconds)
                 produce(topic, key=key, value=value, on_delivery=delivered)

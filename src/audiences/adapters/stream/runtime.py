@@ -6,7 +6,7 @@ cooperative-sticky): a `PartitionState` (store, decoded profiles, what changed)
 and a transactional `ChangelogWriter`. One loop turn:
 
     consume a batch -> definitions changed? -> per partition: parse, route, `step`
-    each event, produce its outputs at once -> fire one chunk of due deadlines ->
+    each event, produce its outputs at once (evaluation.py) -> fire one chunk of due deadlines ->
     fold one chunk of backfill history -> re-judge one chunk -> every commit interval
     (AUDIENCES_COMMIT_INTERVAL_MS): checkpoint (state/checkpoint.py), then answer
     queued API queries (queries.py)
@@ -58,19 +58,12 @@ from audiences.adapters.state.store import RocksDictStore, StateStore
 from audiences.adapters.stream import timers
 from audiences.adapters.stream.backfill import Backfills
 from audiences.adapters.stream.definitions import DefinitionsLog
-from audiences.adapters.stream.emitter import (
-    Emitter,
-    Encoded,
-    OversizedRecord,
-    Refused,
-    Rendered,
-)
+from audiences.adapters.stream.emitter import Emitter
+from audiences.adapters.stream.evaluation import Evaluation
 from audiences.adapters.stream.queries import PartitionHistory, QueryPort
-from audiences.core.evaluator import StepResult
-from audiences.core.events import Event, future_timestamp, parse_event
 from audiences.core.partitioning import partition_for
 from audiences.core.state import UserState
-from audiences.errors import BrokerError, InvalidEventError
+from audiences.errors import BrokerError
 
 log = logging.getLogger(__name__)
 CONSUME_WAIT_S = 0.005  # longest wait for a batch to fill (latency)
@@ -128,7 +121,6 @@ class Runtime:
         self._more_due = False
         self._misrouted = 0
         self._misrouted_logged = 0.0
-        self._newest_record_ms: dict[int, int] = {}  # per partition: Kafka time, last batch
         self._published_audiences: set[str] = set()  # AUDIENCE_SIZE children set
         self.events_partitions = 0
         self._topic_ids: dict[str, str | None] = {}
@@ -139,10 +131,12 @@ class Runtime:
         self.emitter = Emitter(
             self._producer, topics, self.owner_of, space_id=settings.space_id or settings.app_id
         )
+        self._newest_record_ms: dict[int, int] = {}  # per partition: Kafka time, last batch
+        self.evaluation = Evaluation(
+            self.emitter, self.owner_of, self._count_misrouted, self._newest_record_ms
+        )
         self.checkpoint = Checkpoint(self.emitter.seal, self._commit_offsets)
         self._flight: Flight | None = None  # the checkpoint in flight, if any
-        # What the last event's step sends: rendered outputs, control and refused records.
-        self._accepted: tuple[Rendered | None, Encoded | None, Refused | None] = (None, None, None)
         self._deferred: BaseException | None = None  # a failure met in a rebalance callback
         self.definitions = DefinitionsLog(
             topics.definitions, clients.definitions_consumer(), clients.producer({"linger.ms": 0})
@@ -322,117 +316,16 @@ class Runtime:
                     log.warning("consume error: %s", error)
                 continue
             by_partition.setdefault(msg.partition(), []).append(msg)
+        evaluate = self.evaluation.partition_batch
         for number, batch in by_partition.items():
             partition = self.partitions.get(number)
             if partition is not None:
-                ms = self._process_partition(partition, batch)
+                ms = evaluate(partition, batch, self.clock)
                 if ms is not None and (oldest_ms is None or ms < oldest_ms):
                     oldest_ms = ms
         if oldest_ms is not None:
             metrics.PROCESSING_LATENCY.observe(max(0.0, time.time() - oldest_ms / 1000))
         metrics.BATCH_DURATION.observe(time.perf_counter() - started)
-
-    def _process_partition(self, partition: PartitionState, batch: list[Message]) -> int | None:
-        """Evaluate one partition's records; returns the Kafka time of the oldest."""
-        number = partition.number
-        emitter = self.emitter
-        ahead = partition.ahead
-        events: list[tuple[bytes, Event, Message]] = []
-        types: dict[str, int] = {}
-        oldest_ms: int | None = None
-        for msg in batch:
-            offset = msg.offset()
-            if offset < partition.position:
-                continue  # already evaluated (a rewind re-delivers what was fetched)
-            partition.position = offset + 1
-            record_ms = msg.timestamp()[1]
-            if oldest_ms is None:
-                oldest_ms = record_ms
-            try:
-                event = parse_event(msg.value() or b"", record_ms)
-            except InvalidEventError as exc:
-                emitter.dead_letter(msg, exc.reason, str(exc))
-                continue
-            except Exception as exc:  # a parser bug must not stop the partition either
-                log.exception("parsing failed at %s[%d]@%d", msg.topic(), number, offset)
-                emitter.dead_letter(msg, "parse_error", repr(exc))
-                continue
-            future = future_timestamp(event, record_ms)
-            if future is not None:
-                emitter.dead_letter(msg, "future_timestamp", future)
-                continue
-            key = event.key.encode()
-            owner = self.owner_of(key)
-            if owner != number:
-                emitter.forward(msg, owner)
-                self._count_misrouted(number, owner)
-                continue
-            if ahead and offset < ahead.get(key, -1):
-                continue  # the stored profile already reflects it (see recovery.py)
-            events.append((key, event, msg))
-            types[event.type] = types.get(event.type, 0) + 1
-            partition.observe(event.timestamp_ms)
-        if batch:
-            self._newest_record_ms[number] = batch[-1].timestamp()[1]
-        if not events:
-            return oldest_ms
-        now = self.clock()
-        partition.load({key for key, _, _ in events}, now)
-        duplicates = suppressed = 0
-        for key, event, msg in events:
-            if key in partition.quarantined and event.type != "delete":
-                emitter.dead_letter(msg, "profile_quarantined", "the profile is quarantined")
-                continue
-            if key in partition.suppressed and event.type not in ("unsuppress", "delete"):
-                suppressed += 1
-                continue
-            result = self._apply(partition, key, event, msg)
-            if result is not None:
-                duplicates += result.duplicate
-        for event_type, count in types.items():
-            metrics.EVENTS_IN.labels(event_type).inc(count)
-        if duplicates:
-            metrics.EVENTS_DUPLICATE.inc(duplicates)
-        if suppressed:
-            metrics.EVENTS_SUPPRESSED.inc(suppressed)
-        return oldest_ms
-
-    def _apply(
-        self, partition: PartitionState, key: bytes, event: Event, msg: Message
-    ) -> StepResult | None:
-        """One event into its profile, atomically with its outputs (or dead-lettered)."""
-        try:
-            result = partition.apply(key, partition.cache.get(key), event, event.key, self._accept)
-        except OversizedRecord as exc:
-            self.emitter.dead_letter(msg, "oversized_output", str(exc))
-            return None
-        except Exception as exc:  # a bug must not stop the partition: park it
-            log.exception(
-                "evaluation failed at %s[%d]@%d", msg.topic(), partition.number, msg.offset()
-            )
-            self.emitter.dead_letter(msg, "evaluation_error", repr(exc))
-            return None
-        assert result is not None
-        rendered, controls, refused = self._accepted
-        if rendered:
-            self.emitter.send(rendered, result.transitions)
-        if controls:
-            self.emitter.send_controls(controls)
-        if refused:
-            self.emitter.send_refusals(refused, msg)
-        return result
-
-    def _accept(self, result: StepResult) -> None:
-        """Encode what an event's step sends, before its profile records the step (a
-        failure here rolls the profile back: no state without its outputs, and no
-        outputs without their state); `_apply` sends it once the step is recorded.
-        A method, not a closure per event: this runs for every event."""
-        emitter = self.emitter
-        self._accepted = (
-            emitter.render(result.transitions, result.state) if result.transitions else None,
-            emitter.encode_controls(result.controls) if result.controls else None,
-            Emitter.encode_refusals(result.refused) if result.refused else None,
-        )
 
     def owner_of(self, key: bytes) -> int:
         """The `events` partition that owns a profile key: murmur2, as Java's default
