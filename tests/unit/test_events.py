@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from factories import T0, event_dict, iso, make_event
 
 from audiences.core.events import (
@@ -363,3 +367,21 @@ def test_numbers_json_cannot_hold_are_undecodable(data: bytes) -> None:
 def test_timestamps_beyond_64_bits_or_iso_are_bad_timestamps(timestamp: object) -> None:
     wire = orjson.dumps({"type": "track", "event": "E", "userId": "u", "timestamp": timestamp})
     assert reason_of(wire) == "bad_timestamp"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999_999)
+    ),
+    st.sampled_from(["", "Z", "+05:30", "-11:00"]),
+)
+def test_an_iso_time_reads_as_whole_milliseconds_floored(moment: datetime, zone: str) -> None:
+    """Any precision, any offset, before 1970 too: epoch ms floored, as the timedelta
+    arithmetic `(t - epoch) // 1 ms` has it (the parser computes it from its fields)."""
+    text = moment.isoformat() + zone
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    expected = (parsed - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+    assert parse_iso_ms(text) == expected
