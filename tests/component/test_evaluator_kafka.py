@@ -223,6 +223,33 @@ def test_an_evaluation_failure_parks_the_event_and_the_worker_goes_on(
     assert outputs[0]["userId"] == "x" and outputs[0]["event"] == "Audience Entered"
 
 
+def test_a_parser_failure_parks_the_record_and_the_worker_goes_on(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in `parse_event` (not an invalid event: those have their own reasons) costs
+    that record only: `parse_error` in events-dlq, and the next records are evaluated."""
+    from audiences.adapters.stream import evaluation
+
+    real_parse = evaluation.parse_event
+
+    def flaky_parse(data, received_at_ms):  # type: ignore[no-untyped-def]
+        if b"Boom" in data:
+            raise RuntimeError("simulated parser bug")
+        return real_parse(data, received_at_ms)
+
+    monkeypatch.setattr(evaluation, "parse_event", flaky_parse)
+    engine.apply(FREQUENT)
+    engine.start()
+    engine.send(
+        track("x", "Boom", T0), *(track("x", "Product Viewed", T0 + i * S) for i in range(3))
+    )
+    (letter,) = engine.dead_letters(1)
+    assert dict(letter.headers())["error_reason"] == b"parse_error"
+    assert b"simulated parser bug" in dict(letter.headers())["error"]
+    outputs = engine.outputs(1)
+    assert outputs[0]["userId"] == "x" and outputs[0]["event"] == "Audience Entered"
+
+
 def test_a_hijacking_alias_and_a_2099_event_are_dead_lettered_and_the_worker_goes_on(
     engine: Engine,
 ) -> None:

@@ -67,8 +67,9 @@ class Evaluation:
                 oldest_ms = record_ms
             try:
                 event = parse_event(msg.value() or b"", record_ms)
-            except InvalidEventError as exc:
-                emitter.dead_letter(msg, exc.reason, str(exc))
+            # (each handler names its exception apart: compiled, a name has one type)
+            except InvalidEventError as invalid:
+                emitter.dead_letter(msg, invalid.reason, str(invalid))
                 continue
             except Exception as exc:  # a parser bug must not stop the partition either
                 log.exception("parsing failed at %s[%d]@%d", msg.topic(), number, offset)
@@ -120,8 +121,8 @@ class Evaluation:
         """One event into its profile, atomically with its outputs (or dead-lettered)."""
         try:
             result = partition.apply(key, partition.cache.get(key), event, event.key, self.accept)
-        except OversizedRecord as exc:
-            self.emitter.dead_letter(msg, "oversized_output", str(exc))
+        except OversizedRecord as oversized:  # (not `exc`: see partition_batch)
+            self.emitter.dead_letter(msg, "oversized_output", str(oversized))
             return None
         except Exception as exc:  # a bug must not stop the partition: park it
             log.exception(
