@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
+from factories import T0, event_dict, iso, make_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from factories import T0, event_dict, iso, make_event
 
 from audiences.core.events import (
     MAX_EVENT_BYTES,
