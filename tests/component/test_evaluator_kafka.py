@@ -45,6 +45,22 @@ def test_outputs_carry_context_personas_of_the_app_id_by_default(engine: Engine)
     assert list(pure_outputs([FREQUENT], views, None)) == [entered["messageId"]]
 
 
+def test_a_passed_deadline_is_swept_on_the_next_loop_turn_not_the_next_tick(
+    engine: Engine,
+) -> None:
+    """With a 10-minute tick, a deadline in the index fires as soon as the clock passes
+    it: the partition's earliest deadline says when the next sweep has work."""
+    engine.settings = engine.settings.replace(tick_interval_ms=600_000)
+    engine.apply(CART_ABANDONERS)
+    engine.start()
+    engine.send(track("idle", "Checkout Started", T0, cart_id="c1"))
+    engine.settle()  # evaluated and durable: its deadline is in the index
+    engine.clock.advance_to(T0 + 2 * H + 5 * S)
+    entered = engine.outputs(1, timeout=20)[0]  # (the tick would come in 10 minutes)
+    assert entered["userId"] == "idle" and entered["event"] == "Audience Entered"
+    assert entered["timestamp"] == format_iso(T0 + 2 * H)
+
+
 def test_abandoner_enters_at_deadline_while_idle_and_exits_on_late_order(engine: Engine) -> None:
     engine.apply(CART_ABANDONERS)
     engine.start()

@@ -23,6 +23,7 @@ from audiences.adapters.state.layout import (
     Kind,
     Meta,
     changelog_key,
+    due_key,
     encode_header,
 )
 from audiences.adapters.state.partition import PartitionState
@@ -518,6 +519,71 @@ def test_sweeps_use_deadlines_of_restored_profiles() -> None:
     assert [int.from_bytes(k[:8], "big") for k, _ in due] == [T0 + 60 * M]
     state = UserState.decode(store.get(Family.PROFILES, b"u") or b"")
     assert step(state, Tick(T0 + 61 * M), CATALOG, "u").transitions[0].entered is False
+
+
+def _views(user: str, at_ms: int, offset: int) -> list[tuple[int, Event]]:
+    """Two views a minute apart: `viewers` until the first leaves the hour (a deadline
+    at `at_ms` + 1h)."""
+    return [
+        (offset, event(user, "Product Viewed", at_ms)),
+        (offset + 1, event(user, "Product Viewed", at_ms + M)),
+    ]
+
+
+def test_a_sweep_seeks_from_the_earliest_deadline_left() -> None:
+    """`due` starts where the previous sweep left off (the entries of fired deadlines
+    are deleted: seeking from the start of the index would step over each), and a
+    later checkpoint's earlier deadline moves that start back."""
+    log = FakeChangelog()
+    store = MemoryStore()
+    partition = partition_over(store, log)
+    feed(partition, _views("u1", T0, 0) + _views("u2", T0 + 2 * M, 2))
+    commit(partition, log)
+    seeks: list[bytes] = []
+    scan = store.scan
+
+    def recorded(family: Family, start: bytes = b"", *args: Any, **kwargs: Any) -> Any:
+        if family is Family.DUE:
+            seeks.append(start)
+        return scan(family, start, *args, **kwargs)
+
+    store.scan = recorded  # type: ignore[method-assign]
+    assert partition.due(T0 + 60 * M, 10) == [(T0 + 60 * M, b"u1")]
+    assert partition.due_from == T0 + 62 * M  # the next deadline: the next sweep's work
+    seeks.clear()
+    assert partition.due(T0 + 61 * M, 10) == []
+    assert seeks and min(seeks) > due_key(T0 + 60 * M, b"u1")  # past what it returned
+    feed(partition, _views("u0", T0 - 20 * M, 4))  # a deadline before the ones left
+    commit(partition, log)
+    assert partition.due_from == T0 + 40 * M
+    assert partition.due(T0 + 61 * M, 10) == [(T0 + 40 * M, b"u0"), (T0 + 60 * M, b"u1")]
+    assert partition.due(T0 + 62 * M, 1) == [(T0 + 62 * M, b"u2")]  # (a chunk: `limit`)
+    assert partition.due_from == T0 + 62 * M
+    assert partition.due(T0 + 62 * M, 1) == [(T0 + 62 * M, b"u2")]
+    assert partition.due(T0 + 62 * M, 10) == [(T0 + 62 * M, b"u2")]
+    assert partition.due_from == NEVER  # none left
+
+
+def test_a_deadline_sealed_while_a_sweep_runs_is_found_once_it_lands() -> None:
+    """A sweep while a checkpoint is in flight does not see its deadlines (not in the
+    store yet) and moves on past them; landing moves the start back."""
+    log = FakeChangelog()
+    store = MemoryStore()
+    partition = partition_over(store, log)
+    feed(partition, _views("late", T0 + 30 * M, 0))
+    commit(partition, log)
+    checkpoint = Checkpoint(seal_outputs=lambda: lambda: None, commit_offsets=lambda _: None)
+    gate = Gate(Step.CHANGELOG)
+    checkpoint.after_step = gate
+    feed(partition, _views("early", T0, 2))
+    flight = checkpoint.start([partition], {0: FakeWriter(log)})  # type: ignore[dict-item]
+    assert flight is not None and gate.reached.wait(10)
+    assert partition.due(T0 + 61 * M, 10) == []  # in flight: not in the store yet
+    assert partition.due_from == T0 + 90 * M
+    gate.release.set()
+    checkpoint.land(flight)
+    assert partition.due_from == T0 + 60 * M
+    assert partition.due(T0 + 61 * M, 10) == [(T0 + 60 * M, b"early")]
 
 
 # -- pipelined checkpoints: the loop goes on while one interval becomes durable ---------

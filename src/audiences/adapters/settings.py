@@ -263,7 +263,12 @@ class Settings:
         default=1000, metadata={"min": 1, "doc": "max records consumed per evaluator batch"}
     )
     tick_interval_ms: int = field(
-        default=50, metadata={"min": 1, "doc": "deadline sweep interval when idle"}
+        default=50,
+        metadata={
+            "min": 1,
+            "doc": "longest time between deadline sweeps (a caught-up partition's earliest "
+            "deadline, once past, is swept on the next loop turn)",
+        },
     )
     commit_interval_ms: int = field(
         default=100,

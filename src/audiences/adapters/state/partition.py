@@ -155,6 +155,12 @@ class PartitionState:
         self.quarantine_changes: dict[bytes, Quarantine | None] = {}
         self.stale_due: list[bytes] = []  # due-index keys to delete at the checkpoint
         self.meta_changes: dict[Meta, bytes] = {}
+        # The deadline index (see `due`): no live entry visible in the store has a wake
+        # below `due_from` (0: not looked yet; NEVER: none). Entries of the interval in
+        # flight join it when it lands: their earliest wake waits in `_due_sealed`.
+        self.due_from = 0
+        self._due_encoded = NEVER  # earliest wake the last ENCODE put in the index
+        self._due_sealed = NEVER
         # The previous interval while the durability thread makes it durable (one deep).
         self.inflight: Sealed | None = None
         # Loaded from the store:
@@ -233,8 +239,19 @@ class PartitionState:
         return rows[:limit], rows[limit][0] if len(rows) > limit else None
 
     def due(self, until_ms: int, limit: int) -> list[tuple[int, bytes]]:
-        """Up to `limit` (wake_ms, profile key) of the deadline index, due by `until_ms`."""
-        rows = self.store.scan(Family.DUE, b"", due_key(until_ms + 1, b""), limit=limit)
+        """Up to `limit` (wake_ms, profile key) of the deadline index, due by `until_ms`,
+        from `due_from` on: the entries of deadlines fired before are deleted, and a
+        RocksDB seek from the start of the index would step over every delete not yet
+        compacted away (thousands a second under live traffic). Every entry returned is
+        fired or dropped by the caller, so `due_from` moves past them, to the next entry
+        (which says when the next sweep has work)."""
+        start = due_key(self.due_from, b"")
+        rows = self.store.scan(Family.DUE, start, due_key(until_ms + 1, b""), limit=limit)
+        if len(rows) == limit:  # more may be due: go on from the last wake
+            self.due_from = split_due_key(rows[-1][0])[0]
+        else:
+            after = self.store.scan(Family.DUE, due_key(until_ms + 1, b""), limit=1)
+            self.due_from = split_due_key(after[0][0])[0] if after else NEVER
         return [split_due_key(entry) for entry, _ in rows]
 
     def drop_due(self, wake_ms: int, key: bytes) -> None:
@@ -439,6 +456,7 @@ class PartitionState:
         batch = self.store.new_batch()
         profiles: dict[bytes, bytes | None] = {}
         position = self.position
+        due_encoded = NEVER
         for key in list(self.dirty):
             state = self.dirty.get(key, ...)
             if state is ...:
@@ -466,6 +484,8 @@ class PartitionState:
                     batch.delete(Family.DUE, due_key(old, key))
                 if wake < NEVER and value is not None:
                     batch.put(Family.DUE, due_key(wake, key), b"")
+                    if wake < due_encoded:
+                        due_encoded = wake
         for key, on in self.suppression_changes.items():
             marker = b"1" if on else None
             records.append((changelog_key(Kind.SUPPRESSED, key), marker, Header(position, NEVER)))
@@ -482,6 +502,7 @@ class PartitionState:
                 batch.put(Family.QUARANTINE, key, value)  # (its deadlines: dropped by the sweep)
         for stale in self.stale_due:
             batch.delete(Family.DUE, stale)
+        self._due_encoded = due_encoded
         for bucket, value in self.history.seal(self.clock_ms()):
             records.append((changelog_key(Kind.HISTORY, bucket), value, Header(position, NEVER)))
             if value is None:
@@ -524,6 +545,7 @@ class PartitionState:
         self.quarantine_changes = {}
         self.stale_due = []
         self.meta_changes = {}
+        self._due_sealed, self._due_encoded = self._due_encoded, NEVER
 
     def landed(self) -> None:
         """The sealed interval is durable: forget it, keep the cache within its limit."""
@@ -532,6 +554,9 @@ class PartitionState:
         self.inflight = None
         self.committed = sealed.position
         self.committed_stream_time_ms = sealed.stream_time_ms
+        if self._due_sealed < self.due_from:  # its deadlines are in the index now
+            self.due_from = self._due_sealed
+        self._due_sealed = NEVER
         if self.ahead and self.committed >= max(self.ahead.values()):
             self.ahead.clear()
         self.history.landed()
@@ -550,6 +575,7 @@ class PartitionState:
         sealed = self.inflight
         assert sealed is not None
         self.inflight = None
+        self._due_sealed = NEVER  # (not written: its profiles are encoded again)
         sealed.dirty.update(self.dirty)
         self.dirty = sealed.dirty
         self.journal = sealed.journal + self.journal
