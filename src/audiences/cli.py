@@ -497,6 +497,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         faust_events=args.faust_events,
         latency_rate=args.latency_rate,
         latency_seconds=args.latency_seconds,
+        latency_warmup=args.latency_warmup,
         memory_profiles=args.memory_profiles,
     )
 
@@ -796,7 +797,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="events/s of the latency phase (default: half the engine's measured throughput)",
     )
     p.add_argument(
-        "--latency-seconds", type=float, default=10.0, help="how long the latency phase sends (10)"
+        "--latency-seconds",
+        type=float,
+        default=10.0,
+        help="how long the latency phase measures (10), after its warm-up",
+    )
+    p.add_argument(
+        "--latency-warmup",
+        type=float,
+        default=5.0,
+        help="seconds the latency phase sends at its rate before it measures (5; reported "
+        "apart: the fresh topics, stores and caches of the live worker fill meanwhile)",
     )
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.set_defaults(func=cmd_bench)

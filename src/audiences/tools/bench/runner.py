@@ -519,7 +519,9 @@ def marginal_mb_per_profile(samples: list[list[float]] | list[tuple[int, float]]
     return max(0.0, sum((p - mean_p) * (r - mean_r) for p, r in late) / spread)
 
 
-def latency(run: Run, rate: float, seconds: float, users: int, workload: str) -> dict[str, Any]:
+def latency(
+    run: Run, rate: float, seconds: float, warmup: float, users: int, workload: str
+) -> dict[str, Any]:
     from audiences.tools.bench import latency as phase
 
     config = run.config("latency", mode="serve")
@@ -537,9 +539,9 @@ def latency(run: Run, rate: float, seconds: float, users: int, workload: str) ->
                     f"the latency worker did not start:\n{_tail(worker.log_path)}"
                 )
             time.sleep(0.1)
-        _say(f"  latency: {rate:,.0f} events/s for {seconds:g}s, live ...")
+        _say(f"  latency: {rate:,.0f} events/s for {warmup:g}s + {seconds:g}s, live ...")
         return phase.measure(
-            settings, rate, seconds, users, workload, lambda: worker.proc.poll() is None
+            settings, rate, seconds, warmup, users, workload, lambda: worker.proc.poll() is None
         )
     finally:
         worker.stop()
@@ -780,8 +782,8 @@ def render_table(data: dict[str, Any]) -> str:
         entered, exited = latency_data["event_to_entered"], latency_data["deadline_to_exited"]
         lines += [
             f"latency at {latency_data['rate_events_per_s']:,.0f} events/s for "
-            f"{latency_data['seconds']:g} s ({latency_data['events']:,} events), read back "
-            "from the output topic:",
+            f"{latency_data['seconds']:g} s ({latency_data['events']:,} events) after a "
+            f"{latency_data['warmup']['seconds']:g} s warm-up, {latency_data['clock']}:",
             f"  event -> Audience Entered    p50 {num(entered['p50_ms'], '.1f')} ms   "
             f"p99 {num(entered['p99_ms'], '.1f')} ms   max {num(entered['max_ms'], '.1f')} ms "
             f"({entered['count']:,})",
@@ -825,6 +827,7 @@ def run_bench(
     faust_events: int = 50_000,
     latency_rate: float | None = None,
     latency_seconds: float = 10.0,
+    latency_warmup: float = 5.0,
     memory_profiles: int = 1_000_000,
 ) -> int:
     """Run the benchmark, print the table (and the JSON line); returns the exit code."""
@@ -900,7 +903,7 @@ def run_bench(
             engine_rate = result["events"] / result["elapsed_s"] if result["elapsed_s"] else 0.0
             rate = latency_rate or max(1.0, engine_rate / 2)  # half load
             try:
-                latencies = latency(bench, rate, latency_seconds, users, workload)
+                latencies = latency(bench, rate, latency_seconds, latency_warmup, users, workload)
             except (ContenderFailed, AudiencesError) as exc:
                 errors["engine"] = f"latency: {exc}"
                 _say(f"\nerror: {exc}")
