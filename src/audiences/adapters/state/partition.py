@@ -245,6 +245,8 @@ class PartitionState:
         compacted away (thousands a second under live traffic). Every entry returned is
         fired or dropped by the caller, so `due_from` moves past them, to the next entry
         (which says when the next sweep has work)."""
+        if self.due_from > until_ms:
+            return []  # (nothing visible is due: no seek)
         start = due_key(self.due_from, b"")
         rows = self.store.scan(Family.DUE, start, due_key(until_ms + 1, b""), limit=limit)
         if len(rows) == limit:  # more may be due: go on from the last wake

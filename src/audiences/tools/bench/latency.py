@@ -27,9 +27,9 @@ stamp append times (the embedded one) gets only those, and `clock` says so.
 The first `warmup` seconds of traffic (5 by default) are reported apart: the
 live worker starts on fresh topics and an empty store, and its first seconds
 (stores, caches and the broker's new logs filling) are not the steady state
-the targets are about. This process runs without its garbage collector meanwhile (a full collection
-here paused the producer and the reader for 100-150 ms). Nothing here asserts
-speed.
+the targets are about. This process runs without its garbage collector
+meanwhile (a full collection here paused the producer and the reader for
+100-150 ms). Nothing here asserts speed.
 """
 
 from __future__ import annotations
@@ -297,9 +297,8 @@ def _produce_at_rate(
 ) -> dict[str, tuple[float, str, int]]:
     """messageId -> (wall time sent, event name, number), one per row (`appended[number]`:
     its append time, from its delivery report, if the topic stamps it), sent evenly at
-    `rate` per
-    second: each millisecond, the records due by then (a sleep per record would cost this
-    process, on the engine's cores, a system call per record)."""
+    `rate` per second: each millisecond, the records due by then (a sleep per record
+    would cost this process, on the engine's cores, a system call per record)."""
     producer = Producer({**settings.producer_config(), "linger.ms": PRODUCER_LINGER_MS})
     sent: dict[str, tuple[float, str, int]] = {}
     started = time.monotonic()
