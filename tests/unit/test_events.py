@@ -280,6 +280,59 @@ def test_iso_parsing_is_exact_to_the_millisecond() -> None:
         assert parse_iso_ms(iso(ms)) == ms
 
 
+def reference_iso_ms(value: str) -> int | None:
+    """What `parse_iso_ms` gives a string, by `datetime.fromisoformat` alone."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return (parsed - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+
+
+# One character of Segment's shape changed to something `fromisoformat` may or may not
+# take: other digits (Unicode ones too), signs, spaces, separators, underscores.
+ODD_CHARACTERS = "0123456789+- _:.TZtz\u0663\u00b2\uff11"
+
+
+@settings(max_examples=400)
+@given(
+    ms=st.integers(min_value=-62_135_596_800_000, max_value=MAX_EVENT_TIME_MS),
+    changes=st.lists(st.tuples(st.integers(0, 23), st.sampled_from(ODD_CHARACTERS)), max_size=2),
+)
+def test_segment_shaped_times_parse_as_fromisoformat_does(
+    ms: int, changes: list[tuple[int, str]]
+) -> None:
+    """The fast path for `YYYY-MM-DDTHH:MM:SS.mmmZ` gives what `fromisoformat` gives, on
+    well-formed times (before 1970 too) and on ones with a character or two changed."""
+    text = list(segment_shape(ms))
+    for at, char in changes:
+        text[at] = char
+    value = "".join(text)
+    assert len(value) == 24
+    assert parse_iso_ms(value) == reference_iso_ms(value), value
+    assert parse_iso_ms(value) == reference_iso_ms(value), value  # its minute remembered
+
+
+def segment_shape(ms: int) -> str:
+    """`YYYY-MM-DDTHH:MM:SS.mmmZ` of any epoch ms from year 1 (`format_iso` starts at 1970)."""
+    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_segment_shaped_times_out_of_range_are_unreadable() -> None:
+    for value in (
+        "2023-11-14T22:13:60.000Z",  # a leap second
+        "2023-11-14T24:00:00.000Z",
+        "2023-02-29T00:00:00.000Z",
+        "2023-11-14T22:1a:20.000Z",
+        "2023-11-14T22:13:2\u0663.000Z",
+    ):
+        assert parse_iso_ms(value) is None, value
+    assert parse_iso_ms("2024-02-29T23:59:59.999Z") == 1_709_251_199_999
+
+
 # -- paths ---------------------------------------------------------------------------
 
 
