@@ -96,6 +96,7 @@ class Sealed:
     quarantine_changes: dict[bytes, Quarantine | None]
     stale_due: list[bytes]
     meta_changes: dict[Meta, bytes]
+    earliest_due: int  # the earliest deadline it puts in the index (NEVER: none)
 
 
 @dataclass
@@ -157,10 +158,9 @@ class PartitionState:
         self.meta_changes: dict[Meta, bytes] = {}
         # The deadline index (see `due`): no live entry visible in the store has a wake
         # below `due_from` (0: not looked yet; NEVER: none). Entries of the interval in
-        # flight join it when it lands: their earliest wake waits in `_due_sealed`.
+        # flight join it when it lands (`Sealed.earliest_due`).
         self.due_from = 0
         self._due_encoded = NEVER  # earliest wake the last ENCODE put in the index
-        self._due_sealed = NEVER
         # The previous interval while the durability thread makes it durable (one deep).
         self.inflight: Sealed | None = None
         # Loaded from the store:
@@ -539,7 +539,9 @@ class PartitionState:
             self.quarantine_changes,
             self.stale_due,
             self.meta_changes,
+            self._due_encoded,
         )
+        self._due_encoded = NEVER
         self.dirty = {}
         self.journal = []
         self.durable_wakes = {}
@@ -547,7 +549,6 @@ class PartitionState:
         self.quarantine_changes = {}
         self.stale_due = []
         self.meta_changes = {}
-        self._due_sealed, self._due_encoded = self._due_encoded, NEVER
 
     def landed(self) -> None:
         """The sealed interval is durable: forget it, keep the cache within its limit."""
@@ -556,9 +557,8 @@ class PartitionState:
         self.inflight = None
         self.committed = sealed.position
         self.committed_stream_time_ms = sealed.stream_time_ms
-        if self._due_sealed < self.due_from:  # its deadlines are in the index now
-            self.due_from = self._due_sealed
-        self._due_sealed = NEVER
+        if sealed.earliest_due < self.due_from:  # its deadlines are in the index now
+            self.due_from = sealed.earliest_due
         if self.ahead and self.committed >= max(self.ahead.values()):
             self.ahead.clear()
         self.history.landed()
@@ -576,8 +576,7 @@ class PartitionState:
         into the current interval, so that the next checkpoint writes both."""
         sealed = self.inflight
         assert sealed is not None
-        self.inflight = None
-        self._due_sealed = NEVER  # (not written: its profiles are encoded again)
+        self.inflight = None  # (its deadlines were not written: encoded again)
         sealed.dirty.update(self.dirty)
         self.dirty = sealed.dirty
         self.journal = sealed.journal + self.journal
