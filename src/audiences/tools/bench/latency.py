@@ -54,13 +54,13 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import (
-    AdminClient,
     AlterConfigOpType,
     ConfigEntry,
     ConfigResource,
     ResourceType,
 )
 
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.adapters.stream.definitions import apply_definitions
@@ -158,7 +158,7 @@ def _stamp_appends(settings: Settings, names: list[str]) -> None:
     topic" is read from the records themselves (SPEC §12: event -> Entered *on the
     topic*). A broker that refuses (the embedded one) keeps producer times: the figures
     then fall back to sent -> read back, and say so (`clock`)."""
-    admin = AdminClient(settings.kafka_config())
+    admin = KafkaClients(settings).admin()
     entry = ConfigEntry(
         "message.timestamp.type",
         "LogAppendTime",

@@ -64,6 +64,7 @@ from confluent_kafka import Message, Producer
 
 import audiences
 from audiences import core_build
+from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import Topics, ensure_topics
 from audiences.adapters.settings import Settings
 from audiences.errors import AudiencesError, BrokerError
@@ -150,10 +151,9 @@ def open_broker(kind: str) -> Iterator[tuple[Settings, str]]:
 def _create_topics(settings: Settings, names: list[str], partitions: int) -> None:
     """Topics with an explicit retention: the embedded broker describes only the settings
     a topic was created with, and Quix Streams reads `retention.ms` of its input topic."""
-    from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 
-    admin = AdminClient(settings.kafka_config())
+    admin = KafkaClients(settings).admin()
     retention = {"retention.ms": "-1", "retention.bytes": "-1"}
     futures = admin.create_topics(
         [NewTopic(name, partitions, 1, config=retention) for name in names], operation_timeout=10
@@ -167,9 +167,7 @@ def _create_topics(settings: Settings, names: list[str], partitions: int) -> Non
 
 def _delete_topics(settings: Settings, prefix: str) -> None:
     """Best effort: remove this run's topics from an external broker."""
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient(settings.kafka_config())
+    admin = KafkaClients(settings).admin()
     with contextlib.suppress(Exception):
         names = [t for t in admin.list_topics(timeout=10).topics if prefix in t]
         if names:
