@@ -36,6 +36,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Final
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -64,6 +65,10 @@ from audiences.adapters.stream.queries import PartitionHistory, QueryPort
 from audiences.core.partitioning import partition_for
 from audiences.core.state import UserState
 from audiences.errors import BrokerError
+
+# Batches allocate many short-lived objects; the default gen-0 threshold (700) makes the
+# collector run every few events. Long-lived state is frozen on assign.
+GC_THRESHOLDS: Final = (50_000, 50, 100)
 
 log = logging.getLogger(__name__)
 CONSUME_WAIT_S = 0.005  # longest wait for a batch to fill (latency)
@@ -159,9 +164,7 @@ class Runtime:
         self._close(checkpoint=True)
 
     def _run(self) -> None:
-        # Batches allocate many short-lived objects; the default gen-0 threshold (700)
-        # makes the collector run every few events. Long-lived state is frozen on assign.
-        gc.set_threshold(50_000, 50, 100)
+        gc.set_threshold(*GC_THRESHOLDS)
         admin = self.clients.admin()
         self.events_partitions = partition_count(admin, self.topics.events) or 0
         if not self.events_partitions:
