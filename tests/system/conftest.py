@@ -35,11 +35,14 @@ def free_port() -> int:
 class WorkerProcess:
     """One `audiences worker` subprocess with its own web port and log file."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(
+        self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_env = extra_env or {}
 
     def env(self) -> dict[str, str]:
         return {
@@ -47,6 +50,7 @@ class WorkerProcess:
             **settings_env(self.settings),
             "AUDIENCES_WEB_PORT": str(self.port),
             "AUDIENCES_TICK_INTERVAL_MS": "20",
+            **self.extra_env,
         }
 
     def start(self) -> WorkerProcess:
@@ -107,11 +111,19 @@ def system_settings(
 def workers(system_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def make(data_dir: str | None = None, **changes: Any) -> WorkerProcess:
+    def make(
+        data_dir: str | None = None, env: dict[str, str] | None = None, **changes: Any
+    ) -> WorkerProcess:
+        """A worker of the test's settings with `changes` (only those `settings_env` passes
+        to the process); `env`: more environment (`AUDIENCES_BATCH_SIZE`,
+        `faults.slow_worker_env`)."""
+        carried = settings_env(system_settings)
+        lost = [name for name in changes if f"AUDIENCES_{name.upper()}" not in carried]
+        assert not lost, f"settings_env does not pass {lost} to the worker: use env="
         settings = system_settings.replace(**changes)
         if data_dir is not None:
             settings = settings.replace(data_dir=data_dir)
-        worker = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log")
+        worker = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log", env)
         started.append(worker)
         return worker
 

@@ -1,4 +1,5 @@
-"""Black-box helpers of the fault suite (test_faults.py, test_poison.py, test_routing.py).
+"""Black-box helpers of the fault suite (test_faults.py, test_poison.py, test_routing.py;
+`slow_worker_env` also for test_worker_crash.py and test_rebalance.py).
 
 They drive whole `audiences worker` processes and look at them only from outside:
 Kafka topics (what is produced to `events`, what comes out on `audience-events`,
@@ -36,6 +37,25 @@ from audiences.adapters.settings import Settings
 from shared import pure_outputs, wait_for
 
 ENTERED, EXITED = "Audience Entered", "Audience Exited"
+
+
+SLOW_WORKER = Path(__file__).parent / "slow_worker"  # sitecustomize: slower batches
+
+
+def slow_worker_env(pause_ms: int, while_exists: Path | None = None) -> dict[str, str]:
+    """Environment of a worker whose every batch takes `pause_ms` longer (`slow_worker/`,
+    a test-only sitecustomize: the product has no such setting); with `while_exists`,
+    only while that file exists. A test whose fault must land mid-stream bounds the
+    worker's speed this way instead of racing it."""
+    env = {
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(SLOW_WORKER), os.environ.get("PYTHONPATH")])
+        ),
+        "AUDIENCES_TEST_BATCH_PAUSE_MS": str(pause_ms),
+    }
+    if while_exists is not None:
+        env["AUDIENCES_TEST_BATCH_PAUSE_WHILE"] = str(while_exists)
+    return env
 
 
 def session_timeout_ms(kafka_flavor: str) -> int:

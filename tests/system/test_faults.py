@@ -10,7 +10,6 @@ Exited alternating per user and audience (SPEC §12 "Nothing lost").
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal
@@ -31,6 +30,7 @@ from faults import (
     diagnosed,
     expected_outputs,
     profile_of,
+    slow_worker_env,
     two_workers_sharing,
 )
 
@@ -40,7 +40,6 @@ from shared import wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.system]
 
-SLOW_WORKER = Path(__file__).parent / "slow_worker"  # sitecustomize: slower batches
 KILLS_PER_RUN = 5  # 4 runs: 20 kills, each test well under 90 s (a restart costs ~8 s)
 
 
@@ -64,21 +63,6 @@ def assert_mid_stream(outputs: OutputLog, expected: dict[str, Any], what: str) -
     outputs.settle(quiet_s=0.5)
     done = len(outputs.ids & set(expected))
     assert done < len(expected), f"{what} did not land mid-stream: all {done} outputs seen"
-
-
-def slow_worker_env(pause_ms: int, while_exists: Path | None = None) -> dict[str, str]:
-    """Environment of a worker whose every batch takes `pause_ms` longer (`slow_worker/`,
-    a test-only sitecustomize: the product has no such setting); with `while_exists`,
-    only while that file exists."""
-    env = {
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(SLOW_WORKER), os.environ.get("PYTHONPATH")])
-        ),
-        "AUDIENCES_TEST_BATCH_PAUSE_MS": str(pause_ms),
-    }
-    if while_exists is not None:
-        env["AUDIENCES_TEST_BATCH_PAUSE_WHILE"] = str(while_exists)
-    return env
 
 
 @pytest.mark.parametrize("run", range(4), ids=lambda r: f"kills-{5 * r + 1}-to-{5 * r + 5}")

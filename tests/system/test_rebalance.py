@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from backlog import DEFINITIONS, H, expected_outputs, history, produce_backlog, read_all
+from faults import slow_worker_env
 
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
@@ -20,6 +21,11 @@ pytestmark = [pytest.mark.kafka, pytest.mark.system]
 def test_second_worker_takes_over_partitions_without_loss_or_strangers(
     system_settings: Settings, workers: Callable[..., Any], tmp_path: Path
 ) -> None:
+    """The first worker evaluates 10 events per batch, each batch 40 ms slower
+    (`slow_worker/`), until the second one is ready: at most 250 events/s whatever the
+    host, so the 11.6k-event backlog lasts through the join (at full speed a fast host
+    could finish it first, and nothing would move mid-stream). Then both run at full
+    speed."""
     settings = system_settings
     topics = Topics.from_settings(settings)
     apply_definitions(settings, topics, DEFINITIONS)
@@ -27,12 +33,19 @@ def test_second_worker_takes_over_partitions_without_loss_or_strangers(
     produce_backlog(settings, topics, events)
     expected = expected_outputs(events, int(time.time() * 1000))
 
-    first = workers().start()
+    paced = tmp_path / "paced"
+    paced.touch()
+    first = workers(
+        env={"AUDIENCES_BATCH_SIZE": "10", **slow_worker_env(40, while_exists=paced)}
+    ).start()
     first.wait_ready()
-    early = read_all(settings, topics.audience_events, set(), timeout=0.05, min_count=1)
-    assert 0 < len(early) < len(expected)
+    read_all(settings, topics.audience_events, set(), timeout=0.05, min_count=1)
     second = workers(data_dir=str(tmp_path / "second-worker-data")).start()
     second.wait_ready(90)
+    written = read_all(settings, topics.audience_events, set(), timeout=3)
+    done = len({out["messageId"] for out in written} & set(expected))
+    assert 0 < done < len(expected), f"the second worker should join mid-stream: {done} seen"
+    paced.unlink()
 
     seen = read_all(settings, topics.audience_events, set(expected), timeout=90)
     by_id: dict[str, dict[str, Any]] = {}

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from backlog import DEFINITIONS, H, expected_outputs, history, produce_backlog, read_all
+from faults import slow_worker_env
 
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
@@ -24,8 +25,13 @@ def _brief(out: dict[str, Any]) -> tuple[str, str, str, str]:
 
 @pytest.mark.parametrize("wipe", [False, True], ids=["same-data-dir", "wiped-data-dir"])
 def test_kill_9_loses_nothing_and_duplicates_only_same_ids(
-    system_settings: Settings, workers: Callable[[], Any], wipe: bool
+    system_settings: Settings, workers: Callable[..., Any], wipe: bool
 ) -> None:
+    """The first worker is killed once its first output is on the topic. It evaluates
+    20 events per batch, each batch 5 ms slower (`slow_worker/`): at most 4,000 events/s
+    whatever the host, so the kill lands well within the 11.6k-event backlog (at full
+    speed a fast host could finish it before the kill). The restarted one runs at full
+    speed."""
     settings = system_settings
     topics = Topics.from_settings(settings)
     apply_definitions(settings, topics, DEFINITIONS)
@@ -34,11 +40,13 @@ def test_kill_9_loses_nothing_and_duplicates_only_same_ids(
     produce_backlog(settings, topics, events)
     expected = expected_outputs(events, int(time.time() * 1000))
 
-    worker = workers().start()
+    worker = workers(env={"AUDIENCES_BATCH_SIZE": "20", **slow_worker_env(5)}).start()
     worker.wait_ready()
-    first = read_all(settings, topics.audience_events, set(), timeout=0.05, min_count=1)
+    read_all(settings, topics.audience_events, set(), timeout=0.05, min_count=1)
     worker.kill()
-    assert 0 < len(first) < len(expected), "the kill should land mid-stream"
+    written = read_all(settings, topics.audience_events, set(), timeout=3)
+    done = len({out["messageId"] for out in written} & set(expected))
+    assert 0 < done < len(expected), f"the kill should land mid-stream: {done} outputs seen"
     if wipe:
         shutil.rmtree(settings.data_dir)
     restarted = workers().start()
