@@ -406,3 +406,26 @@ def test_a_resent_batch_of_17_does_not_make_a_gte_audience_enter(
     ]
     assert outputs[1]["timestamp"] == format_iso(T0 + 2 * H)
     assert duplicates() - before == 34
+
+
+def test_the_loop_freezes_the_profiles_it_holds_so_collections_never_rescan_them(
+    engine: Engine,
+) -> None:
+    """README "Garbage collection": after a loop turn, what it left alive (the decoded
+    profiles above all) is frozen out of the collector's generations."""
+    import gc
+
+    engine.apply(FREQUENT)
+    engine.start()
+    engine.send(*(track("frozen", "Product Viewed", T0 + n * M) for n in range(3)))
+    [entered] = engine.outputs(1)
+    assert entered["userId"] == "frozen"
+    engine.settle()
+    assert engine.evaluator is not None
+    [profile] = [
+        state
+        for partition in engine.evaluator.partitions.values()
+        for key, state in partition.cache.items()
+        if key == b"frozen"
+    ]
+    assert all(obj is not profile for obj in gc.get_objects())

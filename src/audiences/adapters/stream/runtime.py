@@ -27,7 +27,6 @@ start resumes from durable state).
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 import queue
@@ -36,7 +35,6 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Final
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -61,14 +59,11 @@ from audiences.adapters.stream.backfill import Backfills
 from audiences.adapters.stream.definitions import DefinitionsLog
 from audiences.adapters.stream.emitter import Emitter
 from audiences.adapters.stream.evaluation import Evaluation
+from audiences.adapters.stream.heap import FrozenHeap
 from audiences.adapters.stream.queries import PartitionHistory, QueryPort
 from audiences.core.partitioning import partition_for
 from audiences.core.state import UserState
 from audiences.errors import BrokerError
-
-# Batches allocate many short-lived objects; the default gen-0 threshold (700) makes the
-# collector run every few events. Long-lived state is frozen on assign.
-GC_THRESHOLDS: Final = (50_000, 50, 100)
 
 log = logging.getLogger(__name__)
 CONSUME_WAIT_S = 0.005  # longest wait for a batch to fill (latency)
@@ -147,6 +142,7 @@ class Runtime:
             topics.definitions, clients.definitions_consumer(), clients.producer({"linger.ms": 0})
         )
         self.backfills = Backfills(clients.history_reader(), self._producer, topics)
+        self.heap = FrozenHeap()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -164,7 +160,7 @@ class Runtime:
         self._close(checkpoint=True)
 
     def _run(self) -> None:
-        gc.set_threshold(*GC_THRESHOLDS)
+        self.heap.start()
         admin = self.clients.admin()
         self.events_partitions = partition_count(admin, self.topics.events) or 0
         if not self.events_partitions:
@@ -264,6 +260,7 @@ class Runtime:
             self._checkpoint()
             if self._flight is None:  # nothing changed: the stores hold everything already
                 self.queries.serve(_View(self))
+        self.heap.turn()
 
     def _sweep(self) -> None:
         """Fire a chunk of due deadlines in every partition (again next turn while more
@@ -439,8 +436,7 @@ class Runtime:
         for partition in self._open_all([tp.partition for tp in assigned]):
             start.append(TopicPartition(self.topics.events, partition.number, partition.position))
         consumer.incremental_assign(start)
-        gc.collect()
-        gc.freeze()  # recovered state and catalog are long-lived: keep them out of GC scans
+        self.heap.rebalanced()
         log.info("assigned partitions %s", sorted(self.partitions))
         self.ready.set()
         self._partitions_changed()

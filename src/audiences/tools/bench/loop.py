@@ -5,7 +5,7 @@ workload (EVENTS records, 1M users, 20 audiences), then feeds the first EVALUATE
 them (default: all) in batches of 1,000 to `Evaluation.partition_batch` over one
 partition in RocksDB, with a checkpoint's ENCODE, store write and landing every 2,500
 events; outputs go to a producer that only counts them. The garbage collector runs
-with the runtime's thresholds. It prints events per CPU-second of the loop.
+with the runtime's policy (`heap.FrozenHeap`). It prints events per CPU-second of the loop.
 
 Under `valgrind --tool=callgrind` (instructions, which this host's CPU steal does not
 change), run it twice with the same EVENTS, once with EVALUATED = 0: the difference is
@@ -27,7 +27,7 @@ from audiences.adapters.state.partition import PartitionState
 from audiences.adapters.state.store import RocksDictStore
 from audiences.adapters.stream.emitter import Emitter
 from audiences.adapters.stream.evaluation import Evaluation
-from audiences.adapters.stream.runtime import GC_THRESHOLDS
+from audiences.adapters.stream.heap import FrozenHeap
 from audiences.core.definitions import build_catalog
 from audiences.tools.bench.workload import make_definitions, make_events
 
@@ -85,13 +85,14 @@ def run(events: int, evaluated: int | None = None) -> dict[str, float]:
         partition = PartitionState(
             0, store, position=0, stream_time_ms=0, catalog=catalog, cache_limit=12_500
         )
-        gc.freeze()  # the workload: not scanned by collections (as the runtime's state)
         thresholds = gc.get_threshold()
-        gc.set_threshold(*GC_THRESHOLDS)
+        heap = FrozenHeap()
+        heap.start()  # the workload is frozen too: never scanned, as the runtime's state
         started = time.process_time()
         since = 0
         for at in range(0, count, BATCH):
             evaluation.partition_batch(partition, records[at : at + BATCH], _clock)
+            heap.turn()
             since += BATCH
             if since >= CHECKPOINT_EVERY:
                 since = 0
