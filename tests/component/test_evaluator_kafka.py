@@ -429,3 +429,32 @@ def test_the_loop_freezes_the_profiles_it_holds_so_collections_never_rescan_them
         if key == b"frozen"
     ]
     assert all(obj is not profile for obj in gc.get_objects())
+
+
+def test_a_backlog_is_checkpointed_catch_up_factor_commit_intervals_apart(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While every consume comes back full, the runtime asks for the stretched commit
+    interval (`commit_interval_s(..., backlog=True)`: CATCH_UP_COMMIT_FACTOR times the
+    setting), and for the setting itself once a consume drains the topic; the outputs
+    are the same as ever."""
+    from audiences.adapters.stream import runtime
+
+    asked: list[tuple[float, bool]] = []
+    original = runtime.commit_interval_s
+
+    def recording(configured_s: float, *, backlog: bool) -> float:
+        asked.append((configured_s, backlog))
+        return original(configured_s, backlog=backlog)
+
+    monkeypatch.setattr(runtime, "commit_interval_s", recording)
+    engine.settings = engine.settings.replace(batch_size=5, commit_interval_ms=10)
+    engine.apply(FREQUENT)
+    views = [track(f"b{n % 400}", "Product Viewed", T0 + n * S) for n in range(2400)]
+    engine.send(*views)  # a backlog before the worker starts
+    engine.start()
+    assert len(engine.outputs(400)) == 400  # every user viewed 6 times within the hour
+    engine.settle()
+    backlog_turns = [configured for configured, backlog in asked if backlog]
+    assert backlog_turns and set(backlog_turns) == {0.01}
+    assert asked[-1] == (0.01, False)  # drained: the setting itself

@@ -10,7 +10,13 @@ import pytest
 
 from audiences.adapters.kafka.topics import Topics
 from audiences.adapters.settings import Settings
-from audiences.adapters.stream.runtime import LIVE_LAG_RECORDS, LIVE_RECORD_AGE_MS, Runtime
+from audiences.adapters.stream.runtime import (
+    CATCH_UP_COMMIT_FACTOR,
+    LIVE_LAG_RECORDS,
+    LIVE_RECORD_AGE_MS,
+    Runtime,
+    commit_interval_s,
+)
 
 NOW = 1_796_000_000_000
 
@@ -58,3 +64,10 @@ def test_a_partition_is_caught_up_when_nothing_or_only_live_traffic_waits(
 ) -> None:
     loop = runtime(100 + lag, drained, None if age_ms is None else NOW - age_ms)
     assert loop._caught_up(Partition(100)) is caught_up  # type: ignore[arg-type]
+
+
+def test_checkpoints_are_catch_up_factor_commit_intervals_apart_only_in_a_backlog() -> None:
+    assert CATCH_UP_COMMIT_FACTOR == 10
+    assert commit_interval_s(0.1, backlog=False) == 0.1
+    assert commit_interval_s(0.1, backlog=True) == 0.1 * CATCH_UP_COMMIT_FACTOR
+    assert commit_interval_s(0.0, backlog=True) == 0.0  # "every turn" stays every turn
