@@ -31,7 +31,7 @@ class Clock:
 
 class Blocks:
     def __init__(self) -> None:
-        self.count = 1_000_000
+        self.count = 4 * heap.FULL_MIN_BLOCKS  # (above the floor: doubling decides)
 
     def __call__(self) -> int:
         return self.count
@@ -84,13 +84,13 @@ def test_a_frozen_cycle_waits_for_the_heap_to_double() -> None:
     assert cycle() is not None  # a frozen cycle is not scanned, even by a full collect
 
     clock.now += heap.CHECK_EVERY_S
-    blocks.count = 2_000_000  # grown by exactly the blocks kept: not yet
+    blocks.count = 8 * heap.FULL_MIN_BLOCKS  # grown by exactly the blocks kept: not yet
     policy.turn()
     assert cycle() is not None
     assert policy.full_collections == 0
 
     clock.now += heap.CHECK_EVERY_S
-    blocks.count = 2_000_001
+    blocks.count = 8 * heap.FULL_MIN_BLOCKS + 1
     policy.turn()
     assert cycle() is None
     assert policy.full_collections == 1
@@ -99,7 +99,7 @@ def test_a_frozen_cycle_waits_for_the_heap_to_double() -> None:
 def test_growth_is_read_at_most_once_per_check_interval() -> None:
     policy, clock, blocks = started()
     cycle = garbage_cycle()
-    blocks.count = 10_000_000
+    blocks.count = 20 * heap.FULL_MIN_BLOCKS
     clock.now += heap.CHECK_EVERY_S / 2
     policy.turn()
     assert cycle() is not None
@@ -149,12 +149,12 @@ def test_what_partitions_restored_counts_as_kept_not_as_growth() -> None:
     policy, clock, blocks = started()
     restored = Node()
     cycle = garbage_cycle()  # (not frozen yet: the restores' garbage)
-    blocks.count = 5_000_000
+    blocks.count = 40 * heap.FULL_MIN_BLOCKS
     policy.rebalanced()
     assert cycle() is None
     assert all(obj is not restored for obj in gc.get_objects())
     clock.now += heap.CHECK_EVERY_S
     later = garbage_cycle()
     policy.turn()
-    assert later() is not None  # 5M blocks kept: no full collection yet
+    assert later() is not None  # all of it kept: no full collection yet
     assert policy.full_collections == 0

@@ -11,11 +11,11 @@ list move): no collection scans it again. Within a turn, generation 0 still runs
 GC_THRESHOLDS. Frozen objects are freed by their reference counts as before; only a
 cycle that becomes garbage once frozen waits, for a full collection (unfreeze, collect,
 freeze). That runs when the blocks Python's allocator holds have doubled since the last
-one (FULL_GROWTH), so whatever producers send, cyclic garbage never outgrows the live
-heap; and at least every FULL_EVERY_S, so a cycle holding a resource (a socket, a file)
+one (FULL_GROWTH, and by at least FULL_MIN_BLOCKS), so whatever producers send, cyclic
+garbage never outgrows the larger of the two; and at least every FULL_EVERY_S, so a cycle holding a resource (a socket, a file)
 is closed within minutes even when the heap is steady. A full collection stops the
-loop: 0.2-0.4 s for a catching-up bench worker's ~450k containers here, a few a run
-while its heap grows, none while it is steady.
+loop: 0.2-0.4 s for a catching-up bench worker's ~450k containers here, one or none
+a run while its heap grows, none while it is steady.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ from typing import Final
 # collector run every few events.
 GC_THRESHOLDS: Final = (50_000, 50, 100)
 FULL_GROWTH: Final = 1.0  # blocks allocated since the last full collection, over those kept
-FULL_MIN_BLOCKS: Final = 250_000  # (a small heap is not collected in full every few turns)
+# Nor before this many new blocks (~130 MB): a worker filling its cache of decoded
+# profiles would otherwise stop for full collections at 0.25, 0.5, 1 and 2M blocks
+# (up to 0.17 s each in the bench's live phase) for cycles it does not make.
+FULL_MIN_BLOCKS: Final = 2_000_000
 FULL_EVERY_S: Final = 600.0
 CHECK_EVERY_S: Final = 1.0  # reading the allocator's count costs ~350 µs per 2.6M blocks
 
