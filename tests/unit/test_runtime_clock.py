@@ -67,7 +67,7 @@ def test_a_partition_is_caught_up_when_nothing_or_only_live_traffic_waits(
 
 
 def test_checkpoints_are_catch_up_factor_commit_intervals_apart_only_in_a_backlog() -> None:
-    assert CATCH_UP_COMMIT_FACTOR == 10
+    assert CATCH_UP_COMMIT_FACTOR == 5
     assert commit_interval_s(0.1, backlog=False) == 0.1
     assert commit_interval_s(0.1, backlog=True) == 0.1 * CATCH_UP_COMMIT_FACTOR
     assert commit_interval_s(0.0, backlog=True) == 0.0  # "every turn" stays every turn

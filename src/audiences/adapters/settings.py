@@ -275,7 +275,7 @@ class Settings:
         metadata={
             "min": 0,
             "doc": "how often the evaluator makes its work durable (outputs acknowledged, "
-            "changelog, store, offsets; 0 = after every loop turn; 10 times that while a "
+            "changelog, store, offsets; 0 = after every loop turn; 5 times that while a "
             "backlog fills every consume); outputs are sent at once, whatever it is",
         },
     )
