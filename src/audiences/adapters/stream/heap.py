@@ -12,10 +12,11 @@ GC_THRESHOLDS. Frozen objects are freed by their reference counts as before; onl
 cycle that becomes garbage once frozen waits, for a full collection (unfreeze, collect,
 freeze). That runs when the blocks Python's allocator holds have doubled since the last
 one (FULL_GROWTH, and by at least FULL_MIN_BLOCKS), so whatever producers send, cyclic
-garbage never outgrows the larger of the two; and at least every FULL_EVERY_S, so a cycle holding a resource (a socket, a file)
-is closed within minutes even when the heap is steady. A full collection stops the
-loop: 0.2-0.4 s for a catching-up bench worker's ~450k containers here, one or none
-a run while its heap grows, none while it is steady.
+garbage never outgrows the larger of the two; and at least every FULL_EVERY_S, so a
+cycle holding a resource (a socket, a file) is closed within minutes even when the heap
+is steady. A full collection stops the loop: 0.2-0.4 s for a catching-up bench
+worker's ~450k containers here, one or none a run while its heap grows, none while it
+is steady.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class FrozenHeap:
     def start(self) -> None:
         gc.set_threshold(*GC_THRESHOLDS)
         self.rebalanced()
-        self._last_full = self._monotonic()
+        self._last_full = self._monotonic()  # (FULL_EVERY_S counts from the start)
 
     def turn(self) -> None:
         """Freeze what the turn left alive; collect in full when the heap has grown."""
@@ -85,9 +86,6 @@ class FrozenHeap:
     def collect(self) -> None:
         """A full collection, then everything left frozen."""
         gc.unfreeze()
-        gc.collect()
-        gc.freeze()
+        self.rebalanced()
         self.full_collections += 1
-        self._kept_blocks = self._blocks()
         self._last_full = self._monotonic()
-        self._next_check = self._last_full + CHECK_EVERY_S

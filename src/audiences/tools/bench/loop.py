@@ -5,7 +5,8 @@ workload (EVENTS records, 1M users, 20 audiences), then feeds the first EVALUATE
 them (default: all) in batches of 1,000 to `Evaluation.partition_batch` over one
 partition in RocksDB, with a checkpoint's ENCODE, store write and landing every 2,500
 events; outputs go to a producer that only counts them. The garbage collector runs
-with the runtime's policy (`heap.FrozenHeap`). It prints events per CPU-second of the loop.
+under the runtime's policy (`heap.FrozenHeap`). It prints events per CPU-second of the
+loop.
 
 Under `valgrind --tool=callgrind` (instructions, which this host's CPU steal does not
 change), run it twice with the same EVENTS, once with EVALUATED = 0: the difference is
