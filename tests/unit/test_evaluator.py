@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
 from collections import defaultdict
 from typing import Any
 
@@ -450,6 +451,22 @@ def test_state_codec_round_trip_mid_history_changes_nothing(cut: int) -> None:
         assert restored is not None and restored.encode() == state.encode()
     after = run(catalog, items[cut:], state=restored)
     assert before + after == expected
+
+
+def test_an_encoded_profile_takes_only_its_own_length_in_memory() -> None:
+    """The checkpoint holds every encoded profile of an interval until it lands: each must
+    cost its length, not the encoder's write buffer (orjson returns at least 4 KB)."""
+    catalog = catalog_of(*HISTORY_CATALOG)
+    state, _ = feed(catalog, HISTORY[:3])
+    assert state is not None
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [state.encode() for _ in range(200)]
+        held = (tracemalloc.get_traced_memory()[0] - before) / len(kept)
+    finally:
+        tracemalloc.stop()
+    assert held < len(kept[0]) + 120  # (a bytes object's header is 33 bytes)
 
 
 # -- definitions change --------------------------------------------------------------

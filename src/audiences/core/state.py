@@ -111,6 +111,14 @@ def json_size(value: Any) -> int:
         return _UNENCODABLE
 
 
+def right_sized(data: bytes) -> bytes:
+    """`data` in an allocation of its own length. orjson (3.12 and later) returns its
+    whole write buffer, at least 4 KB, whatever the JSON's length: an encoded profile
+    kept until its checkpoint lands (~150 bytes for most) would hold 4 KB. The copy
+    costs ~0.1 µs."""
+    return memoryview(data).tobytes()
+
+
 def string_fits(text: str, limit: int) -> bool:
     """Whether the JSON of `text` takes at most `limit` bytes (measured only when the
     length alone cannot tell: a character takes 1 to 6 bytes)."""
@@ -491,7 +499,7 @@ class UserState:
         self.wake_ms = wake
 
     def encode(self) -> bytes:
-        return orjson.dumps(self.to_json())
+        return right_sized(orjson.dumps(self.to_json()))
 
     def to_json(self) -> list[Any]:
         """The codec's JSON value (also carried by identity-merge records)."""
