@@ -15,6 +15,8 @@ from typing import Any
 import orjson
 import pytest
 
+from audiences.adapters.kafka.topics import Topics
+from audiences.adapters.settings import Settings
 from audiences.adapters.state.checkpoint import Checkpoint, DurabilityError, PartitionFenced, Step
 from audiences.adapters.state.layout import (
     NEVER,
@@ -25,9 +27,11 @@ from audiences.adapters.state.layout import (
     changelog_key,
     encode_header,
 )
-from audiences.adapters.state.partition import PartitionState
+from audiences.adapters.state.partition import PartitionState, Recorded
 from audiences.adapters.state.recovery import Record, profiles_in, restore
 from audiences.adapters.state.store import MemoryStore
+from audiences.adapters.stream.emitter import Emitter
+from audiences.adapters.stream.evaluation import Evaluation
 from audiences.core.definitions import build_catalog, validate_definition
 from audiences.core.evaluator import Tick, step
 from audiences.core.events import Event, format_iso, parse_event
@@ -117,6 +121,10 @@ class FakeWriter:
 
 
 def event(user: str, name: str, at_ms: int, kind: str = "track", **extra: Any) -> Event:
+    return parse_event(record(user, name, at_ms, kind, **extra), at_ms)
+
+
+def record(user: str, name: str, at_ms: int, kind: str = "track", **extra: Any) -> bytes:
     raw = {
         "type": kind,
         "userId": user,
@@ -126,7 +134,7 @@ def event(user: str, name: str, at_ms: int, kind: str = "track", **extra: Any) -
     }
     if kind == "track":
         raw["event"] = name
-    return parse_event(orjson.dumps(raw), at_ms)
+    return orjson.dumps(raw)
 
 
 def partition_over(store: MemoryStore, log: FakeChangelog, session: str = "s1") -> PartitionState:
@@ -294,6 +302,93 @@ def test_a_failing_step_leaves_no_trace(monkeypatch: pytest.MonkeyPatch) -> None
     state = partition.cache[b"u"]
     assert state.to_json() == pure(good)["u"].to_json()
     assert partition.dirty[b"u"] is state and len(partition.inputs_of(b"u")) == 1
+
+
+class FakeMessage:
+    """What `Evaluation` reads of a consumed Kafka record."""
+
+    def __init__(self, offset: int, value: bytes, at_ms: int) -> None:
+        self._offset, self._value, self._at_ms = offset, value, at_ms
+
+    def offset(self) -> int:
+        return self._offset
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self._at_ms)
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> bytes | None:
+        return None
+
+    def headers(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return "events"
+
+    def partition(self) -> int:
+        return 0
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.produced: list[tuple[str, bytes | None]] = []
+
+    def produce(
+        self, topic: str, key: bytes | None = None, value: bytes | None = None, **_: Any
+    ) -> None:
+        self.produced.append((topic, value))
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+
+def test_the_journal_keeps_records_and_a_rollback_parses_them_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An interval's inputs are journaled as the records they were parsed from (one
+    object each, not the parsed tree); rolling a profile back parses them again into
+    the same events."""
+    from audiences.adapters.state import partition as module
+
+    real = module.step
+
+    def half_then_raise(state: Any, item: Any, catalog: Any, key: str) -> Any:
+        result = real(state, item, catalog, key)
+        if getattr(item, "name", None) == "Boom":
+            result.state.traits["half"] = "applied"
+            result.state.trackers.clear()
+            raise RuntimeError("simulated bug")
+        return result
+
+    monkeypatch.setattr(module, "step", half_then_raise)
+    log = FakeChangelog()
+    partition = partition_over(MemoryStore(), log)
+    producer = FakeProducer()
+    topics = Topics.from_settings(Settings())
+    emitter = Emitter(producer, topics, lambda _key: 0, space_id="test")  # type: ignore[arg-type]
+    evaluation = Evaluation(emitter, lambda _key: 0, lambda _found, _owner: None, {})
+    times = [T0, T0 + M, T0 + 2 * M]
+    values = [
+        record("u", name, at)
+        for name, at in zip(["Product Viewed"] * 2 + ["Boom"], times, strict=True)
+    ]
+    messages = [
+        FakeMessage(i, value, at) for i, (value, at) in enumerate(zip(values, times, strict=True))
+    ]
+
+    evaluation.partition_batch(partition, messages[:2], lambda: 0)  # type: ignore[arg-type]
+    journaled = [item for _key, item, _catalog in partition.journal]
+    assert [type(item) for item in journaled] == [Recorded, Recorded]
+    assert [item.value for item in journaled] == values[:2]  # type: ignore[union-attr]
+
+    evaluation.partition_batch(partition, messages[2:], lambda: 0)  # type: ignore[arg-type]
+    good = [event("u", "Product Viewed", at) for at in times[:2]]
+    assert partition.cache[b"u"].to_json() == pure(good)["u"].to_json()
+    assert [item.raw for item in partition.inputs_of(b"u")] == [e.raw for e in good]  # type: ignore[union-attr]
+    assert [t for t, _ in producer.produced][-1] == topics.events_dlq  # the failing event
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import final
 from confluent_kafka import Message
 
 from audiences.adapters import metrics
-from audiences.adapters.state.partition import PartitionState
+from audiences.adapters.state.partition import PartitionState, Recorded
 from audiences.adapters.stream.emitter import Emitter, Encoded, OversizedRecord, Refused, Rendered
 from audiences.core.evaluator import StepResult
 from audiences.core.events import Event, future_timestamp, parse_event
@@ -54,7 +54,7 @@ class Evaluation:
         number = partition.number
         emitter = self.emitter
         ahead = partition.ahead
-        events: list[tuple[bytes, Event, Message]] = []
+        events: list[tuple[bytes, Event, Message, Recorded]] = []
         types: dict[str, int] = {}
         oldest_ms: int | None = None
         for msg in batch:
@@ -65,8 +65,9 @@ class Evaluation:
             record_ms: int = msg.timestamp()[1]
             if oldest_ms is None:
                 oldest_ms = record_ms
+            value = msg.value() or b""
             try:
-                event = parse_event(msg.value() or b"", record_ms)
+                event = parse_event(value, record_ms)
             # (each handler names its exception apart: compiled, a name has one type)
             except InvalidEventError as invalid:
                 emitter.dead_letter(msg, invalid.reason, str(invalid))
@@ -87,24 +88,24 @@ class Evaluation:
                 continue
             if ahead and offset < ahead.get(key, -1):
                 continue  # the stored profile already reflects it (see recovery.py)
-            events.append((key, event, msg))
+            events.append((key, event, msg, Recorded(value, record_ms)))
             types[event.type] = types.get(event.type, 0) + 1
             partition.observe(event.timestamp_ms)
         if batch:
             self.newest_record_ms[number] = batch[-1].timestamp()[1]
         if not events:
             return oldest_ms
-        partition.load({key for key, _, _ in events}, now_ms())
+        partition.load({entry[0] for entry in events}, now_ms())
         duplicates = suppressed = 0
         quarantined, suppressing = partition.quarantined, partition.suppressed
-        for key, event, msg in events:
+        for key, event, msg, recorded in events:
             if quarantined and key in quarantined and event.type != "delete":
                 emitter.dead_letter(msg, "profile_quarantined", "the profile is quarantined")
                 continue
             if suppressing and key in suppressing and event.type not in ("unsuppress", "delete"):
                 suppressed += 1
                 continue
-            result = self.apply(partition, key, event, msg)
+            result = self.apply(partition, key, event, msg, recorded)
             if result is not None and result.duplicate:
                 duplicates += 1
         for event_type, count in types.items():
@@ -116,11 +117,18 @@ class Evaluation:
         return oldest_ms
 
     def apply(
-        self, partition: PartitionState, key: bytes, event: Event, msg: Message
+        self,
+        partition: PartitionState,
+        key: bytes,
+        event: Event,
+        msg: Message,
+        recorded: Recorded | None = None,
     ) -> StepResult | None:
         """One event into its profile, atomically with its outputs (or dead-lettered)."""
         try:
-            result = partition.apply(key, partition.cache.get(key), event, event.key, self.accept)
+            result = partition.apply(
+                key, partition.cache.get(key), event, event.key, self.accept, recorded
+            )
         except OversizedRecord as oversized:  # (not `exc`: see partition_batch)
             self.emitter.dead_letter(msg, "oversized_output", str(oversized))
             return None
