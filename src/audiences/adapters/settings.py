@@ -298,7 +298,7 @@ class Settings:
         default=50_000,
         metadata={
             "min": 1,
-            "doc": "decoded profiles kept in memory per worker (about 1.5 KB each; the others "
+            "doc": "decoded profiles kept in memory per worker (about 1.1 KB for a new profile; the others "
             "are read from RocksDB when their next event comes)",
         },
     )

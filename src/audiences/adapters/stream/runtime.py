@@ -69,7 +69,11 @@ from audiences.errors import BrokerError
 log = logging.getLogger(__name__)
 CONSUME_WAIT_S = 0.005  # longest wait for a batch to fill (latency)
 REJUDGE_CHUNK = 1000  # profiles re-judged per partition per loop turn
-MAX_UNCOMMITTED = 50_000  # inputs applied since the last checkpoint that force the next
+MAX_UNCOMMITTED = 25_000  # inputs applied since the last checkpoint that force the next
+# (and, with one in flight, wait for it): what a worker holds beyond its cache is at most
+# twice this many inputs' profiles, decoded and encoded, and their records. The bench's
+# memory phase (every input a new profile): 318-323 MB per 1M profiles held at 50,000,
+# 270-287 at 25,000; catch-up checkpoints per 1M events: 35-36 -> 43-44.
 # While consumes return full batches (a backlog), checkpoints are this many commit
 # intervals apart: each costs the worker ~30 ms of CPU beyond its encodes (transactions,
 # store writes; `audiences bench`: 130 -> 22 checkpoints at 10x, 23.1 -> 19.5 CPU-s per
