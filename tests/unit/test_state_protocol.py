@@ -275,9 +275,10 @@ def test_a_checkpoint_cut_short_is_not_applied_twice() -> None:
     assert not again.ahead
 
 
-def test_a_failing_step_leaves_no_trace(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`step` mutates what it is given; a raise half-way must not leave a half-applied
-    profile behind (it would be persisted with the user's next event)."""
+@pytest.fixture
+def half_applying_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`step` as the partition calls it mutates the profile half-way, then raises, on a
+    `Boom` event (a bug in the core)."""
     from audiences.adapters.state import partition as module
 
     real = module.step
@@ -291,6 +292,12 @@ def test_a_failing_step_leaves_no_trace(monkeypatch: pytest.MonkeyPatch) -> None
         return result
 
     monkeypatch.setattr(module, "step", half_then_raise)
+
+
+@pytest.mark.usefixtures("half_applying_step")
+def test_a_failing_step_leaves_no_trace() -> None:
+    """`step` mutates what it is given; a raise half-way must not leave a half-applied
+    profile behind (it would be persisted with the user's next event)."""
     log = FakeChangelog()
     partition = partition_over(MemoryStore(), log)
     good = [event("u", "Product Viewed", T0), event("u", "Product Viewed", T0 + M)]
@@ -345,25 +352,11 @@ class FakeProducer:
         return 0
 
 
-def test_the_journal_keeps_records_and_a_rollback_parses_them_again(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.mark.usefixtures("half_applying_step")
+def test_the_journal_keeps_records_and_a_rollback_parses_them_again() -> None:
     """An interval's inputs are journaled as the records they were parsed from (one
     object each, not the parsed tree); rolling a profile back parses them again into
     the same events."""
-    from audiences.adapters.state import partition as module
-
-    real = module.step
-
-    def half_then_raise(state: Any, item: Any, catalog: Any, key: str) -> Any:
-        result = real(state, item, catalog, key)
-        if getattr(item, "name", None) == "Boom":
-            result.state.traits["half"] = "applied"
-            result.state.trackers.clear()
-            raise RuntimeError("simulated bug")
-        return result
-
-    monkeypatch.setattr(module, "step", half_then_raise)
     log = FakeChangelog()
     partition = partition_over(MemoryStore(), log)
     producer = FakeProducer()
