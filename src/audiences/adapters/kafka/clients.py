@@ -85,8 +85,7 @@ class KafkaClients:
         """Outputs, identity control records, forwarded events and dead letters."""
         return Producer(
             {
-                **self.settings.producer_config(),
-                "enable.idempotence": True,
+                **self.settings.producer_config(),  # (idempotent)
                 "linger.ms": 2,
                 "compression.type": "lz4",
             }
@@ -122,9 +121,7 @@ class KafkaClients:
     def producer(self, overrides: dict[str, Any] | None = None) -> Producer:
         """A plain idempotent producer with the project's partitioner (fences, definitions,
         registry announcements, API control records)."""
-        return Producer(
-            {**self.settings.producer_config(), "enable.idempotence": True, **(overrides or {})}
-        )
+        return Producer({**self.settings.producer_config(), **(overrides or {})})
 
     def reader(self, purpose: str, overrides: dict[str, Any] | None = None) -> Consumer:
         """A consumer used by assignment only (no group membership), e.g. the worker
@@ -156,14 +153,13 @@ class KafkaClients:
         errors = ProducerErrors()
         producer = Producer(
             {
-                "enable.idempotence": True,
                 "linger.ms": 5,
                 "compression.type": "lz4",
                 "message.timeout.ms": delivery_timeout_ms,
                 "queue.buffering.max.messages": max_inflight_records + 1000,
                 "queue.buffering.max.kbytes": max_inflight_bytes // 1024 + 4096,
                 "error_cb": errors,
-                # murmur2 partitioner: a user's events share one partition
+                # murmur2 partitioner (a user's events share one partition), idempotent
                 **self.settings.producer_config(),
                 **(overrides or {}),
             }
@@ -195,9 +191,7 @@ class KafkaClients:
     def dead_letter_producer(self) -> Producer:
         """Dead letters of the sinks into `audience-events-dlq`, and the fences a replay of
         them reads to."""
-        return Producer(
-            {**self.settings.producer_config(), "enable.idempotence": True, "linger.ms": 2}
-        )
+        return Producer({**self.settings.producer_config(), "linger.ms": 2})
 
     def destination_producer(
         self,
