@@ -311,6 +311,28 @@ def test_a_failing_step_leaves_no_trace() -> None:
     assert partition.dirty[b"u"] is state and len(partition.inputs_of(b"u")) == 1
 
 
+def test_a_landed_checkpoint_evicts_the_oldest_clean_profiles_beyond_the_cache_limit() -> None:
+    log = FakeChangelog()
+    partition = partition_over(MemoryStore(), log)
+    partition.cache_limit = 10
+    first = [event(f"u{n:02d}", "Product Viewed", T0 + n) for n in range(20)]
+    feed(partition, list(enumerate(first)))
+    _records, batch, encoded = partition.encode_interval()
+    partition.store.write(batch)
+    partition.seal(encoded)
+    later = [event(f"u{n:02d}", "Product Viewed", T0 + M + n) for n in range(3)]
+    feed(partition, [(20 + n, item) for n, item in enumerate(later)])  # dirty: cache only
+    partition.landed()
+    # 20 - 10 over the limit, and a tenth of it more: the oldest 11 of those not dirty
+    assert [key.decode() for key in partition.cache] == [
+        *(f"u{n:02d}" for n in range(3)),
+        *(f"u{n:02d}" for n in range(14, 20)),
+    ]
+    evicted = partition.load([b"u05"], 0)[b"u05"]  # read back from the store
+    assert evicted.to_json() == pure(first)["u05"].to_json()
+    assert partition.cache[b"u00"].to_json() == pure([first[0], later[0]])["u00"].to_json()
+
+
 class FakeMessage:
     """What `Evaluation` reads of a consumed Kafka record."""
 
