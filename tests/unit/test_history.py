@@ -3,6 +3,9 @@ parameters, the series and the sparkline (http/history.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from audiences.adapters.http.history import (
@@ -26,7 +29,7 @@ from audiences.adapters.state.history import (
     split_bucket_key,
 )
 from audiences.adapters.state.layout import Family
-from audiences.adapters.state.store import MemoryStore
+from audiences.adapters.state.store import MemoryStore, RocksDictStore, StateStore
 from audiences.errors import ApiError
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -72,6 +75,82 @@ def test_buckets_are_written_at_the_checkpoint_and_read_back_from_the_store() ->
     assert again.buckets("a", 0) == {T0: (1, 0), T0 + 3 * M: (0, 1)}
     again.count("a", T0 + 3 * M, True)
     assert again.buckets("a", 0)[T0 + 3 * M] == (1, 1)
+
+
+@pytest.fixture(params=["memory", "rocksdb"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
+    opened: StateStore = MemoryStore() if request.param == "memory" else RocksDictStore(tmp_path)
+    yield opened
+    opened.close()
+
+
+def _write(store: StateStore, records: list[tuple[bytes, bytes | None]]) -> None:
+    batch = store.new_batch()
+    for key, value in records:
+        assert value is not None
+        batch.put(Family.HISTORY, key, value)
+    store.write(batch)
+
+
+def test_a_restarted_partition_counts_on_from_stored_buckets_old_and_new(
+    store: StateStore,
+) -> None:
+    """Counting skips the store's read for a minute later than any stored for the
+    audience (most transitions); a minute at or before one reads it (late transitions)."""
+    first = History(store)
+    first.count("a", T0 + 3 * M, True)
+    first.count("a", T0, True)
+    first.count("ab", T0 + 9 * M, True)  # a later minute of a key that starts with "a"
+    first.count("b", T0 + 2 * M, False)
+    _write(store, first.seal(T0 + 9 * M))
+    reads: list[bytes] = []
+    real_get = store.get
+
+    def counting_get(family: Family, key: bytes) -> bytes | None:
+        reads.append(key)
+        return real_get(family, key)
+
+    again = History(store)
+    store.get = counting_get  # type: ignore[method-assign]
+    again.count("a", T0 + 3 * M, True)  # the latest stored minute: read
+    again.count("a", T0 + M, False)  # older, not stored: read (nothing there)
+    again.count("a", T0, False)  # older, stored: read
+    assert reads == [bucket_key("a", T0 + 3 * M), bucket_key("a", T0 + M), bucket_key("a", T0)]
+    again.count("a", T0 + 4 * M, True)  # later than any stored: no read
+    again.count("a", T0 + 4 * M, True)  # (in memory now)
+    again.count("c", T0, True)  # an audience with no bucket stored: no read
+    assert len(reads) == 3
+    assert again.buckets("a", 0) == {
+        T0: (1, 1),
+        T0 + M: (0, 1),
+        T0 + 3 * M: (2, 0),
+        T0 + 4 * M: (2, 0),
+    }
+    assert again.buckets("ab", 0) == {T0 + 9 * M: (1, 0)}
+    assert again.buckets("b", 0) == {T0 + 2 * M: (0, 1)}
+
+
+def test_a_late_transition_after_its_bucket_left_memory_adds_to_the_stored_one(
+    store: StateStore,
+) -> None:
+    history = History(store)
+    history.count("a", T0 + 5 * M, True)
+    _write(store, history.seal(T0 + 5 * M))
+    history.landed()
+    history.values.clear()  # (the memory's limit evicted it)
+    history.count("a", T0 + 6 * M, True)  # a new minute moves the bound on
+    history.count("a", T0 + 5 * M, False)  # late: the stored bucket is read and counted on
+    assert history.buckets("a", 0) == {T0 + 5 * M: (1, 1), T0 + 6 * M: (1, 0)}
+
+
+def test_the_store_finds_the_last_key_below_a_bound(store: StateStore) -> None:
+    assert store.last_key(Family.HISTORY, b"z") is None
+    _write(store, [(b"a1", b"x"), (b"a3", b"x"), (b"b", b"x")])
+    assert store.last_key(Family.HISTORY, b"a3") == b"a1"  # (below: the bound itself is not)
+    assert store.last_key(Family.HISTORY, b"a4") == b"a3"
+    assert store.last_key(Family.HISTORY, b"a") is None
+    assert store.last_key(Family.HISTORY, b"\xff") == b"b"
+    assert store.last_key(Family.PROFILES, b"\xff") is None
 
 
 def test_a_checkpoint_that_did_not_land_is_written_again() -> None:

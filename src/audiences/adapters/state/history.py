@@ -71,17 +71,38 @@ class History:
         # The oldest minute in `values` (a bound: it may be older than what is left):
         # while it is inside the retention, a search has nothing in memory to look at.
         self.oldest_minute_ms = NEVER
+        # Per audience, a minute no bucket of the store is later than (read once from the
+        # store, then moved by `count`): a bucket of a later minute is new without a read.
+        # Only `count` adds buckets once the partition is restored, so the bound holds; it
+        # saves a point read per transition (~27,000 instructions, 3% of the loop).
+        self.latest_minute: dict[str, int] = {}
 
     def count(self, audience: str, at_ms: int, entered: bool) -> None:
         key = bucket_key(audience, at_ms)
-        if at_ms < self.oldest_minute_ms:
-            self.oldest_minute_ms = max(0, at_ms) // MINUTE_MS * MINUTE_MS
+        minute = max(0, at_ms) // MINUTE_MS * MINUTE_MS
+        if minute < self.oldest_minute_ms:
+            self.oldest_minute_ms = minute
         value = self.values.get(key)
         if value is None:
-            data = self.store.get(Family.HISTORY, key)
-            value = decode_bucket(data) if data is not None else (0, 0)
+            latest = self.latest_minute.get(audience)
+            if latest is None:
+                latest = self.latest_minute[audience] = self._latest_stored(audience)
+            if minute > latest:  # (most transitions: time moves on)
+                value = (0, 0)
+                self.latest_minute[audience] = minute
+            else:
+                data = self.store.get(Family.HISTORY, key)
+                value = decode_bucket(data) if data is not None else (0, 0)
         self.values[key] = (value[0] + 1, value[1]) if entered else (value[0], value[1] + 1)
         self.dirty.add(key)
+
+    def _latest_stored(self, audience: str) -> int:
+        """The minute of the audience's latest bucket in the store (-1: none)."""
+        prefix = audience.encode() + _SEPARATOR
+        key = self.store.last_key(Family.HISTORY, prefix + b"\xff" * 9)
+        if key is None or not key.startswith(prefix) or len(key) != len(prefix) + 8:
+            return -1
+        return int(_MINUTE.unpack(key[-8:])[0])
 
     def seal(self, now_ms: int) -> list[tuple[bytes, bytes | None]]:
         """The bucket records of this checkpoint (None: a tombstone for an expired one);

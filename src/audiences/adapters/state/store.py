@@ -68,6 +68,10 @@ class StateStore(Protocol):
         """Up to `limit` (key, value) pairs with start <= key < stop, in key order."""
         ...
 
+    def last_key(self, family: Family, stop: bytes) -> bytes | None:
+        """The greatest key of `family` below `stop` (None if there is none)."""
+        ...
+
     def new_batch(self) -> Batch:
         """An empty batch in the store's own form (`write` takes any `Batch` of it or a
         `StoreBatch`)."""
@@ -189,6 +193,17 @@ class RocksDictStore:
         del it
         return out
 
+    def last_key(self, family: Family, stop: bytes) -> bytes | None:
+        it = self._families[family].iter()
+        it.seek_for_prev(stop)  # (the last key <= stop)
+        key: bytes | None = None
+        if it.valid() and it.key() == stop:
+            it.prev()
+        if it.valid():
+            key = it.key()
+        del it
+        return key
+
     def new_batch(self) -> Batch:
         return _RocksBatch(self._handles)
 
@@ -259,6 +274,12 @@ class MemoryStore:
                     break
                 out.append((key, data[key]))
         return out
+
+    def last_key(self, family: Family, stop: bytes) -> bytes | None:
+        keys = self._keys[family]
+        with self._lock:
+            at = bisect_left(keys, stop)
+            return keys[at - 1] if at else None
 
     def new_batch(self) -> Batch:
         return StoreBatch()
