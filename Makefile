@@ -63,4 +63,4 @@ bench: core  ## this engine vs Quix Streams, Faust + Table and a plain loop, sam
 
 clean:
 	rm -rf $(VENV) data build .pytest_cache .hypothesis .mypy_cache .ruff_cache
-	find src/audiences/core \( -name '*.so' -o -name '*.pyd' -o -name '_build.json' \) -delete
+	find src/audiences/core src/audiences/adapters \( -name '*.so' -o -name '*.pyd' -o -name '_build.json' \) -delete

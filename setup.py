@@ -1,8 +1,8 @@
 """Build: compile `audiences.core` with mypyc (opt level 3) when it can, else stay pure Python.
 
 With the core, the runtime's per-event path is compiled too (`_core_build.COMPILED_ADAPTERS`),
-as a second group: one mypyc run each, so the adapters call the core as Python modules
-(tests may patch a module attribute such as `partition.step`).
+in the same mypyc group: the adapters call the core and read its objects natively (tests
+patch the seams they keep for it, such as `partition.step_override`).
 
 Metadata lives in pyproject.toml; this file only adds the compiled core. The modules are
 compiled when a build runs `build_ext` (wheels, editable installs, `make core` =
@@ -34,7 +34,6 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 CORE = HERE / "src" / "audiences" / "core"
 GROUP = "audiences.core.compiled"  # mypyc's shared library: audiences/core/compiled__mypyc.*.so
-ADAPTERS_GROUP = "audiences.adapters.compiled"  # audiences/adapters/compiled__mypyc.*.so
 
 
 def _core_build_module() -> Any:
@@ -100,8 +99,7 @@ class BuildCore(build_ext):
                 f"and {len(adapters)} of the runtime's)"
             )
             try:
-                modules = mypycify(sources, opt_level="3", group_name=GROUP)
-                modules += mypycify(adapters, opt_level="3", group_name=ADAPTERS_GROUP)
+                modules = mypycify(sources + adapters, opt_level="3", group_name=GROUP)
             except (Exception, SystemExit) as exc:
                 self.problem = f"mypyc failed: {exc!r}"
         self._use(modules)

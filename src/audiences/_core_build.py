@@ -41,8 +41,8 @@ PACKAGE = "audiences.core"
 REBUILD = "`make core` (or `python setup.py build_ext --inplace`)"
 
 # The runtime's per-event path, compiled with the core (paths under the package). They stay
-# adapters (they do I/O); they are compiled in a group of their own, which sees the core as
-# ordinary Python modules: module attributes such as `partition.step` stay patchable.
+# adapters (they do I/O); they are compiled in the core's group, so they call it natively
+# (tests patch the seams they keep for that: `partition.step_override`, `evaluation.parse_override`).
 COMPILED_ADAPTERS = (
     "adapters/state/history.py",
     "adapters/state/partition.py",

@@ -253,7 +253,7 @@ def test_a_parser_failure_parks_the_record_and_the_worker_goes_on(
             raise RuntimeError("simulated parser bug")
         return real_parse(data, received_at_ms)
 
-    monkeypatch.setattr(evaluation, "parse_event", flaky_parse)
+    monkeypatch.setattr(evaluation, "parse_override", flaky_parse)
     engine.apply(FREQUENT)
     engine.start()
     engine.send(

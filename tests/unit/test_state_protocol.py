@@ -281,7 +281,7 @@ def half_applying_step(monkeypatch: pytest.MonkeyPatch) -> None:
     `Boom` event (a bug in the core)."""
     from audiences.adapters.state import partition as module
 
-    real = module.step
+    real = step
 
     def half_then_raise(state: Any, item: Any, catalog: Any, key: str) -> Any:
         result = real(state, item, catalog, key)
@@ -291,7 +291,7 @@ def half_applying_step(monkeypatch: pytest.MonkeyPatch) -> None:
             raise RuntimeError("simulated bug")
         return result
 
-    monkeypatch.setattr(module, "step", half_then_raise)
+    monkeypatch.setattr(module, "step_override", half_then_raise)
 
 
 @pytest.mark.usefixtures("half_applying_step")
@@ -412,14 +412,14 @@ def real_step(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
     returns the real one."""
     from audiences.adapters.state import partition as module
 
-    real = module.step
+    real = step
 
     def raise_on_boom(state: Any, item: Any, catalog: Any, key: str) -> Any:
         if getattr(item, "name", None) == "Boom":
             raise RuntimeError("simulated bug")
         return real(state, item, catalog, key)
 
-    monkeypatch.setattr(module, "step", raise_on_boom)
+    monkeypatch.setattr(module, "step_override", raise_on_boom)
     return real
 
 

@@ -26,6 +26,9 @@ from audiences.core.events import Event, future_timestamp, parse_event
 from audiences.errors import InvalidEventError
 
 log = logging.getLogger("audiences.adapters.stream.runtime")  # the runtime's log, as before
+# A test's stand-in for the core's parser (to simulate a parser bug); None: `parse_event`
+# itself (see `partition.step_override`).
+parse_override: Callable[[bytes, int], Event] | None = None
 NOTHING: tuple[Rendered | None, Encoded | None, Refused | None] = (None, None, None)
 
 
@@ -67,7 +70,11 @@ class Evaluation:
                 oldest_ms = record_ms
             value = msg.value() or b""
             try:
-                event = parse_event(value, record_ms)
+                override = parse_override
+                if override is None:
+                    event = parse_event(value, record_ms)
+                else:
+                    event = override(value, record_ms)
             # (each handler names its exception apart: compiled, a name has one type)
             except InvalidEventError as invalid:
                 emitter.dead_letter(msg, invalid.reason, str(invalid))
