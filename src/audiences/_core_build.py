@@ -42,7 +42,8 @@ REBUILD = "`make core` (or `python setup.py build_ext --inplace`)"
 
 # The runtime's per-event path, compiled with the core (paths under the package). They stay
 # adapters (they do I/O); they are compiled in the core's group, so they call it natively
-# (tests patch the seams they keep for that: `partition.step_override`, `evaluation.parse_override`).
+# (tests patch the seams they keep for that: `partition.step_override`,
+# `partition.encode_override`, `evaluation.parse_override`).
 COMPILED_ADAPTERS = (
     "adapters/state/history.py",
     "adapters/state/partition.py",

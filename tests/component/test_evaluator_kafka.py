@@ -218,15 +218,14 @@ def test_an_evaluation_failure_parks_the_event_and_the_worker_goes_on(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from audiences.adapters.state import partition as runtime
-
-    real_step = runtime.step
+    from audiences.core.evaluator import step as real_step
 
     def flaky_step(state, item, catalog, key):  # type: ignore[no-untyped-def]
         if getattr(item, "name", None) == "Boom":
             raise RuntimeError("simulated bug")
         return real_step(state, item, catalog, key)
 
-    monkeypatch.setattr(runtime, "step", flaky_step)
+    monkeypatch.setattr(runtime, "step_override", flaky_step)
     engine.apply(FREQUENT)
     engine.start()
     engine.send(

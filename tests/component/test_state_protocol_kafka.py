@@ -268,14 +268,14 @@ def test_a_former_owner_cannot_write_state_the_next_owner_restores(
 def test_a_profile_that_cannot_be_stored_is_quarantined_and_the_rest_goes_on(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = UserState.encode
+    from audiences.adapters.state import partition
 
-    def encode(self: UserState) -> bytes:
-        if self.traits.get("poison"):
+    def encode(state: UserState) -> bytes:
+        if state.traits.get("poison"):
             raise ValueError("Integer exceeds 64-bit range")
-        return real(self)
+        return state.encode()
 
-    monkeypatch.setattr(UserState, "encode", encode)
+    monkeypatch.setattr(partition, "encode_override", encode)
     engine.apply(BUYERS)
     engine.start()
     poison = {

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 # no patch reaches; this module global is looked up at each call instead (cheaper than
 # calling through it: ~500 instructions per event).
 step_override: Callable[[UserState | None, Event | Tick, Catalog, str], StepResult] | None = None
+# Likewise a test's stand-in for `UserState.encode` at a checkpoint (an unencodable profile).
+encode_override: Callable[[UserState], bytes] | None = None
 RECENT_TIMES = 256  # event times the stream time is a low percentile of
 MAX_STATE_BYTES = 900_000  # a changelog record stays under Kafka's 1 MB message limit
 ChangelogRecord = tuple[bytes, bytes | None, Header]  # (key, value, header)
@@ -507,7 +509,8 @@ class PartitionState:
             wake = NEVER
             if state is not None:
                 try:
-                    value = state.encode()
+                    encode = encode_override
+                    value = state.encode() if encode is None else encode(state)
                     if len(value) > MAX_STATE_BYTES:
                         raise ValueError(f"{len(value)} bytes > {MAX_STATE_BYTES}")
                 except Exception as exc:  # any encoding failure: quarantine
