@@ -186,3 +186,16 @@ def test_a_destination_topic_on_its_own_cluster_is_created_with_its_own_credenti
         ),
         (settings.kafka_config(), "mirror-audiences", 6, 3),
     ]
+
+
+def test_the_evaluators_output_producer_is_ordered_by_one_request_in_flight() -> None:
+    """Not idempotent: librdkafka's idempotent producer spins its broker thread while a
+    request is unanswered (Settings.ordered_producer_config). Order is kept by sending
+    one request at a time; keys are placed by murmur2 like every producer here."""
+    config = KafkaClients(ENGINE_SASL).output_producer_config()
+    assert config["enable.idempotence"] is False
+    assert config["max.in.flight.requests.per.connection"] == 1
+    assert config["partitioner"] == "murmur2_random"
+    assert config["sasl.password"] == "engine-secret"
+    # every other producer of `events` stays idempotent
+    assert ENGINE_SASL.producer_config()["enable.idempotence"] is True

@@ -27,3 +27,20 @@ def test_every_partition_labelled_metric_is_removed_on_revoke() -> None:
 def test_no_label_names_a_user() -> None:
     for name, metric in declared().items():
         assert not {"user", "user_id", "userId", "anonymous_id"} & set(metric._labelnames), name
+
+
+def test_cached_children_are_the_metrics_own_and_never_of_a_removable_metric() -> None:
+    children = metrics.Children(metrics.TRANSITIONS)
+    child = children("test_children_audience", "entered")
+    assert children("test_children_audience", "entered") is child
+    assert child is metrics.TRANSITIONS.labels("test_children_audience", "entered")
+    before = metrics.TRANSITIONS.labels("test_children_audience", "entered")._value.get()
+    children("test_children_audience", "entered").inc(3)
+    assert metrics.TRANSITIONS.labels("test_children_audience", "entered")._value.get() == (
+        before + 3
+    )
+    # a series that is removed (partitions leaving, audiences deleted) must not be cached
+    removable = {id(metric) for metric in (*metrics.PARTITION_SERIES, metrics.AUDIENCE_SIZE)}
+    for value in vars(metrics).values():
+        if isinstance(value, metrics.Children):
+            assert id(value._metric) not in removable

@@ -82,14 +82,17 @@ class KafkaClients:
         )
 
     def output_producer(self) -> Producer:
-        """Outputs, identity control records, forwarded events and dead letters."""
-        return Producer(
-            {
-                **self.settings.producer_config(),  # (idempotent)
-                "linger.ms": 2,
-                "compression.type": "lz4",
-            }
-        )
+        """Outputs, identity control records, forwarded events and dead letters: the
+        evaluator's busiest producer, so ordered without idempotence (see
+        `Settings.ordered_producer_config`)."""
+        return Producer(self.output_producer_config())
+
+    def output_producer_config(self) -> dict[str, Any]:
+        return {
+            **self.settings.ordered_producer_config(),
+            "linger.ms": 2,
+            "compression.type": "lz4",
+        }
 
     def changelog_producer(self, partition: int) -> Producer:
         """The transactional producer of one changelog partition: a new owner's

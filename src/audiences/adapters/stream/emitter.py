@@ -1,8 +1,9 @@
 """Everything the runtime writes outside the changelog: outputs (`audience-events`),
 identity control records and forwarded events (`events`), dead letters (`events-dlq`).
 
-They go through one idempotent producer as they happen — the loop never waits
-for them — and are acknowledged together at each checkpoint, before the state
+They go through one producer as they happen, in order (one request in flight:
+`Settings.ordered_producer_config`) — the loop never waits for them — and are
+acknowledged together at each checkpoint, before the state
 that implies them is written (see state/checkpoint.py).
 
 Records the engine writes to `events` for a profile (merge requests, state
@@ -183,7 +184,7 @@ class Emitter:
         Returns the wait for the sealed interval's acknowledgements (it raises
         DurabilityError if any record was refused or the wait timed out)."""
         for (audience, entered), count in self._transitions.items():
-            metrics.TRANSITIONS.labels(audience, "entered" if entered else "exited").inc(count)
+            metrics.TRANSITIONS_BY_AUDIENCE(audience, "entered" if entered else "exited").inc(count)
         self._transitions.clear()
         sealed, self._deliveries = self._deliveries, Deliveries()
         return lambda: self._wait(sealed, ACK_TIMEOUT_S)

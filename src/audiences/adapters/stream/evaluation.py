@@ -116,7 +116,7 @@ class Evaluation:
             if result is not None and result.duplicate:
                 duplicates += 1
         for event_type, count in types.items():
-            metrics.EVENTS_IN.labels(event_type).inc(count)
+            metrics.EVENTS_IN_BY_TYPE(event_type).inc(count)
         if duplicates:
             metrics.EVENTS_DUPLICATE.inc(duplicates)
         if suppressed:
