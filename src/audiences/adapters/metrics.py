@@ -22,7 +22,7 @@ class Children(Generic[Metric]):
     series are never removed (a removed child would stay cached, and stop being exported)."""
 
     def __init__(self, metric: Metric) -> None:
-        self._metric = metric
+        self._metric: Metric = metric
         self._children: dict[tuple[str, ...], Metric] = {}
 
     def __call__(self, *values: str) -> Metric:
