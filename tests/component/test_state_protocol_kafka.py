@@ -5,6 +5,7 @@ changed. Each compares with the pure core where outputs are involved."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import zlib
@@ -20,8 +21,8 @@ from harness import T0, Engine, H, M, S, assert_same_as_core, pure_outputs, trac
 
 from audiences.adapters.kafka.clients import KafkaClients
 from audiences.adapters.kafka.topics import TopicMismatch, Topics, ensure_topics
-from audiences.adapters.state.checkpoint import DurabilityError, Step
-from audiences.adapters.state.layout import Kind, changelog_key
+from audiences.adapters.state.checkpoint import ChangelogWriter, DurabilityError, Step
+from audiences.adapters.state.layout import NEVER, Header, Kind, changelog_key
 from audiences.adapters.state.store import RocksDictStore
 from audiences.adapters.stream.runtime import Runtime
 from audiences.core.events import format_iso
@@ -78,6 +79,56 @@ def test_a_checkpoint_that_fails_at_any_step_loses_nothing(engine: Engine, step:
     engine.send(*third)
     expected = pure_outputs([FREQUENT], first + second + third, None)
     assert_same_as_core(engine.outputs(len(expected)), expected)
+
+
+def test_a_changelog_record_the_broker_refuses_fails_the_checkpoint_wherever_it_sits(
+    apache_kafka_bootstrap: str, unique_name: Callable[..., str], tmp_path: Path
+) -> None:
+    """Only a transaction's last record reports its delivery (`ChangelogWriter.begin`): a
+    record the broker refuses before it must still fail the commit, so the interval is
+    never taken for durable; the writer's next transaction goes through."""
+    name = unique_name("refused")
+    settings = isolated_settings(apache_kafka_bootstrap, name, str(tmp_path))
+    topic = f"{name}-changelog"
+    admin = AdminClient({"bootstrap.servers": apache_kafka_bootstrap})
+    # The broker refuses batches over 20 kB on this topic; the producer would send 1 MB.
+    created = admin.create_topics([NewTopic(topic, 1, 1, config={"max.message.bytes": "20000"})])
+    created[topic].result(30)
+    writer = ChangelogWriter(KafkaClients(settings).changelog_producer(0), topic, 0, 30)
+    writer.claim(b"worker-a", b"{}")
+    claimed = writer.last_offset
+    small = [(changelog_key(Kind.PROFILE, b"u%d" % n), b"{}", Header(n, NEVER)) for n in range(3)]
+    refused = (changelog_key(Kind.PROFILE, b"big"), os.urandom(60_000), Header(3, NEVER))
+    writer.begin([*small[:2], refused, small[2]])
+    with pytest.raises(DurabilityError):
+        writer.commit()
+    writer.close()  # (a refused batch leaves the idempotent producer unusable: a new one)
+    writer = ChangelogWriter(KafkaClients(settings).changelog_producer(0), topic, 0, 30)
+    writer.claim(b"worker-a", b"{}")
+    writer.begin(small)
+    writer.commit()
+    assert writer.last_offset > claimed
+    writer.close()
+    reader = Consumer(
+        {
+            "bootstrap.servers": apache_kafka_bootstrap,
+            "group.id": f"{name}-reader",
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+        }
+    )
+    reader.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    keys: list[bytes] = []
+    while True:
+        msg = reader.poll(10)
+        assert msg is not None, "the changelog's end was not reached"
+        if msg.error():
+            break  # (partition EOF)
+        keys.append(msg.key())
+    reader.close()
+    # The committed log: the two claims, then only the last transaction's records.
+    owner = changelog_key(Kind.OWNER, b"worker-a")
+    assert keys == [owner, owner, *(key for key, _value, _header in small)]
 
 
 def test_outputs_flow_while_a_checkpoint_waits_on_the_broker(engine: Engine) -> None:

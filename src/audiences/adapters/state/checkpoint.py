@@ -128,20 +128,34 @@ class ChangelogWriter:
         return self.last_offset
 
     def begin(self, records: list[ChangelogRecord]) -> None:
+        """Open a transaction with `records`. Only the last one reports its delivery
+        (`last_offset`): any record that fails puts the transaction in librdkafka's
+        abortable state and `commit` raises, so a callback per record (~1 µs each, on
+        the GIL) would only say it again."""
         self._call(self.producer.begin_transaction)
         self._open = True
         produce = self.producer.produce
-        for key, value, header in records:
+        last = len(records) - 1
+        for index, (key, value, header) in enumerate(records):
             while True:
                 try:
-                    produce(
-                        self.topic,
-                        key=key,
-                        value=value,
-                        partition=self.partition,
-                        headers=encode_header(header),
-                        on_delivery=self._delivered,
-                    )
+                    if index == last:
+                        produce(
+                            self.topic,
+                            key=key,
+                            value=value,
+                            partition=self.partition,
+                            headers=encode_header(header),
+                            on_delivery=self._delivered,
+                        )
+                    else:
+                        produce(
+                            self.topic,
+                            key=key,
+                            value=value,
+                            partition=self.partition,
+                            headers=encode_header(header),
+                        )
                     break
                 except BufferError:
                     self.producer.poll(0.05)
