@@ -139,23 +139,14 @@ class ChangelogWriter:
         for index, (key, value, header) in enumerate(records):
             while True:
                 try:
-                    if index == last:
-                        produce(
-                            self.topic,
-                            key=key,
-                            value=value,
-                            partition=self.partition,
-                            headers=encode_header(header),
-                            on_delivery=self._delivered,
-                        )
-                    else:
-                        produce(
-                            self.topic,
-                            key=key,
-                            value=value,
-                            partition=self.partition,
-                            headers=encode_header(header),
-                        )
+                    produce(
+                        self.topic,
+                        key=key,
+                        value=value,
+                        partition=self.partition,
+                        headers=encode_header(header),
+                        on_delivery=self._delivered if index == last else None,
+                    )
                     break
                 except BufferError:
                     self.producer.poll(0.05)
